@@ -1,0 +1,1 @@
+"""transcription layer."""
