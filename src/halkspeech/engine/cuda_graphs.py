@@ -1,0 +1,61 @@
+"""CUDA graphs of the decode step, one per shape key, captured on first use.
+
+At batch 1 a Whisper decode step is a few hundred small kernels; launched one by one from Python the launch
+overhead, not the GPU, sets the pace (DESIGN.md: HF pays 0.19 s for one 30 s window on an H200). A graph
+replays them with one launch. Shapes are static per key (batch bucket, window bucket, variant) because every
+input already lives in persistent buffers (the slot state and the KV cache), so a replay needs no copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+Out = TypeVar("Out")
+
+
+class GraphCache(Generic[Out]):
+    """Captures `body(key)` per key and replays it.
+
+    `snapshot`/`restore` save and put back whatever the body mutates (the slot state), because the warm-up
+    run that must precede a capture really executes and would otherwise advance live sequences."""
+
+    def __init__(
+        self,
+        body: Callable[[Hashable], Out],
+        snapshot: Callable[[], object],
+        restore: Callable[[object], None],
+    ) -> None:
+        self.body = body
+        self.snapshot = snapshot
+        self.restore = restore
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Out]] = {}
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def run(self, key: Hashable) -> Out:
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, outputs = self.graphs[key]
+        graph.replay()
+        return outputs
+
+    def _capture(self, key: Hashable) -> tuple[torch.cuda.CUDAGraph, Out]:
+        log.debug("capturing decode step graph %s", key)
+        saved = self.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.body(key)  # warm-up: lazy initialisation (cuBLAS handles, workspaces) must not be captured
+        torch.cuda.current_stream().wait_stream(side)
+        self.restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.body(key)
+        return graph, outputs

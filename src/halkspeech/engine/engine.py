@@ -1,0 +1,249 @@
+"""The engine loop: one thread per device that admits, steps and completes requests from every caller.
+
+Callers on any thread `submit` a DecodeRequest and get a DecodeHandle (a concurrent Future plus cancel);
+asyncio callers `await engine.decode(request)`. The loop is vLLM's `EngineCore.step`:
+    admissions = scheduler.schedule_admission(); runner.admit(...); scheduler.record_admission(...)
+    step = scheduler.schedule_decode(); output = runner.step(step); scheduler.record_step(step, output)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from halkspeech.engine.request import DecodeRequest, DecodeResult
+from halkspeech.engine.runner import Runner
+from halkspeech.engine.scheduler import Group, Scheduler
+from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError, Overloaded
+
+log = logging.getLogger(__name__)
+
+TokenListener = Callable[[list[int]], None]
+
+
+class DecodeHandle:
+    """A submitted request: its future result, a way to cancel it, and (optionally) its tokens as they come."""
+
+    def __init__(self, engine: Engine, request: DecodeRequest, on_tokens: TokenListener | None) -> None:
+        self.engine = engine
+        self.request = request
+        self.on_tokens = on_tokens
+        self.future: concurrent.futures.Future[DecodeResult] = concurrent.futures.Future()
+        self.group: Group | None = None
+        self.reported = 0
+
+    def cancel(self) -> None:
+        """Stop the work; its slots are freed at the next step boundary. Harmless after completion."""
+        if not self.future.done():
+            self.engine._post(("cancel", self))
+
+    def result(self, timeout: float | None = None) -> DecodeResult:
+        return self.future.result(timeout)
+
+    async def wait(self) -> DecodeResult:
+        """Await the result; cancelling the awaiting task cancels the engine work too."""
+        try:
+            return await asyncio.shield(asyncio.wrap_future(self.future))
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+
+@dataclass
+class EngineStats:
+    """Counters the API exports as metrics; updated by the engine thread only."""
+
+    steps: int = 0
+    admitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens: int = 0
+    encoder_batches: Counter[int] = field(default_factory=Counter)  # windows per encoder call → count
+    decode_batches: Counter[int] = field(default_factory=Counter)  # active sequences per step → count
+    busy_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, runner: Runner, scheduler: Scheduler, *, batch_window_ms: float = 0.0) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.batch_window_s = batch_window_ms / 1000
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[str, DecodeHandle]] = queue.SimpleQueue()
+        self._handles: dict[int, DecodeHandle] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="halkspeech-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; unfinished requests fail with EngineStopped."""
+        self._stopping.set()
+        self._inbox.put(("wake", None))  # type: ignore[arg-type]
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth + self._inbox.qsize()
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running
+
+    # --- submission ------------------------------------------------------------------------------------
+    def submit(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeHandle:
+        """Queue a request (thread-safe). Raises Overloaded at once when the queue is full."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        if self.queue_depth >= self.scheduler.max_queue:
+            raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
+        handle = DecodeHandle(self, request, on_tokens)
+        self._post(("submit", handle))
+        return handle
+
+    async def decode(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeResult:
+        return await self.submit(request, on_tokens).wait()
+
+    def _post(self, message: tuple[str, DecodeHandle]) -> None:
+        self._inbox.put(message)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain(block=not self.scheduler.has_work)
+                if self.scheduler.has_work:
+                    started = time.perf_counter()
+                    self._iterate()
+                    self.stats.busy_s += time.perf_counter() - started
+        except BaseException as exc:  # the loop must never die silently: fail everyone, say why
+            log.exception("engine loop failed")
+            self._error = exc
+        finally:
+            self._fail_all(EngineStopped("the engine stopped"))
+
+    def _drain(self, *, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        if block and self.batch_window_s:
+            time.sleep(self.batch_window_s)  # let a burst arrive so it shares one encoder call
+        while True:
+            self._handle(*message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, handle: DecodeHandle) -> None:
+        if kind == "submit":
+            try:
+                handle.group = self.scheduler.add(handle.request, handle)
+                self._handles[handle.group.rid] = handle
+            except HalkSpeechError as exc:
+                handle.future.set_exception(exc)
+        elif kind == "cancel" and handle.group is not None and self.scheduler.cancel(handle.group):
+            if handle.group not in self.scheduler.running_groups():
+                self._complete(handle.group)  # it was still waiting; a running one ends at the next step
+
+    def _iterate(self) -> None:
+        finished: list[Group] = []
+        try:
+            admissions = self.scheduler.schedule_admission()
+            if admissions:
+                results, encode_ms = self.runner.admit(admissions)
+                self.stats.admitted += len(admissions)
+                self.stats.encoder_batches[len(admissions)] += 1
+                for admission, result in zip(admissions, results, strict=True):
+                    done = self.scheduler.record_admission(admission, result, encode_ms)
+                    if done is not None:
+                        finished.append(done)
+            step = self.scheduler.schedule_decode()
+            if step is not None:
+                output = self.runner.step(step)
+                self.stats.steps += 1
+                self.stats.tokens += len(step.active)
+                self.stats.decode_batches[len(step.active)] += 1
+                finished.extend(self.scheduler.record_step(step, output))
+            self._report_tokens()
+        except HalkSpeechError:
+            raise
+        except Exception as exc:  # a failed step fails the requests in it, not the server
+            log.exception("engine step failed; failing the running requests")
+            finished = []
+            for group in self.scheduler.running_groups():
+                self._fail(self.scheduler.abort(group), exc)
+        for group in finished:
+            self._complete(group)
+
+    def _report_tokens(self) -> None:
+        for group in self.scheduler.running_groups():
+            handle = self._handles.get(group.rid)
+            if handle is None or handle.on_tokens is None or group.beam is not None or len(group.seqs) != 1:
+                continue
+            tokens = group.seqs[0].tokens
+            if len(tokens) > handle.reported:
+                fresh = [t for t in tokens[handle.reported :] if t != self.scheduler.eot]
+                handle.reported = len(tokens)
+                if fresh:
+                    handle.on_tokens(fresh)
+
+    def _complete(self, group: Group) -> None:
+        self.runner.release(group.slots)
+        handle = self._handles.pop(group.rid, None)
+        if handle is None or handle.future.done():
+            return
+        if group.finish == "cancelled":
+            self.stats.cancelled += 1
+            handle.future.set_exception(Cancelled("the request was cancelled"))
+            return
+        decode_ms = (time.perf_counter() - group.admitted) * 1000 if group.admitted else 0.0
+        self.stats.completed += 1
+        handle.future.set_result(self.scheduler.result(group, decode_ms))
+
+    def _fail(self, group: Group, exc: BaseException) -> None:
+        self.runner.release(group.slots)
+        handle = self._handles.pop(group.rid, None)
+        if handle is not None and not handle.future.done():
+            self.stats.failed += 1
+            handle.future.set_exception(exc)
+
+    def _fail_all(self, exc: HalkSpeechError) -> None:
+        for handle in list(self._handles.values()):
+            if not handle.future.done():
+                handle.future.set_exception(exc)
+        self._handles.clear()
+        while True:
+            try:
+                _, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if handle is not None and not handle.future.done():
+                handle.future.set_exception(exc)

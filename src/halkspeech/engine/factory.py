@@ -1,0 +1,121 @@
+"""Builds a running engine for one model from its weights and the engine settings: device, dtype, memory
+plan (how many slots fit), CUDA-graph buckets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from halkspeech.config import EngineSettings
+from halkspeech.engine.engine import Engine
+from halkspeech.engine.runner import Runner
+from halkspeech.engine.sampling import TokenIds
+from halkspeech.engine.scheduler import Scheduler
+from halkspeech.errors import InvalidRequest
+from halkspeech.model.cache import KVCache
+from halkspeech.model.dims import ModelDims
+from halkspeech.model.tokenizer import Tokenizer
+from halkspeech.model.weights import LoadedWeights
+from halkspeech.model.whisper import Whisper
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+WINDOW_BUCKETS = (64, 128, 256, 448)
+CPU_SLOTS = 16
+
+
+@dataclass
+class ModelEngine:
+    """A loaded model and the engine serving it: everything the transcription layer needs."""
+
+    name: str
+    dims: ModelDims
+    tokenizer: Tokenizer
+    engine: Engine
+    device: torch.device
+    dtype: torch.dtype
+    alignment_heads: tuple[tuple[int, int], ...]
+    source: str
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def resolve_device(setting: str, index: int = 0) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequest("device 'cuda' was asked for but no CUDA GPU is available")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("float16 is slow and inexact on CPU; using float32")
+        return torch.float32
+    return dtype
+
+
+def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings) -> int:
+    """Decoder slots that fit in `gpu_memory_fraction` of free GPU memory, after the weights (already
+    loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries."""
+    if device.type != "cuda":
+        return settings.max_slots or CPU_SLOTS
+    free, _ = torch.cuda.mem_get_info(device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # encoder: the MLP's [E, 1500, 4D] activations, several alive at once; decode: ~8 [B, V] float32 temps
+    encoder_reserve = settings.max_encoder_batch * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
+    budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
+    per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
+    slots = max(1, int(budget // per_slot))
+    if settings.max_slots:
+        slots = min(slots, settings.max_slots)
+    fitting = [b for b in BATCH_BUCKETS if b <= slots]
+    return fitting[-1] if fitting else slots
+
+
+def start_engine(weights: LoadedWeights, settings: EngineSettings) -> ModelEngine:
+    """Load the weights onto the device, size the caches, start the engine thread."""
+    device = resolve_device(settings.device, settings.device_index)
+    dtype = resolve_dtype(settings.dtype, device)
+    model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
+    tokenizer = Tokenizer.for_model(weights.dims)
+    slots = plan_slots(weights.dims, dtype, device, settings)
+    graphs = settings.cuda_graphs and device.type == "cuda"
+    runner = Runner(
+        model,
+        TokenIds.from_tokenizer(tokenizer, weights.dims.n_vocab),
+        slots=slots,
+        max_encoder_batch=settings.max_encoder_batch,
+        cuda_graphs=graphs,
+    )
+    scheduler = Scheduler(
+        slots,
+        eot=tokenizer.eot,
+        timestamp_begin=tokenizer.timestamp_begin,
+        n_text_ctx=weights.dims.n_text_ctx,
+        max_encoder_batch=settings.max_encoder_batch,
+        max_queue=settings.max_queue,
+        batch_buckets=tuple(b for b in BATCH_BUCKETS if b < slots) + (slots,) if graphs else None,
+        window_buckets=WINDOW_BUCKETS if graphs else None,
+    )
+    log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
+    engine = Engine(runner, scheduler, batch_window_ms=settings.batch_window_ms).start()
+    return ModelEngine(
+        name=weights.name,
+        dims=weights.dims,
+        tokenizer=tokenizer,
+        engine=engine,
+        device=device,
+        dtype=dtype,
+        alignment_heads=weights.alignment_heads,
+        source=weights.source,
+    )

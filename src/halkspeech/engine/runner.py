@@ -1,0 +1,254 @@
+"""Executes what the scheduler decided: owns the model, the static caches, the slot state and the graphs.
+
+`admit`: encode the new windows in one encoder call, compute their cross-attention keys/values into their
+slots, detect languages where asked, prefill the prompts and sample each slot's first token.
+`step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import fields
+
+import torch
+from torch import Tensor
+
+from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
+from halkspeech.engine.cuda_graphs import GraphCache
+from halkspeech.engine.request import SamplingOptions
+from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
+from halkspeech.model.cache import KVCache
+from halkspeech.model.whisper import Whisper
+
+StepKey = tuple[int, int, bool, bool]  # (size, window, timestamps, sampling)
+
+
+class Runner:
+    def __init__(
+        self,
+        model: Whisper,
+        ids: TokenIds,
+        *,
+        slots: int,
+        max_encoder_batch: int = 32,
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.model = model
+        self.ids = ids
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_encoder_batch = max_encoder_batch
+        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device)
+        self.state = SlotState.allocate(slots, model.dims.n_vocab, self.device)
+        self.sampler = Sampler(ids, self.device)
+        self._language_columns = torch.tensor(ids.language_tokens, dtype=torch.long, device=self.device)
+        self._suppress_rows: dict[tuple[int, ...], Tensor] = {}
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: GraphCache[tuple[Tensor, Tensor, Tensor]] | None = (
+            GraphCache(self._graph_body, self._snapshot, self._restore) if use_graphs else None
+        )
+        self.encoder_ms = 0.0
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    # --- admission -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def admit(self, admissions: Sequence[Admission]) -> tuple[list[AdmitResult], float]:
+        """Encode, prefill and sample the first token of each admission; returns results and encoder ms."""
+        started = time.perf_counter()
+        audio = self.encode(torch.stack([a.request.features for a in admissions]))
+        first = torch.tensor([a.slots[0] for a in admissions], device=self.device)
+        self.model.decoder.fill_cross(audio, self.cache, first)
+        for a in admissions:
+            for slot in a.slots[1:]:  # beams and samples share their window's keys/values
+                self.cache.cross_k[:, slot] = self.cache.cross_k[:, a.slots[0]]
+                self.cache.cross_v[:, slot] = self.cache.cross_v[:, a.slots[0]]
+        self._sync()
+        encode_ms = (time.perf_counter() - started) * 1000
+        prompts, languages = self._detect_languages(admissions, first)
+        return self._prefill(admissions, prompts, languages), encode_ms
+
+    def encode(self, features: Tensor) -> Tensor:
+        """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D], in encoder batches."""
+        features = features.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return torch.cat([self.model.encoder(chunk) for chunk in features.split(self.max_encoder_batch)])
+
+    def _detect_languages(
+        self, admissions: Sequence[Admission], first: Tensor
+    ) -> tuple[list[list[int]], list[dict[str, float] | None]]:
+        """Language probabilities from <|startoftranscript|> alone (as the reference), and the prompts with
+        the detected language token written in."""
+        prompts = [list(a.request.prompt) for a in admissions]
+        languages: list[dict[str, float] | None] = [None] * len(admissions)
+        rows = [i for i, a in enumerate(admissions) if a.request.detect_language]
+        if not rows or not self.ids.language_tokens:
+            return prompts, languages
+        sot = torch.full((len(rows), 1), self.ids.sot, device=self.device)
+        hidden = self.model.decoder.prefill(sot, self.cache, first[rows])
+        logits = self.model.decoder.logits(hidden)[:, 0].index_select(1, self._language_columns)
+        probs = logits.softmax(dim=-1).cpu()
+        for row, p in zip(rows, probs, strict=True):
+            languages[row] = dict(zip(self.ids.language_codes, p.tolist(), strict=True))
+            index = admissions[row].request.language_index
+            if index is not None:
+                prompts[row][index] = self.ids.language_tokens[int(p.argmax())]
+        return prompts, languages
+
+    def _prefill(
+        self,
+        admissions: Sequence[Admission],
+        prompts: list[list[int]],
+        languages: list[dict[str, float] | None],
+    ) -> list[AdmitResult]:
+        row_slots = [slot for a in admissions for slot in a.slots]
+        row_of = [i for i, a in enumerate(admissions) for _ in a.slots]
+        lengths = torch.tensor([len(prompts[i]) for i in row_of], device=self.device)
+        width = max(len(p) for p in prompts)
+        padded = [prompts[i] + [self.ids.eot] * (width - len(prompts[i])) for i in row_of]
+        tokens = torch.tensor(padded, device=self.device)  # [R, P]
+        slots = torch.tensor(row_slots, device=self.device)
+        hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
+        rows = torch.arange(len(row_slots), device=self.device)
+        logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
+        heads = [row_of.index(i) for i in range(len(admissions))]
+        sot_index = torch.tensor([admissions[i].request.sot_index for i in range(len(admissions))], device=self.device)
+        at_sot = self.model.decoder.logits(hidden[heads, sot_index][:, None])[:, 0]
+        no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech].tolist()
+
+        self._reset_slots(slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1])
+        view = self.state.rows(slots)
+        timestamps = any(a.request.options.timestamps for a in admissions)
+        sampling = any(a.request.options.temperature > 0 for a in admissions)
+        sampled, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
+        self.sampler.advance(view, sampled)
+        self._write_rows(slots, view)
+        top_k = max(a.top_k for a in admissions)
+        top_t, top_lp = logprobs.topk(top_k, dim=-1) if top_k else (sampled[:, None], chosen[:, None])
+        sampled_l, chosen_l, top_tl, top_lpl = sampled.tolist(), chosen.tolist(), top_t.tolist(), top_lp.tolist()
+
+        results, start = [], 0
+        for i, a in enumerate(admissions):
+            span = range(start, start + len(a.slots))
+            start += len(a.slots)
+            top = tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span) if a.top_k else ()
+            results.append(
+                AdmitResult(
+                    tokens=tuple(sampled_l[r] for r in span),
+                    logprobs=tuple(chosen_l[r] for r in span),
+                    top=top,
+                    no_speech_prob=no_speech[i],
+                    language_probs=languages[i],
+                    prompt=tuple(prompts[i]),
+                )
+            )
+        return results
+
+    def _reset_slots(
+        self, slots: Tensor, options: list[SamplingOptions], lengths: Tensor, last_tokens: Tensor
+    ) -> None:
+        """Fresh state for newly admitted slots: prompt's last token at position len-1, nothing sampled."""
+        s, device = self.state, self.device
+        s.tokens[slots] = last_tokens
+        s.positions[slots] = lengths - 1
+        s.prev[slots] = -1
+        s.n_gen[slots] = 0
+        s.last_ts[slots] = -1
+        s.temperature[slots] = torch.tensor([o.temperature for o in options], device=device)
+        s.ts_rules[slots] = torch.tensor([o.timestamps for o in options], device=device)
+        s.blank[slots] = torch.tensor([o.suppress_blank for o in options], device=device)
+        s.no_eot[slots] = torch.tensor([o.force_length for o in options], device=device)
+        last_allowed = [
+            self.ids.timestamp_begin + o.max_initial_timestamp_index
+            if o.max_initial_timestamp_index is not None
+            else self.ids.vocab - 1
+            for o in options
+        ]
+        s.max_initial[slots] = torch.tensor(last_allowed, device=device)
+        s.suppress[slots] = torch.stack([self._suppress_row(o.suppress_tokens) for o in options])
+        s.active[slots] = True
+
+    def _suppress_row(self, tokens: tuple[int, ...]) -> Tensor:
+        row = self._suppress_rows.get(tokens)
+        if row is None:
+            row = torch.zeros(self.ids.vocab, dtype=torch.bool, device=self.device)
+            row[list(tokens)] = True
+            self._suppress_rows[tokens] = row
+        return row
+
+    def _write_rows(self, slots: Tensor, view: SlotState) -> None:
+        for f in fields(SlotState):
+            getattr(self.state, f.name)[slots] = getattr(view, f.name)
+
+    # --- decoding --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, step: DecodeStep) -> StepOutput:
+        """Run one decode step over slots 0..step.size-1; returns each slot's new token."""
+        self._apply_moves(step.moves)
+        self._apply_updates(step.updates)
+        key: StepKey = (step.size, step.window, step.timestamps, step.sampling)
+        if self.graphs is not None:
+            tokens, chosen, logprobs = self.graphs.run(key)
+        else:
+            tokens, chosen, logprobs = self._graph_body(key)
+        top: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+        if step.top_slots:
+            rows = torch.tensor(step.top_slots, device=self.device)
+            values, indices = logprobs.index_select(0, rows).topk(step.top_k, dim=-1)
+            for slot, t, lp in zip(step.top_slots, indices.tolist(), values.tolist(), strict=True):
+                top[slot] = (tuple(t), tuple(lp))
+        return StepOutput(tuple(tokens.tolist()), tuple(chosen.tolist()), top)
+
+    def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
+        size, window, timestamps, sampling = key  # type: ignore[misc]
+        view = self.state.rows(slice(0, size))
+        logits = self.model.decoder.step(view.tokens, view.positions, self.cache, window)
+        tokens, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
+        self.sampler.advance(view, tokens)
+        return tokens, chosen, logprobs
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Slots whose sequences ended: idle until reassigned."""
+        if slots:
+            self.state.active[torch.tensor(list(slots), device=self.device)] = False
+
+    def _apply_moves(self, moves: Sequence[SlotMove]) -> None:
+        for move in moves:
+            self.cache.copy_slot(move.source, move.dest, move.position + 1)
+            for f in fields(SlotState):
+                tensor = getattr(self.state, f.name)
+                tensor[move.dest] = tensor[move.source]
+            self.state.active[move.source] = False
+
+    def _apply_updates(self, updates: Sequence[SlotUpdate]) -> None:
+        """Beam reordering: each surviving beam takes its source's self-attention cache and new state."""
+        if not updates:
+            return
+        dst = torch.tensor([u.slot for u in updates], device=self.device)
+        src = torch.tensor([u.source for u in updates], device=self.device)
+        length = max(u.position for u in updates)
+        k = self.cache.self_k[:, src, :, :length]  # advanced indexing copies, so sources can be overwritten
+        v = self.cache.self_v[:, src, :, :length]
+        self.cache.self_k[:, dst, :, :length] = k
+        self.cache.self_v[:, dst, :, :length] = v
+        s = self.state
+        s.tokens[dst] = torch.tensor([u.token for u in updates], device=self.device)
+        s.prev[dst] = torch.tensor([u.prev for u in updates], device=self.device)
+        s.n_gen[dst] = torch.tensor([u.n_gen for u in updates], device=self.device)
+        s.last_ts[dst] = torch.tensor([u.last_ts for u in updates], device=self.device)
+        s.positions[dst] = torch.tensor([u.position for u in updates], device=self.device)
+
+    # --- graph support ---------------------------------------------------------------------------------
+    def _snapshot(self) -> object:
+        return {f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"}
+
+    def _restore(self, saved: object) -> None:
+        assert isinstance(saved, dict)
+        for name, value in saved.items():
+            getattr(self.state, name).copy_(value)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,216 @@
+"""Logit policies and sampling on the whole batch, on the model's device, with per-row options.
+
+Every policy works on logits [B, V] in place and reads per-slot state [B], so rows with different settings
+(greedy and sampled, with and without timestamps) share one decode step, and nothing here synchronises with
+the host: the step can be captured in a CUDA graph. The semantics are the reference implementation's
+(openai-whisper `SuppressBlank`, `SuppressTokens`, `ApplyTimestampRules`, `GreedyDecoder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from halkspeech.model.tokenizer import Tokenizer
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The token ids the policies need, taken from the model's tokenizer."""
+
+    eot: int
+    sot: int
+    timestamp_begin: int
+    no_speech: int
+    blank: tuple[int, ...]  # suppressed as a first token: " " and end-of-text
+    language_tokens: tuple[int, ...]
+    language_codes: tuple[str, ...]
+    vocab: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer, vocab: int) -> TokenIds:
+        return cls(
+            eot=tokenizer.eot,
+            sot=tokenizer.sot,
+            timestamp_begin=tokenizer.timestamp_begin,
+            no_speech=tokenizer.no_speech,
+            blank=(*tokenizer.encode(" "), tokenizer.eot),
+            language_tokens=tokenizer.language_tokens,
+            language_codes=tokenizer.language_codes,
+            vocab=vocab,
+        )
+
+
+@dataclass
+class SlotState:
+    """Per-slot decoding state on the device. Row i belongs to slot i; a view (`rows`) selects some.
+
+    tokens:      [S] long   the next input token (the last token sampled, or the prompt's last)
+    positions:   [S] long   the position of that token
+    prev:        [S] long   the sampled token before `tokens` (-1 if fewer than two were sampled)
+    n_gen:       [S] long   tokens sampled so far
+    last_ts:     [S] long   the last timestamp token sampled (-1 if none)
+    temperature: [S] float  0 for greedy
+    ts_rules:    [S] bool   apply the timestamp rules
+    blank:       [S] bool   suppress blank as the first token
+    max_initial: [S] long   the last timestamp token allowed first
+    no_eot:      [S] bool   never end (forced length, benchmarks)
+    active:      [S] bool   the slot is decoding (idle slots in a step's range are computed and ignored)
+    suppress:    [S, V] bool tokens never sampled
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    prev: Tensor
+    n_gen: Tensor
+    last_ts: Tensor
+    temperature: Tensor
+    ts_rules: Tensor
+    blank: Tensor
+    max_initial: Tensor
+    no_eot: Tensor
+    active: Tensor
+    suppress: Tensor
+
+    @classmethod
+    def allocate(cls, slots: int, vocab: int, device: torch.device | str) -> SlotState:
+        def longs(value: int = 0) -> Tensor:
+            return torch.full((slots,), value, dtype=torch.long, device=device)
+
+        def flags() -> Tensor:
+            return torch.zeros(slots, dtype=torch.bool, device=device)
+
+        return cls(
+            tokens=longs(),
+            positions=longs(),
+            prev=longs(-1),
+            n_gen=longs(),
+            last_ts=longs(-1),
+            temperature=torch.zeros(slots, device=device),
+            ts_rules=flags(),
+            blank=flags(),
+            max_initial=longs(vocab - 1),
+            no_eot=flags(),
+            active=flags(),
+            suppress=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
+        )
+
+    def rows(self, index: slice | Tensor) -> SlotState:
+        """The state of some slots: a view for a slice, a copy for an index tensor."""
+        return SlotState(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+class LogitPolicy:
+    """Masks logits [B, V] in place according to per-row state."""
+
+    def apply(self, logits: Tensor, state: SlotState) -> None:
+        raise NotImplementedError
+
+
+class SuppressTokens(LogitPolicy):
+    def apply(self, logits: Tensor, state: SlotState) -> None:
+        logits.masked_fill_(state.suppress, NEG_INF)
+
+
+class SuppressBlank(LogitPolicy):
+    """No blank and no end-of-text as the first sampled token."""
+
+    def __init__(self, ids: TokenIds, device: torch.device) -> None:
+        self.columns = torch.tensor(ids.blank, device=device)
+
+    def apply(self, logits: Tensor, state: SlotState) -> None:
+        rows = (state.blank & (state.n_gen == 0))[:, None]  # [B, 1]
+        blank = logits.index_select(1, self.columns)
+        logits.index_copy_(1, self.columns, blank.masked_fill(rows, NEG_INF))
+
+
+class ForceLength(LogitPolicy):
+    """Benchmarks: rows with `no_eot` never sample end-of-text."""
+
+    def __init__(self, ids: TokenIds) -> None:
+        self.eot = ids.eot
+
+    def apply(self, logits: Tensor, state: SlotState) -> None:
+        column = logits[:, self.eot]
+        column.masked_fill_(state.no_eot, NEG_INF)
+
+
+class TimestampRules(LogitPolicy):
+    """Timestamps come in pairs (except right before end-of-text), never decrease, the first token is a
+    timestamp no later than `max_initial`, and a timestamp is forced when timestamps are jointly more
+    likely than any single text token."""
+
+    def __init__(self, ids: TokenIds, device: torch.device) -> None:
+        self.ts = ids.timestamp_begin
+        self.eot = ids.eot
+        self.column = torch.arange(ids.vocab, device=device)[None, :]  # [1, V]
+
+    def apply(self, logits: Tensor, state: SlotState) -> None:
+        col, ts = self.column, self.ts
+        on = state.ts_rules[:, None]
+        last_ts = (state.n_gen >= 1) & (state.tokens >= ts)
+        penult_ts = (state.n_gen < 2) | (state.prev >= ts)
+        is_ts_col, is_text_col = col >= ts, col < self.eot
+        pair_mask = (last_ts & penult_ts)[:, None] & is_ts_col  # two timestamps in a row: now text
+        pair_mask |= (last_ts & ~penult_ts)[:, None] & is_text_col  # one timestamp: close the pair
+        floor = torch.where(last_ts & ~penult_ts, state.last_ts, state.last_ts + 1)
+        monotonic = (state.last_ts >= 0)[:, None] & is_ts_col & (col < floor[:, None])
+        first = (state.n_gen == 0)[:, None]
+        initial = first & ((col < ts) | (col > state.max_initial[:, None]))
+        logits.masked_fill_(on & (pair_mask | monotonic | initial), NEG_INF)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        ts_mass = torch.logsumexp(logprobs[:, ts:], dim=-1)
+        max_text = logprobs[:, :ts].max(dim=-1).values
+        force_ts = on & (ts_mass > max_text)[:, None] & (col < ts)
+        logits.masked_fill_(force_ts, NEG_INF)
+
+
+class Sampler:
+    """Applies the policies, then picks each row's next token: argmax where temperature is 0, else a draw
+    from softmax(logits / T) (Gumbel-max, graph-safe). Log-probabilities are of the filtered logits at
+    temperature 1, as the reference reports them."""
+
+    def __init__(self, ids: TokenIds, device: torch.device) -> None:
+        self.ids = ids
+        self.base: list[LogitPolicy] = [SuppressBlank(ids, device), SuppressTokens(), ForceLength(ids)]
+        self.timestamps = TimestampRules(ids, device)
+
+    def filter(self, logits: Tensor, state: SlotState, *, timestamps: bool) -> None:
+        for policy in self.base:
+            policy.apply(logits, state)
+        if timestamps:
+            self.timestamps.apply(logits, state)
+
+    def sample(
+        self, logits: Tensor, state: SlotState, *, timestamps: bool, sampling: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """logits [B, V] float32 → (tokens [B], their log-probs [B], log-probs [B, V]).
+
+        `timestamps`/`sampling` say whether any row needs the timestamp rules or a random draw; when none
+        does, those kernels are left out (the step is captured once per variant)."""
+        self.filter(logits, state, timestamps=timestamps)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        greedy = logits.argmax(dim=-1)
+        if not sampling:
+            return greedy, logprobs.gather(1, greedy[:, None])[:, 0], logprobs
+        hot = state.temperature > 0
+        temperature = torch.where(hot, state.temperature, torch.ones_like(state.temperature))
+        noise = torch.empty_like(logits).exponential_().log_()  # -log(E) is Gumbel(0, 1)
+        drawn = (logits / temperature[:, None] - noise).argmax(dim=-1)
+        tokens = torch.where(hot, drawn, greedy)
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0], logprobs
+
+    def advance(self, state: SlotState, sampled: Tensor) -> None:
+        """Record the sampled tokens [B] in the active rows of `state` (a view over slots 0..B-1)."""
+        active = state.active
+        was = state.tokens.clone()
+        state.prev.copy_(torch.where(active, was, state.prev))
+        state.tokens.copy_(torch.where(active, sampled, was))
+        state.positions.add_(active.long())
+        state.n_gen.add_(active.long())
+        is_ts = active & (sampled >= self.ids.timestamp_begin)
+        state.last_ts.copy_(torch.where(is_ts, sampled, state.last_ts))

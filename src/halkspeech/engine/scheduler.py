@@ -1,0 +1,318 @@
+"""Which sequences run in the next step (pure Python, no tensors).
+
+Requests wait in a priority queue; a request enters when enough slots are free (lowest slot numbers first,
+so the active range stays dense) and leaves the moment it finishes. A decode step covers slots 0..size-1,
+where size is the smallest batch bucket holding every active slot; when the active slots are scattered,
+the highest are moved down so idle slots are not computed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
+from halkspeech.engine.beam import BeamSearch, rank
+from halkspeech.engine.request import DecodeRequest, DecodeResult, FinishReason
+from halkspeech.errors import Overloaded
+
+
+@dataclass
+class Sequence:
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    sum_logprob: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class Group:
+    """A request in flight: the slots it holds and what it has produced."""
+
+    rid: int
+    request: DecodeRequest
+    handle: Any  # opaque to the scheduler: the engine's DecodeHandle
+    submitted: float = field(default_factory=time.perf_counter)
+    slots: list[int] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)
+    beam: BeamSearch | None = None
+    prompt_len: int = 0
+    max_new: int = 0
+    no_speech_prob: float = float("nan")
+    language_probs: dict[str, float] | None = None
+    finish: FinishReason | None = None
+    admitted: float = 0.0
+    encode_ms: float = 0.0
+
+    @property
+    def live(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.done]
+
+
+class Scheduler:
+    """Admission, step shapes and bookkeeping for a fixed number of decoder slots."""
+
+    def __init__(
+        self,
+        slots: int,
+        *,
+        eot: int,
+        timestamp_begin: int,
+        n_text_ctx: int = 448,
+        max_encoder_batch: int = 32,
+        max_queue: int = 1024,
+        batch_buckets: tuple[int, ...] | None = None,
+        window_buckets: tuple[int, ...] | None = None,
+    ) -> None:
+        self.n_slots = slots
+        self.eot = eot
+        self.ts_begin = timestamp_begin
+        self.n_text_ctx = n_text_ctx
+        self.max_encoder_batch = max_encoder_batch
+        self.max_queue = max_queue
+        self.batch_buckets = batch_buckets  # None: exact sizes (CPU, no graphs)
+        self.window_buckets = window_buckets
+        self._free = list(range(slots))
+        self._waiting: list[tuple[int, int, Group]] = []  # heap of (priority, rid, group)
+        self._running: dict[int, Group] = {}
+        self._ids = itertools.count()
+        self._pending_updates: list[SlotUpdate] = []
+
+    # --- queue -----------------------------------------------------------------------------------------
+    def add(self, request: DecodeRequest, handle: Any) -> Group:
+        if len(self._waiting) >= self.max_queue:
+            raise Overloaded(f"the decode queue is full ({self.max_queue} windows waiting)")
+        if request.options.group_size > self.n_slots:
+            raise Overloaded(f"{request.options.group_size} beams need more slots than the engine has")
+        group = Group(next(self._ids), request, handle)
+        heapq.heappush(self._waiting, (request.priority, group.rid, group))
+        return group
+
+    def cancel(self, group: Group) -> bool:
+        """Drop a waiting group or stop a running one; returns False if it already finished."""
+        if group.finish is not None:
+            return False
+        for i, (_, _, waiting) in enumerate(self._waiting):
+            if waiting is group:
+                self._waiting.pop(i)
+                heapq.heapify(self._waiting)
+                group.finish = "cancelled"
+                return True
+        if group.rid in self._running:
+            group.finish = "cancelled"
+            for seq in group.seqs:
+                seq.done = True
+            return True
+        return False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.live) for g in self._running.values())
+
+    def running_groups(self) -> list[Group]:
+        return list(self._running.values())
+
+    def abort(self, group: Group) -> Group:
+        """Stop a running group at once (a failed step): mark it cancelled and free its slots."""
+        group.finish = "cancelled"
+        return self._finish(group)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # --- admission -------------------------------------------------------------------------------------
+    def schedule_admission(self, limit: int | None = None) -> list[Admission]:
+        """Waiting requests that fit in the free slots now, up to the encoder batch (or `limit`)."""
+        cap = self.max_encoder_batch if limit is None else min(limit, self.max_encoder_batch)
+        admissions: list[Admission] = []
+        while self._waiting and len(admissions) < cap:
+            group = self._waiting[0][2]
+            size = group.request.options.group_size
+            if size > len(self._free):
+                break
+            heapq.heappop(self._waiting)
+            group.slots = [heapq.heappop(self._free) for _ in range(size)]
+            group.admitted = time.perf_counter()
+            self._running[group.rid] = group
+            options = group.request.options
+            top_k = options.beam_size + 1 if options.beam_size > 1 else 0
+            admissions.append(Admission(group.rid, group.request, tuple(group.slots), top_k))
+        return admissions
+
+    def record_admission(self, admission: Admission, result: AdmitResult, encode_ms: float) -> Group | None:
+        """Take the first tokens of a newly admitted group; returns it if it already finished."""
+        group = self._running[admission.rid]
+        options = group.request.options
+        group.encode_ms = encode_ms
+        group.prompt_len = len(result.prompt)
+        group.no_speech_prob = result.no_speech_prob
+        group.language_probs = result.language_probs
+        group.max_new = min(options.max_new_tokens, self.n_text_ctx + 1 - group.prompt_len)
+        group.seqs = [Sequence(slot) for slot in group.slots]
+        if group.finish == "cancelled":
+            return self._finish(group)
+        if group.request.detect_language and options.max_new_tokens == 0:
+            group.finish = "detected"
+            return self._finish(group)
+        if options.beam_size > 1:
+            group.beam = BeamSearch(options.beam_size, self.eot, options.patience)
+            self._beam_step(group, [result.top[i] for i in range(len(group.slots))])
+        else:
+            for seq, token, logprob in zip(group.seqs, result.tokens, result.logprobs, strict=True):
+                self._append(group, seq, token, logprob)
+        return self._finish(group) if self._group_done(group) else None
+
+    # --- decoding --------------------------------------------------------------------------------------
+    def schedule_decode(self) -> DecodeStep | None:
+        """The next decode step over the running sequences, or None when nothing decodes."""
+        moves = self._compact()
+        live = [(g, s) for g in self._running.values() for s in g.live]
+        if not live:
+            return None
+        slots = sorted(s.slot for _, s in live)
+        positions = [g.prompt_len + len(s.tokens) - 1 for g, s in live]
+        top_slots = tuple(sorted(s.slot for g, s in live if g.beam is not None))
+        updates, self._pending_updates = tuple(self._pending_updates), []
+        return DecodeStep(
+            size=self._bucket(slots[-1] + 1, self.batch_buckets),
+            window=self._bucket(max(positions) + 1, self.window_buckets),
+            active=tuple(slots),
+            timestamps=any(g.request.options.timestamps for g, _ in live),
+            sampling=any(g.request.options.temperature > 0 for g, _ in live),
+            top_k=max((g.request.options.beam_size + 1 for g, _ in live if g.beam), default=0),
+            top_slots=top_slots,
+            updates=updates,
+            moves=moves,
+        )
+
+    def record_step(self, step: DecodeStep, output: StepOutput) -> list[Group]:
+        """Append each active slot's token; returns the groups that finished."""
+        finished: list[Group] = []
+        for group in list(self._running.values()):
+            if group.finish == "cancelled" or not group.live:
+                finished.append(self._finish(group))
+                continue
+            if group.beam is not None:
+                self._beam_step(group, [output.top[s.slot] for s in group.seqs])
+            else:
+                for seq in group.live:
+                    self._append(group, seq, output.tokens[seq.slot], output.logprobs[seq.slot])
+            if self._group_done(group):
+                finished.append(self._finish(group))
+        return finished
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _append(self, group: Group, seq: Sequence, token: int, logprob: float) -> None:
+        seq.tokens.append(token)
+        seq.sum_logprob += logprob
+        forced = group.request.options.force_length
+        if (token == self.eot and not forced) or len(seq.tokens) >= group.max_new:
+            seq.done = True
+
+    def _beam_step(self, group: Group, top: list[tuple[tuple[int, ...], tuple[float, ...]]]) -> None:
+        beam = group.beam
+        assert beam is not None
+        beam.step([list(t) for t, _ in top], [list(lp) for _, lp in top])
+        steps = len(beam.beams[0].tokens) if beam.beams else group.max_new
+        if beam.done or steps >= group.max_new or not beam.beams:
+            for seq in group.seqs:
+                seq.done = True
+            return
+        for seq, survivor in zip(group.seqs, beam.beams, strict=True):
+            seq.tokens = list(survivor.tokens)
+            seq.sum_logprob = survivor.sum_logprob
+            timestamps = [t for t in survivor.tokens if t >= self.ts_begin]
+            self._pending_updates.append(
+                SlotUpdate(
+                    slot=seq.slot,
+                    source=group.slots[survivor.source],
+                    token=survivor.tokens[-1],
+                    prev=survivor.tokens[-2] if len(survivor.tokens) > 1 else -1,
+                    n_gen=len(survivor.tokens),
+                    last_ts=timestamps[-1] if timestamps else -1,
+                    position=group.prompt_len + len(survivor.tokens) - 1,
+                )
+            )
+
+    def _group_done(self, group: Group) -> bool:
+        return all(s.done for s in group.seqs)
+
+    def _finish(self, group: Group) -> Group:
+        self._running.pop(group.rid, None)
+        for slot in group.slots:
+            heapq.heappush(self._free, slot)
+        if group.finish is None:
+            group.finish = self._reason(group)
+        return group
+
+    def _reason(self, group: Group) -> FinishReason:
+        if group.beam is not None:
+            return "eot" if group.beam.finished else "length"
+        ended = all(s.tokens and s.tokens[-1] == self.eot for s in group.seqs)
+        return "eot" if ended else "length"
+
+    def result(self, group: Group, decode_ms: float) -> DecodeResult:
+        """The group's chosen sequence as a DecodeResult (call after it finished)."""
+        options = group.request.options
+        if group.beam is not None:
+            tokens, logprob = group.beam.best(options.length_penalty)
+        elif group.seqs:
+            candidates = [(self._strip(s.tokens), s.sum_logprob) for s in group.seqs]
+            tokens, logprob = candidates[rank(candidates, options.length_penalty)]
+        else:
+            tokens, logprob = (), 0.0
+        queue_ms = (group.admitted - group.submitted) * 1000 if group.admitted else 0.0
+        return DecodeResult(
+            tokens=tuple(tokens),
+            sum_logprob=logprob,
+            avg_logprob=logprob / (len(tokens) + 1),
+            no_speech_prob=group.no_speech_prob,
+            temperature=options.temperature,
+            finish_reason=group.finish or "length",
+            language_probs=group.language_probs,
+            queue_ms=queue_ms,
+            encode_ms=group.encode_ms,
+            decode_ms=decode_ms,
+        )
+
+    def _strip(self, tokens: list[int]) -> tuple[int, ...]:
+        return tuple(tokens[:-1]) if tokens and tokens[-1] == self.eot else tuple(tokens)
+
+    def _compact(self) -> tuple[SlotMove, ...]:
+        """Move the highest active single-slot sequences into lower free slots while that shrinks the step."""
+        if self.batch_buckets is None:
+            return ()
+        moves: list[SlotMove] = []
+        while self._free:
+            live = [(g, s) for g in self._running.values() for s in g.live if g.beam is None]
+            if not live:
+                break
+            group, seq = max(live, key=lambda gs: gs[1].slot)
+            lowest = self._free[0]
+            occupied = sum(len(g.slots) for g in self._running.values())
+            if lowest > seq.slot or self._bucket(seq.slot + 1, self.batch_buckets) <= self._bucket(
+                occupied, self.batch_buckets
+            ):
+                break
+            heapq.heappop(self._free)
+            moves.append(SlotMove(seq.slot, lowest, group.prompt_len + len(seq.tokens) - 1))
+            group.slots[group.slots.index(seq.slot)] = lowest
+            heapq.heappush(self._free, seq.slot)
+            seq.slot = lowest
+        return tuple(moves)
+
+    @staticmethod
+    def _bucket(value: int, buckets: tuple[int, ...] | None) -> int:
+        if buckets is None:
+            return value
+        i = bisect.bisect_left(buckets, value)
+        return buckets[min(i, len(buckets) - 1)]

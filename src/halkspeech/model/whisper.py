@@ -1,0 +1,252 @@
+"""A compact PyTorch Whisper: audio encoder and text decoder over static per-slot caches.
+
+The decoder has two entry points, both batched over slots:
+  * `prefill`: a new sequence's prompt (several tokens) into arbitrary slots, causal attention;
+  * `step`: one token for each of the slots 0..B-1 at per-slot positions, reading a fixed window of the cache.
+`step` has static shapes for a given (B, window), which is what the engine captures in CUDA graphs.
+Weights arrive in OpenAI's checkpoint layout (`from_openai_state_dict`) and are fused on load: q/k/v of
+self-attention into one matrix, and the cross-attention k/v of every layer into one matrix per layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from halkspeech.model.cache import KVCache
+from halkspeech.model.dims import ModelDims
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
+    """Fixed positional embedding of the encoder: [length, channels], sin half then cos half."""
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
+    scaled = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=1)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, T, H*Dh] → [B, H, T, Dh]."""
+    b, t, _ = x.shape
+    return x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """[B, H, T, Dh] → [B, T, H*Dh]."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)  # the key has no bias in Whisper: that third of the bias is zero
+        self.out = nn.Linear(d, d)
+        self.mlp_ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, A, D]
+        q, k, v = self.qkv(self.attn_ln(x)).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(*(_split_heads(t, self.heads) for t in (q, k, v)))
+        x = x + self.out(_merge_heads(a))
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        d = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(dims.n_audio_ctx, d))
+        self.blocks = nn.ModuleList(EncoderBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        self.ln_post = nn.LayerNorm(d)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        # mel: [B, n_mels, 3000] → [B, 1500, D]
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.cross_ln = nn.LayerNorm(d)
+        self.cross_q = nn.Linear(d, d)
+        self.cross_out = nn.Linear(d, d)
+        self.mlp_ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
+
+    def _cross(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # k, v: [B, H, A, Dh]
+        q = _split_heads(self.cross_q(self.cross_ln(x)), self.heads)
+        return x + self.cross_out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+    def prefill(self, x: Tensor, layer: int, cache: KVCache, slots: Tensor) -> Tensor:
+        # x: [B, P, D] prompt positions 0..P-1 of the sequences in `slots` [B]
+        p = x.shape[1]
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.attn_ln(x)).chunk(3, dim=-1))
+        cache.self_k[layer, slots, :, :p] = k
+        cache.self_v[layer, slots, :, :p] = v
+        x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=p > 1)))
+        x = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots])
+        return self._mlp(x)
+
+    def step(self, x: Tensor, layer: int, cache: KVCache, positions: Tensor, visible: Tensor) -> Tensor:
+        # x: [B, 1, D] for slots 0..B-1; positions: [B]; visible: [B, 1, 1, W] keys each slot may see
+        b, window = x.shape[0], visible.shape[-1]
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.attn_ln(x)).chunk(3, dim=-1))
+        rows = torch.arange(b, device=x.device)
+        cache.self_k[layer, rows, :, positions] = k[:, :, 0]
+        cache.self_v[layer, rows, :, positions] = v[:, :, 0]
+        keys = cache.self_k[layer, :b, :, :window]
+        values = cache.self_v[layer, :b, :, :window]
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        x = x + self.out(_merge_heads(a))
+        x = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
+        return self._mlp(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        d = dims.n_text_state
+        self.dims = dims
+        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, d))
+        self.blocks = nn.ModuleList(DecoderBlock(d, dims.n_text_head) for _ in range(dims.n_text_layer))
+        self.ln = nn.LayerNorm(d)
+        # Cross-attention keys and values of every layer: [L, 2*D, D] weights and [L, 2*D] biases (k part 0).
+        self.cross_kv_weight = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d, d))
+        self.cross_kv_bias = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d))
+
+    def logits(self, x: Tensor) -> Tensor:
+        # [B, T, D] → [B, T, V] in float32
+        return (self.ln(x) @ self.token_embedding.weight.T).float()
+
+    def fill_cross(self, audio: Tensor, cache: KVCache, slots: Tensor) -> None:
+        """Compute each layer's cross-attention keys/values of `audio` [B, A, D] into `slots` [B]."""
+        heads = self.dims.n_text_head
+        for layer in range(self.dims.n_text_layer):
+            kv = F.linear(audio, self.cross_kv_weight[layer], self.cross_kv_bias[layer])  # [B, A, 2D]
+            k, v = kv.chunk(2, dim=-1)
+            cache.cross_k[layer, slots] = _split_heads(k, heads)
+            cache.cross_v[layer, slots] = _split_heads(v, heads)
+
+    def prefill(self, tokens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
+        """Prompt tokens [B, P] (right-padded) into `slots`; returns hidden states [B, P, D].
+
+        Logits are left to the caller, for the few positions it needs: [B, P, V] for a long prompt is
+        gigabytes (64 × 200 × 51866 floats)."""
+        p = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:p]
+        for layer, block in enumerate(self.blocks):
+            x = block.prefill(x, layer, cache, slots)
+        return x
+
+    def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
+        """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
+        position are masked; `window` (≥ every position + 1) bounds how much of the cache is read."""
+        x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
+        keys = torch.arange(window, device=tokens.device)
+        visible = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, W]
+        for layer, block in enumerate(self.blocks):
+            x = block.step(x, layer, cache, positions, visible)
+        return self.logits(x)[:, 0]
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.encoder = Encoder(dims)
+        self.decoder = Decoder(dims)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    @classmethod
+    def from_openai_state_dict(
+        cls,
+        dims: ModelDims,
+        state_dict: dict[str, Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Whisper:
+        """Build the model from OpenAI checkpoint names (see model/weights.py), fusing projections."""
+        with torch.device("meta"):
+            model = cls(dims)
+        model.load_state_dict(fuse_openai_state_dict(dims, state_dict), assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def fuse_openai_state_dict(dims: ModelDims, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenAI names → this module's names: q/k/v fused, every layer's cross k/v stacked."""
+    out: dict[str, Tensor] = {}
+
+    def lin(dst: str, src: str) -> None:
+        out[f"{dst}.weight"] = sd[f"{src}.weight"]
+        out[f"{dst}.bias"] = sd[f"{src}.bias"]
+
+    def qkv(dst: str, src: str) -> None:
+        q_bias = sd[f"{src}.query.bias"]
+        out[f"{dst}.weight"] = torch.cat([sd[f"{src}.{n}.weight"] for n in ("query", "key", "value")])
+        out[f"{dst}.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), sd[f"{src}.value.bias"]])
+
+    for part in ("conv1", "conv2", "ln_post"):
+        lin(f"encoder.{part}", f"encoder.{part}")
+    for i in range(dims.n_audio_layer):
+        src, dst = f"encoder.blocks.{i}", f"encoder.blocks.{i}"
+        qkv(f"{dst}.qkv", f"{src}.attn")
+        lin(f"{dst}.out", f"{src}.attn.out")
+        lin(f"{dst}.attn_ln", f"{src}.attn_ln")
+        lin(f"{dst}.mlp_ln", f"{src}.mlp_ln")
+        lin(f"{dst}.fc1", f"{src}.mlp.0")
+        lin(f"{dst}.fc2", f"{src}.mlp.2")
+    out["encoder.positional_embedding"] = sd["encoder.positional_embedding"]
+    out["decoder.token_embedding.weight"] = sd["decoder.token_embedding.weight"]
+    out["decoder.positional_embedding"] = sd["decoder.positional_embedding"]
+    lin("decoder.ln", "decoder.ln")
+    kv_weights, kv_biases = [], []
+    for i in range(dims.n_text_layer):
+        src = dst = f"decoder.blocks.{i}"
+        qkv(f"{dst}.qkv", f"{src}.attn")
+        lin(f"{dst}.out", f"{src}.attn.out")
+        lin(f"{dst}.attn_ln", f"{src}.attn_ln")
+        lin(f"{dst}.cross_ln", f"{src}.cross_attn_ln")
+        lin(f"{dst}.cross_q", f"{src}.cross_attn.query")
+        lin(f"{dst}.cross_out", f"{src}.cross_attn.out")
+        lin(f"{dst}.mlp_ln", f"{src}.mlp_ln")
+        lin(f"{dst}.fc1", f"{src}.mlp.0")
+        lin(f"{dst}.fc2", f"{src}.mlp.2")
+        v_bias = sd[f"{src}.cross_attn.value.bias"]
+        kv_weights.append(torch.cat([sd[f"{src}.cross_attn.key.weight"], sd[f"{src}.cross_attn.value.weight"]]))
+        kv_biases.append(torch.cat([torch.zeros_like(v_bias), v_bias]))
+    out["decoder.cross_kv_weight"] = torch.stack(kv_weights)
+    out["decoder.cross_kv_bias"] = torch.stack(kv_biases)
+    return out

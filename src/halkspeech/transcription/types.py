@@ -1,0 +1,110 @@
+"""Transcription options and results: frozen, passed whole, serialisable to the API's JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from halkspeech.errors import InvalidRequest
+from halkspeech.model.tokenizer import Task
+
+Mode = Literal["sequential", "batched"]
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Everything a caller may choose for one file (the reference's `transcribe` keyword arguments)."""
+
+    language: str | None = None  # None: detect from the first 30 s
+    task: Task = "transcribe"
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # tried in order while a window fails the guards
+    beam_size: int = 1
+    best_of: int = 1
+    patience: float = 1.0
+    length_penalty: float | None = None
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    initial_prompt: str | None = None
+    prefix: str | None = None
+    suppress_tokens: tuple[int, ...] = (-1,)
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: float | None = 1.0
+    word_timestamps: bool = False
+    mode: Mode = "sequential"
+    #: Benchmarking only: decode exactly this many tokens per window, never stopping at end-of-text.
+    force_decode_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperatures:
+            raise InvalidRequest("at least one temperature is needed")
+        for t in self.temperatures:
+            if not 0 <= t <= 10 or math.isnan(t):
+                raise InvalidRequest(f"temperature must be between 0 and 10, got {t}")
+        if self.task not in ("transcribe", "translate"):
+            raise InvalidRequest(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if not 1 <= self.beam_size <= 16:
+            raise InvalidRequest("beam_size must be between 1 and 16")
+        if not 1 <= self.best_of <= 16:
+            raise InvalidRequest("best_of must be between 1 and 16")
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: tuple[int, ...]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: tuple[Word, ...] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens"] = list(self.tokens)
+        if self.words is None:
+            data.pop("words")
+        else:
+            data["words"] = [asdict(w) for w in self.words]
+        return data
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds spent per stage of one transcription (summed over its windows)."""
+
+    queue: float = 0.0
+    encoder: float = 0.0
+    decoder: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    duration: float
+    segments: tuple[Segment, ...]
+    language_probs: dict[str, float] | None = None
+    timings: Timings = field(default_factory=Timings)
+    tokens: tuple[int, ...] = ()  # every text token, for tests and parity checks
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in (s.words or ())]
