@@ -51,6 +51,9 @@ class EngineSettings(BaseModel):
     max_queue: int = 1024
     #: Milliseconds the engine waits to gather a fuller encoder batch when it is idle.
     batch_window_ms: float = 0.0
+    #: While decoding, new windows are encoded once this many wait, or the oldest waited admit_wait_ms.
+    admit_batch: int = 8
+    admit_wait_ms: float = 15.0
 
 
 class ServerSettings(BaseModel):

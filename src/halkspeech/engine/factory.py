@@ -82,8 +82,10 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     return fitting[-1] if fitting else slots
 
 
-def start_engine(weights: LoadedWeights, settings: EngineSettings) -> ModelEngine:
-    """Load the weights onto the device, size the caches, start the engine thread."""
+def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bool = False) -> ModelEngine:
+    """Load the weights onto the device, size the caches, start the engine thread.
+
+    `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next."""
     device = resolve_device(settings.device, settings.device_index)
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
@@ -106,6 +108,9 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings) -> ModelEngin
         max_queue=settings.max_queue,
         batch_buckets=tuple(b for b in BATCH_BUCKETS if b < slots) + (slots,) if graphs else None,
         window_buckets=WINDOW_BUCKETS if graphs else None,
+        static=static,
+        admit_batch=settings.admit_batch,
+        admit_wait_s=settings.admit_wait_ms / 1000,
     )
     log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
     engine = Engine(runner, scheduler, batch_window_ms=settings.batch_window_ms).start()

@@ -67,8 +67,17 @@ class Scheduler:
         max_queue: int = 1024,
         batch_buckets: tuple[int, ...] | None = None,
         window_buckets: tuple[int, ...] | None = None,
+        static: bool = False,
+        admit_batch: int = 1,
+        admit_wait_s: float = 0.0,
     ) -> None:
         self.n_slots = slots
+        #: Static batching (benchmark baseline): admit a new batch only when the last one has finished.
+        self.static = static
+        #: While sequences decode, admit once `admit_batch` windows wait or the oldest waited `admit_wait_s`:
+        #: an encoder call per trickling request would stall every running sequence for little work.
+        self.admit_batch = admit_batch
+        self.admit_wait_s = admit_wait_s
         self.eot = eot
         self.ts_begin = timestamp_begin
         self.n_text_ctx = n_text_ctx
@@ -133,6 +142,12 @@ class Scheduler:
     def schedule_admission(self, limit: int | None = None) -> list[Admission]:
         """Waiting requests that fit in the free slots now, up to the encoder batch (or `limit`)."""
         cap = self.max_encoder_batch if limit is None else min(limit, self.max_encoder_batch)
+        if self.static:
+            if self._running:
+                return []
+            cap = self.n_slots
+        elif self._running and self._waiting and not self._admit_now():
+            return []
         admissions: list[Admission] = []
         while self._waiting and len(admissions) < cap:
             group = self._waiting[0][2]
@@ -147,6 +162,11 @@ class Scheduler:
             top_k = options.beam_size + 1 if options.beam_size > 1 else 0
             admissions.append(Admission(group.rid, group.request, tuple(group.slots), top_k))
         return admissions
+
+    def _admit_now(self) -> bool:
+        priority = self._waiting[0][0]
+        waited = time.perf_counter() - min(g.submitted for _, _, g in self._waiting)
+        return priority < 0 or len(self._waiting) >= self.admit_batch or waited >= self.admit_wait_s
 
     def record_admission(self, admission: Admission, result: AdmitResult, encode_ms: float) -> Group | None:
         """Take the first tokens of a newly admitted group; returns it if it already finished."""

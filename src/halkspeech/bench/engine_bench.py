@@ -1,0 +1,166 @@
+"""Engine throughput and latency against Hugging Face transformers, in one run on one device.
+
+Both engines get the same random weights of an exact released shape, the same full 30 s log-mel windows
+and the same prompt, and decode exactly `tokens` tokens per window (end-of-text suppressed), at each batch
+size. Reported: windows/s, decoded tokens/s, RTFx (audio seconds per wall second), and the ratio to HF.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from halkspeech.bench.common import device_info, median, print_table, timed, write_json
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS, N_FRAMES
+from halkspeech.model.weights import random_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineBenchConfig:
+    models: tuple[str, ...] = ("large-v3-turbo", "large-v3")
+    batches: tuple[int, ...] = (1, 16, 64, 256)
+    tokens: int = 80
+    repeats: int = 3
+    compare_hf: bool = True
+    device: str = "cuda"
+    dtype: str = "float16"
+    max_encoder_batch: int = 64
+    cuda_graphs: bool = True
+    json_path: str | None = None
+
+
+def _features(count: int, n_mels: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """Random log-mel-like windows [count, n_mels, 3000] (values in the real range, about ±1.5)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(count, n_mels, N_FRAMES, generator=generator) * 0.5).clamp(-1.5, 1.5).to(device)
+
+
+class OursRunner:
+    """Submits a batch of windows to HalkSpeech's engine and waits for all of them."""
+
+    def __init__(self, model: ModelEngine, features: torch.Tensor, tokens: int) -> None:
+        self.model = model
+        self.features = features
+        self.tokens = tokens
+        tok = model.tokenizer
+        self.prompt, self.sot_index = tok.decoder_prompt("en", "transcribe", timestamps=False)
+        self.options = SamplingOptions(
+            max_new_tokens=tokens,
+            force_length=True,
+            timestamps=False,
+            suppress_tokens=tok.suppress_tokens(),
+        )
+        self.last_encode_ms = 0.0
+
+    def __call__(self, batch: int) -> None:
+        handles = [
+            self.model.engine.submit(DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options))
+            for i in range(batch)
+        ]
+        results = [h.result() for h in handles]
+        bad = [len(r.tokens) for r in results if len(r.tokens) != self.tokens]
+        if bad:
+            raise RuntimeError(f"expected {self.tokens} tokens per window, got {bad[:4]}")
+        self.last_encode_ms = max(r.encode_ms for r in results)
+
+
+def _row(model: str, engine: str, batch: int, seconds: float, tokens: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "engine": engine,
+        "batch": batch,
+        "seconds": seconds,
+        "windows_per_s": batch / seconds,
+        "tokens_per_s": batch * tokens / seconds,
+        "rtfx": batch * CHUNK_LENGTH / seconds,
+    }
+
+
+def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
+    device = torch.device(cfg.device)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    dims = KNOWN_DIMS[name]
+    features = _features(max(cfg.batches), dims.n_mels, device)
+    rows: list[dict[str, Any]] = []
+    hf = None
+    if cfg.compare_hf:
+        from halkspeech.bench.hf_baseline import HFWhisper
+
+        hf = HFWhisper(name, device, dtype)
+        prompt, _ = hf.tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
+        for batch in cfg.batches:
+            try:
+                times = timed(lambda b=batch: hf.generate(features[:b], prompt, cfg.tokens), device, repeats=cfg.repeats)
+                rows.append(_row(name, "hf-transformers", batch, median(times), cfg.tokens))
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"})
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        weights = hf.weights()
+    else:
+        weights = random_weights(name, dtype=dtype, device=device)
+    settings = EngineSettings(
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_slots=max(cfg.batches),
+        max_encoder_batch=cfg.max_encoder_batch,
+        cuda_graphs=cfg.cuda_graphs,
+    )
+    model = start_engine(weights, settings)
+    try:
+        run = OursRunner(model, features, cfg.tokens)
+        for batch in cfg.batches:
+            times = timed(lambda b=batch: run(b), device, repeats=cfg.repeats)
+            row = _row(name, "halkspeech", batch, median(times), cfg.tokens)
+            row["slots"] = model.engine.runner.slots
+            row["encode_ms"] = run.last_encode_ms
+            rows.append(row)
+    finally:
+        model.close()
+    _add_ratios(rows)
+    del hf, model, weights
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    hf = {(r["model"], r["batch"]): r for r in rows if r["engine"] == "hf-transformers" and "seconds" in r}
+    for row in rows:
+        peer = hf.get((row["model"], row["batch"]))
+        if row["engine"] == "halkspeech" and peer:
+            row["vs_hf"] = peer["seconds"] / row["seconds"]
+
+
+def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
+    device = torch.device(cfg.device)
+    rows: list[dict[str, Any]] = []
+    for name in cfg.models:
+        rows.extend(bench_model(name, cfg))
+    columns = [
+        ("model", "model"),
+        ("engine", "engine"),
+        ("batch", "batch"),
+        ("seconds", "s/batch"),
+        ("windows_per_s", "windows/s"),
+        ("tokens_per_s", "tokens/s"),
+        ("rtfx", "RTFx"),
+        ("vs_hf", "× HF"),
+        ("error", "note"),
+    ]
+    info = device_info(device)
+    title = f"Engine benchmark: {cfg.tokens} forced tokens per 30 s window, {cfg.dtype}, on {info.get('gpu', info['device'])}"
+    table = print_table(rows, columns, title=title)
+    payload = {"config": cfg.__dict__, "device": info, "rows": rows, "table": table}
+    write_json(cfg.json_path, payload)
+    return payload

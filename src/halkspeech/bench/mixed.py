@@ -1,0 +1,144 @@
+"""Mixed workload: requests arrive over time (Poisson) with decode lengths drawn between 10 and 150 tokens.
+Continuous batching (sequences join and leave at step boundaries) against static batching (a batch runs
+until its longest member ends), with the same kernels, weights, arrivals and lengths."""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from halkspeech.bench.common import device_info, percentile, print_table, write_json
+from halkspeech.bench.engine_bench import _features
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS
+from halkspeech.model.weights import LoadedWeights, random_weights
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    models: tuple[str, ...] = ("large-v3-turbo", "large-v3")
+    requests: int = 512
+    min_tokens: int = 10
+    max_tokens: int = 150
+    #: Arrival rate in windows/s; 0 = all requests arrive within one second (saturation).
+    rate: float = 0.0
+    slots: int = 64
+    max_encoder_batch: int = 64
+    device: str = "cuda"
+    dtype: str = "float16"
+    seed: int = 0
+    json_path: str | None = None
+
+
+def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:
+    rng = random.Random(cfg.seed)
+    rate = cfg.rate or cfg.requests  # saturation: everything within about a second
+    arrivals, t = [], 0.0
+    for _ in range(cfg.requests):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    lengths = [rng.randint(cfg.min_tokens, cfg.max_tokens) for _ in range(cfg.requests)]
+    return arrivals, lengths
+
+
+def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], lengths: list[int]) -> dict[str, Any]:
+    """Submit each request at its arrival time; record completion latencies."""
+    tok = model.tokenizer
+    prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
+    suppress = tok.suppress_tokens()
+    done: list[float] = [0.0] * len(arrivals)
+    submitted: list[float] = [0.0] * len(arrivals)
+    all_done = threading.Event()
+    remaining = [len(arrivals)]
+    lock = threading.Lock()
+
+    def finished(i: int) -> None:
+        done[i] = time.perf_counter()
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                all_done.set()
+
+    start = time.perf_counter()
+    for i, (at, length) in enumerate(zip(arrivals, lengths, strict=True)):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        options = SamplingOptions(max_new_tokens=length, force_length=True, timestamps=False, suppress_tokens=suppress)
+        submitted[i] = time.perf_counter()
+        handle = model.engine.submit(DecodeRequest(features[i % len(features)], prompt, sot, options))
+        handle.future.add_done_callback(lambda _f, i=i: finished(i))
+    all_done.wait()
+    latencies = [d - s for d, s in zip(done, submitted, strict=True)]
+    wall = max(done) - start
+    return {
+        "wall_s": wall,
+        "windows_per_s": len(arrivals) / wall,
+        "tokens_per_s": sum(lengths) / wall,
+        "rtfx": len(arrivals) * CHUNK_LENGTH / wall,
+        "p50_s": percentile(latencies, 50),
+        "p95_s": percentile(latencies, 95),
+        "steps": model.engine.stats.steps,
+    }
+
+
+def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
+    device = torch.device(cfg.device)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    dims = KNOWN_DIMS[name]
+    weights: LoadedWeights = random_weights(name, dtype=dtype, device=device)
+    features = _features(min(cfg.requests, 256), dims.n_mels, device)
+    arrivals, lengths = _workload(cfg)
+    rows = []
+    for mode in ("continuous", "static"):
+        settings = EngineSettings(
+            device=cfg.device, dtype=cfg.dtype, max_slots=cfg.slots, max_encoder_batch=cfg.max_encoder_batch
+        )
+        model = start_engine(weights, settings, static=mode == "static")
+        try:
+            warm = min(cfg.slots, 16)
+            _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # graphs, allocator, clocks
+            model.engine.stats.steps = 0
+            rows.append({"model": name, "batching": mode, **_drive(model, features, arrivals, lengths)})
+        finally:
+            model.close()
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    cont, stat = rows
+    cont["vs_static"] = cont["windows_per_s"] / stat["windows_per_s"]
+    return rows
+
+
+def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
+    rows = [row for name in cfg.models for row in bench_mixed_model(name, cfg)]
+    info = device_info(torch.device(cfg.device))
+    rate = f"{cfg.rate:g}/s" if cfg.rate else "saturating"
+    title = (
+        f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, arrivals "
+        f"{rate}, {cfg.slots} slots, on {info.get('gpu', info['device'])}"
+    )
+    columns = [
+        ("model", "model"),
+        ("batching", "batching"),
+        ("windows_per_s", "windows/s"),
+        ("tokens_per_s", "tokens/s"),
+        ("rtfx", "RTFx"),
+        ("p50_s", "p50 s"),
+        ("p95_s", "p95 s"),
+        ("steps", "steps"),
+        ("vs_static", "× static"),
+    ]
+    table = print_table(rows, columns, title=title)
+    payload = {"config": cfg.__dict__, "device": info, "rows": rows, "table": table}
+    write_json(cfg.json_path, payload)
+    return payload
