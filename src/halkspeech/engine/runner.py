@@ -33,6 +33,7 @@ class Runner:
         slots: int,
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
+        compile_step: bool = False,
     ) -> None:
         self.model = model
         self.ids = ids
@@ -49,6 +50,14 @@ class Runner:
             GraphCache(self._graph_body, self._snapshot, self._restore) if use_graphs else None
         )
         self.encoder_ms = 0.0
+        # torch.compile fuses the step's elementwise work (layer norms with residual adds, the GELU, the mask)
+        # into fewer kernels; the graph cache then captures the compiled step per shape.
+        self._step_core = self._decode_and_sample
+        if compile_step:
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = 256
+            self._step_core = torch.compile(self._decode_and_sample, dynamic=False)  # type: ignore[assignment]
 
     @property
     def slots(self) -> int:
@@ -203,6 +212,11 @@ class Runner:
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         size, window, timestamps, sampling = key  # type: ignore[misc]
+        return self._step_core(size, window, timestamps, sampling)
+
+    def _decode_and_sample(
+        self, size: int, window: int, timestamps: bool, sampling: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         view = self.state.rows(slice(0, size))
         logits = self.model.decoder.step(view.tokens, view.positions, self.cache, window)
         tokens, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
@@ -229,10 +243,8 @@ class Runner:
         dst = torch.tensor([u.slot for u in updates], device=self.device)
         src = torch.tensor([u.source for u in updates], device=self.device)
         length = max(u.position for u in updates)
-        k = self.cache.self_k[:, src, :, :length]  # advanced indexing copies, so sources can be overwritten
-        v = self.cache.self_v[:, src, :, :length]
-        self.cache.self_k[:, dst, :, :length] = k
-        self.cache.self_v[:, dst, :, :length] = v
+        kv = self.cache.self_kv[:, src, :length]  # advanced indexing copies, so sources can be overwritten
+        self.cache.self_kv[:, dst, :length] = kv
         s = self.state
         s.tokens[dst] = torch.tensor([u.token for u in updates], device=self.device)
         s.prev[dst] = torch.tensor([u.prev for u in updates], device=self.device)

@@ -17,13 +17,14 @@ from halkspeech.model.dims import ModelDims
 class KVCache:
     """Per-slot caches for every decoder layer.
 
-    self_k, self_v:   [L, S, H, T, Dh]  self-attention keys/values at text positions 0..T-1
-    cross_k, cross_v: [L, S, H, A, Dh]  cross-attention keys/values of the slot's audio window, computed once
+    self_kv:          [L, S, T, 2, H, Dh]  self-attention keys (0) and values (1) at text positions 0..T-1;
+                      laid out so one step's new key and value of a slot are one contiguous row, written
+                      by a single index_copy_ for all slots (the projection already emits them side by side)
+    cross_k, cross_v: [L, S, H, A, Dh]     cross-attention keys/values of the slot's audio, computed once
     (L decoder layers, S slots, H heads, T = n_text_ctx (448), A = n_audio_ctx (1500), Dh head size)
     """
 
-    self_k: torch.Tensor
-    self_v: torch.Tensor
+    self_kv: torch.Tensor
     cross_k: torch.Tensor
     cross_v: torch.Tensor
 
@@ -32,19 +33,34 @@ class KVCache:
         cls, dims: ModelDims, slots: int, *, dtype: torch.dtype, device: torch.device | str
     ) -> KVCache:
         heads, head_dim = dims.n_text_head, dims.n_text_state // dims.n_text_head
-        self_shape = (dims.n_text_layer, slots, heads, dims.n_text_ctx, head_dim)
+        self_shape = (dims.n_text_layer, slots, dims.n_text_ctx, 2, heads, head_dim)
         cross_shape = (dims.n_text_layer, slots, heads, dims.n_audio_ctx, head_dim)
         # zeros, not empty: a slot's unused positions are masked, but NaN garbage would still poison 0*NaN.
         return cls(
-            self_k=torch.zeros(self_shape, dtype=dtype, device=device),
-            self_v=torch.zeros(self_shape, dtype=dtype, device=device),
+            self_kv=torch.zeros(self_shape, dtype=dtype, device=device),
             cross_k=torch.zeros(cross_shape, dtype=dtype, device=device),
             cross_v=torch.zeros(cross_shape, dtype=dtype, device=device),
         )
 
     @property
     def slots(self) -> int:
-        return self.self_k.shape[1]
+        return self.self_kv.shape[1]
+
+    @property
+    def n_text_ctx(self) -> int:
+        return self.self_kv.shape[2]
+
+    def keys(self, layer: int, size: int, window: int) -> torch.Tensor:
+        """Self-attention keys of slots 0..size-1, positions 0..window-1: [size, H, window, Dh] (a view)."""
+        return self.self_kv[layer, :size, :window, 0].transpose(1, 2)
+
+    def values(self, layer: int, size: int, window: int) -> torch.Tensor:
+        return self.self_kv[layer, :size, :window, 1].transpose(1, 2)
+
+    def write_step(self, layer: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store one new key/value per slot: kv [B, 2*H*Dh] at flat rows `slot * T + position` [B]."""
+        flat = self.self_kv[layer].view(-1, *self.self_kv.shape[3:])  # [S*T, 2, H, Dh]
+        flat.index_copy_(0, rows, kv.view(kv.shape[0], *self.self_kv.shape[3:]))
 
     @staticmethod
     def bytes_per_slot(dims: ModelDims, dtype: torch.dtype) -> int:
@@ -53,8 +69,7 @@ class KVCache:
         return 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state * itemsize
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a slot's self-attention state up to `length` and its cross-attention state (beam forks)."""
-        self.self_k[:, dst, :, :length] = self.self_k[:, src, :, :length]
-        self.self_v[:, dst, :, :length] = self.self_v[:, src, :, :length]
+        """Copy a slot's self-attention state up to `length` and its cross-attention state (compaction)."""
+        self.self_kv[:, dst, :length] = self.self_kv[:, src, :length]
         self.cross_k[:, dst] = self.cross_k[:, src]
         self.cross_v[:, dst] = self.cross_v[:, src]

@@ -103,24 +103,22 @@ class DecoderBlock(nn.Module):
 
     def prefill(self, x: Tensor, layer: int, cache: KVCache, slots: Tensor) -> Tensor:
         # x: [B, P, D] prompt positions 0..P-1 of the sequences in `slots` [B]
-        p = x.shape[1]
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.attn_ln(x)).chunk(3, dim=-1))
-        cache.self_k[layer, slots, :, :p] = k
-        cache.self_v[layer, slots, :, :p] = v
+        b, p, d = x.shape
+        qkv = self.qkv(self.attn_ln(x))
+        cache.self_kv[layer, slots, :p] = qkv[..., d:].view(b, p, 2, self.heads, -1)
+        q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=p > 1)))
         x = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots])
         return self._mlp(x)
 
-    def step(self, x: Tensor, layer: int, cache: KVCache, positions: Tensor, visible: Tensor) -> Tensor:
-        # x: [B, 1, D] for slots 0..B-1; positions: [B]; visible: [B, 1, 1, W] keys each slot may see
-        b, window = x.shape[0], visible.shape[-1]
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.attn_ln(x)).chunk(3, dim=-1))
-        rows = torch.arange(b, device=x.device)
-        cache.self_k[layer, rows, :, positions] = k[:, :, 0]
-        cache.self_v[layer, rows, :, positions] = v[:, :, 0]
-        keys = cache.self_k[layer, :b, :, :window]
-        values = cache.self_v[layer, :b, :, :window]
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    def step(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor) -> Tensor:
+        # x: [B, 1, D] for slots 0..B-1; rows: [B] cache rows slot*T + position; mask: [B, 1, 1, W] additive
+        b, window, d = x.shape[0], mask.shape[-1], x.shape[-1]
+        qkv = self.qkv(self.attn_ln(x))  # [B, 1, 3D]
+        cache.write_step(layer, rows, qkv[:, 0, d:])
+        q = _split_heads(qkv[..., :d], self.heads)
+        keys, values = cache.keys(layer, b, window), cache.values(layer, b, window)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.out(_merge_heads(a))
         x = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
@@ -168,9 +166,12 @@ class Decoder(nn.Module):
         position are masked; `window` (≥ every position + 1) bounds how much of the cache is read."""
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
         keys = torch.arange(window, device=tokens.device)
-        visible = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, W]
+        hidden = (keys[None, :] > positions[:, None])[:, None, None, :]  # [B, 1, 1, W] keys not yet written
+        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
+        slots = torch.arange(tokens.shape[0], device=tokens.device)
+        rows = slots * cache.n_text_ctx + positions  # one flat cache row per slot, computed once per step
         for layer, block in enumerate(self.blocks):
-            x = block.step(x, layer, cache, positions, visible)
+            x = block.step(x, layer, cache, rows, mask)
         return self.logits(x)[:, 0]
 
 
