@@ -10,12 +10,13 @@ import json
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from halkspeech.bench.common import device_info, print_table
+from halkspeech.bench.common import device_info
 from halkspeech.bench.engine_bench import EngineBenchConfig, _features, run_engine_bench
 from halkspeech.bench.hf_baseline import HFWhisper
 from halkspeech.engine.batch import Admission, DecodeStep
@@ -67,7 +68,9 @@ def make_runner(model: Whisper, slots: int) -> tuple[Runner, TokenIds]:
 
 def fill(runner: Runner, feats: torch.Tensor, count: int, prompt: tuple[int, ...], sot: int) -> None:
     opts = SamplingOptions(max_new_tokens=400, force_length=True, timestamps=False)
-    adm = [Admission(i, DecodeRequest(feats[i % len(feats)], prompt, sot, opts), (i,), 0) for i in range(count)]
+    adm = [
+        Admission(i, DecodeRequest(feats[i % len(feats)], prompt, sot, opts), (i,), 0) for i in range(count)
+    ]
     for chunk in range(0, count, 64):
         runner.admit(adm[chunk : chunk + 64])
 
@@ -82,39 +85,61 @@ def probe_model(name: str) -> dict:
     with torch.inference_mode():
         ours_enc = model.encoder(feats[:4].half())
         hf_enc = hf.encode(feats[:4])
-        out["encoder_rel_err_vs_hf"] = ((ours_enc.float() - hf_enc.float()).norm() / hf_enc.float().norm()).item()
+        out["encoder_rel_err_vs_hf"] = (
+            (ours_enc.float() - hf_enc.float()).norm() / hf_enc.float().norm()
+        ).item()
         # greedy tokens: HF generate vs our runner, same windows, 24 tokens, eot suppressed in both
         hf_tokens = hf.generate(feats[:4], prompt, 24)[:, -24:].tolist()
         runner, ids = make_runner(model, 8)
         fill(runner, feats, 4, prompt, sot)
         ours_tokens = [[int(runner.state.tokens[i])] for i in range(4)]
         for _ in range(23):
-            o = runner.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=False, sampling=False))
+            o = runner.step(
+                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=False, sampling=False)
+            )
             for i in range(4):
                 ours_tokens[i].append(o.tokens[i])
-        same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
+        same = sum(
+            a == b for x, y in zip(ours_tokens, hf_tokens, strict=True) for a, b in zip(x, y, strict=True)
+        )
         out["greedy_tokens_equal_vs_hf"] = f"{same}/{4 * 24}"
         out["first_tokens"] = {"ours": ours_tokens[0][:8], "hf": hf_tokens[0][:8]}
         # graph replay equals eager step
         r2, _ = make_runner(model, 8)
         r2.graphs = None
         fill(r2, feats, 4, prompt, sot)
-        eager = [r2.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)).tokens for _ in range(5)]
+        eager = [
+            r2.step(
+                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)
+            ).tokens
+            for _ in range(5)
+        ]
         r3, _ = make_runner(model, 8)
         fill(r3, feats, 4, prompt, sot)
-        graph = [r3.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)).tokens for _ in range(5)]
+        graph = [
+            r3.step(
+                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)
+            ).tokens
+            for _ in range(5)
+        ]
         out["graph_equals_eager"] = eager == graph
         del r2, r3, runner
         # encoder timing per backend (ours) and HF's encoder
         enc = {}
         for b in (1, 16, 64):
             x = feats[:b].half()
-            enc[f"ours_b{b}_ms"] = cuda_ms(lambda x=x: model.encoder(x), repeats=5)
-            enc[f"hf_b{b}_ms"] = cuda_ms(lambda x=x: hf.encode(x), repeats=5)
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            enc[f"ours_b{b}_ms"] = cuda_ms(partial(model.encoder, x), repeats=5)
+            enc[f"hf_b{b}_ms"] = cuda_ms(partial(hf.encode, x), repeats=5)
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+        ):
             try:
                 with sdpa_kernel(backend):
-                    enc[f"ours_b64_{backend.name}_ms"] = cuda_ms(lambda: model.encoder(feats.half()), repeats=5)
+                    enc[f"ours_b64_{backend.name}_ms"] = cuda_ms(
+                        partial(model.encoder, feats.half()), repeats=5
+                    )
             except Exception as exc:
                 enc[f"ours_b64_{backend.name}_ms"] = repr(exc)[:80]
         out["encoder"] = enc

@@ -25,13 +25,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_explore import cuda_ms, fill, make_runner  # noqa: E402
-
-from halkspeech.bench.engine_bench import _features  # noqa: E402
-from halkspeech.engine.batch import DecodeStep  # noqa: E402
-from halkspeech.engine.runner import Runner  # noqa: E402
-from halkspeech.model.weights import random_weights  # noqa: E402
-from halkspeech.model.whisper import Whisper  # noqa: E402
+from gpu_explore import cuda_ms, fill, make_runner
+from halkspeech.bench.engine_bench import _features
+from halkspeech.engine.batch import DecodeStep
+from halkspeech.engine.runner import Runner
+from halkspeech.model.weights import random_weights
+from halkspeech.model.whisper import Whisper
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 DEV = torch.device("cuda")
@@ -172,8 +171,15 @@ def cross_attention() -> dict:
         q = torch.randn(b, 20, 1, 64, device=DEV, dtype=torch.float16)
         k = torch.randn(b, 20, 1500, 64, device=DEV, dtype=torch.float16)
         v = torch.randn_like(k)
-        res[f"b{b}_default_ms"] = cuda_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), repeats=30)
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        res[f"b{b}_default_ms"] = cuda_ms(
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), repeats=30
+        )
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        ):
             try:
                 with sdpa_kernel(backend):
                     res[f"b{b}_{backend.name}_ms"] = cuda_ms(
@@ -196,7 +202,9 @@ def main() -> None:
     section("F cross-attention q_len 1", cross_attention)
     section("E fp8 gemms", fp8_gemms)
     section("D compiled step turbo", lambda: step_times(ms["large-v3-turbo"], compile_step=True))
-    section("D compiled step large-v3", lambda: step_times(ms["large-v3"], compile_step=True, batches=(1, 64)))
+    section(
+        "D compiled step large-v3", lambda: step_times(ms["large-v3"], compile_step=True, batches=(1, 64))
+    )
 
 
 if __name__ == "__main__":

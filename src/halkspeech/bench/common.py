@@ -17,10 +17,18 @@ import torch
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count}
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "sms": props.multi_processor_count,
+        }
     else:
         info |= {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     return info
@@ -31,7 +39,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, *, repeats: int = 3, warmup: int = 1) -> list[float]:
+def timed(
+    fn: Callable[[], object], device: torch.device, *, repeats: int = 3, warmup: int = 1
+) -> list[float]:
     """Wall seconds of `fn()` after `warmup` untimed calls, synchronised with the device on both sides."""
     for _ in range(warmup):
         fn()
@@ -58,12 +68,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str = "") -> str:
+def print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str = ""
+) -> str:
     """Render rows as an aligned text table (columns: (key, header)); returns and prints it."""
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
+            return (
+                f"{value:,.3f}"
+                if abs(value) < 10
+                else f"{value:,.1f}"
+                if abs(value) < 1000
+                else f"{value:,.0f}"
+            )
         return "" if value is None else str(value)
 
     table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]

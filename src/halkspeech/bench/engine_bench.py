@@ -10,7 +10,8 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import torch
 
@@ -31,8 +32,8 @@ class EngineBenchConfig:
     tokens: int = 80
     repeats: int = 3
     compare_hf: bool = True
-    device: str = "cuda"
-    dtype: str = "float16"
+    device: Literal["cuda", "cpu"] = "cuda"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     max_encoder_batch: int = 64
     cuda_graphs: bool = True
     json_path: str | None = None
@@ -63,7 +64,9 @@ class OursRunner:
 
     def __call__(self, batch: int) -> None:
         handles = [
-            self.model.engine.submit(DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options))
+            self.model.engine.submit(
+                DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options)
+            )
             for i in range(batch)
         ]
         results = [h.result() for h in handles]
@@ -99,10 +102,14 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
         prompt, _ = hf.tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
         for batch in cfg.batches:
             try:
-                times = timed(lambda b=batch: hf.generate(features[:b], prompt, cfg.tokens), device, repeats=cfg.repeats)
+                times = timed(
+                    partial(hf.generate, features[:batch], prompt, cfg.tokens), device, repeats=cfg.repeats
+                )
                 rows.append(_row(name, "hf-transformers", batch, median(times), cfg.tokens))
             except torch.OutOfMemoryError:
-                rows.append({"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"})
+                rows.append(
+                    {"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"}
+                )
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
         weights = hf.weights()
@@ -119,7 +126,7 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
     try:
         run = OursRunner(model, features, cfg.tokens)
         for batch in cfg.batches:
-            times = timed(lambda b=batch: run(b), device, repeats=cfg.repeats)
+            times = timed(partial(run, batch), device, repeats=cfg.repeats)
             row = _row(name, "halkspeech", batch, median(times), cfg.tokens)
             row["slots"] = model.engine.runner.slots
             row["encode_ms"] = run.last_encode_ms

@@ -19,7 +19,7 @@ from halkspeech.model.weights import LoadedWeights
 def hf_config(dims: ModelDims, tokenizer: Tokenizer) -> Any:
     from transformers import WhisperConfig
 
-    return WhisperConfig(
+    return WhisperConfig(  # type: ignore[call-arg]
         vocab_size=dims.n_vocab,
         num_mel_bins=dims.n_mels,
         d_model=dims.n_audio_state,
@@ -44,7 +44,9 @@ def hf_config(dims: ModelDims, tokenizer: Tokenizer) -> Any:
 class HFWhisper:
     """A random-weight HF Whisper of a catalog shape on `device`, and the same weights for HalkSpeech."""
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0) -> None:
+    def __init__(
+        self, name: str, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0
+    ) -> None:
         from transformers import WhisperForConditionalGeneration
 
         self.name = name
@@ -54,7 +56,7 @@ class HFWhisper:
         torch.manual_seed(seed)
         with torch.device(device):
             model = WhisperForConditionalGeneration(hf_config(self.dims, self.tokenizer))
-        self.model = model.to(dtype=dtype).eval()
+        self.model = model.to(dtype=dtype).eval()  # type: ignore[call-arg]
 
     def weights(self) -> LoadedWeights:
         """The HF model's weights under OpenAI names (no copy: the tensors are shared)."""
@@ -67,7 +69,7 @@ class HFWhisper:
             source=f"random weights of {self.name}, shared with the HF peer (benchmarking only)",
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, features: torch.Tensor, prompt: tuple[int, ...], tokens: int) -> torch.Tensor:
         """Greedy decode exactly `tokens` tokens per window (min = max new tokens): [B, tokens]."""
         batch = features.shape[0]
@@ -80,6 +82,6 @@ class HFWhisper:
             do_sample=False,
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.encoder(features.to(self.model.dtype)).last_hidden_state

@@ -8,8 +8,10 @@ import gc
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import torch
 
@@ -32,8 +34,8 @@ class MixedConfig:
     rate: float = 0.0
     slots: int = 64
     max_encoder_batch: int = 64
-    device: str = "cuda"
-    dtype: str = "float16"
+    device: Literal["cuda", "cpu"] = "cuda"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     seed: int = 0
     json_path: str | None = None
 
@@ -49,7 +51,9 @@ def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:
     return arrivals, lengths
 
 
-def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], lengths: list[int]) -> dict[str, Any]:
+def _drive(
+    model: ModelEngine, features: torch.Tensor, arrivals: list[float], lengths: list[int]
+) -> dict[str, Any]:
     """Submit each request at its arrival time; record completion latencies."""
     tok = model.tokenizer
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
@@ -72,10 +76,12 @@ def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], le
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        options = SamplingOptions(max_new_tokens=length, force_length=True, timestamps=False, suppress_tokens=suppress)
+        options = SamplingOptions(
+            max_new_tokens=length, force_length=True, timestamps=False, suppress_tokens=suppress
+        )
         submitted[i] = time.perf_counter()
         handle = model.engine.submit(DecodeRequest(features[i % len(features)], prompt, sot, options))
-        handle.future.add_done_callback(lambda _f, i=i: finished(i))
+        handle.future.add_done_callback(partial(_done, finished, i))
     all_done.wait()
     latencies = [d - s for d, s in zip(done, submitted, strict=True)]
     wall = max(done) - start
@@ -88,6 +94,10 @@ def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], le
         "p95_s": percentile(latencies, 95),
         "steps": model.engine.stats.steps,
     }
+
+
+def _done(callback: Callable[[int], None], index: int, _future: object) -> None:
+    callback(index)
 
 
 def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:

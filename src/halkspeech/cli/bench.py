@@ -14,7 +14,9 @@ def _csv(kind: type) -> Any:
         try:
             return tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from exc
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}: {text!r}"
+            ) from exc
 
     return parse
 
@@ -27,8 +29,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     kinds = parser.add_subparsers(dest="bench", metavar="KIND", required=True)
 
-    engine = kinds.add_parser("engine", help="windows/s, tokens/s and RTFx per batch size, against HF transformers")
-    engine.add_argument("--models", type=_csv(str), default=("large-v3-turbo", "large-v3"), help="catalog shapes")
+    engine = kinds.add_parser(
+        "engine", help="windows/s, tokens/s and RTFx per batch size, against HF transformers"
+    )
+    engine.add_argument(
+        "--models", type=_csv(str), default=("large-v3-turbo", "large-v3"), help="catalog shapes"
+    )
     engine.add_argument("--batches", type=_csv(int), default=(1, 16, 64, 256))
     engine.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
     engine.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")

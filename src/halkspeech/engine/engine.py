@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -200,8 +201,28 @@ class Engine:
             finished = []
             for group in self.scheduler.running_groups():
                 self._fail(self.scheduler.abort(group), exc)
+        self._align(finished)
         for group in finished:
             self._complete(group)
+
+    def _align(self, finished: list[Group]) -> None:
+        """Word-timing passes for finished requests that asked for them, before their slots are reused."""
+        wanted = [g for g in finished if g.request.alignment_prompt is not None and g.finish != "cancelled"]
+        if not wanted:
+            return
+        eot = self.scheduler.eot
+        jobs = []
+        for group in wanted:
+            group.result = self.scheduler.result(group, 0.0)
+            text = tuple(t for t in group.result.tokens if t < eot)
+            prompt = group.request.alignment_prompt
+            assert prompt is not None
+            jobs.append((group.slots[0], prompt, text))
+        try:
+            for group, alignment in zip(wanted, self.runner.align(jobs), strict=True):
+                group.alignment = alignment
+        except Exception:  # timings are an extra: a failed pass leaves them out, the text still returns
+            log.exception("word-timing alignment failed")
 
     def _report_tokens(self) -> None:
         for group in self.scheduler.running_groups():
@@ -226,7 +247,10 @@ class Engine:
             return
         decode_ms = (time.perf_counter() - group.admitted) * 1000 if group.admitted else 0.0
         self.stats.completed += 1
-        handle.future.set_result(self.scheduler.result(group, decode_ms))
+        result = self.scheduler.result(group, decode_ms)
+        if group.alignment is not None:
+            result = dataclasses.replace(result, alignment=group.alignment)
+        handle.future.set_result(result)
 
     def _fail(self, group: Group, exc: BaseException) -> None:
         self.runner.release(group.slots)

@@ -98,6 +98,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         slots=slots,
         max_encoder_batch=settings.max_encoder_batch,
         cuda_graphs=graphs,
+        alignment_heads=weights.alignment_heads,
     )
     scheduler = Scheduler(
         slots,

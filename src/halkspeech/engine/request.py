@@ -68,8 +68,9 @@ class DecodeRequest:
     options: SamplingOptions = field(default_factory=SamplingOptions)
     detect_language: bool = False
     language_index: int | None = None
-    #: Return the cross-attention weights of the alignment heads over the final tokens (word timings).
-    want_alignment: bool = False
+    #: Word timings: after decoding, run `alignment_prompt` + the text tokens + end-of-text through the
+    #: decoder once more and return the alignment heads' cross-attention scores (None: no alignment).
+    alignment_prompt: tuple[int, ...] | None = None
     priority: int = 0  # lower runs first among waiting requests (live sessions use -1)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,21 @@ class DecodeRequest:
             raise InvalidRequest("sot_index outside the prompt")
         if self.detect_language and self.language_index is None and self.options.max_new_tokens > 0:
             raise InvalidRequest("language detection before decoding needs language_index")
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """What word timing needs from the decoder, for tokens = alignment_prompt + text + [end-of-text].
+
+    scores:      [heads, len(tokens), 1500] float32 scaled cross-attention scores q·k/√Dh (CPU)
+    text_probs:  probability of each text token given the ones before it (softmax over text tokens only)
+    text_tokens: the text tokens aligned (the result's tokens without timestamps)
+    """
+
+    scores: torch.Tensor
+    text_probs: tuple[float, ...]
+    text_tokens: tuple[int, ...]
+    prompt_len: int
 
 
 @dataclass(frozen=True)
@@ -92,8 +108,7 @@ class DecodeResult:
     temperature: float
     finish_reason: FinishReason
     language_probs: dict[str, float] | None = None
-    #: [heads, len(tokens) + 1, 1500] float32 cross-attention of the alignment heads (want_alignment only)
-    alignment: torch.Tensor | None = None
+    alignment: Alignment | None = None
     queue_ms: float = 0.0
     encode_ms: float = 0.0
     decode_ms: float = 0.0

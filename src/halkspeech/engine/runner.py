@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import fields
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.cuda_graphs import GraphCache
-from halkspeech.engine.request import SamplingOptions
+from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
 from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
@@ -33,9 +34,10 @@ class Runner:
         slots: int,
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
-        compile_step: bool = False,
+        alignment_heads: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.model = model
+        self.alignment_heads = alignment_heads
         self.ids = ids
         self.device = model.device
         self.dtype = model.dtype
@@ -50,14 +52,8 @@ class Runner:
             GraphCache(self._graph_body, self._snapshot, self._restore) if use_graphs else None
         )
         self.encoder_ms = 0.0
-        # torch.compile fuses the step's elementwise work (layer norms with residual adds, the GELU, the mask)
-        # into fewer kernels; the graph cache then captures the compiled step per shape.
-        self._step_core = self._decode_and_sample
-        if compile_step:
-            import torch._dynamo as dynamo
-
-            dynamo.config.cache_size_limit = 256
-            self._step_core = torch.compile(self._decode_and_sample, dynamic=False)  # type: ignore[assignment]
+        # (torch.compile of the step was measured and dropped: inductor functionalises the in-place cache
+        # writes and copies the whole cache each step, 56 ms a step for large-v3 on an H200.)
 
     @property
     def slots(self) -> int:
@@ -123,26 +119,41 @@ class Runner:
         rows = torch.arange(len(row_slots), device=self.device)
         logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
         heads = [row_of.index(i) for i in range(len(admissions))]
-        sot_index = torch.tensor([admissions[i].request.sot_index for i in range(len(admissions))], device=self.device)
+        sot_index = torch.tensor(
+            [admissions[i].request.sot_index for i in range(len(admissions))], device=self.device
+        )
         at_sot = self.model.decoder.logits(hidden[heads, sot_index][:, None])[:, 0]
         no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech].tolist()
 
-        self._reset_slots(slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1])
+        self._reset_slots(
+            slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1]
+        )
         view = self.state.rows(slots)
         timestamps = any(a.request.options.timestamps for a in admissions)
         sampling = any(a.request.options.temperature > 0 for a in admissions)
-        sampled, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
+        sampled, chosen, logprobs = self.sampler.sample(
+            logits, view, timestamps=timestamps, sampling=sampling
+        )
         self.sampler.advance(view, sampled)
         self._write_rows(slots, view)
         top_k = max(a.top_k for a in admissions)
         top_t, top_lp = logprobs.topk(top_k, dim=-1) if top_k else (sampled[:, None], chosen[:, None])
-        sampled_l, chosen_l, top_tl, top_lpl = sampled.tolist(), chosen.tolist(), top_t.tolist(), top_lp.tolist()
+        sampled_l, chosen_l, top_tl, top_lpl = (
+            sampled.tolist(),
+            chosen.tolist(),
+            top_t.tolist(),
+            top_lp.tolist(),
+        )
 
         results, start = [], 0
         for i, a in enumerate(admissions):
             span = range(start, start + len(a.slots))
             start += len(a.slots)
-            top = tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span) if a.top_k else ()
+            top = (
+                tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span)
+                if a.top_k
+                else ()
+            )
             results.append(
                 AdmitResult(
                     tokens=tuple(sampled_l[r] for r in span),
@@ -211,8 +222,8 @@ class Runner:
         return StepOutput(tuple(tokens.tolist()), tuple(chosen.tolist()), top)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
-        size, window, timestamps, sampling = key  # type: ignore[misc]
-        return self._step_core(size, window, timestamps, sampling)
+        size, window, timestamps, sampling = cast(StepKey, key)
+        return self._decode_and_sample(size, window, timestamps, sampling)
 
     def _decode_and_sample(
         self, size: int, window: int, timestamps: bool, sampling: bool
@@ -222,6 +233,42 @@ class Runner:
         tokens, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
         self.sampler.advance(view, tokens)
         return tokens, chosen, logprobs
+
+    # --- word-timing alignment -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def align(
+        self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]], chunk: int = 8
+    ) -> list[Alignment]:
+        """For each (slot, alignment prompt, text tokens) of a finished sequence whose slot still holds its
+        cross-attention keys/values: one teacher-forced pass over prompt + text + end-of-text."""
+        out: list[Alignment] = []
+        for start in range(0, len(jobs), chunk):
+            out.extend(self._align_chunk(jobs[start : start + chunk]))
+        return out
+
+    def _align_chunk(self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> list[Alignment]:
+        eot = self.ids.eot
+        sequences = [[*prompt, *text, eot] for _, prompt, text in jobs]
+        width = max(len(seq) for seq in sequences)
+        tokens = torch.tensor([seq + [eot] * (width - len(seq)) for seq in sequences], device=self.device)
+        slots = torch.tensor([slot for slot, _, _ in jobs], device=self.device)
+        hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
+        results = []
+        for i, (_, prompt, text) in enumerate(jobs):
+            n = len(sequences[i])
+            # position j predicts token j+1: the text tokens are predicted from positions len(prompt)-1 ..
+            logits = self.model.decoder.logits(hidden[i : i + 1, len(prompt) - 1 : n - 2])[0, :, :eot]
+            picked = torch.tensor(text, device=self.device, dtype=torch.long)
+            probs = logits.softmax(dim=-1).gather(1, picked[:, None])[:, 0] if text else logits.new_zeros(0)
+            results.append(
+                Alignment(
+                    scores=scores[i, :, :n].float().cpu(),
+                    text_probs=tuple(probs.tolist()),
+                    text_tokens=tuple(text),
+                    prompt_len=len(prompt),
+                )
+            )
+        return results
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""
@@ -254,7 +301,9 @@ class Runner:
 
     # --- graph support ---------------------------------------------------------------------------------
     def _snapshot(self) -> object:
-        return {f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"}
+        return {
+            f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"
+        }
 
     def _restore(self, saved: object) -> None:
         assert isinstance(saved, dict)

@@ -17,7 +17,7 @@ from typing import Any
 
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.beam import BeamSearch, rank
-from halkspeech.engine.request import DecodeRequest, DecodeResult, FinishReason
+from halkspeech.engine.request import Alignment, DecodeRequest, DecodeResult, FinishReason
 from halkspeech.errors import Overloaded
 
 
@@ -47,6 +47,8 @@ class Group:
     finish: FinishReason | None = None
     admitted: float = 0.0
     encode_ms: float = 0.0
+    result: DecodeResult | None = None
+    alignment: Alignment | None = None
 
     @property
     def live(self) -> list[Sequence]:

@@ -117,7 +117,9 @@ ALIGNMENT_HEADS: dict[str, tuple[tuple[int, int], ...]] = {
 def default_alignment_heads(dims: ModelDims) -> tuple[tuple[int, int], ...]:
     """Every head of the second half of the decoder: OpenAI's fallback when a checkpoint names none."""
     first = dims.n_text_layer // 2
-    return tuple((layer, head) for layer in range(first, dims.n_text_layer) for head in range(dims.n_text_head))
+    return tuple(
+        (layer, head) for layer in range(first, dims.n_text_layer) for head in range(dims.n_text_head)
+    )
 
 
 def canonical_name(name: str) -> str:

@@ -25,7 +25,10 @@ N_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 0.02 s steps
 @cache
 def _encoding(name: str, num_languages: int) -> tiktoken.Encoding:
     text = resources.files("halkspeech.model").joinpath("assets", f"{name}.tiktoken").read_text()
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines() if line)}
+    ranks = {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in text.splitlines() if line)
+    }
     specials = [
         "<|endoftext|>",
         "<|startoftranscript|>",
@@ -166,7 +169,28 @@ class Tokenizer:
         The same set as the reference: single-token symbols with or without a leading space, plus the first
         token of the musical-note symbols, plus " -" and " '"."""
         symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
-        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
+        symbols += [
+            "<<",
+            ">>",
+            "<<<",
+            ">>>",
+            "--",
+            "---",
+            "-(",
+            "-[",
+            "('",
+            '("',
+            "((",
+            "))",
+            "(((",
+            ")))",
+            "[[",
+            "]]",
+            "{{",
+            "}}",
+            "♪♪",
+            "♪♪♪",
+        ]
         notes = set("♩♪♫♬♭♮♯")
         result = {self.encode(" -")[0], self.encode(" '")[0]}
         for symbol in symbols + sorted(notes):

@@ -113,7 +113,9 @@ class WindowDecoder:
         o = self.options
         if o.force_decode_tokens:
             return False
-        too_repetitive = o.compression_ratio_threshold is not None and w.compression_ratio > o.compression_ratio_threshold
+        too_repetitive = (
+            o.compression_ratio_threshold is not None and w.compression_ratio > o.compression_ratio_threshold
+        )
         too_unlikely = o.logprob_threshold is not None and w.result.avg_logprob < o.logprob_threshold
         silence = (
             o.no_speech_threshold is not None
@@ -134,11 +136,17 @@ class SequentialTranscription:
     """The seek loop over one file."""
 
     def __init__(
-        self, model: ModelEngine, audio: np.ndarray, options: TranscribeOptions, progress: Progress | None
+        self,
+        model: ModelEngine,
+        audio: np.ndarray,
+        options: TranscribeOptions,
+        progress: Progress | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> None:
         self.model = model
         self.options = options
         self.progress = progress
+        self.on_segment = on_segment
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference).
@@ -185,6 +193,8 @@ class SequentialTranscription:
                     segment = self._segment(len(segments), previous_seek, piece, window)
                     segments.append(segment)
                     all_tokens.extend(segment.tokens)
+                    if self.on_segment and segment.text:
+                        self.on_segment(segment)
                 if not o.condition_on_previous_text or window.result.temperature > 0.5:
                     prompt_reset = len(all_tokens)
             if self.progress:
@@ -209,7 +219,11 @@ class SequentialTranscription:
         )
 
     def _transcript(
-        self, segments: list[Segment], tokens: list[int], language_probs: dict[str, float] | None, started: float
+        self,
+        segments: list[Segment],
+        tokens: list[int],
+        language_probs: dict[str, float] | None,
+        started: float,
     ) -> Transcript:
         t = self.decoder.timer
         return Transcript(

@@ -1,0 +1,55 @@
+"""Transcript → text, json, verbose_json (OpenAI's shapes), srt, vtt."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from halkspeech.model.languages import LANGUAGES
+from halkspeech.transcription.types import Transcript
+
+OutputFormat = Literal["text", "json", "verbose_json", "srt", "vtt"]
+FORMATS: tuple[str, ...] = ("text", "json", "verbose_json", "srt", "vtt")
+
+
+def timestamp(seconds: float, *, decimal: str = ".", always_hours: bool = True) -> str:
+    """12.345 → 00:00:12.345 (srt uses a comma; vtt may drop the hours)."""
+    millis = max(0, round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    head = f"{hours:02d}:" if always_hours or hours else ""
+    return f"{head}{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
+
+
+def as_json(transcript: Transcript) -> dict[str, Any]:
+    return {"text": transcript.text.strip()}
+
+
+def as_verbose_json(
+    transcript: Transcript, *, task: str = "transcribe", words: bool = False
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "task": task,
+        "language": LANGUAGES.get(transcript.language, transcript.language),
+        "duration": round(transcript.duration, 3),
+        "text": transcript.text.strip(),
+        "segments": [s.as_dict() for s in transcript.segments],
+    }
+    if words:
+        data["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in transcript.words]
+    return data
+
+
+def as_srt(transcript: Transcript) -> str:
+    cues = []
+    for i, segment in enumerate(transcript.segments, start=1):
+        span = f"{timestamp(segment.start, decimal=',')} --> {timestamp(segment.end, decimal=',')}"
+        cues.append(f"{i}\n{span}\n{segment.text.strip()}\n")
+    return "\n".join(cues)
+
+
+def as_vtt(transcript: Transcript) -> str:
+    cues = ["WEBVTT\n"]
+    for segment in transcript.segments:
+        cues.append(f"{timestamp(segment.start)} --> {timestamp(segment.end)}\n{segment.text.strip()}\n")
+    return "\n".join(cues)
