@@ -39,9 +39,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(
-    fn: Callable[[], object], device: torch.device, *, repeats: int = 3, warmup: int = 1
-) -> list[float]:
+def timed(fn: Callable[[], object], device: torch.device, *, repeats: int = 3, warmup: int = 1) -> list[float]:
     """Wall seconds of `fn()` after `warmup` untimed calls, synchronised with the device on both sides."""
     for _ in range(warmup):
         fn()
@@ -68,20 +66,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def print_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str = ""
-) -> str:
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str = "") -> str:
     """Render rows as an aligned text table (columns: (key, header)); returns and prints it."""
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return (
-                f"{value:,.3f}"
-                if abs(value) < 10
-                else f"{value:,.1f}"
-                if abs(value) < 1000
-                else f"{value:,.0f}"
-            )
+            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
         return "" if value is None else str(value)
 
     table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]

@@ -64,9 +64,7 @@ class OursRunner:
 
     def __call__(self, batch: int) -> None:
         handles = [
-            self.model.engine.submit(
-                DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options)
-            )
+            self.model.engine.submit(DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options))
             for i in range(batch)
         ]
         results = [h.result() for h in handles]
@@ -102,14 +100,10 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
         prompt, _ = hf.tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
         for batch in cfg.batches:
             try:
-                times = timed(
-                    partial(hf.generate, features[:batch], prompt, cfg.tokens), device, repeats=cfg.repeats
-                )
+                times = timed(partial(hf.generate, features[:batch], prompt, cfg.tokens), device, repeats=cfg.repeats)
                 rows.append(_row(name, "hf-transformers", batch, median(times), cfg.tokens))
             except torch.OutOfMemoryError:
-                rows.append(
-                    {"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"}
-                )
+                rows.append({"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"})
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
         weights = hf.weights()
@@ -166,7 +160,8 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         ("error", "note"),
     ]
     info = device_info(device)
-    title = f"Engine benchmark: {cfg.tokens} forced tokens per 30 s window, {cfg.dtype}, on {info.get('gpu', info['device'])}"
+    where = info.get("gpu", info["device"])
+    title = f"Engine benchmark: {cfg.tokens} forced tokens per 30 s window, {cfg.dtype}, on {where}"
     table = print_table(rows, columns, title=title)
     payload = {"config": cfg.__dict__, "device": info, "rows": rows, "table": table}
     write_json(cfg.json_path, payload)

@@ -44,9 +44,7 @@ def hf_config(dims: ModelDims, tokenizer: Tokenizer) -> Any:
 class HFWhisper:
     """A random-weight HF Whisper of a catalog shape on `device`, and the same weights for HalkSpeech."""
 
-    def __init__(
-        self, name: str, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0
-    ) -> None:
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0) -> None:
         from transformers import WhisperForConditionalGeneration
 
         self.name = name

@@ -51,9 +51,7 @@ def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:
     return arrivals, lengths
 
 
-def _drive(
-    model: ModelEngine, features: torch.Tensor, arrivals: list[float], lengths: list[int]
-) -> dict[str, Any]:
+def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], lengths: list[int]) -> dict[str, Any]:
     """Submit each request at its arrival time; record completion latencies."""
     tok = model.tokenizer
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
@@ -76,9 +74,7 @@ def _drive(
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        options = SamplingOptions(
-            max_new_tokens=length, force_length=True, timestamps=False, suppress_tokens=suppress
-        )
+        options = SamplingOptions(max_new_tokens=length, force_length=True, timestamps=False, suppress_tokens=suppress)
         submitted[i] = time.perf_counter()
         handle = model.engine.submit(DecodeRequest(features[i % len(features)], prompt, sot, options))
         handle.future.add_done_callback(partial(_done, finished, i))

@@ -170,9 +170,13 @@ class Engine:
                 self._handles[handle.group.rid] = handle
             except HalkSpeechError as exc:
                 handle.future.set_exception(exc)
-        elif kind == "cancel" and handle.group is not None and self.scheduler.cancel(handle.group):
-            if handle.group not in self.scheduler.running_groups():
-                self._complete(handle.group)  # it was still waiting; a running one ends at the next step
+        elif (
+            kind == "cancel"
+            and handle.group is not None
+            and self.scheduler.cancel(handle.group)
+            and handle.group not in self.scheduler.running_groups()
+        ):
+            self._complete(handle.group)  # it was still waiting; a running one ends at the next step
 
     def _iterate(self) -> None:
         finished: list[Group] = []

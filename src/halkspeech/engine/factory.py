@@ -107,7 +107,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         n_text_ctx=weights.dims.n_text_ctx,
         max_encoder_batch=settings.max_encoder_batch,
         max_queue=settings.max_queue,
-        batch_buckets=tuple(b for b in BATCH_BUCKETS if b < slots) + (slots,) if graphs else None,
+        batch_buckets=(*(b for b in BATCH_BUCKETS if b < slots), slots) if graphs else None,
         window_buckets=WINDOW_BUCKETS if graphs else None,
         static=static,
         admit_batch=settings.admit_batch,

@@ -119,21 +119,15 @@ class Runner:
         rows = torch.arange(len(row_slots), device=self.device)
         logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
         heads = [row_of.index(i) for i in range(len(admissions))]
-        sot_index = torch.tensor(
-            [admissions[i].request.sot_index for i in range(len(admissions))], device=self.device
-        )
+        sot_index = torch.tensor([admissions[i].request.sot_index for i in range(len(admissions))], device=self.device)
         at_sot = self.model.decoder.logits(hidden[heads, sot_index][:, None])[:, 0]
         no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech].tolist()
 
-        self._reset_slots(
-            slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1]
-        )
+        self._reset_slots(slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1])
         view = self.state.rows(slots)
         timestamps = any(a.request.options.timestamps for a in admissions)
         sampling = any(a.request.options.temperature > 0 for a in admissions)
-        sampled, chosen, logprobs = self.sampler.sample(
-            logits, view, timestamps=timestamps, sampling=sampling
-        )
+        sampled, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
         self.sampler.advance(view, sampled)
         self._write_rows(slots, view)
         top_k = max(a.top_k for a in admissions)
@@ -149,11 +143,7 @@ class Runner:
         for i, a in enumerate(admissions):
             span = range(start, start + len(a.slots))
             start += len(a.slots)
-            top = (
-                tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span)
-                if a.top_k
-                else ()
-            )
+            top = tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span) if a.top_k else ()
             results.append(
                 AdmitResult(
                     tokens=tuple(sampled_l[r] for r in span),
@@ -166,9 +156,7 @@ class Runner:
             )
         return results
 
-    def _reset_slots(
-        self, slots: Tensor, options: list[SamplingOptions], lengths: Tensor, last_tokens: Tensor
-    ) -> None:
+    def _reset_slots(self, slots: Tensor, options: list[SamplingOptions], lengths: Tensor, last_tokens: Tensor) -> None:
         """Fresh state for newly admitted slots: prompt's last token at position len-1, nothing sampled."""
         s, device = self.state, self.device
         s.tokens[slots] = last_tokens
@@ -236,9 +224,7 @@ class Runner:
 
     # --- word-timing alignment -------------------------------------------------------------------------
     @torch.inference_mode()
-    def align(
-        self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]], chunk: int = 8
-    ) -> list[Alignment]:
+    def align(self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]], chunk: int = 8) -> list[Alignment]:
         """For each (slot, alignment prompt, text tokens) of a finished sequence whose slot still holds its
         cross-attention keys/values: one teacher-forced pass over prompt + text + end-of-text."""
         out: list[Alignment] = []
@@ -301,9 +287,7 @@ class Runner:
 
     # --- graph support ---------------------------------------------------------------------------------
     def _snapshot(self) -> object:
-        return {
-            f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"
-        }
+        return {f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"}
 
     def _restore(self, saved: object) -> None:
         assert isinstance(saved, dict)

@@ -29,9 +29,7 @@ class KVCache:
     cross_v: torch.Tensor
 
     @classmethod
-    def allocate(
-        cls, dims: ModelDims, slots: int, *, dtype: torch.dtype, device: torch.device | str
-    ) -> KVCache:
+    def allocate(cls, dims: ModelDims, slots: int, *, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         heads, head_dim = dims.n_text_head, dims.n_text_state // dims.n_text_head
         self_shape = (dims.n_text_layer, slots, dims.n_text_ctx, 2, heads, head_dim)
         cross_shape = (dims.n_text_layer, slots, heads, dims.n_audio_ctx, head_dim)

@@ -45,9 +45,7 @@ class ModelDims:
         return asdict(self)
 
 
-def _dims(
-    state: int, heads: int, enc_layers: int, dec_layers: int, *, vocab: int, mels: int = 80
-) -> ModelDims:
+def _dims(state: int, heads: int, enc_layers: int, dec_layers: int, *, vocab: int, mels: int = 80) -> ModelDims:
     return ModelDims(
         n_mels=mels,
         n_audio_ctx=1500,
@@ -117,9 +115,7 @@ ALIGNMENT_HEADS: dict[str, tuple[tuple[int, int], ...]] = {
 def default_alignment_heads(dims: ModelDims) -> tuple[tuple[int, int], ...]:
     """Every head of the second half of the decoder: OpenAI's fallback when a checkpoint names none."""
     first = dims.n_text_layer // 2
-    return tuple(
-        (layer, head) for layer in range(first, dims.n_text_layer) for head in range(dims.n_text_head)
-    )
+    return tuple((layer, head) for layer in range(first, dims.n_text_layer) for head in range(dims.n_text_head))
 
 
 def canonical_name(name: str) -> str:

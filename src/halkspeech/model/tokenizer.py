@@ -25,10 +25,7 @@ N_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 0.02 s steps
 @cache
 def _encoding(name: str, num_languages: int) -> tiktoken.Encoding:
     text = resources.files("halkspeech.model").joinpath("assets", f"{name}.tiktoken").read_text()
-    ranks = {
-        base64.b64decode(token): int(rank)
-        for token, rank in (line.split() for line in text.splitlines() if line)
-    }
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines() if line)}
     specials = [
         "<|endoftext|>",
         "<|startoftranscript|>",

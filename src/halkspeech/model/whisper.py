@@ -283,9 +283,7 @@ def fuse_openai_state_dict(dims: ModelDims, sd: dict[str, Tensor]) -> dict[str, 
         lin(f"{dst}.fc1", f"{src}.mlp.0")
         lin(f"{dst}.fc2", f"{src}.mlp.2")
         v_bias = sd[f"{src}.cross_attn.value.bias"]
-        kv_weights.append(
-            torch.cat([sd[f"{src}.cross_attn.key.weight"], sd[f"{src}.cross_attn.value.weight"]])
-        )
+        kv_weights.append(torch.cat([sd[f"{src}.cross_attn.key.weight"], sd[f"{src}.cross_attn.value.weight"]]))
         kv_biases.append(torch.cat([torch.zeros_like(v_bias), v_bias]))
     out["decoder.cross_kv_weight"] = torch.stack(kv_weights)
     out["decoder.cross_kv_bias"] = torch.stack(kv_biases)
