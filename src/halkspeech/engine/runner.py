@@ -131,7 +131,10 @@ class Runner:
         self.sampler.advance(view, sampled)
         self._write_rows(slots, view)
         top_k = max(a.top_k for a in admissions)
-        top_t, top_lp = logprobs.topk(top_k, dim=-1) if top_k else (sampled[:, None], chosen[:, None])
+        if top_k:
+            top_lp, top_t = logprobs.topk(top_k, dim=-1)  # (values, indices)
+        else:
+            top_t, top_lp = sampled[:, None], chosen[:, None]
         sampled_l, chosen_l, top_tl, top_lpl = (
             sampled.tolist(),
             chosen.tolist(),

@@ -25,6 +25,7 @@ class TokenIds:
     eot: int
     sot: int
     timestamp_begin: int
+    no_timestamps: int
     no_speech: int
     blank: tuple[int, ...]  # suppressed as a first token: " " and end-of-text
     language_tokens: tuple[int, ...]
@@ -37,6 +38,7 @@ class TokenIds:
             eot=tokenizer.eot,
             sot=tokenizer.sot,
             timestamp_begin=tokenizer.timestamp_begin,
+            no_timestamps=tokenizer.no_timestamps,
             no_speech=tokenizer.no_speech,
             blank=(*tokenizer.encode(" "), tokenizer.eot),
             language_tokens=tokenizer.language_tokens,
@@ -142,11 +144,12 @@ class ForceLength(LogitPolicy):
 class TimestampRules(LogitPolicy):
     """Timestamps come in pairs (except right before end-of-text), never decrease, the first token is a
     timestamp no later than `max_initial`, and a timestamp is forced when timestamps are jointly more
-    likely than any single text token."""
+    likely than any single text token. <|notimestamps|> is never sampled in timestamp mode."""
 
     def __init__(self, ids: TokenIds, device: torch.device) -> None:
         self.ts = ids.timestamp_begin
         self.eot = ids.eot
+        self.no_timestamps = ids.no_timestamps
         self.column = torch.arange(ids.vocab, device=device)[None, :]  # [1, V]
 
     def apply(self, logits: Tensor, state: SlotState) -> None:
@@ -161,7 +164,7 @@ class TimestampRules(LogitPolicy):
         monotonic = (state.last_ts >= 0)[:, None] & is_ts_col & (col < floor[:, None])
         first = (state.n_gen == 0)[:, None]
         initial = first & ((col < ts) | (col > state.max_initial[:, None]))
-        logits.masked_fill_(on & (pair_mask | monotonic | initial), NEG_INF)
+        logits.masked_fill_(on & (pair_mask | monotonic | initial | (col == self.no_timestamps)), NEG_INF)
         logprobs = torch.log_softmax(logits, dim=-1)
         ts_mass = torch.logsumexp(logprobs[:, ts:], dim=-1)
         max_text = logprobs[:, :ts].max(dim=-1).values

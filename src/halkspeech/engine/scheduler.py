@@ -104,7 +104,9 @@ class Scheduler:
         return group
 
     def cancel(self, group: Group) -> bool:
-        """Drop a waiting group or stop a running one; returns False if it already finished."""
+        """Drop a waiting group or stop a running one at once (its slots are free when this returns).
+
+        Call between steps only (the engine thread does). Returns False if it had already finished."""
         if group.finish is not None:
             return False
         for i, (_, _, waiting) in enumerate(self._waiting):
@@ -114,9 +116,7 @@ class Scheduler:
                 group.finish = "cancelled"
                 return True
         if group.rid in self._running:
-            group.finish = "cancelled"
-            for seq in group.seqs:
-                seq.done = True
+            self.abort(group)
             return True
         return False
 
@@ -220,7 +220,7 @@ class Scheduler:
         """Append each active slot's token; returns the groups that finished."""
         finished: list[Group] = []
         for group in list(self._running.values()):
-            if group.finish == "cancelled" or not group.live:
+            if not group.live:
                 finished.append(self._finish(group))
                 continue
             if group.beam is not None:
@@ -272,6 +272,8 @@ class Scheduler:
         self._running.pop(group.rid, None)
         for slot in group.slots:
             heapq.heappush(self._free, slot)
+        # a beam group stopped early must not leave reorders behind for slots that get reassigned
+        self._pending_updates = [u for u in self._pending_updates if u.slot not in group.slots]
         if group.finish is None:
             group.finish = self._reason(group)
         return group

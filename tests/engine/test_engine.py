@@ -1,0 +1,175 @@
+"""The engine on the CPU with the real tiny.en weights: batching, slot reuse, cancellation, beam search."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import whisper
+from whisper.model import ModelDimensions
+from whisper.model import Whisper as Reference
+
+from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
+from halkspeech.errors import Cancelled, Overloaded
+from halkspeech.model.weights import LoadedWeights
+
+TEST_DATA = Path(__file__).resolve().parents[1] / "data"
+CLIPS = ("jfk.flac", "LJ001-0002.wav", "1089-134691-0000.flac", "test_de.wav")
+
+
+@pytest.fixture(scope="module")
+def windows() -> list[torch.Tensor]:
+    """The first 30 s log-mel window of each committed clip: [80, 3000] each."""
+    out = []
+    for name in CLIPS:
+        audio = decode_audio(TEST_DATA / name)
+        out.append(pad_or_trim(log_mel_spectrogram(audio, 80, padding=480_000)[:, :3000], 3000))
+    return out
+
+
+@pytest.fixture
+def small_engine(tiny_en_weights: LoadedWeights) -> Iterator[ModelEngine]:
+    """Two slots only, so six requests must reuse them."""
+    model = start_engine(tiny_en_weights, EngineSettings(device="cpu", max_slots=2, max_queue=8))
+    yield model
+    model.close()
+
+
+def make_request(model: ModelEngine, mel: torch.Tensor, **options: object) -> DecodeRequest:
+    tok = model.tokenizer
+    prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=True)
+    sampling = SamplingOptions(suppress_tokens=tok.suppress_tokens(), **options)  # type: ignore[arg-type]
+    return DecodeRequest(mel, prompt, sot, sampling)
+
+
+def decode_alone(model: ModelEngine, mel: torch.Tensor, **options: object) -> DecodeResult:
+    return model.engine.submit(make_request(model, mel, **options)).result(timeout=120)
+
+
+def test_batched_results_equal_one_at_a_time(tiny_en_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    alone = [decode_alone(tiny_en_engine, mel).tokens for mel in windows]
+    steps_before = tiny_en_engine.engine.stats.steps
+    handles = [tiny_en_engine.engine.submit(make_request(tiny_en_engine, mel)) for mel in windows * 2]
+    together = [h.result(timeout=120).tokens for h in handles]
+    assert together == alone * 2
+    text = tiny_en_engine.tokenizer.decode(list(alone[0]))
+    assert "ask not what your country can do for you" in text
+    # eight windows decoded together take about as many steps as the longest one, not the sum
+    assert tiny_en_engine.engine.stats.steps - steps_before < sum(len(t) for t in alone)
+    assert max(tiny_en_engine.engine.stats.decode_batches) > 1
+
+
+def test_slots_are_reused(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    expected = [decode_alone(small_engine, mel).tokens for mel in windows[:3]]
+    handles = [small_engine.engine.submit(make_request(small_engine, mel)) for mel in windows[:3] * 2]
+    assert [h.result(timeout=120).tokens for h in handles] == expected * 2
+    assert small_engine.engine.running == 0 and small_engine.engine.queue_depth == 0
+
+
+def test_queue_limit_answers_at_once(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    long = {"max_new_tokens": 200, "force_length": True, "timestamps": False}
+    handles = []
+    with pytest.raises(Overloaded):
+        for _ in range(20):
+            handles.append(small_engine.engine.submit(make_request(small_engine, windows[0], **long)))
+    for handle in handles:
+        handle.cancel()
+    for handle in handles:
+        with pytest.raises(Cancelled):
+            handle.result(timeout=60)
+
+
+def test_cancel_frees_the_slot(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    engine = small_engine.engine
+    long = {"max_new_tokens": 220, "force_length": True, "timestamps": False}
+    running = [engine.submit(make_request(small_engine, windows[0], **long)) for _ in range(2)]
+    waiting = engine.submit(make_request(small_engine, windows[1]))
+    _wait_for(lambda: engine.running == 2)
+    for handle in running:
+        handle.cancel()
+    for handle in running:
+        with pytest.raises(Cancelled):
+            handle.result(timeout=60)
+    # the waiting request got a freed slot and completed normally
+    assert "modern" in small_engine.tokenizer.decode(list(waiting.result(timeout=60).tokens))
+    _wait_for(lambda: engine.running == 0)
+    assert engine.stats.cancelled >= 2
+
+
+def test_beam_search_matches_reference(
+    tiny_en_engine: ModelEngine, tiny_en_weights: LoadedWeights, windows: list[torch.Tensor]
+) -> None:
+    reference = Reference(ModelDimensions(**tiny_en_weights.dims.as_dict()))
+    reference.load_state_dict({k: v.float() for k, v in tiny_en_weights.state_dict.items()})
+    reference.eval()
+    for mel in windows[:3]:
+        expected = whisper.decode(reference, mel, whisper.DecodingOptions(beam_size=5, fp16=False, language="en"))
+        ours = decode_alone(tiny_en_engine, mel, beam_size=5)
+        assert list(ours.tokens) == expected.tokens
+        assert ours.avg_logprob == pytest.approx(expected.avg_logprob, abs=1e-4)
+
+
+def test_sampling_best_of(tiny_en_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    result = decode_alone(tiny_en_engine, windows[0], temperature=0.6, best_of=3)
+    assert result.temperature == 0.6 and len(result.tokens) > 5
+    assert -5 < result.avg_logprob < 0
+
+
+def test_tokens_stream_as_they_are_decoded(tiny_en_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    seen: list[int] = []
+    handle = tiny_en_engine.engine.submit(make_request(tiny_en_engine, windows[0]), on_tokens=seen.extend)
+    result = handle.result(timeout=60)
+    assert tuple(seen) == result.tokens  # every token, in order, end-of-text excluded
+
+
+def test_a_failed_step_fails_its_requests_not_the_engine(
+    small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = small_engine.engine.runner
+    real_step = runner.step
+    calls = {"n": 0}
+
+    def flaky(step):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device fault")
+        return real_step(step)
+
+    monkeypatch.setattr(runner, "step", flaky)
+    first = small_engine.engine.submit(make_request(small_engine, windows[0]))
+    with pytest.raises(RuntimeError, match="simulated device fault"):
+        first.result(timeout=60)
+    second = decode_alone(small_engine, windows[1])
+    assert "modern" in small_engine.tokenizer.decode(list(second.tokens))
+    assert small_engine.engine.alive
+
+
+def test_language_detection_matches_reference(base_engine: ModelEngine, base_weights: LoadedWeights) -> None:
+    reference = Reference(ModelDimensions(**base_weights.dims.as_dict()))
+    reference.load_state_dict({k: v.float() for k, v in base_weights.state_dict.items()})
+    reference.eval()
+    tok = base_engine.tokenizer
+    for name, code in (("test_de.wav", "de"), ("jfk.flac", "en")):
+        audio = decode_audio(TEST_DATA / name)
+        mel = pad_or_trim(log_mel_spectrogram(audio, 80, padding=480_000)[:, :3000], 3000)
+        _, expected = reference.detect_language(mel)
+        prompt, sot = tok.decoder_prompt("en", "transcribe")
+        request = DecodeRequest(mel, prompt, sot, SamplingOptions(max_new_tokens=0), detect_language=True)
+        result = base_engine.engine.submit(request).result(timeout=60)
+        assert result.language == code and result.finish_reason == "detected"
+        assert result.language_probs is not None
+        assert result.language_probs[code] == pytest.approx(expected[code], abs=1e-4)
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)

@@ -1,0 +1,171 @@
+"""The scheduler alone (no model): admission, slot allocation, compaction, finishing, cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halkspeech.engine.batch import AdmitResult, StepOutput
+from halkspeech.engine.beam import BeamSearch, rank
+from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.engine.scheduler import Scheduler
+from halkspeech.errors import Overloaded
+
+EOT, TS = 50256, 50363
+FEATURES = torch.zeros(80, 3000)
+
+
+def request(max_new: int = 10, *, beam: int = 1, priority: int = 0) -> DecodeRequest:
+    options = SamplingOptions(max_new_tokens=max_new, beam_size=beam, timestamps=False)
+    return DecodeRequest(FEATURES, (50257, 50362), 0, options, priority=priority)
+
+
+def admit_all(s: Scheduler, first_token: int = 5) -> list[int]:
+    """Admit what fits; every slot's first token is `first_token`. Returns the admitted groups' rids."""
+    admitted = s.schedule_admission()
+    for a in admitted:
+        result = AdmitResult(
+            tokens=(first_token,) * len(a.slots),
+            logprobs=(-0.1,) * len(a.slots),
+            top=tuple(((first_token, 6, EOT), (-0.1, -1.0, -2.0)) for _ in a.slots),
+            no_speech_prob=0.0,
+            language_probs=None,
+            prompt=a.request.prompt,
+        )
+        s.record_admission(a, result, encode_ms=1.0)
+    return [a.rid for a in admitted]
+
+
+def step(s: Scheduler, token_of: dict[int, int] | None = None, default: int = 7) -> list[int]:
+    """One decode step where slot i samples token_of.get(i, default); returns the finished rids."""
+    plan = s.schedule_decode()
+    assert plan is not None
+    tokens = tuple((token_of or {}).get(i, default) for i in range(plan.size))
+    top = {slot: ((default, 8, EOT), (-0.1, -2.0, -3.0)) for slot in plan.top_slots}
+    return [g.rid for g in s.record_step(plan, StepOutput(tokens, (-0.5,) * plan.size, top))]
+
+
+def scheduler(slots: int = 4, **kwargs: object) -> Scheduler:
+    return Scheduler(slots, eot=EOT, timestamp_begin=TS, **kwargs)  # type: ignore[arg-type]
+
+
+def test_admits_what_fits_lowest_slots_first() -> None:
+    s = scheduler(slots=3)
+    for _ in range(5):
+        s.add(request(), None)
+    assert admit_all(s) == [0, 1, 2]
+    plan = s.schedule_decode()
+    assert plan is not None and plan.active == (0, 1, 2) and plan.size == 3
+    assert s.queue_depth == 2
+
+
+def test_a_finished_sequence_frees_its_slot_at_once() -> None:
+    s = scheduler(slots=2)
+    for _ in range(3):
+        s.add(request(), None)
+    admit_all(s)
+    finished = step(s, {0: EOT})
+    assert finished == [0]
+    assert admit_all(s) == [2]  # the third request takes slot 0 at the next boundary
+    plan = s.schedule_decode()
+    assert plan is not None and plan.active == (0, 1)
+
+
+def test_max_new_tokens_and_forced_length() -> None:
+    s = scheduler(slots=2)
+    s.add(request(max_new=3), None)
+    forced = DecodeRequest(FEATURES, (1, 2), 0, SamplingOptions(max_new_tokens=3, force_length=True))
+    s.add(forced, None)
+    admit_all(s, first_token=EOT)  # the forced one must not stop at end-of-text
+    assert s.running == 1
+    assert step(s, default=EOT) == []
+    assert step(s, default=EOT) == [1]
+
+
+def test_priority_requests_jump_the_queue() -> None:
+    s = scheduler(slots=1)
+    for _ in range(3):
+        s.add(request(), None)
+    s.add(request(priority=-1), None)
+    assert admit_all(s) == [3]
+
+
+def test_queue_limit_raises_overloaded() -> None:
+    s = scheduler(slots=1, max_queue=2)
+    s.add(request(), None)
+    s.add(request(), None)
+    with pytest.raises(Overloaded):
+        s.add(request(), None)
+
+
+def test_cancel_waiting_and_running() -> None:
+    s = scheduler(slots=1)
+    running = s.add(request(max_new=100), None)
+    waiting = s.add(request(), None)
+    admit_all(s)
+    assert s.cancel(waiting) and s.queue_depth == 0
+    assert s.cancel(running)  # stopped at once, between steps: its slot is free again
+    assert not s.has_work and s.schedule_decode() is None
+    assert not s.cancel(running)  # a second cancel is a no-op
+
+
+def test_compaction_moves_high_slots_down() -> None:
+    s = scheduler(slots=16, batch_buckets=(1, 2, 4, 8, 16))
+    for _ in range(9):
+        s.add(request(max_new=50), None)
+    admit_all(s)  # slots 0..8 → bucket 16
+    tokens = dict.fromkeys(range(8), EOT)  # everything but slot 8 ends
+    step(s, tokens)
+    plan = s.schedule_decode()
+    assert plan is not None
+    assert [(m.source, m.dest) for m in plan.moves] == [(8, 0)]
+    assert plan.active == (0,) and plan.size == 1
+
+
+def test_static_batching_waits_for_the_whole_batch() -> None:
+    s = scheduler(slots=2, static=True)
+    for _ in range(4):
+        s.add(request(max_new=5), None)
+    admit_all(s)
+    step(s, {0: EOT})
+    assert s.schedule_admission() == []  # slot 0 is free, but the batch is not over
+    step(s, {1: EOT})
+    assert len(s.schedule_admission()) == 2
+
+
+def test_admission_waits_to_gather_an_encoder_batch() -> None:
+    s = scheduler(slots=8, admit_batch=3, admit_wait_s=60.0)
+    s.add(request(max_new=50), None)
+    admit_all(s)
+    s.add(request(), None)
+    assert s.schedule_admission() == []  # one window waiting while others decode: wait for company
+    s.add(request(), None)
+    s.add(request(), None)
+    assert len(s.schedule_admission()) == 3
+
+
+def test_beam_group_reorders_slots() -> None:
+    s = scheduler(slots=4)
+    s.add(request(max_new=4, beam=2), None)
+    admit_all(s)
+    plan = s.schedule_decode()
+    assert plan is not None and plan.top_slots == (0, 1) and plan.top_k == 3
+    assert {u.slot for u in plan.updates} == {0, 1}
+
+
+def test_beam_search_matches_reference_bookkeeping() -> None:
+    beam = BeamSearch(beam_size=2, eot=EOT, patience=1.0)
+    # first step: identical beams, candidates dedupe
+    assert not beam.step([[1, 2, EOT], [1, 2, EOT]], [[-0.1, -0.5, -3.0], [-0.1, -0.5, -3.0]])
+    assert [b.tokens for b in beam.beams] == [(1,), (2,)]
+    # second step: the best candidate ends, the rest continue
+    done = beam.step([[EOT, 3, 4], [5, EOT, 6]], [[-0.1, -2.0, -2.5], [-0.3, -0.4, -5.0]])
+    assert (1, EOT) in beam.finished and (2, EOT) in beam.finished and done
+    tokens, logprob = beam.best(None)
+    assert tokens == (1,) and logprob == pytest.approx(-0.2)
+
+
+def test_rank_uses_length_normalisation() -> None:
+    candidates = [((1, 2, 3, 4), -2.0), ((1,), -1.0)]
+    assert rank(candidates, None) == 0  # -0.5 per token beats -1.0
+    assert rank(candidates, 1.0) == 1  # Google NMT: ((5 + 4) / 6) ** 1 = 1.5, so -2 / 1.5 < -1
