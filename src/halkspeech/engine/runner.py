@@ -20,6 +20,7 @@ from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
 from halkspeech.model.cache import KVCache
+from halkspeech.model.fp8 import Fp8Encoder
 from halkspeech.model.whisper import Whisper
 
 StepKey = tuple[int, int, bool, bool]  # (size, window, timestamps, sampling)
@@ -35,14 +36,20 @@ class Runner:
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
         alignment_heads: tuple[tuple[int, int], ...] = (),
+        fp8: bool = False,
+        fp8_min_batch: int = 8,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
+        # FP8 mode: e4m3 encoder GEMMs for batches of at least fp8_min_batch windows (below that the quantiser
+        # launches cost more than the GEMMs save), and an e4m3 cross-attention cache.
+        self.fp8_encoder = Fp8Encoder(model.encoder) if fp8 else None
+        self.fp8_min_batch = fp8_min_batch
         self.ids = ids
         self.device = model.device
         self.dtype = model.dtype
         self.max_encoder_batch = max_encoder_batch
-        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device)
+        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device, cross_fp8=fp8)
         self.state = SlotState.allocate(slots, model.dims.n_vocab, self.device)
         self.sampler = Sampler(ids, self.device)
         self._language_columns = torch.tensor(ids.language_tokens, dtype=torch.long, device=self.device)
@@ -69,8 +76,7 @@ class Runner:
         self.model.decoder.fill_cross(audio, self.cache, first)
         for a in admissions:
             for slot in a.slots[1:]:  # beams and samples share their window's keys/values
-                self.cache.cross_k[:, slot] = self.cache.cross_k[:, a.slots[0]]
-                self.cache.cross_v[:, slot] = self.cache.cross_v[:, a.slots[0]]
+                self.cache.copy_cross(a.slots[0], slot)
         self._sync()
         encode_ms = (time.perf_counter() - started) * 1000
         prompts, languages = self._detect_languages(admissions, first)
@@ -79,7 +85,12 @@ class Runner:
     def encode(self, features: Tensor) -> Tensor:
         """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D], in encoder batches."""
         features = features.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        return torch.cat([self.model.encoder(chunk) for chunk in features.split(self.max_encoder_batch)])
+        return torch.cat([self._encode(chunk) for chunk in features.split(self.max_encoder_batch)])
+
+    def _encode(self, chunk: Tensor) -> Tensor:
+        if self.fp8_encoder is not None and chunk.shape[0] >= self.fp8_min_batch:
+            return self.fp8_encoder(chunk)
+        return self.model.encoder(chunk)
 
     def _detect_languages(
         self, admissions: Sequence[Admission], first: Tensor

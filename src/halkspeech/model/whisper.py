@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
+from halkspeech.model.kernels.decode_attention import decode_attention
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
@@ -122,7 +123,7 @@ class DecoderBlock(nn.Module):
         cache.self_kv[layer, slots, :p] = qkv[..., d:].view(b, p, 2, self.heads, -1)
         q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=p > 1)))
-        x, scores = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots], scores_of)
+        x, scores = self._cross(x, *cache.cross(layer, slots, x.dtype), scores_of)
         return self._mlp(x), scores
 
     def step(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor) -> Tensor:
@@ -134,7 +135,13 @@ class DecoderBlock(nn.Module):
         keys, values = cache.keys(layer, b, window), cache.values(layer, b, window)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.out(_merge_heads(a))
-        x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
+        if cache.cross_k_scale is not None and cache.cross_v_scale is not None:  # FP8 cache: one query each
+            q = self.cross_q(self.cross_ln(x)).view(b, self.heads, -1)  # [B, H, Dh]
+            k, v = cache.cross_k[layer, :b], cache.cross_v[layer, :b]
+            a = decode_attention(q, k, cache.cross_k_scale[layer, :b], v, cache.cross_v_scale[layer, :b])
+            x = x + self.cross_out(a.view(b, 1, d))
+        else:
+            x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
 
 
@@ -161,11 +168,11 @@ class Decoder(nn.Module):
     def fill_cross(self, audio: Tensor, cache: KVCache, slots: Tensor) -> None:
         """Compute each layer's cross-attention keys/values of `audio` [B, A, D] into `slots` [B]."""
         heads = self.dims.n_text_head
+        audio = audio.to(self.cross_kv_weight.dtype)
         for layer in range(self.dims.n_text_layer):
             kv = F.linear(audio, self.cross_kv_weight[layer], self.cross_kv_bias[layer])  # [B, A, 2D]
             k, v = kv.chunk(2, dim=-1)
-            cache.cross_k[layer, slots] = _split_heads(k, heads)
-            cache.cross_v[layer, slots] = _split_heads(v, heads)
+            cache.store_cross(layer, slots, _split_heads(k, heads), _split_heads(v, heads))
 
     def prefill(self, tokens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
         """Prompt tokens [B, P] (right-padded) into `slots`; returns hidden states [B, P, D].

@@ -1,0 +1,264 @@
+"""Several models loaded at once, chosen per request by name.
+
+A model loads on first use (or at start: `preload`), in a worker thread, once per name however many requests
+ask for it together; it is unloaded after `server.model_ttl_s` seconds without use (-1: never). OpenAI
+clients name models like `whisper-1`: that and an empty name mean the default model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from halkspeech.config import Settings
+from halkspeech.engine.factory import ModelEngine, resolve_device, resolve_dtype, start_engine
+from halkspeech.errors import HalkSpeechError, ModelLoadError, ModelNotFound
+from halkspeech.model.dims import KNOWN_DIMS, canonical_name
+from halkspeech.model.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+#: Names that mean "the default model" (OpenAI's only model id, and what clients send when they omit it).
+DEFAULT_ALIASES = frozenset({"", "default", "whisper-1"})
+RANDOM_PREFIX = "random:"
+
+Loader = Callable[[str], ModelEngine]  # pool key -> a started engine (runs in a worker thread)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A snapshot of one loaded model, for /health and /v1/models."""
+
+    name: str
+    model: ModelEngine
+    loaded_at: float  # time.time() when it finished loading
+    idle_s: float  # seconds since it was last used
+    users: int  # requests holding it now
+
+
+@dataclass
+class _Entry:
+    model: ModelEngine
+    loaded_at: float
+    last_used: float  # monotonic
+    users: int = 0
+
+    @property
+    def busy(self) -> bool:
+        engine = self.model.engine
+        return self.users > 0 or engine.running > 0 or engine.queue_depth > 0
+
+
+class ModelPool:
+    """Loaded models by name; `get` loads on demand, a reaper task unloads idle ones."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, *, loader: Loader | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._loader = loader or self._load_weights_and_start
+        self._entries: dict[str, _Entry] = {}
+        self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+        server = settings.server
+        self.configured = tuple(
+            dict.fromkeys(self.key(n) for n in (settings.model.default, *server.models, *server.preload))
+        )
+
+    # --- names -----------------------------------------------------------------------------------------
+    @property
+    def default(self) -> str:
+        return self.key(self.settings.model.default)
+
+    def key(self, name: str | None) -> str:
+        """The pool's name for a requested model: aliases → the default; catalog spellings → catalog names."""
+        text = (name or "").strip()
+        if text.lower() in DEFAULT_ALIASES:
+            text = self.settings.model.default.strip()
+        if text.startswith(RANDOM_PREFIX):
+            return RANDOM_PREFIX + canonical_name(text.removeprefix(RANDOM_PREFIX))
+        if "/" in text or "\\" in text or text.startswith((".", "~")):
+            return text  # a path or a hub repo: the registry resolves it
+        return canonical_name(text)
+
+    def offered(self, key: str) -> bool:
+        """Whether a request may load `key`: configured, loaded, a catalog name or already in the cache."""
+        if key in self._entries or key in self.configured or key in KNOWN_DIMS:
+            return True
+        if key.startswith(RANDOM_PREFIX) or "\\" in key or key.startswith((".", "~", "/")):
+            return False
+        return key.count("/") <= 1 and cached_path(self.settings, key).is_dir()
+
+    def _check(self, name: str | None, key: str, *, fetch: bool) -> None:
+        if self.offered(key):
+            return
+        fetchable = fetch and not key.startswith((RANDOM_PREFIX, ".", "~", "/")) and key.count("/") <= 1
+        if not fetchable:
+            offered = ", ".join(self.configured)
+            raise ModelNotFound(
+                f"model {name!r} is not available here; this server offers {offered} and the catalog models "
+                f"({', '.join(n for n in KNOWN_DIMS if canonical_name(n) == n)})"
+            )
+
+    # --- getting and loading ---------------------------------------------------------------------------
+    async def get(self, name: str | None = None, *, fetch: bool = False) -> ModelEngine:
+        """The engine for `name`, loading it first if needed (ModelNotFound, ModelLoadError).
+
+        `fetch` also allows hub repositories (`owner/name`) that are neither configured nor cached."""
+        if self._closed:
+            raise ModelLoadError("the server is shutting down")
+        key = self.key(name)
+        entry = self._entries.get(key)
+        if entry is not None and entry.model.engine.alive:
+            entry.last_used = time.monotonic()
+            return entry.model
+        if entry is not None:  # its engine loop died: replace it
+            log.warning("engine of model %s is not running; loading it again", key)
+            await self.unload(key)
+        self._check(name, key, fetch=fetch)
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key), name=f"load {key}")
+            self._loading[key] = task
+            task.add_done_callback(self._loaded_callback(key))
+        return await asyncio.shield(task)  # a cancelled caller leaves the load running for the others
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str | None = None) -> AsyncIterator[ModelEngine]:
+        """`get`, and hold the model for the block: the reaper never unloads a model in use."""
+        model = await self.get(name)
+        entry = self._entries.get(self.key(name))
+        if entry is not None:
+            entry.users += 1
+        try:
+            yield model
+        finally:
+            if entry is not None:
+                entry.users -= 1
+                entry.last_used = time.monotonic()
+
+    def _loaded_callback(self, key: str) -> Callable[[asyncio.Task[ModelEngine]], None]:
+        def done(task: asyncio.Task[ModelEngine]) -> None:
+            self._loading.pop(key, None)
+            if not task.cancelled():
+                task.exception()  # retrieved here, so a load nobody waits for any more logs no warning
+
+        return done
+
+    async def _load(self, key: str) -> ModelEngine:
+        started = time.perf_counter()
+        model = await asyncio.to_thread(self._load_blocking, key)
+        if self._closed:
+            await asyncio.to_thread(model.close)
+            raise ModelLoadError("the server is shutting down")
+        self._entries[key] = _Entry(model, time.time(), time.monotonic())
+        log.info("loaded model %s on %s in %.1f s", key, model.device, time.perf_counter() - started)
+        return model
+
+    def _load_blocking(self, key: str) -> ModelEngine:
+        try:
+            return self._loader(key)
+        except HalkSpeechError:
+            raise
+        except Exception as exc:  # out of memory, a CUDA error ...: say which model and why, one line
+            raise ModelLoadError(f"loading model {key!r} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _load_weights_and_start(self, key: str) -> ModelEngine:
+        engine = self.settings.engine
+        device = resolve_device(engine.device, engine.device_index)
+        weights = self.registry.load(key, dtype=resolve_dtype(engine.dtype, device), device=device)
+        return start_engine(weights, engine)
+
+    def load_now(self, name: str | None = None) -> ModelEngine:
+        """Load synchronously, before the event loop runs (the CLI's preload: errors before serving)."""
+        key = self.key(name)
+        if key not in self._entries:
+            self._check(name, key, fetch=True)
+            self._entries[key] = _Entry(self._load_blocking(key), time.time(), time.monotonic())
+        return self._entries[key].model
+
+    async def preload(self) -> None:
+        for name in self.settings.server.preload:
+            await self.get(name, fetch=True)
+
+    # --- listing and unloading -------------------------------------------------------------------------
+    def loaded(self) -> list[LoadedModel]:
+        now = time.monotonic()
+        return [LoadedModel(k, e.model, e.loaded_at, now - e.last_used, e.users) for k, e in self._entries.items()]
+
+    def is_loaded(self, name: str | None) -> bool:
+        return self.key(name) in self._entries
+
+    async def unload(self, name: str | None) -> bool:
+        """Stop a model's engine and free its memory; its unfinished requests fail (EngineStopped)."""
+        entry = self._entries.pop(self.key(name), None)
+        if entry is None:
+            return False
+        await asyncio.to_thread(self._close, entry.model)
+        log.info("unloaded model %s", entry.model.name)
+        return True
+
+    @staticmethod
+    def _close(model: ModelEngine) -> None:
+        model.close()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- the idle reaper -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the TTL reaper (in the running event loop); nothing to do when models never expire."""
+        if self.settings.server.model_ttl_s >= 0 and self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever(), name="model reaper")
+
+    async def _reap_forever(self) -> None:
+        ttl = self.settings.server.model_ttl_s
+        interval = min(max(ttl / 4, 0.05), 10.0)  # unloads within ttl + ttl/4 (at most 10 s late)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reap()
+            except Exception:  # a failed unload must not end the reaper
+                log.exception("unloading idle models failed")
+
+    async def reap(self) -> list[str]:
+        """Unload every model idle for longer than the TTL; returns their names."""
+        ttl = self.settings.server.model_ttl_s
+        if ttl < 0:
+            return []
+        now = time.monotonic()
+        idle = [k for k, e in self._entries.items() if not e.busy and now - e.last_used >= ttl]
+        for key in idle:
+            await self.unload(key)
+        return idle
+
+    async def close(self) -> None:
+        """Stop the reaper and every engine."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for key in list(self._entries):
+            await self.unload(key)
+
+    def close_now(self) -> None:
+        """`close` without an event loop (after the server stopped, or when it never started)."""
+        self._closed = True
+        for entry in self._entries.values():
+            self._close(entry.model)
+        self._entries.clear()
+
+
+def cached_path(settings: Settings, key: str) -> Path:
+    """Where the registry keeps `key` in its cache."""
+    return settings.model.cache_dir / key.replace("/", "--")
