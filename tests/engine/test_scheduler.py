@@ -21,7 +21,9 @@ def request(max_new: int = 10, *, beam: int = 1, priority: int = 0) -> DecodeReq
 
 
 def admit_all(s: Scheduler, first_token: int = 5) -> list[int]:
-    """Admit what fits; every slot's first token is `first_token`. Returns the admitted groups' rids."""
+    """Encode what may be encoded, admit what fits; every slot's first token is `first_token`.
+    Returns the admitted groups' rids."""
+    s.mark_encoded(s.schedule_encode(limit=1000))
     admitted = s.schedule_admission()
     for a in admitted:
         result = AdmitResult(
@@ -128,20 +130,40 @@ def test_static_batching_waits_for_the_whole_batch() -> None:
         s.add(request(max_new=5), None)
     admit_all(s)
     step(s, {0: EOT})
-    assert s.schedule_admission() == []  # slot 0 is free, but the batch is not over
+    assert s.schedule_encode(limit=10) == []  # slot 0 is free, but the batch is not over
     step(s, {1: EOT})
+    s.mark_encoded(s.schedule_encode(limit=10))
     assert len(s.schedule_admission()) == 2
 
 
-def test_admission_waits_to_gather_an_encoder_batch() -> None:
-    s = scheduler(slots=8, admit_batch=3, admit_wait_s=60.0)
-    s.add(request(max_new=50), None)
-    admit_all(s)
-    s.add(request(), None)
-    assert s.schedule_admission() == []  # one window waiting while others decode: wait for company
-    s.add(request(), None)
-    s.add(request(), None)
-    assert len(s.schedule_admission()) == 3
+def test_admission_waits_for_enough_free_slots() -> None:
+    s = scheduler(slots=4, admit_batch=2, admit_wait_s=60.0, lookahead=2)
+    for _ in range(8):
+        s.add(request(max_new=50), None)
+    assert admit_all(s) == [0, 1, 2, 3]
+    s.mark_encoded(s.schedule_encode(limit=10))  # two more are encoded ahead; two still wait
+    step(s, {0: EOT})
+    assert s.schedule_admission() == []  # one slot free while the rest decode: wait for a second
+    step(s, {1: EOT})
+    assert [a.slots for a in s.schedule_admission()] == [(0,), (1,)]
+
+
+def test_encoding_ahead_is_bounded() -> None:
+    s = scheduler(slots=4, lookahead=2)
+    for _ in range(20):
+        s.add(request(max_new=50), None)
+    assert len(s.schedule_encode(limit=100)) == 6  # the four free slots plus two ahead
+    assert s.schedule_encode(limit=100) == []
+    assert s.queue_depth == 20
+
+
+def test_a_window_cancelled_while_encoding_is_handed_back() -> None:
+    s = scheduler(slots=2)
+    group = s.add(request(), None)
+    encoding = s.schedule_encode(limit=4)
+    assert s.cancel(group) and s.is_encoding(group)
+    assert s.mark_encoded(encoding) == [group]
+    assert s.schedule_admission() == [] and not s.has_work
 
 
 def test_beam_group_reorders_slots() -> None:

@@ -20,7 +20,7 @@ from halkspeech.config import EngineSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS, N_FRAMES
-from halkspeech.model.weights import random_weights
+from halkspeech.model.weights import LoadedWeights, random_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,18 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
         weights = hf.weights()
     else:
         weights = random_weights(name, dtype=dtype, device=device)
+    rows.extend(_bench_ours(name, weights, features, cfg))
+    _add_ratios(rows)
+    del hf, weights
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_ours(
+    name: str, weights: LoadedWeights, features: torch.Tensor, cfg: EngineBenchConfig
+) -> list[dict[str, Any]]:
     settings = EngineSettings(
         device=cfg.device,
         dtype=cfg.dtype,
@@ -117,21 +129,21 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
         cuda_graphs=cfg.cuda_graphs,
     )
     model = start_engine(weights, settings)
+    rows = []
     try:
         run = OursRunner(model, features, cfg.tokens)
         for batch in cfg.batches:
-            times = timed(partial(run, batch), device, repeats=cfg.repeats)
+            times = timed(partial(run, batch), torch.device(cfg.device), repeats=cfg.repeats)
             row = _row(name, "halkspeech", batch, median(times), cfg.tokens)
             row["slots"] = model.engine.runner.slots
             row["encode_ms"] = run.last_encode_ms
             rows.append(row)
     finally:
         model.close()
-    _add_ratios(rows)
-    del hf, model, weights
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -1,4 +1,4 @@
-"""`halkspeech bench engine|mixed`: engine benchmarks that print a table and write JSON.
+"""`halkspeech bench engine|mixed|longform`: engine benchmarks that print a table and write JSON.
 
 They use random weights of exact released shapes and forced decode lengths: for measuring speed only.
 """
@@ -6,6 +6,7 @@ They use random weights of exact released shapes and forced decode lengths: for 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -14,9 +15,7 @@ def _csv(kind: type) -> Any:
         try:
             return tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {kind.__name__}: {text!r}"
-            ) from exc
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from exc
 
     return parse
 
@@ -29,12 +28,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     kinds = parser.add_subparsers(dest="bench", metavar="KIND", required=True)
 
-    engine = kinds.add_parser(
-        "engine", help="windows/s, tokens/s and RTFx per batch size, against HF transformers"
-    )
-    engine.add_argument(
-        "--models", type=_csv(str), default=("large-v3-turbo", "large-v3"), help="catalog shapes"
-    )
+    engine = kinds.add_parser("engine", help="windows/s, tokens/s and RTFx per batch size, against HF transformers")
+    engine.add_argument("--models", type=_csv(str), default=("large-v3-turbo", "large-v3"), help="catalog shapes")
     engine.add_argument("--batches", type=_csv(int), default=(1, 16, 64, 256))
     engine.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
     engine.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
@@ -53,6 +48,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--slots", type=int, default=64)
     _device_args(mixed)
     mixed.set_defaults(func=_run_mixed)
+
+    _register_longform(kinds)
+
+    server = kinds.add_parser("server", help="the HTTP server under many clients against the bare engine")
+    server.add_argument("--model", default="large-v3-turbo", help="catalog shape, served as random:<model>")
+    server.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
+    server.add_argument("--concurrency", type=int, default=256, help="HTTP clients posting at once")
+    server.add_argument("--requests", type=int, default=1024, help="timed requests (after the warm-up)")
+    server.add_argument("--warmup-requests", type=int, default=512)
+    server.add_argument("--client-processes", type=int, default=4, help="processes the clients are spread over")
+    server.add_argument("--slots", type=int, default=256, help="the server's decoder slots")
+    server.add_argument("--encoder-batch", type=int, default=64)
+    server.add_argument("--engine-batch", type=int, default=None, help="batch of the engine figure (default: "
+                        "--concurrency)")  # fmt: skip
+    server.add_argument("--audio", type=Path, default=None, help="recording repeated into the clip (default: jfk)")
+    server.add_argument("--clip-s", type=float, default=30.0)
+    _device_args(server)
+    server.set_defaults(func=_run_server)
+
+    ws = kinds.add_parser("ws", help="push-to-talk end→final latency through the real server, with file traffic")
+    ws.add_argument("--model", default="random:large-v3-turbo", help="served model (random:<shape> or real)")
+    ws.add_argument("--tokens", type=int, default=20, help="forced decoded tokens per window (0: real decoding)")
+    ws.add_argument("--turn-s", type=float, default=5.0, help="seconds of audio per turn")
+    ws.add_argument("--single-turns", type=int, default=10, help="turns of the one-user scenario")
+    ws.add_argument("--users", type=int, default=200, help="users of the concurrent scenario")
+    ws.add_argument("--ramp-s", type=float, default=10.0)
+    ws.add_argument("--turns-per-user", type=int, default=3)
+    ws.add_argument("--file-clients", type=int, default=4, help="concurrent posters of files meanwhile")
+    ws.add_argument("--file-s", type=float, default=30.0, help="seconds of audio per posted file")
+    ws.add_argument("--partials", action="store_true", help="also run both scenarios with partials on")
+    ws.add_argument("--audio", default=None, help="speech to cut turns from (default: tests/data/jfk.flac)")
+    ws.add_argument("--language", default="en")
+    ws.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    _device_args(ws)
+    ws.set_defaults(func=_run_ws)
 
 
 def _device_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +125,115 @@ def _run_mixed(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             json_path=args.json_path,
+        )
+    )
+    return 0
+
+
+def _run_ws(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from halkspeech.bench.ws_bench import WsBenchConfig, run_ws_bench
+
+    run_ws_bench(
+        WsBenchConfig(
+            model=args.model,
+            tokens=args.tokens or None,
+            device=args.device,
+            dtype=args.dtype,
+            language=args.language,
+            turn_s=args.turn_s,
+            single_turns=args.single_turns,
+            users=args.users,
+            ramp_s=args.ramp_s,
+            turns_per_user=args.turns_per_user,
+            file_clients=args.file_clients,
+            file_s=args.file_s,
+            partials=args.partials,
+            audio=Path(args.audio) if args.audio else None,
+            port=args.port,
+            json_path=args.json_path,
+        )
+    )
+    return 0
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from halkspeech.bench.server_bench import ServerBenchConfig, run_server_bench
+
+    results = run_server_bench(
+        ServerBenchConfig(
+            model=args.model,
+            tokens=args.tokens,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            warmup_requests=args.warmup_requests,
+            client_processes=args.client_processes,
+            slots=args.slots,
+            encoder_batch=args.encoder_batch,
+            engine_batch=args.engine_batch,
+            device=args.device,
+            dtype=args.dtype,
+            audio=args.audio,
+            clip_s=args.clip_s,
+            json_path=args.json_path,
+        )
+    )
+    return 0 if results["server"]["ok"] else 1
+
+
+def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    longform = kinds.add_parser(
+        "longform",
+        help="an hour of speech through batched mode end to end: RTFx, stage times, word-timestamp cost",
+        description="Builds a long WAV from the dev recordings and transcribes it in batched mode (and through "
+        "a server with --url). Random weights need --force-tokens-per-second for realistic decode lengths.",
+    )
+    longform.add_argument("--model", default="random:large-v3-turbo", help="name, path or random:<catalog name>")
+    longform.add_argument("--minutes", type=float, default=60.0, help="length of the long file")
+    longform.add_argument(
+        "--force-tokens-per-second",
+        type=float,
+        default=None,
+        help="each chunk decodes ceil(speech s × this) tokens (default: 4 with random weights, else free)",
+    )
+    longform.add_argument(
+        "--words", action=argparse.BooleanOptionalAction, default=True, help="word timestamps in the long-file run"
+    )
+    longform.add_argument("--compare-files", type=int, default=8, help="concurrent files for the words cost (0: skip)")
+    longform.add_argument("--compare-minutes", type=float, default=10.0, help="length of each concurrent file")
+    longform.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    longform.add_argument("--url", default=None, help="also POST the file to this server's /transcribe")
+    longform.add_argument("--max-slots", type=int, default=0, help="decoder slots (0: from free GPU memory)")
+    longform.add_argument("--encoder-batch", type=int, default=64, help="windows per encoder call at most")
+    longform.add_argument("--dev-dir", default=None, help="the dev recordings (default: ../shared/data/dev)")
+    _device_args(longform)
+    longform.set_defaults(func=_run_longform)
+
+
+def _run_longform(args: argparse.Namespace) -> int:
+    from halkspeech.bench.longform import LongformConfig, run_longform_bench
+
+    rate = args.force_tokens_per_second
+    if rate is None and args.model.startswith("random:"):
+        rate = 4.0
+    extra = {"dev_dir": args.dev_dir} if args.dev_dir else {}
+    run_longform_bench(
+        LongformConfig(
+            model=args.model,
+            minutes=args.minutes,
+            force_tokens_per_second=rate,
+            words=args.words,
+            compare_files=args.compare_files,
+            compare_minutes=args.compare_minutes,
+            repeats=args.repeats,
+            url=args.url,
+            device=args.device,
+            dtype=args.dtype,
+            max_slots=args.max_slots,
+            encoder_batch=args.encoder_batch,
+            json_path=args.json_path,
+            **extra,
         )
     )
     return 0

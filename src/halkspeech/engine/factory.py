@@ -54,9 +54,7 @@ def resolve_device(setting: str, index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(setting: str, device: torch.device, fp8: bool = False) -> torch.dtype:
-    if fp8 and device.type == "cuda":
-        return torch.bfloat16  # row-wise scaled FP8 GEMMs produce bfloat16
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
@@ -76,7 +74,7 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     # encoder: the MLP's [E, 1500, 4D] activations, several alive at once; decode: ~8 [B, V] float32 temps
     encoder_reserve = settings.max_encoder_batch * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
-    per_slot = KVCache.bytes_per_slot(dims, dtype, settings.fp8) + 8 * dims.n_vocab * 4
+    per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
     if settings.max_slots:
         slots = min(slots, settings.max_slots)
@@ -89,7 +87,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
 
     `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next."""
     device = resolve_device(settings.device, settings.device_index)
-    dtype = resolve_dtype(settings.dtype, device, settings.fp8)
+    dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
     tokenizer = Tokenizer.for_model(weights.dims)
     slots = plan_slots(weights.dims, dtype, device, settings)
@@ -101,7 +99,6 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         max_encoder_batch=settings.max_encoder_batch,
         cuda_graphs=graphs,
         alignment_heads=weights.alignment_heads,
-        fp8=settings.fp8,
     )
     scheduler = Scheduler(
         slots,

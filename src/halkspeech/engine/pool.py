@@ -90,17 +90,23 @@ class ModelPool:
         return canonical_name(text)
 
     def offered(self, key: str) -> bool:
-        """Whether a request may load `key`: configured, loaded, a catalog name or already in the cache."""
-        if key in self._entries or key in self.configured or key in KNOWN_DIMS:
+        """Whether a request may load `key`: configured, loaded, a catalog name or already in the cache.
+
+        Requests never name files on this machine: a name that is a local path is only served if configured."""
+        if key in self._entries or key in self.configured:
             return True
-        if key.startswith(RANDOM_PREFIX) or "\\" in key or key.startswith((".", "~", "/")):
+        if _local(key) or key.startswith(RANDOM_PREFIX):
             return False
-        return key.count("/") <= 1 and cached_path(self.settings, key).is_dir()
+        return key in KNOWN_DIMS or (key.count("/") <= 1 and cached_path(self.settings, key).is_dir())
+
+    def check(self, name: str | None, *, fetch: bool = False) -> None:
+        """ModelNotFound unless `name` may be served (without loading anything)."""
+        self._check(name, self.key(name), fetch=fetch)
 
     def _check(self, name: str | None, key: str, *, fetch: bool) -> None:
         if self.offered(key):
             return
-        fetchable = fetch and not key.startswith((RANDOM_PREFIX, ".", "~", "/")) and key.count("/") <= 1
+        fetchable = fetch and not key.startswith(RANDOM_PREFIX) and not _local(key) and key.count("/") <= 1
         if not fetchable:
             offered = ", ".join(self.configured)
             raise ModelNotFound(
@@ -257,6 +263,16 @@ class ModelPool:
         for entry in self._entries.values():
             self._close(entry.model)
         self._entries.clear()
+
+
+def _local(key: str) -> bool:
+    """Whether a name is (or looks like) a path on this machine."""
+    if not key or key.startswith((".", "~", "/")) or "\\" in key:
+        return True
+    try:
+        return Path(key).expanduser().exists()
+    except (OSError, ValueError):  # too long, a NUL byte ...: not a usable path
+        return False
 
 
 def cached_path(settings: Settings, key: str) -> Path:

@@ -1,7 +1,9 @@
 """Executes what the scheduler decided: owns the model, the static caches, the slot state and the graphs.
 
-`admit`: encode the new windows in one encoder call, compute their cross-attention keys/values into their
-slots, detect languages where asked, prefill the prompts and sample each slot's first token.
+`encode_async`: encode windows on a low-priority side stream, so this compute-bound work overlaps the
+memory-bound decode steps (on a GPU; synchronous on a CPU).
+`admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
+asked, prefill the prompts and sample each slot's first token.
 `step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
 """
 
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import fields
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields
 from typing import cast
 
 import torch
@@ -20,10 +23,33 @@ from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
 from halkspeech.model.cache import KVCache
-from halkspeech.model.fp8 import Fp8Encoder
 from halkspeech.model.whisper import Whisper
 
 StepKey = tuple[int, int, bool, bool]  # (size, window, timestamps, sampling)
+
+
+@dataclass
+class EncodeJob:
+    """Windows being encoded: audio [n, 1500, D] is valid once ready() (CUDA events; None on a CPU)."""
+
+    audio: Tensor
+    begin: torch.cuda.Event | None
+    done: torch.cuda.Event | None
+    cpu_ms: float = 0.0
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+    @property
+    def encode_ms(self) -> float:
+        """Encoder time of the whole job (call when ready)."""
+        if self.begin is None or self.done is None:
+            return self.cpu_ms
+        return float(self.begin.elapsed_time(self.done))
 
 
 class Runner:
@@ -36,20 +62,14 @@ class Runner:
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
         alignment_heads: tuple[tuple[int, int], ...] = (),
-        fp8: bool = False,
-        fp8_min_batch: int = 8,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
-        # FP8 mode: e4m3 encoder GEMMs for batches of at least fp8_min_batch windows (below that the quantiser
-        # launches cost more than the GEMMs save), and an e4m3 cross-attention cache.
-        self.fp8_encoder = Fp8Encoder(model.encoder) if fp8 else None
-        self.fp8_min_batch = fp8_min_batch
         self.ids = ids
         self.device = model.device
         self.dtype = model.dtype
         self.max_encoder_batch = max_encoder_batch
-        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device, cross_fp8=fp8)
+        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device)
         self.state = SlotState.allocate(slots, model.dims.n_vocab, self.device)
         self.sampler = Sampler(ids, self.device)
         self._language_columns = torch.tensor(ids.language_tokens, dtype=torch.long, device=self.device)
@@ -58,7 +78,10 @@ class Runner:
         self.graphs: GraphCache[tuple[Tensor, Tensor, Tensor]] | None = (
             GraphCache(self._graph_body, self._snapshot, self._restore) if use_graphs else None
         )
-        self.encoder_ms = 0.0
+        cuda = self.device.type == "cuda"
+        # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self.encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
         # (torch.compile of the step was measured and dropped: inductor functionalises the in-place cache
         # writes and copies the whole cache each step, 56 ms a step for large-v3 on an H200.)
 
@@ -66,31 +89,50 @@ class Runner:
     def slots(self) -> int:
         return self.cache.slots
 
+    def stream_context(self) -> AbstractContextManager[object]:
+        """Run the engine thread's work on a high-priority stream: when encoder kernels (low priority) and
+        decode kernels wait for the same multiprocessors, the decode step goes first."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    # --- encoding --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_async(self, features: Sequence[Tensor]) -> EncodeJob:
+        """Start encoding log-mel windows [n_mels, 3000] each; the job's audio is ready once `ready()`."""
+        if self.encode_stream is None:
+            started = time.perf_counter()
+            audio = self.encode(torch.stack(list(features)))
+            return EncodeJob(audio, None, None, (time.perf_counter() - started) * 1000)
+        begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # features come from callers' threads (their default stream) or from this thread's stream
+        self.encode_stream.wait_stream(torch.cuda.default_stream(self.device))
+        self.encode_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.encode_stream):
+            begin.record()
+            audio = self.encode(torch.stack(list(features)))
+            done.record()
+        return EncodeJob(audio, begin, done)
+
+    def encode(self, features: Tensor) -> Tensor:
+        """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D], in encoder batches."""
+        features = features.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return torch.cat([self.model.encoder(chunk) for chunk in features.split(self.max_encoder_batch)])
+
     # --- admission -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def admit(self, admissions: Sequence[Admission]) -> tuple[list[AdmitResult], float]:
-        """Encode, prefill and sample the first token of each admission; returns results and encoder ms."""
-        started = time.perf_counter()
-        audio = self.encode(torch.stack([a.request.features for a in admissions]))
+    def admit(self, admissions: Sequence[Admission], rows: Sequence[tuple[EncodeJob, int]]) -> list[AdmitResult]:
+        """Cross keys/values from each admission's encoded window (job, row of its audio), then prefill
+        and sample the first token of each admission."""
+        if self.stream is not None:
+            for job in {id(job): job for job, _ in rows}.values():
+                job.audio.record_stream(self.stream)  # made on the encoder stream, read on this one
+        audio = torch.stack([job.audio[row] for job, row in rows])  # [n, 1500, D]
         first = torch.tensor([a.slots[0] for a in admissions], device=self.device)
         self.model.decoder.fill_cross(audio, self.cache, first)
         for a in admissions:
             for slot in a.slots[1:]:  # beams and samples share their window's keys/values
                 self.cache.copy_cross(a.slots[0], slot)
-        self._sync()
-        encode_ms = (time.perf_counter() - started) * 1000
         prompts, languages = self._detect_languages(admissions, first)
-        return self._prefill(admissions, prompts, languages), encode_ms
-
-    def encode(self, features: Tensor) -> Tensor:
-        """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D], in encoder batches."""
-        features = features.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        return torch.cat([self._encode(chunk) for chunk in features.split(self.max_encoder_batch)])
-
-    def _encode(self, chunk: Tensor) -> Tensor:
-        if self.fp8_encoder is not None and chunk.shape[0] >= self.fp8_min_batch:
-            return self.fp8_encoder(chunk)
-        return self.model.encoder(chunk)
+        return self._prefill(admissions, prompts, languages)
 
     def _detect_languages(
         self, admissions: Sequence[Admission], first: Tensor
@@ -307,7 +349,3 @@ class Runner:
         assert isinstance(saved, dict)
         for name, value in saved.items():
             getattr(self.state, name).copy_(value)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

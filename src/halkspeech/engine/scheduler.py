@@ -1,9 +1,10 @@
 """Which sequences run in the next step (pure Python, no tensors).
 
-Requests wait in a priority queue; a request enters when enough slots are free (lowest slot numbers first,
-so the active range stays dense) and leaves the moment it finishes. A decode step covers slots 0..size-1,
-where size is the smallest batch bucket holding every active slot; when the active slots are scattered,
-the highest are moved down so idle slots are not computed.
+A request moves through three queues: waiting → encoding (its window is being encoded, ahead of need and
+concurrently with decode steps) → ready (encoded, waiting for slots). It enters the decoder when enough
+slots are free (lowest slot numbers first, so the active range stays dense) and leaves the moment it
+finishes. A decode step covers slots 0..size-1, where size is the smallest batch bucket holding every
+active slot; when the active slots are scattered, the highest are moved down so idle slots are not computed.
 """
 
 from __future__ import annotations
@@ -72,14 +73,18 @@ class Scheduler:
         static: bool = False,
         admit_batch: int = 1,
         admit_wait_s: float = 0.0,
+        lookahead: int | None = None,
     ) -> None:
         self.n_slots = slots
         #: Static batching (benchmark baseline): admit a new batch only when the last one has finished.
         self.static = static
-        #: While sequences decode, admit once `admit_batch` windows wait or the oldest waited `admit_wait_s`:
-        #: an encoder call per trickling request would stall every running sequence for little work.
+        #: While sequences decode, admit once `admit_batch` encoded windows can enter (enough are ready and
+        #: enough slots are free) or some could for `admit_wait_s`: every admission (prefill) pauses all
+        #: running sequences, so admitting one window per freed slot wastes the decode steps.
         self.admit_batch = admit_batch
         self.admit_wait_s = admit_wait_s
+        #: Windows encoded (or encoding) ahead of free slots at most.
+        self.lookahead = lookahead if lookahead is not None else max(max_encoder_batch, slots // 2)
         self.eot = eot
         self.ts_begin = timestamp_begin
         self.n_text_ctx = n_text_ctx
@@ -88,14 +93,17 @@ class Scheduler:
         self.batch_buckets = batch_buckets  # None: exact sizes (CPU, no graphs)
         self.window_buckets = window_buckets
         self._free = list(range(slots))
-        self._waiting: list[tuple[int, int, Group]] = []  # heap of (priority, rid, group)
+        self._waiting: list[tuple[int, int, Group]] = []  # heap of (priority, rid, group), not yet encoded
+        self._encoding: dict[int, Group] = {}
+        self._ready: list[tuple[int, int, Group]] = []  # heap: encoded, waiting for slots
+        self._ready_since: float | None = None  # when some ready window first could have entered
         self._running: dict[int, Group] = {}
         self._ids = itertools.count()
         self._pending_updates: list[SlotUpdate] = []
 
     # --- queue -----------------------------------------------------------------------------------------
     def add(self, request: DecodeRequest, handle: Any) -> Group:
-        if len(self._waiting) >= self.max_queue:
+        if self.queue_depth >= self.max_queue:
             raise Overloaded(f"the decode queue is full ({self.max_queue} windows waiting)")
         if request.options.group_size > self.n_slots:
             raise Overloaded(f"{request.options.group_size} beams need more slots than the engine has")
@@ -104,17 +112,21 @@ class Scheduler:
         return group
 
     def cancel(self, group: Group) -> bool:
-        """Drop a waiting group or stop a running one at once (its slots are free when this returns).
+        """Drop a queued group or stop a running one at once (its slots are free when this returns).
 
         Call between steps only (the engine thread does). Returns False if it had already finished."""
         if group.finish is not None:
             return False
-        for i, (_, _, waiting) in enumerate(self._waiting):
-            if waiting is group:
-                self._waiting.pop(i)
-                heapq.heapify(self._waiting)
-                group.finish = "cancelled"
-                return True
+        for heap in (self._waiting, self._ready):
+            for i, (_, _, queued) in enumerate(heap):
+                if queued is group:
+                    heap.pop(i)
+                    heapq.heapify(heap)
+                    group.finish = "cancelled"
+                    return True
+        if group.rid in self._encoding:  # its encoder run finishes anyway; mark_encoded then drops it
+            group.finish = "cancelled"
+            return True
         if group.rid in self._running:
             self.abort(group)
             return True
@@ -122,7 +134,8 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Windows accepted but not yet decoding."""
+        return len(self._waiting) + len(self._encoding) + len(self._ready)
 
     @property
     def running(self) -> int:
@@ -138,25 +151,57 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._encoding or self._ready or self._running)
+
+    def is_encoding(self, group: Group) -> bool:
+        return group.rid in self._encoding
+
+    # --- encoding ahead ------------------------------------------------------------------------------------
+    def schedule_encode(self, limit: int) -> list[Group]:
+        """Waiting groups whose windows to encode next: at most `limit`, and no more than `lookahead`
+        windows encoded ahead of the free slots (static batching: a whole batch, when nothing runs)."""
+        if self.static:
+            if self._running or self._encoding or self._ready:
+                return []
+            budget = min(self.n_slots, len(self._waiting))
+        else:
+            budget = min(limit, self.lookahead + len(self._free) - len(self._ready) - len(self._encoding))
+        chosen: list[Group] = []
+        while self._waiting and len(chosen) < budget:
+            _, _, group = heapq.heappop(self._waiting)
+            self._encoding[group.rid] = group
+            chosen.append(group)
+        return chosen
+
+    def mark_encoded(self, groups: list[Group]) -> list[Group]:
+        """Their windows are encoded: ready to enter. Returns the ones cancelled meanwhile (to complete)."""
+        dropped = []
+        for group in groups:
+            self._encoding.pop(group.rid, None)
+            if group.finish is None:
+                heapq.heappush(self._ready, (group.request.priority, group.rid, group))
+            else:
+                dropped.append(group)
+        return dropped
 
     # --- admission -------------------------------------------------------------------------------------
-    def schedule_admission(self, limit: int | None = None) -> list[Admission]:
-        """Waiting requests that fit in the free slots now, up to the encoder batch (or `limit`)."""
-        cap = self.max_encoder_batch if limit is None else min(limit, self.max_encoder_batch)
-        if self.static:
-            if self._running:
-                return []
-            cap = self.n_slots
-        elif self._running and self._waiting and not self._admit_now():
+    def schedule_admission(self) -> list[Admission]:
+        """Encoded groups that enter the decoder now (their slots are assigned)."""
+        if not self._ready or not self._free:
             return []
+        if self.static:
+            if self._running or self._encoding or (self._waiting and len(self._ready) < self.n_slots):
+                return []
+        elif self._running and not self._admit_now():
+            return []
+        self._ready_since = None
         admissions: list[Admission] = []
-        while self._waiting and len(admissions) < cap:
-            group = self._waiting[0][2]
+        while self._ready:
+            group = self._ready[0][2]
             size = group.request.options.group_size
             if size > len(self._free):
                 break
-            heapq.heappop(self._waiting)
+            heapq.heappop(self._ready)
             group.slots = [heapq.heappop(self._free) for _ in range(size)]
             group.admitted = time.perf_counter()
             self._running[group.rid] = group
@@ -166,9 +211,16 @@ class Scheduler:
         return admissions
 
     def _admit_now(self) -> bool:
-        priority = self._waiting[0][0]
-        waited = time.perf_counter() - min(g.submitted for _, _, g in self._waiting)
-        return priority < 0 or len(self._waiting) >= self.admit_batch or waited >= self.admit_wait_s
+        """While sequences decode: enter once admit_batch windows can, or when some could for admit_wait_s."""
+        if self._ready[0][0] < 0:  # live (priority) work never waits
+            return True
+        can_enter = min(len(self._ready), len(self._free))
+        if can_enter >= self.admit_batch or (not self._waiting and not self._encoding):
+            return True
+        now = time.perf_counter()
+        if self._ready_since is None:
+            self._ready_since = now
+        return now - self._ready_since >= self.admit_wait_s
 
     def record_admission(self, admission: Admission, result: AdmitResult, encode_ms: float) -> Group | None:
         """Take the first tokens of a newly admitted group; returns it if it already finished."""

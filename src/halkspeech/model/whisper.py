@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
-from halkspeech.model.kernels.decode_attention import decode_attention
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
@@ -123,7 +122,7 @@ class DecoderBlock(nn.Module):
         cache.self_kv[layer, slots, :p] = qkv[..., d:].view(b, p, 2, self.heads, -1)
         q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=p > 1)))
-        x, scores = self._cross(x, *cache.cross(layer, slots, x.dtype), scores_of)
+        x, scores = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots], scores_of)
         return self._mlp(x), scores
 
     def step(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor) -> Tensor:
@@ -135,13 +134,7 @@ class DecoderBlock(nn.Module):
         keys, values = cache.keys(layer, b, window), cache.values(layer, b, window)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.out(_merge_heads(a))
-        if cache.cross_k_scale is not None and cache.cross_v_scale is not None:  # FP8 cache: one query each
-            q = self.cross_q(self.cross_ln(x)).view(b, self.heads, -1)  # [B, H, Dh]
-            k, v = cache.cross_k[layer, :b], cache.cross_v[layer, :b]
-            a = decode_attention(q, k, cache.cross_k_scale[layer, :b], v, cache.cross_v_scale[layer, :b])
-            x = x + self.cross_out(a.view(b, 1, d))
-        else:
-            x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
+        x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
 
 

@@ -1,0 +1,284 @@
+"""Long-form benchmark: one long file (default an hour) through batched mode, end to end, with the time of each
+stage; the cost of word timestamps on many concurrent files; and, with --url, the same file through a server.
+
+The file is real speech: the dev recordings (../shared/data/dev, English clips with references) repeated in a
+seeded order with 0.3-1.2 s pauses, written as a 16 kHz WAV, so VAD and chunking see real pauses. With random
+weights (`random:large-v3-turbo`) `--force-tokens-per-second` makes every chunk decode a realistic number of
+tokens (speech seconds × rate); with real weights the transcript is scored (WER) when jiwer is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+import wave
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from halkspeech.audio import decode_audio
+from halkspeech.bench.common import device_info, median, print_table, synchronize, write_json
+from halkspeech.config import EngineSettings, ModelSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.errors import InvalidRequest
+from halkspeech.model.dims import SAMPLE_RATE
+from halkspeech.model.registry import ModelRegistry
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions, Transcript
+
+DEV_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "dev"
+
+
+@dataclass(frozen=True)
+class LongformConfig:
+    model: str = "random:large-v3-turbo"
+    minutes: float = 60.0
+    force_tokens_per_second: float | None = 4.0  # None: decode freely (real weights)
+    words: bool = True  # word timestamps in the long-file and server runs
+    compare_files: int = 8  # concurrent files for the words/no-words comparison (0: skip it)
+    compare_minutes: float = 10.0
+    repeats: int = 3
+    url: str | None = None
+    device: Literal["cuda", "cpu"] = "cuda"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    max_slots: int = 0  # 0: from free GPU memory
+    encoder_batch: int = 64
+    dev_dir: str = str(DEV_DIR)
+    seed: int = 0
+    json_path: str | None = None
+
+
+# --- the audio ---------------------------------------------------------------------------------------------
+def build_audio(dev_dir: Path, minutes: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Dev clips with English references, in a seeded random order with 0.3-1.2 s pauses, repeated until at
+    least `minutes` long: (samples [n] float32, the references in order)."""
+    manifest = dev_dir / "manifest.jsonl"
+    if not manifest.exists():
+        raise InvalidRequest(f"no dev set at {dev_dir} (manifest.jsonl missing); pass --dev-dir")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("language") == "en" and r.get("text")]
+    clips = [decode_audio(dev_dir / r["audio"]) for r in rows]
+    rng = np.random.default_rng(seed)
+    pieces: list[np.ndarray] = []
+    texts: list[str] = []
+    total, target = 0, int(minutes * 60 * SAMPLE_RATE)
+    while total < target:
+        for i in rng.permutation(len(clips)):
+            pause = np.zeros(int(rng.uniform(0.3, 1.2) * SAMPLE_RATE), dtype=np.float32)
+            pieces += [clips[i], pause]
+            texts.append(rows[i]["text"])
+            total += len(clips[i]) + len(pause)
+            if total >= target:
+                break
+    return np.concatenate(pieces), texts  # whole clips only (a little over `minutes`), so WER is fair
+
+
+def write_wav(path: Path, audio: np.ndarray) -> Path:
+    pcm = (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+def _options(cfg: LongformConfig, words: bool) -> TranscribeOptions:
+    return TranscribeOptions(
+        language="en",
+        mode="batched",
+        word_timestamps=words,
+        force_tokens_per_second=cfg.force_tokens_per_second,
+    )
+
+
+def _engine_counts(model: ModelEngine) -> tuple[int, int]:
+    stats = model.engine.stats
+    return stats.admitted, stats.tokens
+
+
+def run_file(model: ModelEngine, wav: Path, options: TranscribeOptions) -> tuple[dict[str, Any], Transcript]:
+    """Decode the WAV and transcribe it: wall time end to end and per stage (seconds)."""
+    windows, tokens = _engine_counts(model)
+    synchronize(model.device)
+    started = time.perf_counter()
+    audio = decode_audio(wav)
+    decoded = time.perf_counter()
+    transcript = asyncio.run(Transcriber(model).transcribe(audio, options))
+    synchronize(model.device)
+    wall = time.perf_counter() - started
+    t = transcript.timings
+    windows, tokens = (a - b for a, b in zip(_engine_counts(model), (windows, tokens), strict=True))
+    row = {
+        "audio_min": transcript.duration / 60,
+        "wall_s": wall,
+        "rtfx": transcript.duration / wall,
+        "decode_s": decoded - started,
+        "vad_s": t.vad / 1000,
+        "mel_s": t.features / 1000,
+        "engine_s": t.engine / 1000,
+        "encoder_sum_s": t.encoder / 1000,  # summed over windows: they overlap
+        "decoder_sum_s": t.decoder / 1000,
+        "words_s": t.words / 1000,
+        "stitch_s": t.stitch / 1000,
+        "windows": windows,
+        "windows_per_s": windows / wall,
+        "tokens_per_s": tokens / wall,
+        "segments": len(transcript.segments),
+        "words": len(transcript.words),
+    }
+    return row, transcript
+
+
+def run_concurrent(model: ModelEngine, audios: list[np.ndarray], options: TranscribeOptions) -> dict[str, Any]:
+    """Many files at once through one engine (audio already decoded): throughput in audio seconds per second."""
+
+    async def all_files() -> list[Transcript]:
+        transcriber = Transcriber(model)
+        return list(await asyncio.gather(*(transcriber.transcribe(a, options) for a in audios)))
+
+    synchronize(model.device)
+    started = time.perf_counter()
+    transcripts = asyncio.run(all_files())
+    synchronize(model.device)
+    wall = time.perf_counter() - started
+    seconds = sum(t.duration for t in transcripts)
+    return {"wall_s": wall, "rtfx": seconds / wall, "words": sum(len(t.words) for t in transcripts)}
+
+
+def run_server(url: str, wav: Path, model_name: str, words: bool, duration: float) -> dict[str, Any]:
+    """POST the WAV to the server's simple API (batched mode) and time the answer."""
+    import httpx
+
+    params = {"mode": "batched", "word_timestamps": str(words).lower(), "timings": "true", "model": model_name}
+    started = time.perf_counter()
+    with wav.open("rb") as file:
+        response = httpx.post(
+            f"{url.rstrip('/')}/transcribe", params=params, files={"file": (wav.name, file, "audio/wav")}, timeout=3600
+        )
+    wall = time.perf_counter() - started
+    if response.status_code != 200:
+        raise InvalidRequest(f"server answered {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    return {
+        "wall_s": wall,
+        "rtfx": duration / wall,
+        "server_processing_s": body.get("processing_time"),
+        "server_timings_ms": body.get("timings_ms"),
+        "segments": len(body.get("segments", [])),
+    }
+
+
+def _wer(references: list[str], transcript: Transcript) -> float | None:
+    try:
+        import jiwer
+        from whisper.normalizers import EnglishTextNormalizer
+    except ImportError:
+        return None
+    normalise = EnglishTextNormalizer()
+    return float(jiwer.wer(normalise(" ".join(references)), normalise(transcript.text)))
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (its stages belong together)."""
+    ordered = sorted(rows, key=lambda r: r["wall_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------
+def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    weights = ModelRegistry(ModelSettings()).load(cfg.model, dtype=dtype, device=cfg.device)
+    settings = EngineSettings(
+        device=cfg.device, dtype=cfg.dtype, max_slots=cfg.max_slots, max_encoder_batch=cfg.encoder_batch
+    )
+    model = start_engine(weights, settings)
+    payload: dict[str, Any] = {"config": asdict(cfg), "device": device_info(model.device)}
+    gpu = payload["device"].get("gpu", payload["device"]["device"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="halkspeech-longform-") as tmp:
+            audio, references = build_audio(Path(cfg.dev_dir), cfg.minutes, cfg.seed)
+            wav = write_wav(Path(tmp) / f"longform_{cfg.minutes:g}min.wav", audio)
+            warm = write_wav(Path(tmp) / "warmup.wav", audio[: 3 * 60 * SAMPLE_RATE])
+            run_file(model, warm, _options(cfg, not cfg.words))  # CUDA graphs, cuDNN, allocator, both paths
+            run_file(model, wav, _options(cfg, cfg.words))  # every batch-size bucket the long file reaches
+            rows = [run_file(model, wav, _options(cfg, cfg.words)) for _ in range(max(1, cfg.repeats))]
+            row, transcript = _median_row([r for r, _ in rows]), rows[0][1]
+            row["wer"] = None if cfg.model.startswith("random:") else _wer(references, transcript)
+            payload["file"] = row
+            title = f"Long-form batched, {cfg.model}, {row['audio_min']:.1f} min, words={cfg.words}, on {gpu}"
+            payload["file_table"] = print_table([row], _FILE_COLUMNS, title=title)
+            if cfg.compare_files:
+                payload["words"] = _compare_words(model, cfg, audio)
+                payload["words_table"] = print_table(
+                    payload["words"]["rows"], _WORDS_COLUMNS, title=_words_title(cfg, payload["words"]["loss"])
+                )
+            if cfg.url:
+                server = run_server(cfg.url, wav, cfg.model, cfg.words, len(audio) / SAMPLE_RATE)
+                payload["server"] = server
+                payload["server_table"] = print_table([server], _SERVER_COLUMNS, title=f"Through {cfg.url}")
+    finally:
+        model.close()
+    write_json(cfg.json_path, payload)
+    return payload
+
+
+def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -> dict[str, Any]:
+    """`compare_files` files of `compare_minutes` (different stretches of the long audio) at once, without and
+    with word timestamps, alternating; the loss is 1 - (throughput with words / without), medians."""
+    size = int(cfg.compare_minutes * 60 * SAMPLE_RATE)
+    starts = np.linspace(0, max(0, len(audio) - size), cfg.compare_files).astype(int)
+    files = [audio[s : s + size] for s in starts]
+    results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for _ in range(max(1, cfg.repeats)):
+        for words in (False, True):
+            results[words].append(run_concurrent(model, files, _options(cfg, words)))
+    rows = []
+    for words, runs in results.items():
+        rtfx = median([r["rtfx"] for r in runs])
+        rows.append({"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx})
+    loss = 1 - rows[1]["rtfx"] / rows[0]["rtfx"]
+    rows[1]["loss_pct"] = 100 * loss
+    return {"rows": rows, "loss": loss, "runs": {str(k): v for k, v in results.items()}}
+
+
+def _words_title(cfg: LongformConfig, loss: float) -> str:
+    return f"Word timestamps on {cfg.compare_files} concurrent files: throughput loss {100 * loss:.1f}% (target ≤ 15%)"
+
+
+_FILE_COLUMNS = [
+    ("audio_min", "audio min"),
+    ("wall_s", "wall s"),
+    ("rtfx", "RTFx"),
+    ("decode_s", "decode s"),
+    ("vad_s", "VAD s"),
+    ("mel_s", "mel s"),
+    ("engine_s", "engine s"),
+    ("encoder_sum_s", "Σ encoder s"),
+    ("decoder_sum_s", "Σ decoder s"),
+    ("words_s", "Σ words s"),
+    ("stitch_s", "stitch s"),
+    ("windows", "windows"),
+    ("windows_per_s", "windows/s"),
+    ("tokens_per_s", "tokens/s"),
+    ("wer", "WER"),
+]
+_WORDS_COLUMNS = [
+    ("words", "words"),
+    ("files", "files"),
+    ("minutes_each", "min each"),
+    ("rtfx", "RTFx"),
+    ("loss_pct", "loss %"),
+]
+_SERVER_COLUMNS = [
+    ("wall_s", "wall s"),
+    ("rtfx", "RTFx"),
+    ("server_processing_s", "server s"),
+    ("segments", "segments"),
+]

@@ -1,0 +1,235 @@
+"""The HTTP server against the bare engine, in one run on one device.
+
+1. Engine: `bench engine`'s measurement for one batch (random weights of `model`'s shapes, `tokens` forced
+   tokens per window, all windows submitted at once) → windows/s.
+2. Server: `halkspeech serve` in a subprocess on `random:<model>` with the same forced decode length
+   (`--force-decode-tokens`, no timestamps) and slots; `concurrency` HTTP clients (spread over
+   `client_processes` processes, so the clients' own Python is not the bottleneck) post a `clip_s`-second
+   16 kHz WAV (a real recording repeated) to /v1/audio/transcriptions in a closed loop → windows/s.
+3. The ratio server / engine (the target is ≥ 0.8 at 256 clients), beside latency percentiles and errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import torch
+
+from halkspeech.audio import decode_audio
+from halkspeech.bench.common import device_info, print_table, write_json
+from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
+from halkspeech.errors import HalkSpeechError, InvalidRequest
+from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
+
+log = logging.getLogger(__name__)
+_REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
+
+
+@dataclass(frozen=True)
+class ServerBenchConfig:
+    model: str = "large-v3-turbo"  # catalog shape, served as random:<model>
+    tokens: int = 80
+    concurrency: int = 256
+    requests: int = 1024
+    warmup_requests: int = 512
+    client_processes: int = 4
+    slots: int = 256
+    encoder_batch: int = 64
+    engine_batch: int | None = None  # the engine figure's batch (default: concurrency)
+    engine_repeats: int = 3
+    device: Literal["cuda", "cpu"] = "cuda"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    audio: Path | None = None  # a recording to repeat (default: tests/data/jfk.flac)
+    clip_s: float = 30.0
+    startup_timeout_s: float = 900.0
+    json_path: str | None = None
+
+
+def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
+    device = torch.device(cfg.device)
+    engine_row = _engine_figure(cfg)
+    with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
+        clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
+        with _server(cfg, Path(tmp) / "server.log") as url:
+            load = HttpLoadConfig(url=url, audio=(clip,), concurrency=cfg.concurrency, language="en", timeout_s=600.0)
+            _load(replace(load, requests=cfg.warmup_requests), cfg.client_processes)  # graphs, allocator, sockets
+            before = _scrape(url)
+            server = _load(replace(load, requests=cfg.requests), cfg.client_processes)
+            batches = _batch_means(before, _scrape(url))
+    ratio = server["windows_per_s"] / engine_row["windows_per_s"] if engine_row.get("windows_per_s") else None
+    results = {
+        "device": device_info(device),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "engine": engine_row,
+        "server": server,
+        "server_batches": batches,
+        "ratio": round(ratio, 3) if ratio is not None else None,
+    }
+    _print(cfg, results)
+    write_json(cfg.json_path, results)
+    return results
+
+
+# --- the engine figure --------------------------------------------------------------------------------------
+def _engine_figure(cfg: ServerBenchConfig) -> dict[str, Any]:
+    batch = cfg.engine_batch or cfg.concurrency
+    engine_cfg = EngineBenchConfig(
+        models=(cfg.model,),
+        batches=(batch,),
+        tokens=cfg.tokens,
+        repeats=cfg.engine_repeats,
+        compare_hf=False,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_encoder_batch=cfg.encoder_batch,
+    )
+    rows = [r for r in bench_model(cfg.model, engine_cfg) if r["engine"] == "halkspeech"]
+    return rows[0]
+
+
+# --- the clip -----------------------------------------------------------------------------------------------
+def _write_clip(cfg: ServerBenchConfig, path: Path) -> Path:
+    """A real recording repeated to exactly clip_s seconds, as 16 kHz mono 16-bit WAV (one 30 s window)."""
+    source = cfg.audio or _REPO_CLIP
+    if not source.is_file():
+        raise InvalidRequest(f"no recording to build the clip from: {source} (give --audio)")
+    audio = decode_audio(source)
+    n = round(cfg.clip_s * 16000)
+    samples = np.tile(audio, -(-n // len(audio)))[:n]
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+# --- the server ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "halkspeech", "--log-level", "warning", "serve",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--model", f"random:{cfg.model}", "--preload",
+        "--device", cfg.device, "--dtype", cfg.dtype,
+        "--max-slots", str(cfg.slots), "--encoder-batch", str(cfg.encoder_batch),
+        "--force-decode-tokens", str(cfg.tokens),
+        "--max-concurrent-requests", str(max(2 * cfg.concurrency, 512)), "--max-queue-size", "8192",
+        "--request-timeout", "900", "--no-access-log",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, process, log_path, cfg.startup_timeout_s)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise HalkSpeechError(f"the server exited with code {process.returncode}:\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            if health.get("models"):
+                return
+        time.sleep(1.0)
+    raise HalkSpeechError(f"the server did not become ready within {timeout_s:g} s (log: {log_path})")
+
+
+# --- the load -----------------------------------------------------------------------------------------------
+def _load(cfg: HttpLoadConfig, processes: int) -> dict[str, Any]:
+    """Split the clients and requests over `processes` processes started together; merge what they saw."""
+    processes = max(1, min(processes, cfg.concurrency))
+    parts = [
+        replace(
+            cfg,
+            concurrency=cfg.concurrency // processes + (i < cfg.concurrency % processes),
+            requests=max(1, cfg.requests // processes + (i < cfg.requests % processes)),
+        )
+        for i in range(processes)
+    ]
+    if processes == 1:
+        return summarize(cfg, [measure(parts[0])])
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        tallies: list[LoadTally] = pool.map(measure, parts)
+    return summarize(cfg, tallies)
+
+
+def _scrape(url: str) -> str:
+    try:
+        return httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return ""
+
+
+def _batch_means(before: str, after: str) -> dict[str, float | None]:
+    """Mean encoder and decoder batch sizes over the timed run, from the server's /metrics histograms."""
+
+    def value(text: str, name: str) -> float:
+        match = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    means: dict[str, float | None] = {}
+    for key, name in (("encoder", "encoder_batch_size"), ("decoder", "decode_batch_size")):
+        total = value(after, f"halkspeech_engine_{name}_sum") - value(before, f"halkspeech_engine_{name}_sum")
+        count = value(after, f"halkspeech_engine_{name}_count") - value(before, f"halkspeech_engine_{name}_count")
+        means[f"mean_{key}_batch"] = round(total / count, 1) if count else None
+    return means
+
+
+def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
+    engine, server = results["engine"], results["server"]
+    rows = [
+        {"path": f"engine (batch {engine['batch']})", "windows_s": engine["windows_per_s"], "ratio": 1.0},
+        {
+            "path": f"server ({cfg.concurrency} HTTP clients)",
+            "windows_s": server["windows_per_s"],
+            "req_s": server["requests_per_s"],
+            "p50_ms": server["latency_ms"]["p50"],
+            "p95_ms": server["latency_ms"]["p95"],
+            "p99_ms": server["latency_ms"]["p99"],
+            "failed": server["failed"],
+            "ratio": results["ratio"],
+        },
+    ]
+    columns = [(k, k) for k in ("path", "windows_s", "req_s", "p50_ms", "p95_ms", "p99_ms", "failed", "ratio")]
+    gpu = results["device"].get("gpu", results["device"]["device"])
+    title = f"Server vs engine: random:{cfg.model}, {cfg.tokens} forced tokens, {cfg.clip_s:g} s clips, {gpu}"
+    print_table(rows, columns, title=title)
+    print(
+        f"server errors: {server['errors'] or 'none'}; mean batches in the timed run: {results['server_batches']}; "
+        "target: ratio ≥ 0.80",
+        flush=True,
+    )

@@ -1,0 +1,134 @@
+"""ModelPool with the real tiny.en model: one load per name however many callers, aliases, errors as domain
+errors, the idle-TTL reaper (which spares models in use), close, and names a request may not use."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
+from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.engine.pool import ModelPool
+from halkspeech.errors import ModelLoadError, ModelNotFound
+from halkspeech.model.registry import ModelRegistry
+
+
+def settings(**server: object) -> Settings:
+    return Settings(
+        model=ModelSettings(default="tiny.en", allow_download=False),
+        engine=EngineSettings(device="cpu"),
+        server=ServerSettings(**server),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_en() -> Iterator[ModelEngine]:
+    s = settings()
+    model = start_engine(ModelRegistry(s.model).load("tiny.en"), s.engine)
+    yield model
+    model.close()
+
+
+class Lender:
+    """A loader handing out the module's engine; counts loads and closes (its close() only counts)."""
+
+    def __init__(self, model: ModelEngine) -> None:
+        self.model = model
+        self.loads: list[str] = []
+        self.closes = 0
+
+    def __call__(self, key: str) -> ModelEngine:
+        self.loads.append(key)
+        lender = self
+
+        @dataclasses.dataclass
+        class Lent(ModelEngine):
+            def close(self) -> None:
+                lender.closes += 1
+
+        return Lent(**{f.name: getattr(self.model, f.name) for f in dataclasses.fields(ModelEngine)})
+
+
+def test_one_real_load_for_every_concurrent_caller_and_alias() -> None:
+    pool = ModelPool(settings(), ModelRegistry(settings().model))
+    calls: list[str] = []
+    real = pool._loader
+    pool._loader = lambda key: calls.append(key) or real(key)  # type: ignore[func-returns-value]
+
+    async def main() -> list[ModelEngine]:
+        return await asyncio.gather(*(pool.get(n) for n in ("tiny.en", "", None, "whisper-1", "whisper-tiny.en")))
+
+    try:
+        models = asyncio.run(main())
+        assert calls == ["tiny.en"] and all(m is models[0] for m in models)
+        assert models[0].name == "tiny.en" and models[0].engine.alive
+        assert [m.name for m in pool.loaded()] == ["tiny.en"]
+    finally:
+        pool.close_now()
+    assert not models[0].engine.alive  # close_now stopped it
+
+
+def test_errors_are_domain_errors(tiny_en: ModelEngine) -> None:
+    def broken(key: str) -> ModelEngine:
+        raise RuntimeError("CUDA error: out of memory")
+
+    pool = ModelPool(settings(), ModelRegistry(settings().model), loader=broken)
+    with pytest.raises(ModelNotFound, match="'no-such-model' is not available here"):
+        asyncio.run(pool.get("no-such-model"))
+    with pytest.raises(ModelLoadError, match=r"loading model 'tiny\.en' failed: RuntimeError: CUDA error"):
+        asyncio.run(pool.get())
+    assert pool.loaded() == []
+
+
+def test_requests_may_not_name_local_paths_or_random_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "owner" / "repo").mkdir(parents=True)
+    pool = ModelPool(settings(models=["random:tiny"]), ModelRegistry(settings().model))
+    for name in ("mymodel", "owner/repo", "/etc", "../x", "~/models", "random:base", "a/b/c"):
+        with pytest.raises(ModelNotFound):
+            pool.check(name, fetch=True)
+    for name in ("tiny.en", "base", "small", "random:tiny", "whisper-1"):
+        pool.check(name)  # configured, catalog or alias: fine
+    pool.check("Systran/faster-whisper-small", fetch=True)  # a hub repo, when explicitly fetched
+    with pytest.raises(ModelNotFound):
+        pool.check("Systran/faster-whisper-small")  # ... but not from a transcription request
+
+
+def test_ttl_reaper_unloads_idle_models_and_spares_busy_ones(tiny_en: ModelEngine) -> None:
+    lender = Lender(tiny_en)
+    pool = ModelPool(settings(model_ttl_s=0.2), ModelRegistry(settings().model), loader=lender)
+
+    async def main() -> None:
+        pool.start()
+        async with pool.use() as model:
+            assert model.engine is tiny_en.engine
+            await asyncio.sleep(0.6)  # three TTLs: held, so never reaped
+            assert pool.is_loaded("tiny.en") and lender.closes == 0
+        for _ in range(200):  # released: gone within the TTL plus a reaper tick
+            if not pool.is_loaded("tiny.en"):
+                break
+            await asyncio.sleep(0.05)
+        assert not pool.is_loaded("tiny.en") and lender.closes == 1
+        await pool.get()  # loads again on the next use
+        await pool.close()
+
+    asyncio.run(main())
+    assert lender.loads == ["tiny.en", "tiny.en"] and lender.closes == 2
+    with pytest.raises(ModelLoadError, match="shutting down"):
+        asyncio.run(pool.get())
+
+
+def test_unload(tiny_en: ModelEngine) -> None:
+    lender = Lender(tiny_en)
+    pool = ModelPool(settings(), ModelRegistry(settings().model), loader=lender)
+
+    async def main() -> tuple[bool, bool]:
+        await pool.get("whisper-1")
+        return await pool.unload("tiny.en"), await pool.unload("tiny.en")
+
+    assert asyncio.run(main()) == (True, False) and lender.closes == 1 and pool.loaded() == []
