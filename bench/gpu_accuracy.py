@@ -54,7 +54,10 @@ async def _transcribe_all(model: Any, audio: dict[str, np.ndarray], batched: boo
         results = await asyncio.gather(*(transcriber.transcribe(a, options) for a in audio.values()))
     else:
         results = [await transcriber.transcribe(a, options) for a in audio.values()]
-    return {cid: {"text": r.text, "tokens": list(r.tokens), "language": r.language} for cid, r in zip(audio, results)}
+    return {
+        cid: {"text": r.text, "tokens": list(r.tokens), "language": r.language}
+        for cid, r in zip(audio, results, strict=True)
+    }
 
 
 def run(model_dir: Path, clips: Path, out: Path, device: str = "cuda") -> dict[str, Any]:
@@ -109,13 +112,23 @@ def score(model_name: str, clips: Path, gpu_json: Path, json_out: Path | None) -
     for name, result in gpu["runs"].items():
         t = result["transcripts"]
         same = sum(t[c]["tokens"] == cpu[c]["tokens"] for c in cpu)
-        rows.append({"run": name, "wer": wer(t), "same_tokens_as_cpu": f"{same}/{len(cpu)}", "seconds": result["seconds"]})
+        rows.append(
+            {"run": name, "wer": wer(t), "same_tokens_as_cpu": f"{same}/{len(cpu)}", "seconds": result["seconds"]}
+        )
     batched, alone = gpu["runs"].get("gpu-fp16-batched"), gpu["runs"].get("gpu-fp16-one-at-a-time")
-    agree = sum(batched["transcripts"][c]["tokens"] == alone["transcripts"][c]["tokens"] for c in cpu) if batched and alone else 0
+    agree = (
+        sum(batched["transcripts"][c]["tokens"] == alone["transcripts"][c]["tokens"] for c in cpu)
+        if batched and alone
+        else 0
+    )
     title = f"{model_name} on the dev set ({len(english)} English clips scored; {len(cpu)} clips in all), greedy"
-    table = print_table(rows, [("run", "run"), ("wer", "WER %"), ("same_tokens_as_cpu", "tokens = CPU"), ("seconds", "s")], title=title)
+    table = print_table(
+        rows, [("run", "run"), ("wer", "WER %"), ("same_tokens_as_cpu", "tokens = CPU"), ("seconds", "s")], title=title
+    )
     print(f"GPU fp16 batched vs one at a time: identical tokens on {agree}/{len(cpu)} clips")
-    write_json(json_out, {"model": model_name, "rows": rows, "batched_equals_alone": f"{agree}/{len(cpu)}", "table": table})
+    write_json(
+        json_out, {"model": model_name, "rows": rows, "batched_equals_alone": f"{agree}/{len(cpu)}", "table": table}
+    )
 
 
 def main() -> None:

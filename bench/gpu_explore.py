@@ -68,11 +68,12 @@ def make_runner(model: Whisper, slots: int) -> tuple[Runner, TokenIds]:
 
 def fill(runner: Runner, feats: torch.Tensor, count: int, prompt: tuple[int, ...], sot: int) -> None:
     opts = SamplingOptions(max_new_tokens=400, force_length=True, timestamps=False)
-    adm = [
-        Admission(i, DecodeRequest(feats[i % len(feats)], prompt, sot, opts), (i,), 0) for i in range(count)
-    ]
+    adm = [Admission(i, DecodeRequest(feats[i % len(feats)], prompt, sot, opts), (i,), 0) for i in range(count)]
     for chunk in range(0, count, 64):
-        runner.admit(adm[chunk : chunk + 64])
+        part = adm[chunk : chunk + 64]
+        job = runner.encode_async([a.request.features for a in part])
+        job.wait()
+        runner.admit(part, [(job, row) for row in range(len(part))])
 
 
 def probe_model(name: str) -> dict:
@@ -85,23 +86,17 @@ def probe_model(name: str) -> dict:
     with torch.inference_mode():
         ours_enc = model.encoder(feats[:4].half())
         hf_enc = hf.encode(feats[:4])
-        out["encoder_rel_err_vs_hf"] = (
-            (ours_enc.float() - hf_enc.float()).norm() / hf_enc.float().norm()
-        ).item()
+        out["encoder_rel_err_vs_hf"] = ((ours_enc.float() - hf_enc.float()).norm() / hf_enc.float().norm()).item()
         # greedy tokens: HF generate vs our runner, same windows, 24 tokens, eot suppressed in both
         hf_tokens = hf.generate(feats[:4], prompt, 24)[:, -24:].tolist()
         runner, ids = make_runner(model, 8)
         fill(runner, feats, 4, prompt, sot)
         ours_tokens = [[int(runner.state.tokens[i])] for i in range(4)]
         for _ in range(23):
-            o = runner.step(
-                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=False, sampling=False)
-            )
+            o = runner.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=False, sampling=False))
             for i in range(4):
                 ours_tokens[i].append(o.tokens[i])
-        same = sum(
-            a == b for x, y in zip(ours_tokens, hf_tokens, strict=True) for a, b in zip(x, y, strict=True)
-        )
+        same = sum(a == b for x, y in zip(ours_tokens, hf_tokens, strict=True) for a, b in zip(x, y, strict=True))
         out["greedy_tokens_equal_vs_hf"] = f"{same}/{4 * 24}"
         out["first_tokens"] = {"ours": ours_tokens[0][:8], "hf": hf_tokens[0][:8]}
         # graph replay equals eager step
@@ -109,17 +104,13 @@ def probe_model(name: str) -> dict:
         r2.graphs = None
         fill(r2, feats, 4, prompt, sot)
         eager = [
-            r2.step(
-                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)
-            ).tokens
+            r2.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)).tokens
             for _ in range(5)
         ]
         r3, _ = make_runner(model, 8)
         fill(r3, feats, 4, prompt, sot)
         graph = [
-            r3.step(
-                DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)
-            ).tokens
+            r3.step(DecodeStep(size=4, window=64, active=(0, 1, 2, 3), timestamps=True, sampling=False)).tokens
             for _ in range(5)
         ]
         out["graph_equals_eager"] = eager == graph
@@ -137,9 +128,7 @@ def probe_model(name: str) -> dict:
         ):
             try:
                 with sdpa_kernel(backend):
-                    enc[f"ours_b64_{backend.name}_ms"] = cuda_ms(
-                        partial(model.encoder, feats.half()), repeats=5
-                    )
+                    enc[f"ours_b64_{backend.name}_ms"] = cuda_ms(partial(model.encoder, feats.half()), repeats=5)
             except Exception as exc:
                 enc[f"ours_b64_{backend.name}_ms"] = repr(exc)[:80]
         out["encoder"] = enc

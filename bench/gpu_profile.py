@@ -3,7 +3,7 @@
   A. decode-step replay times (after the kernel-count changes) per batch size
   B. kernel list of one eager large-v3 decode step at batch 1 (sum of kernel time vs replay time)
   C. encoder at batch 64 by kernel category (GEMM / attention / elementwise)
-  D. torch.compile'd decode step: compile seconds and replay time
+  D. (torch.compile'd decode step: measured once and dropped, see NOTES.md; the option no longer exists)
   E. FP8 (e4m3, row-wise scales) GEMMs on the encoder's shapes against fp16
   F. cross-attention at q_len 1 per SDPA backend
 
@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_explore import cuda_ms, fill, make_runner
 from halkspeech.bench.engine_bench import _features
 from halkspeech.engine.batch import DecodeStep
-from halkspeech.engine.runner import Runner
 from halkspeech.model.weights import random_weights
 from halkspeech.model.whisper import Whisper
 
@@ -86,14 +85,12 @@ def models():
     return out
 
 
-def step_times(model: Whisper, compile_step: bool = False, batches: tuple[int, ...] = (1, 16, 64)) -> dict:
+def step_times(model: Whisper, batches: tuple[int, ...] = (1, 16, 64)) -> dict:
     from halkspeech.model.tokenizer import Tokenizer
 
     tok = Tokenizer.for_model(model.dims)
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
-    runner, ids = make_runner(model, 64)
-    if compile_step:
-        runner = Runner(model, ids, slots=64, max_encoder_batch=64, cuda_graphs=True, compile_step=True)
+    runner, _ = make_runner(model, 64)
     feats = _features(64, model.dims.n_mels, DEV)
     fill(runner, feats, 64, prompt, sot)
     res = {}
@@ -171,9 +168,7 @@ def cross_attention() -> dict:
         q = torch.randn(b, 20, 1, 64, device=DEV, dtype=torch.float16)
         k = torch.randn(b, 20, 1500, 64, device=DEV, dtype=torch.float16)
         v = torch.randn_like(k)
-        res[f"b{b}_default_ms"] = cuda_ms(
-            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), repeats=30
-        )
+        res[f"b{b}_default_ms"] = cuda_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), repeats=30)
         for backend in (
             SDPBackend.FLASH_ATTENTION,
             SDPBackend.EFFICIENT_ATTENTION,
@@ -201,10 +196,6 @@ def main() -> None:
     section("C encoder b64 kernels", lambda: encoder_profile(ms["large-v3-turbo"]))
     section("F cross-attention q_len 1", cross_attention)
     section("E fp8 gemms", fp8_gemms)
-    section("D compiled step turbo", lambda: step_times(ms["large-v3-turbo"], compile_step=True))
-    section(
-        "D compiled step large-v3", lambda: step_times(ms["large-v3"], compile_step=True, batches=(1, 64))
-    )
 
 
 if __name__ == "__main__":
