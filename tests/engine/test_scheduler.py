@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from halkspeech.engine.batch import AdmitResult, StepOutput
+from halkspeech.engine.batch import Admission, AdmitResult, StepOutput
 from halkspeech.engine.beam import BeamSearch, rank
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.scheduler import Scheduler
@@ -24,7 +24,10 @@ def admit_all(s: Scheduler, first_token: int = 5) -> list[int]:
     """Encode what may be encoded, admit what fits; every slot's first token is `first_token`.
     Returns the admitted groups' rids."""
     s.mark_encoded(s.schedule_encode(limit=1000))
-    admitted = s.schedule_admission()
+    return record(s, s.schedule_admission(), first_token)
+
+
+def record(s: Scheduler, admitted: list[Admission], first_token: int = 5) -> list[int]:
     for a in admitted:
         result = AdmitResult(
             tokens=(first_token,) * len(a.slots),
@@ -122,6 +125,19 @@ def test_compaction_moves_high_slots_down() -> None:
     assert plan is not None
     assert [(m.source, m.dest) for m in plan.moves] == [(8, 0)]
     assert plan.active == (0,) and plan.size == 1
+
+
+def test_static_batching_takes_what_arrived_meanwhile() -> None:
+    s = scheduler(slots=4, static=True)
+    s.add(request(max_new=5), None)
+    encoding = s.schedule_encode(limit=10)
+    for _ in range(3):  # more arrive while the first is encoded: they wait for the next batch
+        s.add(request(max_new=5), None)
+    s.mark_encoded(encoding)
+    assert record(s, s.schedule_admission()) == [0]
+    step(s, {0: EOT})
+    s.mark_encoded(s.schedule_encode(limit=10))
+    assert len(s.schedule_admission()) == 3
 
 
 def test_static_batching_waits_for_the_whole_batch() -> None:

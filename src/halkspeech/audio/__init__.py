@@ -23,7 +23,16 @@ _HOME = {
     "mel_filters": "features",
     "pad_or_trim": "features",
 }
-__all__ = sorted(_HOME)
+__all__ = [
+    "AudioSource",
+    "audio_duration",
+    "decode_audio",
+    "decode_pcm16",
+    "log_mel_spectrogram",
+    "log_mel_windows",
+    "mel_filters",
+    "pad_or_trim",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import re
 import socket
 import subprocess
@@ -52,6 +53,9 @@ class ServerBenchConfig:
     encoder_batch: int = 64
     engine_batch: int | None = None  # the engine figure's batch (default: concurrency)
     engine_repeats: int = 3
+    #: The server engine's admission batching while it decodes (None: the defaults), to tune arrivals that trickle
+    admit_batch: int | None = None
+    admit_wait_ms: float | None = None
     device: Literal["cuda", "cpu"] = "cuda"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     audio: Path | None = None  # a recording to repeat (default: tests/data/jfk.flac)
@@ -133,8 +137,13 @@ def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
         "--max-concurrent-requests", str(max(2 * cfg.concurrency, 512)), "--max-queue-size", "8192",
         "--request-timeout", "900", "--no-access-log",
     ]  # fmt: skip
+    env = dict(os.environ)
+    if cfg.admit_batch is not None:
+        env["HALKSPEECH_ENGINE__ADMIT_BATCH"] = str(cfg.admit_batch)
+    if cfg.admit_wait_ms is not None:
+        env["HALKSPEECH_ENGINE__ADMIT_WAIT_MS"] = str(cfg.admit_wait_ms)
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, process, log_path, cfg.startup_timeout_s)

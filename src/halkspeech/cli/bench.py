@@ -63,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--engine-batch", type=int, default=None, help="batch of the engine figure (default: "
                         "--concurrency)")  # fmt: skip
     server.add_argument("--audio", type=Path, default=None, help="recording repeated into the clip (default: jfk)")
+    server.add_argument("--admit-batch", type=int, default=None, help="server engine: windows encoded together "
+                        "while decoding (default: the engine's)")  # fmt: skip
+    server.add_argument("--admit-wait-ms", type=float, default=None, help="server engine: wait for --admit-batch")
     server.add_argument("--clip-s", type=float, default=30.0)
     _device_args(server)
     server.set_defaults(func=_run_server)
@@ -175,6 +178,8 @@ def _run_server(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             audio=args.audio,
+            admit_batch=args.admit_batch,
+            admit_wait_ms=args.admit_wait_ms,
             clip_s=args.clip_s,
             json_path=args.json_path,
         )

@@ -56,11 +56,20 @@ class DecodeHandle:
 
     async def wait(self) -> DecodeResult:
         """Await the result; cancelling the awaiting task cancels the engine work too."""
+        waiter = asyncio.wrap_future(self.future)
         try:
-            return await asyncio.shield(asyncio.wrap_future(self.future))
+            return await asyncio.shield(waiter)
         except asyncio.CancelledError:
+            # the engine will complete the future with Cancelled: consume it, or asyncio logs an error for
+            # every request whose client went away
+            waiter.add_done_callback(_consume_outcome)
             self.cancel()
             raise
+
+
+def _consume_outcome(future: asyncio.Future[DecodeResult]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass
@@ -246,7 +255,9 @@ class Engine:
     def _launch_encodes(self) -> None:
         if len(self._jobs) >= ENCODE_JOBS:
             return
-        groups = self.scheduler.schedule_encode(min(ENCODE_CHUNK, self.scheduler.max_encoder_batch))
+        # with nothing decoding there is nothing to overlap: encode all that waits in one run
+        chunk = ENCODE_CHUNK if self.scheduler.running else self.scheduler.max_encoder_batch
+        groups = self.scheduler.schedule_encode(min(chunk, self.scheduler.max_encoder_batch))
         if groups:
             job = self.runner.encode_async([g.request.features for g in groups])
             self._jobs.append((job, groups))

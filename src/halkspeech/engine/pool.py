@@ -20,7 +20,7 @@ import torch
 
 from halkspeech.config import Settings
 from halkspeech.engine.factory import ModelEngine, resolve_device, resolve_dtype, start_engine
-from halkspeech.errors import HalkSpeechError, ModelLoadError, ModelNotFound
+from halkspeech.errors import EngineStopped, HalkSpeechError, ModelLoadError, ModelNotFound
 from halkspeech.model.dims import KNOWN_DIMS, canonical_name
 from halkspeech.model.registry import ModelRegistry
 
@@ -120,7 +120,7 @@ class ModelPool:
 
         `fetch` also allows hub repositories (`owner/name`) that are neither configured nor cached."""
         if self._closed:
-            raise ModelLoadError("the server is shutting down")
+            raise EngineStopped("the server is shutting down")
         key = self.key(name)
         entry = self._entries.get(key)
         if entry is not None and entry.model.engine.alive:
@@ -164,7 +164,7 @@ class ModelPool:
         model = await asyncio.to_thread(self._load_blocking, key)
         if self._closed:
             await asyncio.to_thread(model.close)
-            raise ModelLoadError("the server is shutting down")
+            raise EngineStopped("the server is shutting down")
         self._entries[key] = _Entry(model, time.time(), time.monotonic())
         log.info("loaded model %s on %s in %.1f s", key, model.device, time.perf_counter() - started)
         return model

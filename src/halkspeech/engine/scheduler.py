@@ -161,9 +161,9 @@ class Scheduler:
         """Waiting groups whose windows to encode next: at most `limit`, and no more than `lookahead`
         windows encoded ahead of the free slots (static batching: a whole batch, when nothing runs)."""
         if self.static:
-            if self._running or self._encoding or self._ready:
+            if self._running or self._encoding:
                 return []
-            budget = min(self.n_slots, len(self._waiting))
+            budget = min(self.n_slots - len(self._ready), len(self._waiting))
         else:
             budget = min(limit, self.lookahead + len(self._free) - len(self._ready) - len(self._encoding))
         chosen: list[Group] = []
@@ -189,8 +189,8 @@ class Scheduler:
         """Encoded groups that enter the decoder now (their slots are assigned)."""
         if not self._ready or not self._free:
             return []
-        if self.static:
-            if self._running or self._encoding or (self._waiting and len(self._ready) < self.n_slots):
+        if self.static:  # the batch is whatever was encoded while the last one ran: no waiting to fill it
+            if self._running or self._encoding:
                 return []
         elif self._running and not self._admit_now():
             return []

@@ -1,0 +1,140 @@
+"""Domain errors and framework errors → HTTP status codes and OpenAI's error body.
+
+Every error answer has the shape OpenAI's clients parse, `{"error": {"message", "type", "param", "code"}}`;
+routes outside /v1 add `"detail"` (the message again), which FastAPI-style clients read. Nothing a client
+sends may produce a 500: bad input is a 4xx whose message says what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from halkspeech.api.logging import request_id
+from halkspeech.errors import (
+    AudioDecodeError,
+    AudioTooLong,
+    Cancelled,
+    EngineStopped,
+    HalkSpeechError,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    URLFetchError,
+)
+
+log = logging.getLogger(__name__)
+
+# First match wins, so subclasses come before their bases.
+_STATUS: tuple[tuple[type[HalkSpeechError], int], ...] = (
+    (AudioTooLong, 413),
+    (PayloadTooLarge, 413),
+    (AudioDecodeError, 400),
+    (InvalidRequest, 400),
+    (URLFetchError, 400),
+    (ModelNotFound, 404),
+    (ModelLoadError, 422),  # the named files exist but are not a loadable Whisper model
+    (Overloaded, 429),
+    (RequestTimeout, 504),
+    (EngineStopped, 503),
+    (Cancelled, 499),  # nginx's "client closed request": the client is gone and never reads it
+)
+
+
+def status_for(exc: HalkSpeechError) -> int:
+    return next((status for kind, status in _STATUS if isinstance(exc, kind)), 400)
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    if not request.url.path.startswith("/v1/"):
+        body["detail"] = message
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HalkSpeechError)
+    status = status_for(exc)
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if status >= 500:
+        log.warning("request failed: %s: %s", type(exc).__name__, exc)
+    return error_response(request, status, str(exc), code=exc.code, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's field errors → one line naming the field; 400 on /v1 (as OpenAI), 422 elsewhere (FastAPI's)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = location[0] if location else None
+    if first.get("type") == "missing":
+        message = f"the field {param!r} is required"
+    elif first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    elif param == "file":
+        message = "the field 'file' must be a file upload (a multipart part with a filename), not text"
+    elif param:
+        message = f"invalid value for {param!r}: {first.get('msg', 'invalid')}"
+    else:
+        message = f"the request body is invalid: {first.get('msg', 'invalid')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    status = 400 if request.url.path.startswith("/v1/") else 422
+    return error_response(request, status, message, code="invalid_value", param=param)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    messages = {
+        404: f"no route {request.url.path}",
+        405: f"method {request.method} is not allowed on {request.url.path}",
+        413: "the request body is larger than the upload limit",
+    }
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    if exc.status_code in messages and detail in (None, "Not Found", "Method Not Allowed", "Content Too Large"):
+        detail = messages[exc.status_code]
+    if exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
+        # Starlette's "Invalid multipart data." alone does not say what a client should send instead
+        detail = f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
+    code = "invalid_api_key" if exc.status_code == 401 else None
+    return error_response(request, exc.status_code, detail or "request failed", code=code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    message = f"internal server error (request id {request_id()}); the server log has the details"
+    return error_response(request, 500, message, code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(HalkSpeechError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

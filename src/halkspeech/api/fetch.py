@@ -1,0 +1,182 @@
+"""Fetching audio from a URL a client gave us, without letting it reach what it should not (SSRF).
+
+- only http and https, and no credentials in the URL;
+- the host is resolved here and every address it resolves to must be public (not private, loopback,
+  link-local, multicast, reserved ...) unless `url_fetch_allow_private`; the connection then goes to that
+  checked address (Host header and TLS SNI keep the name), so a second DNS answer cannot swap it (rebinding);
+- redirects are followed by hand, each hop checked the same way, at most `url_fetch_max_redirects`;
+- nothing of ours is sent: no auth headers, no cookies (not even the ones a redirect sets), no proxy or
+  netrc from the environment;
+- the body is streamed with a byte limit (PayloadTooLarge), the whole fetch with a time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from halkspeech import __version__
+from halkspeech.config import ServerSettings
+from halkspeech.errors import PayloadTooLarge, RequestTimeout, URLFetchError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+AddressPolicy = Callable[[IPAddress], bool]
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_CHUNK = 1 << 16
+
+
+def is_public(address: IPAddress) -> bool:
+    """Whether an address is on the public internet (not private, loopback, link-local, CGNAT, multicast ...)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to (A and AAAA), without blocking the event loop."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise URLFetchError(f"cannot resolve the URL's host {host!r}: {exc.strerror}") from None
+    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    url: str  # after redirects
+    content_type: str | None
+
+
+class URLFetcher:
+    """Fetches one URL at a time per call; safe to share."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        resolver: Resolver = resolve,
+        policy: AddressPolicy | None = None,
+    ) -> None:
+        self.max_bytes = int(settings.max_upload_mb * 1e6)
+        self.timeout_s = settings.url_fetch_timeout_s
+        self.max_redirects = settings.url_fetch_max_redirects
+        self.resolver = resolver
+        self.policy: AddressPolicy = policy or ((lambda _: True) if settings.url_fetch_allow_private else is_public)
+
+    async def fetch(self, url: str) -> Fetched:
+        """GET `url` (following checked redirects) → its body; URLFetchError, PayloadTooLarge, RequestTimeout."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._fetch(url)
+        except TimeoutError:
+            raise RequestTimeout(f"fetching the URL took longer than {self.timeout_s:g} s") from None
+
+    async def _fetch(self, url: str) -> Fetched:
+        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
+        headers = {"User-Agent": f"halkspeech/{__version__}", "Accept": "audio/*, video/*, */*;q=0.5"}
+        async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout) as client:
+            current = _parse(url)
+            for _ in range(self.max_redirects + 1):
+                address = await self._checked_address(current)
+                client.cookies.clear()  # a cookie set by one hop is never sent to the next
+                request = client.build_request(
+                    "GET",
+                    current.copy_with(host=_host_literal(address)),
+                    headers={**headers, "Host": _host_header(current)},
+                    extensions={"sni_hostname": current.host} if current.scheme == "https" else {},
+                )
+                try:
+                    response = await client.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise URLFetchError(f"could not fetch the URL: {_describe(exc)}") from None
+                async with contextlib.aclosing(response):
+                    if response.status_code in _REDIRECTS:
+                        current = self._next_hop(current, response)
+                        continue
+                    if response.status_code != 200:
+                        raise URLFetchError(f"fetching the URL failed: the server answered HTTP {response.status_code}")
+                    data = await self._read(response)
+                    return Fetched(data, str(current), response.headers.get("content-type"))
+        raise URLFetchError(f"the URL redirected more than {self.max_redirects} times")
+
+    async def _checked_address(self, url: httpx.URL) -> IPAddress:
+        host = url.host
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            addresses = await self.resolver(host, url.port or (443 if url.scheme == "https" else 80))
+        if not addresses:
+            raise URLFetchError(f"the URL's host {host!r} has no address")
+        refused = [a for a in addresses if not self.policy(a)]
+        if refused:
+            raise URLFetchError(
+                f"the URL's host {host!r} resolves to {refused[0]}, a private, loopback or otherwise non-public "
+                "address; only public addresses may be fetched"
+            )
+        return addresses[0]
+
+    def _next_hop(self, current: httpx.URL, response: httpx.Response) -> httpx.URL:
+        location = response.headers.get("location")
+        if not location:
+            raise URLFetchError(f"the URL answered HTTP {response.status_code} without a Location to follow")
+        try:
+            return _parse(str(current.join(location)))
+        except httpx.InvalidURL:
+            raise URLFetchError("the URL redirected to an invalid address") from None
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise PayloadTooLarge(self._too_large())
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.aiter_bytes(_CHUNK):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise PayloadTooLarge(self._too_large())
+                chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise URLFetchError(f"could not read the URL's body: {_describe(exc)}") from None
+        return b"".join(chunks)
+
+    def _too_large(self) -> str:
+        return f"the URL's content is larger than the limit of {self.max_bytes / 1e6:g} MB"
+
+
+def _parse(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url.strip())
+    except (httpx.InvalidURL, TypeError):
+        raise URLFetchError(f"not a valid URL: {url[:200]!r}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise URLFetchError(f"only http and https URLs can be fetched, not {parsed.scheme or 'a relative URL'!r}")
+    if not parsed.host:
+        raise URLFetchError("the URL has no host")
+    if parsed.userinfo:
+        raise URLFetchError("the URL may not carry credentials (user:password@)")
+    return parsed.copy_with(fragment=None)
+
+
+def _host_literal(address: IPAddress) -> str:
+    return str(address)  # httpx brackets IPv6 hosts itself
+
+
+def _host_header(url: httpx.URL) -> str:
+    default = 443 if url.scheme == "https" else 80
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return host if url.port in (None, default) else f"{host}:{url.port}"
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,133 @@
+"""One transcription for a route: admission, the model, the audio decoded in a worker thread, the transcription;
+cancelled when the client disconnects or the request timeout passes. (sse.py streams one as it goes.)
+
+Cancelling the transcription task cancels its engine work (the engine frees the slots at its next step) and
+leaves the admission queue, so a client that goes away leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from starlette.types import Receive
+
+from halkspeech.api.deps import AppState
+from halkspeech.audio.decode import AudioSource
+from halkspeech.audio.wav import decode_upload
+from halkspeech.config import ServerSettings
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import Cancelled, InvalidRequest, RequestTimeout
+from halkspeech.model.languages import normalize_language
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to transcribe (an upload, or a URL to fetch) with which model and options."""
+
+    options: TranscribeOptions
+    model: str | None = None
+    audio: AudioSource | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    transcript: Transcript
+    model: str
+    decode_ms: float  # audio decoding (and the URL fetch, if any)
+    processing_s: float  # the whole job, admission wait included
+
+
+def with_server_policy(options: TranscribeOptions, server: ServerSettings) -> TranscribeOptions:
+    """Apply server-wide overrides: `force_decode_tokens` (benchmarks only) decodes exactly that many tokens
+    per window without timestamps, as `halkspeech bench engine` does."""
+    if server.force_decode_tokens is None:
+        return options
+    return dataclasses.replace(options, force_decode_tokens=server.force_decode_tokens, without_timestamps=True)
+
+
+def check_options(model: ModelEngine, options: TranscribeOptions) -> None:
+    """Refuse what this model cannot do before any work starts (so a stream never starts only to fail)."""
+    if options.task == "translate" and not model.tokenizer.multilingual:
+        raise InvalidRequest(f"model {model.name} is English-only and cannot translate; use a multilingual model")
+    normalize_language(options.language, model.tokenizer.num_languages)
+
+
+async def run_job(
+    state: AppState,
+    job: Job,
+    *,
+    on_segment: Callable[[Segment], None] | None = None,
+    ready: asyncio.Future[None] | None = None,
+) -> Outcome:
+    """The whole job under the request timeout. `ready` is set once the audio is decoded and decoding starts."""
+    started = time.perf_counter()
+    server = state.settings.server
+    # Cheap refusals first (unknown model or language), then the audio, and only then a model load.
+    state.pool.check(job.model)
+    normalize_language(job.options.language)
+    try:
+        async with asyncio.timeout(server.request_timeout_s), state.gate.admit():
+            decode_started = time.perf_counter()
+            source = job.audio if job.url is None else (await state.fetcher.fetch(job.url)).data
+            if source is None:
+                raise InvalidRequest("no audio was given")
+            audio = await asyncio.to_thread(decode_upload, source, max_duration_s=server.max_audio_s)
+            decode_ms = (time.perf_counter() - decode_started) * 1000
+            async with state.pool.use(job.model) as model:
+                check_options(model, job.options)
+                if ready is not None and not ready.done():
+                    ready.set_result(None)
+                transcript = await Transcriber(model).transcribe(audio, job.options, on_segment=on_segment)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the transcription did not finish within {server.request_timeout_s:g} s (server.request_timeout_s)"
+        ) from None
+    name = state.pool.key(job.model)
+    state.metrics.audio_seconds.labels(name).inc(transcript.duration)
+    return Outcome(transcript, name, decode_ms, time.perf_counter() - started)
+
+
+async def transcribe(request: Request, state: AppState, job: Job) -> Outcome:
+    """Run a job to its end; Cancelled if the client disconnects first (its work is cancelled)."""
+    return await until_disconnect(request.receive, run_job(state, job))
+
+
+# --- disconnects ----------------------------------------------------------------------------------------------
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (ASGI http.disconnect); reads and drops any unread body."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, cancelling it (and waiting until it has cleaned up) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (server shutdown)
+        watcher.cancel()
+        if not task.done():
+            await cancel(task)
+    if task.cancelled():
+        raise Cancelled("the client disconnected; its transcription was cancelled")
+    return task.result()
+
+
+async def cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel a task and wait until it has unwound (released its admission slot, cancelled its engine work)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

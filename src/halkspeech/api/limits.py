@@ -1,0 +1,92 @@
+"""Admission: at most `max_concurrent` transcriptions run, at most `max_queue` wait for a turn, and past that a
+request is refused at once (Overloaded → 429 with Retry-After), never left hanging.
+
+Waiters are served first come, first served (asyncio.Semaphore's FIFO). A waiter that is cancelled (its client
+went away, its timeout passed) leaves the queue and takes nothing with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from halkspeech.api.errors import error_response
+from halkspeech.errors import Overloaded
+
+
+class AdmissionGate:
+    """A concurrency limit with a bounded wait queue, for one event loop."""
+
+    def __init__(self, max_concurrent: int, max_queue: int, *, retry_after_s: float = 1.0) -> None:
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError("max_concurrent must be at least 1 and max_queue not negative")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.active = 0  # requests holding a slot
+        self.waiting = 0  # requests queued for one
+        self.rejected = 0  # refused since start
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold a slot for the block; raises Overloaded at once when every slot and queue place is taken."""
+        if self.active >= self.max_concurrent and self.waiting >= self.max_queue:
+            self.rejected += 1
+            raise Overloaded(
+                f"the server is at capacity ({self.active} requests running, {self.waiting} waiting); "
+                f"retry after {self.retry_after_s:g} s",
+                retry_after=self.retry_after_s,
+            )
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413: at once when Content-Length says so, else as soon as
+    the streamed body passes the limit (chunked uploads), before the rest is read or stored."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is larger than the upload limit of {self.max_bytes / 1e6:g} MB"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(Request(scope), 413, self._message(), code="payload_too_large")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Starlette's HTTPException: FastAPI re-raises it from body parsing, so it answers 413
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)

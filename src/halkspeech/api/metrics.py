@@ -1,0 +1,181 @@
+"""Prometheus metrics: HTTP requests by route and status with latency histograms, and, read from the engines at
+scrape time, queue depth, running sequences, encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s),
+admission state and GPU memory.
+
+Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as TallyCounter
+from collections.abc import Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from halkspeech.api.limits import AdmissionGate
+from halkspeech.engine.pool import ModelPool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The app's registry and the series the HTTP layer updates itself."""
+
+    def __init__(self, pool: ModelPool, gate: AdmissionGate) -> None:
+        disable_created_metrics()  # no `_created` twin of every counter (process-wide; nothing here wants them)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "halkspeech_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ("route", "method", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "halkspeech_http_request_duration_seconds",
+            "Wall time from the request's arrival to its last response byte, by route template.",
+            ("route",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.audio_seconds = Counter(
+            "halkspeech_audio_seconds",
+            "Seconds of audio transcribed, by model.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(pool, gate))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector(Collector):
+    """Reads every loaded engine's stats and the admission gate when Prometheus scrapes."""
+
+    def __init__(self, pool: ModelPool, gate: AdmissionGate) -> None:
+        self.pool = pool
+        self.gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = self.pool.loaded()
+        yield _gauge("halkspeech_models_loaded", "Models loaded now.", [((), len(loaded))])
+        queue = GaugeMetricFamily(
+            "halkspeech_engine_queue_depth", "Windows waiting for a decoder slot.", labels=["model"]
+        )
+        running = GaugeMetricFamily(
+            "halkspeech_engine_running_sequences", "Sequences in decoder slots.", labels=["model"]
+        )
+        steps = CounterMetricFamily("halkspeech_engine_steps", "Decode steps run.", labels=["model"])
+        tokens = CounterMetricFamily(
+            "halkspeech_engine_tokens", "Tokens decoded (rate() is tokens/s).", labels=["model"]
+        )
+        busy = CounterMetricFamily(
+            "halkspeech_engine_busy_seconds", "Seconds the engine loop worked.", labels=["model"]
+        )
+        windows = CounterMetricFamily(
+            "halkspeech_engine_windows",
+            "Windows by outcome (admitted, completed, cancelled, failed).",
+            labels=["model", "outcome"],
+        )
+        encoder = HistogramMetricFamily(
+            "halkspeech_engine_encoder_batch_size", "Windows per encoder call.", labels=["model"]
+        )
+        decoder = HistogramMetricFamily(
+            "halkspeech_engine_decode_batch_size", "Active sequences per decode step.", labels=["model"]
+        )
+        for item in loaded:
+            engine, labels = item.model.engine, [item.name]
+            stats = engine.stats
+            queue.add_metric(labels, engine.queue_depth)
+            running.add_metric(labels, engine.running)
+            steps.add_metric(labels, stats.steps)
+            tokens.add_metric(labels, stats.tokens)
+            busy.add_metric(labels, stats.busy_s)
+            for outcome in ("admitted", "completed", "cancelled", "failed"):
+                windows.add_metric([item.name, outcome], getattr(stats, outcome))
+            encoder.add_metric(labels, *_histogram(stats.encoder_batches))
+            decoder.add_metric(labels, *_histogram(stats.decode_batches))
+        yield from (queue, running, steps, tokens, busy, windows, encoder, decoder)
+        gate = self.gate
+        yield _gauge("halkspeech_admission_active", "Requests holding a transcription slot.", [((), gate.active)])
+        yield _gauge("halkspeech_admission_waiting", "Requests queued for a transcription slot.", [((), gate.waiting)])
+        rejected = CounterMetricFamily("halkspeech_admission_rejected", "Requests refused with 429.")
+        rejected.add_metric([], gate.rejected)
+        yield rejected
+        yield from _gpu_memory()
+
+
+def _gauge(name: str, doc: str, values: list[tuple[tuple[str, ...], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[] if not values or not values[0][0] else ["model"])
+    for labels, value in values:
+        family.add_metric(list(labels), value)
+    return family
+
+
+def _histogram(tally: TallyCounter[int]) -> tuple[list[tuple[str, float]], float]:
+    """An engine Counter {batch size: calls} → cumulative Prometheus buckets and the sum of sizes."""
+    for _ in range(5):  # the engine thread may add a key while we copy; try again
+        try:
+            items = sorted(tally.items())
+            break
+        except RuntimeError:
+            time.sleep(0)
+    else:
+        items = []
+    buckets, cumulative = [], 0
+    for bound in _BATCH_BUCKETS:
+        cumulative = sum(count for size, count in items if size <= bound)
+        buckets.append((str(bound), float(cumulative)))
+    buckets.append(("+Inf", float(sum(count for _, count in items))))
+    return buckets, float(sum(size * count for size, count in items))
+
+
+def _gpu_memory() -> Iterator[Metric]:
+    if not torch.cuda.is_available():
+        return
+    family = GaugeMetricFamily(
+        "halkspeech_gpu_memory_bytes", "GPU memory by device and kind.", labels=["device", "kind"]
+    )
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        device = f"cuda:{index}"
+        family.add_metric([device, "allocated"], torch.cuda.memory_allocated(index))
+        family.add_metric([device, "reserved"], torch.cuda.memory_reserved(index))
+        family.add_metric([device, "free"], free)
+        family.add_metric([device, "total"], total)
+    yield family
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template (not the raw path: ids would explode the series)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

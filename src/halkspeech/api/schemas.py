@@ -1,0 +1,216 @@
+"""Request and response models: what /docs shows, and the JSON bodies the simple API accepts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+Task = Literal["transcribe", "translate"]
+Mode = Literal["sequential", "batched"]
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape; routes outside /v1 add `detail` (the message) for FastAPI-style clients."""
+
+    error: ErrorDetail
+    detail: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "Bad input: not audio, an unsupported language, a malformed field ..."),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Upload or audio longer than the limits"),
+        (429, "At capacity: retry after the Retry-After header's seconds"),
+        (504, "Did not finish within the request timeout"),
+    )
+}
+
+
+# --- OpenAI audio API ---------------------------------------------------------------------------------------
+class TranscriptionForm(BaseModel):
+    """The multipart form of /v1/audio/transcriptions and /v1/audio/translations.
+
+    Unknown fields are ignored, so clients of faster-whisper servers may send theirs; the ones below past
+    `stream` are such extras that HalkSpeech honours."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    file: UploadFile = Field(description="the audio (or video): any format FFmpeg reads")
+    model: str = Field(default="", description="a model name; `whisper-1` or empty means the default model")
+    language: str | None = Field(default=None, description="ISO 639-1 code of the spoken language; empty: detect")
+    prompt: str | None = Field(default=None, description="text that precedes the audio (style, spellings)")
+    response_format: ResponseFormat = "json"
+    temperature: float = Field(default=0.0, ge=0, le=1, description="0: greedy, raised on failure as OpenAI does")
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(
+        default_factory=lambda: list[Literal["segment", "word"]](["segment"]),
+        alias="timestamp_granularities[]",
+        description="`word` adds word timings to verbose_json",
+    )
+    stream: bool = Field(default=False, description="server-sent events: transcript.text.delta, then .done")
+    beam_size: int = Field(default=1, ge=1, le=16)
+    best_of: int = Field(default=1, ge=1, le=16)
+    condition_on_previous_text: bool = True
+    without_timestamps: bool = False
+    word_timestamps: bool = False
+    mode: Mode = Field(default="sequential", description="batched: VAD chunks of one file decoded together")
+    vad_filter: bool = Field(default=False, description="accepted for compatibility; batched mode always uses VAD")
+
+
+class WordOut(BaseModel):
+    word: str
+    start: float
+    end: float
+    probability: float | None = None
+
+
+class SegmentOut(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[WordOut] | None = None
+
+
+class TranscriptionOut(BaseModel):
+    """response_format=json."""
+
+    text: str
+
+
+class VerboseTranscriptionOut(BaseModel):
+    """response_format=verbose_json (`words` when timestamp_granularities[] includes "word")."""
+
+    task: str
+    language: str
+    duration: float
+    text: str
+    segments: list[SegmentOut]
+    words: list[WordOut] | None = None
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "halkspeech"
+    loaded: bool = False
+    alias_of: str | None = Field(default=None, description="the model an alias (whisper-1) stands for")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+# --- simple API ---------------------------------------------------------------------------------------------
+class SimpleSegment(BaseModel):
+    id: int
+    start: float
+    end: float
+    text: str
+    words: list[WordOut] | None = None
+
+
+class TimingsOut(BaseModel):
+    """Milliseconds: audio decoding, waiting for the engine, encoder and decoder (summed over windows), total."""
+
+    decode: float
+    queue: float
+    encoder: float
+    decoder: float
+    total: float
+
+
+class SimpleTranscription(BaseModel):
+    text: str
+    language: str
+    duration: float = Field(description="seconds of audio")
+    processing_time: float = Field(description="seconds from the request's arrival to its answer")
+    model: str
+    segments: list[SimpleSegment] | None = None
+    timings_ms: TimingsOut | None = None
+
+
+class SimpleOptions(BaseModel):
+    """The options of POST /transcribe (its query string) and POST /transcribe/url (its JSON body)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    language: str | None = Field(default=None, description="ISO 639-1 code (`tr`); empty: detect")
+    task: Task = "transcribe"
+    include_segments: bool = Field(default=False, description="add `segments` (id, start, end, text)")
+    timestamps: bool = Field(default=False, description="predict timestamps (finer segments); implies include_segments")
+    timings: bool = Field(default=False, description="add `timings_ms`: decode, queue, encoder, decoder, total")
+    model: str | None = Field(default=None, description="a model name; empty: the default model")
+    mode: Mode = "sequential"
+    word_timestamps: bool = Field(default=False, description="add word timings to the segments")
+    stream: bool = Field(default=False, description="server-sent events: a delta per segment, then the result")
+
+
+class TranscribeURLRequest(SimpleOptions):
+    """POST /transcribe/url: the audio's URL and the same options as /transcribe's query string."""
+
+    url: str = Field(description="http(s) URL of the audio; private and loopback addresses are refused")
+
+
+# --- health -------------------------------------------------------------------------------------------------
+class GPUInfo(BaseModel):
+    name: str
+    memory_total_mb: float
+    memory_free_mb: float
+    memory_allocated_mb: float
+    memory_reserved_mb: float
+
+
+class HealthModel(BaseModel):
+    name: str
+    device: str
+    dtype: str
+    slots: int
+    running: int
+    queue_depth: int
+    alive: bool
+    idle_s: float
+
+
+class AdmissionOut(BaseModel):
+    active: int
+    waiting: int
+    max_concurrent: int
+    max_queue: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    device: str
+    gpu: GPUInfo | None
+    default_model: str
+    models: list[HealthModel]
+    admission: AdmissionOut

@@ -1,0 +1,153 @@
+"""`halkspeech serve`: the HTTP server (OpenAI audio API, /transcribe, /health, /metrics) under uvicorn.
+
+Flags override HALKSPEECH_* (and WHISPER__*) environment variables. Models named with --preload load before
+the port opens, so a bad name or a missing GPU is a one-line error, not a server that fails its first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+# uvicorn's socket backlog: room for a few thousand clients connecting at once (the kernel caps it at somaxconn).
+_BACKLOG = 4096
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server (OpenAI audio API, /transcribe, /health, /metrics)",
+        description="Serve Whisper over HTTP. Flags override HALKSPEECH_* and WHISPER__* environment variables.",
+    )
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    net.add_argument("--port", type=int, help="port (default 8000)")
+    net.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted key (repeatable)")
+    net.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without a key")
+
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="model to serve (repeatable; the first is the default): a catalog name, owner/repo, a path, or "
+        "random:<catalog name> for benchmarks",
+    )
+    models.add_argument("--preload", action="store_true", help="load the --model models (or the default) at start")
+    models.add_argument("--model-ttl", type=float, help="seconds idle before a model is unloaded (-1: never)")
+    models.add_argument("--cache-dir", type=Path, help="model cache directory")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    engine.add_argument("--device-index", type=int)
+    engine.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    engine.add_argument("--max-slots", type=int, help="decoder slots (0: from free GPU memory)")
+    engine.add_argument("--encoder-batch", type=int, help="windows per encoder call at most")
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-concurrent-requests", type=int)
+    limits.add_argument("--max-queue-size", type=int, help="requests waiting for a turn before 429s")
+    limits.add_argument("--request-timeout", type=float, help="seconds per request before a 504")
+    limits.add_argument("--max-upload-mb", type=float)
+    limits.add_argument("--max-audio-s", type=float, help="longest audio accepted, in seconds")
+    limits.add_argument("--allow-private-urls", action="store_true", default=None, help="/transcribe/url may fetch "
+                        "private and loopback addresses (only on trusted networks)")  # fmt: skip
+
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-format", choices=("json", "text"))
+    logs.add_argument("--no-access-log", action="store_true", help="no line per request")
+
+    parser.add_argument(
+        "--force-decode-tokens",
+        type=int,
+        metavar="N",
+        help="BENCHMARKS ONLY: decode exactly N tokens per 30 s window, without timestamps, whatever the audio "
+        "says (transcripts become nonsense)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names: list[str] = args.models or []
+    overrides: dict[str, Any] = {
+        "server__host": args.host,
+        "server__port": args.port,
+        "server__api_keys": args.api_keys,
+        "server__metrics_open": args.metrics_open,
+        "server__model_ttl_s": args.model_ttl,
+        "server__max_concurrent_requests": args.max_concurrent_requests,
+        "server__max_queue_size": args.max_queue_size,
+        "server__request_timeout_s": args.request_timeout,
+        "server__max_upload_mb": args.max_upload_mb,
+        "server__max_audio_s": args.max_audio_s,
+        "server__url_fetch_allow_private": args.allow_private_urls,
+        "server__log_format": args.log_format,
+        "server__access_log": False if args.no_access_log else None,
+        "server__force_decode_tokens": args.force_decode_tokens,
+        "model__cache_dir": args.cache_dir,
+        "engine__device": args.device,
+        "engine__device_index": args.device_index,
+        "engine__dtype": args.dtype,
+        "engine__max_slots": args.max_slots,
+        "engine__max_encoder_batch": args.encoder_batch,
+    }
+    if names:
+        overrides["model__default"] = names[0]
+        overrides["server__models"] = names[1:]
+    if args.preload:
+        overrides["server__preload"] = names or ["true"]  # "true": the default model
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from halkspeech.api.app import create_app
+    from halkspeech.api.logging import configure_logging
+    from halkspeech.config import load_settings
+    from halkspeech.engine.pool import ModelPool
+    from halkspeech.model.registry import ModelRegistry
+
+    settings = load_settings(**_overrides(args))
+    server = settings.server
+    configure_logging(args.log_level or settings.log_level, server.log_format)
+    try:
+        sock = socket.create_server((server.host, server.port), backlog=_BACKLOG, reuse_port=False)
+    except OSError as exc:
+        print(f"halkspeech: error: cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    pool = ModelPool(settings, ModelRegistry(settings.model))
+    try:
+        for name in server.preload:
+            pool.load_now(name)
+        config = uvicorn.Config(
+            create_app(settings, pool),
+            log_config=None,
+            access_log=False,  # our middleware writes one structured line per request
+            backlog=_BACKLOG,
+            timeout_graceful_shutdown=10,
+        )
+        _serve_until_signalled(uvicorn.Server(config), sock)
+    finally:
+        pool.close_now()
+        sock.close()
+    return 0
+
+
+def _serve_until_signalled(server: Any, sock: socket.socket) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully and return (exit 0).
+
+    uvicorn re-raises the signal it caught once it has stopped; by then a graceful stop is done, so SIGTERM is
+    ignored and SIGINT's KeyboardInterrupt swallowed (else `docker stop` would read as a crash)."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,239 @@
+"""`halkspeech loadtest http`: many concurrent clients posting real files to a running server.
+
+`concurrency` clients each post one file after another (closed loop) until `requests` have been sent or
+`max_duration_s` has passed; each request may take `timeout_s` at most. Reported: requests/s, audio seconds/s,
+30 s windows/s, latency p50/p95/p99 of the successful requests, and errors by status (or by failure: timeout,
+connect_error ...), as a table and as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from halkspeech.audio import decode_audio
+from halkspeech.bench.common import percentile, print_table, write_json
+from halkspeech.errors import InvalidRequest
+
+WINDOW_S = 30.0
+_PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe"}
+
+
+@dataclass(frozen=True)
+class HttpLoadConfig:
+    url: str  # the server's base URL, or the full URL of the endpoint
+    audio: tuple[Path, ...]
+    concurrency: int = 16
+    requests: int = 100
+    api: Literal["openai", "simple"] = "openai"
+    model: str | None = None
+    response_format: str = "json"
+    language: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    max_duration_s: float = 900.0
+    json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.requests < 1:
+            raise InvalidRequest("--concurrency and --requests must be at least 1")
+        if not self.audio:
+            raise InvalidRequest("give at least one --audio file")
+
+    @property
+    def endpoint(self) -> str:
+        base = httpx.URL(self.url)
+        return str(base) if base.path not in ("", "/") else str(base.copy_with(path=_PATHS[self.api]))
+
+
+@dataclass(frozen=True)
+class _Clip:
+    name: str
+    data: bytes
+    seconds: float
+
+
+@dataclass
+class LoadTally:
+    """What one client process saw (picklable, so a benchmark can merge several processes' tallies)."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, successful requests
+    errors: Counter[str] = field(default_factory=Counter)
+    audio_s: float = 0.0
+    windows: int = 0
+    sent: int = 0
+    started: float = 0.0  # time.time() of the first request
+    ended: float = 0.0  # time.time() when the last one finished
+
+
+def load_clips(paths: tuple[Path, ...]) -> list[_Clip]:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InvalidRequest(f"no such file: {', '.join(missing)}")
+    return [_Clip(p.name, p.read_bytes(), len(decode_audio(p)) / 16000) for p in paths]
+
+
+def run_http_load(cfg: HttpLoadConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the load, print the table (unless quiet), write the JSON; returns the results."""
+    results = summarize(cfg, [measure(cfg)])
+    if not quiet:
+        print_results(results)
+    write_json(cfg.json_path, results)
+    return results
+
+
+def measure(cfg: HttpLoadConfig) -> LoadTally:
+    """Run the load from this process (its own event loop) and return what it saw."""
+    return asyncio.run(_drive(cfg, load_clips(cfg.audio)))
+
+
+async def _drive(cfg: HttpLoadConfig, clips: list[_Clip]) -> LoadTally:
+    tally = LoadTally(started=time.time())
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(30.0, cfg.timeout_s))
+    started = time.perf_counter()
+    deadline = started + cfg.max_duration_s
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+
+        async def worker() -> None:
+            while tally.sent < cfg.requests and time.perf_counter() < deadline:
+                clip = clips[tally.sent % len(clips)]
+                tally.sent += 1
+                await _one(client, cfg, clip, tally)
+
+        await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, cfg.requests))))
+    tally.ended = time.time()
+    return tally
+
+
+async def _one(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip, tally: LoadTally) -> None:
+    files = {"file": (clip.name, clip.data, "application/octet-stream")}
+    started = time.perf_counter()
+    try:
+        if cfg.api == "openai":
+            form = {"model": cfg.model or "", "response_format": cfg.response_format}
+            if cfg.language:
+                form["language"] = cfg.language
+            response = await client.post(cfg.endpoint, files=files, data=form)
+        else:
+            params = {k: v for k, v in (("language", cfg.language), ("model", cfg.model)) if v}
+            response = await client.post(cfg.endpoint, files=files, params=params)
+    except httpx.TimeoutException:
+        tally.errors["timeout"] += 1
+        return
+    except httpx.HTTPError as exc:
+        tally.errors[_failure_name(exc)] += 1
+        return
+    if response.status_code != 200:
+        tally.errors[str(response.status_code)] += 1
+        return
+    tally.latencies.append(time.perf_counter() - started)
+    tally.audio_s += clip.seconds
+    tally.windows += max(1, math.ceil(clip.seconds / WINDOW_S - 1e-6))
+
+
+def _failure_name(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "connect_error"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "connection_dropped"
+    return type(exc).__name__
+
+
+def summarize(cfg: HttpLoadConfig, tallies: list[LoadTally]) -> dict[str, Any]:
+    """Results of one or more tallies run side by side (wall time: first start to last end)."""
+    tally = LoadTally(started=min(t.started for t in tallies), ended=max(t.ended for t in tallies))
+    for part in tallies:
+        tally.latencies += part.latencies
+        tally.errors += part.errors
+        tally.audio_s += part.audio_s
+        tally.windows += part.windows
+        tally.sent += part.sent
+    wall = tally.ended - tally.started
+    lat_ms = [s * 1000 for s in tally.latencies]
+    ok = len(lat_ms)
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "api_key"}
+        | {"audio": [str(p) for p in cfg.audio], "endpoint": cfg.endpoint},
+        "sent": tally.sent,
+        "ok": ok,
+        "failed": tally.sent - ok,
+        "errors": dict(sorted(tally.errors.items())),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(ok / wall, 3) if wall else 0.0,
+        "audio_s_per_s": round(tally.audio_s / wall, 2) if wall else 0.0,
+        "windows_per_s": round(tally.windows / wall, 3) if wall else 0.0,
+        "latency_ms": {
+            "p50": round(percentile(lat_ms, 50), 1) if ok else None,
+            "p95": round(percentile(lat_ms, 95), 1) if ok else None,
+            "p99": round(percentile(lat_ms, 99), 1) if ok else None,
+            "mean": round(statistics.fmean(lat_ms), 1) if ok else None,
+            "max": round(max(lat_ms), 1) if ok else None,
+        },
+    }
+
+
+def print_results(results: dict[str, Any], title: str = "HTTP load") -> None:
+    cfg, lat = results["config"], results["latency_ms"]
+    row = {
+        "concurrency": cfg["concurrency"],
+        "sent": results["sent"],
+        "ok": results["ok"],
+        "req_s": results["requests_per_s"],
+        "audio_s_s": results["audio_s_per_s"],
+        "windows_s": results["windows_per_s"],
+        **{k: lat[k] for k in ("p50", "p95", "p99")},
+    }
+    columns = [(k, k) for k in row]
+    print_table([row], columns, title=f"{title}: {cfg['endpoint']}, {results['wall_s']:.1f} s (latency in ms)")
+    print(f"errors: {results['errors'] or 'none'}", flush=True)
+
+
+def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = kinds.add_parser(
+        "http",
+        help="concurrent clients posting files: requests/s, audio s/s, latency percentiles, errors",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    parser.add_argument("--url", default="http://localhost:8000", help="server base URL (or the endpoint's URL)")
+    parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients posting at once")
+    parser.add_argument("--requests", type=int, default=100, help="requests in all")
+    parser.add_argument("--api", choices=("openai", "simple"), default="openai", help="endpoint to drive")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
+    parser.add_argument("--language", default=None, help="spoken language (default: detect)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    parser.add_argument("--max-duration-s", type=float, default=900.0, help="no new requests after this")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = HttpLoadConfig(
+        url=args.url,
+        audio=tuple(args.audio),
+        concurrency=args.concurrency,
+        requests=args.requests,
+        api=args.api,
+        model=args.model,
+        response_format=args.response_format,
+        language=args.language,
+        api_key=args.api_key,
+        timeout_s=args.timeout_s,
+        max_duration_s=args.max_duration_s,
+        json_path=args.json_path,
+    )
+    results = run_http_load(cfg)
+    return 0 if results["ok"] and not results["failed"] else 1

@@ -1,0 +1,328 @@
+"""`halkspeech loadtest ws`: many simulated users doing push-to-talk turns against a running server's /ws.
+
+Each user opens `sessions_per_user` connections one after another and speaks `turns_per_session` turns on
+each: it streams a clip as 20 ms PCM frames at `speed` × real time, sends `end`, and waits for the final.
+Users start spread over `ramp_s`. Reported: latency from `end` to the final (p50/p95/p99), how far partials
+lag behind the audio they cover, turns and audio per second, errors and dropped connections. Every loop is
+bounded: by the counts, by `turn_timeout_s` per turn and by `max_duration_s` overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from halkspeech.audio import decode_audio
+from halkspeech.errors import HalkSpeechError, InvalidRequest
+from halkspeech.loadtest.ws_common import (
+    END_MESSAGE,
+    SAMPLE_RATE,
+    open_ws,
+    paced,
+    parse,
+    pcm_frames,
+    start_message,
+    to_pcm16,
+)
+
+
+@dataclass(frozen=True)
+class WsLoadConfig:
+    url: str
+    audio: tuple[Path, ...]
+    users: int = 10
+    ramp_s: float = 0.0
+    sessions_per_user: int = 1
+    turns_per_session: int = 3
+    speed: float = 1.0
+    frame_ms: float = 20.0
+    think_s: float = 0.5  # pause between a final and the user's next turn
+    partials: bool = False
+    language: str | None = "en"
+    model: str | None = None
+    api_key: str | None = None
+    turn_timeout_s: float = 60.0  # wait for a final at most this long after `end`
+    max_duration_s: float = 900.0  # the whole run stops after this
+    json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.users < 1 or self.sessions_per_user < 1 or self.turns_per_session < 1:
+            raise InvalidRequest("--users, --sessions-per-user and --turns-per-session must be at least 1")
+        if self.speed < 0 or self.ramp_s < 0 or not 5 <= self.frame_ms <= 1000:
+            raise InvalidRequest("--speed and --ramp-s must be ≥ 0, --frame-ms between 5 and 1000")
+        if not self.audio:
+            raise InvalidRequest("give at least one --audio file")
+
+
+@dataclass
+class Tally:
+    """Everything measured, from every user."""
+
+    end_to_final_ms: list[float] = field(default_factory=list)
+    partial_lag_ms: list[float] = field(default_factory=list)  # receipt − when its last audio was sent
+    first_partial_ms: list[float] = field(default_factory=list)  # first audio frame → first partial
+    server_end_to_final_ms: list[float] = field(default_factory=list)  # as the server measured it
+    turns_ok: int = 0
+    turns_failed: int = 0
+    audio_s: float = 0.0  # audio of the successful turns
+    errors: Counter[str] = field(default_factory=Counter)  # error code → count
+    dropped: int = 0  # connections closed by the server or the network in the middle of a session
+    connect_failures: int = 0
+
+
+@dataclass
+class _Turn:
+    """Timing of the turn in flight on one connection."""
+
+    sent_at: list[float] = field(default_factory=list)  # send time of each frame
+    samples: list[int] = field(default_factory=list)  # cumulative samples after each frame
+    ended: float = 0.0
+    result: asyncio.Future[dict[str, Any]] | None = None
+    first_partial: bool = True
+
+
+class _User:
+    def __init__(self, index: int, cfg: WsLoadConfig, clips: list[list[bytes]], tally: Tally, deadline: float):
+        self.index, self.cfg, self.clips, self.tally, self.deadline = index, cfg, clips, tally, deadline
+        self.turn: _Turn | None = None
+
+    async def run(self) -> None:
+        await asyncio.sleep(self.cfg.ramp_s * self.index / max(1, self.cfg.users))
+        for session in range(self.cfg.sessions_per_user):
+            if time.perf_counter() >= self.deadline:
+                return
+            try:
+                ws = await open_ws(self.cfg.url, self.cfg.api_key)
+            except HalkSpeechError:
+                self.tally.connect_failures += 1
+                continue
+            await self._session(ws, session)
+
+    async def _session(self, ws: ClientConnection, session: int) -> None:
+        receiver = asyncio.create_task(self._receive(ws))
+        try:
+            for turn in range(self.cfg.turns_per_session):
+                if time.perf_counter() >= self.deadline or receiver.done():
+                    break
+                clip = self.clips[(self.index + session + turn) % len(self.clips)]
+                if not await self._turn(ws, clip):
+                    break
+                await asyncio.sleep(self.cfg.think_s)
+        except ConnectionClosed:  # a send failed: the server or the network closed the connection mid-turn
+            self.tally.dropped += 1
+            self.tally.turns_failed += 1
+        finally:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
+
+    async def _turn(self, ws: ClientConnection, clip: list[bytes]) -> bool:
+        """One turn; False when the connection is unusable afterwards."""
+        result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        turn = self.turn = _Turn(result=result)
+        await ws.send(start_message(language=self.cfg.language, model=self.cfg.model, partials=self.cfg.partials))
+        total = 0
+        async for _, frame in paced(clip, self.cfg.speed, self.cfg.frame_ms / 1000):
+            await ws.send(frame)
+            total += len(frame) // 2
+            turn.sent_at.append(time.perf_counter())
+            turn.samples.append(total)
+        await ws.send(END_MESSAGE)
+        turn.ended = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(self.cfg.turn_timeout_s, max(0.0, self.deadline - turn.ended) + 1)):
+                message = await result
+        except TimeoutError:
+            self.tally.turns_failed += 1
+            self.tally.errors["no_final_in_time"] += 1
+            return False
+        if message["type"] == "final":
+            self.tally.turns_ok += 1
+            self.tally.audio_s += total / SAMPLE_RATE
+            self.tally.end_to_final_ms.append((message["_at"] - turn.ended) * 1000)
+            server = message.get("timings_ms", {}).get("end_to_final")
+            if isinstance(server, int | float):
+                self.tally.server_end_to_final_ms.append(float(server))
+            return True
+        self.tally.turns_failed += 1
+        if message["type"] == "closed":
+            self.tally.dropped += 1
+            return False
+        return True
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                self._on_message(parse(raw), time.perf_counter())
+        except ConnectionClosed:
+            pass
+        turn = self.turn
+        if turn is not None and turn.result is not None and not turn.result.done():
+            turn.result.set_result({"type": "closed"})
+
+    def _on_message(self, message: dict[str, Any], at: float) -> None:
+        turn, kind = self.turn, message["type"]
+        if kind == "error":
+            self.tally.errors[str(message.get("code"))] += 1
+        if turn is None or turn.result is None or turn.result.done():
+            return
+        if kind == "partial":
+            self._partial(turn, message, at)
+        elif kind in ("final", "error"):
+            turn.result.set_result(message | {"_at": at})
+
+    def _partial(self, turn: _Turn, message: dict[str, Any], at: float) -> None:
+        covered = message.get("audio_s")
+        if not isinstance(covered, int | float) or not turn.samples:
+            return
+        index = int(np.searchsorted(turn.samples, covered * SAMPLE_RATE - 1))  # the frame that completed it
+        if index < len(turn.sent_at):
+            self.tally.partial_lag_ms.append((at - turn.sent_at[index]) * 1000)
+        if turn.first_partial:
+            turn.first_partial = False
+            self.tally.first_partial_ms.append((at - turn.sent_at[0]) * 1000)
+
+
+async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
+    """Run the load; returns the results (also printed as a table and written as JSON when asked)."""
+    clips = [pcm_frames(to_pcm16(decode_audio(path)), cfg.frame_ms) for path in cfg.audio]
+    tally = Tally()
+    started = time.perf_counter()
+    deadline = started + cfg.max_duration_s
+    users = [_User(i, cfg, clips, tally, deadline) for i in range(cfg.users)]
+    tasks = [asyncio.create_task(u.run()) for u in users]
+    _, late = await asyncio.wait(tasks, timeout=cfg.max_duration_s + cfg.turn_timeout_s + 10)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return summarize(cfg, tally, time.perf_counter() - started)
+
+
+def run_ws_load(cfg: WsLoadConfig) -> dict[str, Any]:
+    results = asyncio.run(run_ws_load_async(cfg))
+    print_results(results)
+    if cfg.json_path:
+        from halkspeech.bench.common import write_json
+
+        write_json(cfg.json_path, results)
+    return results
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"count": 0, "p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    from halkspeech.bench.common import percentile
+
+    return {
+        "count": len(values),
+        "p50": round(percentile(values, 50), 2),
+        "p95": round(percentile(values, 95), 2),
+        "p99": round(percentile(values, 99), 2),
+        "mean": round(statistics.fmean(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def summarize(cfg: WsLoadConfig, tally: Tally, wall_s: float) -> dict[str, Any]:
+    config = asdict(cfg) | {"audio": [str(p) for p in cfg.audio], "api_key": "***" if cfg.api_key else None}
+    return {
+        "config": config,
+        "wall_s": round(wall_s, 3),
+        "turns_ok": tally.turns_ok,
+        "turns_failed": tally.turns_failed,
+        "turns_per_s": round(tally.turns_ok / wall_s, 3) if wall_s else None,
+        "audio_s_per_s": round(tally.audio_s / wall_s, 3) if wall_s else None,
+        "errors": dict(tally.errors),
+        "dropped_connections": tally.dropped,
+        "connect_failures": tally.connect_failures,
+        "end_to_final_ms": _stats(tally.end_to_final_ms),
+        "server_end_to_final_ms": _stats(tally.server_end_to_final_ms),
+        "partial_lag_ms": _stats(tally.partial_lag_ms),
+        "first_partial_ms": _stats(tally.first_partial_ms),
+    }
+
+
+def print_results(results: dict[str, Any], title: str = "WebSocket push-to-talk load") -> None:
+    from halkspeech.bench.common import print_table
+
+    rows = [
+        {"metric": label} | results[key]
+        for key, label in (
+            ("end_to_final_ms", "end → final (client), ms"),
+            ("server_end_to_final_ms", "end → final (server), ms"),
+            ("partial_lag_ms", "partial lag behind audio, ms"),
+            ("first_partial_ms", "first audio → first partial, ms"),
+        )
+    ]
+    columns = [("metric", "metric"), *((k, k) for k in ("count", "p50", "p95", "p99", "mean", "max"))]
+    print_table(rows, columns, title=f"{title}: {results['config']['users']} users, {results['wall_s']:.1f} s")
+    print(
+        f"turns ok {results['turns_ok']}, failed {results['turns_failed']}, {results['turns_per_s']} turns/s, "
+        f"{results['audio_s_per_s']} audio s/s; errors {results['errors'] or 'none'}; "
+        f"dropped {results['dropped_connections']}; connect failures {results['connect_failures']}",
+        flush=True,
+    )
+
+
+def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = kinds.add_parser(
+        "ws",
+        help="push-to-talk users over /ws: end→final latency, partial lag, throughput",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    parser.add_argument("--url", default="ws://localhost:8000/ws")
+    parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--ramp-s", type=float, default=0.0, help="spread user starts over this many seconds")
+    parser.add_argument("--sessions-per-user", type=int, default=1, help="connections each user opens in turn")
+    parser.add_argument("--turns-per-session", type=int, default=3)
+    parser.add_argument("--speed", type=float, default=1.0, help="× real time; 0 = as fast as possible")
+    parser.add_argument("--frame-ms", type=float, default=20.0)
+    parser.add_argument("--think-s", type=float, default=0.5, help="pause between turns")
+    parser.add_argument("--partials", action="store_true")
+    parser.add_argument("--language", default="en")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--turn-timeout-s", type=float, default=60.0)
+    parser.add_argument("--max-duration-s", type=float, default=900.0)
+    parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.audio if not p.is_file()]
+    if missing:
+        raise InvalidRequest(f"no such file: {', '.join(missing)}")
+    cfg = WsLoadConfig(
+        url=args.url,
+        audio=tuple(args.audio),
+        users=args.users,
+        ramp_s=args.ramp_s,
+        sessions_per_user=args.sessions_per_user,
+        turns_per_session=args.turns_per_session,
+        speed=args.speed,
+        frame_ms=args.frame_ms,
+        think_s=args.think_s,
+        partials=args.partials,
+        language=args.language or None,
+        model=args.model,
+        api_key=args.api_key,
+        turn_timeout_s=args.turn_timeout_s,
+        max_duration_s=args.max_duration_s,
+        json_path=args.json_path,
+    )
+    results = run_ws_load(cfg)
+    return 0 if results["turns_ok"] and not results["turns_failed"] else 1

@@ -1,0 +1,160 @@
+"""Bad input never gives a 500: not audio, truncated, empty, unsupported language, unknown model, wrong field
+types and malformed multipart bodies each get a 4xx whose message says what to fix; then schemathesis fuzzes
+every operation of the app's OpenAPI schema against the running server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+
+from api.conftest import LiveServer, api_settings, live_server
+from conftest import TEST_DATA
+from halkspeech.api.app import create_app
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.engine.pool import ModelPool
+from halkspeech.model.registry import ModelRegistry
+
+LJ = TEST_DATA / "LJ001-0002.wav"
+JFK = TEST_DATA / "jfk.flac"
+
+
+@pytest.fixture(scope="module")
+def server(shared_tiny_en: ModelEngine) -> Iterator[LiveServer]:
+    with live_server(api_settings(url_fetch_timeout_s=3), shared_tiny_en) as running:
+        yield running
+
+
+def upload(server: LiveServer, data: bytes, path: str = "/v1/audio/transcriptions", **form: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", files={"file": ("upload.bin", data)}, data=form, timeout=120)
+
+
+def message(response: httpx.Response) -> str:
+    return str(response.json()["error"]["message"])
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "says"),
+    [
+        (b"just some text, not audio at all\n" * 10, 400, "text, not audio"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 200, 400, "PNG image, not audio"),
+        (b"", 400, "empty"),
+        (JFK.read_bytes()[:300_000], 400, "truncated"),
+        (LJ.read_bytes()[:20_000], 400, "truncated"),
+        (LJ.read_bytes()[:30], 400, "WAV file is corrupt or truncated"),
+        (b"RIFF\xff\xff\xff\xffWAVEfmt " + b"\x01" * 100, 400, "corrupt or truncated"),
+    ],
+    ids=["text", "png", "empty", "truncated-flac", "truncated-wav", "cut-header", "garbage-wav"],
+)
+def test_not_audio(server: LiveServer, data: bytes, status: int, says: str) -> None:
+    for path in ("/v1/audio/transcriptions", "/transcribe"):
+        response = upload(server, data, path)
+        assert response.status_code == status and says in message(response), (path, response.text)
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "param", "says"),
+    [
+        ({"language": "xx"}, 400, None, "unsupported language 'xx'"),
+        ({"model": "no-such-model"}, 404, None, "not available here"),
+        ({"model": "../../etc"}, 404, None, "not available here"),
+        ({"model": "tests"}, 404, None, "not available here"),  # a local directory: never loaded from a request
+        ({"temperature": "hot"}, 400, "temperature", "valid number"),
+        ({"temperature": "7"}, 400, "temperature", "less than or equal to 1"),
+        ({"beam_size": "many"}, 400, "beam_size", "valid integer"),
+        ({"stream": "maybe"}, 400, "stream", "valid boolean"),
+        ({"response_format": "docx"}, 400, "response_format", "'json', 'text'"),
+        ({"timestamp_granularities[]": "char"}, 400, "timestamp_granularities[]", "'segment' or 'word'"),
+        ({"mode": "turbo"}, 400, "mode", "'sequential' or 'batched'"),
+    ],
+)
+def test_bad_fields(server: LiveServer, form: dict[str, str], status: int, param: str | None, says: str) -> None:
+    response = upload(server, LJ.read_bytes(), **form)
+    assert response.status_code == status and says in message(response), response.text
+    if param:
+        assert response.json()["error"]["param"] == param
+
+
+def test_bad_simple_options(server: LiveServer) -> None:
+    url = f"{server.url}/transcribe"
+    for params, says in (
+        ({"timings": "perhaps"}, "'timings'"),
+        ({"task": "dance"}, "'transcribe' or 'translate'"),
+        ({"language": "klingon"}, "unsupported language"),
+    ):
+        response = httpx.post(url, params=params, files={"file": LJ.open("rb")}, timeout=60)
+        assert 400 <= response.status_code < 500 and says in response.json()["detail"], response.text
+    for body, says in (
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "the request body is invalid"),
+        (b'{"url": 5}', "'url'"),
+        (b"{}", "the field 'url' is required"),
+    ):
+        response = httpx.post(f"{url}/url", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 422 and says in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "says"),
+    [
+        ({"Content-Type": "multipart/form-data"}, b"whatever", "boundary"),
+        ({"Content-Type": "multipart/form-data; boundary=xyz"}, b"garbage without any boundary", "'file'"),
+        (
+            {"Content-Type": "multipart/form-data; boundary=xyz"},
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF',  # never closed
+            "",
+        ),
+        (
+            {"Content-Type": "multipart/form-data; boundary=xyz"},
+            b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nnot a file\r\n--xyz--\r\n',
+            "must be a file upload",
+        ),
+        ({"Content-Type": "application/json"}, b'{"file": "aGVsbG8="}', "'file' is required"),
+        ({"Content-Type": "text/plain"}, b"", "'file' is required"),
+    ],
+    ids=["no-boundary", "no-parts", "unterminated", "file-as-text", "json", "empty"],
+)
+def test_malformed_multipart(server: LiveServer, headers: dict[str, str], body: bytes, says: str) -> None:
+    response = httpx.post(f"{server.url}/v1/audio/transcriptions", content=body, headers=headers, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert says in message(response)
+
+
+def test_wrong_method_and_route(server: LiveServer) -> None:
+    wrong = httpx.get(f"{server.url}/v1/audio/transcriptions", timeout=30)
+    assert wrong.status_code == 405 and "not allowed" in message(wrong)
+    missing = httpx.get(f"{server.url}/v1/nothing", timeout=30)
+    assert missing.status_code == 404 and "no route" in message(missing)
+
+
+# The schema of an app built the same way (no model is loaded to build it), read at collection time so each
+# operation is a test of its own; the calls go to the running server.
+SCHEMA = schemathesis.openapi.from_dict(
+    create_app(api_settings(), ModelPool(api_settings(), ModelRegistry(api_settings().model))).openapi()
+)
+OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
+# Invalid data needs something that can be invalid: a body or a query (any string is a valid path segment).
+CASES = [
+    (op, mode)
+    for op in OPERATIONS
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    if mode is GenerationMode.POSITIVE or len(op.body) or any(p.location == "query" for p in op.iter_parameters())
+]
+
+
+@pytest.mark.parametrize(("operation", "mode"), CASES, ids=[f"{m.value}-{op.label}" for op, m in CASES])
+def test_fuzz_never_a_server_error(server: LiveServer, operation: Any, mode: GenerationMode) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def check(case: Any) -> None:
+        response = case.call(base_url=server.url, timeout=60)
+        assert response.status_code < 500, (
+            f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"
+        )
+
+    check()

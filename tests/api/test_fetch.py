@@ -1,0 +1,137 @@
+"""URL fetching for /transcribe/url against a local HTTP server: every redirect hop is checked, cookies and
+credentials never travel, size and redirect limits hold. The address policy is narrowed to "127.0.0.1 only",
+so the local server stands in for a public host and anything else stands in for a private one."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import ipaddress
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from conftest import TEST_DATA
+from halkspeech.api.fetch import URLFetcher, is_public
+from halkspeech.config import ServerSettings
+from halkspeech.errors import PayloadTooLarge, URLFetchError
+
+LJ_BYTES = (TEST_DATA / "LJ001-0002.wav").read_bytes()
+SEEN: list[dict[str, str]] = []  # request headers the server received, in order
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        SEEN.append(dict(self.headers))
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/audio.wav":
+            self._send(200, LJ_BYTES, {"Set-Cookie": "session=abc"})
+        elif url.path == "/redirect":
+            self._send(302, b"", {"Location": query["to"], "Set-Cookie": "tracking=1; Path=/"})
+        elif url.path == "/loop":
+            self._send(302, b"", {"Location": "/loop"})
+        elif url.path == "/big":
+            self._send(200, b"\0" * 300_000)
+        elif url.path == "/big-chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(6):
+                self.wfile.write(b"%x\r\n%s\r\n" % (50_000, b"\0" * 50_000))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self._send(404, b"missing")
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def only_localhost(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address == ipaddress.ip_address("127.0.0.1")
+
+
+def fetch(url: str, **settings: Any) -> bytes:
+    fetcher = URLFetcher(ServerSettings(**settings), policy=only_localhost)
+    return asyncio.run(fetcher.fetch(url)).data
+
+
+def test_fetches_and_follows_a_checked_redirect(origin: str) -> None:
+    SEEN.clear()
+    assert fetch(f"{origin}/redirect?to=/audio.wav") == LJ_BYTES
+    assert len(SEEN) == 2
+    # No cookie set by the first hop, no credentials, no proxy headers reach the second.
+    assert not {"Cookie", "Authorization", "Proxy-Authorization"} & set(SEEN[1])
+    assert SEEN[1]["Host"] == origin.removeprefix("http://")
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.wav", "http://[::1]/a.wav"],
+)
+def test_redirect_to_a_private_address_is_refused(origin: str, target: str) -> None:
+    SEEN.clear()
+    with pytest.raises(URLFetchError, match="non-public address"):
+        fetch(f"{origin}/redirect?to={target}")
+    assert len(SEEN) == 1  # the refused hop was never requested
+
+
+def test_limits(origin: str) -> None:
+    with pytest.raises(URLFetchError, match="redirected more than 3 times"):
+        fetch(f"{origin}/loop", url_fetch_max_redirects=3)
+    with pytest.raises(PayloadTooLarge, match=r"larger than the limit of 0\.2 MB"):
+        fetch(f"{origin}/big", max_upload_mb=0.2)
+    with pytest.raises(PayloadTooLarge):
+        fetch(f"{origin}/big-chunked", max_upload_mb=0.2)
+    with pytest.raises(URLFetchError, match="HTTP 404"):
+        fetch(f"{origin}/nothing-here")
+
+
+def test_default_policy_refuses_loopback(origin: str) -> None:
+    with pytest.raises(URLFetchError, match="non-public address"):
+        asyncio.run(URLFetcher(ServerSettings()).fetch(f"{origin}/audio.wav"))
+    allowed = URLFetcher(ServerSettings(url_fetch_allow_private=True))
+    assert asyncio.run(allowed.fetch(f"{origin}/audio.wav")).data == LJ_BYTES
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.0.0.1", False),
+        ("172.16.5.4", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("::ffff:8.8.8.8", True),
+    ],
+)
+def test_is_public(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public

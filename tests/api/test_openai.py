@@ -1,0 +1,116 @@
+"""Contract tests of the OpenAI audio API with the real `openai` client against a running server: every
+response format, word timings, streaming, translation (base, German → English), the models endpoints and
+OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from api.conftest import LiveServer, api_settings, live_server
+from conftest import JFK_TEXT, TEST_DATA
+from halkspeech.engine.factory import ModelEngine
+
+LJ = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
+GERMAN = TEST_DATA / "test_de.wav"  # "Der hinter diesem Portal liegenden Raum wurde als Leichenhalle genutzt."
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+@pytest.fixture(scope="module")
+def server(shared_tiny_en: ModelEngine) -> Iterator[LiveServer]:
+    with live_server(api_settings(models=["base"]), shared_tiny_en) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_json(client: openai.OpenAI, jfk_path: Path) -> None:
+    with jfk_path.open("rb") as f:
+        result = client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert words_of(result.text) == words_of(JFK_TEXT)
+
+
+def test_text_srt_vtt(client: openai.OpenAI) -> None:
+    text = client.audio.transcriptions.create(model="tiny.en", file=LJ.open("rb"), response_format="text")
+    assert isinstance(text, str) and words_of(text) == ["in", "being", "comparatively", "modern"]
+    srt = client.audio.transcriptions.create(model="tiny.en", file=LJ.open("rb"), response_format="srt")
+    assert re.match(r"1\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}\n.*comparatively modern", srt)
+    vtt = client.audio.transcriptions.create(model="tiny.en", file=LJ.open("rb"), response_format="vtt")
+    assert vtt.startswith("WEBVTT") and re.search(r"00:00:\d\d\.\d{3} --> 00:00:\d\d\.\d{3}\n.*modern", vtt)
+
+
+def test_verbose_json_with_words(client: openai.OpenAI, jfk_path: Path) -> None:
+    result = client.audio.transcriptions.create(
+        model="whisper-1",
+        file=jfk_path.open("rb"),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    assert result.language == "english" and result.duration == pytest.approx(11.0, abs=0.05)
+    assert words_of(result.text) == words_of(JFK_TEXT)
+    assert result.segments and all(s.end > s.start for s in result.segments)
+    assert words_of(" ".join(s.text for s in result.segments)) == words_of(JFK_TEXT)
+    # the word granularity reaches the alignment pass: words cover the text, in order, inside the audio
+    assert result.words
+    assert words_of(" ".join(w.word for w in result.words)) == words_of(JFK_TEXT)
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and result.words[-1].end <= result.duration + 0.5
+
+
+def test_streaming_deltas_then_done(client: openai.OpenAI, jfk_path: Path) -> None:
+    stream = client.audio.transcriptions.create(model="whisper-1", file=jfk_path.open("rb"), stream=True)
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"}
+    assert len(kinds) >= 3  # jfk is two segments: two deltas as they complete, then done
+    deltas = "".join(e.delta for e in events[:-1])
+    assert deltas == events[-1].text and words_of(deltas) == words_of(JFK_TEXT)
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the openai client marks translations so
+def test_translation_german_to_english(client: openai.OpenAI) -> None:
+    result = client.audio.translations.create(model="base", file=GERMAN.open("rb"), response_format="verbose_json")
+    assert result.task == "translate"
+    found = set(words_of(result.text))
+    assert not found & {"der", "diesem", "liegenden", "raum", "wurde", "als", "genutzt"}, result.text
+    assert found & {"the", "this", "was", "is", "used", "as", "room", "hall"}, result.text
+
+
+def test_models_list_retrieve_load_unload(client: openai.OpenAI, server: LiveServer) -> None:
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny.en", "whisper-1"} <= ids
+    assert client.models.retrieve("whisper-1").id == "whisper-1"
+    with pytest.raises(openai.NotFoundError, match="not loaded, configured or cached"):
+        client.models.retrieve("no-such-model")
+    loaded = httpx.post(f"{server.url}/v1/models/base", timeout=300)
+    assert loaded.status_code == 200 and loaded.json()["loaded"] is True
+    assert server.pool.is_loaded("base")
+    assert client.models.delete("base").deleted is True
+    assert not server.pool.is_loaded("base")
+    with pytest.raises(openai.NotFoundError, match="not loaded"):
+        client.models.delete("base")
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_errors_are_openai_shaped(client: openai.OpenAI, jfk_path: Path) -> None:
+    with pytest.raises(openai.BadRequestError) as bad_format:
+        client.audio.transcriptions.create(model="whisper-1", file=LJ.open("rb"), response_format="docx")  # type: ignore[call-overload]
+    assert bad_format.value.body["param"] == "response_format"  # type: ignore[index]
+    assert "'json', 'text', 'srt', 'verbose_json' or 'vtt'" in bad_format.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="not audio"):
+        client.audio.transcriptions.create(model="whisper-1", file=("notes.txt", b"hello, this is text"))
+    with pytest.raises(openai.NotFoundError, match="not available here"):
+        client.audio.transcriptions.create(model="no-such-model", file=LJ.open("rb"))
+    with pytest.raises(openai.BadRequestError, match="English-only and cannot translate"):
+        client.audio.translations.create(model="tiny.en", file=LJ.open("rb"))

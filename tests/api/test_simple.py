@@ -1,0 +1,132 @@
+"""The simple API with plain httpx: /transcribe (the earlier Modal app's exact call), /transcribe/url against a
+local file server, streaming, /health; and the HTTP load tester driving the same server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.conftest import LiveServer, api_settings, live_server
+from conftest import JFK_TEXT, TEST_DATA
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.loadtest.http import HttpLoadConfig, run_http_load
+
+LJ = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+@pytest.fixture(scope="module")
+def server(shared_tiny_en: ModelEngine) -> Iterator[LiveServer]:
+    # This server may fetch from loopback: the file server below runs on 127.0.0.1.
+    with live_server(api_settings(url_fetch_allow_private=True), shared_tiny_en) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def file_server() -> Iterator[str]:
+    handler = functools.partial(_QuietHandler, directory=str(TEST_DATA))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_modal_call_exactly(server: LiveServer, jfk_path: Path) -> None:
+    """The call the earlier Modal app made, unchanged (tiny.en is English-only: `tr` cannot change its output)."""
+    url = f"{server.url}/transcribe?language=tr&task=transcribe&timestamps=true&timings=true"
+    response = httpx.post(url, files={"file": jfk_path.open("rb")}, timeout=300)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert words_of(body["text"]) == words_of(JFK_TEXT)
+    assert body["duration"] == pytest.approx(11.0, abs=0.05) and body["processing_time"] > 0
+    assert len(body["segments"]) >= 2  # timestamps=true: the model's own segment boundaries
+    assert all(s["end"] > s["start"] for s in body["segments"])
+    assert words_of(" ".join(s["text"] for s in body["segments"])) == words_of(JFK_TEXT)
+    assert set(body["timings_ms"]) == {"decode", "queue", "encoder", "decoder", "total"}
+    assert body["timings_ms"]["encoder"] > 0 and body["timings_ms"]["decoder"] > 0
+
+
+def test_plain_call_has_no_segments_or_timings(server: LiveServer) -> None:
+    response = httpx.post(f"{server.url}/transcribe", files={"file": LJ.open("rb")}, timeout=300)
+    body = response.json()
+    assert words_of(body["text"]) == ["in", "being", "comparatively", "modern"]
+    assert "segments" not in body and "timings_ms" not in body
+    assert body["language"] == "en" and body["model"] == "tiny.en"
+
+
+def test_include_segments_and_words(server: LiveServer) -> None:
+    params = {"include_segments": "true", "word_timestamps": "true"}
+    body = httpx.post(f"{server.url}/transcribe", params=params, files={"file": LJ.open("rb")}, timeout=300).json()
+    assert len(body["segments"]) == 1
+    words = body["segments"][0]["words"]
+    assert words_of(" ".join(w["word"] for w in words)) == ["in", "being", "comparatively", "modern"]
+    assert all(0 <= w["start"] <= w["end"] <= 2.0 and 0 < w["probability"] <= 1 for w in words)
+
+
+def test_stream(server: LiveServer, jfk_path: Path) -> None:
+    events = []
+    with httpx.stream(
+        "POST",
+        f"{server.url}/transcribe",
+        params={"stream": "true", "timestamps": "true"},
+        files={"file": jfk_path.open("rb")},
+        timeout=300,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert [e["type"] for e in events[:-1]] == ["transcript.text.delta"] * (len(events) - 1) and len(events) >= 3
+    done = events[-1]
+    assert done["type"] == "transcript.text.done" and "".join(e["delta"] for e in events[:-1]) == done["text"]
+    assert words_of(done["text"]) == words_of(JFK_TEXT) and done["duration"] == pytest.approx(11.0, abs=0.05)
+
+
+def test_transcribe_url(server: LiveServer, file_server: str) -> None:
+    body = {"url": f"{file_server}/LJ001-0002.wav", "timings": True}
+    response = httpx.post(f"{server.url}/transcribe/url", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    assert words_of(response.json()["text"]) == ["in", "being", "comparatively", "modern"]
+    assert response.json()["timings_ms"]["decode"] > 0  # the fetch and decode
+    missing = httpx.post(f"{server.url}/transcribe/url", json={"url": f"{file_server}/nope.wav"}, timeout=60)
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["detail"]
+
+
+def test_health(server: LiveServer) -> None:
+    body = httpx.get(f"{server.url}/health", timeout=30).json()
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["gpu"] is None
+    assert body["default_model"] == "tiny.en"
+    assert [m["name"] for m in body["models"]] == ["tiny.en"] and body["models"][0]["alive"] is True
+    docs = httpx.get(f"{server.url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert {"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe", "/transcribe/url"} <= set(
+        schema["paths"]
+    )
+
+
+def test_http_load_tester(server: LiveServer, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    cfg = HttpLoadConfig(url=server.url, audio=(LJ,), concurrency=3, requests=5, language="en", json_path=str(out))
+    results = run_http_load(cfg)
+    assert results["sent"] == 5 and results["ok"] == 5 and results["errors"] == {}
+    assert results["audio_s_per_s"] > 0 and results["latency_ms"]["p50"] <= results["latency_ms"]["p99"]
+    assert json.loads(out.read_text())["ok"] == 5

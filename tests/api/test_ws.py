@@ -1,0 +1,286 @@
+"""The /ws push-to-talk protocol on the real app with the real tiny.en engine: finals, errors that leave the
+connection usable, auth, limits, disconnects that free the engine; then ws-client and the ws load tester
+against a real uvicorn server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from conftest import TEST_DATA
+from halkspeech.api.app import create_app
+from halkspeech.audio import decode_audio
+from halkspeech.cli import main
+from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.engine.pool import ModelPool
+from halkspeech.loadtest.ws import WsLoadConfig, run_ws_load
+from halkspeech.model.registry import ModelRegistry
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions
+
+START = {"type": "start", "language": "en"}
+END = {"type": "end"}
+LJ_CLIP = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def frames(data: bytes, size: int = 640) -> list[bytes]:  # 640 bytes: 20 ms at 16 kHz
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def make_app(engine: ModelEngine, **server: Any) -> Any:
+    """The real app; its pool hands out the shared tiny.en engine (the lifespan, which would close it, is
+    not run: TestClient is used without `with`, uvicorn with lifespan off)."""
+    settings = Settings(
+        model=ModelSettings(default="tiny.en"),
+        engine=EngineSettings(device="cpu"),
+        server=ServerSettings(**server),
+    )
+    pool = ModelPool(settings, ModelRegistry(settings.model), loader=lambda key: engine)
+    return create_app(settings, pool)
+
+
+def receive_until(ws: Any, kind: str, limit: int = 500) -> list[dict[str, Any]]:
+    """Messages up to and including the first of `kind`."""
+    seen = []
+    for _ in range(limit):
+        message = ws.receive_json()
+        seen.append(message)
+        if message["type"] == kind:
+            return seen
+    raise AssertionError(f"no {kind} in {limit} messages: {seen[-3:]}")
+
+
+def speak(ws: Any, audio: np.ndarray, **start: Any) -> dict[str, Any]:
+    ws.send_json(START | start)
+    for chunk in frames(pcm16(audio)):
+        ws.send_bytes(chunk)
+    ws.send_json(END)
+    return receive_until(ws, "final")[-1]
+
+
+@pytest.fixture(scope="module")
+def jfk_audio(jfk_path: Path) -> np.ndarray:
+    return decode_audio(jfk_path)
+
+
+@pytest.fixture(scope="module")
+def lj_audio() -> np.ndarray:
+    return decode_audio(LJ_CLIP)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_en_engine: ModelEngine) -> TestClient:
+    return TestClient(make_app(tiny_en_engine))
+
+
+# -- the protocol ----------------------------------------------------------------------------------------
+
+
+def test_protocol_is_described_over_http(client: TestClient) -> None:
+    described = client.get("/ws")
+    assert described.status_code == 200
+    assert set(described.json()["server_to_client"]) >= {"partial", "segment", "final", "error"}
+    spec = client.get("/openapi.json").json()
+    assert "live" in spec["paths"]["/ws"]["get"]["tags"]
+    assert "/ws" in spec["info"]["description"]
+
+
+def test_streamed_turn_gives_the_file_transcript(client: TestClient, tiny_en_engine: ModelEngine, jfk_audio) -> None:
+    import asyncio
+
+    expected = asyncio.run(Transcriber(tiny_en_engine).transcribe(jfk_audio, TranscribeOptions()))
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "start"})
+        started = ws.receive_json()
+        assert started == {"type": "started", "turn": 1, "model": "tiny.en", "sample_rate": 16000}
+        for chunk in frames(pcm16(jfk_audio)):
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        final = receive_until(ws, "final")[-1]
+    assert final["text"] == expected.text.strip()
+    assert final["turn"] == 1 and final["language"] == "en"
+    assert final["duration"] == pytest.approx(11.0, abs=0.02)
+    assert [s["text"] for s in final["segments"]] == [s.text for s in expected.segments]
+    assert set(final["timings_ms"]) >= {"queue", "encoder", "decoder", "end_to_final"}
+
+
+def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClient, lj_audio: np.ndarray) -> None:
+    cases: list[tuple[str | bytes | dict[str, Any], str]] = [
+        ("not json", "invalid_message"),
+        ("[1, 2]", "invalid_message"),
+        ({"type": "pause"}, "invalid_message"),
+        (b"\x00\x00" * 320, "no_turn"),  # audio before start (reported once; later frames are dropped)
+        ({"type": "end"}, None),  # ends the dropping quietly
+        ({"type": "end"}, "no_turn"),
+        (START | {"langauge": "en"}, "invalid_message"),  # a typo is refused, not ignored
+        (START | {"sample_rate": 100}, "invalid_request"),
+        (START | {"sample_rate": "fast"}, "invalid_message"),
+        (START | {"language": "xx"}, "invalid_request"),
+        (START | {"model": "no-such-model"}, "model_not_found"),
+        ({"type": "end"}, None),
+    ]
+    with client.websocket_connect("/ws") as ws:
+        for message, code in cases:
+            if isinstance(message, bytes):
+                ws.send_bytes(message)
+            elif isinstance(message, dict):
+                ws.send_json(message)
+            else:
+                ws.send_text(message)
+            if code is not None:
+                error = ws.receive_json()
+                assert error["type"] == "error" and error["code"] == code, (message, error)
+                assert error["message"]
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"
+        ws.send_bytes(b"\x00\x00\x00")  # odd length: refused whole, the turn goes on
+        error = ws.receive_json()
+        assert (error["code"], error["turn"]) == ("invalid_audio", 1)  # refused starts opened no turn
+        ws.send_json(START)
+        assert ws.receive_json()["code"] == "turn_active"
+        for chunk in frames(pcm16(lj_audio)):
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        final = receive_until(ws, "final")[-1]
+        assert "comparatively modern" in final["text"].lower()
+        assert final["duration"] == pytest.approx(len(lj_audio) / 16000, abs=0.02)
+
+
+def test_api_keys_by_header_or_token(tiny_en_engine: ModelEngine) -> None:
+    client = TestClient(make_app(tiny_en_engine, api_keys=["s3cret"]))
+    for headers, path in (({}, "/ws"), ({"Authorization": "Bearer wrong"}, "/ws"), ({}, "/ws?token=wrong")):
+        with client.websocket_connect(path, headers=headers) as ws:
+            assert ws.receive_json()["code"] == "invalid_api_key"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1008
+    for headers, path in (({"Authorization": "Bearer s3cret"}, "/ws"), ({}, "/ws?token=s3cret")):
+        with client.websocket_connect(path, headers=headers) as ws:
+            ws.send_json(START)
+            assert ws.receive_json()["type"] == "started"
+
+
+def test_session_limit(tiny_en_engine: ModelEngine) -> None:
+    client = TestClient(make_app(tiny_en_engine, ws_max_sessions=1))
+    with client.websocket_connect("/ws") as first:
+        first.send_json(START)
+        assert first.receive_json()["type"] == "started"
+        with client.websocket_connect("/ws") as second:
+            refused = second.receive_json()
+            assert refused["code"] == "too_many_sessions"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                second.receive_json()
+            assert closed.value.code == 1013
+    with client.websocket_connect("/ws") as again:  # the first one's place is free again
+        again.send_json(START)
+        assert again.receive_json()["type"] == "started"
+
+
+def test_disconnect_mid_turn_frees_the_engine(client: TestClient, tiny_en_engine: ModelEngine, jfk_audio) -> None:
+    engine = tiny_en_engine.engine
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START | {"partials": True})
+        for chunk in frames(pcm16(jfk_audio)):
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        deadline = time.monotonic() + 10
+        while not (engine.running or engine.queue_depth) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.running or engine.queue_depth  # the final is being decoded …
+    # … and the client is gone: its work is cancelled, the slots freed
+    deadline = time.monotonic() + 10
+    while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and engine.queue_depth == 0
+
+
+def test_idle_connection_is_closed(tiny_en_engine: ModelEngine) -> None:
+    client = TestClient(make_app(tiny_en_engine, ws_idle_timeout_s=0.3))
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["code"] == "idle_timeout"
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
+
+
+def test_turn_limit_ends_the_turn_with_its_final(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    client = TestClient(make_app(tiny_en_engine, ws_max_turn_s=2.0))
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START)
+        ws.receive_json()
+        for chunk in frames(pcm16(jfk_audio[:64_000])):  # 4 s
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        messages = receive_until(ws, "final")
+    assert [m["code"] for m in messages if m["type"] == "error"] == ["audio_too_long"]
+    assert messages[-1]["duration"] == pytest.approx(2.0)
+
+
+# -- real clients against a real server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_en_engine: ModelEngine) -> Iterator[str]:
+    config = uvicorn.Config(make_app(tiny_en_engine), host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"ws://127.0.0.1:{port}/ws"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_ws_client_prints_the_final(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ws-client", str(LJ_CLIP), "--url", server_url, "--speed", "0", "--partials", "--json"]) == 0
+    messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert messages[0]["type"] == "started" and messages[-1]["type"] == "final"
+    assert "comparatively modern" in messages[-1]["text"].lower()
+
+
+def test_ws_client_errors_are_one_line(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ws-client", str(LJ_CLIP), "--url", server_url, "--speed", "0", "--model", "nope"]) == 1
+    assert "model_not_found" in capsys.readouterr().err
+    assert main(["ws-client", str(LJ_CLIP), "--url", "ws://127.0.0.1:9/ws"]) == 2  # nothing listens there
+    err = capsys.readouterr().err
+    assert err.startswith("halkspeech: error: cannot open") and err.count("\n") == 1
+    if importlib.util.find_spec("sounddevice") is None:
+        assert main(["ws-client", "--mic", "--url", server_url]) == 2
+        assert "pip install 'halkspeech[mic]'" in capsys.readouterr().err
+
+
+def test_load_tester_reports_latency(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    cfg = WsLoadConfig(
+        url=server_url,
+        audio=(LJ_CLIP,),
+        users=2,
+        turns_per_session=1,
+        speed=4.0,
+        think_s=0.0,
+        partials=True,
+        json_path=str(out),
+    )
+    results = run_ws_load(cfg)
+    assert results["turns_ok"] == 2 and results["turns_failed"] == 0 and not results["errors"]
+    assert results["end_to_final_ms"]["count"] == 2 and results["end_to_final_ms"]["p50"] > 0
+    assert results["dropped_connections"] == 0 and results["connect_failures"] == 0
+    assert json.loads(out.read_text())["turns_ok"] == 2

@@ -1,0 +1,86 @@
+"""`halkspeech serve`: the real command in a subprocess (preload, a transcription, JSON access logs with the
+request id, a clean stop on SIGINT), and one-line errors for a busy port or a model that cannot load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from halkspeech.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+LJ = REPO / "tests" / "data" / "LJ001-0002.wav"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false", "WHISPER__MAX_QUEUE_SIZE": "3"}
+    log = (tmp_path / "serve.log").open("w+")
+    command = [sys.executable, "-m", "halkspeech", "serve", "--model", "tiny.en", "--preload", "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, Path(log.name).read_text()
+            try:
+                health = httpx.get(f"{url}/health", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert [m["name"] for m in health["models"]] == ["tiny.en"]  # preloaded before the port opened
+        assert health["admission"]["max_queue"] == 3  # the legacy variable reached the server
+        response = httpx.post(
+            f"{url}/v1/audio/transcriptions",
+            files={"file": LJ.open("rb")},
+            headers={"X-Request-ID": "t-1"},
+            timeout=120,
+        )
+        assert response.status_code == 200 and "comparatively modern" in response.json()["text"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(60)
+    assert code == 0
+    lines = [json.loads(line) for line in Path(log.name).read_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("logger") == "halkspeech.access" and line.get("request_id") == "t-1"]
+    assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/audio/transcriptions"
+
+
+def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--host", "127.0.0.1", "--port", str(port), "--model", "tiny.en"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("halkspeech: error: cannot listen on 127.0.0.1") and "\n" not in err
+
+
+def test_a_model_that_cannot_load_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HALKSPEECH_MODEL__ALLOW_DOWNLOAD", "false")
+    assert main(["serve", "--port", "0", "--model", "no-such-model", "--preload", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("halkspeech: error: model 'no-such-model' not found") and "\n" not in err

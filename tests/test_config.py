@@ -1,0 +1,88 @@
+"""Settings from the environment: HALKSPEECH_* names, the WHISPER__* names of faster-whisper server
+deployments (each must land in the setting its name says), CLI overrides, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from halkspeech.config import Settings, load_settings
+from halkspeech.errors import InvalidRequest
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "section", "key", "expected"),
+    [
+        ("WHISPER__BATCH_SIZE", "24", "engine", "max_encoder_batch", 24),
+        ("WHISPER__BATCH_WINDOW_MS", "12.5", "engine", "batch_window_ms", 12.5),
+        ("WHISPER__MAX_QUEUE_SIZE", "77", "server", "max_queue_size", 77),
+        ("WHISPER__MAX_CONCURRENT_REQUESTS", "9", "server", "max_concurrent_requests", 9),
+        ("WHISPER__MODEL_TTL", "300", "server", "model_ttl_s", 300.0),
+        ("WHISPER__MODEL_TTL", "-1", "server", "model_ttl_s", -1.0),
+        ("WHISPER__PRELOAD_MODEL", "tiny.en, base", "server", "preload", ["tiny.en", "base"]),
+        ("WHISPER__COMPUTE_TYPE", "float16", "engine", "dtype", "float16"),
+        ("WHISPER__COMPUTE_TYPE", "int8_float16", "engine", "dtype", "float16"),
+        ("WHISPER__COMPUTE_TYPE", "int8", "engine", "dtype", "auto"),
+        ("WHISPER__COMPUTE_TYPE", "BFLOAT16", "engine", "dtype", "bfloat16"),
+        ("WHISPER__INFERENCE_DEVICE", "cuda", "engine", "device", "cuda"),
+        ("WHISPER__INFERENCE_DEVICE", "CPU", "engine", "device", "cpu"),
+        ("WHISPER__DEVICE_INDEX", "3", "engine", "device_index", 3),
+        ("WHISPER__MODEL", "tiny.en", "model", "default", "tiny.en"),
+    ],
+)
+def test_legacy_variables_land_where_their_names_say(
+    variable: str, value: str, section: str, key: str, expected: object
+) -> None:
+    settings = load_settings({variable: value})
+    assert getattr(getattr(settings, section), key) == expected
+    defaults = Settings()
+    untouched = {s: getattr(defaults, s).model_dump() for s in ("model", "engine", "server")}
+    untouched[section].pop(key)
+    for s, values in untouched.items():
+        got = getattr(settings, s).model_dump()
+        assert {k: got[k] for k in values} == values  # nothing else moved
+
+
+def test_preload_true_means_the_default_model() -> None:
+    assert load_settings({"WHISPER__PRELOAD_MODEL": "true", "WHISPER__MODEL": "base"}).server.preload == ["base"]
+    assert load_settings({"WHISPER__PRELOAD_MODEL": "false"}).server.preload == []
+
+
+def test_halkspeech_names_win_over_legacy_and_flags_win_over_both() -> None:
+    env = {"WHISPER__MAX_QUEUE_SIZE": "5", "HALKSPEECH_SERVER__MAX_QUEUE_SIZE": "6"}
+    assert load_settings(env).server.max_queue_size == 6
+    assert load_settings(env, server__max_queue_size=7).server.max_queue_size == 7
+    assert load_settings(env, server__max_queue_size=None).server.max_queue_size == 6  # None: flag not given
+
+
+def test_lists_from_csv_or_json() -> None:
+    assert load_settings({"HALKSPEECH_SERVER__API_KEYS": "a, b ,c"}).server.api_keys == ["a", "b", "c"]
+    assert load_settings({"HALKSPEECH_SERVER__API_KEYS": '["x,y", "z"]'}).server.api_keys == ["x,y", "z"]
+    nested = load_settings({"halkspeech_engine__max_slots": "64", "HALKSPEECH_SERVER__FORCE_DECODE_TOKENS": "80"})
+    assert nested.engine.max_slots == 64 and nested.server.force_decode_tokens == 80
+
+
+def test_the_given_mapping_is_the_only_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HALKSPEECH_SERVER__PORT", "1234")
+    monkeypatch.setenv("WHISPER__MODEL_TTL", "5")
+    before = dict(os.environ)
+    assert load_settings({}).server.port == 8000 and load_settings({}).server.model_ttl_s == -1
+    assert dict(os.environ) == before  # read, never swapped or modified
+    assert load_settings().server.port == 1234 and load_settings().server.model_ttl_s == 5
+    assert Settings().server.port == 8000  # built directly: defaults, no environment
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"HALKSPEECH_SERVER__PORT": "eighty"}, "invalid setting server.port"),
+        ({"WHISPER__MAX_CONCURRENT_REQUESTS": "0"}, "invalid setting server.max_concurrent_requests"),
+        ({"WHISPER__INFERENCE_DEVICE": "tpu"}, "invalid setting engine.device"),
+        ({"HALKSPEECH_ENGINE": "{not json"}, "invalid setting"),
+    ],
+)
+def test_bad_values_are_one_line_errors(env: dict[str, str], says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says) as error:
+        load_settings(env)
+    assert "\n" not in str(error.value)
