@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from halkspeech.model.languages import LANGUAGES
+from halkspeech.transcription.subtitles import SubtitleOptions, subtitle_cues
 from halkspeech.transcription.types import Transcript
+
+__all__ = ["FORMATS", "OutputFormat", "SubtitleOptions", "as_json", "as_srt", "as_verbose_json", "as_vtt", "timestamp"]
 
 OutputFormat = Literal["text", "json", "verbose_json", "srt", "vtt"]
 FORMATS: tuple[str, ...] = ("text", "json", "verbose_json", "srt", "vtt")
@@ -25,9 +28,7 @@ def as_json(transcript: Transcript) -> dict[str, Any]:
     return {"text": transcript.text.strip()}
 
 
-def as_verbose_json(
-    transcript: Transcript, *, task: str = "transcribe", words: bool = False
-) -> dict[str, Any]:
+def as_verbose_json(transcript: Transcript, *, task: str = "transcribe", words: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "task": task,
         "language": LANGUAGES.get(transcript.language, transcript.language),
@@ -40,16 +41,15 @@ def as_verbose_json(
     return data
 
 
-def as_srt(transcript: Transcript) -> str:
+def as_srt(transcript: Transcript, options: SubtitleOptions = SubtitleOptions()) -> str:
     cues = []
-    for i, segment in enumerate(transcript.segments, start=1):
-        span = f"{timestamp(segment.start, decimal=',')} --> {timestamp(segment.end, decimal=',')}"
-        cues.append(f"{i}\n{span}\n{segment.text.strip()}\n")
+    for i, cue in enumerate(subtitle_cues(transcript, options), start=1):
+        cues.append(f"{i}\n{timestamp(cue.start, decimal=',')} --> {timestamp(cue.end, decimal=',')}\n{cue.text}\n")
     return "\n".join(cues)
 
 
-def as_vtt(transcript: Transcript) -> str:
+def as_vtt(transcript: Transcript, options: SubtitleOptions = SubtitleOptions()) -> str:
     cues = ["WEBVTT\n"]
-    for segment in transcript.segments:
-        cues.append(f"{timestamp(segment.start)} --> {timestamp(segment.end)}\n{segment.text.strip()}\n")
+    for cue in subtitle_cues(transcript, options):
+        cues.append(f"{timestamp(cue.start)} --> {timestamp(cue.end)}\n{cue.text}\n")
     return "\n".join(cues)

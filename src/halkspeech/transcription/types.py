@@ -38,6 +38,10 @@ class TranscribeOptions:
     mode: Mode = "sequential"
     #: Benchmarking only: decode exactly this many tokens per window, never stopping at end-of-text.
     force_decode_tokens: int | None = None
+    #: Benchmarking only (batched mode): each chunk decodes exactly ceil(speech seconds × this) tokens, ≤ 224.
+    force_tokens_per_second: float | None = None
+    #: Engine queue priority of this transcription's windows: lower runs first; live sessions use -1.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperatures:
@@ -51,6 +55,11 @@ class TranscribeOptions:
             raise InvalidRequest("beam_size must be between 1 and 16")
         if not 1 <= self.best_of <= 16:
             raise InvalidRequest("best_of must be between 1 and 16")
+        if self.mode not in ("sequential", "batched"):
+            raise InvalidRequest(f"mode must be 'sequential' or 'batched', got {self.mode!r}")
+        rate = self.force_tokens_per_second
+        if rate is not None and not (0 < rate <= 100):
+            raise InvalidRequest("force_tokens_per_second must be in (0, 100]")
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,18 @@ class Segment:
 
 @dataclass(frozen=True)
 class Timings:
-    """Milliseconds spent per stage of one transcription (summed over its windows)."""
+    """Milliseconds spent per stage of one transcription. queue/encoder/decoder are summed over its windows
+    (they overlap when windows run together); the rest are wall times of batched mode's stages."""
 
     queue: float = 0.0
     encoder: float = 0.0
     decoder: float = 0.0
     total: float = 0.0
+    vad: float = 0.0  # speech detection
+    features: float = 0.0  # log-mel of the chunks
+    engine: float = 0.0  # first chunk submitted → last chunk decoded
+    words: float = 0.0  # word timing (DTW etc.), summed over chunks
+    stitch: float = 0.0  # segments assembled after the last chunk
 
 
 @dataclass(frozen=True)

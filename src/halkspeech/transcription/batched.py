@@ -1,0 +1,335 @@
+"""Batched long-form transcription: voice activity detection cuts the file into chunks of at most 30 s at
+pauses, and every chunk goes to the engine at once, so one long file fills many decoder slots and finishes
+in about the time of its slowest chunk (faster-whisper's BatchedInferencePipeline, through the shared engine).
+
+Chunks are decoded without the previous text (it is not known yet; an initial prompt conditions every chunk),
+each with its own temperature fallback, no-speech skip and per-segment repetition guard. When the model stops
+at an unfinished segment with speech left in the chunk, the rest is decoded again from there (as the seek loop
+does). Segments come back in order with absolute times, monotonic and inside the chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from halkspeech.audio.features import log_mel_windows
+from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, speech_regions
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import Overloaded
+from halkspeech.model.dims import FRAMES_PER_SECOND, HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
+from halkspeech.model.languages import normalize_language
+from halkspeech.transcription.alignment import time_words
+from halkspeech.transcription.chunking import Chunk, make_chunks
+from halkspeech.transcription.guards import is_repetitive
+from halkspeech.transcription.segments import RawSegment, split_window
+from halkspeech.transcription.stitching import Stitcher
+from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript, Word
+from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
+
+MEL_BATCH = 32  # chunks per log-mel call: bounds the STFT's memory (~150 MB of complex64 per 32 chunks)
+RETRY_S = 0.02  # wait before resubmitting a chunk the full engine queue refused
+MAX_ROUNDS = 4  # windows per chunk at most: the first, then resumed after unfinished segments
+
+
+@dataclass
+class _Stages:
+    """Wall milliseconds per stage (Timings' batched-mode fields)."""
+
+    vad: float = 0.0
+    features: float = 0.0
+    engine: float = 0.0
+    words: float = 0.0
+    stitch: float = 0.0
+
+
+class BatchedTranscription:
+    """One file: VAD → chunks → all chunks through the engine together → segments in order."""
+
+    def __init__(
+        self,
+        model: ModelEngine,
+        audio: np.ndarray,
+        options: TranscribeOptions,
+        progress: Progress | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
+        *,
+        vad: VadOptions = VadOptions(),
+        detector: SpeechDetector | None = None,
+    ) -> None:
+        self.model = model
+        self.audio = audio
+        self.options = options
+        self.progress = progress
+        self.on_segment = on_segment
+        self.vad = vad
+        self.detector = detector or SpeechDetector()  # cheap: the network is loaded once per device
+        self.decoder = WindowDecoder(model, options)
+        self.tokenizer = model.tokenizer
+        self.duration = len(audio) / SAMPLE_RATE
+        self.language = normalize_language(options.language, self.tokenizer.num_languages)
+        if not self.tokenizer.multilingual:
+            self.language = "en"
+        self.language_probs: dict[str, float] | None = None
+        # every chunk sees the initial prompt (the text before it is not known yet)
+        prompt = options.initial_prompt
+        self.previous = self.tokenizer.encode(" " + prompt.strip()) if prompt else []
+        self.stages = _Stages()
+        # chunks of one file in flight at once: a long file must not fill the whole engine queue by itself
+        self.max_in_flight = max(1, model.engine.scheduler.max_queue // 4)
+        self.in_flight = 0
+        self.probs = np.zeros(0, dtype=np.float32)  # VAD probability per 32 ms frame
+        self.device_audio: torch.Tensor | None = None
+        self.chunks: list[Chunk] = []  # set by run(), for callers that report on them
+
+    async def run(self) -> Transcript:
+        started = time.perf_counter()
+        self.chunks = chunks = await self._chunks()
+        mels = await self._features(chunks)
+        if chunks and self.language is None:
+            self.language, self.language_probs = await self.decoder.detect_language(mels[0])
+        stitcher = Stitcher(self._shares(chunks), self.duration, self.progress, self.on_segment)
+        gate = asyncio.Semaphore(self.max_in_flight)
+        engine_started = time.perf_counter()
+        async with asyncio.TaskGroup() as group:  # one failure cancels the other chunks (and their engine work)
+            for chunk, mel in zip(chunks, mels, strict=True):
+                previous_end = chunks[chunk.index - 1].end if chunk.index else 0.0
+                group.create_task(self._run_chunk(chunk, mel, previous_end, gate, stitcher))
+        self.device_audio = None
+        self.stages.engine = (time.perf_counter() - engine_started) * 1000
+        if not chunks and self.progress:
+            self.progress(self.duration, self.duration)  # nothing but silence: done at once
+        return self._transcript(stitcher, started)
+
+    # --- stages ----------------------------------------------------------------------------------------
+    async def _chunks(self) -> list[Chunk]:
+        """Speech probabilities on the model's device (in a worker thread: the event loop stays free)."""
+        started = time.perf_counter()
+        self.probs = await asyncio.to_thread(self.detector.probabilities, self.audio, self.model.device)
+        regions = speech_regions(self.probs, self.duration, self.vad)
+        self.stages.vad = (time.perf_counter() - started) * 1000
+        return make_chunks(regions, self.probs)
+
+    async def _features(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        mels = await asyncio.to_thread(self._log_mel, [(c.start, c.end) for c in chunks])
+        self.stages.features = (time.perf_counter() - started) * 1000
+        return mels
+
+    @torch.inference_mode()
+    def _log_mel(self, spans: list[tuple[float, float]]) -> list[torch.Tensor]:
+        """Each span's samples zero-padded to 30 s → log-mel [n_mels, 3000] normalised per window, computed
+        MEL_BATCH spans at a time on the model's device."""
+        if not spans:
+            return []
+        if self.device_audio is None:
+            samples = np.ascontiguousarray(self.audio, dtype=np.float32)
+            self.device_audio = torch.from_numpy(samples).to(self.model.device)
+        out: list[torch.Tensor] = []
+        for first in range(0, len(spans), MEL_BATCH):
+            rows = []
+            for start, end in spans[first : first + MEL_BATCH]:
+                piece = self.device_audio[_sample(start) : _sample(end)][:N_SAMPLES]
+                rows.append(F.pad(piece, (0, N_SAMPLES - piece.numel())))
+            out.extend(log_mel_windows(torch.stack(rows), self.model.dims.n_mels).unbind(0))  # [B, n_mels, 3000]
+        if self.device_audio.is_cuda:  # the stage's time is its kernels' (this worker thread waits, not the loop)
+            torch.cuda.current_stream(self.device_audio.device).synchronize()
+        return out
+
+    def _shares(self, chunks: list[Chunk]) -> list[float]:
+        """Chunk i accounts for the file from the previous chunk's end to its own (the last one to the end)."""
+        if not chunks:
+            return []
+        ends = [c.end for c in chunks[:-1]] + [self.duration]
+        return [end - (chunks[i - 1].end if i else 0.0) for i, end in enumerate(ends)]
+
+    # --- one chunk -------------------------------------------------------------------------------------
+    async def _run_chunk(
+        self,
+        chunk: Chunk,
+        mel: torch.Tensor,
+        previous_end: float,
+        gate: asyncio.Semaphore,
+        stitcher: Stitcher,
+    ) -> None:
+        """Decode the chunk; when the model stops at an unfinished segment (a timestamp pair, then nothing)
+        with speech left after it, decode the rest of the chunk again from there, as the seek loop would."""
+        segments: list[Segment] = []
+        start, last_speech = chunk.start, previous_end
+        for round_ in range(MAX_ROUNDS):
+            async with gate:
+                window = await self._decode(chunk, mel)
+            forced = bool(self.options.force_tokens_per_second)
+            if self.decoder.is_silence(window) and not forced:
+                break  # the no-speech skip
+            raw, resume = self._split(window, start, chunk.end, final=forced or round_ == MAX_ROUNDS - 1)
+            if resume is not None and not self._has_speech(resume, chunk.end):
+                raw, resume = self._split(window, start, chunk.end, final=True)
+            if self.options.word_timestamps:  # DTW etc. in a worker: numpy releases the GIL, the loop stays free
+                fresh, words_ms = await asyncio.to_thread(self._segments, chunk, raw, window, start, last_speech)
+            else:
+                fresh, words_ms = self._segments(chunk, raw, window, start, last_speech)
+            self.stages.words += words_ms
+            segments.extend(fresh)
+            last_speech = fresh[-1].end if fresh else last_speech
+            if resume is None:
+                break
+            start = resume
+            mel = (await asyncio.to_thread(self._log_mel, [(start, chunk.end)]))[0]
+        stitcher.finish(chunk.index, segments)
+
+    async def _decode(self, chunk: Chunk, mel: torch.Tensor) -> WindowResult:
+        """A window through the window decoder (fallback, repetition guard). A full engine queue is waited
+        out while other chunks of this file are in flight (they free room); with none, Overloaded stands."""
+        rate = self.options.force_tokens_per_second
+        limit = self.model.dims.n_text_ctx // 2
+        forced = max(1, min(limit, math.ceil(chunk.speech * rate))) if rate else None
+
+        def rejects(w: WindowResult) -> bool:
+            raw, _ = self._split(w, 0.0, N_SAMPLES / SAMPLE_RATE, final=True)
+            return bool(self._looping(raw))
+
+        while True:
+            self.in_flight += 1
+            try:
+                return await self.decoder.decode(mel, self.language, self.previous, forced=forced, rejects=rejects)
+            except Overloaded:
+                if self.in_flight <= 1:
+                    raise
+            finally:
+                self.in_flight -= 1
+            await asyncio.sleep(RETRY_S)
+
+    def _split(
+        self, window: WindowResult, start: float, end: float, *, final: bool
+    ) -> tuple[list[RawSegment], float | None]:
+        """A window's tokens cut at timestamp pairs (absolute times), and where to resume when the last
+        segment is unfinished (None: the window is done). A final window keeps an unfinished segment whole."""
+        tokens, tb = window.result.tokens, self.tokenizer.timestamp_begin
+        frames = min(N_SAMPLES, _sample(end) - _sample(start)) // HOP_LENGTH
+        raw, advance = split_window(tokens, timestamp_begin=tb, time_offset=start, segment_frames=frames)
+        if advance >= frames or not tokens:
+            return raw, None
+        if not final and advance > 0:
+            return raw, start + advance / FRAMES_PER_SECOND
+        rest = tokens[sum(len(r.tokens) for r in raw) :]
+        if any(t < tb for t in rest):
+            begin = start + (rest[0] - tb) * TIME_PRECISION if rest[0] >= tb else (raw[-1].end if raw else start)
+            raw.append(RawSegment(begin, end, rest))
+        return raw, None
+
+    def _has_speech(self, start: float, end: float) -> bool:
+        """Whether the VAD heard speech in [start, end) (at least 0.1 s of it)."""
+        frames = self.probs[int(start / FRAME_S) : int(end / FRAME_S) + 1]
+        return int((frames >= self.vad.threshold).sum()) * FRAME_S >= 0.1
+
+    def _looping(self, raw: list[RawSegment]) -> set[int]:
+        """Indexes of the segments caught by the repetition guard."""
+        if self.options.force_tokens_per_second or self.options.force_decode_tokens:
+            return set()
+        return {i for i, r in enumerate(raw) if is_repetitive(self.tokenizer.decode(list(r.tokens)))}
+
+    def _segments(
+        self, chunk: Chunk, raw: list[RawSegment], window: WindowResult, start: float, last_speech: float
+    ) -> tuple[list[Segment], float]:
+        """Raw segments of one window (starting at `start`) → Segments with words, clamped into the chunk;
+        and the milliseconds word timing took."""
+        looping = self._looping(raw)
+        timed, words_ms = None, 0.0
+        alignment = window.result.alignment
+        if self.options.word_timestamps and alignment is not None and raw:
+            began = time.perf_counter()
+            eot = self.tokenizer.eot
+            spans = [(r.start, r.end, sum(t < eot for t in r.tokens)) for r in raw]
+            frames = min(N_SAMPLES, _sample(chunk.end) - _sample(start)) // HOP_LENGTH
+            timed, _ = time_words(
+                alignment,
+                self.tokenizer,
+                self.language,
+                spans,
+                num_frames=frames,
+                time_offset=start,
+                last_speech=last_speech,
+            )
+            words_ms = (time.perf_counter() - began) * 1000
+        out = []
+        for i, piece in enumerate(raw):
+            text = self.tokenizer.decode([t for t in piece.tokens if t < self.tokenizer.eot])
+            if i in looping or not text.strip():
+                continue  # a repetition loop that survived every temperature is dropped
+            times = (timed[i].start, timed[i].end) if timed else (piece.start, piece.end)
+            out.append(self._segment(chunk, piece, window, text, times, timed[i].words if timed else None))
+        return out, words_ms
+
+    def _segment(
+        self,
+        chunk: Chunk,
+        piece: RawSegment,
+        window: WindowResult,
+        text: str,
+        times: tuple[float, float],
+        words: tuple[Word, ...] | None,
+    ) -> Segment:
+        """Times clamped into the chunk (a timestamp in the padding past its end means its end)."""
+        lo, hi = chunk.start, min(chunk.end, self.duration)
+        start = min(max(times[0], lo), hi)
+        end = min(max(times[1], start), hi)
+        if words is not None:
+            words = tuple(_clamp_word(w, lo, hi) for w in words)
+        return Segment(
+            id=0,
+            seek=round(chunk.start * FRAMES_PER_SECOND),
+            start=round(start, 3),
+            end=round(end, 3),
+            text=text,
+            tokens=piece.tokens,
+            temperature=window.result.temperature,
+            avg_logprob=window.result.avg_logprob,
+            compression_ratio=window.compression_ratio,
+            no_speech_prob=window.result.no_speech_prob,
+            words=words,
+        )
+
+    # --- the whole file --------------------------------------------------------------------------------
+    def _transcript(self, stitcher: Stitcher, started: float) -> Transcript:
+        stitch_started = time.perf_counter()
+        assert stitcher.complete
+        segments = stitcher.segments
+        tokens = [t for s in segments for t in s.tokens]
+        t, st = self.decoder.timer, self.stages
+        st.stitch = (time.perf_counter() - stitch_started) * 1000
+        return Transcript(
+            text=self.tokenizer.decode(tokens),
+            language=self.language or "en",
+            duration=self.duration,
+            segments=tuple(segments),
+            language_probs=self.language_probs,
+            timings=Timings(
+                t.queue,
+                t.encoder,
+                t.decoder,
+                (time.perf_counter() - started) * 1000,
+                vad=st.vad,
+                features=st.features,
+                engine=st.engine,
+                words=st.words,
+                stitch=st.stitch,
+            ),
+            tokens=tuple(tokens),
+        )
+
+
+def _sample(seconds: float) -> int:
+    return round(seconds * SAMPLE_RATE)
+
+
+def _clamp_word(word: Word, lo: float, hi: float) -> Word:
+    start = min(max(word.start, lo), hi)
+    return replace(word, start=start, end=min(max(word.end, start), hi))

@@ -1,0 +1,285 @@
+"""The pieces of a live turn that need no model: its options, the events it emits, its audio buffer, pause
+segmentation from VAD probabilities, and the stable prefix of partial results. `streaming.py` wires them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from halkspeech.audio.streaming import FRAME, MAX_RATE, MIN_RATE, pcm16_to_float
+from halkspeech.errors import InvalidRequest
+from halkspeech.model.dims import SAMPLE_RATE
+from halkspeech.model.tokenizer import Task
+from halkspeech.transcription.types import Segment, Timings, Transcript
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a client chooses for one turn (the `start` message)."""
+
+    language: str | None = None  # None: detect
+    task: Task = "transcribe"
+    sample_rate: int = SAMPLE_RATE  # of the PCM the client sends; resampled to 16 kHz
+    partials: bool = False
+    #: A pause this long (server VAD) ends a segment, transcribed at once; None: one piece per turn.
+    segment_silence_ms: int | None = None
+    #: Skip audio the VAD finds no speech in (segmented turns always do).
+    vad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise InvalidRequest(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if not MIN_RATE <= self.sample_rate <= MAX_RATE:
+            raise InvalidRequest(f"sample_rate must be {MIN_RATE} to {MAX_RATE} Hz, got {self.sample_rate}")
+        if self.segment_silence_ms is not None and not 100 <= self.segment_silence_ms <= 30_000:
+            raise InvalidRequest(f"segment_silence_ms must be 100 to 30000, got {self.segment_silence_ms}")
+
+    @property
+    def uses_vad(self) -> bool:
+        return self.vad or self.segment_silence_ms is not None
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Server-side bounds and pacing for live sessions (from ServerSettings, plus tuning defaults)."""
+
+    max_turn_s: float = 300.0  # audio (and wall time) of one turn; bounds its buffer
+    max_pending_finals: int = 4  # turns of one session still being transcribed after their `end`
+    partial_interval_s: float = 0.4  # new audio between two partials (at most one in flight)
+    min_partial_s: float = 0.5  # no partial for less audio than this (Whisper guesses wildly on less)
+    preroll_s: float = 0.3  # audio kept before the VAD's speech start, so first sounds are not cut
+    hangover_s: float = 0.3  # audio kept after the last voiced frame (at most half the pause)
+    force_decode_tokens: int | None = None  # benchmarks only (random weights)
+
+
+# -- events: what a session tells its client ------------------------------------------------------------
+
+
+def segment_dict(segment: Segment, offset_s: float = 0.0, index: int | None = None) -> dict[str, Any]:
+    """A transcript segment as the protocol sends it: times from the start of the turn."""
+    return {
+        "id": segment.id if index is None else index,
+        "start": round(segment.start + offset_s, 3),
+        "end": round(segment.end + offset_s, 3),
+        "text": segment.text,
+        "avg_logprob": segment.avg_logprob,
+        "no_speech_prob": segment.no_speech_prob,
+        "temperature": segment.temperature,
+        "compression_ratio": segment.compression_ratio,
+    }
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    turn: int
+    model: str
+    sample_rate: int
+
+    def as_message(self) -> dict[str, Any]:
+        return {"type": "started", "turn": self.turn, "model": self.model, "sample_rate": self.sample_rate}
+
+
+@dataclass(frozen=True)
+class Partial:
+    turn: int
+    text: str
+    stable_text: str  # only grows within a piece of the turn (see StablePrefix)
+    audio_s: float  # the partial covers the turn's audio up to here (seconds from the turn's start)
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "type": "partial",
+            "turn": self.turn,
+            "text": self.text,
+            "stable_text": self.stable_text,
+            "audio_s": round(self.audio_s, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A transcribed stretch of the turn: [start, end) seconds from the turn's start."""
+
+    start: float
+    end: float
+    text: str
+    language: str
+    segments: tuple[Segment, ...]  # times already from the turn's start
+    timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def of(cls, transcript: Transcript, start: float, end: float) -> Piece:
+        """A transcript of audio that began `start` seconds into the turn."""
+        moved = tuple(replace(s, start=s.start + start, end=s.end + start) for s in transcript.segments)
+        return cls(start, end, transcript.text.strip(), transcript.language, moved, transcript.timings)
+
+
+@dataclass(frozen=True)
+class SegmentReady:
+    turn: int
+    index: int
+    piece: Piece
+
+    def as_message(self) -> dict[str, Any]:
+        p = self.piece
+        return {
+            "type": "segment",
+            "turn": self.turn,
+            "id": self.index,
+            "start": round(p.start, 3),
+            "end": round(p.end, 3),
+            "text": p.text,
+            "language": p.language,
+            "segments": [segment_dict(s) for s in p.segments],
+        }
+
+
+@dataclass(frozen=True)
+class Final:
+    turn: int
+    pieces: tuple[Piece, ...]
+    duration: float  # seconds of audio in the turn
+    language: str
+    timings: Timings  # of the work done after `end`
+    end_to_final_ms: float
+
+    @property
+    def text(self) -> str:
+        return " ".join(p.text for p in self.pieces if p.text)
+
+    def as_message(self) -> dict[str, Any]:
+        segments = [s for p in self.pieces for s in p.segments]
+        t = self.timings
+        return {
+            "type": "final",
+            "turn": self.turn,
+            "text": self.text,
+            "language": self.language,
+            "duration": round(self.duration, 3),
+            "segments": [segment_dict(s, index=i) for i, s in enumerate(segments)],
+            "timings_ms": {
+                "queue": round(t.queue, 2),
+                "encoder": round(t.encoder, 2),
+                "decoder": round(t.decoder, 2),
+                "transcribe": round(t.total, 2),
+                "end_to_final": round(self.end_to_final_ms, 2),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class StreamError:
+    code: str
+    message: str
+    turn: int | None = None
+
+    def as_message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
+        if self.turn is not None:
+            message["turn"] = self.turn
+        return message
+
+
+LiveEvent = TurnStarted | Partial | SegmentReady | Final | StreamError
+
+
+# -- audio buffer ---------------------------------------------------------------------------------------
+
+
+class TurnBuffer:
+    """A turn's audio as int16 at 16 kHz, grown by doubling up to `limit` samples (2 bytes each)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data = np.zeros(min(limit, SAMPLE_RATE * 8), dtype=np.int16)
+        self.size = 0
+
+    def append(self, samples: np.ndarray) -> int:
+        """Append what fits; returns how many samples were taken."""
+        take = min(len(samples), self.limit - self.size)
+        if self.size + take > len(self._data):
+            grown = np.zeros(min(self.limit, max(2 * len(self._data), self.size + take)), dtype=np.int16)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : self.size + take] = samples[:take]
+        self.size += take
+        return take
+
+    def floats(self, start: int, stop: int) -> np.ndarray:
+        """float32 [stop - start] copy, for the transcriber."""
+        return pcm16_to_float(self._data[start:stop])
+
+
+# -- pause segmentation ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VadEvent:
+    kind: Literal["speech", "pause"]
+    sample: int  # speech: the first voiced frame's start; pause: the last voiced frame's end
+
+
+@dataclass
+class Segmenter:
+    """Frame probabilities → speech starts and pauses, with silero's hysteresis: speech starts at a frame ≥
+    `threshold`, continues while frames are ≥ `neg_threshold`, and ends after `pause_frames` quieter frames."""
+
+    pause_frames: int | None  # None: speech never ends (VAD gating only tracks where the speech was)
+    threshold: float = 0.5
+    neg_threshold: float = 0.35
+    in_speech: bool = False
+    heard: bool = False  # any speech so far
+    voiced_end: int = 0  # sample just after the last voiced frame
+    _frame: int = 0
+
+    def push(self, probs: np.ndarray) -> list[VadEvent]:
+        events: list[VadEvent] = []
+        for p in probs.tolist():
+            end = (self._frame + 1) * FRAME
+            if self.in_speech:
+                if p >= self.neg_threshold:
+                    self.voiced_end = end
+                elif self.pause_frames is not None and end - self.voiced_end >= self.pause_frames * FRAME:
+                    self.in_speech = False
+                    events.append(VadEvent("pause", self.voiced_end))
+            elif p >= self.threshold:
+                self.in_speech = self.heard = True
+                self.voiced_end = end
+                events.append(VadEvent("speech", self._frame * FRAME))
+            self._frame += 1
+        return events
+
+
+# -- stable prefix of partials --------------------------------------------------------------------------
+
+_PUNCTUATION = re.compile(r"[^\w']+")
+
+
+def _norm(word: str) -> str:
+    return _PUNCTUATION.sub("", word.lower())
+
+
+class StablePrefix:
+    """Local agreement (Macháček et al. 2023, whisper_streaming's LocalAgreement-2): the words two
+    consecutive hypotheses agree on are committed, except the newest one's last word (it may be cut off by
+    the end of the audio). Committed words are never retracted: a later hypothesis that revises them is shown
+    as the committed words followed by its own words after them."""
+
+    def __init__(self) -> None:
+        self.stable: list[str] = []
+        self._previous: list[str] = []
+
+    def update(self, hypothesis: str) -> tuple[str, str]:
+        """A new hypothesis for the same audio (grown) → (text, stable_text); text starts with stable_text."""
+        n = len(self.stable)
+        words = self.stable + hypothesis.split()[n:]  # a revised committed part is replaced by ours, word for word
+        agreed = n
+        limit = min(len(self._previous), len(words) - 1)
+        while agreed < limit and _norm(self._previous[agreed]) == _norm(words[agreed]) != "":
+            agreed += 1
+        self.stable = words[:agreed]
+        self._previous = words
+        return " ".join(words), " ".join(self.stable)

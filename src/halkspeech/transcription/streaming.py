@@ -1,0 +1,376 @@
+"""Live speech: push-to-talk turns streamed as 16-bit PCM, with partial results and pause segmentation.
+
+A `LiveSession` is one client connection: turns one after another (the next may start while the last one's
+final is computed). A `LiveTurn` is one press of the key:
+
+    start ─▶ feed(pcm) … ─▶ end ─▶ Final       (Partial and SegmentReady events may come in between)
+
+It buffers the audio (int16, 16 kHz, at most `max_turn_s`), feeds the streaming VAD when segments or VAD
+gating are asked for, re-transcribes the growing audio for partials (greedy, no timestamps, one in flight,
+cancelled at `end` so it never delays the final), transcribes each segment as soon as its pause is heard,
+and at `end` transcribes only what is left. Finals and segments run at engine priority -1 (before file work,
+without the admission wait). Events go out through an async `emit`; nothing here knows about WebSockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+import numpy as np
+
+from halkspeech.audio.streaming import FRAME, PCMStream, StreamingVAD, VADStream, pcm16_to_float
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import AudioTooLong, HalkSpeechError, InvalidRequest, Overloaded
+from halkspeech.model.dims import SAMPLE_RATE
+from halkspeech.model.languages import normalize_language
+from halkspeech.transcription.live import (
+    Final,
+    LiveEvent,
+    Partial,
+    Piece,
+    Segmenter,
+    SegmentReady,
+    StablePrefix,
+    StreamError,
+    StreamLimits,
+    StreamOptions,
+    TurnBuffer,
+    TurnStarted,
+    VadEvent,
+)
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import Timings, TranscribeOptions
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[LiveEvent], Awaitable[None]]
+#: Model name (None: the default) → the engine, held (never unloaded) until the context exits.
+ModelSource = Callable[[str | None], AbstractAsyncContextManager[ModelEngine]]
+
+FINAL_PRIORITY = -1  # finals and segments: ahead of file work, admitted without waiting for a batch
+PARTIAL_PRIORITY = 0  # partials: like file work, so they never queue ahead of anyone's final
+
+
+class NoTurn(InvalidRequest):
+    """Audio or `end` arrived while no turn is open."""
+
+    code = "no_turn"
+
+
+class TurnActive(InvalidRequest):
+    """`start` arrived while a turn is open."""
+
+    code = "turn_active"
+
+
+def _transcribe_options(
+    language: str | None, options: StreamOptions, limits: StreamLimits
+) -> tuple[TranscribeOptions, TranscribeOptions]:
+    """(finals and segments: the file defaults; partials: greedy, one temperature, no timestamps)."""
+    forced = limits.force_decode_tokens
+    final = TranscribeOptions(
+        language=language,
+        task=options.task,
+        priority=FINAL_PRIORITY,
+        force_decode_tokens=forced,
+        without_timestamps=forced is not None,  # benchmarks: as the server's file requests then do
+    )
+    partial = TranscribeOptions(
+        language=language,
+        task=options.task,
+        temperatures=(0.0,),
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        priority=PARTIAL_PRIORITY,
+        force_decode_tokens=forced,
+    )
+    return final, partial
+
+
+class LiveTurn:
+    """One push-to-talk turn: audio in, events out. Call `feed` from the event loop, then `finish` once."""
+
+    def __init__(
+        self,
+        turn: int,
+        model: ModelEngine,
+        options: StreamOptions,
+        limits: StreamLimits,
+        emit: Emit,
+        vad: StreamingVAD | None = None,
+        hold: contextlib.AsyncExitStack | None = None,
+    ) -> None:
+        language = normalize_language(options.language, model.tokenizer.num_languages)
+        if options.uses_vad and vad is None:
+            raise InvalidRequest("this server has no VAD for segments or VAD gating")
+        self.turn, self.model, self.options, self.limits, self.emit = turn, model, options, limits, emit
+        self.started = time.monotonic()
+        self._hold = hold or contextlib.AsyncExitStack()  # releases the model when the turn is over
+        self.transcriber = Transcriber(model)
+        self.pcm = PCMStream(options.sample_rate)
+        self.buffer = TurnBuffer(int(limits.max_turn_s * SAMPLE_RATE))
+        self._final_options, self._partial_options = _transcribe_options(language, options, limits)
+        # Where the piece being spoken starts (None: waiting for speech) and where the last segment ended.
+        self.piece_start: int | None = None if options.uses_vad else 0
+        self.last_cut = 0
+        self.pieces: list[asyncio.Task[Piece]] = []  # segments cut at pauses, in order
+        self._partial: asyncio.Task[None] | None = None
+        self._partial_mark = 0  # buffer size when the last partial started
+        self._stable = StablePrefix()
+        self._generation = 0  # bumped at each cut: partials of an earlier piece are dropped
+        self._finishing = False
+        self._vad = vad
+        self._vad_state = VADStream()
+        self._vad_tail = np.zeros(0, dtype=np.float32)  # samples short of a whole VAD frame
+        self._vad_queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+        silence = options.segment_silence_ms
+        pause_frames = None if silence is None else max(1, round(silence * SAMPLE_RATE / 1000 / FRAME))
+        self.segmenter = Segmenter(pause_frames)
+        self._hangover = int(min(limits.hangover_s, (silence or 1e9) / 2000) * SAMPLE_RATE)
+        self._vad_task = asyncio.create_task(self._run_vad()) if options.uses_vad else None
+
+    @property
+    def duration(self) -> float:
+        return self.buffer.size / SAMPLE_RATE
+
+    # --- audio in --------------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """One binary frame of 16-bit PCM. Raises AudioDecodeError (odd length: the frame is refused whole) or
+        AudioTooLong (the turn is full; what fitted was kept)."""
+        samples = self.pcm.push(data)
+        taken = self.buffer.append(samples)
+        self._to_vad(samples[:taken])
+        if self.options.partials:
+            self._maybe_partial()
+        if taken < len(samples):
+            raise AudioTooLong(f"the turn reached the limit of {self.limits.max_turn_s:g} s of audio; it was ended")
+
+    def _to_vad(self, samples: np.ndarray) -> None:
+        if self._vad_task is None or samples.size == 0:
+            return
+        pending = np.concatenate([self._vad_tail, pcm16_to_float(samples)])
+        whole = len(pending) // FRAME * FRAME
+        self._vad_tail = pending[whole:]
+        if whole:
+            self._vad_queue.put_nowait(pending[:whole].reshape(-1, FRAME))
+
+    async def _run_vad(self) -> None:
+        assert self._vad is not None
+        while (frames := await self._vad_queue.get()) is not None:
+            probs = await self._vad.probabilities(self._vad_state, frames)
+            for event in self.segmenter.push(probs):
+                self._on_vad(event)
+
+    def _on_vad(self, event: VadEvent) -> None:
+        preroll = int(self.limits.preroll_s * SAMPLE_RATE)
+        if event.kind == "speech":
+            if self.piece_start is None:
+                self.piece_start = max(self.last_cut, event.sample - preroll)
+                self._partial_mark = self.piece_start
+            return
+        if self.options.segment_silence_ms is None or self.piece_start is None or self._finishing:
+            return
+        cut = min(self.buffer.size, event.sample + self._hangover)
+        previous = self.pieces[-1] if self.pieces else None
+        task = asyncio.create_task(self._segment(len(self.pieces), self.piece_start, cut, previous))
+        self.pieces.append(task)
+        self.piece_start, self.last_cut = None, cut
+        self._new_piece()
+
+    async def _segment(self, index: int, start: int, stop: int, previous: asyncio.Task[Piece] | None) -> Piece:
+        piece = await self._transcribe(start, stop)
+        if previous is not None:
+            await asyncio.wait([previous])  # segment messages go out in order; a failed one is reported by finish
+        await self.emit(SegmentReady(self.turn, index, piece))
+        return piece
+
+    async def _transcribe(self, start: int, stop: int) -> Piece:
+        transcript = await self.transcriber.transcribe(self.buffer.floats(start, stop), self._final_options)
+        return Piece.of(transcript, start / SAMPLE_RATE, stop / SAMPLE_RATE)
+
+    # --- partials --------------------------------------------------------------------------------------
+    def _maybe_partial(self) -> None:
+        start, size, limits = self.piece_start, self.buffer.size, self.limits
+        if self._partial is not None or self._finishing or start is None:
+            return
+        if size - self._partial_mark < limits.partial_interval_s * SAMPLE_RATE:
+            return
+        if size - start < limits.min_partial_s * SAMPLE_RATE:
+            return
+        self._partial_mark = size
+        task = asyncio.create_task(self._run_partial(self._generation, start, size))
+        self._partial = task
+        task.add_done_callback(self._partial_done)
+
+    def _partial_done(self, task: asyncio.Task[None]) -> None:
+        if self._partial is task:
+            self._partial = None
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("partial failed: %s", task.exception())
+
+    async def _run_partial(self, generation: int, start: int, stop: int) -> None:
+        try:
+            transcript = await self.transcriber.transcribe(self.buffer.floats(start, stop), self._partial_options)
+        except HalkSpeechError as exc:  # e.g. Overloaded: a partial is an extra, the final still comes
+            log.debug("partial skipped: %s", exc)
+            return
+        if generation != self._generation or self._finishing or not transcript.text.strip():
+            return  # a stale piece, the turn is ending, or nothing heard yet (not worth a message)
+        text, stable = self._stable.update(transcript.text)
+        await self.emit(Partial(self.turn, text, stable, stop / SAMPLE_RATE))
+
+    def _new_piece(self) -> None:
+        """A segment was cut: partials start over for the next piece."""
+        self._generation += 1
+        self._stable = StablePrefix()
+        if self._partial is not None:
+            self._partial.cancel()
+            self._partial = None
+
+    # --- the end ---------------------------------------------------------------------------------------
+    async def finish(self, ended: float | None = None) -> None:
+        """Transcribe what is left and emit the Final (or one StreamError for the turn)."""
+        ended = time.perf_counter() if ended is None else ended
+        self._finishing = True
+        if self._partial is not None:
+            self._partial.cancel()  # frees its engine slot now; the final must not wait behind it
+        try:
+            final = await self._final(ended)
+        except HalkSpeechError as exc:
+            await self.emit(StreamError(exc.code, str(exc), self.turn))
+            return
+        except Exception:  # a bug must not leave the client waiting for this turn forever
+            log.exception("live turn %d failed", self.turn)
+            await self.emit(StreamError("internal_error", "the turn could not be transcribed", self.turn))
+            return
+        finally:
+            await self.cancel()
+        await self.emit(final)
+
+    async def _final(self, ended: float) -> Final:
+        self.buffer.append(self.pcm.flush())
+        await self._drain_vad()
+        start, stop = self._rest()
+        rest = asyncio.create_task(self._transcribe(start, stop)) if stop > start else None
+        pieces = [await task for task in self.pieces]
+        if rest is not None:
+            pieces.append(await rest)
+        timings = pieces[-1].timings if rest is not None else Timings()
+        language = next((p.language for p in pieces if p.text), pieces[0].language if pieces else "")
+        language = language or self._final_options.language or ("" if self.model.tokenizer.multilingual else "en")
+        elapsed = (time.perf_counter() - ended) * 1000
+        return Final(self.turn, tuple(pieces), self.duration, language, timings, elapsed)
+
+    async def _drain_vad(self) -> None:
+        if self._vad_task is None:
+            return
+        if self._vad_tail.size:  # the last partial frame, padded with silence
+            self._vad_queue.put_nowait(np.pad(self._vad_tail, (0, FRAME - self._vad_tail.size))[None])
+            self._vad_tail = self._vad_tail[:0]
+        self._vad_queue.put_nowait(None)
+        await self._vad_task
+
+    def _rest(self) -> tuple[int, int]:
+        """The audio after the last segment that still needs transcribing: [start, stop) samples."""
+        if self.piece_start is None:
+            return 0, 0  # VAD on, and no speech since the last cut
+        stop = self.buffer.size
+        if self.options.uses_vad:
+            stop = min(stop, self.segmenter.voiced_end + self._hangover)
+        return self.piece_start, stop
+
+    async def cancel(self) -> None:
+        """Stop every task of the turn (their engine work is cancelled with them) and drop the audio."""
+        tasks = [t for t in (self._partial, self._vad_task, *self.pieces) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()  # a cancelled task cancels its engine requests as it unwinds, awaited or not
+        self.buffer = TurnBuffer(0)
+        try:
+            if tasks:
+                await asyncio.wait(tasks)  # not gather: it would re-raise their CancelledErrors as ours
+        finally:
+            await self._hold.aclose()
+
+
+class LiveSession:
+    """One client connection: its turns, their limits, and clean-up when the client goes away."""
+
+    def __init__(self, models: ModelSource, limits: StreamLimits, emit: Emit, vad: StreamingVAD | None = None) -> None:
+        self.models, self.limits, self.emit, self.vad = models, limits, emit, vad
+        self.turn: LiveTurn | None = None
+        self.finishing: set[asyncio.Task[None]] = set()
+        self.turns = 0
+        self._discarding = False  # after a refused start or a full turn: drop audio quietly until start/end
+
+    @property
+    def busy(self) -> bool:
+        """A turn is open or a final is still being computed."""
+        return self.turn is not None or bool(self.finishing)
+
+    async def start(self, options: StreamOptions, model: str | None = None) -> None:
+        if self.turn is not None:
+            raise TurnActive(f"turn {self.turn.turn} is still open: send end first")
+        self._discarding = True  # until this start succeeds
+        if len(self.finishing) >= self.limits.max_pending_finals:
+            raise Overloaded(f"{len(self.finishing)} turns of this session are still being transcribed")
+        hold = contextlib.AsyncExitStack()
+        try:
+            engine = await hold.enter_async_context(self.models(model))
+            self.turn = LiveTurn(self.turns + 1, engine, options, self.limits, self.emit, self.vad, hold)
+        except BaseException:
+            await hold.aclose()
+            raise
+        self.turns += 1
+        self._discarding = False
+        await self.emit(TurnStarted(self.turns, engine.name, options.sample_rate))
+
+    def feed(self, data: bytes) -> None:
+        if self.turn is None:
+            if self._discarding:
+                return
+            self._discarding = True  # one error, not one per 20 ms frame
+            raise NoTurn("audio arrived before start: send a start message first")
+        try:
+            self.turn.feed(data)
+        except AudioTooLong:
+            self.end()
+            self._discarding = True
+            raise
+
+    def end(self) -> None:
+        """Close the open turn; its final is computed in the background."""
+        if self.turn is None:
+            if self._discarding:
+                self._discarding = False
+                return
+            raise NoTurn("end arrived with no open turn")
+        turn, self.turn = self.turn, None
+        task = asyncio.create_task(turn.finish(time.perf_counter()))
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+
+    async def expire(self, now: float | None = None) -> None:
+        """End a turn that has been open longer than max_turn_s (wall time); called by the caller's watchdog."""
+        now = time.monotonic() if now is None else now
+        if self.turn is not None and now - self.turn.started > self.limits.max_turn_s:
+            turn = self.turn.turn
+            self.end()
+            self._discarding = True
+            message = f"the turn was open longer than {self.limits.max_turn_s:g} s; it was ended"
+            await self.emit(StreamError("turn_timeout", message, turn))
+
+    async def close(self) -> None:
+        """The client is gone: cancel the open turn and every final in progress, freeing engine slots."""
+        turn, self.turn = self.turn, None
+        tasks = list(self.finishing)
+        for task in tasks:
+            task.cancel()
+        if turn is not None:
+            await turn.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,346 @@
+"""Live turns on the real tiny.en engine: finals equal file transcription, partials' stable text only grows,
+pauses cut segments, limits hold, and a closed session leaves no engine work behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEST_DATA
+from halkspeech.audio import decode_audio, decode_pcm16
+from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import AudioDecodeError, AudioTooLong, InvalidRequest
+from halkspeech.transcription.live import (
+    Final,
+    LiveEvent,
+    Partial,
+    Segmenter,
+    SegmentReady,
+    StablePrefix,
+    StreamError,
+    StreamLimits,
+    StreamOptions,
+    TurnStarted,
+)
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.streaming import LiveSession, NoTurn, TurnActive
+from halkspeech.transcription.types import TranscribeOptions
+
+FRAME_BYTES = 640  # 20 ms of 16-bit mono at 16 kHz
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def frames(data: bytes, size: int = FRAME_BYTES) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+class Recorder:
+    """Collects a session's events; `wait_for` blocks until one of a kind arrives."""
+
+    def __init__(self) -> None:
+        self.events: list[LiveEvent] = []
+        self._arrived = asyncio.Event()
+
+    async def emit(self, event: LiveEvent) -> None:
+        self.events.append(event)
+        self._arrived.set()
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, kind: type, count: int = 1, timeout: float = 60.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.of(kind)) < count:
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), max(0.01, deadline - time.monotonic()))
+        return self.of(kind)
+
+
+def session_for(model: ModelEngine, limits: StreamLimits = StreamLimits(), vad: StreamingVAD | None = None):
+    recorder = Recorder()
+
+    @contextlib.asynccontextmanager
+    async def models(name: str | None) -> AsyncIterator[ModelEngine]:
+        yield model
+
+    return LiveSession(models, limits, recorder.emit, vad), recorder
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())
+
+
+@pytest.fixture(scope="module")
+def jfk_audio(jfk_path: Path) -> np.ndarray:
+    return decode_audio(jfk_path)
+
+
+@pytest.fixture(scope="module")
+def vad() -> StreamingVAD:
+    detector = StreamingVAD()
+    yield detector
+    detector.close()
+
+
+# -- pure pieces ------------------------------------------------------------------------------------------
+
+
+def test_stable_prefix_only_grows_and_prefixes_text() -> None:
+    prefix = StablePrefix()
+    hypotheses = [
+        "And so",
+        "And so my fellow",
+        "And so, my fellow Americans",
+        "And also my fellow Americans ask",  # revises a committed word: the committed one stays
+        "And so my fellow Americans ask not what",
+    ]
+    stables = []
+    for hypothesis in hypotheses:
+        text, stable = prefix.update(hypothesis)
+        assert text.startswith(stable)
+        stables.append(stable)
+    assert all(a == b[: len(a)] for a, b in itertools.pairwise(stables))
+    assert stables[1] == "And so"
+    assert stables[2] == "And so my fellow"  # hypotheses 2 and 3 agree (punctuation aside); "Americans" is held back
+    assert stables[3] == "And so my fellow Americans"  # "also" revised a committed word: ours stays
+    assert stables[-1].startswith("And so my fellow Americans")
+
+
+def test_segmenter_reports_speech_and_pause_with_hysteresis() -> None:
+    segmenter = Segmenter(pause_frames=3)
+    probs = np.array([0.1, 0.9, 0.4, 0.8, 0.2, 0.2, 0.1, 0.1, 0.6])  # 0.4 ≥ 0.35 keeps speech going
+    events = segmenter.push(probs)
+    assert [(e.kind, e.sample) for e in events] == [("speech", 512), ("pause", 4 * 512), ("speech", 8 * 512)]
+
+
+def test_options_refuse_bad_values() -> None:
+    with pytest.raises(InvalidRequest, match="sample_rate"):
+        StreamOptions(sample_rate=1000)
+    with pytest.raises(InvalidRequest, match="segment_silence_ms"):
+        StreamOptions(segment_silence_ms=5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # silero's own loader, the reference
+def test_streaming_vad_matches_silero_frame_by_frame(vad: StreamingVAD, jfk_audio: np.ndarray) -> None:
+    """Batched across streams and fed in uneven pieces, each stream's probabilities equal silero's own
+    stateful wrapper run one frame at a time."""
+    frames_ = jfk_audio[: len(jfk_audio) // 512 * 512].reshape(-1, 512)
+    reference: list[float] = []
+
+    def silero() -> None:  # in a thread: importing silero_vad sets the importing thread's torch threads to 1
+        from silero_vad import load_silero_vad
+
+        model = load_silero_vad()
+        reference.extend(float(model(torch.from_numpy(f.copy()), 16_000).detach()) for f in frames_)
+
+    thread = threading.Thread(target=silero)
+    thread.start()
+    thread.join()
+
+    async def main() -> list[np.ndarray]:
+        streams = [VADStream(), VADStream()]
+        out: list[list[np.ndarray]] = [[], []]
+        i = 0
+        while i < len(frames_):
+            k = 1 + i % 3  # 1, 2 or 3 frames per call; the second stream lags one piece behind
+            results = await asyncio.gather(*(vad.probabilities(s, frames_[i : i + k]) for s in streams))
+            for o, r in zip(out, results, strict=True):
+                o.append(r)
+            i += k
+        return [np.concatenate(o) for o in out]
+
+    for probs in asyncio.run(main()):
+        np.testing.assert_allclose(probs, reference, atol=1e-5)
+    assert max(reference) > 0.9 and min(reference) < 0.2  # speech and pauses both present
+
+
+def test_pcm_stream_resamples_across_chunks(jfk_audio: np.ndarray) -> None:
+    audio = jfk_audio[:32_000]  # 2 s
+    at_8k = pcm16(audio[::2])  # 8 kHz PCM (crude decimation is fine for a length and shape check)
+    stream = PCMStream(8_000)
+    pieces = [stream.push(chunk) for chunk in frames(at_8k, 322)]  # odd sample counts per chunk
+    out = np.concatenate([*pieces, stream.flush()])
+    assert abs(len(out) - 32_000) <= 16
+    whole = decode_pcm16(at_8k, sample_rate=8_000)
+    n = min(len(out), len(whole))
+    assert np.corrcoef(out[:n].astype(np.float32), whole[:n])[0, 1] > 0.99  # no clicks at chunk edges
+    with pytest.raises(AudioDecodeError, match="sample_rate"):
+        PCMStream(4_000)
+
+
+# -- turns on the real model ------------------------------------------------------------------------------
+
+
+def test_final_equals_file_transcription(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    async def main() -> None:
+        expected = await Transcriber(tiny_en_engine).transcribe(jfk_audio, TranscribeOptions())
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions())
+        for chunk in frames(pcm16(jfk_audio)):
+            session.feed(chunk)
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        assert isinstance(recorder.events[0], TurnStarted)
+        assert final.text == expected.text.strip()
+        assert "ask not what your country can do for you" in final.text.lower()
+        assert final.duration == pytest.approx(11.0, abs=0.02)
+        assert final.as_message()["segments"][-1]["end"] <= 11.0
+        await session.close()
+
+    run(main)
+
+
+def test_partials_stable_text_only_grows(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    """1.5 s at a time, each time waiting for the partial it triggers (no wall-clock dependence)."""
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions(partials=True))
+        chunks = frames(pcm16(jfk_audio), 48_000)  # 1.5 s
+        for i, chunk in enumerate(chunks):
+            session.feed(chunk)
+            await recorder.wait_for(Partial, count=i + 1)  # the partial this chunk started
+        session.end()
+        await recorder.wait_for(Final)
+        partials = recorder.of(Partial)
+        assert len(partials) >= 6
+        for earlier, later in itertools.pairwise(partials):
+            assert later.stable_text.startswith(earlier.stable_text)
+        for i, p in enumerate(partials):
+            assert all(q.text.startswith(p.stable_text) for q in partials[i:])
+        assert len(partials[-1].stable_text.split()) >= 8
+        assert "americans" in partials[-1].stable_text.lower()
+        assert recorder.events[-1] == recorder.of(Final)[0]  # nothing after the final
+        await session.close()
+
+    run(main)
+
+
+def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: StreamingVAD) -> None:
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER
+    second = decode_audio(TEST_DATA / "LJ001-0002.wav")  # in being comparatively modern.
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(segment_silence_ms=700))
+        for chunk in frames(pcm16(np.concatenate([first, np.zeros(24_000, np.float32)]))):  # + 1.5 s silence
+            session.feed(chunk)
+            await asyncio.sleep(0)  # let the VAD task keep up, as with a real client
+        (segment,) = await recorder.wait_for(SegmentReady)  # before `end`: cut at the pause
+        assert "wait no longer" in segment.piece.text.lower()
+        assert segment.piece.end < len(first) / 16_000 + 0.75
+        for chunk in frames(pcm16(second)):
+            session.feed(chunk)
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        assert "wait no longer" in final.text.lower() and "comparatively modern" in final.text.lower()
+        assert final.text.startswith(segment.piece.text)
+        starts = [s["start"] for s in final.as_message()["segments"]]
+        assert starts == sorted(starts) and starts[-1] > len(first) / 16_000 + 1.0  # times from the turn start
+        await session.close()
+
+    run(main)
+
+
+def test_closing_mid_turn_frees_the_engine(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    engine = tiny_en_engine.engine
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions(partials=True))
+        for chunk in frames(pcm16(jfk_audio)):
+            session.feed(chunk)
+        session.end()  # the final's work is submitted…
+        for _ in range(500):
+            if engine.running or engine.queue_depth:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.running or engine.queue_depth
+        await session.close()  # … and the client goes away
+        for _ in range(300):
+            if engine.running == 0 and engine.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.running == 0 and engine.queue_depth == 0
+        assert not recorder.of(Final)
+        assert not session.finishing
+
+    run(main)
+
+
+def test_turn_limit_ends_the_turn_and_keeps_what_fitted(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, StreamLimits(max_turn_s=2.0))
+        await session.start(StreamOptions())
+        errors = 0
+        for chunk in frames(pcm16(jfk_audio[:48_000])):  # 3 s
+            try:
+                session.feed(chunk)
+            except AudioTooLong:
+                errors += 1
+        session.end()  # acknowledged quietly: the turn was already ended
+        (final,) = await recorder.wait_for(Final)
+        assert errors == 1
+        assert final.duration == pytest.approx(2.0)
+        assert final.text  # the two seconds that fitted were transcribed
+        await session.close()
+
+    run(main)
+
+
+def test_turn_open_too_long_is_ended(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, StreamLimits(max_turn_s=10.0))
+        await session.start(StreamOptions())
+        for chunk in frames(pcm16(jfk_audio[:16_000])):
+            session.feed(chunk)
+        await session.expire(time.monotonic() + 5)  # not yet
+        assert session.turn is not None
+        await session.expire(time.monotonic() + 11)
+        assert session.turn is None
+        session.feed(b"\0\0" * 320)  # dropped quietly until the client's own end
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        (error,) = recorder.of(StreamError)
+        assert (error.code, error.turn) == ("turn_timeout", 1)
+        assert final.duration == pytest.approx(1.0)
+        await session.close()
+
+    run(main)
+
+
+def test_protocol_state_errors(tiny_en_engine: ModelEngine) -> None:
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine)
+        with pytest.raises(NoTurn):
+            session.feed(b"\0\0" * 320)
+        session.feed(b"\0\0" * 320)  # one error, not one per frame
+        session.end()  # closes the discarding state quietly
+        with pytest.raises(NoTurn):
+            session.end()
+        await session.start(StreamOptions())
+        with pytest.raises(TurnActive):
+            await session.start(StreamOptions())
+        with pytest.raises(AudioDecodeError, match="even number"):
+            session.feed(b"\0\0\0")
+        session.feed(b"\0\0" * 320)
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        assert final.duration == pytest.approx(0.02)
+        await session.close()
+
+    run(main)
