@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving benchmarks on a GPU machine, each bounded in time (a hang costs one step, not the call).
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
-#   bench/gpu_serving.sh ws-and-longform OUT_DIR    WebSocket turns (1 and 200 users); one hour through the server
+#   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
+#   bench/gpu_serving.sh ws OUT_DIR                 WebSocket turns (1 and 200 users) with file requests alongside
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
 set -uo pipefail
 out=${2:?OUT_DIR}
@@ -11,14 +12,20 @@ case "${1:?what}" in
 mixed-and-server)
   timeout 240 $py -c "
 from halkspeech.bench.mixed import MixedConfig, run_mixed_bench
-run_mixed_bench(MixedConfig(json_path='$out/mixed.json'))" 2>&1 | tail -8
+run_mixed_bench(MixedConfig(json_path='$out/mixed.json', modes=('continuous', 'continuous-inline', 'static')))
+" 2>&1 | tail -9
   timeout 330 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
     --json "$out/server.json" 2>&1 | tail -25
   ;;
-ws-and-longform)
-  timeout 330 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
+ws)
+  timeout 400 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
     --turns-per-user 3 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -20
+  ;;
+server-and-longform)
+  timeout 300 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
+    --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
+    --json "$out/server.json" 2>&1 | tail -8
   $py -m halkspeech serve --model random:large-v3-turbo --device cuda --preload --force-decode-tokens 100 \
     --port 8123 --no-access-log > "$out/serve.log" 2>&1 &
   server=$!

@@ -56,6 +56,8 @@ class GraphCache(Generic[Out]):
         torch.cuda.current_stream().wait_stream(side)
         self.restore(saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: in a server, other threads keep launching CUDA work (log-mel of new requests) while
+        # this thread captures; in the default "global" mode any of their calls invalidates the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.body(key)
         return graph, outputs

@@ -99,6 +99,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         max_encoder_batch=settings.max_encoder_batch,
         cuda_graphs=graphs,
         alignment_heads=weights.alignment_heads,
+        encode_ahead=settings.encode_ahead,
     )
     scheduler = Scheduler(
         slots,

@@ -62,6 +62,7 @@ class Runner:
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
         alignment_heads: tuple[tuple[int, int], ...] = (),
+        encode_ahead: bool = True,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
@@ -81,7 +82,7 @@ class Runner:
         cuda = self.device.type == "cuda"
         # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
         self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
-        self.encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
+        self.encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda and encode_ahead else None
         # (torch.compile of the step was measured and dropped: inductor functionalises the in-place cache
         # writes and copies the whole cache each step, 56 ms a step for large-v3 on an H200.)
 
@@ -98,7 +99,9 @@ class Runner:
     @torch.inference_mode()
     def encode_async(self, features: Sequence[Tensor]) -> EncodeJob:
         """Start encoding log-mel windows [n_mels, 3000] each; the job's audio is ready once `ready()`."""
-        if self.encode_stream is None:
+        if self.encode_stream is None:  # in order on this thread's stream: the admission after it waits for it
+            if self.stream is not None:  # features were made on callers' threads (the default stream)
+                self.stream.wait_stream(torch.cuda.default_stream(self.device))
             started = time.perf_counter()
             audio = self.encode(torch.stack(list(features)))
             return EncodeJob(audio, None, None, (time.perf_counter() - started) * 1000)
