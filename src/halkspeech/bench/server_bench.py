@@ -75,6 +75,8 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
             before = _scrape(url)
             server = _load(replace(load, requests=cfg.requests), cfg.client_processes)
             batches = _batch_means(before, _scrape(url))
+        if server.get("failed"):  # say why, from the server's own log
+            print((Path(tmp) / "server.log").read_text(errors="replace")[-4000:], flush=True)
     ratio = server["windows_per_s"] / engine_row["windows_per_s"] if engine_row.get("windows_per_s") else None
     results = {
         "device": device_info(device),
