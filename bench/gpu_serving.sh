@@ -34,5 +34,14 @@ server-and-longform)
     --repeats 1 --compare-minutes 5 --url http://127.0.0.1:8123 --json "$out/longform.json" 2>&1 | tail -25
   kill $server 2>/dev/null
   ;;
+final)  # the server again, the cost of word timestamps, then WebSocket turns
+  timeout 200 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
+    --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
+    --json "$out/server.json" 2>&1 | tail -6
+  timeout 150 $py -m halkspeech bench longform --model random:large-v3-turbo --force-tokens-per-second 4 \
+    --minutes 5 --repeats 1 --compare-files 8 --compare-minutes 5 --json "$out/longform_words.json" 2>&1 | tail -8
+  timeout 330 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
+    --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -16
+  ;;
 *) echo "unknown: $1" >&2; exit 2 ;;
 esac

@@ -298,6 +298,7 @@ class Runner:
         tokens = torch.tensor([seq + [eot] * (width - len(seq)) for seq in sequences], device=self.device)
         slots = torch.tensor([slot for slot, _, _ in jobs], device=self.device)
         hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
+        host_scores = scores.half().cpu()  # one copy for the chunk: [B, heads, T, A], half the bytes
         results = []
         for i, (_, prompt, text) in enumerate(jobs):
             n = len(sequences[i])
@@ -307,7 +308,7 @@ class Runner:
             probs = logits.softmax(dim=-1).gather(1, picked[:, None])[:, 0] if text else logits.new_zeros(0)
             results.append(
                 Alignment(
-                    scores=scores[i, :, :n].float().cpu(),
+                    scores=host_scores[i, :, :n].float(),
                     text_probs=tuple(probs.tolist()),
                     text_tokens=tuple(text),
                     prompt_len=len(prompt),

@@ -153,6 +153,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._encoding or self._ready or self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Windows not yet encoded."""
+        return len(self._waiting)
+
     def is_encoding(self, group: Group) -> bool:
         return group.rid in self._encoding
 
