@@ -43,5 +43,12 @@ final)  # the server again, the cost of word timestamps, then WebSocket turns
   timeout 330 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
     --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -16
   ;;
+server-and-ws)
+  timeout 200 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
+    --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
+    --json "$out/server.json" 2>&1 | tail -6
+  timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
+    --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -6
+  ;;
 *) echo "unknown: $1" >&2; exit 2 ;;
 esac

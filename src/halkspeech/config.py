@@ -80,6 +80,8 @@ class EngineSettings(BaseModel):
     #: While decoding, new windows are encoded once this many wait, or the oldest waited admit_wait_ms.
     admit_batch: int = 8
     admit_wait_ms: float = 15.0
+    #: Decoder slots kept for live (WebSocket) turns, so file work never takes every slot.
+    reserved_live_slots: int = 4
     #: Encode windows on a second, low-priority CUDA stream, overlapping the decode steps. Off by default: on an
     #: H200 it did not raise throughput (a decode step is ~100 small kernels that wait for SMs held by the
     #: encoder's GEMMs), see bench/NOTES.md.

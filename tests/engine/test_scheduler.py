@@ -207,3 +207,21 @@ def test_rank_uses_length_normalisation() -> None:
     candidates = [((1, 2, 3, 4), -2.0), ((1,), -1.0)]
     assert rank(candidates, None) == 0  # -0.5 per token beats -1.0
     assert rank(candidates, 1.0) == 1  # Google NMT: ((5 + 4) / 6) ** 1 = 1.5, so -2 / 1.5 < -1
+
+
+def test_live_work_gets_reserved_slots_and_its_own_encoder_run() -> None:
+    s = scheduler(slots=4, reserved_slots=1)
+    for _ in range(6):
+        s.add(request(max_new=50), None)
+    assert admit_all(s) == [0, 1, 2]  # file work leaves the reserved slot free
+    s.add(request(priority=-1), None)
+    encoding = s.schedule_encode(limit=16)
+    assert [g.request.priority for g in encoding] == [-1]  # not batched with the waiting file windows
+    s.mark_encoded(encoding)
+    assert [a.slots for a in record_and_return(s)] == [(3,)]
+
+
+def record_and_return(s: Scheduler) -> list[Admission]:
+    admitted = s.schedule_admission()
+    record(s, admitted)
+    return admitted

@@ -113,6 +113,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         static=static,
         admit_batch=settings.admit_batch,
         admit_wait_s=settings.admit_wait_ms / 1000,
+        reserved_slots=settings.reserved_live_slots if slots > 4 * settings.reserved_live_slots else 0,
     )
     log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
     engine = Engine(runner, scheduler, batch_window_ms=settings.batch_window_ms).start()

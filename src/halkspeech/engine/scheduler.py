@@ -74,6 +74,7 @@ class Scheduler:
         admit_batch: int = 1,
         admit_wait_s: float = 0.0,
         lookahead: int | None = None,
+        reserved_slots: int = 0,
     ) -> None:
         self.n_slots = slots
         #: Static batching (benchmark baseline): admit a new batch only when the last one has finished.
@@ -83,6 +84,9 @@ class Scheduler:
         #: running sequences, so admitting one window per freed slot wastes the decode steps.
         self.admit_batch = admit_batch
         self.admit_wait_s = admit_wait_s
+        #: Slots only priority (live) work may take: file requests filling every slot would make a live turn
+        #: wait for one to free up.
+        self.reserved_slots = min(reserved_slots, max(0, slots - 1))
         #: Windows encoded (or encoding) ahead of free slots at most.
         self.lookahead = lookahead if lookahead is not None else max(max_encoder_batch, slots // 2)
         self.eot = eot
@@ -172,7 +176,10 @@ class Scheduler:
         else:
             budget = min(limit, self.lookahead + len(self._free) - len(self._ready) - len(self._encoding))
         chosen: list[Group] = []
-        while self._waiting and len(chosen) < budget:
+        live = bool(self._waiting) and self._waiting[0][0] < 0
+        while self._waiting and len(chosen) < max(budget, 1 if live else 0):
+            if live and self._waiting[0][0] >= 0:
+                break  # live windows run on their own: never behind file windows in one encoder run
             _, _, group = heapq.heappop(self._waiting)
             self._encoding[group.rid] = group
             chosen.append(group)
@@ -202,9 +209,9 @@ class Scheduler:
         self._ready_since = None
         admissions: list[Admission] = []
         while self._ready:
-            group = self._ready[0][2]
+            priority, _, group = self._ready[0]
             size = group.request.options.group_size
-            if size > len(self._free):
+            if size > len(self._free) - (0 if priority < 0 else self.reserved_slots):
                 break
             heapq.heappop(self._ready)
             group.slots = [heapq.heappop(self._free) for _ in range(size)]
