@@ -50,5 +50,9 @@ server-and-ws)
   timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
     --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -6
   ;;
+ws-only)
+  timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
+    --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -6
+  ;;
 *) echo "unknown: $1" >&2; exit 2 ;;
 esac

@@ -225,3 +225,14 @@ def record_and_return(s: Scheduler) -> list[Admission]:
     admitted = s.schedule_admission()
     record(s, admitted)
     return admitted
+
+
+def test_file_encoding_waits_briefly_while_live_turns_decode() -> None:
+    s = scheduler(slots=4)
+    s.add(request(max_new=50, priority=-1), None)
+    admit_all(s)  # a live turn is decoding
+    s.add(request(), None)
+    assert s.file_work_held(hold_s=60.0)
+    assert not s.file_work_held(hold_s=0.0)  # never longer than the hold
+    s.add(request(priority=-1), None)
+    assert not s.file_work_held(hold_s=60.0)  # live windows are never held

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 TokenListener = Callable[[list[int]], None]
 ENCODE_CHUNK = 16  # windows per encoder run: per-window cost is flat from 8 up (H200: 4.7 ms at 16, 4.6 at 64)
 ENCODE_JOBS = 2  # one running and one queued behind it, so the encoder stream never idles
+LIVE_HOLD_S = 0.1  # file windows wait at most this long for live turns to finish decoding
 
 
 class DecodeHandle:
@@ -253,7 +254,7 @@ class Engine:
             log.exception("word-timing alignment failed")
 
     def _launch_encodes(self) -> None:
-        if len(self._jobs) >= ENCODE_JOBS:
+        if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):
             return
         # Idle: encode all that waits in one run. Decoding: runs of ENCODE_CHUNK (larger runs were measured
         # to starve the decoder: server throughput 0.80 → 0.70 of the engine's), so a live turn never waits

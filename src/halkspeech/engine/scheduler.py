@@ -158,6 +158,18 @@ class Scheduler:
         return bool(self._waiting or self._encoding or self._ready or self._running)
 
     @property
+    def live_decoding(self) -> bool:
+        """Some priority (live) sequence is decoding now."""
+        return any(g.request.priority < 0 for g in self._running.values())
+
+    def file_work_held(self, hold_s: float) -> bool:
+        """Hold back encoding file (non-priority) windows while live turns decode, for at most `hold_s`
+        of waiting: an encoder run between two decode steps of a live turn adds its whole length."""
+        if not self._waiting or self._waiting[0][0] < 0 or not self.live_decoding:
+            return False
+        return time.perf_counter() - self._waiting[0][2].submitted < hold_s
+
+    @property
     def waiting(self) -> int:
         """Windows not yet encoded."""
         return len(self._waiting)
