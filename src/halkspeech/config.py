@@ -73,6 +73,8 @@ class EngineSettings(BaseModel):
     #: Fraction of free GPU memory the engine may plan for caches.
     gpu_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
     cuda_graphs: bool = True
+    #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.
+    warmup_graphs: bool = True
     #: Pending decode requests (not yet in a slot) before new work is refused.
     max_queue: int = 1024
     #: Milliseconds the engine waits to gather a fuller encoder batch when it is idle.

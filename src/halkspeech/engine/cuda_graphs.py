@@ -39,6 +39,11 @@ class GraphCache(Generic[Out]):
     def __len__(self) -> int:
         return len(self.graphs)
 
+    def capture(self, key: Hashable) -> None:
+        """Capture ahead of use (engine start), so no request waits for a capture."""
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+
     def run(self, key: Hashable) -> Out:
         if key not in self.graphs:
             self.graphs[key] = self._capture(key)

@@ -4,6 +4,7 @@ plan (how many slots fit), CUDA-graph buckets."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,10 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         admit_wait_s=settings.admit_wait_ms / 1000,
         reserved_slots=settings.reserved_live_slots if slots > 4 * settings.reserved_live_slots else 0,
     )
+    if graphs and settings.warmup_graphs and scheduler.batch_buckets:
+        started = time.perf_counter()
+        count = runner.warm_up(scheduler.batch_buckets, WINDOW_BUCKETS)
+        log.info("captured %d decode-step graphs in %.1f s", count, time.perf_counter() - started)
     log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
     engine = Engine(runner, scheduler, batch_window_ms=settings.batch_window_ms).start()
     return ModelEngine(

@@ -316,6 +316,18 @@ class Runner:
             )
         return results
 
+    @torch.inference_mode()
+    def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
+        """Capture the decode-step graphs of every (batch bucket, window bucket), with and without timestamp
+        rules, before serving: a capture on the serving path stalls every running sequence."""
+        if self.graphs is None:
+            return 0
+        for size in sizes:
+            for window in windows:
+                for timestamps in (False, True):
+                    self.graphs.capture((size, window, timestamps, False))
+        return len(self.graphs)
+
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""
         if slots:
