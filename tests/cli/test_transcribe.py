@@ -1,0 +1,259 @@
+"""`halkspeech transcribe` end to end with the real tiny.en model: formats, several files, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from whisper.normalizers import EnglishTextNormalizer
+
+from conftest import JFK_TEXT, TEST_DATA
+from halkspeech.cli import main
+
+JFK = TEST_DATA / "jfk.flac"  # 11 s, two segments with tiny.en
+LJ = TEST_DATA / "LJ001-0002.wav"  # 1.9 s
+LJ_TEXT = "in being comparatively modern."
+LS = TEST_DATA / "1089-134691-0000.flac"  # 2.1 s
+LS_TEXT = "HE COULD WAIT NO LONGER"
+
+normalize = EnglishTextNormalizer()
+
+
+def transcribe(capsys: pytest.CaptureFixture[str], *args: str | Path, model: str = "tiny.en") -> tuple[int, str, str]:
+    """Run the command in-process; (exit status, stdout, stderr)."""
+    status = main(["transcribe", "--model", model, "--offline", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_error_line(err: str, path: str | Path | None = None) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"halkspeech: error: {path}: " if path else "halkspeech: error: ")
+    assert "Traceback" not in err
+
+
+def write_wav(path: Path, samples: np.ndarray) -> Path:
+    """Mono 16-bit 16 kHz WAV of float samples in [-1, 1]."""
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(16_000)
+        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+# --- output formats ------------------------------------------------------------------------------------------
+
+
+def test_text_prints_the_transcript_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = transcribe(capsys, JFK)
+    assert (status, err) == (0, "")
+    assert len(out.splitlines()) == 1
+    assert normalize(out) == normalize(JFK_TEXT)
+
+
+def test_json_is_only_the_text(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, LJ, "--output-format", "json")
+    assert status == 0
+    assert json.loads(out) == {"text": LJ_TEXT}
+
+
+def test_verbose_json_has_openai_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, JFK, "-f", "verbose_json", "--temperature", "0")
+    assert status == 0
+    data = json.loads(out)
+    assert data["language"] == "english"
+    assert data["task"] == "transcribe"
+    assert data["duration"] == pytest.approx(11.0, abs=0.05)
+    assert normalize(data["text"]) == normalize(JFK_TEXT)
+    segments = data["segments"]
+    assert len(segments) >= 2
+    assert "".join(s["text"] for s in segments).strip() == data["text"]
+    for segment in segments:
+        assert 0 <= segment["start"] < segment["end"] <= 11.0
+        assert segment["temperature"] == 0.0
+        assert segment["avg_logprob"] < 0
+        assert segment["compression_ratio"] > 0
+        assert 0 <= segment["no_speech_prob"] <= 1
+    assert [s["start"] for s in segments] == sorted(s["start"] for s in segments)
+
+
+def test_word_timestamps_and_batched_mode_are_wired(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, JFK, "-f", "verbose_json", "--word-timestamps", "--mode", "batched")
+    assert status == 0
+    data = json.loads(out)
+    assert normalize(data["text"]) == normalize(JFK_TEXT)
+    words = data["words"]
+    assert normalize(" ".join(w["word"] for w in words)) == normalize(JFK_TEXT)
+    assert all(0 <= w["start"] <= w["end"] <= 11.0 for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert all("words" in s for s in data["segments"])
+
+
+SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)\n(.+)")
+VTT_CUE = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+)")
+
+
+def test_srt_structure(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, JFK, "-f", "srt")
+    assert status == 0
+    blocks = out.strip().split("\n\n")
+    cues = [SRT_CUE.fullmatch(block) for block in blocks]
+    assert len(cues) >= 2 and all(cues), out
+    assert [int(c[1]) for c in cues if c] == list(range(1, len(cues) + 1))
+    assert all(c[2] < c[3] for c in cues if c)
+    assert normalize(" ".join(c[4] for c in cues if c)) == normalize(JFK_TEXT)
+
+
+def test_vtt_structure(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, JFK, "-f", "vtt")
+    assert status == 0
+    header, *blocks = out.strip().split("\n\n")
+    assert header == "WEBVTT"
+    cues = [VTT_CUE.fullmatch(block) for block in blocks]
+    assert len(cues) >= 2 and all(cues), out
+    assert all(c[1] < c[2] for c in cues if c)
+    assert normalize(" ".join(c[3] for c in cues if c)) == normalize(JFK_TEXT)
+
+
+# --- several files ---------------------------------------------------------------------------------------------
+
+
+def test_several_files_in_input_order_with_file_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    # The long file first: the short ones finish earlier in the shared engine but print after it.
+    paths = [JFK, LJ, LS]
+    status, out, err = transcribe(capsys, *paths, "-f", "json")
+    assert (status, err) == (0, "")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [row["file"] for row in rows] == [str(p) for p in paths]
+    assert [normalize(row["text"]) for row in rows] == [normalize(t) for t in (JFK_TEXT, LJ_TEXT, LS_TEXT)]
+
+
+def test_several_files_as_text_and_srt(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = transcribe(capsys, LJ, LS)
+    assert status == 0
+    assert [normalize(line) for line in out.splitlines()] == [normalize(LJ_TEXT), normalize(LS_TEXT)]
+    status, out, _ = transcribe(capsys, LJ, LS, "-f", "srt")
+    assert status == 0
+    headers = [line for line in out.splitlines() if line.startswith("==>")]
+    assert headers == [f"==> {LJ} <==", f"==> {LS} <=="]
+    assert out.count(" --> ") == 2
+
+
+def test_a_failing_file_does_not_stop_the_others(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    status, out, err = transcribe(capsys, LJ, missing, LS, "-f", "verbose_json")
+    assert status == 1
+    assert_one_error_line(err, missing)
+    assert "No such file" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [row["file"] for row in rows] == [str(LJ), str(LS)]
+    assert normalize(rows[1]["text"]) == normalize(LS_TEXT)
+
+
+def test_output_dir_writes_one_file_per_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # Two inputs with the same stem must not overwrite each other.
+    other = tmp_path / "in" / LJ.name
+    other.parent.mkdir()
+    other.write_bytes(LS.read_bytes())  # FLAC bytes under a .wav name: FFmpeg goes by content
+    target = tmp_path / "out" / "nested"
+    status, out, _ = transcribe(capsys, LJ, other, JFK, "-f", "vtt", "--output-dir", target)
+    assert status == 0
+    written = [Path(line) for line in out.splitlines()]
+    assert written == [target / "LJ001-0002-1.vtt", target / "LJ001-0002-2.vtt", target / "jfk.vtt"]
+    texts = [p.read_text() for p in written]
+    assert all(t.startswith("WEBVTT\n") for t in texts)
+    assert "comparatively modern" in texts[0]
+    assert "WAIT NO LONGER" in texts[1].upper()
+    status, out, _ = transcribe(capsys, LJ, "-f", "verbose_json", "-o", target)
+    assert json.loads((target / "LJ001-0002.json").read_text())["text"] == LJ_TEXT
+
+
+def test_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(LJ.read_bytes())))
+    status, out, _ = transcribe(capsys, "-")
+    assert (status, out) == (0, LJ_TEXT + "\n")
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def _bad_file(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{kind}.wav"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not_audio":
+        path.write_text("hello, I am a text file and not a recording\n")
+    elif kind == "image":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    elif kind == "truncated":
+        path.write_bytes(LJ.read_bytes()[:20_000])  # header says 1.9 s, 0.6 s present
+    elif kind == "zero_length":
+        write_wav(path, np.zeros(0, dtype=np.float32))
+    elif kind == "directory":
+        path.mkdir()
+    return path  # "missing": never created
+
+
+@pytest.mark.parametrize("kind", ["empty", "not_audio", "image", "truncated", "zero_length", "missing", "directory"])
+def test_bad_input_is_one_error_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str) -> None:
+    path = _bad_file(kind, tmp_path)
+    status, out, err = transcribe(capsys, path)
+    assert status != 0
+    assert out == ""
+    assert_one_error_line(err, path)
+
+
+@pytest.mark.parametrize("model", ["tiny.en", "base"])
+def test_silence_and_low_noise_give_empty_text(capsys: pytest.CaptureFixture[str], tmp_path: Path, model: str) -> None:
+    # Up to 10 s: both models (and openai-whisper) then say nothing. From 20 s of digital silence on,
+    # both, like the reference, emit " you" (a known Whisper hallucination), so longer silence is not tested.
+    noise = np.random.default_rng(0).standard_normal(16_000 * 5) * 3e-3
+    silence = write_wav(tmp_path / "silence.wav", np.zeros(16_000 * 5))
+    quiet = write_wav(tmp_path / "quiet.wav", noise)
+    status, out, err = transcribe(capsys, silence, quiet, "-f", "json", model=model)
+    assert (status, err) == (0, "")
+    assert [json.loads(line)["text"] for line in out.splitlines()] == ["", ""]
+
+
+def test_unknown_language(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = transcribe(capsys, LJ, "--language", "xx")
+    assert (status, out) == (2, "")
+    assert_one_error_line(err)
+    assert "'xx'" in err
+
+
+def test_unknown_model_names_what_was_tried(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = transcribe(capsys, LJ, model="nope")
+    assert (status, out) == (2, "")
+    assert_one_error_line(err)
+    assert "'nope'" in err and "tried" in err and "cache" in err
+
+
+def test_out_of_range_option(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = transcribe(capsys, LJ, "--temperature", "0,11")
+    assert status == 2
+    assert_one_error_line(err)
+    assert "temperature" in err
+
+
+def test_english_only_model_warns_about_another_language(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = transcribe(capsys, LJ, "--language", "de")
+    assert status == 0
+    assert err.startswith("halkspeech: warning: tiny.en is an English-only model")
+    assert out == LJ_TEXT + "\n"
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transcribe", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--language", "--task", "--output-format", "--temperature", "--output-dir", "--mode"):
+        assert option in out
