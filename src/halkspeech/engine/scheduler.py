@@ -46,6 +46,7 @@ class Group:
     no_speech_prob: float = float("nan")
     language_probs: dict[str, float] | None = None
     finish: FinishReason | None = None
+    encoding: float = 0.0  # when its window's encoder run started (the end of its queue time)
     admitted: float = 0.0
     encode_ms: float = 0.0
     result: DecodeResult | None = None
@@ -193,6 +194,7 @@ class Scheduler:
             if live and self._waiting[0][0] >= 0:
                 break  # live windows run on their own: never behind file windows in one encoder run
             _, _, group = heapq.heappop(self._waiting)
+            group.encoding = time.perf_counter()
             self._encoding[group.rid] = group
             chosen.append(group)
         return chosen
@@ -370,7 +372,7 @@ class Scheduler:
             tokens, logprob = candidates[rank(candidates, options.length_penalty)]
         else:
             tokens, logprob = (), 0.0
-        queue_ms = (group.admitted - group.submitted) * 1000 if group.admitted else 0.0
+        queue_ms = (group.encoding - group.submitted) * 1000 if group.encoding else 0.0
         return DecodeResult(
             tokens=tuple(tokens),
             sum_logprob=logprob,
