@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--max-tokens", type=int, default=150)
     mixed.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: saturating)")
     mixed.add_argument("--slots", type=int, default=64)
+    mixed.add_argument(
+        "--modes",
+        type=_csv(str),
+        default=("continuous", "static"),
+        help="continuous (encoder inline), continuous-ahead (encoder on a side stream), static",
+    )
     _device_args(mixed)
     mixed.set_defaults(func=_run_mixed)
 
@@ -125,6 +131,7 @@ def _run_mixed(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             rate=args.rate,
             slots=args.slots,
+            modes=args.modes,
             device=args.device,
             dtype=args.dtype,
             json_path=args.json_path,
