@@ -16,11 +16,7 @@ import logging
 import multiprocessing
 import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import wave
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +30,8 @@ import torch
 from halkspeech.audio import decode_audio
 from halkspeech.bench.common import device_info, print_table, write_json
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
-from halkspeech.errors import HalkSpeechError, InvalidRequest
+from halkspeech.bench.subprocess_server import free_port, serve
+from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
 
 log = logging.getLogger(__name__)
@@ -128,10 +125,7 @@ def _write_clip(cfg: ServerBenchConfig, path: Path) -> Path:
 # --- the server ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "halkspeech", "--log-level", "warning", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
+    args = [
         "--model", f"random:{cfg.model}", "--preload",
         "--device", cfg.device, "--dtype", cfg.dtype,
         "--max-slots", str(cfg.slots), "--encoder-batch", str(cfg.encoder_batch),
@@ -144,39 +138,8 @@ def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
         env["HALKSPEECH_ENGINE__ADMIT_BATCH"] = str(cfg.admit_batch)
     if cfg.admit_wait_ms is not None:
         env["HALKSPEECH_ENGINE__ADMIT_WAIT_MS"] = str(cfg.admit_wait_ms)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, process, log_path, cfg.startup_timeout_s)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise HalkSpeechError(f"the server exited with code {process.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            health = httpx.get(f"{url}/health", timeout=5).json()
-            if health.get("models"):
-                return
-        time.sleep(1.0)
-    raise HalkSpeechError(f"the server did not become ready within {timeout_s:g} s (log: {log_path})")
+    with serve(args, port=free_port(), env=env, log_path=log_path, startup_timeout_s=cfg.startup_timeout_s) as url:
+        yield url
 
 
 # --- the load -----------------------------------------------------------------------------------------------

@@ -16,9 +16,6 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import wave
@@ -32,17 +29,11 @@ import numpy as np
 import torch
 
 from halkspeech.bench.common import device_info, percentile, print_table, write_json
-from halkspeech.errors import HalkSpeechError
+from halkspeech.bench.subprocess_server import free_port, serve
 from halkspeech.loadtest.ws import WsLoadConfig, print_results, run_ws_load_async
 
 SAMPLE_RATE = 16_000
 REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
-
-
-class BenchServerError(HalkSpeechError):
-    """The server under test did not start."""
-
-    code = "bench_server_error"
 
 
 @dataclass(frozen=True)
@@ -100,48 +91,19 @@ def _wav(audio: np.ndarray) -> bytes:
 # -- the server -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(cfg: WsBenchConfig, port: int) -> Iterator[str]:
     """`halkspeech serve` in a subprocess (its flags, plus HALKSPEECH_* for what has no flag); yields its URL."""
     env = dict(os.environ)
     env["HALKSPEECH_SERVER__WS_MAX_SESSIONS"] = str(max(1000, 2 * cfg.users))
-    command = [sys.executable, "-m", "halkspeech", "--log-level", "warning", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--model", cfg.model, "--preload", "--no-access-log"]
+    command = ["--model", cfg.model, "--preload", "--no-access-log"]
     command += ["--device", cfg.device, "--dtype", cfg.dtype]
     command += ["--max-concurrent-requests", str(max(256, 2 * cfg.file_clients))]
     if cfg.tokens:
         command += ["--force-decode-tokens", str(cfg.tokens)]
-    log = tempfile.NamedTemporaryFile("w+", prefix="halkspeech-bench-ws-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(process, url, cfg.startup_timeout_s, Path(log.name))
+    log = Path(tempfile.mkdtemp(prefix="halkspeech-bench-ws-")) / "server.log"
+    with serve(command, port=port, env=env, log_path=log, startup_timeout_s=cfg.startup_timeout_s) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchServerError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise BenchServerError(f"the server was not ready within {timeout:g} s; log: {log}")
 
 
 # -- background file traffic ------------------------------------------------------------------------------
@@ -252,7 +214,7 @@ def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
         clip = Path(tmp) / "turn.wav"
         clip.write_bytes(_wav(_looped(speech, cfg.turn_s)))
         files = _wav(_looped(speech, cfg.file_s))
-        port = cfg.port or _free_port()
+        port = cfg.port or free_port()
         with server(cfg, port) as url:
             health = httpx.get(f"{url}/health", timeout=10).json()
             device = device_info(torch.device(cfg.device))  # after the server planned its memory
