@@ -8,6 +8,7 @@ the host: the step can be captured in a CUDA graph. The semantics are the refere
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
 import torch
@@ -106,11 +107,11 @@ class SlotState:
         return SlotState(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
-class LogitPolicy:
+class LogitPolicy(ABC):
     """Masks logits [B, V] in place according to per-row state."""
 
-    def apply(self, logits: Tensor, state: SlotState) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, logits: Tensor, state: SlotState) -> None: ...
 
 
 class SuppressTokens(LogitPolicy):
