@@ -173,3 +173,23 @@ def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-unty
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.01)
+
+
+def test_a_failed_encoder_run_fails_its_requests_not_the_engine(
+    small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = small_engine.engine.runner
+    real = runner.encode_async
+    calls = {"n": 0}
+
+    def flaky(features):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out of memory")
+        return real(features)
+
+    monkeypatch.setattr(runner, "encode_async", flaky)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        decode_alone(small_engine, windows[0])
+    assert "modern" in small_engine.tokenizer.decode(list(decode_alone(small_engine, windows[1]).tokens))
+    assert small_engine.engine.alive and small_engine.engine.queue_depth == 0

@@ -223,8 +223,6 @@ class Engine:
                 self.stats.decode_batches[len(step.active)] += 1
                 finished.extend(self.scheduler.record_step(step, output))
             self._report_tokens(self.scheduler.running_groups() + finished)
-        except HalkSpeechError:
-            raise
         except Exception as exc:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing the running requests")
             finished = []
@@ -261,10 +259,18 @@ class Engine:
         # behind a long encoder run.
         chunk = ENCODE_CHUNK if self.scheduler.running else self.scheduler.max_encoder_batch
         groups = self.scheduler.schedule_encode(min(chunk, self.scheduler.max_encoder_batch))
-        if groups:
+        if not groups:
+            return
+        try:
             job = self.runner.encode_async([g.request.features for g in groups])
-            self._jobs.append((job, groups))
-            self.stats.encoder_batches[len(groups)] += 1
+        except Exception as exc:  # e.g. out of memory for this batch: fail these requests, keep serving
+            log.exception("encoder run failed; failing its %d requests", len(groups))
+            for group in groups:
+                self.scheduler.drop_encoding(group)
+                self._fail(group, exc)
+            return
+        self._jobs.append((job, groups))
+        self.stats.encoder_batches[len(groups)] += 1
 
     def _collect_encoded(self) -> None:
         while self._jobs and self._jobs[0][0].ready():

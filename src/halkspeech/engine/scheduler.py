@@ -199,6 +199,11 @@ class Scheduler:
             chosen.append(group)
         return chosen
 
+    def drop_encoding(self, group: Group) -> None:
+        """Its encoder run failed: it leaves the engine (the caller fails its request)."""
+        self._encoding.pop(group.rid, None)
+        group.finish = "cancelled"
+
     def mark_encoded(self, groups: list[Group]) -> list[Group]:
         """Their windows are encoded: ready to enter. Returns the ones cancelled meanwhile (to complete)."""
         dropped = []
