@@ -22,6 +22,8 @@ from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
 
+SILENCE_PEAK = 1e-3  # -60 dBFS: quieter than any speech recording, louder than a digital zero or dither
+
 __all__ = ["Progress", "SequentialTranscription", "WindowDecoder", "WindowResult"]
 
 
@@ -42,6 +44,7 @@ class SequentialTranscription:
         self.on_segment = on_segment
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
+        self.audio = audio
         # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference).
         self.mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
@@ -49,6 +52,12 @@ class SequentialTranscription:
         self.language = normalize_language(options.language, self.tokenizer.num_languages)
         if not self.tokenizer.multilingual:
             self.language = "en"
+
+    def _silent(self, seek: int, size: int) -> bool:
+        """The window's audio never reaches -60 dBFS: digital silence or a faint hum. Whisper would decode
+        it to an invented word (" you", as openai-whisper does on 20 s of silence); skip it undecoded."""
+        samples = self.audio[seek * HOP_LENGTH : (seek + size) * HOP_LENGTH]
+        return samples.size == 0 or float(np.abs(samples).max()) < SILENCE_PEAK
 
     def _window(self, seek: int) -> tuple[torch.Tensor, int]:
         size = min(N_FRAMES, self.content_frames - seek)
@@ -66,6 +75,11 @@ class SequentialTranscription:
         seek = 0
         while seek < self.content_frames:
             mel, size = self._window(seek)
+            if self._silent(seek, size):
+                seek += size
+                if self.progress:
+                    self.progress(min(seek, self.content_frames) * HOP_LENGTH / SAMPLE_RATE, self.duration)
+                continue
             detect = self.language is None
             window = await self.decoder.decode(mel, self.language, all_tokens[prompt_reset:], detect=detect)
             if detect:

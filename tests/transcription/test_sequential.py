@@ -1,0 +1,31 @@
+"""Sequential mode: silent windows are skipped undecoded, so silence never becomes invented words."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from halkspeech.audio import decode_audio
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions
+
+
+def transcribe(model: ModelEngine, audio: np.ndarray) -> str:
+    return asyncio.run(Transcriber(model).transcribe(audio, TranscribeOptions())).text
+
+
+def test_long_silence_gives_empty_text(tiny_en_engine: ModelEngine) -> None:
+    # 60 s of zeros decodes to " you you" in openai-whisper and in this engine without the silence gate
+    assert transcribe(tiny_en_engine, np.zeros(60 * 16_000, np.float32)) == ""
+    hum = (np.random.default_rng(0).standard_normal(30 * 16_000) * 1e-4).astype(np.float32)
+    assert transcribe(tiny_en_engine, hum) == ""
+
+
+def test_speech_followed_by_silence_has_no_invented_tail(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    speech = decode_audio(jfk_path)
+    text = transcribe(tiny_en_engine, np.concatenate([speech, np.zeros(40 * 16_000, np.float32)]))
+    # the last window is 30 s of zeros: skipped, so the text ends where the speech does (no " you")
+    assert text.rstrip(" .").endswith("what you can do for your country")
