@@ -128,20 +128,24 @@ def test_tokens_stream_as_they_are_decoded(tiny_en_engine: ModelEngine, windows:
     assert tuple(seen) == result.tokens  # every token, in order, end-of-text excluded
 
 
+def fail_first_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, message: str) -> None:
+    """Make target.name raise RuntimeError(message) once, then behave as before."""
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def flaky(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(message)
+        return real(*args)
+
+    monkeypatch.setattr(target, name, flaky)
+
+
 def test_a_failed_step_fails_its_requests_not_the_engine(
     small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = small_engine.engine.runner
-    real_step = runner.step
-    calls = {"n": 0}
-
-    def flaky(step):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated device fault")
-        return real_step(step)
-
-    monkeypatch.setattr(runner, "step", flaky)
+    fail_first_call(monkeypatch, small_engine.engine.runner, "step", "simulated device fault")
     first = small_engine.engine.submit(make_request(small_engine, windows[0]))
     with pytest.raises(RuntimeError, match="simulated device fault"):
         first.result(timeout=60)
@@ -178,17 +182,7 @@ def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-unty
 def test_a_failed_encoder_run_fails_its_requests_not_the_engine(
     small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = small_engine.engine.runner
-    real = runner.encode_async
-    calls = {"n": 0}
-
-    def flaky(features):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated out of memory")
-        return real(features)
-
-    monkeypatch.setattr(runner, "encode_async", flaky)
+    fail_first_call(monkeypatch, small_engine.engine.runner, "encode_async", "simulated out of memory")
     with pytest.raises(RuntimeError, match="simulated out of memory"):
         decode_alone(small_engine, windows[0])
     assert "modern" in small_engine.tokenizer.decode(list(decode_alone(small_engine, windows[1]).tokens))

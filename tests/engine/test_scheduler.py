@@ -57,7 +57,7 @@ def scheduler(slots: int = 4, **kwargs: object) -> Scheduler:
 def test_admits_what_fits_lowest_slots_first() -> None:
     s = scheduler(slots=3)
     for _ in range(5):
-        s.add(request(), None)
+        s.add(request())
     assert admit_all(s) == [0, 1, 2]
     plan = s.schedule_decode()
     assert plan is not None and plan.active == (0, 1, 2) and plan.size == 3
@@ -67,7 +67,7 @@ def test_admits_what_fits_lowest_slots_first() -> None:
 def test_a_finished_sequence_frees_its_slot_at_once() -> None:
     s = scheduler(slots=2)
     for _ in range(3):
-        s.add(request(), None)
+        s.add(request())
     admit_all(s)
     finished = step(s, {0: EOT})
     assert finished == [0]
@@ -78,9 +78,9 @@ def test_a_finished_sequence_frees_its_slot_at_once() -> None:
 
 def test_max_new_tokens_and_forced_length() -> None:
     s = scheduler(slots=2)
-    s.add(request(max_new=3), None)
+    s.add(request(max_new=3))
     forced = DecodeRequest(FEATURES, (1, 2), 0, SamplingOptions(max_new_tokens=3, force_length=True))
-    s.add(forced, None)
+    s.add(forced)
     admit_all(s, first_token=EOT)  # the forced one must not stop at end-of-text
     assert s.running == 1
     assert step(s, default=EOT) == []
@@ -90,23 +90,23 @@ def test_max_new_tokens_and_forced_length() -> None:
 def test_priority_requests_jump_the_queue() -> None:
     s = scheduler(slots=1)
     for _ in range(3):
-        s.add(request(), None)
-    s.add(request(priority=-1), None)
+        s.add(request())
+    s.add(request(priority=-1))
     assert admit_all(s) == [3]
 
 
 def test_queue_limit_raises_overloaded() -> None:
     s = scheduler(slots=1, max_queue=2)
-    s.add(request(), None)
-    s.add(request(), None)
+    s.add(request())
+    s.add(request())
     with pytest.raises(Overloaded):
-        s.add(request(), None)
+        s.add(request())
 
 
 def test_cancel_waiting_and_running() -> None:
     s = scheduler(slots=1)
-    running = s.add(request(max_new=100), None)
-    waiting = s.add(request(), None)
+    running = s.add(request(max_new=100))
+    waiting = s.add(request())
     admit_all(s)
     assert s.cancel(waiting) and s.queue_depth == 0
     assert s.cancel(running)  # stopped at once, between steps: its slot is free again
@@ -117,7 +117,7 @@ def test_cancel_waiting_and_running() -> None:
 def test_compaction_moves_high_slots_down() -> None:
     s = scheduler(slots=16, batch_buckets=(1, 2, 4, 8, 16))
     for _ in range(9):
-        s.add(request(max_new=50), None)
+        s.add(request(max_new=50))
     admit_all(s)  # slots 0..8 → bucket 16
     tokens = dict.fromkeys(range(8), EOT)  # everything but slot 8 ends
     step(s, tokens)
@@ -129,10 +129,10 @@ def test_compaction_moves_high_slots_down() -> None:
 
 def test_static_batching_takes_what_arrived_meanwhile() -> None:
     s = scheduler(slots=4, static=True)
-    s.add(request(max_new=5), None)
+    s.add(request(max_new=5))
     encoding = s.schedule_encode(limit=10)
     for _ in range(3):  # more arrive while the first is encoded: they wait for the next batch
-        s.add(request(max_new=5), None)
+        s.add(request(max_new=5))
     s.mark_encoded(encoding)
     assert record(s, s.schedule_admission()) == [0]
     step(s, {0: EOT})
@@ -143,7 +143,7 @@ def test_static_batching_takes_what_arrived_meanwhile() -> None:
 def test_static_batching_waits_for_the_whole_batch() -> None:
     s = scheduler(slots=2, static=True)
     for _ in range(4):
-        s.add(request(max_new=5), None)
+        s.add(request(max_new=5))
     admit_all(s)
     step(s, {0: EOT})
     assert s.schedule_encode(limit=10) == []  # slot 0 is free, but the batch is not over
@@ -155,7 +155,7 @@ def test_static_batching_waits_for_the_whole_batch() -> None:
 def test_admission_waits_for_enough_free_slots() -> None:
     s = scheduler(slots=4, admit_batch=2, admit_wait_s=60.0, lookahead=2)
     for _ in range(8):
-        s.add(request(max_new=50), None)
+        s.add(request(max_new=50))
     assert admit_all(s) == [0, 1, 2, 3]
     s.mark_encoded(s.schedule_encode(limit=10))  # two more are encoded ahead; two still wait
     step(s, {0: EOT})
@@ -167,7 +167,7 @@ def test_admission_waits_for_enough_free_slots() -> None:
 def test_encoding_ahead_is_bounded() -> None:
     s = scheduler(slots=4, lookahead=2)
     for _ in range(20):
-        s.add(request(max_new=50), None)
+        s.add(request(max_new=50))
     assert len(s.schedule_encode(limit=100)) == 6  # the four free slots plus two ahead
     assert s.schedule_encode(limit=100) == []
     assert s.queue_depth == 20
@@ -175,7 +175,7 @@ def test_encoding_ahead_is_bounded() -> None:
 
 def test_a_window_cancelled_while_encoding_is_handed_back() -> None:
     s = scheduler(slots=2)
-    group = s.add(request(), None)
+    group = s.add(request())
     encoding = s.schedule_encode(limit=4)
     assert s.cancel(group) and s.is_encoding(group)
     assert s.mark_encoded(encoding) == [group]
@@ -184,7 +184,7 @@ def test_a_window_cancelled_while_encoding_is_handed_back() -> None:
 
 def test_beam_group_reorders_slots() -> None:
     s = scheduler(slots=4)
-    s.add(request(max_new=4, beam=2), None)
+    s.add(request(max_new=4, beam=2))
     admit_all(s)
     plan = s.schedule_decode()
     assert plan is not None and plan.top_slots == (0, 1) and plan.top_k == 3
@@ -212,9 +212,9 @@ def test_rank_uses_length_normalisation() -> None:
 def test_live_work_gets_reserved_slots_and_its_own_encoder_run() -> None:
     s = scheduler(slots=4, reserved_slots=1)
     for _ in range(6):
-        s.add(request(max_new=50), None)
+        s.add(request(max_new=50))
     assert admit_all(s) == [0, 1, 2]  # file work leaves the reserved slot free
-    s.add(request(priority=-1), None)
+    s.add(request(priority=-1))
     encoding = s.schedule_encode(limit=16)
     assert [g.request.priority for g in encoding] == [-1]  # not batched with the waiting file windows
     s.mark_encoded(encoding)
@@ -229,10 +229,10 @@ def record_and_return(s: Scheduler) -> list[Admission]:
 
 def test_file_encoding_waits_briefly_while_live_turns_decode() -> None:
     s = scheduler(slots=4)
-    s.add(request(max_new=50, priority=-1), None)
+    s.add(request(max_new=50, priority=-1))
     admit_all(s)  # a live turn is decoding
-    s.add(request(), None)
+    s.add(request())
     assert s.file_work_held(hold_s=60.0)
     assert not s.file_work_held(hold_s=0.0)  # never longer than the hold
-    s.add(request(priority=-1), None)
+    s.add(request(priority=-1))
     assert not s.file_work_held(hold_s=60.0)  # live windows are never held

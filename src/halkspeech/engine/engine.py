@@ -2,9 +2,9 @@
 caller.
 
 Callers on any thread `submit` a DecodeRequest and get a DecodeHandle (a concurrent Future plus cancel);
-asyncio callers `await engine.decode(request)`. Each iteration (vLLM's `EngineCore.step`, plus encoding
-ahead on a side stream so the encoder overlaps decode steps):
-    groups = scheduler.schedule_encode(chunk); runner.encode_async(...)      # up to two jobs in flight
+asyncio callers `await engine.decode(request)`. Each iteration (vLLM's `EngineCore.step`, with encoder runs
+of their own: inline on the decode stream by default, on a side stream with engine.encode_ahead):
+    groups = scheduler.schedule_encode(chunk); runner.encode_async(...)      # up to two runs in flight
     scheduler.mark_encoded(groups of finished jobs)
     admissions = scheduler.schedule_admission(); runner.admit(...); scheduler.record_admission(...)
     step = scheduler.schedule_decode(); output = runner.step(step); scheduler.record_step(step, output)
@@ -100,7 +100,6 @@ class Engine:
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._error: BaseException | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -157,9 +156,8 @@ class Engine:
         try:
             with self.runner.stream_context():
                 self._serve()
-        except BaseException as exc:  # the loop must never die silently: fail everyone, say why
+        except BaseException:  # the loop must never die silently: fail everyone, say why
             log.exception("engine loop failed")
-            self._error = exc
         finally:
             self._fail_all(EngineStopped("the engine stopped"))
 
@@ -188,7 +186,7 @@ class Engine:
     def _handle(self, kind: str, handle: DecodeHandle) -> None:
         if kind == "submit":
             try:
-                handle.group = self.scheduler.add(handle.request, handle)
+                handle.group = self.scheduler.add(handle.request)
                 self._handles[handle.group.rid] = handle
             except HalkSpeechError as exc:
                 handle.future.set_exception(exc)
@@ -240,8 +238,7 @@ class Engine:
         eot = self.scheduler.eot
         jobs = []
         for group in wanted:
-            group.result = self.scheduler.result(group, 0.0)
-            text = tuple(t for t in group.result.tokens if t < eot)
+            text = tuple(t for t in self.scheduler.result(group, 0.0).tokens if t < eot)
             prompt = group.request.alignment_prompt
             assert prompt is not None
             jobs.append((group.slots[0], prompt, text))

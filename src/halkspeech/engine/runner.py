@@ -1,7 +1,7 @@
 """Executes what the scheduler decided: owns the model, the static caches, the slot state and the graphs.
 
-`encode_async`: encode windows on a low-priority side stream, so this compute-bound work overlaps the
-memory-bound decode steps (on a GPU; synchronous on a CPU).
+`encode_async`: encode windows, in order on the engine's stream (the default), or on a low-priority side
+stream so the encoder overlaps decode steps (`encode_ahead`; measured slower, see bench/NOTES.md).
 `admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
 asked, prefill the prompts and sample each slot's first token.
 `step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
@@ -62,7 +62,7 @@ class Runner:
         max_encoder_batch: int = 32,
         cuda_graphs: bool = True,
         alignment_heads: tuple[tuple[int, int], ...] = (),
-        encode_ahead: bool = True,
+        encode_ahead: bool = False,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads

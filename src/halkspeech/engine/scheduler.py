@@ -1,7 +1,7 @@
 """Which sequences run in the next step (pure Python, no tensors).
 
-A request moves through three queues: waiting → encoding (its window is being encoded, ahead of need and
-concurrently with decode steps) → ready (encoded, waiting for slots). It enters the decoder when enough
+A request moves through three queues: waiting → encoding (its window is in an encoder run, which may start
+before slots are free) → ready (encoded, waiting for slots). It enters the decoder when enough
 slots are free (lowest slot numbers first, so the active range stays dense) and leaves the moment it
 finishes. A decode step covers slots 0..size-1, where size is the smallest batch bucket holding every
 active slot; when the active slots are scattered, the highest are moved down so idle slots are not computed.
@@ -14,7 +14,6 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.beam import BeamSearch, rank
@@ -36,7 +35,6 @@ class Group:
 
     rid: int
     request: DecodeRequest
-    handle: Any  # opaque to the scheduler: the engine's DecodeHandle
     submitted: float = field(default_factory=time.perf_counter)
     slots: list[int] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
@@ -49,7 +47,6 @@ class Group:
     encoding: float = 0.0  # when its window's encoder run started (the end of its queue time)
     admitted: float = 0.0
     encode_ms: float = 0.0
-    result: DecodeResult | None = None
     alignment: Alignment | None = None
 
     @property
@@ -107,12 +104,12 @@ class Scheduler:
         self._pending_updates: list[SlotUpdate] = []
 
     # --- queue -----------------------------------------------------------------------------------------
-    def add(self, request: DecodeRequest, handle: Any) -> Group:
+    def add(self, request: DecodeRequest) -> Group:
         if self.queue_depth >= self.max_queue:
             raise Overloaded(f"the decode queue is full ({self.max_queue} windows waiting)")
         if request.options.group_size > self.n_slots:
             raise Overloaded(f"{request.options.group_size} beams need more slots than the engine has")
-        group = Group(next(self._ids), request, handle)
+        group = Group(next(self._ids), request)
         heapq.heappush(self._waiting, (request.priority, group.rid, group))
         return group
 
