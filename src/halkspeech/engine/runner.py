@@ -36,9 +36,10 @@ class EncodeJob:
     begin: torch.cuda.Event | None
     done: torch.cuda.Event | None
     cpu_ms: float = 0.0
+    inline: bool = False  # queued on the engine's own stream: what reads it next is ordered after it
 
     def ready(self) -> bool:
-        return self.done is None or self.done.query()
+        return self.inline or self.done is None or self.done.query()
 
     def wait(self) -> None:
         if self.done is not None:
@@ -49,6 +50,7 @@ class EncodeJob:
         """Encoder time of the whole job (call when ready)."""
         if self.begin is None or self.done is None:
             return self.cpu_ms
+        self.done.synchronize()  # already done by the time anyone asks (the admission read its first tokens)
         return float(self.begin.elapsed_time(self.done))
 
 
@@ -99,13 +101,17 @@ class Runner:
     @torch.inference_mode()
     def encode_async(self, features: Sequence[Tensor]) -> EncodeJob:
         """Start encoding log-mel windows [n_mels, 3000] each; the job's audio is ready once `ready()`."""
-        if self.encode_stream is None:  # in order on this thread's stream: the admission after it waits for it
-            if self.stream is not None:  # features were made on callers' threads (the default stream)
-                self.stream.wait_stream(torch.cuda.default_stream(self.device))
+        if self.stream is None:  # CPU: done when encode() returns
             started = time.perf_counter()
             audio = self.encode(torch.stack(list(features)))
             return EncodeJob(audio, None, None, (time.perf_counter() - started) * 1000)
         begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.encode_stream is None:  # in order on this thread's stream: the admission after it waits for it
+            self.stream.wait_stream(torch.cuda.default_stream(self.device))  # features from callers' threads
+            begin.record()  # timed on the GPU: a host clock would only see the kernel launches
+            audio = self.encode(torch.stack(list(features)))
+            done.record()
+            return EncodeJob(audio, begin, done, inline=True)
         # features come from callers' threads (their default stream) or from this thread's stream
         self.encode_stream.wait_stream(torch.cuda.default_stream(self.device))
         self.encode_stream.wait_stream(torch.cuda.current_stream(self.device))
