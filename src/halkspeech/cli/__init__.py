@@ -26,16 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"halkspeech {__version__}")
     parser.add_argument("--log-level", default=None, help="debug, info, warning or error (default: info)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
+    register_modules(parser.add_subparsers(dest="command", metavar="COMMAND"), "halkspeech.cli", _SUBCOMMANDS)
+    return parser
+
+
+def register_modules(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], package: str, names: Sequence[str]
+) -> None:
+    """Let each module `package.name` add its parser (`register(subparsers)`); a module that does not exist
+    is skipped, an import error inside one is not."""
+    for name in names:
         try:
-            module = importlib.import_module(f"halkspeech.cli.{name}")
+            module = importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"halkspeech.cli.{name}":
+            if exc.name == f"{package}.{name}":
                 continue
             raise
         module.register(subparsers)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

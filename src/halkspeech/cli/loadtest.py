@@ -5,7 +5,8 @@ Each kind lives in `halkspeech.loadtest.<kind>` and exposes `register(kinds)`, a
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from halkspeech.cli import register_modules
 
 _KINDS = ("http", "ws")
 
@@ -17,11 +18,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Load testers: latency percentiles, throughput and errors, printed and written as JSON.",
     )
     kinds = parser.add_subparsers(dest="loadtest", metavar="KIND", required=True)
-    for kind in _KINDS:
-        try:
-            module = importlib.import_module(f"halkspeech.loadtest.{kind}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"halkspeech.loadtest.{kind}":
-                continue
-            raise
-        module.register(kinds)
+    register_modules(kinds, "halkspeech.loadtest", _KINDS)
