@@ -63,6 +63,11 @@ class SequentialTranscription:
         size = min(N_FRAMES, self.content_frames - seek)
         return pad_or_trim(self.mel[:, seek : seek + size], N_FRAMES), size
 
+    def _report(self, seek: int) -> None:
+        """Tell the progress callback how many seconds of audio are done."""
+        if self.progress:
+            self.progress(min(seek, self.content_frames) * HOP_LENGTH / SAMPLE_RATE, self.duration)
+
     async def run(self) -> Transcript:
         started = time.perf_counter()
         o, tok = self.options, self.tokenizer
@@ -77,8 +82,7 @@ class SequentialTranscription:
             mel, size = self._window(seek)
             if self._silent(seek, size):
                 seek += size
-                if self.progress:
-                    self.progress(min(seek, self.content_frames) * HOP_LENGTH / SAMPLE_RATE, self.duration)
+                self._report(seek)
                 continue
             detect = self.language is None
             window = await self.decoder.decode(mel, self.language, all_tokens[prompt_reset:], detect=detect)
@@ -109,8 +113,7 @@ class SequentialTranscription:
                         self.on_segment(segment)
                 if not o.condition_on_previous_text or window.result.temperature > 0.5:
                     prompt_reset = len(all_tokens)
-            if self.progress:
-                self.progress(min(seek, self.content_frames) * HOP_LENGTH / SAMPLE_RATE, self.duration)
+            self._report(seek)
         return self._transcript(segments, all_tokens[len(initial) :], language_probs, started)
 
     def _words(
