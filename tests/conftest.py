@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from halkspeech.config import EngineSettings, ModelSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
@@ -71,6 +72,13 @@ def tiny_en_dir() -> Path:
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     return ModelRegistry(ModelSettings()).resolve("base", progress=True)
+
+
+@pytest.fixture(autouse=True)
+def seeded_sampling() -> None:
+    """Each test starts from the same torch RNG state. The temperature fallback samples (from the global
+    generator, as the reference does), so without this a test's transcript could depend on the tests before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session", autouse=True)
