@@ -33,9 +33,20 @@ def test_dtw_path_equals_reference(shape: tuple[int, int]) -> None:
     np.testing.assert_array_equal(cols, expected[1])
 
 
+def test_dtw_breaks_ties_as_the_reference() -> None:
+    # costs of 0, 1 and 2 only: many cells where two or three moves cost the same
+    x = np.random.default_rng(3).integers(0, 3, (60, 400)).astype(np.float64)
+    rows, cols = dtw(x)
+    expected = dtw_cpu(x.copy())
+    np.testing.assert_array_equal(rows, expected[0])
+    np.testing.assert_array_equal(cols, expected[1])
+
+
+# (4, 30, 200): one block of rows; (3, 50, 1500): a window's shape, 7 full blocks of rows and a partial one
+@pytest.mark.parametrize("shape", [(4, 30, 200), (3, 50, 1500)])
 @pytest.mark.parametrize("width", [7, 5])
-def test_median_filter_equals_reference(width: int) -> None:
-    x = torch.randn(4, 30, 200)
+def test_median_filter_equals_reference(width: int, shape: tuple[int, int, int]) -> None:
+    x = torch.randn(*shape)
     np.testing.assert_array_equal(median_filter(x.numpy(), width), reference_median_filter(x, width).numpy())
 
 

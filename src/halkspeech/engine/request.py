@@ -86,7 +86,7 @@ class DecodeRequest:
 class Alignment:
     """What word timing needs from the decoder, for tokens = alignment_prompt + text + [end-of-text].
 
-    scores:      [heads, len(tokens), 1500] float32 scaled cross-attention scores q·k/√Dh (CPU)
+    scores:      [heads, len(tokens), 1500] float16 scaled cross-attention scores q·k/√Dh (CPU)
     text_probs:  probability of each text token given the ones before it (softmax over text tokens only)
     text_tokens: the text tokens aligned (the result's tokens without timestamps)
     """

@@ -304,22 +304,28 @@ class Runner:
         tokens = torch.tensor([seq + [eot] * (width - len(seq)) for seq in sequences], device=self.device)
         slots = torch.tensor([slot for slot, _, _ in jobs], device=self.device)
         hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
-        host_scores = scores.half().cpu()  # one copy for the chunk: [B, heads, T, A], half the bytes
-        results = []
+        probs = []  # per job on the device; one copy to the host below (a copy per job was a sync per job)
         for i, (_, prompt, text) in enumerate(jobs):
-            n = len(sequences[i])
             # position j predicts token j+1: the text tokens are predicted from positions len(prompt)-1 ..
-            logits = self.model.decoder.logits(hidden[i : i + 1, len(prompt) - 1 : n - 2])[0, :, :eot]
+            logits = self.model.decoder.logits(hidden[i : i + 1, len(prompt) - 1 : len(sequences[i]) - 2])[0, :, :eot]
             picked = torch.tensor(text, device=self.device, dtype=torch.long)
-            probs = logits.softmax(dim=-1).gather(1, picked[:, None])[:, 0] if text else logits.new_zeros(0)
+            probs.append(logits.softmax(dim=-1).gather(1, picked[:, None])[:, 0] if text else logits.new_zeros(0))
+        host_probs = torch.cat(probs).cpu().tolist()
+        # [B, heads, T, A] float16: half the bytes; turned to float32 by the word timing (a worker thread,
+        # not this one, which feeds the GPU)
+        host_scores = scores.half().cpu()
+        results = []
+        offset = 0
+        for i, (_, prompt, text) in enumerate(jobs):
             results.append(
                 Alignment(
-                    scores=host_scores[i, :, :n].float(),
-                    text_probs=tuple(probs.tolist()),
+                    scores=host_scores[i, :, : len(sequences[i])],
+                    text_probs=tuple(host_probs[offset : offset + len(text)]),
                     text_tokens=tuple(text),
                     prompt_len=len(prompt),
                 )
             )
+            offset += len(text)
         return results
 
     @torch.inference_mode()
