@@ -254,7 +254,7 @@ class Engine:
         # Idle: encode all that waits in one run. Decoding: runs of ENCODE_CHUNK (larger runs were measured
         # to starve the decoder: server throughput 0.80 → 0.70 of the engine's), so a live turn never waits
         # behind a long encoder run.
-        chunk = ENCODE_CHUNK if self.scheduler.running else self.scheduler.max_encoder_batch
+        chunk = ENCODE_CHUNK if self.scheduler.decoding else self.scheduler.max_encoder_batch
         groups = self.scheduler.schedule_encode(min(chunk, self.scheduler.max_encoder_batch))
         if not groups:
             return

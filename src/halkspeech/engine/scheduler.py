@@ -53,6 +53,10 @@ class Group:
     def live(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.done]
 
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.seqs)
+
 
 class Scheduler:
     """Admission, step shapes and bookkeeping for a fixed number of decoder slots."""
@@ -100,6 +104,7 @@ class Scheduler:
         self._ready: list[tuple[int, int, Group]] = []  # heap: encoded, waiting for slots
         self._ready_since: float | None = None  # when some ready window first could have entered
         self._running: dict[int, Group] = {}
+        self._live_running = 0  # priority (live) groups in _running: read every iteration, so counted
         self._ids = itertools.count()
         self._pending_updates: list[SlotUpdate] = []
 
@@ -141,7 +146,13 @@ class Scheduler:
 
     @property
     def running(self) -> int:
+        """Sequences decoding (a count over every group: for metrics, not for the engine's loop)."""
         return sum(len(g.live) for g in self._running.values())
+
+    @property
+    def decoding(self) -> bool:
+        """Some sequence is decoding (a finished group leaves at once, so a running group has a live one)."""
+        return bool(self._running)
 
     def running_groups(self) -> list[Group]:
         return list(self._running.values())
@@ -158,7 +169,7 @@ class Scheduler:
     @property
     def live_decoding(self) -> bool:
         """Some priority (live) sequence is decoding now."""
-        return any(g.request.priority < 0 for g in self._running.values())
+        return self._live_running > 0
 
     def file_work_held(self, hold_s: float) -> bool:
         """Hold back encoding file (non-priority) windows while live turns decode, for at most `hold_s`
@@ -233,6 +244,7 @@ class Scheduler:
             group.slots = [heapq.heappop(self._free) for _ in range(size)]
             group.admitted = time.perf_counter()
             self._running[group.rid] = group
+            self._live_running += priority < 0
             options = group.request.options
             top_k = options.beam_size + 1 if options.beam_size > 1 else 0
             admissions.append(Admission(group.rid, group.request, tuple(group.slots), top_k))
@@ -271,27 +283,47 @@ class Scheduler:
         else:
             for seq, token, logprob in zip(group.seqs, result.tokens, result.logprobs, strict=True):
                 self._append(group, seq, token, logprob)
-        return self._finish(group) if self._group_done(group) else None
+        return self._finish(group) if group.done else None
 
     # --- decoding --------------------------------------------------------------------------------------
     def schedule_decode(self) -> DecodeStep | None:
-        """The next decode step over the running sequences, or None when nothing decodes."""
+        """The next decode step over the running sequences, or None when nothing decodes.
+
+        One pass over the groups: this runs on the engine thread between GPU steps, whose time it adds to
+        (at 64 sequences, the comprehensions this replaced cost ~0.2 ms a step)."""
         moves = self._compact()
-        live = [(g, s) for g in self._running.values() for s in g.live]
-        if not live:
+        slots: list[int] = []
+        top_slots: list[int] = []
+        last_position, top_k = 0, 0
+        timestamps = sampling = False
+        for group in self._running.values():
+            before = len(slots)
+            for seq in group.seqs:
+                if not seq.done:
+                    slots.append(seq.slot)
+                    position = group.prompt_len + len(seq.tokens) - 1
+                    if position > last_position:
+                        last_position = position
+            if len(slots) == before:
+                continue
+            options = group.request.options
+            timestamps = timestamps or options.timestamps
+            sampling = sampling or options.temperature > 0
+            if group.beam is not None:
+                top_slots.extend(slots[before:])
+                top_k = max(top_k, options.beam_size + 1)
+        if not slots:
             return None
-        slots = sorted(s.slot for _, s in live)
-        positions = [g.prompt_len + len(s.tokens) - 1 for g, s in live]
-        top_slots = tuple(sorted(s.slot for g, s in live if g.beam is not None))
+        slots.sort()
         updates, self._pending_updates = tuple(self._pending_updates), []
         return DecodeStep(
             size=self._bucket(slots[-1] + 1, self.batch_buckets),
-            window=self._bucket(max(positions) + 1, self.window_buckets),
+            window=self._bucket(last_position + 1, self.window_buckets),
             active=tuple(slots),
-            timestamps=any(g.request.options.timestamps for g, _ in live),
-            sampling=any(g.request.options.temperature > 0 for g, _ in live),
-            top_k=max((g.request.options.beam_size + 1 for g, _ in live if g.beam), default=0),
-            top_slots=top_slots,
+            timestamps=timestamps,
+            sampling=sampling,
+            top_k=top_k,
+            top_slots=tuple(sorted(top_slots)),
             updates=updates,
             moves=moves,
         )
@@ -299,16 +331,20 @@ class Scheduler:
     def record_step(self, step: DecodeStep, output: StepOutput) -> list[Group]:
         """Append each active slot's token; returns the groups that finished."""
         finished: list[Group] = []
+        tokens, logprobs = output.tokens, output.logprobs
         for group in list(self._running.values()):
-            if not group.live:
-                finished.append(self._finish(group))
-                continue
             if group.beam is not None:
-                self._beam_step(group, [output.top[s.slot] for s in group.seqs])
-            else:
-                for seq in group.live:
-                    self._append(group, seq, output.tokens[seq.slot], output.logprobs[seq.slot])
-            if self._group_done(group):
+                if not group.done:
+                    self._beam_step(group, [output.top[s.slot] for s in group.seqs])
+                if group.done:
+                    finished.append(self._finish(group))
+                continue
+            live = False
+            for seq in group.seqs:
+                if not seq.done:
+                    self._append(group, seq, tokens[seq.slot], logprobs[seq.slot])
+                    live = live or not seq.done
+            if not live:
                 finished.append(self._finish(group))
         return finished
 
@@ -345,11 +381,9 @@ class Scheduler:
                 )
             )
 
-    def _group_done(self, group: Group) -> bool:
-        return all(s.done for s in group.seqs)
-
     def _finish(self, group: Group) -> Group:
-        self._running.pop(group.rid, None)
+        if self._running.pop(group.rid, None) is not None:
+            self._live_running -= group.request.priority < 0
         for slot in group.slots:
             heapq.heappush(self._free, slot)
         # a beam group stopped early must not leave reorders behind for slots that get reassigned
@@ -393,19 +427,19 @@ class Scheduler:
 
     def _compact(self) -> tuple[SlotMove, ...]:
         """Move the highest active single-slot sequences into lower free slots while that shrinks the step."""
-        if self.batch_buckets is None:
+        if self.batch_buckets is None or not self._free:
             return ()
         moves: list[SlotMove] = []
-        while self._free:
-            live = [(g, s) for g in self._running.values() for s in g.live if g.beam is None]
-            if not live:
-                break
-            group, seq = max(live, key=lambda gs: gs[1].slot)
+        # highest slot first; a moved sequence lands below the next lowest free slot, so it never comes up again
+        singles = sorted(
+            ((s.slot, g, s) for g in self._running.values() if g.beam is None for s in g.seqs if not s.done),
+            key=lambda entry: entry[0],
+            reverse=True,
+        )
+        occupied = self._bucket(sum(len(g.slots) for g in self._running.values()), self.batch_buckets)
+        for _, group, seq in singles:
             lowest = self._free[0]
-            occupied = sum(len(g.slots) for g in self._running.values())
-            if lowest > seq.slot or self._bucket(seq.slot + 1, self.batch_buckets) <= self._bucket(
-                occupied, self.batch_buckets
-            ):
+            if lowest > seq.slot or self._bucket(seq.slot + 1, self.batch_buckets) <= occupied:
                 break
             heapq.heappop(self._free)
             moves.append(SlotMove(seq.slot, lowest, group.prompt_len + len(seq.tokens) - 1))
