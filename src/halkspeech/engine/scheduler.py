@@ -289,8 +289,9 @@ class Scheduler:
     def schedule_decode(self) -> DecodeStep | None:
         """The next decode step over the running sequences, or None when nothing decodes.
 
-        One pass over the groups: this runs on the engine thread between GPU steps, whose time it adds to
-        (at 64 sequences, the comprehensions this replaced cost ~0.2 ms a step)."""
+        One pass over the groups: this runs on the engine thread between GPU steps and adds to their time
+        (with the comprehensions it replaced, the bookkeeping per step at 56 sequences was 0.37 ms, now 0.13:
+        bench/engine_host.py)."""
         moves = self._compact()
         slots: list[int] = []
         top_slots: list[int] = []
@@ -430,7 +431,7 @@ class Scheduler:
         if self.batch_buckets is None or not self._free:
             return ()
         moves: list[SlotMove] = []
-        # highest slot first; a moved sequence lands below the next lowest free slot, so it never comes up again
+        # highest slot first; a moved sequence takes the lowest free slot, so none is left below it to move to
         singles = sorted(
             ((s.slot, g, s) for g in self._running.values() if g.beam is None for s in g.seqs if not s.done),
             key=lambda entry: entry[0],
