@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from halkspeech.bench.common import device_info, median, print_table, write_json
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, StepOutput
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
@@ -107,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "mode": mode,
                 "steps": runs[0]["steps"],
-                "tokens_per_step": round(runs[0]["tokens_per_step"], 1),
-                "host_us_per_step": round(statistics.median(per_step), 1),
+                "tokens_per_step": runs[0]["tokens_per_step"],
+                "host_us_per_step": median(per_step),
                 "runs_us_per_step": [round(x, 1) for x in per_step],
             }
         )
-    print(f"{'mode':<12}{'steps':>7}{'tokens/step':>13}{'host µs/step':>14}")
-    for r in rows:
-        print(f"{r['mode']:<12}{r['steps']:>7}{r['tokens_per_step']:>13}{r['host_us_per_step']:>14}")
-    if args.json:
-        args.json.write_text(json.dumps({"repeat": args.repeat, "rows": rows}, indent=2) + "\n")
+    print_table(
+        rows,
+        [("mode", "mode"), ("steps", "steps"), ("tokens_per_step", "tokens/step"), ("host_us_per_step", "host µs")],
+    )
+    write_json(args.json, {"repeat": args.repeat, "device": device_info(torch.device("cpu")), "rows": rows})
     return 0
 
 

@@ -11,17 +11,14 @@ measured here on its own: synthetic scores of the real shapes, single-threaded, 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from halkspeech.bench.common import device_info, median, print_table, write_json
 from halkspeech.engine.request import Alignment
 from halkspeech.model.dims import ALIGNMENT_HEADS
 from halkspeech.model.tokenizer import Tokenizer
@@ -39,23 +36,13 @@ def _alignment(heads: int, text: list[int], seed: int) -> Alignment:
     return Alignment(scores=scores, text_probs=probs, text_tokens=tuple(text), prompt_len=PROMPT)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _median_ms(run: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
         run()
         times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return median(times)
 
 
 def _measure(model: str, text: list[int], tokenizer: Tokenizer, repeat: int) -> dict[str, object]:
@@ -92,16 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     words = tokenizer.encode(" the quick brown fox jumps over the lazy dog, and then it rests.")
     text = (words * (args.tokens // len(words) + 1))[: args.tokens]
     rows = [_measure(model, text, tokenizer, args.repeat) for model in ("large-v3-turbo", "large-v3")]
-    header = f"{'model':<16}{'heads':>6}{'tokens':>7}{'normalise':>11}{'median':>9}{'dtw':>7}{'total ms':>10}"
-    print(header)
-    for r in rows:
-        print(
-            f"{r['model']:<16}{r['heads']:>6}{r['tokens']:>7}{r['normalise_ms']:>11.2f}{r['median_filter_ms']:>9.2f}"
-            f"{r['dtw_ms']:>7.2f}{r['find_alignment_ms']:>10.2f}"
-        )
-    if args.json:
-        machine = {"cpu": _cpu_name(), "python": platform.python_version(), "numpy": np.__version__}
-        args.json.write_text(json.dumps({"single_thread": True, **machine, "rows": rows}, indent=2) + "\n")
+    print_table(
+        rows,
+        [
+            ("model", "model"),
+            ("heads", "heads"),
+            ("tokens", "tokens"),
+            ("normalise_ms", "normalise ms"),
+            ("median_filter_ms", "median filter ms"),
+            ("dtw_ms", "DTW ms"),
+            ("find_alignment_ms", "whole window ms"),
+        ],
+    )
+    write_json(args.json, {"single_thread": True, "device": device_info(torch.device("cpu")), "rows": rows})
     return 0
 
 

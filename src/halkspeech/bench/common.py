@@ -30,8 +30,19 @@ def device_info(device: torch.device) -> dict[str, Any]:
             "sms": props.multi_processor_count,
         }
     else:
-        info |= {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        info |= {"cpu": cpu_name(), "threads": torch.get_num_threads()}
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux gives it (platform.processor() is empty there), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:
