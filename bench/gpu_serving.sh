@@ -3,6 +3,8 @@
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
 #   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
 #   bench/gpu_serving.sh ws OUT_DIR                 WebSocket turns (1 and 200 users) with file requests alongside
+#   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
+#                                                   times; the cost of word timestamps on 8 concurrent files
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
 set -uo pipefail
 out=${2:?OUT_DIR}
@@ -17,6 +19,11 @@ run_mixed_bench(MixedConfig(json_path='$out/mixed.json', modes=('continuous', 'c
   timeout 330 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
     --json "$out/server.json" 2>&1 | tail -25
+  ;;
+mixed-and-words)
+  timeout 300 $py -m halkspeech bench mixed --json "$out/mixed.json" 2>&1 | tail -12
+  timeout 200 $py -m halkspeech bench longform --model random:large-v3-turbo --force-tokens-per-second 4 \
+    --minutes 5 --repeats 2 --compare-files 8 --compare-minutes 5 --json "$out/longform_words.json" 2>&1 | tail -14
   ;;
 ws)
   timeout 400 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \

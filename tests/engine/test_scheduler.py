@@ -236,3 +236,35 @@ def test_file_encoding_waits_briefly_while_live_turns_decode() -> None:
     assert not s.file_work_held(hold_s=0.0)  # never longer than the hold
     s.add(request(priority=-1))
     assert not s.file_work_held(hold_s=60.0)  # live windows are never held
+
+
+def test_encoder_runs_stay_whole_while_decoding() -> None:
+    # topping the look-ahead up one freed slot at a time made encoder runs of one window
+    s = scheduler(slots=8, lookahead=4)
+    for _ in range(40):
+        s.add(request(max_new=50))
+    admit_all(s)
+    runs = []
+    for slot in range(8):
+        step(s, {slot: EOT})
+        record(s, s.schedule_admission())
+        encoding = s.schedule_encode(limit=4)
+        if encoding:
+            runs.append(len(encoding))
+            s.mark_encoded(encoding)
+    assert runs and all(n == 4 for n in runs)
+
+
+def test_a_finished_window_awaiting_word_timing_keeps_its_slot() -> None:
+    s = scheduler(slots=1)
+    timed = DecodeRequest(FEATURES, (50257, 50362), 0, SamplingOptions(max_new_tokens=5, timestamps=False),
+                          alignment_prompt=(50257, 50362))  # fmt: skip
+    first = s.add(timed)
+    s.add(request())
+    admit_all(s)
+    assert step(s, {0: EOT}) == [first.rid]
+    assert s.needs_alignment(first) and s.held_slots == 1
+    s.mark_encoded(s.schedule_encode(limit=4))
+    assert s.schedule_admission() == [] and s.starved  # the slot still holds the window's keys/values
+    s.release_held(first)
+    assert [a.slots for a in s.schedule_admission()] == [(0,)]

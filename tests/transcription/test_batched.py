@@ -7,6 +7,7 @@ batched ~35 s, sequential ~55 s; base roughly double), and the comparison is bet
 from __future__ import annotations
 
 import asyncio
+import difflib
 import math
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -110,6 +111,22 @@ def test_every_word_has_a_timing(long_runs: dict[str, Run]) -> None:
         assert segment.words, segment
         assert "".join(w.word for w in segment.words).strip() == segment.text.strip()
         assert all(0 <= w.probability <= 1 for w in segment.words)
+
+
+def test_batched_word_times_agree_with_sequential(long_runs: dict[str, Run]) -> None:
+    # batched mode's words are timed from the cost matrix the engine makes on the device; sequential mode's
+    # from the scores, on the host, as the reference: same words, same times, apart from where the two
+    # modes cut the audio differently
+    batched, sequential = long_runs["batched"].transcript.words, long_runs["sequential"].transcript.words
+    theirs, ours = [w.word.strip().lower() for w in sequential], [w.word.strip().lower() for w in batched]
+    pairs = [
+        (sequential[block.a + k], batched[block.b + k])
+        for block in difflib.SequenceMatcher(a=theirs, b=ours, autojunk=False).get_matching_blocks()
+        for k in range(block.size)
+    ]
+    assert len(pairs) >= 0.95 * len(sequential)
+    close = sum(abs(s.start - b.start) <= 0.2 and abs(s.end - b.end) <= 0.2 for s, b in pairs)
+    assert close >= 0.9 * len(pairs), f"{close}/{len(pairs)} words within 0.2 s"
 
 
 def test_callbacks_report_progress_and_segments_in_order(long_runs: dict[str, Run]) -> None:

@@ -164,12 +164,16 @@ def run_concurrent(model: ModelEngine, audios: list[np.ndarray], options: Transc
         return list(await asyncio.gather(*(transcriber.transcribe(a, options) for a in audios)))
 
     synchronize(model.device)
+    stats = model.engine.stats
+    before = stats.phases()
     started = time.perf_counter()
     transcripts = asyncio.run(all_files())
     synchronize(model.device)
     wall = time.perf_counter() - started
     seconds = sum(t.duration for t in transcripts)
-    return {"wall_s": wall, "rtfx": seconds / wall, "words": sum(len(t.words) for t in transcripts)}
+    # the engine thread's time in each phase during this run (align: word timing's decoder passes)
+    phases = {key: round(value - before[key], 3) for key, value in stats.phases().items()}
+    return {"wall_s": wall, "rtfx": seconds / wall, "words": sum(len(t.words) for t in transcripts), **phases}
 
 
 def run_server(url: str, wav: Path, model_name: str, words: bool, duration: float) -> dict[str, Any]:
@@ -262,7 +266,9 @@ def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -
     rows = []
     for words, runs in results.items():
         rtfx = median([r["rtfx"] for r in runs])
-        rows.append({"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx})
+        row = {"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx}
+        row |= {key: median([r[key] for r in runs]) for key in ("wall_s", "busy_s", "step_s", "admit_s", "align_s")}
+        rows.append(row)
     loss = 1 - rows[1]["rtfx"] / rows[0]["rtfx"]
     rows[1]["loss_pct"] = 100 * loss
     return {"rows": rows, "loss": loss, "runs": {str(k): v for k, v in results.items()}}
@@ -294,6 +300,11 @@ _WORDS_COLUMNS = [
     ("files", "files"),
     ("minutes_each", "min each"),
     ("rtfx", "RTFx"),
+    ("wall_s", "wall s"),
+    ("busy_s", "engine busy s"),
+    ("step_s", "steps s"),
+    ("admit_s", "admit s"),
+    ("align_s", "align s"),
     ("loss_pct", "loss %"),
 ]
 _SERVER_COLUMNS = [

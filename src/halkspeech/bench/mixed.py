@@ -18,10 +18,13 @@ import torch
 from halkspeech.bench.common import device_info, percentile, print_table, write_json
 from halkspeech.bench.engine_bench import _features
 from halkspeech.config import EngineSettings
+from halkspeech.engine.engine import EngineStats
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS
 from halkspeech.model.weights import LoadedWeights, random_weights
+
+MODES = ("continuous", "continuous-ahead", "static", "static-padded")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,14 @@ class MixedConfig:
     device: Literal["cuda", "cpu"] = "cuda"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     seed: int = 0
-    #: "continuous" (the default engine: encoder inline), "continuous-ahead" (encoder on a side stream), "static".
+    #: Continuous batching's admission batching (None: the engine's defaults)
+    admit_batch: int | None = None
+    #: "continuous" (the default engine: encoder inline), "continuous-ahead" (encoder on a side stream), "static"
+    #: (a batch runs until its longest member ends; finished rows leave the step), "static-padded" (textbook
+    #: static batching: finished rows keep running until the batch ends, as in a padded batch).
     #: (bench/results/mixed_h200.json predates the rename: its "continuous" is today's "continuous-ahead" and its
     #: "continuous-inline" today's "continuous".)
-    modes: tuple[str, ...] = ("continuous", "static")
+    modes: tuple[str, ...] = ("continuous", "static", "static-padded")
     json_path: str | None = None
 
 
@@ -85,6 +92,7 @@ def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], le
     all_done.wait()
     latencies = [d - s for d, s in zip(done, submitted, strict=True)]
     wall = max(done) - start
+    stats = model.engine.stats
     return {
         "wall_s": wall,
         "windows_per_s": len(arrivals) / wall,
@@ -92,7 +100,13 @@ def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], le
         "rtfx": len(arrivals) * CHUNK_LENGTH / wall,
         "p50_s": percentile(latencies, 50),
         "p95_s": percentile(latencies, 95),
-        "steps": model.engine.stats.steps,
+        "steps": stats.steps,
+        "mean_batch": stats.tokens / max(1, stats.steps),
+        "encoder_runs": sum(stats.encoder_batches.values()),
+        "admissions": stats.admit_calls,
+        # where the engine thread's time went: encoder (GPU events), admissions and steps (host clocks;
+        # each includes the inline encoder work it waited for), the rest of the loop (scheduling, idle waits)
+        **{key: round(value, 3) for key, value in stats.phases().items()},
     }
 
 
@@ -116,11 +130,13 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
             max_encoder_batch=cfg.max_encoder_batch,
             encode_ahead=mode == "continuous-ahead",
         )
-        model = start_engine(weights, settings, static=mode == "static")
+        if cfg.admit_batch:
+            settings = settings.model_copy(update={"admit_batch": cfg.admit_batch})
+        model = start_engine(weights, settings, static=mode.startswith("static"), padded=mode == "static-padded")
         try:
             warm = min(cfg.slots, 16)
-            _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # graphs, allocator, clocks
-            model.engine.stats.steps = 0
+            _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
+            model.engine.stats = EngineStats()
             rows.append({"model": name, "batching": mode, **_drive(model, features, arrivals, lengths)})
         finally:
             model.close()
@@ -128,10 +144,11 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    static = next((r for r in rows if r["batching"] == "static"), None)
-    for row in rows:
-        if static and row is not static:
-            row["vs_static"] = row["windows_per_s"] / static["windows_per_s"]
+    for baseline, key in (("static", "vs_static"), ("static-padded", "vs_padded")):
+        base = next((r for r in rows if r["batching"] == baseline), None)
+        for row in rows:
+            if base and row["batching"].startswith("continuous"):
+                row[key] = row["windows_per_s"] / base["windows_per_s"]
     return rows
 
 
@@ -152,7 +169,15 @@ def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
         ("p50_s", "p50 s"),
         ("p95_s", "p95 s"),
         ("steps", "steps"),
+        ("mean_batch", "seqs/step"),
+        ("encoder_runs", "enc runs"),
+        ("admissions", "admits"),
+        ("encode_s", "enc s"),
+        ("admit_s", "admit s"),
+        ("step_s", "step s"),
+        ("busy_s", "busy s"),
         ("vs_static", "× static"),
+        ("vs_padded", "× padded"),
     ]
     table = print_table(rows, columns, title=title)
     payload = {"config": cfg.__dict__, "device": info, "rows": rows, "table": table}

@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from halkspeech.errors import InvalidRequest
+
 
 def _csv(kind: type) -> Any:
     def parse(text: str) -> tuple[Any, ...]:
@@ -46,11 +48,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--max-tokens", type=int, default=150)
     mixed.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: saturating)")
     mixed.add_argument("--slots", type=int, default=64)
+    mixed.add_argument("--admit-batch", type=int, default=None, help="windows admitted together while decoding")
     mixed.add_argument(
         "--modes",
         type=_csv(str),
-        default=("continuous", "static"),
-        help="continuous (encoder inline), continuous-ahead (encoder on a side stream), static",
+        default=("continuous", "static", "static-padded"),
+        help="continuous (encoder inline), continuous-ahead (encoder on a side stream), static (finished rows "
+        "leave the step), static-padded (finished rows run until the batch ends)",
     )
     _device_args(mixed)
     mixed.set_defaults(func=_run_mixed)
@@ -121,8 +125,11 @@ def _run_engine(args: argparse.Namespace) -> int:
 
 
 def _run_mixed(args: argparse.Namespace) -> int:
-    from halkspeech.bench.mixed import MixedConfig, run_mixed_bench
+    from halkspeech.bench.mixed import MODES, MixedConfig, run_mixed_bench
 
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise InvalidRequest(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(MODES)}")
     run_mixed_bench(
         MixedConfig(
             models=args.models,
@@ -131,6 +138,7 @@ def _run_mixed(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             rate=args.rate,
             slots=args.slots,
+            admit_batch=args.admit_batch,
             modes=args.modes,
             device=args.device,
             dtype=args.dtype,

@@ -22,6 +22,16 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class AlignJob:
+    """A finished sequence's word-timing pass: its slot still holds the window's cross keys/values."""
+
+    slot: int
+    prompt: tuple[int, ...]  # the alignment prompt
+    text: tuple[int, ...]  # the text tokens (no timestamps, no end-of-text)
+    frames: int | None  # encoder positions of audio: reduce to the cost matrix on the device (None: scores)
+
+
+@dataclass(frozen=True)
 class AdmitResult:
     tokens: tuple[int, ...]  # first sampled token per slot
     logprobs: tuple[float, ...]

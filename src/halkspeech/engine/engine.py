@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from halkspeech.engine.batch import AlignJob
 from halkspeech.engine.request import DecodeRequest, DecodeResult
 from halkspeech.engine.runner import EncodeJob, Runner
 from halkspeech.engine.scheduler import Group, Scheduler
@@ -34,6 +35,8 @@ TokenListener = Callable[[list[int]], None]
 ENCODE_CHUNK = 16  # windows per encoder run: per-window cost is flat from 8 up (H200: 4.7 ms at 16, 4.6 at 64)
 ENCODE_JOBS = 2  # one running and one queued behind it, so the encoder stream never idles
 LIVE_HOLD_S = 0.1  # file windows wait at most this long for live turns to finish decoding
+ALIGN_BATCH = 8  # finished windows whose word-timing passes run together (the runner's chunk)
+ALIGN_WAIT_S = 0.025  # ... or once the first of them waited this long
 
 
 class DecodeHandle:
@@ -79,6 +82,7 @@ class EngineStats:
 
     steps: int = 0
     admitted: int = 0
+    admit_calls: int = 0
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
@@ -86,6 +90,23 @@ class EngineStats:
     encoder_batches: Counter[int] = field(default_factory=Counter)  # windows per encoder call → count
     decode_batches: Counter[int] = field(default_factory=Counter)  # active sequences per step → count
     busy_s: float = 0.0
+    # Where the engine thread's time goes (host clocks around each phase). A phase that reads a result from
+    # the device also waits for the work queued before it: an inline encoder run shows up in the admission
+    # or step after it, and `encode_s` (CUDA events) says how much of that was the encoder.
+    encode_s: float = 0.0
+    admit_s: float = 0.0
+    step_s: float = 0.0
+    align_s: float = 0.0
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase since the counters were last reset, for benchmarks."""
+        return {
+            "busy_s": self.busy_s,
+            "encode_s": self.encode_s,
+            "admit_s": self.admit_s,
+            "step_s": self.step_s,
+            "align_s": self.align_s,
+        }
 
 
 class Engine:
@@ -98,6 +119,7 @@ class Engine:
         self._handles: dict[int, DecodeHandle] = {}
         self._jobs: deque[tuple[EncodeJob, list[Group]]] = deque()
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
+        self._to_align: list[Group] = []  # finished, waiting for a batched word-timing pass (slots held)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -163,8 +185,9 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            self._drain(block=not self.scheduler.has_work)
-            if self.scheduler.has_work:
+            busy = self.scheduler.has_work or bool(self._to_align)
+            self._drain(block=not busy)
+            if busy or self.scheduler.has_work:
                 started = time.perf_counter()
                 self._iterate()
                 self.stats.busy_s += time.perf_counter() - started
@@ -198,24 +221,33 @@ class Engine:
 
     def _iterate(self) -> None:
         finished: list[Group] = []
+        step = None
         try:
             self._collect_encoded()
             self._launch_encodes()
             self._collect_encoded()  # on a CPU the job finished at launch
             admissions = self.scheduler.schedule_admission()
             if admissions:
+                began = time.perf_counter()
                 rows = [self._encoded.pop(a.rid) for a in admissions]
                 results = self.runner.admit(admissions, rows)
                 self.stats.admitted += len(admissions)
+                self.stats.admit_calls += 1
                 for admission, result, (job, _) in zip(admissions, results, rows, strict=True):
                     done = self.scheduler.record_admission(admission, result, job.encode_ms)
                     if done is not None:
                         finished.append(done)
+                    if not job.counted:  # a job's time once, however many of its windows are admitted
+                        job.counted = True
+                        self.stats.encode_s += job.encode_ms / 1000
+                self.stats.admit_s += time.perf_counter() - began
             step = self.scheduler.schedule_decode()
             if step is None and not admissions and self._jobs:
                 self._jobs[0][0].wait()  # nothing to decode until the encoder delivers: sleep on it
             if step is not None:
+                began = time.perf_counter()
                 output = self.runner.step(step)
+                self.stats.step_s += time.perf_counter() - began
                 self.stats.steps += 1
                 self.stats.tokens += len(step.active)
                 self.stats.decode_batches[len(step.active)] += 1
@@ -223,30 +255,45 @@ class Engine:
             self._report_tokens(self.scheduler.running_groups() + finished)
         except Exception as exc:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing the running requests")
-            finished = []
+            finished, step = [], None
             for group in self.scheduler.running_groups():
                 self._fail(self.scheduler.abort(group), exc)
-        self._align(finished)
         for group in finished:
-            self._complete(group)
+            if self.scheduler.needs_alignment(group):
+                # its slots stop decoding now but stay held (cross keys/values intact) until its pass runs
+                self.runner.release(group.slots)
+                self._to_align.append(group)
+            else:
+                self._complete(group)
+        if self._to_align and (
+            len(self._to_align) >= ALIGN_BATCH
+            or step is None  # nothing else to do
+            or self.scheduler.starved
+            or time.perf_counter() - self._to_align[0].finished_at >= ALIGN_WAIT_S
+        ):
+            pending, self._to_align = self._to_align, []
+            self._align(pending)
+            for group in pending:
+                self.scheduler.release_held(group)
+                self._complete(group)
 
-    def _align(self, finished: list[Group]) -> None:
-        """Word-timing passes for finished requests that asked for them, before their slots are reused."""
-        wanted = [g for g in finished if g.request.alignment_prompt is not None and g.finish != "cancelled"]
-        if not wanted:
-            return
+    def _align(self, wanted: list[Group]) -> None:
+        """Word-timing passes for finished requests that asked for them, before their slots are reused; in
+        batches (each pass is ~100 eagerly launched kernels however many windows it aligns)."""
         eot = self.scheduler.eot
         jobs = []
         for group in wanted:
             text = tuple(t for t in self.scheduler.result(group, 0.0).tokens if t < eot)
             prompt = group.request.alignment_prompt
             assert prompt is not None
-            jobs.append((group.slots[0], prompt, text))
+            jobs.append(AlignJob(group.slots[0], prompt, text, group.request.alignment_frames))
+        began = time.perf_counter()
         try:
             for group, alignment in zip(wanted, self.runner.align(jobs), strict=True):
                 group.alignment = alignment
         except Exception:  # timings are an extra: a failed pass leaves them out, the text still returns
             log.exception("word-timing alignment failed")
+        self.stats.align_s += time.perf_counter() - began
 
     def _launch_encodes(self) -> None:
         if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):

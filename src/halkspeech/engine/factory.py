@@ -83,10 +83,13 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     return fitting[-1] if fitting else slots
 
 
-def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bool = False) -> ModelEngine:
+def start_engine(
+    weights: LoadedWeights, settings: EngineSettings, *, static: bool = False, padded: bool = False
+) -> ModelEngine:
     """Load the weights onto the device, size the caches, start the engine thread.
 
-    `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next."""
+    `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next; with
+    `padded`, its finished rows keep running too (textbook static batching, as a padded batch)."""
     device = resolve_device(settings.device, settings.device_index)
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
@@ -112,6 +115,7 @@ def start_engine(weights: LoadedWeights, settings: EngineSettings, *, static: bo
         batch_buckets=(*(b for b in BATCH_BUCKETS if b < slots), slots) if graphs else None,
         window_buckets=WINDOW_BUCKETS if graphs else None,
         static=static,
+        padded=padded,
         admit_batch=settings.admit_batch,
         admit_wait_s=settings.admit_wait_ms / 1000,
         reserved_slots=settings.reserved_live_slots if slots > 4 * settings.reserved_live_slots else 0,

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from halkspeech.errors import InvalidRequest
+from halkspeech.model.dims import INPUT_STRIDE, N_FRAMES
 
 FinishReason = Literal["eot", "length", "cancelled", "detected"]
 
@@ -71,6 +72,11 @@ class DecodeRequest:
     #: Word timings: after decoding, run `alignment_prompt` + the text tokens + end-of-text through the
     #: decoder once more and return the alignment heads' cross-attention scores (None: no alignment).
     alignment_prompt: tuple[int, ...] | None = None
+    #: Encoder positions (of 1500) the window's audio fills. When given, the engine reduces the scores to
+    #: DTW's cost matrix on the device (engine/align.py) and returns that instead: a sixth of the bytes, and
+    #: no softmax or median filter on the host. The matrix is normalised over the whole text, so it is for
+    #: callers that time all of it (batched long-form); sequential mode times a prefix and sends None.
+    alignment_frames: int | None = None
     priority: int = 0  # lower runs first among waiting requests (live sessions use -1)
 
     def __post_init__(self) -> None:
@@ -80,21 +86,27 @@ class DecodeRequest:
             raise InvalidRequest("sot_index outside the prompt")
         if self.detect_language and self.language_index is None and self.options.max_new_tokens > 0:
             raise InvalidRequest("language detection before decoding needs language_index")
+        if self.alignment_frames is not None and not 1 <= self.alignment_frames <= N_FRAMES // INPUT_STRIDE:
+            raise InvalidRequest(f"alignment_frames must be 1..{N_FRAMES // INPUT_STRIDE}")
 
 
 @dataclass(frozen=True)
 class Alignment:
     """What word timing needs from the decoder, for tokens = alignment_prompt + text + [end-of-text].
 
-    scores:      [heads, len(tokens), 1500] float16 scaled cross-attention scores q·k/√Dh (CPU)
+    scores:      [heads, len(tokens), 1500] float16 scaled cross-attention scores q·k/√Dh (CPU), or None
+                 when the engine reduced them to `matrix`
+    matrix:      [len(text) + 1, frames] float32 (CPU): DTW's cost matrix, negated (engine/align.py), when
+                 the request gave alignment_frames
     text_probs:  probability of each text token given the ones before it (softmax over text tokens only)
     text_tokens: the text tokens aligned (the result's tokens without timestamps)
     """
 
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     text_probs: tuple[float, ...]
     text_tokens: tuple[int, ...]
     prompt_len: int
+    matrix: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
+from halkspeech.engine.align import cost_matrix
+from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
@@ -37,6 +38,7 @@ class EncodeJob:
     done: torch.cuda.Event | None
     cpu_ms: float = 0.0
     inline: bool = False  # queued on the engine's own stream: what reads it next is ordered after it
+    counted: bool = False  # its time is in the engine's stats
 
     def ready(self) -> bool:
         return self.inline or self.done is None or self.done.query()
@@ -289,44 +291,70 @@ class Runner:
 
     # --- word-timing alignment -------------------------------------------------------------------------
     @torch.inference_mode()
-    def align(self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]], chunk: int = 8) -> list[Alignment]:
-        """For each (slot, alignment prompt, text tokens) of a finished sequence whose slot still holds its
-        cross-attention keys/values: one teacher-forced pass over prompt + text + end-of-text."""
+    def align(self, jobs: Sequence[AlignJob], chunk: int = 8) -> list[Alignment]:
+        """For each finished sequence whose slot still holds its cross-attention keys/values: one
+        teacher-forced pass over alignment prompt + text + end-of-text."""
         out: list[Alignment] = []
         for start in range(0, len(jobs), chunk):
             out.extend(self._align_chunk(jobs[start : start + chunk]))
         return out
 
-    def _align_chunk(self, jobs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> list[Alignment]:
+    def _align_chunk(self, jobs: Sequence[AlignJob]) -> list[Alignment]:
         eot = self.ids.eot
-        sequences = [[*prompt, *text, eot] for _, prompt, text in jobs]
+        sequences = [[*job.prompt, *job.text, eot] for job in jobs]
         width = max(len(seq) for seq in sequences)
-        tokens = torch.tensor([seq + [eot] * (width - len(seq)) for seq in sequences], device=self.device)
-        slots = torch.tensor([slot for slot, _, _ in jobs], device=self.device)
-        hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
-        probs = []  # per job on the device; one copy to the host below (a copy per job was a sync per job)
-        for i, (_, prompt, text) in enumerate(jobs):
-            # position j predicts token j+1: the text tokens are predicted from positions len(prompt)-1 ..
-            logits = self.model.decoder.logits(hidden[i : i + 1, len(prompt) - 1 : len(sequences[i]) - 2])[0, :, :eot]
-            picked = torch.tensor(text, device=self.device, dtype=torch.long)
-            probs.append(logits.softmax(dim=-1).gather(1, picked[:, None])[:, 0] if text else logits.new_zeros(0))
-        host_probs = torch.cat(probs).cpu().tolist()
-        # [B, heads, T, A] float16: half the bytes; turned to float32 by the word timing (a worker thread,
-        # not this one, which feeds the GPU)
-        host_scores = scores.half().cpu()
+        # one host→device copy (each is a stream sync): the right-padded tokens, each row's slot in a last column
+        packed = torch.tensor(
+            [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
+            device=self.device,
+        )
+        hidden, scores = self.model.decoder.align(packed[:, :width], self.cache, packed[:, width], self.alignment_heads)
+        # each text token's probability, in one logits pass over every job's rows: position j predicts token j+1,
+        # so job i's text is predicted from positions len(prompt)-1 onwards
+        picked = [(i, len(job.prompt) - 1 + k, token) for i, job in enumerate(jobs) for k, token in enumerate(job.text)]
+        host_probs: list[float] = []
+        if picked:
+            index = torch.tensor(picked, device=self.device).T  # [3, N]: job, position, token
+            logits = self.model.decoder.logits(hidden[index[0], index[1]][:, None])[:, 0, :eot]  # [N, eot]
+            host_probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0].cpu().tolist()
+        matrices = self._cost_matrices(scores, jobs)
+        # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
+        # (a worker thread, not this one, which feeds the GPU)
+        raw = [i for i, job in enumerate(jobs) if job.frames is None]
+        host_scores = dict(zip(raw, scores[raw].half().cpu(), strict=True)) if raw else {}
         results = []
         offset = 0
-        for i, (_, prompt, text) in enumerate(jobs):
+        for i, job in enumerate(jobs):
+            matrix = matrices.get(i)
             results.append(
                 Alignment(
-                    scores=host_scores[i, :, : len(sequences[i])],
-                    text_probs=tuple(host_probs[offset : offset + len(text)]),
-                    text_tokens=tuple(text),
-                    prompt_len=len(prompt),
+                    scores=host_scores[i][:, : len(sequences[i])] if i in host_scores else None,
+                    text_probs=tuple(host_probs[offset : offset + len(job.text)]),
+                    text_tokens=job.text,
+                    prompt_len=len(job.prompt),
+                    matrix=matrix,
                 )
             )
-            offset += len(text)
+            offset += len(job.text)
         return results
+
+    def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob]) -> dict[int, Tensor]:
+        """DTW cost matrices [len(text) + 1, frames] of the jobs that gave their frames, computed on the
+        device and copied to the host at once (padded to one tensor: a copy per job is a sync per job)."""
+        reduced = {
+            i: cost_matrix(scores[i], len(job.prompt), len(job.text), job.frames)
+            for i, job in enumerate(jobs)
+            if job.frames is not None
+        }
+        if not reduced:
+            return {}
+        rows = max(m.shape[0] for m in reduced.values())
+        cols = max(m.shape[1] for m in reduced.values())
+        padded = scores.new_zeros(len(reduced), rows, cols, dtype=torch.float32)
+        for k, m in enumerate(reduced.values()):
+            padded[k, : m.shape[0], : m.shape[1]] = m
+        host = padded.cpu()
+        return {i: host[k, : m.shape[0], : m.shape[1]] for k, (i, m) in enumerate(reduced.items())}
 
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:

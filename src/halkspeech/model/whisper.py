@@ -98,9 +98,18 @@ class DecoderBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, 4 * d)
         self.fc2 = nn.Linear(4 * d, d)
+        self._head_indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def _mlp(self, x: Tensor) -> Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
+
+    def _head_index(self, heads: list[int], device: torch.device) -> Tensor:
+        """The heads as an index tensor on `device`, made once (a host→device copy is a stream sync)."""
+        key = (tuple(heads), device)
+        index = self._head_indexes.get(key)
+        if index is None:
+            index = self._head_indexes[key] = torch.tensor(heads, device=device)
+        return index
 
     def _cross(
         self, x: Tensor, k: Tensor, v: Tensor, scores_of: list[int] | None = None
@@ -109,7 +118,7 @@ class DecoderBlock(nn.Module):
         q = _split_heads(self.cross_q(self.cross_ln(x)), self.heads)
         scores = None
         if scores_of:
-            heads = torch.tensor(scores_of, device=x.device)
+            heads = self._head_index(scores_of, x.device)
             scores = (q[:, heads].float() @ k[:, heads].float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         return x + self.cross_out(_merge_heads(F.scaled_dot_product_attention(q, k, v))), scores
 

@@ -8,6 +8,9 @@ time is the first frame its row reaches on the path → words by the tokenizer's
 merged into its neighbours → the reference's duration heuristics at sentence and segment boundaries.
 
 The DTW is vectorised per row (a min-plus prefix scan, below), so no numba is needed at run time.
+Batched long-form asks the engine to do the steps before the DTW on the device (engine/align.py) and gets the
+cost matrix instead of the scores; sequential mode, which may time only a prefix of the text (normalised over
+that prefix, as the reference), gets the scores and does them here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from halkspeech.engine.align import MEDFILT_WIDTH, MEDIAN7, MEDIAN7_LIVE
 from halkspeech.engine.request import Alignment
 from halkspeech.model.dims import INPUT_STRIDE
 from halkspeech.model.tokenizer import Tokenizer
@@ -26,7 +30,6 @@ TOKENS_PER_SECOND = 50  # encoder positions per second: one per 2 mel frames of 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 SENTENCE_END_MARKS = ".。!！?？"
-MEDFILT_WIDTH = 7
 
 
 @dataclass
@@ -40,22 +43,7 @@ class WordTiming:
     probability: float
 
 
-# Devillard's median-of-7 network ("Fast median search", 1998): 13 compare-exchanges leave the median in p[3].
-_MEDIAN7 = ((0, 5), (0, 3), (1, 6), (2, 4), (0, 1), (3, 5), (2, 6), (2, 3), (3, 6), (4, 5), (1, 4), (1, 3), (3, 4))
 MEDIAN_BLOCK = 32_768  # elements per lane: 8 lanes of 128 KB stay in a core's cache (4× faster than whole rows)
-
-
-def _live_outputs(network: Sequence[tuple[int, int]], result: int) -> tuple[tuple[bool, bool], ...]:
-    """For each compare-exchange (i, j), whether its min (left in p[i]) and max (in p[j]) are read later."""
-    live, flags = {result}, []
-    for i, j in reversed(network):
-        flags.append((i in live, j in live))
-        if i in live or j in live:
-            live.update((i, j))
-    return tuple(reversed(flags))
-
-
-_MEDIAN7_LIVE = _live_outputs(_MEDIAN7, 3)  # 5 of the 26 min/max results are never read: skipped
 
 
 def median_filter(x: np.ndarray, width: int = MEDFILT_WIDTH) -> np.ndarray:
@@ -84,7 +72,7 @@ def _median7(padded: np.ndarray, frames: int) -> np.ndarray:
         for k in range(7):
             np.copyto(p[k], padded[first : first + n, k : k + frames])
         spare = p[7]
-        for (i, j), (keep_min, keep_max) in zip(_MEDIAN7, _MEDIAN7_LIVE, strict=True):
+        for (i, j), (keep_min, keep_max) in zip(MEDIAN7, MEDIAN7_LIVE, strict=True):
             if keep_min and keep_max:
                 np.minimum(p[i], p[j], out=spare)
                 np.maximum(p[i], p[j], out=p[j])
@@ -155,7 +143,11 @@ def find_alignment(
     if text_count == 0:
         return []
     text = list(alignment.text_tokens[:text_count])
-    text_indices, time_indices = dtw(-alignment_matrix(alignment, text_count, num_frames))
+    if alignment.matrix is not None:  # reduced on the device, normalised over the whole text
+        matrix = alignment.matrix[: text_count + 1].numpy()
+    else:
+        matrix = alignment_matrix(alignment, text_count, num_frames)
+    text_indices, time_indices = dtw(-matrix)
 
     words, word_tokens = tokenizer.split_to_words([*text, tokenizer.eot], language)
     if len(word_tokens) <= 1:
@@ -178,6 +170,8 @@ def normalised_weights(alignment: Alignment, text_count: int, num_frames: int) -
     [heads, P + k + 1, frames] float32."""
     p = alignment.prompt_len
     frames = max(1, num_frames // INPUT_STRIDE)
+    if alignment.scores is None:
+        raise ValueError("the engine returned a cost matrix, not scores (the request gave alignment_frames)")
     # numpy, single-threaded: small arrays, and torch's CPU thread pool may be busy with an engine
     scores = alignment.scores[:, : p + text_count + 1, :frames].float().numpy()  # a copy when float16
     weights = scores - scores.max(axis=-1, keepdims=True)  # a new array: the scores stay as they were

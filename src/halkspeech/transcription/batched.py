@@ -24,7 +24,14 @@ from halkspeech.audio.features import log_mel_windows
 from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, speech_regions
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import Overloaded
-from halkspeech.model.dims import FRAMES_PER_SECOND, HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
+from halkspeech.model.dims import (
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    INPUT_STRIDE,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    TIME_PRECISION,
+)
 from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.alignment import time_words
 from halkspeech.transcription.chunking import Chunk, make_chunks
@@ -165,7 +172,7 @@ class BatchedTranscription:
         start, last_speech = chunk.start, previous_end
         for round_ in range(MAX_ROUNDS):
             async with gate:
-                window = await self._decode(chunk, mel)
+                window = await self._decode(chunk, mel, start)
             forced = bool(self.options.force_tokens_per_second)
             if self.decoder.is_silence(window) and not forced:
                 break  # the no-speech skip
@@ -185,9 +192,10 @@ class BatchedTranscription:
             mel = (await asyncio.to_thread(self._log_mel, [(start, chunk.end)]))[0]
         stitcher.finish(chunk.index, segments)
 
-    async def _decode(self, chunk: Chunk, mel: torch.Tensor) -> WindowResult:
-        """A window through the window decoder (fallback, repetition guard). A full engine queue is waited
-        out while other chunks of this file are in flight (they free room); with none, Overloaded stands."""
+    async def _decode(self, chunk: Chunk, mel: torch.Tensor, start: float) -> WindowResult:
+        """The window from `start` to the chunk's end through the window decoder (fallback, repetition
+        guard). A full engine queue is waited out while other chunks of this file are in flight (they free
+        room); with none, Overloaded stands."""
         rate = self.options.force_tokens_per_second
         limit = self.model.dims.n_text_ctx // 2
         forced = max(1, min(limit, math.ceil(chunk.speech * rate))) if rate else None
@@ -199,7 +207,14 @@ class BatchedTranscription:
         while True:
             self.in_flight += 1
             try:
-                return await self.decoder.decode(mel, self.language, self.previous, forced=forced, rejects=rejects)
+                return await self.decoder.decode(
+                    mel,
+                    self.language,
+                    self.previous,
+                    forced=forced,
+                    rejects=rejects,
+                    align_frames=max(1, self._frames(start, chunk.end) // INPUT_STRIDE),
+                )
             except Overloaded:
                 if self.in_flight <= 1:
                     raise
@@ -213,7 +228,7 @@ class BatchedTranscription:
         """A window's tokens cut at timestamp pairs (absolute times), and where to resume when the last
         segment is unfinished (None: the window is done). A final window keeps an unfinished segment whole."""
         tokens, tb = window.result.tokens, self.tokenizer.timestamp_begin
-        frames = min(N_SAMPLES, _sample(end) - _sample(start)) // HOP_LENGTH
+        frames = self._frames(start, end)
         raw, advance = split_window(tokens, timestamp_begin=tb, time_offset=start, segment_frames=frames)
         if advance >= frames or not tokens:
             return raw, None
@@ -224,6 +239,11 @@ class BatchedTranscription:
             begin = start + (rest[0] - tb) * TIME_PRECISION if rest[0] >= tb else (raw[-1].end if raw else start)
             raw.append(RawSegment(begin, end, rest))
         return raw, None
+
+    @staticmethod
+    def _frames(start: float, end: float) -> int:
+        """Mel frames of audio in a window from `start` to `end` (seconds; at most a whole window)."""
+        return min(N_SAMPLES, _sample(end) - _sample(start)) // HOP_LENGTH
 
     def _has_speech(self, start: float, end: float) -> bool:
         """Whether the VAD heard speech in [start, end) (at least 0.1 s of it)."""
@@ -248,7 +268,7 @@ class BatchedTranscription:
             began = time.perf_counter()
             eot = self.tokenizer.eot
             spans = [(r.start, r.end, sum(t < eot for t in r.tokens)) for r in raw]
-            frames = min(N_SAMPLES, _sample(chunk.end) - _sample(start)) // HOP_LENGTH
+            frames = self._frames(start, chunk.end)
             timed, _ = time_words(
                 alignment,
                 self.tokenizer,

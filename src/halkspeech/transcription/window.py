@@ -104,8 +104,11 @@ class WindowDecoder:
         detect: bool = False,
         forced: int | None = None,
         rejects: Rejects | None = None,
+        align_frames: int | None = None,
     ) -> WindowResult:
-        """Decode a window at each temperature in turn until one passes the guards (and `rejects`)."""
+        """Decode a window at each temperature in turn until one passes the guards (and `rejects`).
+        `align_frames` (encoder positions of audio): word timing's cost matrix is made on the device (see
+        DecodeRequest.alignment_frames), for callers that time the whole text."""
         o, tokenizer = self.options, self.model.tokenizer
         prefix = tokenizer.encode(" " + o.prefix.strip()) if o.prefix else []
         probs = None
@@ -131,6 +134,7 @@ class WindowDecoder:
                 detect_language=detect,
                 language_index=sot_index + 1 if detect else None,
                 alignment_prompt=self.alignment_prompt(language),
+                alignment_frames=align_frames if o.word_timestamps else None,
                 priority=o.priority,
             )
             result = await self.model.engine.decode(request)

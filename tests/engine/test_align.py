@@ -1,0 +1,29 @@
+"""The device half of word timing equals the host path (and through it openai-whisper's steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from whisper.timing import median_filter as reference_median_filter
+
+from halkspeech.engine.align import cost_matrix, median_filter
+from halkspeech.engine.request import Alignment
+from halkspeech.transcription.alignment import alignment_matrix
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (3, 12, 4), (6, 40, 1500)])
+def test_median_filter_equals_reference(shape: tuple[int, int, int]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1]))
+    torch.testing.assert_close(median_filter(x), reference_median_filter(x, 7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("text", "frames"), [(1, 1500), (37, 1500), (37, 611), (80, 4)])
+def test_cost_matrix_equals_the_host_path(text: int, frames: int) -> None:
+    prompt, heads = 4, 6
+    scores = torch.randn(heads, prompt + text + 1, 1500, generator=torch.Generator().manual_seed(text)) * 4
+    alignment = Alignment(scores=scores, text_probs=(0.5,) * text, text_tokens=(1,) * text, prompt_len=prompt)
+    host = alignment_matrix(alignment, text, num_frames=2 * frames)  # the host counts mel frames
+    device = cost_matrix(scores, prompt, text, frames)
+    assert device.shape == (text + 1, frames)
+    np.testing.assert_allclose(device.numpy(), host, rtol=1e-4, atol=1e-5)
