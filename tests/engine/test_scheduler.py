@@ -268,3 +268,16 @@ def test_a_finished_window_awaiting_word_timing_keeps_its_slot() -> None:
     assert s.schedule_admission() == [] and s.starved  # the slot still holds the window's keys/values
     s.release_held(first)
     assert [a.slots for a in s.schedule_admission()] == [(0,)]
+
+
+def test_with_windows_ready_admission_waits_for_enough_slots_not_the_timer() -> None:
+    # many windows ready, slots short: an admission of one window per freed slot costs a prefill each
+    s = scheduler(slots=4, admit_batch=2, admit_wait_s=0.0, lookahead=4)
+    for _ in range(12):
+        s.add(request(max_new=50))
+    admit_all(s)
+    s.mark_encoded(s.schedule_encode(limit=10))
+    step(s, {0: EOT})
+    assert s.schedule_admission() == []  # the timer (0 s) has run out, but two slots are wanted
+    step(s, {1: EOT})
+    assert [a.slots for a in s.schedule_admission()] == [(0,), (1,)]

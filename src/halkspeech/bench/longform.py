@@ -56,6 +56,7 @@ class LongformConfig:
     encoder_batch: int = 64
     dev_dir: str = str(DEV_DIR)
     seed: int = 0
+    gil_switch_ms: float = EngineSettings().gil_switch_ms
     json_path: str | None = None
 
 
@@ -220,7 +221,11 @@ def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     weights = ModelRegistry(ModelSettings()).load(cfg.model, dtype=dtype, device=cfg.device)
     settings = EngineSettings(
-        device=cfg.device, dtype=cfg.dtype, max_slots=cfg.max_slots, max_encoder_batch=cfg.encoder_batch
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_slots=cfg.max_slots,
+        max_encoder_batch=cfg.encoder_batch,
+        gil_switch_ms=cfg.gil_switch_ms,
     )
     model = start_engine(weights, settings)
     payload: dict[str, Any] = {"config": asdict(cfg), "device": device_info(model.device)}

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from halkspeech.config import EngineSettings
 from halkspeech.errors import InvalidRequest
 
 
@@ -227,6 +228,12 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
     longform.add_argument("--max-slots", type=int, default=0, help="decoder slots (0: from free GPU memory)")
     longform.add_argument("--encoder-batch", type=int, default=64, help="windows per encoder call at most")
     longform.add_argument("--dev-dir", default=None, help="the dev recordings (default: ../shared/data/dev)")
+    longform.add_argument(
+        "--gil-switch-ms",
+        type=float,
+        default=EngineSettings().gil_switch_ms,
+        help="Python's thread switch interval while the engine runs (0: Python's default)",
+    )
     _device_args(longform)
     longform.set_defaults(func=_run_longform)
 
@@ -252,6 +259,7 @@ def _run_longform(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_slots=args.max_slots,
             encoder_batch=args.encoder_batch,
+            gil_switch_ms=args.gil_switch_ms,
             json_path=args.json_path,
             **extra,
         )

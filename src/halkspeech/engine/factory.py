@@ -4,6 +4,7 @@ plan (how many slots fit), CUDA-graph buckets."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -90,6 +91,8 @@ def start_engine(
 
     `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next; with
     `padded`, its finished rows keep running too (textbook static batching, as a padded batch)."""
+    if settings.gil_switch_ms:
+        sys.setswitchinterval(settings.gil_switch_ms / 1000)
     device = resolve_device(settings.device, settings.device_index)
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
