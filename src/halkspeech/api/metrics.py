@@ -84,6 +84,12 @@ class EngineCollector(Collector):
             "Windows by outcome (admitted, completed, cancelled, failed).",
             labels=["model", "outcome"],
         )
+        phases = CounterMetricFamily(
+            "halkspeech_engine_phase_seconds",
+            "Seconds of the engine loop by phase (encode: encoder time on the device; admit, step, align: the "
+            "loop's clock, including device work they waited for).",
+            labels=["model", "phase"],
+        )
         encoder = HistogramMetricFamily(
             "halkspeech_engine_encoder_batch_size", "Windows per encoder call.", labels=["model"]
         )
@@ -98,11 +104,14 @@ class EngineCollector(Collector):
             steps.add_metric(labels, stats.steps)
             tokens.add_metric(labels, stats.tokens)
             busy.add_metric(labels, stats.busy_s)
+            for phase, seconds in stats.phases().items():
+                if phase != "busy_s":
+                    phases.add_metric([item.name, phase.removesuffix("_s")], seconds)
             for outcome in ("admitted", "completed", "cancelled", "failed"):
                 windows.add_metric([item.name, outcome], getattr(stats, outcome))
             encoder.add_metric(labels, *_histogram(stats.encoder_batches))
             decoder.add_metric(labels, *_histogram(stats.decode_batches))
-        yield from (queue, running, steps, tokens, busy, windows, encoder, decoder)
+        yield from (queue, running, steps, tokens, busy, phases, windows, encoder, decoder)
         gate = self.gate
         yield _gauge("halkspeech_admission_active", "Requests holding a transcription slot.", [((), gate.active)])
         yield _gauge("halkspeech_admission_waiting", "Requests queued for a transcription slot.", [((), gate.waiting)])

@@ -180,7 +180,18 @@ def _batch_means(before: str, after: str) -> dict[str, float | None]:
         total = value(after, f"halkspeech_engine_{name}_sum") - value(before, f"halkspeech_engine_{name}_sum")
         count = value(after, f"halkspeech_engine_{name}_count") - value(before, f"halkspeech_engine_{name}_count")
         means[f"mean_{key}_batch"] = round(total / count, 1) if count else None
+    # where the server's engine loop spent the timed run (seconds)
+    for phase in ("encode", "admit", "step", "align"):
+        name = rf'halkspeech_engine_phase_seconds_total\{{[^}}]*phase="{phase}"\}}'
+        means[f"{phase}_s"] = round(_metric(after, name) - _metric(before, name), 2)
+    name = r"halkspeech_engine_busy_seconds_total\{[^}]*\}"
+    means["busy_s"] = round(_metric(after, name) - _metric(before, name), 2)
     return means
+
+
+def _metric(text: str, pattern: str) -> float:
+    match = re.search(rf"^{pattern} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
