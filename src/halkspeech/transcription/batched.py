@@ -11,9 +11,11 @@ does). Segments come back in order with absolute times, monotonic and inside the
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -179,8 +181,11 @@ class BatchedTranscription:
             raw, resume = self._split(window, start, chunk.end, final=forced or round_ == MAX_ROUNDS - 1)
             if resume is not None and not self._has_speech(resume, chunk.end):
                 raw, resume = self._split(window, start, chunk.end, final=True)
-            if self.options.word_timestamps:  # DTW etc. in a worker: numpy releases the GIL, the loop stays free
-                fresh, words_ms = await asyncio.to_thread(self._segments, chunk, raw, window, start, last_speech)
+            if self.options.word_timestamps:  # DTW etc. off the event loop, in the one word-timing thread
+                loop = asyncio.get_running_loop()
+                fresh, words_ms = await loop.run_in_executor(
+                    word_timing_pool(), self._segments, chunk, raw, window, start, last_speech
+                )
             else:
                 fresh, words_ms = self._segments(chunk, raw, window, start, last_speech)
             self.stages.words += words_ms
@@ -344,6 +349,15 @@ class BatchedTranscription:
             ),
             tokens=tuple(tokens),
         )
+
+
+@functools.cache
+def word_timing_pool() -> ThreadPoolExecutor:
+    """One thread for the host half of word timing (DTW, word split), shared by every file. It is mostly Python
+    holding the GIL; the engine thread takes the GIL back after each torch call, and each thread that wants it
+    is one more to wait behind. With a thread per window (asyncio's default pool), the engine's alignment
+    passes took ~18 ms a window on an H100 against 1 ms alone (bench/gpu_align.py, bench/NOTES.md)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="halkspeech-words")
 
 
 def _sample(seconds: float) -> int:
