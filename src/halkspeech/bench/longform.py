@@ -166,15 +166,21 @@ def run_concurrent(model: ModelEngine, audios: list[np.ndarray], options: Transc
 
     synchronize(model.device)
     stats = model.engine.stats
-    before = stats.phases()
+    before, retries = stats.phases(), _alloc_retries(model.device)
     started = time.perf_counter()
     transcripts = asyncio.run(all_files())
     synchronize(model.device)
     wall = time.perf_counter() - started
     seconds = sum(t.duration for t in transcripts)
-    # the engine thread's time in each phase during this run (align: word timing's decoder passes)
+    # the engine thread's time in each phase during this run (align: word timing's decoder passes), and how
+    # often the CUDA caching allocator had to free its cache to allocate (each a device sync)
     phases = {key: round(value - before[key], 3) for key, value in stats.phases().items()}
+    phases["alloc_retries"] = _alloc_retries(model.device) - retries
     return {"wall_s": wall, "rtfx": seconds / wall, "words": sum(len(t.words) for t in transcripts), **phases}
+
+
+def _alloc_retries(device: torch.device) -> int:
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else 0
 
 
 def run_server(url: str, wav: Path, model_name: str, words: bool, duration: float) -> dict[str, Any]:
@@ -272,7 +278,8 @@ def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -
     for words, runs in results.items():
         rtfx = median([r["rtfx"] for r in runs])
         row = {"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx}
-        row |= {key: median([r[key] for r in runs]) for key in ("wall_s", "busy_s", "step_s", "admit_s", "align_s")}
+        keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_s", "alloc_retries")
+        row |= {key: median([r[key] for r in runs]) for key in keys}
         rows.append(row)
     loss = 1 - rows[1]["rtfx"] / rows[0]["rtfx"]
     rows[1]["loss_pct"] = 100 * loss
@@ -310,6 +317,7 @@ _WORDS_COLUMNS = [
     ("step_s", "steps s"),
     ("admit_s", "admit s"),
     ("align_s", "align s"),
+    ("alloc_retries", "alloc retries"),
     ("loss_pct", "loss %"),
 ]
 _SERVER_COLUMNS = [
