@@ -166,7 +166,7 @@ def run_concurrent(model: ModelEngine, audios: list[np.ndarray], options: Transc
 
     synchronize(model.device)
     stats = model.engine.stats
-    before, retries = stats.phases(), _alloc_retries(model.device)
+    before, retries, calls = stats.phases(), _alloc_retries(model.device), stats.align_calls
     started = time.perf_counter()
     transcripts = asyncio.run(all_files())
     synchronize(model.device)
@@ -176,6 +176,7 @@ def run_concurrent(model: ModelEngine, audios: list[np.ndarray], options: Transc
     # often the CUDA caching allocator had to free its cache to allocate (each a device sync)
     phases = {key: round(value - before[key], 3) for key, value in stats.phases().items()}
     phases["alloc_retries"] = _alloc_retries(model.device) - retries
+    phases["align_calls"] = stats.align_calls - calls
     return {"wall_s": wall, "rtfx": seconds / wall, "words": sum(len(t.words) for t in transcripts), **phases}
 
 
@@ -278,7 +279,7 @@ def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -
     for words, runs in results.items():
         rtfx = median([r["rtfx"] for r in runs])
         row = {"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx}
-        keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_s", "alloc_retries")
+        keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_wait_s", "align_s", "align_calls", "alloc_retries")
         row |= {key: median([r[key] for r in runs]) for key in keys}
         rows.append(row)
     loss = 1 - rows[1]["rtfx"] / rows[0]["rtfx"]
@@ -316,7 +317,9 @@ _WORDS_COLUMNS = [
     ("busy_s", "engine busy s"),
     ("step_s", "steps s"),
     ("admit_s", "admit s"),
+    ("align_wait_s", "align wait s"),
     ("align_s", "align s"),
+    ("align_calls", "align calls"),
     ("alloc_retries", "alloc retries"),
     ("loss_pct", "loss %"),
 ]

@@ -97,6 +97,9 @@ class EngineStats:
     admit_s: float = 0.0
     step_s: float = 0.0
     align_s: float = 0.0
+    align_wait_s: float = 0.0  # device work queued before an alignment pass, waited for first
+    align_calls: int = 0
+    align_windows: int = 0
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase since the counters were last reset, for benchmarks."""
@@ -106,6 +109,7 @@ class EngineStats:
             "admit_s": self.admit_s,
             "step_s": self.step_s,
             "align_s": self.align_s,
+            "align_wait_s": self.align_wait_s,
         }
 
 
@@ -288,12 +292,17 @@ class Engine:
             assert prompt is not None
             jobs.append(AlignJob(group.slots[0], prompt, text, group.request.alignment_frames))
         began = time.perf_counter()
+        self.runner.synchronize()  # what was queued before (an encoder run) is not the pass's time
+        waited = time.perf_counter()
+        self.stats.align_wait_s += waited - began
+        self.stats.align_calls += 1
+        self.stats.align_windows += len(jobs)
         try:
             for group, alignment in zip(wanted, self.runner.align(jobs), strict=True):
                 group.alignment = alignment
         except Exception:  # timings are an extra: a failed pass leaves them out, the text still returns
             log.exception("word-timing alignment failed")
-        self.stats.align_s += time.perf_counter() - began
+        self.stats.align_s += time.perf_counter() - waited
 
     def _launch_encodes(self) -> None:
         if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):
