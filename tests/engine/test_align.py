@@ -7,7 +7,7 @@ import pytest
 import torch
 from whisper.timing import median_filter as reference_median_filter
 
-from halkspeech.engine.align import cost_matrix, median_filter
+from halkspeech.engine.align import cost_matrices, cost_matrix, median_filter
 from halkspeech.engine.request import Alignment
 from halkspeech.transcription.alignment import alignment_matrix
 
@@ -18,7 +18,7 @@ def test_median_filter_equals_reference(shape: tuple[int, int, int]) -> None:
     torch.testing.assert_close(median_filter(x), reference_median_filter(x, 7), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("text", "frames"), [(1, 1500), (37, 1500), (37, 611), (80, 4)])
+@pytest.mark.parametrize(("text", "frames"), [(1, 1500), (37, 1500), (37, 611), (80, 4), (10, 3)])
 def test_cost_matrix_equals_the_host_path(text: int, frames: int) -> None:
     prompt, heads = 4, 6
     scores = torch.randn(heads, prompt + text + 1, 1500, generator=torch.Generator().manual_seed(text)) * 4
@@ -27,3 +27,13 @@ def test_cost_matrix_equals_the_host_path(text: int, frames: int) -> None:
     device = cost_matrix(scores, prompt, text, frames)
     assert device.shape == (text + 1, frames)
     np.testing.assert_allclose(device.numpy(), host, rtol=1e-4, atol=1e-5)
+
+
+def test_windows_at_once_equal_each_alone() -> None:
+    # different text lengths and frame counts in one batch, one too short to filter (as the reference)
+    prompt, heads, texts, frames = 4, 6, [37, 5, 60, 12], [1500, 611, 900, 3]
+    scores = torch.randn(len(texts), heads, prompt + max(texts) + 1, 1500, generator=torch.Generator().manual_seed(1))
+    batched = cost_matrices(scores * 4, prompt, texts, frames)
+    for b, (k, f) in enumerate(zip(texts, frames, strict=True)):
+        alone = cost_matrix(scores[b, :, : prompt + k + 1] * 4, prompt, k, f)
+        torch.testing.assert_close(batched[b, : k + 1, :f], alone, rtol=1e-5, atol=1e-5)

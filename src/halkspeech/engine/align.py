@@ -48,6 +48,11 @@ def median_filter(x: Tensor, width: int = MEDFILT_WIDTH) -> Tensor:
     padded = F.pad(x, (half, half), mode="reflect")
     if width != 7:
         return padded.unfold(-1, width, 1).sort(dim=-1).values[..., half]
+    return _median7(padded, frames)
+
+
+def _median7(padded: Tensor, frames: int) -> Tensor:
+    """[..., frames + 6] → [..., frames]: the median of each 7 consecutive values (the min/max network)."""
     p = [padded[..., k : k + frames] for k in range(7)]
     for (i, j), (keep_min, keep_max) in zip(MEDIAN7, MEDIAN7_LIVE, strict=True):
         low = torch.minimum(p[i], p[j]) if keep_min else p[i]
@@ -57,10 +62,36 @@ def median_filter(x: Tensor, width: int = MEDFILT_WIDTH) -> Tensor:
     return p[3]
 
 
+def cost_matrices(scores: Tensor, prompt_len: int, text_lens: Sequence[int], frames: Sequence[int]) -> Tensor:
+    """Several windows at once, in a fixed number of kernels (each torch call on the engine thread is a GIL
+    hand-off; a pass per window was ~45 calls a window):
+    scores [B, heads, ≥ prompt_len + max(text_lens) + 1, ≥ max(frames)] (scaled q·k) → [B, max(text_lens) + 1,
+    max(frames)] float32, window b's cost matrix in [:text_lens[b] + 1, :frames[b]] (the rest is padding)."""
+    device = scores.device
+    rows, width = prompt_len + max(text_lens) + 1, max(frames)
+    sizes = torch.tensor([[prompt_len + k + 1, f] for k, f in zip(text_lens, frames, strict=True)], device=device)
+    n_rows, n_frames = sizes[:, 0, None], sizes[:, 1, None]  # [B, 1] each
+    column = torch.arange(width, device=device)
+    # softmax over each window's own frames (zero beyond them)
+    x = scores[:, :, :rows, :width].float().masked_fill((column >= n_frames)[:, None, None, :], float("-inf"))
+    x = x.softmax(dim=-1)
+    # each head normalised over each window's own rows (mean 0, population std 1)
+    valid = (torch.arange(rows, device=device) < n_rows)[:, None, :, None].float()  # [B, 1, R, 1]
+    count = n_rows[:, :, None, None].float()
+    mean = (x * valid).sum(dim=-2, keepdim=True) / count
+    std = (((x - mean) * valid).square().sum(dim=-2, keepdim=True) / count).sqrt()
+    x = ((x - mean) / std)[:, :, prompt_len - 1 : rows - 1]  # the rows that predict text and end-of-text
+    # median filter over frames, reflect-padded at each window's own last frame (one gather)
+    half = MEDFILT_WIDTH // 2
+    source = torch.arange(-half, width + half, device=device).abs()[None, :]  # [1, W + 6]
+    last = n_frames - 1
+    source = torch.where(source > last, 2 * last - source, source).clamp(0, width - 1)  # [B, W + 6]
+    padded = x.gather(-1, source[:, None, None, :].expand(*x.shape[:-1], width + 2 * half))
+    filtered = torch.where((n_frames <= half)[:, None, None, :], x, _median7(padded, width))  # too short: as is
+    return filtered.mean(dim=1)
+
+
 def cost_matrix(scores: Tensor, prompt_len: int, text_len: int, frames: int) -> Tensor:
-    """scores [heads, ≥ prompt_len + text_len + 1, ≥ frames] (scaled q·k) → [text_len + 1, frames] float32:
+    """One window: scores [heads, ≥ prompt_len + text_len + 1, ≥ frames] → [text_len + 1, frames] float32,
     the rows predicting text[0] … text[-1] and end-of-text, to be negated for DTW."""
-    weights = scores[:, : prompt_len + text_len + 1, :frames].float().softmax(dim=-1)
-    std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
-    weights = (weights - mean) / std
-    return median_filter(weights[:, prompt_len - 1 : -1]).mean(dim=0)
+    return cost_matrices(scores[None], prompt_len, [text_len], [frames])[0, : text_len + 1, :frames]

@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from halkspeech.engine.align import cost_matrix
+from halkspeech.engine.align import cost_matrices
 from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
@@ -344,22 +344,20 @@ class Runner:
         return results
 
     def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob]) -> dict[int, Tensor]:
-        """DTW cost matrices [len(text) + 1, frames] of the jobs that gave their frames, computed on the
-        device and copied to the host at once (padded to one tensor: a copy per job is a sync per job)."""
-        reduced = {
-            i: cost_matrix(scores[i], len(job.prompt), len(job.text), job.frames)
-            for i, job in enumerate(jobs)
-            if job.frames is not None
-        }
-        if not reduced:
+        """DTW cost matrices [len(text) + 1, frames] of the jobs that gave their frames: made on the device for
+        all of them at once, copied to the host in one piece."""
+        chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
+        if not chosen:
             return {}
-        rows = max(m.shape[0] for m in reduced.values())
-        cols = max(m.shape[1] for m in reduced.values())
-        padded = scores.new_zeros(len(reduced), rows, cols, dtype=torch.float32)
-        for k, m in enumerate(reduced.values()):
-            padded[k, : m.shape[0], : m.shape[1]] = m
-        host = padded.cpu()
-        return {i: host[k, : m.shape[0], : m.shape[1]] for k, (i, m) in enumerate(reduced.items())}
+        prompt_len = len(jobs[chosen[0]].prompt)
+        if any(len(jobs[i].prompt) != prompt_len for i in chosen):  # one alignment prompt length per batch
+            return {i: self._cost_matrices(scores[i : i + 1], [jobs[i]])[0] for i in chosen}
+        texts = [len(jobs[i].text) for i in chosen]
+        frames = [cast(int, jobs[i].frames) for i in chosen]
+        contiguous = chosen == list(range(chosen[0], chosen[-1] + 1))  # a slice, not an index copied to the device
+        picked = scores[chosen[0] : chosen[-1] + 1] if contiguous else scores[chosen]
+        host = cost_matrices(picked, prompt_len, texts, frames).cpu()
+        return {i: host[k, : texts[k] + 1, : frames[k]] for k, i in enumerate(chosen)}
 
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
