@@ -88,9 +88,11 @@ class EngineSettings(BaseModel):
     #: H200 it did not raise throughput (a decode step is ~100 small kernels that wait for SMs held by the
     #: encoder's GEMMs), see bench/NOTES.md.
     encode_ahead: bool = False
-    #: Python's thread switch interval while an engine runs (sys.setswitchinterval; process-wide; 0: leave it).
-    #: Every torch call on the engine thread releases the GIL and must take it back; while request or word-timing
-    #: threads run Python, taking it back waits up to this long (Python's default is 5 ms). See bench/NOTES.md.
+    #: Python's thread switch interval while an engine runs (sys.setswitchinterval; process-wide; 0: leave
+    #: Python's 5 ms). Every torch call on the engine thread releases the GIL and must take it back, which can
+    #: wait this long while other threads run Python. On an H100 the engine's word-timing passes took 1.6 s
+    #: at 0.5 ms against 2.4 s at 5 ms in one A/B; server throughput did not move beyond run-to-run noise
+    #: (bench/NOTES.md). The benchmark figures in the README were measured with this default.
     gil_switch_ms: float = Field(default=0.5, ge=0.0, le=100.0)
 
 

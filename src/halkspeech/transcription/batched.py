@@ -353,10 +353,10 @@ class BatchedTranscription:
 
 @functools.cache
 def word_timing_pool() -> ThreadPoolExecutor:
-    """One thread for the host half of word timing (DTW, word split), shared by every file. It is mostly Python
-    holding the GIL; the engine thread takes the GIL back after each torch call, and each thread that wants it
-    is one more to wait behind. With a thread per window (asyncio's default pool), the engine's alignment
-    passes took ~18 ms a window on an H100 against 1 ms alone (bench/gpu_align.py, bench/NOTES.md)."""
+    """One thread for the host half of word timing (DTW, word split), shared by every file: the work is mostly
+    Python holding the GIL, so more threads add contention with the engine thread, not throughput. (On an H100
+    the words cost was the same with asyncio's pool of many threads, 49-64% against 54%: that cost is the
+    engine's alignment passes, bench/NOTES.md.)"""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="halkspeech-words")
 
 
