@@ -27,23 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from halkspeech.bench.common import device_info, print_table
+from halkspeech.bench.common import cuda_ms, device_info, print_table
 from halkspeech.model.weights import random_weights
 from halkspeech.model.whisper import EncoderBlock, Whisper, _merge_heads, _split_heads
-
-
-def cuda_ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def gelu_fused_block(block: EncoderBlock, x: Tensor) -> Tensor:
@@ -151,7 +137,7 @@ def main() -> None:
             try:
                 out = fn(mel[:4]).float()
                 error = ((out - reference).norm() / reference.norm()).item()
-                ms = cuda_ms(lambda: fn(mel))
+                ms = cuda_ms(lambda: fn(mel), repeats=5, warmup=1)
                 rows.append(
                     {"variant": name, "ms": ms, "ms_per_window": ms / args.batch, "rel_err": error, **(extra or {})}
                 )

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from halkspeech.bench.common import device_info
+from halkspeech.bench.common import cuda_ms, device_info
 from halkspeech.bench.engine_bench import EngineBenchConfig, _features, run_engine_bench
 from halkspeech.bench.hf_baseline import HFWhisper
 from halkspeech.engine.batch import Admission, DecodeStep
@@ -28,22 +28,6 @@ from halkspeech.model.whisper import Whisper
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 RESULTS: dict = {}
 DEV = torch.device("cuda")
-
-
-def cuda_ms(fn, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def section(name, fn):

@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_explore import cuda_ms, fill, make_runner
+from gpu_explore import fill, make_runner
+from halkspeech.bench.common import cuda_ms
 from halkspeech.bench.engine_bench import _features
 from halkspeech.engine.batch import DecodeStep
 from halkspeech.model.weights import random_weights
