@@ -5,17 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from whisper.timing import median_filter as reference_median_filter
 
-from halkspeech.engine.align import cost_matrices, cost_matrix, median_filter
+from halkspeech.engine.align import _median7, cost_matrices, cost_matrix
 from halkspeech.engine.request import Alignment
 from halkspeech.transcription.alignment import alignment_matrix
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 3), (3, 12, 4), (6, 40, 1500)])
-def test_median_filter_equals_reference(shape: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("shape", [(3, 12, 4), (6, 40, 1500)])
+def test_median_network_equals_reference(shape: tuple[int, int, int]) -> None:
+    # (windows too short to pad, 3 frames or fewer, are left as they are: test_cost_matrix_equals_the_host_path)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1]))
-    torch.testing.assert_close(median_filter(x), reference_median_filter(x, 7), rtol=0, atol=0)
+    padded = F.pad(x, (3, 3), mode="reflect")
+    torch.testing.assert_close(_median7(padded, shape[-1]), reference_median_filter(x, 7), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("text", "frames"), [(1, 1500), (37, 1500), (37, 611), (80, 4), (10, 3)])

@@ -169,28 +169,25 @@ def _scrape(url: str) -> str:
 
 
 def _batch_means(before: str, after: str) -> dict[str, float | None]:
-    """Mean encoder and decoder batch sizes over the timed run, from the server's /metrics histograms."""
+    """Mean encoder and decoder batch sizes over the timed run, and where the server's engine loop spent it
+    (seconds), from the server's /metrics before and after."""
 
-    def value(text: str, name: str) -> float:
-        match = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+    def delta(name: str, label: str = "") -> float:
+        return _metric(after, name, label) - _metric(before, name, label)
 
     means: dict[str, float | None] = {}
     for key, name in (("encoder", "encoder_batch_size"), ("decoder", "decode_batch_size")):
-        total = value(after, f"halkspeech_engine_{name}_sum") - value(before, f"halkspeech_engine_{name}_sum")
-        count = value(after, f"halkspeech_engine_{name}_count") - value(before, f"halkspeech_engine_{name}_count")
+        total, count = delta(f"halkspeech_engine_{name}_sum"), delta(f"halkspeech_engine_{name}_count")
         means[f"mean_{key}_batch"] = round(total / count, 1) if count else None
-    # where the server's engine loop spent the timed run (seconds)
     for phase in ("encode", "admit", "step", "align"):
-        name = rf'halkspeech_engine_phase_seconds_total\{{[^}}]*phase="{phase}"\}}'
-        means[f"{phase}_s"] = round(_metric(after, name) - _metric(before, name), 2)
-    name = r"halkspeech_engine_busy_seconds_total\{[^}]*\}"
-    means["busy_s"] = round(_metric(after, name) - _metric(before, name), 2)
+        means[f"{phase}_s"] = round(delta("halkspeech_engine_phase_seconds_total", f'phase="{phase}"'), 2)
+    means["busy_s"] = round(delta("halkspeech_engine_busy_seconds_total"), 2)
     return means
 
 
-def _metric(text: str, pattern: str) -> float:
-    match = re.search(rf"^{pattern} ([0-9.e+]+)$", text, re.MULTILINE)
+def _metric(text: str, name: str, label: str = "") -> float:
+    """The value of sample `name{..., label, ...}` in Prometheus text (0 when absent)."""
+    match = re.search(rf"^{name}\{{[^}}]*{re.escape(label)}[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MEDFILT_WIDTH = 7
@@ -35,24 +34,9 @@ def _live_outputs(network: Sequence[tuple[int, int]], result: int) -> tuple[tupl
 MEDIAN7_LIVE = _live_outputs(MEDIAN7, 3)  # 5 of the 26 min/max results are never read: skipped
 
 
-def median_filter(x: Tensor, width: int = MEDFILT_WIDTH) -> Tensor:
-    """Median over a sliding window of `width` (odd) along the last axis, reflect-padded: [H, R, F] → same.
-    Too short to reflect-pad (F ≤ width // 2): unchanged, as the reference.
-
-    Width 7 (the one used) runs the min/max network on 7 shifted views: 21 elementwise kernels. torch.median
-    over the unfolded windows was measured at ~25 ms a window on an H100 (a selection per 7 elements)."""
-    half = width // 2
-    frames = x.shape[-1]
-    if frames <= half:
-        return x
-    padded = F.pad(x, (half, half), mode="reflect")
-    if width != 7:
-        return padded.unfold(-1, width, 1).sort(dim=-1).values[..., half]
-    return _median7(padded, frames)
-
-
 def _median7(padded: Tensor, frames: int) -> Tensor:
-    """[..., frames + 6] → [..., frames]: the median of each 7 consecutive values (the min/max network)."""
+    """[..., frames + 6] → [..., frames]: the median of each 7 consecutive values, by the min/max network on 7
+    shifted views (21 elementwise kernels, no sorting)."""
     p = [padded[..., k : k + frames] for k in range(7)]
     for (i, j), (keep_min, keep_max) in zip(MEDIAN7, MEDIAN7_LIVE, strict=True):
         low = torch.minimum(p[i], p[j]) if keep_min else p[i]

@@ -99,7 +99,6 @@ class EngineStats:
     align_s: float = 0.0
     align_wait_s: float = 0.0  # device work queued before an alignment pass, waited for first
     align_calls: int = 0
-    align_windows: int = 0
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase since the counters were last reset, for benchmarks."""
@@ -189,12 +188,16 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            busy = self.scheduler.has_work or bool(self._to_align)
-            self._drain(block=not busy)
-            if busy or self.scheduler.has_work:
+            self._drain(block=not self._has_work)
+            if self._has_work:
                 started = time.perf_counter()
                 self._iterate()
                 self.stats.busy_s += time.perf_counter() - started
+
+    @property
+    def _has_work(self) -> bool:
+        """Requests in the scheduler, or finished ones waiting for their word-timing pass."""
+        return self.scheduler.has_work or bool(self._to_align)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -296,7 +299,6 @@ class Engine:
         waited = time.perf_counter()
         self.stats.align_wait_s += waited - began
         self.stats.align_calls += 1
-        self.stats.align_windows += len(jobs)
         try:
             for group, alignment in zip(wanted, self.runner.align(jobs), strict=True):
                 group.alignment = alignment

@@ -87,8 +87,6 @@ class Scheduler:
         #: ends, finished ones too, as in a padded batch; plain `static` drops finished rows from the step.
         self.padded = static and padded
         self._batch_rows = 0  # padded: rows of the batch in flight
-        #: Slots of finished groups kept for their word-timing pass (the engine batches those passes).
-        self.held_slots = 0
         #: While sequences decode, admit once `admit_batch` encoded windows can enter (enough are ready and
         #: enough slots are free) or some could for `admit_wait_s`: every admission (prefill) pauses all
         #: running sequences, so admitting one window per freed slot wastes the decode steps.
@@ -408,9 +406,7 @@ class Scheduler:
         if group.finish is None:
             group.finish = self._reason(group)
         group.finished_at = time.perf_counter()
-        if self.needs_alignment(group):
-            self.held_slots += len(group.slots)  # its cross keys/values stay until release_held
-        else:
+        if not self.needs_alignment(group):  # else its cross keys/values stay until release_held
             for slot in group.slots:
                 heapq.heappush(self._free, slot)
         # a beam group stopped early must not leave reorders behind for slots that get reassigned
@@ -424,7 +420,6 @@ class Scheduler:
 
     def release_held(self, group: Group) -> None:
         """The word-timing pass of a finished group ran: its slots are free."""
-        self.held_slots -= len(group.slots)
         for slot in group.slots:
             heapq.heappush(self._free, slot)
 
