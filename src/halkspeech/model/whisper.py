@@ -17,9 +17,16 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
+
+# Attention kernels for the decoder's eager passes (prefill, alignment), whose (batch, length) changes almost every
+# call. cuDNN's attention, which PyTorch prefers on Hopper, builds an execution plan for each new shape: ~9 ms of
+# host time, measured inside a long-form run on an H100 (bench/gpu_align_insitu.py), 20× the pass itself. Flash and
+# memory-efficient attention need no plan. The encoder (a few batch sizes) and the graph-captured step keep cuDNN.
+VARIABLE_SHAPE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
@@ -123,12 +130,21 @@ class DecoderBlock(nn.Module):
         return x + self.cross_out(_merge_heads(F.scaled_dot_product_attention(q, k, v))), scores
 
     def prefill(
-        self, x: Tensor, layer: int, cache: KVCache, slots: Tensor, scores_of: list[int] | None = None
+        self,
+        x: Tensor,
+        layer: int,
+        cache: KVCache,
+        slots: Tensor,
+        scores_of: list[int] | None = None,
+        *,
+        keep: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
-        # x: [B, P, D] prompt positions 0..P-1 of the sequences in `slots` [B]
+        # x: [B, P, D] prompt positions 0..P-1 of the sequences in `slots` [B]; keep: write their self-attention
+        # keys/values into the cache (not for an alignment pass, which decodes nothing after)
         b, p, d = x.shape
         qkv = self.qkv(self.attn_ln(x))
-        cache.self_kv[layer, slots, :p] = qkv[..., d:].view(b, p, 2, self.heads, -1)
+        if keep:
+            cache.self_kv[layer, slots, :p] = qkv[..., d:].view(b, p, 2, self.heads, -1)
         q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=p > 1)))
         x, scores = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots], scores_of)
@@ -183,8 +199,9 @@ class Decoder(nn.Module):
         gigabytes (64 × 200 × 51866 floats)."""
         p = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:p]
-        for layer, block in self.layers():
-            x, _ = block.prefill(x, layer, cache, slots)
+        with sdpa_kernel(VARIABLE_SHAPE_ATTENTION):
+            for layer, block in self.layers():
+                x, _ = block.prefill(x, layer, cache, slots)
         return x
 
     def align(
@@ -200,11 +217,12 @@ class Decoder(nn.Module):
         for layer, head in heads:
             by_layer.setdefault(layer, []).append(head)
         found: dict[tuple[int, int], Tensor] = {}
-        for layer, block in self.layers():
-            x, scores = block.prefill(x, layer, cache, slots, by_layer.get(layer))
-            if scores is not None:
-                for i, head in enumerate(by_layer[layer]):
-                    found[(layer, head)] = scores[:, i]
+        with sdpa_kernel(VARIABLE_SHAPE_ATTENTION):
+            for layer, block in self.layers():
+                x, scores = block.prefill(x, layer, cache, slots, by_layer.get(layer), keep=False)
+                if scores is not None:
+                    for i, head in enumerate(by_layer[layer]):
+                        found[(layer, head)] = scores[:, i]
         return x, torch.stack([found[h] for h in heads], dim=1)
 
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
