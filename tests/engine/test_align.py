@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from whisper.timing import median_filter as reference_median_filter
 
 from halkspeech.engine.align import _median7, cost_matrices, cost_matrix
-from halkspeech.engine.request import Alignment
+from halkspeech.engine.batch import Admission, AlignJob
+from halkspeech.engine.request import Alignment, DecodeRequest, SamplingOptions
+from halkspeech.engine.runner import Runner
+from halkspeech.engine.sampling import TokenIds
+from halkspeech.model.tokenizer import Tokenizer
+from halkspeech.model.weights import LoadedWeights
+from halkspeech.model.whisper import Whisper
 from halkspeech.transcription.alignment import alignment_matrix
 
 
@@ -40,3 +46,33 @@ def test_windows_at_once_equal_each_alone() -> None:
     for b, (k, f) in enumerate(zip(texts, frames, strict=True)):
         alone = cost_matrix(scores[b, :, : prompt + k + 1] * 4, prompt, k, f)
         torch.testing.assert_close(batched[b, : k + 1, :f], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pass_in_chunks_equals_each_window_alone(tiny_en_weights: LoadedWeights) -> None:
+    """Runner.align_async splits a pass by windows and text tokens; the results must not depend on the split
+    (nor on padding to the longest window of a chunk)."""
+    dims = tiny_en_weights.dims
+    model = Whisper.from_openai_state_dict(dims, tiny_en_weights.state_dict, dtype=torch.float32, device="cpu")
+    tokenizer = Tokenizer.for_model(dims)
+    ids = TokenIds.from_tokenizer(tokenizer, dims.n_vocab)
+    runner = Runner(model, ids, slots=5, cuda_graphs=False, alignment_heads=tiny_en_weights.alignment_heads)
+    prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
+    features = torch.randn(5, dims.n_mels, 3000, generator=torch.Generator().manual_seed(0))
+    options = SamplingOptions(max_new_tokens=4)
+    admissions = [Admission(i, DecodeRequest(features[i], prompt, sot, options), (i,), 0) for i in range(5)]
+    job = runner.encode_async([a.request.features for a in admissions])
+    runner.admit(admissions, [(job, i) for i in range(5)])
+    generator = torch.Generator().manual_seed(1)
+    lengths, frames = (3, 17, 9, 30, 1), (1500, 700, 1500, 40, 1200)
+    jobs = [
+        AlignJob(i, tuple(prompt), tuple(torch.randint(0, ids.eot, (n,), generator=generator).tolist()), f)
+        for i, (n, f) in enumerate(zip(lengths, frames, strict=True))
+    ]
+    whole = runner.align_async(jobs, max_jobs=2, max_rows=32).results()
+    assert len(runner.align_async(jobs, max_jobs=2, max_rows=32).builders) == 3  # [3, 17] [9] [30, 1]
+    for one, alignment in zip(jobs, whole, strict=True):
+        alone = runner.align([one])[0]
+        assert alignment.text_tokens == one.text and alignment.matrix is not None and alone.matrix is not None
+        assert alignment.matrix.shape == (len(one.text) + 1, one.frames)
+        torch.testing.assert_close(alignment.matrix, alone.matrix, rtol=1e-4, atol=1e-4)
+        assert alignment.text_probs == pytest.approx(alone.text_probs, rel=1e-4, abs=1e-6)

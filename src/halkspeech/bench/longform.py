@@ -279,7 +279,7 @@ def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -
     for words, runs in results.items():
         rtfx = median([r["rtfx"] for r in runs])
         row = {"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx}
-        keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_wait_s", "align_s", "align_calls", "alloc_retries")
+        keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_s", "align_calls", "alloc_retries")
         row |= {key: median([r[key] for r in runs]) for key in keys}
         rows.append(row)
     loss = 1 - rows[1]["rtfx"] / rows[0]["rtfx"]
@@ -317,7 +317,6 @@ _WORDS_COLUMNS = [
     ("busy_s", "engine busy s"),
     ("step_s", "steps s"),
     ("admit_s", "admit s"),
-    ("align_wait_s", "align wait s"),
     ("align_s", "align s"),
     ("align_calls", "align calls"),
     ("alloc_retries", "alloc retries"),

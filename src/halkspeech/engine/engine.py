@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from halkspeech.engine.batch import AlignJob
 from halkspeech.engine.request import DecodeRequest, DecodeResult
-from halkspeech.engine.runner import EncodeJob, Runner
+from halkspeech.engine.runner import AlignPass, EncodeJob, Runner
 from halkspeech.engine.scheduler import Group, Scheduler
 from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError, Overloaded
 
@@ -35,7 +35,7 @@ TokenListener = Callable[[list[int]], None]
 ENCODE_CHUNK = 16  # windows per encoder run: per-window cost is flat from 8 up (H200: 4.7 ms at 16, 4.6 at 64)
 ENCODE_JOBS = 2  # one running and one queued behind it, so the encoder stream never idles
 LIVE_HOLD_S = 0.1  # file windows wait at most this long for live turns to finish decoding
-ALIGN_BATCH = 8  # finished windows whose word-timing passes run together (the runner's chunk)
+ALIGN_BATCH = 16  # finished windows whose word-timing passes run together (at most the runner's chunk)
 ALIGN_WAIT_S = 0.025  # ... or once the first of them waited this long
 
 
@@ -96,8 +96,7 @@ class EngineStats:
     encode_s: float = 0.0
     admit_s: float = 0.0
     step_s: float = 0.0
-    align_s: float = 0.0
-    align_wait_s: float = 0.0  # device work queued before an alignment pass, waited for first
+    align_s: float = 0.0  # queuing word-timing passes, and reading their results back
     align_calls: int = 0
 
     def phases(self) -> dict[str, float]:
@@ -108,7 +107,6 @@ class EngineStats:
             "admit_s": self.admit_s,
             "step_s": self.step_s,
             "align_s": self.align_s,
-            "align_wait_s": self.align_wait_s,
         }
 
 
@@ -123,6 +121,7 @@ class Engine:
         self._jobs: deque[tuple[EncodeJob, list[Group]]] = deque()
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
         self._to_align: list[Group] = []  # finished, waiting for a batched word-timing pass (slots held)
+        self._aligning: deque[tuple[AlignPass, list[Group]]] = deque()  # passes queued on the device
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -196,8 +195,8 @@ class Engine:
 
     @property
     def _has_work(self) -> bool:
-        """Requests in the scheduler, or finished ones waiting for their word-timing pass."""
-        return self.scheduler.has_work or bool(self._to_align)
+        """Requests in the scheduler, or finished ones waiting for their word-timing pass or its results."""
+        return self.scheduler.has_work or bool(self._to_align) or bool(self._aligning)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -272,21 +271,22 @@ class Engine:
                 self._to_align.append(group)
             else:
                 self._complete(group)
-        if self._to_align and (
+        while self._to_align and (
             len(self._to_align) >= ALIGN_BATCH
             or step is None  # nothing else to do
             or self.scheduler.starved
             or time.perf_counter() - self._to_align[0].finished_at >= ALIGN_WAIT_S
         ):
-            pending, self._to_align = self._to_align, []
+            # one pass per ALIGN_BATCH: 17 waiting make a pass of 16 now and leave 1 to wait for company,
+            # not two passes (16 + 1) back to back
+            pending, self._to_align = self._to_align[:ALIGN_BATCH], self._to_align[ALIGN_BATCH:]
             self._align(pending)
-            for group in pending:
-                self.scheduler.release_held(group)
-                self._complete(group)
+        self._collect_aligned(wait=step is None and not admissions)
 
     def _align(self, wanted: list[Group]) -> None:
-        """Word-timing passes for finished requests that asked for them, before their slots are reused; in
-        batches (each pass is ~100 eagerly launched kernels however many windows it aligns)."""
+        """Queue the word-timing pass of finished requests that asked for it (each pass is ~100 eagerly launched
+        kernels however many windows it aligns, hence batches). Their slots are free at once: work queued
+        after the pass runs after it. They complete when its results reach the host (`_collect_aligned`)."""
         eot = self.scheduler.eot
         jobs = []
         for group in wanted:
@@ -295,16 +295,33 @@ class Engine:
             assert prompt is not None
             jobs.append(AlignJob(group.slots[0], prompt, text, group.request.alignment_frames))
         began = time.perf_counter()
-        self.runner.synchronize()  # what was queued before (an encoder run) is not the pass's time
-        waited = time.perf_counter()
-        self.stats.align_wait_s += waited - began
         self.stats.align_calls += 1
         try:
-            for group, alignment in zip(wanted, self.runner.align(jobs), strict=True):
-                group.alignment = alignment
+            self._aligning.append((self.runner.align_async(jobs), wanted))
         except Exception:  # timings are an extra: a failed pass leaves them out, the text still returns
             log.exception("word-timing alignment failed")
-        self.stats.align_s += time.perf_counter() - waited
+            for group in wanted:
+                self._complete(group, release=False)
+        finally:
+            for group in wanted:
+                self.scheduler.release_held(group)
+            self.stats.align_s += time.perf_counter() - began
+
+    def _collect_aligned(self, *, wait: bool) -> None:
+        """Complete the requests of word-timing passes whose results are on the host (`wait`: the oldest pass's,
+        however long the device takes: there is nothing else to do)."""
+        while self._aligning and (wait or self._aligning[0][0].ready()):
+            wait = False
+            began = time.perf_counter()
+            done, groups = self._aligning.popleft()
+            try:
+                for group, alignment in zip(groups, done.results(), strict=True):
+                    group.alignment = alignment
+            except Exception:  # as above: the text still returns
+                log.exception("word-timing alignment failed")
+            self.stats.align_s += time.perf_counter() - began
+            for group in groups:
+                self._complete(group, release=False)  # released when they finished: the slots may be reused
 
     def _launch_encodes(self) -> None:
         if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):
@@ -348,8 +365,9 @@ class Engine:
                 if fresh:
                     handle.on_tokens(fresh)
 
-    def _complete(self, group: Group) -> None:
-        self.runner.release(group.slots)
+    def _complete(self, group: Group, *, release: bool = True) -> None:
+        if release:  # not for a group released before its word-timing pass: its slots may be another's now
+            self.runner.release(group.slots)
         handle = self._handles.pop(group.rid, None)
         if handle is None or handle.future.done():
             return

@@ -4,6 +4,7 @@ plan (how many slots fit), CUDA-graph buckets."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 WINDOW_BUCKETS = (64, 128, 256, 448)
 CPU_SLOTS = 16
+MAX_AUTO_WORD_PROCESSES = 4
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ModelEngine:
     dtype: torch.dtype
     alignment_heads: tuple[tuple[int, int], ...]
     source: str
+    word_processes: int = 0  # worker processes for the host half of word timing (0: a thread in this process)
 
     def close(self) -> None:
         self.engine.stop()
@@ -64,6 +67,15 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
         log.warning("float16 is slow and inexact on CPU; using float32")
         return torch.float32
     return dtype
+
+
+def word_processes(setting: int, device: torch.device) -> int:
+    """`word_timing_processes` → a count: -1 means a quarter of the cores (at most MAX_AUTO_WORD_PROCESSES) on a
+    GPU, and 0 (a thread in this process) on a CPU, where the engine's torch calls release the GIL while they
+    compute."""
+    if setting >= 0:
+        return setting
+    return max(1, min(MAX_AUTO_WORD_PROCESSES, (os.cpu_count() or 4) // 4)) if device.type == "cuda" else 0
 
 
 def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings) -> int:
@@ -138,4 +150,5 @@ def start_engine(
         dtype=dtype,
         alignment_heads=weights.alignment_heads,
         source=weights.source,
+        word_processes=word_processes(settings.word_timing_processes, device),
     )

@@ -10,7 +10,7 @@ asked, prefill the prompts and sample each slot's first token.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import cast
@@ -27,6 +27,22 @@ from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
 
 StepKey = tuple[int, int, bool, bool]  # (size, window, timestamps, sampling)
+
+
+@dataclass
+class AlignPass:
+    """Word-timing passes queued on the device: their results, once the work before `done` has run."""
+
+    done: torch.cuda.Event | None  # None on a CPU: done already
+    builders: list[Callable[[], list[Alignment]]]
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def results(self) -> list[Alignment]:
+        if self.done is not None:
+            self.done.synchronize()
+        return [alignment for build in self.builders for alignment in build()]
 
 
 @dataclass
@@ -295,20 +311,40 @@ class Runner:
         return tokens, chosen, logprobs
 
     # --- word-timing alignment -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def align(self, jobs: Sequence[AlignJob], chunk: int = 8) -> list[Alignment]:
-        """For each finished sequence whose slot still holds its cross-attention keys/values: one
-        teacher-forced pass over alignment prompt + text + end-of-text."""
-        out: list[Alignment] = []
-        for start in range(0, len(jobs), chunk):
-            out.extend(self._align_chunk(jobs[start : start + chunk]))
-        return out
+    def align(self, jobs: Sequence[AlignJob]) -> list[Alignment]:
+        """`align_async`, waited for."""
+        return self.align_async(jobs).results()
 
-    def _align_chunk(self, jobs: Sequence[AlignJob]) -> list[Alignment]:
+    @torch.inference_mode()
+    def align_async(self, jobs: Sequence[AlignJob], max_jobs: int = 16, max_rows: int = 2048) -> AlignPass:
+        """For each finished sequence whose slot still holds its cross-attention keys/values: one
+        teacher-forced pass over alignment prompt + text + end-of-text, queued on the engine's stream with the
+        copies of its results to the host; nothing waits for the device. The slots may be reassigned at once:
+        what is queued after the pass on this stream (an admission's cross keys/values) runs after it."""
+        # Chunks of at most `max_jobs` windows and `max_rows` text tokens: each chunk is ~150 eagerly launched
+        # kernels (~7-10 ms of this thread on an H100) whatever its size, and its text-token logits take
+        # ~10 bytes × vocabulary a token at the peak (~1 GB at 2048 rows of 51,866).
+        chunks: list[list[AlignJob]] = []
+        rows = 0
+        for job in jobs:
+            if not chunks or len(chunks[-1]) >= max_jobs or rows + len(job.text) > max_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(job)
+            rows += len(job.text)
+        builders = [self._align_chunk(chunk) for chunk in chunks]
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return AlignPass(done, builders)
+
+    def _align_chunk(self, jobs: Sequence[AlignJob]) -> Callable[[], list[Alignment]]:
+        """Queue one pass over `jobs`; returns what builds their results from the host copies."""
         eot = self.ids.eot
         sequences = [[*job.prompt, *job.text, eot] for job in jobs]
         width = max(len(seq) for seq in sequences)
-        # one host→device copy (each is a stream sync): the right-padded tokens, each row's slot in a last column
+        # one host→device copy: the right-padded tokens, each row's slot in a last column
         packed = torch.tensor(
             [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
             device=self.device,
@@ -317,47 +353,62 @@ class Runner:
         # each text token's probability, in one logits pass over every job's rows: position j predicts token j+1,
         # so job i's text is predicted from positions len(prompt)-1 onwards
         picked = [(i, len(job.prompt) - 1 + k, token) for i, job in enumerate(jobs) for k, token in enumerate(job.text)]
-        host_probs: list[float] = []
+        probs = torch.zeros(0, device=self.device)
         if picked:
             index = torch.tensor(picked, device=self.device).T  # [3, N]: job, position, token
             logits = self.model.decoder.logits(hidden[index[0], index[1]][:, None])[:, 0, :eot]  # [N, eot]
-            host_probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0].cpu().tolist()
-        matrices = self._cost_matrices(scores, jobs)
-        # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
-        # (a worker thread, not this one, which feeds the GPU)
-        raw = [i for i, job in enumerate(jobs) if job.frames is None]
-        host_scores = dict(zip(raw, scores[raw].half().cpu(), strict=True)) if raw else {}
-        results = []
-        offset = 0
-        for i, job in enumerate(jobs):
-            matrix = matrices.get(i)
-            results.append(
-                Alignment(
-                    scores=host_scores[i][:, : len(sequences[i])] if i in host_scores else None,
-                    text_probs=tuple(host_probs[offset : offset + len(job.text)]),
-                    text_tokens=job.text,
-                    prompt_len=len(job.prompt),
-                    matrix=matrix,
-                )
-            )
-            offset += len(job.text)
-        return results
-
-    def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob]) -> dict[int, Tensor]:
-        """DTW cost matrices [len(text) + 1, frames] of the jobs that gave their frames: made on the device for
-        all of them at once, copied to the host in one piece."""
+            probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0]
         chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
+        stacked = self._cost_matrices(scores, jobs, chosen)
+        # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
+        # (a worker, not this thread, which feeds the GPU)
+        raw = [i for i, job in enumerate(jobs) if job.frames is None]
+        raw_scores = scores[raw].half() if raw else None
+        host_probs, host_matrices, host_raw = _queue_to_host(probs, stacked, raw_scores)
+
+        def build() -> list[Alignment]:
+            probs_list = cast(Tensor, host_probs).tolist()
+            results, offset = [], 0
+            for i, job in enumerate(jobs):
+                matrix = scores_i = None
+                if job.frames is not None:
+                    matrix = cast(Tensor, host_matrices)[chosen.index(i), : len(job.text) + 1, : job.frames]
+                else:
+                    scores_i = cast(Tensor, host_raw)[raw.index(i), :, : len(sequences[i])]
+                results.append(
+                    Alignment(
+                        scores=scores_i,
+                        text_probs=tuple(probs_list[offset : offset + len(job.text)]),
+                        text_tokens=job.text,
+                        prompt_len=len(job.prompt),
+                        matrix=matrix,
+                    )
+                )
+                offset += len(job.text)
+            return results
+
+        return build
+
+    def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob], chosen: list[int]) -> Tensor | None:
+        """DTW cost matrices of the `chosen` jobs (those that gave their frames), made on the device for all of
+        them at once: [len(chosen), max text + 1, max frames], job k's in [k, : len(text) + 1, : frames]."""
         if not chosen:
-            return {}
+            return None
         prompt_len = len(jobs[chosen[0]].prompt)
-        if any(len(jobs[i].prompt) != prompt_len for i in chosen):  # one alignment prompt length per batch
-            return {i: self._cost_matrices(scores[i : i + 1], [jobs[i]])[0] for i in chosen}
         texts = [len(jobs[i].text) for i in chosen]
         frames = [cast(int, jobs[i].frames) for i in chosen]
+        if any(len(jobs[i].prompt) != prompt_len for i in chosen):  # one alignment prompt length per call
+            parts = [
+                cost_matrices(scores[i : i + 1], len(jobs[i].prompt), [texts[k]], [frames[k]])
+                for k, i in enumerate(chosen)
+            ]
+            out = parts[0].new_zeros(len(chosen), max(texts) + 1, max(frames))
+            for k, part in enumerate(parts):
+                out[k, : part.shape[1], : part.shape[2]] = part[0]
+            return out
         contiguous = chosen == list(range(chosen[0], chosen[-1] + 1))  # a slice, not an index copied to the device
         picked = scores[chosen[0] : chosen[-1] + 1] if contiguous else scores[chosen]
-        host = cost_matrices(picked, prompt_len, texts, frames).cpu()
-        return {i: host[k, : texts[k] + 1, : frames[k]] for k, i in enumerate(chosen)}
+        return cost_matrices(picked, prompt_len, texts, frames)
 
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
@@ -408,3 +459,17 @@ class Runner:
         assert isinstance(saved, dict)
         for name, value in saved.items():
             getattr(self.state, name).copy_(value)
+
+
+def _queue_to_host(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Device tensors → copies into pinned host memory, queued on the current stream (valid once the work
+    queued so far has run); on a CPU, the tensors themselves."""
+    out: list[Tensor | None] = []
+    for tensor in tensors:
+        if tensor is None or tensor.device.type != "cuda":
+            out.append(tensor)
+            continue
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        out.append(host)
+    return out
