@@ -94,6 +94,10 @@ class EngineSettings(BaseModel):
     #: at 0.5 ms against 2.4 s at 5 ms in one A/B; server throughput did not move beyond run-to-run noise
     #: (bench/NOTES.md). The benchmark figures in the README were measured with this default.
     gil_switch_ms: float = Field(default=0.5, ge=0.0, le=100.0)
+    #: Worker processes for the host half of word timing in batched long-form (DTW, word split), so it does not
+    #: hold the GIL the engine thread needs. -1: a quarter of the cores (at most 4) on a GPU, 0 on a CPU; 0 means
+    #: one thread in the server's process (see transcription/word_workers.py and bench/NOTES.md).
+    word_timing_processes: int = Field(default=-1, ge=-1, le=64)
 
 
 class ServerSettings(BaseModel):

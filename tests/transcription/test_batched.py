@@ -7,6 +7,7 @@ batched ~35 s, sequential ~55 s; base roughly double), and the comparison is bet
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from halkspeech.engine.factory import ModelEngine
 from halkspeech.engine.request import DecodeRequest, DecodeResult
 from halkspeech.transcription.batched import BatchedTranscription
 from halkspeech.transcription.pipeline import Transcriber
-from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript
+from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript, Word
 
 LONGFORM = DEV_DIR / "longform"
 SHORT = LONGFORM / "ljspeech_LJ001-0001_0008_concat.wav"  # 52 s, reference beside it
@@ -158,6 +159,28 @@ def test_many_files_at_once_all_get_words(tiny_en_engine: ModelEngine, dev_clips
         for segment in transcript.segments:
             assert segment.words
             assert "".join(w.word for w in segment.words).strip() == segment.text.strip()
+
+
+def test_word_timing_in_worker_processes_equals_the_thread(
+    tiny_en_engine: ModelEngine, dev_clips: list[dict[str, Any]]
+) -> None:
+    """What a GPU server does by default (word_workers.py): the host half of word timing in spawned worker
+    processes. The words must be exactly those of the in-process thread."""
+    paths = [c["path"] for c in dev_clips if c["language"] == "en" and c["duration"] < 12][:2]
+    audios = [decode_audio(p) for p in paths]
+    options = TranscribeOptions(language="en", mode="batched", word_timestamps=True)
+
+    def words(processes: int) -> list[tuple[Word, ...]]:
+        model = dataclasses.replace(tiny_en_engine, word_processes=processes)
+
+        async def all_files() -> list[Transcript]:
+            return list(await asyncio.gather(*(Transcriber(model).transcribe(a, options) for a in audios)))
+
+        return [s.words for t in asyncio.run(all_files()) for s in t.segments]
+
+    in_thread, in_processes = words(0), words(2)
+    assert sum(len(w) for w in in_thread) > 20
+    assert in_processes == in_thread
 
 
 def test_forced_tokens_per_second_decodes_exact_lengths(

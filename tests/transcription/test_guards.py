@@ -64,7 +64,7 @@ def test_batched_mode_drops_a_looping_segment(tiny_en_engine: ModelEngine) -> No
     tokens = tuple(t for r in raw for t in r.tokens)
     result = DecodeResult(tokens, -5.0, -0.1, 0.01, 1.0, "eot")  # the last temperature: the loop stayed
     window = WindowResult(result, tok.decode(list(tokens)), 1.5)
-    segments, _ = job._segments(Chunk(0, 0.0, 10.0, 10.0), raw, window, 0.0, 0.0)
+    segments = job._segments(Chunk(0, 0.0, 10.0, 10.0), raw, window, None)
     assert [s.text for s in segments] == [" Hello there.", " Bye."]
     # benchmarks force lengths on random weights: nothing is judged there
     forced = BatchedTranscription(tiny_en_engine, audio, TranscribeOptions(force_tokens_per_second=4.0))

@@ -22,6 +22,7 @@ from halkspeech.api.metrics import Metrics, MetricsMiddleware
 from halkspeech.api.routes import health, metrics, models, openai, simple, ws
 from halkspeech.config import Settings
 from halkspeech.engine.pool import ModelPool
+from halkspeech.transcription.word_workers import word_executor
 
 # Multipart framing around the file (boundaries, part headers, the small form fields) on top of max_upload_mb.
 _FORM_OVERHEAD = 64 * 1024
@@ -43,6 +44,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         pool.start()
         await pool.preload()
+        for loaded in pool.loaded():  # word timing's workers start with the server, not at the first request
+            word_executor(loaded.model.word_processes)
         try:
             yield
         finally:

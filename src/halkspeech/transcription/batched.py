@@ -11,11 +11,9 @@ does). Segments come back in order with absolute times, monotonic and inside the
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,13 +33,14 @@ from halkspeech.model.dims import (
     TIME_PRECISION,
 )
 from halkspeech.model.languages import normalize_language
-from halkspeech.transcription.alignment import time_words
+from halkspeech.transcription.alignment import TimedSpan
 from halkspeech.transcription.chunking import Chunk, make_chunks
 from halkspeech.transcription.guards import is_repetitive
 from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.stitching import Stitcher
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript, Word
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
+from halkspeech.transcription.word_workers import WindowWords, run_window_words, word_executor
 
 MEL_BATCH = 32  # chunks per log-mel call: bounds the STFT's memory (~150 MB of complex64 per 32 chunks)
 RETRY_S = 0.02  # wait before resubmitting a chunk the full engine queue refused
@@ -100,6 +99,8 @@ class BatchedTranscription:
 
     async def run(self) -> Transcript:
         started = time.perf_counter()
+        if self.options.word_timestamps:  # its workers start now, while VAD and the decoding run
+            word_executor(self.model.word_processes)
         self.chunks = chunks = await self._chunks()
         mels = await self._features(chunks)
         if chunks and self.language is None:
@@ -181,14 +182,8 @@ class BatchedTranscription:
             raw, resume = self._split(window, start, chunk.end, final=forced or round_ == MAX_ROUNDS - 1)
             if resume is not None and not self._has_speech(resume, chunk.end):
                 raw, resume = self._split(window, start, chunk.end, final=True)
-            if self.options.word_timestamps:  # DTW etc. off the event loop, in the one word-timing thread
-                loop = asyncio.get_running_loop()
-                fresh, words_ms = await loop.run_in_executor(
-                    word_timing_pool(), self._segments, chunk, raw, window, start, last_speech
-                )
-            else:
-                fresh, words_ms = self._segments(chunk, raw, window, start, last_speech)
-            self.stages.words += words_ms
+            timed = await self._time_words(chunk, raw, window, start, last_speech)
+            fresh = self._segments(chunk, raw, window, timed)
             segments.extend(fresh)
             last_speech = fresh[-1].end if fresh else last_speech
             if resume is None:
@@ -261,29 +256,34 @@ class BatchedTranscription:
             return set()
         return {i for i, r in enumerate(raw) if is_repetitive(self.tokenizer.decode(list(r.tokens)))}
 
-    def _segments(
+    async def _time_words(
         self, chunk: Chunk, raw: list[RawSegment], window: WindowResult, start: float, last_speech: float
-    ) -> tuple[list[Segment], float]:
-        """Raw segments of one window (starting at `start`) → Segments with words, clamped into the chunk;
-        and the milliseconds word timing took."""
-        looping = self._looping(raw)
-        timed, words_ms = None, 0.0
+    ) -> list[TimedSpan] | None:
+        """The raw segments' times and words (None: no word timing asked or possible), by the word-timing
+        workers (word_workers.py): off the event loop, and on a GPU out of the engine's process."""
         alignment = window.result.alignment
-        if self.options.word_timestamps and alignment is not None and raw:
-            began = time.perf_counter()
-            eot = self.tokenizer.eot
-            spans = [(r.start, r.end, sum(t < eot for t in r.tokens)) for r in raw]
-            frames = self._frames(start, chunk.end)
-            timed, _ = time_words(
-                alignment,
-                self.tokenizer,
-                self.language,
-                spans,
-                num_frames=frames,
-                time_offset=start,
-                last_speech=last_speech,
-            )
-            words_ms = (time.perf_counter() - began) * 1000
+        if not (self.options.word_timestamps and alignment is not None and raw):
+            return None
+        eot = self.tokenizer.eot
+        job = WindowWords.of(
+            alignment,
+            self.tokenizer,
+            self.language,
+            [(r.start, r.end, sum(t < eot for t in r.tokens)) for r in raw],
+            num_frames=self._frames(start, chunk.end),
+            time_offset=start,
+            last_speech=last_speech,
+        )
+        executor = word_executor(self.model.word_processes)
+        timed, words_ms = await asyncio.get_running_loop().run_in_executor(executor, run_window_words, job)
+        self.stages.words += words_ms
+        return timed
+
+    def _segments(
+        self, chunk: Chunk, raw: list[RawSegment], window: WindowResult, timed: list[TimedSpan] | None
+    ) -> list[Segment]:
+        """Raw segments of one window → Segments (with words when `timed`), clamped into the chunk."""
+        looping = self._looping(raw)
         out = []
         for i, piece in enumerate(raw):
             text = self.tokenizer.decode([t for t in piece.tokens if t < self.tokenizer.eot])
@@ -291,7 +291,7 @@ class BatchedTranscription:
                 continue  # a repetition loop that survived every temperature is dropped
             times = (timed[i].start, timed[i].end) if timed else (piece.start, piece.end)
             out.append(self._segment(chunk, piece, window, text, times, timed[i].words if timed else None))
-        return out, words_ms
+        return out
 
     def _segment(
         self,
@@ -349,15 +349,6 @@ class BatchedTranscription:
             ),
             tokens=tuple(tokens),
         )
-
-
-@functools.cache
-def word_timing_pool() -> ThreadPoolExecutor:
-    """One thread for the host half of word timing (DTW, word split), shared by every file: the work is mostly
-    Python holding the GIL, so more threads add contention with the engine thread, not throughput. (On an H100
-    the words cost was the same with asyncio's pool of many threads, 49-64% against 54%: that cost is the
-    engine's alignment passes, bench/NOTES.md.)"""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="halkspeech-words")
 
 
 def _sample(seconds: float) -> int:
