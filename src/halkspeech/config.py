@@ -96,7 +96,8 @@ class EngineSettings(BaseModel):
     gil_switch_ms: float = Field(default=0.5, ge=0.0, le=100.0)
     #: Worker processes for the host half of word timing in batched long-form (DTW, word split), so it does not
     #: hold the GIL the engine thread needs. -1: a quarter of the cores (at most 4) on a GPU, 0 on a CPU; 0 means
-    #: one thread in the server's process (see transcription/word_workers.py and bench/NOTES.md).
+    #: one thread in the server's process. On an H100 (8 concurrent 5-minute files) the words cost ~25% with one
+    #: thread and ~10% with 4 workers in the same runs (transcription/word_workers.py, bench/NOTES.md).
     word_timing_processes: int = Field(default=-1, ge=-1, le=64)
 
 
