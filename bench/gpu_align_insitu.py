@@ -72,7 +72,7 @@ def timed(name: str, fn: Callable[..., Any], device: torch.device, profile_call:
     return wrapper
 
 
-def _no_words(job: WindowWords) -> tuple[list[TimedSpan], float]:
+async def _no_words(job: WindowWords, processes: int) -> tuple[list[TimedSpan], float]:
     return [TimedSpan(start, end, ()) for start, end, _ in job.spans], 0.0
 
 
@@ -99,12 +99,12 @@ def main() -> None:
         words = run_concurrent(model, files, _options(cfg, True))
         model.word_processes = 0
         words_thread = run_concurrent(model, files, _options(cfg, True))
-        real = batched.run_window_words
-        batched.run_window_words = _no_words  # type: ignore[assignment]
+        real = batched.time_window_words
+        batched.time_window_words = _no_words  # type: ignore[assignment]
         try:
             engine_only = run_concurrent(model, files, _options(cfg, True))
         finally:
-            batched.run_window_words = real  # type: ignore[assignment]
+            batched.time_window_words = real  # type: ignore[assignment]
             model.word_processes = processes
         runs = {
             "no words": plain,

@@ -284,7 +284,7 @@ class Engine:
         self._collect_aligned(wait=step is None and not admissions)
 
     def _align(self, wanted: list[Group]) -> None:
-        """Queue the word-timing pass of finished requests that asked for it (each pass is ~100 eagerly launched
+        """Queue the word-timing pass of finished requests that asked for it (each pass is ~150 eagerly launched
         kernels however many windows it aligns, hence batches). Their slots are free at once: work queued
         after the pass runs after it. They complete when its results reach the host (`_collect_aligned`)."""
         eot = self.scheduler.eot

@@ -40,7 +40,7 @@ from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.stitching import Stitcher
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript, Word
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
-from halkspeech.transcription.word_workers import WindowWords, run_window_words, word_executor
+from halkspeech.transcription.word_workers import WindowWords, time_window_words, word_executor
 
 MEL_BATCH = 32  # chunks per log-mel call: bounds the STFT's memory (~150 MB of complex64 per 32 chunks)
 RETRY_S = 0.02  # wait before resubmitting a chunk the full engine queue refused
@@ -274,8 +274,7 @@ class BatchedTranscription:
             time_offset=start,
             last_speech=last_speech,
         )
-        executor = word_executor(self.model.word_processes)
-        timed, words_ms = await asyncio.get_running_loop().run_in_executor(executor, run_window_words, job)
+        timed, words_ms = await time_window_words(job, self.model.word_processes)
         self.stages.words += words_ms
         return timed
 

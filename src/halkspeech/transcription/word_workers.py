@@ -2,23 +2,26 @@
 
 That half is ~2 ms of mostly-Python work a window. In the engine's process it holds the GIL the engine thread
 needs for every torch call: on an H100 (bench/gpu_align_insitu.py, 8 concurrent 5-minute files) word timestamps
-cost 19.6% of throughput with it in one thread there, and nothing measurable with it made a no-op. So on a GPU
-it runs in worker processes (spawned: a CUDA process must not fork), which also spread it over cores when many
-requests ask for words; on a CPU, where the engine's own torch calls release the GIL for their whole compute,
-one thread in this process does it and no start-up is paid.
+cost 25-29% of throughput with it in one thread there, and 10-11% with it in four worker processes, in the same
+runs (bench/NOTES.md). So on a GPU it runs in worker processes (spawned: a CUDA process must not fork), which also
+spread it over cores when many requests ask for words; on a CPU, where the engine's own torch calls release the
+GIL for their whole compute, one thread in this process does it and no start-up is paid.
 
 A window travels as plain data: the cost matrix as a NumPy array (a torch tensor would go through shared
-memory, and a view would carry its whole batch), the tokens, and a tokenizer without its cached tables (each
-worker builds its own once).
+memory, and a view would carry its whole batch), the tokens, and the vocabulary's name (each worker builds the
+tokenizer's tables once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,6 +30,8 @@ import torch
 from halkspeech.engine.request import Alignment
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.transcription.alignment import TimedSpan, time_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,13 +109,37 @@ def _warm(multilingual: bool, num_languages: int) -> None:
     _tokenizer(multilingual, num_languages).encoding  # noqa: B018 (builds the tables once per worker)
 
 
-@functools.cache
-def word_executor(processes: int) -> Executor:
-    """The process-wide executor for `processes` workers (0: one thread in this process), made on first use.
-    The workers start at once and load the common vocabularies, so the first window does not wait for that."""
-    if processes <= 0:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="halkspeech-words")
-    pool = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
-    for _ in range(processes):
-        pool.submit(_warm, True, 100)
-    return pool
+_EXECUTORS: dict[int, Executor] = {}
+_EXECUTORS_LOCK = threading.Lock()
+
+
+def word_executor(processes: int, *, broken: Executor | None = None) -> Executor:
+    """The process-wide executor for `processes` workers (0: one thread in this process), made on first use, and
+    made anew when it is `broken` (the windows that saw it break ask at once; one new pool replaces it).
+    The workers start at once and load the common vocabulary, so the first window does not wait for that."""
+    with _EXECUTORS_LOCK:
+        current = _EXECUTORS.get(processes)
+        if current is not None and current is not broken:
+            return current
+        if current is not None:
+            current.shutdown(wait=False, cancel_futures=True)
+        if processes <= 0:
+            current = ThreadPoolExecutor(max_workers=1, thread_name_prefix="halkspeech-words")
+        else:
+            current = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(processes):
+                current.submit(_warm, True, 100)
+        _EXECUTORS[processes] = current
+        return current
+
+
+async def time_window_words(job: WindowWords, processes: int) -> tuple[list[TimedSpan], float]:
+    """`run_window_words` in the executor for `processes`, off the event loop. A worker that died (killed, out
+    of memory) breaks its whole pool: the window is retried once on a new one, so the server keeps serving."""
+    loop = asyncio.get_running_loop()
+    executor = word_executor(processes)
+    try:
+        return await loop.run_in_executor(executor, run_window_words, job)
+    except BrokenExecutor:
+        log.warning("a word-timing worker died; starting new workers")
+        return await loop.run_in_executor(word_executor(processes, broken=executor), run_window_words, job)
