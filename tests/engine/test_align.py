@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from whisper.timing import median_filter as reference_median_filter
 
-from halkspeech.engine.align import _median7, cost_matrices, cost_matrix
+from halkspeech.engine.align import _median7, cost_matrices
 from halkspeech.engine.batch import Admission, AlignJob
 from halkspeech.engine.request import Alignment, DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import Runner
@@ -17,6 +17,11 @@ from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import LoadedWeights
 from halkspeech.model.whisper import Whisper
 from halkspeech.transcription.alignment import alignment_matrix
+
+
+def cost_matrix(scores: torch.Tensor, prompt_len: int, text_len: int, frames: int) -> torch.Tensor:
+    """One window: scores [heads, ≥ prompt_len + text_len + 1, ≥ frames] → [text_len + 1, frames]."""
+    return cost_matrices(scores[None], prompt_len, [text_len], [frames])[0, : text_len + 1, :frames]
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 4), (6, 40, 1500)])

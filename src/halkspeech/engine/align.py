@@ -73,9 +73,3 @@ def cost_matrices(scores: Tensor, prompt_len: int, text_lens: Sequence[int], fra
     padded = x.gather(-1, source[:, None, None, :].expand(*x.shape[:-1], width + 2 * half))
     filtered = torch.where((n_frames <= half)[:, None, None, :], x, _median7(padded, width))  # too short: as is
     return filtered.mean(dim=1)
-
-
-def cost_matrix(scores: Tensor, prompt_len: int, text_len: int, frames: int) -> Tensor:
-    """One window: scores [heads, ≥ prompt_len + text_len + 1, ≥ frames] → [text_len + 1, frames] float32,
-    the rows predicting text[0] … text[-1] and end-of-text, to be negated for DTW."""
-    return cost_matrices(scores[None], prompt_len, [text_len], [frames])[0, : text_len + 1, :frames]

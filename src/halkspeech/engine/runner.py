@@ -106,11 +106,6 @@ class Runner:
         # (torch.compile of the step was measured and dropped: inductor functionalises the in-place cache
         # writes and copies the whole cache each step, 56 ms a step for large-v3 on an H200.)
 
-    def synchronize(self) -> None:
-        """Wait for the work queued on the engine's stream (no-op on a CPU)."""
-        if self.stream is not None:
-            self.stream.synchronize()
-
     @property
     def slots(self) -> int:
         return self.cache.slots
