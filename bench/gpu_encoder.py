@@ -10,6 +10,7 @@ the large-v3 encoder (turbo's is the same) with random log-mel input:
 and profiles one eager pass by kernel category.
 
     PYTHONPATH=src python bench/gpu_encoder.py OUT_DIR [--batch 64]
+    PYTHONPATH=src python bench/gpu_encoder.py OUT_DIR --scan 8,12,16,32,64   # eager only: ms a window by batch
 """
 
 from __future__ import annotations
@@ -117,16 +118,37 @@ def profile(fn: Callable[[], object]) -> dict[str, Any]:
     }
 
 
+def scan(model: Whisper, batches: list[int], out: Path, device: torch.device) -> None:
+    """The eager encoder's device time per window at each batch size (the engine's runs while decoding are
+    small: is a window dearer in a run of 12 than in one of 64?)."""
+    rows = []
+    with torch.inference_mode():
+        for batch in batches:
+            mel = torch.randn(batch, model.dims.n_mels, 3000, device=device, dtype=torch.float16)
+            ms = cuda_ms(lambda mel=mel: model.encoder(mel), repeats=7, warmup=2)
+            rows.append({"batch": batch, "ms": round(ms, 2), "ms_per_window": round(ms / batch, 3)})
+    table = print_table(
+        rows,
+        [("batch", "batch"), ("ms", "ms"), ("ms_per_window", "ms/window")],
+        title=f"Encoder (large-v3 / turbo shapes), fp16, eager, on {device_info(device).get('gpu')}",
+    )
+    (out / "encoder_scan.json").write_text(json.dumps({"device": device_info(device), "rows": rows, "table": table}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--scan", help="comma-separated batches: time the eager encoder at each, nothing else")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     weights = random_weights("large-v3", dtype=torch.float16, device=device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device=device)
     del model.decoder
+    if args.scan:
+        scan(model, [int(b) for b in args.scan.split(",")], args.out, device)
+        return
     mel = torch.randn(args.batch, weights.dims.n_mels, 3000, device=device, dtype=torch.float16)
     results: dict[str, Any] = {"device": device_info(device), "batch": args.batch}
     rows = []

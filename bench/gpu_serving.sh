@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # The serving benchmarks on a GPU machine, each bounded in time (a hang costs one step, not the call).
+#   bench/gpu_serving.sh syncs-and-server OUT_DIR   the engine's host waits; encoder ms a window by run size; the
+#                                                   server with encoder runs of 16 at once, and of 32 (≤ 250 ms wait)
+#   bench/gpu_serving.sh encoder-graphs OUT_DIR     the runner's CUDA tests; the server with encoder graphs, without,
+#                                                   and with again
+#   bench/gpu_serving.sh cuda-tests OUT_DIR         the tests that need a GPU, without pytest's model downloads
+#   bench/gpu_serving.sh pipelined OUT_DIR          the CUDA tests; the server twice; continuous against static
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
 #   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
 #   bench/gpu_serving.sh ws OUT_DIR                 WebSocket turns (1 and 200 users) with file requests alongside
@@ -10,7 +16,44 @@ set -uo pipefail
 out=${2:?OUT_DIR}
 mkdir -p "$out"
 py=python3
+server_bench() {  # OUT_JSON: the HTTP server at 256 clients against the engine's batch-256 figure
+  timeout 220 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
+    --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
+    --json "$1" 2>&1 | tail -7
+}
 case "${1:?what}" in
+cuda-tests)  # the tests that need a GPU (pytest's session fixtures fetch models: no network here)
+  timeout 120 $py -c "
+import traceback, tests.engine.test_runner_cuda as r, tests.engine.test_transfer as t
+for m in (r, t):
+    for name in dir(m):
+        if name.startswith('test_') and 'cpu' not in name:
+            try:
+                getattr(m, name)(); print('passed', name)
+            except Exception as exc:
+                traceback.print_exc(limit=1); print('FAILED', name, exc)
+" 2>&1 | tail -12
+  ;;
+pipelined)  # the CUDA tests; the server twice; continuous against static batching
+  bash "$0" cuda-tests "$out"
+  server_bench "$out/server.json"
+  server_bench "$out/server_2.json"
+  timeout 200 $py -m halkspeech bench mixed --json "$out/mixed.json" 2>&1 | tail -12
+  ;;
+encoder-graphs)  # the CUDA tests, then the server with encoder graphs, without, and with again (A/B/A)
+  bash "$0" cuda-tests "$out"
+  server_bench "$out/server_graphs.json"
+  HALKSPEECH_ENGINE__ENCODER_GRAPHS=false server_bench "$out/server_eager.json"
+  server_bench "$out/server_graphs_2.json"
+  ;;
+syncs-and-server)  # the engine's host waits (CUDA test), encoder cost by run size, server with two encoder policies
+  timeout 120 $py -m pytest -q -p no:cacheprovider tests/engine/test_transfer.py 2>&1 | tail -4
+  timeout 120 $py bench/gpu_encoder.py "$out" --scan 8,12,16,24,32,64 2>&1 | tail -10
+  server_bench "$out/server.json"
+  HALKSPEECH_ENGINE__DECODING_ENCODER_BATCH=32 HALKSPEECH_ENGINE__DECODING_ENCODER_WAIT_MS=250 \
+    server_bench "$out/server_encoder32.json"
+  timeout 200 $py -m halkspeech bench mixed --json "$out/mixed.json" 2>&1 | tail -12
+  ;;
 mixed-and-server)
   timeout 240 $py -c "
 from halkspeech.bench.mixed import MixedConfig, run_mixed_bench

@@ -73,12 +73,20 @@ class EngineSettings(BaseModel):
     #: Fraction of free GPU memory the engine may plan for caches.
     gpu_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
     cuda_graphs: bool = True
+    #: Encoder runs of up to decoding_encoder_batch windows replay a captured graph (one per run size, ~50 MB of
+    #: output buffer each at turbo's size), not ~550 kernel launches: in a server the engine thread shares the
+    #: GIL with the request threads, and eager launches fell behind the GPU.
+    encoder_graphs: bool = True
     #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.
     warmup_graphs: bool = True
     #: Pending decode requests (not yet in a slot) before new work is refused.
     max_queue: int = 1024
     #: Milliseconds the engine waits to gather a fuller encoder batch when it is idle.
     batch_window_ms: float = 0.0
+    #: While sequences decode: windows per encoder run at most (the encoder runs between decode steps, which wait
+    #: for it), and how long a run waits for that many (0: it takes what waits at once).
+    decoding_encoder_batch: int = Field(default=16, ge=1)
+    decoding_encoder_wait_ms: float = Field(default=0.0, ge=0.0)
     #: While decoding, new windows are encoded once this many wait, or the oldest waited admit_wait_ms.
     admit_batch: int = 8
     admit_wait_ms: float = 15.0

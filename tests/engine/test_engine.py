@@ -145,7 +145,7 @@ def fail_first_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, 
 def test_a_failed_step_fails_its_requests_not_the_engine(
     small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail_first_call(monkeypatch, small_engine.engine.runner, "step", "simulated device fault")
+    fail_first_call(monkeypatch, small_engine.engine.runner, "launch_step", "simulated device fault")
     first = small_engine.engine.submit(make_request(small_engine, windows[0]))
     with pytest.raises(RuntimeError, match="simulated device fault"):
         first.result(timeout=60)

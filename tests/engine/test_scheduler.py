@@ -87,6 +87,34 @@ def test_max_new_tokens_and_forced_length() -> None:
     assert step(s, default=EOT) == [1]
 
 
+def test_a_step_planned_ahead_gives_nothing_to_a_sequence_that_ended_or_to_its_slot_s_next_owner() -> None:
+    # The engine plans step N+1 before it records step N (the device runs one while the host records the other).
+    s = scheduler(slots=2)
+    groups = [s.add(request(max_new=10)) for _ in range(3)]
+    admit_all(s)  # groups 0 and 1 in slots 0 and 1, first token 5 each
+    first = s.schedule_decode()
+    second = s.schedule_decode()
+    assert first is not None and second is not None
+    assert second.active == (0, 1) and (first.window, second.window) == (3, 4)  # prompt of 2: positions 2, 3
+    assert [g.rid for g in s.record_step(first, StepOutput((EOT, 7), (-0.5, -0.5)))] == [0]
+    assert admit_all(s) == [2]  # group 2 takes slot 0 while `second` (which computed group 0 there) runs
+    assert s.record_step(second, StepOutput((9, 8), (-0.5, -0.5))) == []
+    assert [g.seqs[0].tokens for g in groups] == [[5, EOT], [5, 7, 8], [5]]
+    third = s.schedule_decode()
+    assert third is not None and third.window == 5  # group 1's third token is read at position 4
+    assert all(seq.pending == 1 for g in groups[1:] for seq in g.seqs)
+
+
+def test_no_step_is_planned_past_a_sequence_s_last_token() -> None:
+    s = scheduler(slots=1)
+    group = s.add(request(max_new=2))
+    admit_all(s)  # its first token; one more to go
+    first = s.schedule_decode()
+    assert first is not None and s.schedule_decode() is None  # the planned step gives it its last token
+    assert [g.rid for g in s.record_step(first, StepOutput((7,), (-0.5,)))] == [group.rid]
+    assert group.seqs[0].tokens == [5, 7] and group.finish == "length"
+
+
 def test_priority_requests_jump_the_queue() -> None:
     s = scheduler(slots=1)
     for _ in range(3):
@@ -236,6 +264,15 @@ def test_file_encoding_waits_briefly_while_live_turns_decode() -> None:
     assert not s.file_work_held(hold_s=0.0)  # never longer than the hold
     s.add(request(priority=-1))
     assert not s.file_work_held(hold_s=60.0)  # live windows are never held
+
+
+def test_waited_says_whether_the_next_window_waited_long_enough() -> None:
+    s = scheduler(slots=4)
+    assert not s.waited(0.0)  # nothing waits
+    s.add(request())
+    assert s.waited(0.0) and not s.waited(60.0)
+    s.add(request(priority=-1))
+    assert s.waited(60.0)  # a live window never waits for company
 
 
 def test_encoder_runs_stay_whole_while_decoding() -> None:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from halkspeech.engine.transfer import to_device
+
 MEDFILT_WIDTH = 7
 
 # Devillard's median-of-7 network ("Fast median search", 1998): 13 compare-exchanges leave the median in p[3].
@@ -53,7 +55,7 @@ def cost_matrices(scores: Tensor, prompt_len: int, text_lens: Sequence[int], fra
     max(frames)] float32, window b's cost matrix in [:text_lens[b] + 1, :frames[b]] (the rest is padding)."""
     device = scores.device
     rows, width = prompt_len + max(text_lens) + 1, max(frames)
-    sizes = torch.tensor([[prompt_len + k + 1, f] for k, f in zip(text_lens, frames, strict=True)], device=device)
+    sizes = to_device([[prompt_len + k + 1, f] for k, f in zip(text_lens, frames, strict=True)], torch.long, device)
     n_rows, n_frames = sizes[:, 0, None], sizes[:, 1, None]  # [B, 1] each
     column = torch.arange(width, device=device)
     # softmax over each window's own frames (zero beyond them)

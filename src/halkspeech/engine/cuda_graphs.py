@@ -1,9 +1,11 @@
-"""CUDA graphs of the decode step, one per shape key, captured on first use.
+"""CUDA graphs of the decode step and of small encoder runs, one per shape key, captured ahead of use.
 
 At batch 1 a Whisper decode step is a few hundred small kernels; launched one by one from Python the launch
 overhead, not the GPU, sets the pace (DESIGN.md: HF pays 0.19 s for one 30 s window on an H200). A graph
 replays them with one launch. Shapes are static per key (batch bucket, window bucket, variant) because every
 input already lives in persistent buffers (the slot state and the KV cache), so a replay needs no copies.
+An encoder run is ~550 kernels: in a server, each launch from the engine thread gives up the GIL and must win
+it back from the request threads, so eager runs are launched slower than the GPU runs them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class GraphCache(Generic[Out]):
         return outputs
 
     def _capture(self, key: Hashable) -> tuple[torch.cuda.CUDAGraph, Out]:
-        log.debug("capturing decode step graph %s", key)
+        log.debug("capturing graph %s", key)
         saved = self.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -7,7 +7,8 @@ of their own: inline on the decode stream by default, on a side stream with engi
     groups = scheduler.schedule_encode(chunk); runner.encode_async(...)      # up to two runs in flight
     scheduler.mark_encoded(groups of finished jobs)
     admissions = scheduler.schedule_admission(); runner.admit(...); scheduler.record_admission(...)
-    step = scheduler.schedule_decode(); output = runner.step(step); scheduler.record_step(step, output)
+    step = scheduler.schedule_decode(); launched = runner.launch_step(step)
+    scheduler.record_step(previous step, its results)                     # read while `step` runs
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from halkspeech.engine.batch import AlignJob
+from halkspeech.engine.batch import AlignJob, DecodeStep
 from halkspeech.engine.request import DecodeRequest, DecodeResult
-from halkspeech.engine.runner import AlignPass, EncodeJob, Runner
+from halkspeech.engine.runner import AlignPass, EncodeJob, LaunchedStep, Runner
 from halkspeech.engine.scheduler import Group, Scheduler
 from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError, Overloaded
 
 log = logging.getLogger(__name__)
 
 TokenListener = Callable[[list[int]], None]
-ENCODE_CHUNK = 16  # windows per encoder run: per-window cost is flat from 8 up (H200: 4.7 ms at 16, 4.6 at 64)
 ENCODE_JOBS = 2  # one running and one queued behind it, so the encoder stream never idles
 LIVE_HOLD_S = 0.1  # file windows wait at most this long for live turns to finish decoding
 ALIGN_BATCH = 16  # finished windows whose word-timing passes run together (at most the runner's chunk)
@@ -111,10 +111,21 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: Runner, scheduler: Scheduler, *, batch_window_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler: Scheduler,
+        *,
+        batch_window_ms: float = 0.0,
+        decoding_encoder_batch: int = 16,
+        decoding_encoder_wait_ms: float = 0.0,
+    ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.batch_window_s = batch_window_ms / 1000
+        # encoder runs while sequences decode (EngineSettings.decoding_encoder_*)
+        self.decoding_encoder_batch = decoding_encoder_batch
+        self.decoding_encoder_wait_s = decoding_encoder_wait_ms / 1000
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[tuple[str, DecodeHandle]] = queue.SimpleQueue()
         self._handles: dict[int, DecodeHandle] = {}
@@ -122,6 +133,7 @@ class Engine:
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
         self._to_align: list[Group] = []  # finished, waiting for a batched word-timing pass (slots held)
         self._aligning: deque[tuple[AlignPass, list[Group]]] = deque()  # passes queued on the device
+        self._in_flight: tuple[DecodeStep, LaunchedStep] | None = None  # a step launched, its tokens not yet read
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -196,7 +208,7 @@ class Engine:
     @property
     def _has_work(self) -> bool:
         """Requests in the scheduler, or finished ones waiting for their word-timing pass or its results."""
-        return self.scheduler.has_work or bool(self._to_align) or bool(self._aligning)
+        return self.scheduler.has_work or bool(self._to_align) or bool(self._aligning) or self._in_flight is not None
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -248,20 +260,31 @@ class Engine:
                         self.stats.encode_s += job.encode_ms / 1000
                 self.stats.admit_s += time.perf_counter() - began
             step = self.scheduler.schedule_decode()
-            if step is None and not admissions and self._jobs:
+            if step is None and not admissions and self._jobs and self._in_flight is None:
                 self._jobs[0][0].wait()  # nothing to decode until the encoder delivers: sleep on it
+            launched = None
             if step is not None:
                 began = time.perf_counter()
-                output = self.runner.step(step)
+                launched = (step, self.runner.launch_step(step))
                 self.stats.step_s += time.perf_counter() - began
                 self.stats.steps += 1
                 self.stats.tokens += len(step.active)
                 self.stats.decode_batches[len(step.active)] += 1
-                finished.extend(self.scheduler.record_step(step, output))
+            # One step ahead: the previous step's tokens are read while the device runs this one, so the host's
+            # bookkeeping does not leave the GPU idle between steps. Beam search reorders its slots from each
+            # step's results before the next, so a step with beams is read at once.
+            previous, self._in_flight = self._in_flight, launched
+            if previous is not None:
+                finished.extend(self._record(*previous))
+            if launched is not None and step is not None and step.top_slots:
+                self._in_flight = None
+                finished.extend(self._record(*launched))
             self._report_tokens(self.scheduler.running_groups() + finished)
         except Exception as exc:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing the running requests")
             finished, step = [], None
+            self._in_flight = None
+            self.scheduler.discard_plans()
             for group in self.scheduler.running_groups():
                 self._fail(self.scheduler.abort(group), exc)
         for group in finished:
@@ -282,6 +305,13 @@ class Engine:
             pending, self._to_align = self._to_align[:ALIGN_BATCH], self._to_align[ALIGN_BATCH:]
             self._align(pending)
         self._collect_aligned(wait=step is None and not admissions)
+
+    def _record(self, step: DecodeStep, launched: LaunchedStep) -> list[Group]:
+        """Wait for a launched step's tokens and record them; returns the groups that finished."""
+        began = time.perf_counter()
+        output = launched.result()
+        self.stats.step_s += time.perf_counter() - began
+        return self.scheduler.record_step(step, output)
 
     def _align(self, wanted: list[Group]) -> None:
         """Queue the word-timing pass of finished requests that asked for it (each pass is ~150 eagerly launched
@@ -326,11 +356,15 @@ class Engine:
     def _launch_encodes(self) -> None:
         if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):
             return
-        # Idle: encode all that waits in one run. Decoding: runs of ENCODE_CHUNK (larger runs were measured
-        # to starve the decoder: server throughput 0.80 → 0.70 of the engine's), so a live turn never waits
-        # behind a long encoder run.
-        chunk = ENCODE_CHUNK if self.scheduler.decoding else self.scheduler.max_encoder_batch
-        groups = self.scheduler.schedule_encode(min(chunk, self.scheduler.max_encoder_batch))
+        # Idle: encode all that waits in one run. Decoding: runs of decoding_encoder_batch (16: runs sized by the
+        # backlog were measured to starve the decoder, server throughput 0.80 → 0.70 of the engine's on an
+        # H200), so a live turn never waits behind a long encoder run.
+        chunk = self.scheduler.max_encoder_batch
+        if self.scheduler.decoding:
+            chunk = min(chunk, self.decoding_encoder_batch)
+            if self.scheduler.waiting < chunk and not self.scheduler.waited(self.decoding_encoder_wait_s):
+                return
+        groups = self.scheduler.schedule_encode(chunk)
         if not groups:
             return
         try:

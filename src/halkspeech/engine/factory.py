@@ -87,6 +87,11 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     itemsize = torch.empty((), dtype=dtype).element_size()
     # encoder: the MLP's [E, 1500, 4D] activations, several alive at once; decode: ~8 [B, V] float32 temps
     encoder_reserve = settings.max_encoder_batch * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
+    if settings.encoder_graphs and settings.cuda_graphs:
+        # the encoder graphs' own pool (activations as above, for their largest run) and one output per run size
+        g = min(settings.decoding_encoder_batch, settings.max_encoder_batch)
+        encoder_reserve += g * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
+        encoder_reserve += g * (g + 1) // 2 * dims.n_audio_ctx * dims.n_audio_state * itemsize
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
     per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
@@ -119,6 +124,9 @@ def start_engine(
         cuda_graphs=graphs,
         alignment_heads=weights.alignment_heads,
         encode_ahead=settings.encode_ahead,
+        encoder_graph_batch=min(settings.decoding_encoder_batch, settings.max_encoder_batch)
+        if settings.encoder_graphs
+        else 0,
     )
     scheduler = Scheduler(
         slots,
@@ -140,7 +148,13 @@ def start_engine(
         count = runner.warm_up(scheduler.batch_buckets, WINDOW_BUCKETS)
         log.info("captured %d decode-step graphs in %.1f s", count, time.perf_counter() - started)
     log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
-    engine = Engine(runner, scheduler, batch_window_ms=settings.batch_window_ms).start()
+    engine = Engine(
+        runner,
+        scheduler,
+        batch_window_ms=settings.batch_window_ms,
+        decoding_encoder_batch=settings.decoding_encoder_batch,
+        decoding_encoder_wait_ms=settings.decoding_encoder_wait_ms,
+    ).start()
     return ModelEngine(
         name=weights.name,
         dims=weights.dims,

@@ -5,6 +5,8 @@ stream so the encoder overlaps decode steps (`encode_ahead`; measured slower, se
 `admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
 asked, prefill the prompts and sample each slot's first token.
 `step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
+Each waits for the device once, to read its results: inputs go up through pinned memory (engine/transfer.py),
+so the host prepares the next launches while the device still runs the work queued before (an encoder run).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep
 from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
+from halkspeech.engine.transfer import HostCopies, queue_to_host, to_device
 from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
 
@@ -72,6 +75,21 @@ class EncodeJob:
         return float(self.begin.elapsed_time(self.done))
 
 
+@dataclass
+class LaunchedStep:
+    """A decode step queued on the device; `result()` waits for it (once) and reads its tokens."""
+
+    copies: HostCopies  # tokens [size], chosen log-probabilities [size], then top-k indices and values
+    top_slots: tuple[int, ...]
+
+    def result(self) -> StepOutput:
+        host = [t.tolist() for t in self.copies.wait()]
+        top = {}
+        if self.top_slots:
+            top = {s: (tuple(t), tuple(lp)) for s, t, lp in zip(self.top_slots, host[2], host[3], strict=True)}
+        return StepOutput(tuple(host[0]), tuple(host[1]), top)
+
+
 class Runner:
     def __init__(
         self,
@@ -83,6 +101,7 @@ class Runner:
         cuda_graphs: bool = True,
         alignment_heads: tuple[tuple[int, int], ...] = (),
         encode_ahead: bool = False,
+        encoder_graph_batch: int = 0,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
@@ -99,6 +118,15 @@ class Runner:
         self.graphs: GraphCache[tuple[Tensor, Tensor, Tensor]] | None = (
             GraphCache(self._graph_body, self._snapshot, self._restore) if use_graphs else None
         )
+        # encoder runs of up to encoder_graph_batch windows replay a graph per size, reading a static input
+        self.encoder_graph_batch = encoder_graph_batch if use_graphs else 0
+        self._mel_in: Tensor | None = None
+        self.encoder_graphs: GraphCache[Tensor] | None = None
+        if self.encoder_graph_batch:
+            frames = 2 * model.dims.n_audio_ctx  # 3000 log-mel frames a window (the first conv has stride 1)
+            shape = (self.encoder_graph_batch, model.dims.n_mels, frames)
+            self._mel_in = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.encoder_graphs = GraphCache(self._encoder_body, _no_snapshot, _no_restore)
         cuda = self.device.type == "cuda"
         # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
         self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -140,9 +168,20 @@ class Runner:
         return EncodeJob(audio, begin, done)
 
     def encode(self, features: Tensor) -> Tensor:
-        """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D], in encoder batches."""
+        """Log-mel windows [N, n_mels, 3000] → audio features [N, 1500, D]: a captured graph when N ≤
+        encoder_graph_batch (one launch instead of ~550), else eagerly in encoder batches."""
+        n = features.shape[0]
+        if self.encoder_graphs is not None and n <= self.encoder_graph_batch:
+            assert self._mel_in is not None
+            self._mel_in[:n].copy_(features, non_blocking=True)
+            # the graph's output is overwritten by its next replay; runs in flight each keep their own
+            return self.encoder_graphs.run(n).clone()
         features = features.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return torch.cat([self.model.encoder(chunk) for chunk in features.split(self.max_encoder_batch)])
+
+    def _encoder_body(self, key: Hashable) -> Tensor:
+        assert self._mel_in is not None
+        return cast(Tensor, self.model.encoder(self._mel_in[: cast(int, key)]))
 
     # --- admission -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -153,7 +192,7 @@ class Runner:
             for job in {id(job): job for job, _ in rows}.values():
                 job.audio.record_stream(self.stream)  # made on the encoder stream, read on this one
         audio = torch.stack([job.audio[row] for job, row in rows])  # [n, 1500, D]
-        first = torch.tensor([a.slots[0] for a in admissions], device=self.device)
+        first = to_device([a.slots[0] for a in admissions], torch.long, self.device)
         self.model.decoder.fill_cross(audio, self.cache, first)
         for a in admissions:
             for slot in a.slots[1:]:  # beams and samples share their window's keys/values
@@ -172,7 +211,7 @@ class Runner:
         if not rows or not self.ids.language_tokens:
             return prompts, languages
         sot = torch.full((len(rows), 1), self.ids.sot, device=self.device)
-        hidden = self.model.decoder.prefill(sot, self.cache, first[rows])
+        hidden = self.model.decoder.prefill(sot, self.cache, first[to_device(rows, torch.long, self.device)])
         logits = self.model.decoder.logits(hidden)[:, 0].index_select(1, self._language_columns)
         probs = logits.softmax(dim=-1).cpu()
         for row, p in zip(rows, probs, strict=True):
@@ -188,20 +227,25 @@ class Runner:
         prompts: list[list[int]],
         languages: list[dict[str, float] | None],
     ) -> list[AdmitResult]:
-        row_slots = [slot for a in admissions for slot in a.slots]
+        n = len(admissions)
+        row_slots = [slot for a in admissions for slot in a.slots]  # R rows: every admission's slots
         row_of = [i for i, a in enumerate(admissions) for _ in a.slots]
-        lengths = torch.tensor([len(prompts[i]) for i in row_of], device=self.device)
         width = max(len(p) for p in prompts)
-        padded = [prompts[i] + [self.ids.eot] * (width - len(prompts[i])) for i in row_of]
-        tokens = torch.tensor(padded, device=self.device)  # [R, P]
-        slots = torch.tensor(row_slots, device=self.device)
+        padded = [tok for i in row_of for tok in prompts[i] + [self.ids.eot] * (width - len(prompts[i]))]
+        heads = [row_of.index(i) for i in range(n)]  # each admission's first row
+        # one host→device copy for every index: slots [R], prompt lengths [R], head rows [n], <|sot|> index [n],
+        # right-padded prompts [R, P]
+        r = len(row_slots)
+        lengths_l = [len(prompts[i]) for i in row_of]
+        sot_l = [a.request.sot_index for a in admissions]
+        packed = to_device([*row_slots, *lengths_l, *heads, *sot_l, *padded], torch.long, self.device)
+        slots, lengths, head_rows, sot_index, flat = packed.split([r, r, n, n, r * width])
+        tokens = flat.view(r, width)
         hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
-        rows = torch.arange(len(row_slots), device=self.device)
+        rows = torch.arange(r, device=self.device)
         logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
-        heads = [row_of.index(i) for i in range(len(admissions))]
-        sot_index = torch.tensor([admissions[i].request.sot_index for i in range(len(admissions))], device=self.device)
-        at_sot = self.model.decoder.logits(hidden[heads, sot_index][:, None])[:, 0]
-        no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech].tolist()
+        at_sot = self.model.decoder.logits(hidden[head_rows, sot_index][:, None])[:, 0]
+        no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech]
 
         self._reset_slots(slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1])
         view = self.state.rows(slots)
@@ -215,11 +259,9 @@ class Runner:
             top_lp, top_t = logprobs.topk(top_k, dim=-1)  # (values, indices)
         else:
             top_t, top_lp = sampled[:, None], chosen[:, None]
-        sampled_l, chosen_l, top_tl, top_lpl = (
-            sampled.tolist(),
-            chosen.tolist(),
-            top_t.tolist(),
-            top_lp.tolist(),
+        # the admission's one wait for the device
+        sampled_l, chosen_l, top_tl, top_lpl, no_speech_l = (
+            t.tolist() for t in HostCopies.queue(sampled, chosen, top_t, top_lp, no_speech).wait()
         )
 
         results, start = [], 0
@@ -232,7 +274,7 @@ class Runner:
                     tokens=tuple(sampled_l[r] for r in span),
                     logprobs=tuple(chosen_l[r] for r in span),
                     top=top,
-                    no_speech_prob=no_speech[i],
+                    no_speech_prob=no_speech_l[i],
                     language_probs=languages[i],
                     prompt=tuple(prompts[i]),
                 )
@@ -244,22 +286,33 @@ class Runner:
         s, device = self.state, self.device
         s.tokens[slots] = last_tokens
         s.positions[slots] = lengths - 1
-        s.prev[slots] = -1
-        s.n_gen[slots] = 0
-        s.last_ts[slots] = -1
-        s.temperature[slots] = torch.tensor([o.temperature for o in options], device=device)
-        s.ts_rules[slots] = torch.tensor([o.timestamps for o in options], device=device)
-        s.blank[slots] = torch.tensor([o.suppress_blank for o in options], device=device)
-        s.no_eot[slots] = torch.tensor([o.force_length for o in options], device=device)
-        last_allowed = [
-            self.ids.timestamp_begin + o.max_initial_timestamp_index
-            if o.max_initial_timestamp_index is not None
-            else self.ids.vocab - 1
-            for o in options
-        ]
-        s.max_initial[slots] = torch.tensor(last_allowed, device=device)
+        # index_fill_ takes its value as a kernel argument (an assigned Python number may go up as a tensor)
+        s.prev.index_fill_(0, slots, -1)
+        s.n_gen.index_fill_(0, slots, 0)
+        s.last_ts.index_fill_(0, slots, -1)
+        # the per-row options in two host→device copies (integers and flags; temperatures)
+        flags = to_device(
+            [
+                (
+                    o.timestamps,
+                    o.suppress_blank,
+                    o.force_length,
+                    self.ids.timestamp_begin + o.max_initial_timestamp_index
+                    if o.max_initial_timestamp_index is not None
+                    else self.ids.vocab - 1,
+                )
+                for o in options
+            ],
+            torch.long,
+            device,
+        )
+        s.temperature[slots] = to_device([o.temperature for o in options], torch.float32, device)
+        s.ts_rules[slots] = flags[:, 0].bool()
+        s.blank[slots] = flags[:, 1].bool()
+        s.no_eot[slots] = flags[:, 2].bool()
+        s.max_initial[slots] = flags[:, 3]
         s.suppress[slots] = torch.stack([self._suppress_row(o.suppress_tokens) for o in options])
-        s.active[slots] = True
+        s.active.index_fill_(0, slots, True)
 
     def _suppress_row(self, tokens: tuple[int, ...]) -> Tensor:
         row = self._suppress_rows.get(tokens)
@@ -274,23 +327,27 @@ class Runner:
             getattr(self.state, f.name)[slots] = getattr(view, f.name)
 
     # --- decoding --------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, step: DecodeStep) -> StepOutput:
         """Run one decode step over slots 0..step.size-1; returns each slot's new token."""
+        return self.launch_step(step).result()
+
+    @torch.inference_mode()
+    def launch_step(self, step: DecodeStep) -> LaunchedStep:
+        """Queue one decode step and the copies of its results to the host; nothing waits for the device, so
+        the engine can plan and queue the next step before reading this one's tokens."""
         self._apply_moves(step.moves)
         self._apply_updates(step.updates)
         key: StepKey = (step.size, step.window, step.timestamps, step.sampling)
         if self.graphs is not None:
-            tokens, chosen, logprobs = self.graphs.run(key)
-        else:
+            tokens, chosen, logprobs = self.graphs.run(key)  # the graph's buffers: the next replay overwrites them
+        else:  # executed already: copied, in case they share memory with the state the next step advances
             tokens, chosen, logprobs = self._graph_body(key)
-        top: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
-        if step.top_slots:
-            rows = torch.tensor(step.top_slots, device=self.device)
-            values, indices = logprobs.index_select(0, rows).topk(step.top_k, dim=-1)
-            for slot, t, lp in zip(step.top_slots, indices.tolist(), values.tolist(), strict=True):
-                top[slot] = (tuple(t), tuple(lp))
-        return StepOutput(tuple(tokens.tolist()), tuple(chosen.tolist()), top)
+            tokens, chosen = tokens.clone(), chosen.clone()
+        if not step.top_slots:
+            return LaunchedStep(HostCopies.queue(tokens, chosen), ())
+        rows = to_device(step.top_slots, torch.long, self.device)
+        values, indices = logprobs.index_select(0, rows).topk(step.top_k, dim=-1)
+        return LaunchedStep(HostCopies.queue(tokens, chosen, indices, values), step.top_slots)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         size, window, timestamps, sampling = cast(StepKey, key)
@@ -340,9 +397,10 @@ class Runner:
         sequences = [[*job.prompt, *job.text, eot] for job in jobs]
         width = max(len(seq) for seq in sequences)
         # one host→device copy: the right-padded tokens, each row's slot in a last column
-        packed = torch.tensor(
+        packed = to_device(
             [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
-            device=self.device,
+            torch.long,
+            self.device,
         )
         hidden, scores = self.model.decoder.align(packed[:, :width], self.cache, packed[:, width], self.alignment_heads)
         # each text token's probability, in one logits pass over every job's rows: position j predicts token j+1,
@@ -350,7 +408,7 @@ class Runner:
         picked = [(i, len(job.prompt) - 1 + k, token) for i, job in enumerate(jobs) for k, token in enumerate(job.text)]
         probs = torch.zeros(0, device=self.device)
         if picked:
-            index = torch.tensor(picked, device=self.device).T  # [3, N]: job, position, token
+            index = to_device(picked, torch.long, self.device).T  # [3, N]: job, position, token
             logits = self.model.decoder.logits(hidden[index[0], index[1]][:, None])[:, 0, :eot]  # [N, eot]
             probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0]
         chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
@@ -359,7 +417,7 @@ class Runner:
         # (a worker, not this thread, which feeds the GPU)
         raw = [i for i, job in enumerate(jobs) if job.frames is None]
         raw_scores = scores[raw].half() if raw else None
-        host_probs, host_matrices, host_raw = _queue_to_host(probs, stacked, raw_scores)
+        host_probs, host_matrices, host_raw = queue_to_host(probs, stacked, raw_scores)
 
         def build() -> list[Alignment]:
             probs_list = cast(Tensor, host_probs).tolist()
@@ -408,19 +466,23 @@ class Runner:
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
         """Capture the decode-step graphs of every (batch bucket, window bucket), with and without timestamp
-        rules, before serving: a capture on the serving path stalls every running sequence."""
+        rules, and the encoder's graphs, before serving: a capture on the serving path stalls every running
+        sequence. Returns how many graphs there are."""
         if self.graphs is None:
             return 0
         for size in sizes:
             for window in windows:
                 for timestamps in (False, True):
                     self.graphs.capture((size, window, timestamps, False))
-        return len(self.graphs)
+        if self.encoder_graphs is not None:
+            for n in range(1, self.encoder_graph_batch + 1):
+                self.encoder_graphs.capture(n)
+        return len(self.graphs) + len(self.encoder_graphs or ())
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""
         if slots:
-            self.state.active[torch.tensor(list(slots), device=self.device)] = False
+            self.state.active.index_fill_(0, to_device(list(slots), torch.long, self.device), False)
 
     def _apply_moves(self, moves: Sequence[SlotMove]) -> None:
         for move in moves:
@@ -434,17 +496,17 @@ class Runner:
         """Beam reordering: each surviving beam takes its source's self-attention cache and new state."""
         if not updates:
             return
-        dst = torch.tensor([u.slot for u in updates], device=self.device)
-        src = torch.tensor([u.source for u in updates], device=self.device)
+        fields_ = [(u.slot, u.source, u.token, u.prev, u.n_gen, u.last_ts, u.position) for u in updates]
+        dst, src, token, prev, n_gen, last_ts, position = to_device(fields_, torch.long, self.device).T  # one copy
         length = max(u.position for u in updates)
         kv = self.cache.self_kv[:, src, :length]  # advanced indexing copies, so sources can be overwritten
         self.cache.self_kv[:, dst, :length] = kv
         s = self.state
-        s.tokens[dst] = torch.tensor([u.token for u in updates], device=self.device)
-        s.prev[dst] = torch.tensor([u.prev for u in updates], device=self.device)
-        s.n_gen[dst] = torch.tensor([u.n_gen for u in updates], device=self.device)
-        s.last_ts[dst] = torch.tensor([u.last_ts for u in updates], device=self.device)
-        s.positions[dst] = torch.tensor([u.position for u in updates], device=self.device)
+        s.tokens[dst] = token
+        s.prev[dst] = prev
+        s.n_gen[dst] = n_gen
+        s.last_ts[dst] = last_ts
+        s.positions[dst] = position
 
     # --- graph support ---------------------------------------------------------------------------------
     def _snapshot(self) -> object:
@@ -456,15 +518,9 @@ class Runner:
             getattr(self.state, name).copy_(value)
 
 
-def _queue_to_host(*tensors: Tensor | None) -> list[Tensor | None]:
-    """Device tensors → copies into pinned host memory, queued on the current stream (valid once the work
-    queued so far has run); on a CPU, the tensors themselves."""
-    out: list[Tensor | None] = []
-    for tensor in tensors:
-        if tensor is None or tensor.device.type != "cuda":
-            out.append(tensor)
-            continue
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        out.append(host)
-    return out
+def _no_snapshot() -> None:
+    """An encoder graph's warm-up run changes no state, so a capture has nothing to save or put back."""
+
+
+def _no_restore(saved: object) -> None:
+    """See _no_snapshot."""

@@ -5,6 +5,12 @@ before slots are free) → ready (encoded, waiting for slots). It enters the dec
 slots are free (lowest slot numbers first, so the active range stays dense) and leaves the moment it
 finishes. A decode step covers slots 0..size-1, where size is the smallest batch bucket holding every
 active slot; when the active slots are scattered, the highest are moved down so idle slots are not computed.
+
+The engine plans a step before the previous one's tokens are recorded (one step ahead: the device runs step
+N+1 while the host records step N). A sequence's `pending` counts its steps planned and not yet recorded:
+its next position counts them, and each step's plan remembers which sequence was in which slot, so a
+sequence that ended meanwhile (end-of-text in step N, still computed in N+1) or a slot reassigned since
+takes nothing from a later step's output.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import bisect
 import heapq
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
@@ -27,6 +34,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
     done: bool = False
+    pending: int = 0  # steps planned for it whose tokens are not recorded yet
 
 
 @dataclass
@@ -113,6 +121,8 @@ class Scheduler:
         self._live_running = 0  # priority (live) groups in _running: read every iteration, so counted
         self._ids = itertools.count()
         self._pending_updates: list[SlotUpdate] = []
+        # planned steps not yet recorded, oldest first: (step, its (group, sequence, slot) rows)
+        self._planned: deque[tuple[DecodeStep, tuple[tuple[Group, Sequence, int], ...]]] = deque()
 
     # --- queue -----------------------------------------------------------------------------------------
     def add(self, request: DecodeRequest) -> Group:
@@ -188,6 +198,13 @@ class Scheduler:
     def waiting(self) -> int:
         """Windows not yet encoded."""
         return len(self._waiting)
+
+    def waited(self, seconds: float) -> bool:
+        """The next window to encode is live (priority) work or has waited `seconds` (none waits: False)."""
+        if not self._waiting:
+            return False
+        priority, _, group = self._waiting[0]
+        return priority < 0 or time.perf_counter() - group.submitted >= seconds
 
     def is_encoding(self, group: Group) -> bool:
         return group.rid in self._encoding
@@ -312,17 +329,21 @@ class Scheduler:
         bench/engine_host.py)."""
         moves = self._compact()
         slots: list[int] = []
+        rows: list[tuple[Group, Sequence, int]] = []
         top_slots: list[int] = []
         last_position, top_k = 0, 0
         timestamps = sampling = False
         for group in self._running.values():
             before = len(slots)
+            max_new, last_input = group.max_new, group.prompt_len - 1
             for seq in group.seqs:
-                if not seq.done:
+                have = len(seq.tokens) + seq.pending  # recorded and planned
+                if not seq.done and have < max_new:  # not already given its last token by a planned step
+                    seq.pending += 1
                     slots.append(seq.slot)
-                    position = group.prompt_len + len(seq.tokens) - 1
-                    if position > last_position:
-                        last_position = position
+                    rows.append((group, seq, seq.slot))
+                    if last_input + have > last_position:  # the position this step reads the sequence at
+                        last_position = last_input + have
             if len(slots) == before:
                 continue
             options = group.request.options
@@ -335,7 +356,7 @@ class Scheduler:
             return None
         slots.sort()
         updates, self._pending_updates = tuple(self._pending_updates), []
-        return DecodeStep(
+        step = DecodeStep(
             size=self._bucket(max(slots[-1] + 1, self._batch_rows), self.batch_buckets),
             window=self._bucket(last_position + 1, self.window_buckets),
             active=tuple(slots),
@@ -346,26 +367,41 @@ class Scheduler:
             updates=updates,
             moves=moves,
         )
+        self._planned.append((step, tuple(rows)))
+        return step
 
     def record_step(self, step: DecodeStep, output: StepOutput) -> list[Group]:
-        """Append each active slot's token; returns the groups that finished."""
-        finished: list[Group] = []
+        """Append each planned sequence's token (steps are recorded in the order they were planned); returns
+        the groups that finished."""
+        planned, rows = self._planned.popleft()
+        assert planned is step, "steps are recorded in the order they were planned"
         tokens, logprobs = output.tokens, output.logprobs
-        for group in list(self._running.values()):
-            if group.beam is not None:
-                if not group.done:
-                    self._beam_step(group, [output.top[s.slot] for s in group.seqs])
-                if group.done:
-                    finished.append(self._finish(group))
-                continue
-            live = False
-            for seq in group.seqs:
-                if not seq.done:
-                    self._append(group, seq, tokens[seq.slot], logprobs[seq.slot])
-                    live = live or not seq.done
-            if not live:
+        live: dict[int, tuple[Group, bool]] = {}  # rid → (group, some sequence of it still decodes)
+        for group, seq, slot in rows:
+            seq.pending -= 1
+            if group.finish is not None or seq.done:
+                continue  # ended by an earlier step, or cancelled, since this step was planned
+            if group.beam is None:
+                self._append(group, seq, tokens[slot], logprobs[slot])
+                before = live.get(group.rid)
+                live[group.rid] = (group, (before is not None and before[1]) or not seq.done)
+            else:
+                live[group.rid] = (group, True)
+        finished: list[Group] = []
+        for group, decoding in live.values():
+            if group.beam is not None:  # never planned ahead: its slots are as planned
+                self._beam_step(group, [output.top[s.slot] for s in group.seqs])
+                decoding = not group.done
+            if not decoding:
                 finished.append(self._finish(group))
         return finished
+
+    def discard_plans(self) -> None:
+        """Forget planned steps that will not be recorded (a step failed)."""
+        for _, rows in self._planned:
+            for _, seq, _ in rows:
+                seq.pending -= 1
+        self._planned.clear()
 
     # --- internals -------------------------------------------------------------------------------------
     def _append(self, group: Group, seq: Sequence, token: int, logprob: float) -> None:
@@ -478,7 +514,7 @@ class Scheduler:
             if lowest > seq.slot or self._bucket(seq.slot + 1, self.batch_buckets) <= occupied:
                 break
             heapq.heappop(self._free)
-            moves.append(SlotMove(seq.slot, lowest, group.prompt_len + len(seq.tokens) - 1))
+            moves.append(SlotMove(seq.slot, lowest, group.prompt_len + len(seq.tokens) + seq.pending - 1))
             group.slots[group.slots.index(seq.slot)] = lowest
             heapq.heappush(self._free, seq.slot)
             seq.slot = lowest

@@ -1,0 +1,89 @@
+"""The runner on a GPU (skipped without one): encoder graphs give the eager encoder's output, and an admission
+and a decode step wait for the device once each, to read their results."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from halkspeech.engine.batch import Admission, DecodeStep
+from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.engine.runner import Runner
+from halkspeech.engine.sampling import TokenIds
+from halkspeech.engine.transfer import to_device
+from halkspeech.model.tokenizer import Tokenizer
+from halkspeech.model.weights import random_weights
+from halkspeech.model.whisper import Whisper
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def tiny_runner(encoder_graph_batch: int = 0) -> tuple[Runner, Tokenizer]:
+    """Random tiny.en weights in float16 (what is tested does not depend on the values), 8 slots."""
+    weights = random_weights("tiny.en", device="cuda")
+    model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device="cuda")
+    tokenizer = Tokenizer.for_model(weights.dims)
+    ids = TokenIds.from_tokenizer(tokenizer, weights.dims.n_vocab)
+    return Runner(model, ids, slots=8, encoder_graph_batch=encoder_graph_batch), tokenizer
+
+
+def syncs(call: Callable[[], object]) -> int:
+    """How many times `call()` synchronised the host with the device (PyTorch's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_host_values_go_up_without_waiting_for_the_device() -> None:
+    device = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=device)
+    for _ in range(20):
+        busy = busy @ busy / 64  # work queued ahead of the copy
+    assert syncs(lambda: to_device([[1, 2], [3, 4]], torch.long, device)) == 0
+    flags, index = torch.zeros(4, dtype=torch.bool, device=device), torch.ones(2, dtype=torch.long, device=device)
+    assert syncs(lambda: flags.index_fill_(0, index, True)) == 0
+
+
+def test_encoder_graphs_give_the_eager_encoder_output() -> None:
+    runner, _ = tiny_runner(encoder_graph_batch=4)
+    assert runner.warm_up([1], [32]) == 2 + 4  # two step graphs (with and without timestamps), four encoder runs
+    mel = torch.randn(6, 80, 3000, device="cuda")
+    with runner.stream_context(), torch.inference_mode():
+        for n in (1, 3, 4):
+            graphed = runner.encode(mel[:n])
+            eager = runner.model.encoder(mel[:n].half())
+            torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-3)
+        first = runner.encode(mel[:2])
+        second = runner.encode(mel[2:4])  # a second replay of the same graph must not overwrite the first run
+        torch.testing.assert_close(first, runner.model.encoder(mel[:2].half()), rtol=1e-3, atol=1e-3)
+        assert not torch.equal(first, second)
+        assert runner.encode(mel).shape == (6, 1500, 384)  # beyond the graphs: eager
+
+
+def test_an_admission_and_a_step_wait_for_the_device_once() -> None:
+    # Before engine/transfer.py an admission of two windows synchronised 16 times, each time idling the GPU
+    # while the engine thread prepared the next launches.
+    runner, tokenizer = tiny_runner()
+    prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=True)
+    options = SamplingOptions(suppress_tokens=tokenizer.suppress_tokens())
+    mel = torch.randn(2, 80, 3000, device="cuda")
+
+    def admit(first_slot: int) -> None:
+        job = runner.encode_async(list(mel))
+        request = DecodeRequest(mel[0], prompt, sot, options)
+        runner.admit([Admission(first_slot + i, request, (first_slot + i,), 0) for i in range(2)], [(job, 0), (job, 1)])
+
+    step = DecodeStep(size=4, window=32, active=(0, 1, 2, 3), timestamps=True, sampling=False)
+    with runner.stream_context():
+        admit(0)
+        runner.step(step)  # captures the step's graph (a capture synchronises), outside the count
+        counts = (syncs(lambda: admit(2)), syncs(lambda: runner.step(step)), syncs(lambda: runner.release([0, 1])))
+        assert counts[0] <= 1 and counts[1] <= 1 and counts[2] == 0, f"(admit, step, release) synchronised {counts}"
