@@ -86,7 +86,7 @@ class EngineStats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens decode steps gave to sequences (not rows computed for ones that had ended)
     encoder_batches: Counter[int] = field(default_factory=Counter)  # windows per encoder call → count
     decode_batches: Counter[int] = field(default_factory=Counter)  # active sequences per step → count
     busy_s: float = 0.0
@@ -268,7 +268,6 @@ class Engine:
                 launched = (step, self.runner.launch_step(step))
                 self.stats.step_s += time.perf_counter() - began
                 self.stats.steps += 1
-                self.stats.tokens += len(step.active)
                 self.stats.decode_batches[len(step.active)] += 1
             # One step ahead: the previous step's tokens are read while the device runs this one, so the host's
             # bookkeeping does not leave the GPU idle between steps. Beam search reorders its slots from each
@@ -311,7 +310,10 @@ class Engine:
         began = time.perf_counter()
         output = launched.result()
         self.stats.step_s += time.perf_counter() - began
-        return self.scheduler.record_step(step, output)
+        tokens = self.scheduler.tokens_recorded
+        finished = self.scheduler.record_step(step, output)
+        self.stats.tokens += self.scheduler.tokens_recorded - tokens
+        return finished
 
     def _align(self, wanted: list[Group]) -> None:
         """Queue the word-timing pass of finished requests that asked for it (each pass is ~150 eagerly launched

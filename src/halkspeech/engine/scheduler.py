@@ -121,6 +121,8 @@ class Scheduler:
         self._live_running = 0  # priority (live) groups in _running: read every iteration, so counted
         self._ids = itertools.count()
         self._pending_updates: list[SlotUpdate] = []
+        #: Tokens decode steps gave to sequences (a row computed for a sequence that ended meanwhile is not one).
+        self.tokens_recorded = 0
         # planned steps not yet recorded, oldest first: (step, its (group, sequence, slot) rows)
         self._planned: deque[tuple[DecodeStep, tuple[tuple[Group, Sequence, int], ...]]] = deque()
 
@@ -381,6 +383,7 @@ class Scheduler:
             seq.pending -= 1
             if group.finish is not None or seq.done:
                 continue  # ended by an earlier step, or cancelled, since this step was planned
+            self.tokens_recorded += 1
             if group.beam is None:
                 self._append(group, seq, tokens[slot], logprobs[slot])
                 before = live.get(group.rid)
