@@ -416,7 +416,7 @@ class Runner:
         # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
         # (a worker, not this thread, which feeds the GPU)
         raw = [i for i, job in enumerate(jobs) if job.frames is None]
-        raw_scores = scores[raw].half() if raw else None
+        raw_scores = scores[to_device(raw, torch.long, self.device)].half() if raw else None
         host_probs, host_matrices, host_raw = queue_to_host(probs, stacked, raw_scores)
 
         def build() -> list[Alignment]:
@@ -459,8 +459,10 @@ class Runner:
             for k, part in enumerate(parts):
                 out[k, : part.shape[1], : part.shape[2]] = part[0]
             return out
-        contiguous = chosen == list(range(chosen[0], chosen[-1] + 1))  # a slice, not an index copied to the device
-        picked = scores[chosen[0] : chosen[-1] + 1] if contiguous else scores[chosen]
+        if chosen == list(range(chosen[0], chosen[-1] + 1)):
+            picked = scores[chosen[0] : chosen[-1] + 1]  # a slice: no index to copy up
+        else:
+            picked = scores[to_device(chosen, torch.long, self.device)]
         return cost_matrices(picked, prompt_len, texts, frames)
 
     @torch.inference_mode()
