@@ -105,6 +105,23 @@ def test_a_step_planned_ahead_gives_nothing_to_a_sequence_that_ended_or_to_its_s
     assert all(seq.pending == 1 for g in groups[1:] for seq in g.seqs)
 
 
+def test_a_sequence_moved_while_a_step_is_in_flight_is_read_where_each_step_computed_it() -> None:
+    s = scheduler(slots=16, batch_buckets=(1, 2, 4, 8, 16))
+    groups = [s.add(request(max_new=50)) for _ in range(9)]
+    admit_all(s)  # slots 0..8, first token 5
+    first, second = s.schedule_decode(), s.schedule_decode()
+    assert first is not None and second is not None
+    ended = {slot: EOT for slot in range(8)}
+    assert len(s.record_step(first, StepOutput(tuple(ended.get(i, 7) for i in range(16)), (-0.5,) * 16))) == 8
+    third = s.schedule_decode()  # `second` still runs: the last sequence moves down with its pending token
+    assert third is not None and third.size == 1
+    # its KV cache up to the position `second` wrote (prompt 2 + tokens [5, 7] + 1 pending - 1) moves with it
+    assert [(m.source, m.dest, m.position) for m in third.moves] == [(8, 0, 4)]
+    s.record_step(second, StepOutput(tuple(8 if i == 8 else 0 for i in range(16)), (-0.5,) * 16))
+    s.record_step(third, StepOutput((9,), (-0.5,)))
+    assert groups[8].seqs[0].tokens == [5, 7, 8, 9] and groups[8].seqs[0].slot == 0
+
+
 def test_no_step_is_planned_past_a_sequence_s_last_token() -> None:
     s = scheduler(slots=1)
     group = s.add(request(max_new=2))
