@@ -146,7 +146,7 @@ def start_engine(
     if graphs and settings.warmup_graphs and scheduler.batch_buckets:
         started = time.perf_counter()
         count = runner.warm_up(scheduler.batch_buckets, WINDOW_BUCKETS)
-        log.info("captured %d decode-step graphs in %.1f s", count, time.perf_counter() - started)
+        log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
     log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
     engine = Engine(
         runner,
