@@ -122,6 +122,21 @@ def test_a_sequence_moved_while_a_step_is_in_flight_is_read_where_each_step_comp
     assert groups[8].seqs[0].tokens == [5, 7, 8, 9] and groups[8].seqs[0].slot == 0
 
 
+def test_lockstep_while_a_group_samples_or_searches_beams() -> None:
+    s = scheduler(slots=8)
+    s.add(request(max_new=3))
+    sampled = DecodeRequest(FEATURES, (50257, 50362), 0, SamplingOptions(max_new_tokens=3, temperature=0.5))
+    s.add(sampled)
+    admit_all(s)
+    assert s.lockstep  # a step planned ahead would draw random numbers for rows that had ended
+    while s.running:
+        step(s)
+    assert not s.lockstep
+    s.add(request(max_new=3, beam=2))
+    admit_all(s)
+    assert s.lockstep
+
+
 def test_no_step_is_planned_past_a_sequence_s_last_token() -> None:
     s = scheduler(slots=1)
     group = s.add(request(max_new=2))

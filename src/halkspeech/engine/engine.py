@@ -259,6 +259,9 @@ class Engine:
                         job.counted = True
                         self.stats.encode_s += job.encode_ms / 1000
                 self.stats.admit_s += time.perf_counter() - began
+            if self._in_flight is not None and self.scheduler.lockstep:  # no step planned ahead (see lockstep)
+                finished.extend(self._record(*self._in_flight))
+                self._in_flight = None
             step = self.scheduler.schedule_decode()
             if step is None and not admissions and self._jobs and self._in_flight is None:
                 self._jobs[0][0].wait()  # nothing to decode until the encoder delivers: sleep on it
@@ -270,12 +273,11 @@ class Engine:
                 self.stats.steps += 1
                 self.stats.decode_batches[len(step.active)] += 1
             # One step ahead: the previous step's tokens are read while the device runs this one, so the host's
-            # bookkeeping does not leave the GPU idle between steps. Beam search reorders its slots from each
-            # step's results before the next, so a step with beams is read at once.
+            # bookkeeping does not leave the GPU idle between steps. Not while beams or samples run (lockstep).
             previous, self._in_flight = self._in_flight, launched
             if previous is not None:
                 finished.extend(self._record(*previous))
-            if launched is not None and step is not None and step.top_slots:
+            if launched is not None and self.scheduler.lockstep:
                 self._in_flight = None
                 finished.extend(self._record(*launched))
             self._report_tokens(self.scheduler.running_groups() + finished)

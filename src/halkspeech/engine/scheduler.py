@@ -119,6 +119,7 @@ class Scheduler:
         self._ready_since: float | None = None  # when some ready window first could have entered
         self._running: dict[int, Group] = {}
         self._live_running = 0  # priority (live) groups in _running: read every iteration, so counted
+        self._lockstep_running = 0  # groups in _running that sample or search beams (see `lockstep`)
         self._ids = itertools.count()
         self._pending_updates: list[SlotUpdate] = []
         #: Tokens decode steps gave to sequences (a row computed for a sequence that ended meanwhile is not one).
@@ -183,6 +184,14 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._encoding or self._ready or self._running)
+
+    @property
+    def lockstep(self) -> bool:
+        """Some running group samples (temperature > 0) or searches beams: each step must be recorded before the
+        next is planned. Beams reorder their slots from each step's results; sampling draws from one random
+        stream, and a step planned ahead would draw for sequences that had ended, so every later sample (and a
+        temperature fallback's outcome) would differ from decoding one step at a time."""
+        return self._lockstep_running > 0
 
     @property
     def live_decoding(self) -> bool:
@@ -275,6 +284,7 @@ class Scheduler:
             group.admitted = time.perf_counter()
             self._running[group.rid] = group
             self._live_running += priority < 0
+            self._lockstep_running += _lockstep(group)
             options = group.request.options
             top_k = options.beam_size + 1 if options.beam_size > 1 else 0
             admissions.append(Admission(group.rid, group.request, tuple(group.slots), top_k))
@@ -442,6 +452,7 @@ class Scheduler:
     def _finish(self, group: Group) -> Group:
         if self._running.pop(group.rid, None) is not None:
             self._live_running -= group.request.priority < 0
+            self._lockstep_running -= _lockstep(group)
         if group.finish is None:
             group.finish = self._reason(group)
         group.finished_at = time.perf_counter()
@@ -529,3 +540,8 @@ class Scheduler:
             return value
         i = bisect.bisect_left(buckets, value)
         return buckets[min(i, len(buckets) - 1)]
+
+
+def _lockstep(group: Group) -> bool:
+    options = group.request.options
+    return options.temperature > 0 or options.beam_size > 1
