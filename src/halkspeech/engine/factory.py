@@ -78,6 +78,13 @@ def word_processes(setting: int, device: torch.device) -> int:
     return max(1, min(MAX_AUTO_WORD_PROCESSES, (os.cpu_count() or 4) // 4)) if device.type == "cuda" else 0
 
 
+def encoder_graph_batch(settings: EngineSettings) -> int:
+    """Encoder runs of up to this many windows replay a captured graph (0: none; the runner also needs a GPU)."""
+    if not (settings.encoder_graphs and settings.cuda_graphs):
+        return 0
+    return min(settings.decoding_encoder_batch, settings.max_encoder_batch)
+
+
 def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings) -> int:
     """Decoder slots that fit in `gpu_memory_fraction` of free GPU memory, after the weights (already
     loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries."""
@@ -87,11 +94,10 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     itemsize = torch.empty((), dtype=dtype).element_size()
     # encoder: the MLP's [E, 1500, 4D] activations, several alive at once; decode: ~8 [B, V] float32 temps
     encoder_reserve = settings.max_encoder_batch * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
-    if settings.encoder_graphs and settings.cuda_graphs:
-        # the encoder graphs' own pool (activations as above, for their largest run) and one output per run size
-        g = min(settings.decoding_encoder_batch, settings.max_encoder_batch)
-        encoder_reserve += g * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
-        encoder_reserve += g * (g + 1) // 2 * dims.n_audio_ctx * dims.n_audio_state * itemsize
+    # the encoder graphs' own pool (activations as above, for their largest run) and one output per run size
+    g = encoder_graph_batch(settings)
+    encoder_reserve += g * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
+    encoder_reserve += g * (g + 1) // 2 * dims.n_audio_ctx * dims.n_audio_state * itemsize
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
     per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
@@ -124,9 +130,7 @@ def start_engine(
         cuda_graphs=graphs,
         alignment_heads=weights.alignment_heads,
         encode_ahead=settings.encode_ahead,
-        encoder_graph_batch=min(settings.decoding_encoder_batch, settings.max_encoder_batch)
-        if settings.encoder_graphs
-        else 0,
+        encoder_graph_batch=encoder_graph_batch(settings),
     )
     scheduler = Scheduler(
         slots,
