@@ -4,6 +4,9 @@
 #                                                   server with encoder runs of 16 at once, and of 32 (≤ 250 ms wait)
 #   bench/gpu_serving.sh encoder-graphs OUT_DIR     the runner's CUDA tests; the server with encoder graphs, without,
 #                                                   and with again
+#   bench/gpu_serving.sh timeline OUT_DIR           the server with its GPU timeline recorded after the timed run;
+#                                                   then encoder runs held ≤ 50 / 100 ms for company, and as is
+#   bench/gpu_serving.sh ab OUT_DIR OLD_SRC         the server on this tree and on OLD_SRC (an older src/), A/B/A/B
 #   bench/gpu_serving.sh cuda-tests OUT_DIR         the tests that need a GPU, without pytest's model downloads
 #   bench/gpu_serving.sh pipelined OUT_DIR          the CUDA tests; the server twice; continuous against static
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
@@ -16,10 +19,10 @@ set -uo pipefail
 out=${2:?OUT_DIR}
 mkdir -p "$out"
 py=python3
-server_bench() {  # OUT_JSON: the HTTP server at 256 clients against the engine's batch-256 figure
-  timeout 220 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
+server_bench() {  # OUT_JSON [more flags]: the HTTP server at 256 clients against the engine's batch-256 figure
+  timeout 300 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
-    --json "$1" 2>&1 | tail -7
+    --json "$@" 2>&1 | tail -7
 }
 case "${1:?what}" in
 cuda-tests)  # the tests that need a GPU (pytest's session fixtures fetch models: no network here)
@@ -33,6 +36,19 @@ for m in (r, t):
             except Exception as exc:
                 traceback.print_exc(limit=1); print('FAILED', name, exc)
 " 2>&1 | tail -12
+  ;;
+timeline)  # where the server's GPU idles; encoder runs held for company (A/B)
+  server_bench "$out/server_timeline.json" --profile-s 2
+  HALKSPEECH_ENGINE__DECODING_ENCODER_WAIT_MS=50 server_bench "$out/server_wait50.json"
+  HALKSPEECH_ENGINE__DECODING_ENCODER_WAIT_MS=100 server_bench "$out/server_wait100.json"
+  server_bench "$out/server_wait0.json"
+  ;;
+ab)  # OLD_SRC: the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
+  old=${3:?OLD_SRC}
+  server_bench "$out/server_new_1.json" --profile-s 2
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json"
+  server_bench "$out/server_new_2.json"
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json"
   ;;
 pipelined)  # the CUDA tests; the server twice; continuous against static batching
   bash "$0" cuda-tests "$out"

@@ -12,16 +12,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import re
+import signal
+import subprocess
 import tempfile
+import threading
+import time
 import wave
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
@@ -30,12 +35,13 @@ import torch
 from halkspeech.audio import decode_audio
 from halkspeech.bench.common import device_info, print_table, write_json
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
-from halkspeech.bench.subprocess_server import free_port, serve
+from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
 
 log = logging.getLogger(__name__)
 _REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
+PROFILE_DELAY_S = 4.0  # into the profiled load: past its start, when every client is posting
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class ServerBenchConfig:
     clip_s: float = 30.0
     startup_timeout_s: float = 900.0
     json_path: str | None = None
+    #: > 0: after the timed run, one more load of `warmup_requests` during which the server records this many
+    #: seconds of its GPU timeline (bench/gpu_timeline.py); the summary goes into the results as "profile"
+    profile_s: float = 0.0
 
 
 def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
@@ -66,12 +75,15 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     engine_row = _engine_figure(cfg)
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
-        with _server(cfg, Path(tmp) / "server.log") as url:
+        profile_path = Path(tmp) / "profile.json"
+        with _server(cfg, Path(tmp) / "server.log", profile_path) as served:
+            url = served.url
             load = HttpLoadConfig(url=url, audio=(clip,), concurrency=cfg.concurrency, language="en", timeout_s=600.0)
             _load(replace(load, requests=cfg.warmup_requests), cfg.client_processes)  # graphs, allocator, sockets
             before = _scrape(url)
             server = _load(replace(load, requests=cfg.requests), cfg.client_processes)
             batches = _batch_means(before, _scrape(url))
+            profile = _profile(cfg, served.process, profile_path, replace(load, requests=cfg.warmup_requests))
         if server.get("failed"):  # say why, from the server's own log
             print((Path(tmp) / "server.log").read_text(errors="replace")[-4000:], flush=True)
     ratio = server["windows_per_s"] / engine_row["windows_per_s"] if engine_row.get("windows_per_s") else None
@@ -83,6 +95,8 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
         "server_batches": batches,
         "ratio": round(ratio, 3) if ratio is not None else None,
     }
+    if profile is not None:
+        results["profile"] = profile
     _print(cfg, results)
     write_json(cfg.json_path, results)
     return results
@@ -124,7 +138,7 @@ def _write_clip(cfg: ServerBenchConfig, path: Path) -> Path:
 
 # --- the server ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
+def _server(cfg: ServerBenchConfig, log_path: Path, profile_path: Path) -> Iterator[BenchServer]:
     args = [
         "--model", f"random:{cfg.model}", "--preload",
         "--device", cfg.device, "--dtype", cfg.dtype,
@@ -138,8 +152,36 @@ def _server(cfg: ServerBenchConfig, log_path: Path) -> Iterator[str]:
         env["HALKSPEECH_ENGINE__ADMIT_BATCH"] = str(cfg.admit_batch)
     if cfg.admit_wait_ms is not None:
         env["HALKSPEECH_ENGINE__ADMIT_WAIT_MS"] = str(cfg.admit_wait_ms)
-    with serve(args, port=free_port(), env=env, log_path=log_path, startup_timeout_s=cfg.startup_timeout_s) as url:
-        yield url
+    launcher = ["-m", "halkspeech"]
+    if cfg.profile_s > 0:
+        launcher = ["-m", "halkspeech.bench.gpu_timeline", "--seconds", str(cfg.profile_s), "--json", str(profile_path)]
+    with serve(
+        args, port=free_port(), env=env, log_path=log_path, startup_timeout_s=cfg.startup_timeout_s, launcher=launcher
+    ) as served:
+        yield served
+
+
+def _profile(
+    cfg: ServerBenchConfig, process: subprocess.Popen[bytes], path: Path, load: HttpLoadConfig
+) -> dict[str, Any] | None:
+    """One more load; PROFILE_DELAY_S into it, the server records its GPU timeline (a run of its own: recording
+    slows the server, so the timed run's figures above are not taken with it)."""
+    if cfg.profile_s <= 0:
+        return None
+    timer = threading.Timer(PROFILE_DELAY_S, process.send_signal, (signal.SIGUSR1,))
+    timer.start()
+    try:
+        _load(load, cfg.client_processes)
+    finally:
+        timer.cancel()
+    deadline = time.monotonic() + 180  # writing the trace and reading it back takes a while
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(1)
+    time.sleep(1)  # the file is written in one call; let it finish
+    if not path.exists():
+        log.warning("the server wrote no GPU timeline")
+        return None
+    return cast(dict[str, Any], json.loads(path.read_text()))
 
 
 # --- the load -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,19 +29,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class BenchServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextlib.contextmanager
 def serve(
-    args: Sequence[str], *, port: int, env: dict[str, str], log_path: Path, startup_timeout_s: float
-) -> Iterator[str]:
-    """Run `halkspeech serve --host 127.0.0.1 --port PORT ARGS…`; yields its URL once /health lists a model."""
-    command = [sys.executable, "-m", "halkspeech", "--log-level", "warning", "serve"]
+    args: Sequence[str],
+    *,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    startup_timeout_s: float,
+    launcher: Sequence[str] = ("-m", "halkspeech"),
+) -> Iterator[BenchServer]:
+    """Run `halkspeech serve --host 127.0.0.1 --port PORT ARGS…` (`launcher`: what follows the interpreter in
+    place of `-m halkspeech`); yields it once /health lists a model."""
+    command = [sys.executable, *launcher, "--log-level", "warning", "serve"]
     command += ["--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(url, process, log_path, startup_timeout_s)
-            yield url
+            yield BenchServer(url, process)
         finally:
             process.terminate()
             try:

@@ -102,8 +102,8 @@ def server(cfg: WsBenchConfig, port: int) -> Iterator[str]:
     if cfg.tokens:
         command += ["--force-decode-tokens", str(cfg.tokens)]
     log = Path(tempfile.mkdtemp(prefix="halkspeech-bench-ws-")) / "server.log"
-    with serve(command, port=port, env=env, log_path=log, startup_timeout_s=cfg.startup_timeout_s) as url:
-        yield url
+    with serve(command, port=port, env=env, log_path=log, startup_timeout_s=cfg.startup_timeout_s) as served:
+        yield served.url
 
 
 # -- background file traffic ------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "while decoding (default: the engine's)")  # fmt: skip
     server.add_argument("--admit-wait-ms", type=float, default=None, help="server engine: wait for --admit-batch")
     server.add_argument("--clip-s", type=float, default=30.0)
+    server.add_argument("--profile-s", type=float, default=0.0, help="after the timed run, record this many "
+                        "s of the server's GPU timeline under the same load; summarise its idle gaps")  # fmt: skip
     _device_args(server)
     server.set_defaults(func=_run_server)
 
@@ -198,6 +200,7 @@ def _run_server(args: argparse.Namespace) -> int:
             admit_wait_ms=args.admit_wait_ms,
             clip_s=args.clip_s,
             json_path=args.json_path,
+            profile_s=args.profile_s,
         )
     )
     return 0 if results["server"]["ok"] else 1
