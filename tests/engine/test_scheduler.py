@@ -350,3 +350,27 @@ def test_with_windows_ready_admission_waits_for_enough_slots_not_the_timer() -> 
     assert s.schedule_admission() == []  # the timer (0 s) has run out, but two slots are wanted
     step(s, {1: EOT})
     assert [a.slots for a in s.schedule_admission()] == [(0,), (1,)]
+
+
+def test_a_run_just_queued_on_the_decode_stream_enters_at_once() -> None:
+    # fewer windows than admit_batch, the timer far off: a fresh inline run still enters (its admission is
+    # launched while the encoder runs); the same windows without `fresh` wait for the timer
+    s = scheduler(slots=8, admit_batch=4, admit_wait_s=60.0, lookahead=8)
+    for _ in range(10):  # more wait behind them, so the scheduler does not admit because nothing else will come
+        s.add(request(max_new=50))
+    s.mark_encoded(s.schedule_encode(limit=4))
+    record(s, s.schedule_admission())  # nothing decodes yet: all four enter
+    s.mark_encoded(s.schedule_encode(limit=2))
+    assert s.schedule_admission() == []
+    assert [a.slots for a in s.schedule_admission(fresh=2)] == [(4,), (5,)]
+
+
+def test_a_fresh_run_without_slots_for_it_waits() -> None:
+    s = scheduler(slots=4, admit_batch=2, admit_wait_s=60.0, lookahead=2)
+    for _ in range(12):
+        s.add(request(max_new=50))
+    admit_all(s)  # four enter, two are encoded ahead
+    step(s, {0: EOT})  # one slot free
+    assert s.schedule_admission(fresh=2) == []  # two fresh windows, one free slot: wait for a second
+    step(s, {1: EOT})
+    assert [a.slots for a in s.schedule_admission(fresh=0)] == [(0,), (1,)]

@@ -242,9 +242,9 @@ class Engine:
         step = None
         try:
             self._collect_encoded()
-            self._launch_encodes()
+            fresh = self._launch_encodes()
             self._collect_encoded()  # on a CPU the job finished at launch
-            admissions = self.scheduler.schedule_admission()
+            admissions = self.scheduler.schedule_admission(fresh)
             if admissions:
                 began = time.perf_counter()
                 rows = [self._encoded.pop(a.rid) for a in admissions]
@@ -357,9 +357,11 @@ class Engine:
             for group in groups:
                 self._complete(group, release=False)  # released when they finished: the slots may be reused
 
-    def _launch_encodes(self) -> None:
+    def _launch_encodes(self) -> int:
+        """Start an encoder run if one is due; returns its windows if it was queued inline (on the stream the
+        admissions use, so an admission of them now is ordered after it), else 0."""
         if len(self._jobs) >= ENCODE_JOBS or self.scheduler.file_work_held(LIVE_HOLD_S):
-            return
+            return 0
         # Idle: encode all that waits in one run. Decoding: runs of decoding_encoder_batch (16: runs sized by the
         # backlog were measured to starve the decoder, server throughput 0.80 → 0.70 of the engine's on an
         # H200), so a live turn never waits behind a long encoder run.
@@ -367,10 +369,10 @@ class Engine:
         if self.scheduler.decoding:
             chunk = min(chunk, self.decoding_encoder_batch)
             if self.scheduler.waiting < chunk and not self.scheduler.waited(self.decoding_encoder_wait_s):
-                return
+                return 0
         groups = self.scheduler.schedule_encode(chunk)
         if not groups:
-            return
+            return 0
         try:
             job = self.runner.encode_async([g.request.features for g in groups])
         except Exception as exc:  # e.g. out of memory for this batch: fail these requests, keep serving
@@ -378,9 +380,10 @@ class Engine:
             for group in groups:
                 self.scheduler.drop_encoding(group)
                 self._fail(group, exc)
-            return
+            return 0
         self._jobs.append((job, groups))
         self.stats.encoder_batches[len(groups)] += 1
+        return len(groups) if job.inline else 0
 
     def _collect_encoded(self) -> None:
         while self._jobs and self._jobs[0][0].ready():
