@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -233,13 +233,15 @@ class Runner:
         width = max(len(p) for p in prompts)
         padded = [tok for i in row_of for tok in prompts[i] + [self.ids.eot] * (width - len(prompts[i]))]
         heads = [row_of.index(i) for i in range(n)]  # each admission's first row
-        # one host→device copy for every index: slots [R], prompt lengths [R], head rows [n], <|sot|> index [n],
-        # right-padded prompts [R, P]
         r = len(row_slots)
         lengths_l = [len(prompts[i]) for i in row_of]
         sot_l = [a.request.sot_index for a in admissions]
-        packed = to_device([*row_slots, *lengths_l, *heads, *sot_l, *padded], torch.long, self.device)
-        slots, lengths, head_rows, sot_index, flat = packed.split([r, r, n, n, r * width])
+        options = [admissions[i].request.options for i in row_of]
+        initial = [v for i, o in zip(row_of, options, strict=True) for v in self._initial_state(prompts[i], o)]
+        # one host→device copy for every index and the new rows' state: slots [R], prompt lengths [R], head rows
+        # [n], <|sot|> index [n], right-padded prompts [R, P], state [R, 10] (SlotState's ints, then its flags)
+        packed = to_device([*row_slots, *lengths_l, *heads, *sot_l, *padded, *initial], torch.long, self.device)
+        slots, lengths, head_rows, sot_index, flat, state = packed.split([r, r, n, n, r * width, r * 10])
         tokens = flat.view(r, width)
         hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
         rows = torch.arange(r, device=self.device)
@@ -247,13 +249,19 @@ class Runner:
         at_sot = self.model.decoder.logits(hidden[head_rows, sot_index][:, None])[:, 0]
         no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech]
 
-        self._reset_slots(slots, [admissions[i].request.options for i in row_of], lengths, tokens[rows, lengths - 1])
-        view = self.state.rows(slots)
+        # the new rows' state, sampled from and advanced as a block, then written into their slots
+        state = state.view(r, 10)
+        view = SlotState(
+            ints=state[:, :6],
+            flags=state[:, 6:].bool(),
+            temperature=to_device([o.temperature for o in options], torch.float32, self.device),
+            suppress=torch.stack([self._suppress_row(o.suppress_tokens) for o in options]),
+        )
         timestamps = any(a.request.options.timestamps for a in admissions)
         sampling = any(a.request.options.temperature > 0 for a in admissions)
         sampled, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
         self.sampler.advance(view, sampled)
-        self._write_rows(slots, view)
+        self.state.write(slots, view)
         top_k = max(a.top_k for a in admissions)
         if top_k:
             top_lp, top_t = logprobs.topk(top_k, dim=-1)  # (values, indices)
@@ -281,38 +289,15 @@ class Runner:
             )
         return results
 
-    def _reset_slots(self, slots: Tensor, options: list[SamplingOptions], lengths: Tensor, last_tokens: Tensor) -> None:
-        """Fresh state for newly admitted slots: prompt's last token at position len-1, nothing sampled."""
-        s, device = self.state, self.device
-        s.tokens[slots] = last_tokens
-        s.positions[slots] = lengths - 1
-        # index_fill_ takes its value as a kernel argument (an assigned Python number may go up as a tensor)
-        s.prev.index_fill_(0, slots, -1)
-        s.n_gen.index_fill_(0, slots, 0)
-        s.last_ts.index_fill_(0, slots, -1)
-        # the per-row options in two host→device copies (integers and flags; temperatures)
-        flags = to_device(
-            [
-                (
-                    o.timestamps,
-                    o.suppress_blank,
-                    o.force_length,
-                    self.ids.timestamp_begin + o.max_initial_timestamp_index
-                    if o.max_initial_timestamp_index is not None
-                    else self.ids.vocab - 1,
-                )
-                for o in options
-            ],
-            torch.long,
-            device,
-        )
-        s.temperature[slots] = to_device([o.temperature for o in options], torch.float32, device)
-        s.ts_rules[slots] = flags[:, 0].bool()
-        s.blank[slots] = flags[:, 1].bool()
-        s.no_eot[slots] = flags[:, 2].bool()
-        s.max_initial[slots] = flags[:, 3]
-        s.suppress[slots] = torch.stack([self._suppress_row(o.suppress_tokens) for o in options])
-        s.active.index_fill_(0, slots, True)
+    def _initial_state(self, prompt: list[int], o: SamplingOptions) -> tuple[int, ...]:
+        """A newly admitted row's SlotState (ints, then flags): the prompt's last token at position len-1,
+        nothing sampled yet, its options, active."""
+        max_initial = self.ids.vocab - 1
+        if o.max_initial_timestamp_index is not None:
+            max_initial = self.ids.timestamp_begin + o.max_initial_timestamp_index
+        # INT_FIELDS: tokens, positions, prev, n_gen, last_ts, max_initial; FLAG_FIELDS: ts_rules, blank, no_eot,
+        # active
+        return (prompt[-1], len(prompt) - 1, -1, 0, -1, max_initial, o.timestamps, o.suppress_blank, o.force_length, 1)
 
     def _suppress_row(self, tokens: tuple[int, ...]) -> Tensor:
         row = self._suppress_rows.get(tokens)
@@ -321,10 +306,6 @@ class Runner:
             row[list(tokens)] = True
             self._suppress_rows[tokens] = row
         return row
-
-    def _write_rows(self, slots: Tensor, view: SlotState) -> None:
-        for f in fields(SlotState):
-            getattr(self.state, f.name)[slots] = getattr(view, f.name)
 
     # --- decoding --------------------------------------------------------------------------------------
     def step(self, step: DecodeStep) -> StepOutput:
@@ -489,8 +470,7 @@ class Runner:
     def _apply_moves(self, moves: Sequence[SlotMove]) -> None:
         for move in moves:
             self.cache.copy_slot(move.source, move.dest, move.position + 1)
-            for f in fields(SlotState):
-                tensor = getattr(self.state, f.name)
+            for tensor in self.state.tensors():
                 tensor[move.dest] = tensor[move.source]
             self.state.active[move.source] = False
 
@@ -498,26 +478,24 @@ class Runner:
         """Beam reordering: each surviving beam takes its source's self-attention cache and new state."""
         if not updates:
             return
-        fields_ = [(u.slot, u.source, u.token, u.prev, u.n_gen, u.last_ts, u.position) for u in updates]
-        dst, src, token, prev, n_gen, last_ts, position = to_device(fields_, torch.long, self.device).T  # one copy
+        # one copy: destination, source, then the first five of SlotState's ints (tokens, positions, prev, n_gen,
+        # last_ts)
+        rows = [(u.slot, u.source, u.token, u.position, u.prev, u.n_gen, u.last_ts) for u in updates]
+        packed = to_device(rows, torch.long, self.device)
+        dst, src = packed[:, 0], packed[:, 1]
         length = max(u.position for u in updates)
         kv = self.cache.self_kv[:, src, :length]  # advanced indexing copies, so sources can be overwritten
         self.cache.self_kv[:, dst, :length] = kv
-        s = self.state
-        s.tokens[dst] = token
-        s.prev[dst] = prev
-        s.n_gen[dst] = n_gen
-        s.last_ts[dst] = last_ts
-        s.positions[dst] = position
+        self.state.ints[dst, :5] = packed[:, 2:]
 
     # --- graph support ---------------------------------------------------------------------------------
     def _snapshot(self) -> object:
-        return {f.name: getattr(self.state, f.name).clone() for f in fields(SlotState) if f.name != "suppress"}
+        return [t.clone() for t in self.state.tensors()[:3]]  # all but `suppress`, which a step never writes
 
     def _restore(self, saved: object) -> None:
-        assert isinstance(saved, dict)
-        for name, value in saved.items():
-            getattr(self.state, name).copy_(value)
+        assert isinstance(saved, list)
+        for tensor, value in zip(self.state.tensors(), saved, strict=False):
+            tensor.copy_(value)
 
 
 def _no_snapshot() -> None:

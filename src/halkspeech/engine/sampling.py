@@ -9,7 +9,7 @@ the host: the step can be captured in a CUDA graph. The semantics are the refere
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,63 +48,103 @@ class TokenIds:
         )
 
 
+INT_FIELDS = ("tokens", "positions", "prev", "n_gen", "last_ts", "max_initial")
+FLAG_FIELDS = ("ts_rules", "blank", "no_eot", "active")
+
+
 @dataclass
 class SlotState:
-    """Per-slot decoding state on the device. Row i belongs to slot i; a view (`rows`) selects some.
+    """Per-slot decoding state on the device. Row i belongs to slot i; `rows` selects some.
 
-    tokens:      [S] long   the next input token (the last token sampled, or the prompt's last)
-    positions:   [S] long   the position of that token
-    prev:        [S] long   the sampled token before `tokens` (-1 if fewer than two were sampled)
-    n_gen:       [S] long   tokens sampled so far
-    last_ts:     [S] long   the last timestamp token sampled (-1 if none)
+    Packed in four tensors, so that writing a slot's whole state (an admission, a slot move) is four copies, not
+    one per field (each copy is a torch call on the engine thread, which must then win the GIL back):
+    ints:        [S, 6] long   columns INT_FIELDS:
+        tokens       the next input token (the last token sampled, or the prompt's last)
+        positions    the position of that token
+        prev         the sampled token before `tokens` (-1 if fewer than two were sampled)
+        n_gen        tokens sampled so far
+        last_ts      the last timestamp token sampled (-1 if none)
+        max_initial  the last timestamp token allowed first
+    flags:       [S, 4] bool   columns FLAG_FIELDS:
+        ts_rules     apply the timestamp rules
+        blank        suppress blank as the first token
+        no_eot       never end (forced length, benchmarks)
+        active       the slot is decoding (idle slots in a step's range are computed and ignored)
     temperature: [S] float  0 for greedy
-    ts_rules:    [S] bool   apply the timestamp rules
-    blank:       [S] bool   suppress blank as the first token
-    max_initial: [S] long   the last timestamp token allowed first
-    no_eot:      [S] bool   never end (forced length, benchmarks)
-    active:      [S] bool   the slot is decoding (idle slots in a step's range are computed and ignored)
     suppress:    [S, V] bool tokens never sampled
+    Each field is a column view (`state.tokens` is ints[:, 0]); writes to it write the packed tensor.
     """
 
-    tokens: Tensor
-    positions: Tensor
-    prev: Tensor
-    n_gen: Tensor
-    last_ts: Tensor
+    ints: Tensor
+    flags: Tensor
     temperature: Tensor
-    ts_rules: Tensor
-    blank: Tensor
-    max_initial: Tensor
-    no_eot: Tensor
-    active: Tensor
     suppress: Tensor
 
     @classmethod
     def allocate(cls, slots: int, vocab: int, device: torch.device | str) -> SlotState:
-        def longs(value: int = 0) -> Tensor:
-            return torch.full((slots,), value, dtype=torch.long, device=device)
-
-        def flags() -> Tensor:
-            return torch.zeros(slots, dtype=torch.bool, device=device)
-
-        return cls(
-            tokens=longs(),
-            positions=longs(),
-            prev=longs(-1),
-            n_gen=longs(),
-            last_ts=longs(-1),
+        ints = torch.zeros(slots, len(INT_FIELDS), dtype=torch.long, device=device)
+        state = cls(
+            ints=ints,
+            flags=torch.zeros(slots, len(FLAG_FIELDS), dtype=torch.bool, device=device),
             temperature=torch.zeros(slots, device=device),
-            ts_rules=flags(),
-            blank=flags(),
-            max_initial=longs(vocab - 1),
-            no_eot=flags(),
-            active=flags(),
             suppress=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
         )
+        state.prev.fill_(-1)
+        state.last_ts.fill_(-1)
+        state.max_initial.fill_(vocab - 1)
+        return state
 
     def rows(self, index: slice | Tensor) -> SlotState:
         """The state of some slots: a view for a slice, a copy for an index tensor."""
-        return SlotState(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return SlotState(self.ints[index], self.flags[index], self.temperature[index], self.suppress[index])
+
+    def write(self, slots: Tensor, rows: SlotState) -> None:
+        """Put `rows` (the state of len(slots) slots) into those slots."""
+        for mine, theirs in zip(self.tensors(), rows.tensors(), strict=True):
+            mine[slots] = theirs
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.ints, self.flags, self.temperature, self.suppress
+
+    @property
+    def tokens(self) -> Tensor:
+        return self.ints[:, 0]
+
+    @property
+    def positions(self) -> Tensor:
+        return self.ints[:, 1]
+
+    @property
+    def prev(self) -> Tensor:
+        return self.ints[:, 2]
+
+    @property
+    def n_gen(self) -> Tensor:
+        return self.ints[:, 3]
+
+    @property
+    def last_ts(self) -> Tensor:
+        return self.ints[:, 4]
+
+    @property
+    def max_initial(self) -> Tensor:
+        return self.ints[:, 5]
+
+    @property
+    def ts_rules(self) -> Tensor:
+        return self.flags[:, 0]
+
+    @property
+    def blank(self) -> Tensor:
+        return self.flags[:, 1]
+
+    @property
+    def no_eot(self) -> Tensor:
+        return self.flags[:, 2]
+
+    @property
+    def active(self) -> Tensor:
+        return self.flags[:, 3]
 
 
 class LogitPolicy(ABC):
