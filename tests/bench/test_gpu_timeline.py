@@ -35,6 +35,10 @@ def test_gaps_are_charged_to_what_the_launching_thread_did() -> None:
     assert ("after_wait", "gemm", "cudaLaunchKernel → softmax_kernel") in first
     assert ("host", "layer_norm", "cudaGraphLaunch → decode_step") in first
     assert s["device_ms_by_kernel"][0] == {"kernel": "layer_norm", "ms": 0.01}
+    widest = s["largest_gaps"][0]  # 20-30 (C queued) and 40-50 (D) tie at 10 µs; the first one found leads
+    assert widest["gap_us"] == 10.0 and widest["cause"] == "queued" and widest["launch"] == "cudaLaunchKernel @-15"
+    assert [g["gap_us"] for g in s["largest_gaps"]] == [10.0, 10.0, 5.0]
+    assert s["largest_gaps"][2]["launching_thread_calls"] == ["cudaEventSynchronize @-8 +9", "cudaLaunchKernel @2 +1"]
 
 
 def test_overlapping_operations_count_once() -> None:

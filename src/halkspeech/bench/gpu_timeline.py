@@ -46,7 +46,7 @@ def _short(name: str) -> str:
     return name.removeprefix("void ")[:60]
 
 
-def summarize(trace: dict[str, Any], top: int = 15) -> dict[str, Any]:
+def summarize(trace: dict[str, Any], top: int = 15, top_gaps: int = 8) -> dict[str, Any]:
     """Idle time of the device in a Chrome trace from torch.profiler, charged as the module docstring says."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: float(e["ts"]))
@@ -69,6 +69,7 @@ def summarize(trace: dict[str, Any], top: int = 15) -> dict[str, Any]:
     charged: defaultdict[str, float] = defaultdict(float)
     contexts: defaultdict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     wake_latency: list[float] = []
+    largest: list[tuple[float, float, dict[str, Any], dict[str, Any], str]] = []  # (gap, start, before, after, cause)
     for e in device[1:]:
         ts, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if ts > span_end:  # a gap: nothing ran on the device from span_end to ts
@@ -78,6 +79,7 @@ def summarize(trace: dict[str, Any], top: int = 15) -> dict[str, Any]:
             histogram[_bucket(gap)] += 1
             kind, launcher = _charge(e, span_end, launches, waits_by_thread, wake_latency)
             charged[kind] += gap
+            largest = sorted([*largest, (gap, span_end, last, e, kind)], key=lambda g: -g[0])[:top_gaps]
             key = (kind, _short(last["name"]), f"{launcher} → {_short(e['name'])}")
             contexts[key][0] += gap
             contexts[key][1] += 1
@@ -109,11 +111,42 @@ def summarize(trace: dict[str, Any], top: int = 15) -> dict[str, Any]:
             {"cause": k[0], "after": k[1], "next": k[2], "idle_ms": round(v[0] * ms, 3), "gaps": int(v[1])}
             for k, v in sorted(contexts.items(), key=lambda kv: -kv[1][0])[:top]
         ],
+        "largest_gaps": [_describe(g, launches, runtime) for g in largest],
         "device_ms_by_kernel": [{"kernel": k, "ms": round(v * ms, 3)} for k, v in _largest(kernels, top)],
         "host_calls": [
             {"thread": str(k[0]), "call": k[1], "count": calls[k], "ms": round(v * ms, 3)}
             for k, v in _largest(call_time, top)
         ],
+    }
+
+
+def _describe(
+    gap: tuple[float, float, dict[str, Any], dict[str, Any], str],
+    launches: dict[Any, dict[str, Any]],
+    runtime: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One idle gap in detail: the device operations around it, and the runtime calls made during it (the
+    launching thread's in order, with start and length in µs from the gap's start; other threads' counted)."""
+    length, start, before, after, cause = gap
+    launch = launches.get(after.get("args", {}).get("correlation"))
+    thread = launch["tid"] if launch else None
+    mine, others = [], Counter[str]()
+    for e in sorted(runtime, key=lambda e: float(e["ts"])):
+        begin, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if end < start - 1 or begin > start + length:
+            continue
+        if e["tid"] == thread:
+            mine.append(f"{e['name']} @{begin - start:.0f} +{end - begin:.0f}")
+        else:
+            others[f"{e['tid']}: {e['name']}"] += 1
+    return {
+        "gap_us": round(length, 1),
+        "cause": cause,
+        "before": _short(before["name"]),
+        "after": _short(after["name"]),
+        "launch": f"{launch['name']} @{float(launch['ts']) - start:.0f}" if launch else None,
+        "launching_thread_calls": mine[:24],
+        "other_threads_calls": dict(others.most_common(8)),
     }
 
 
