@@ -6,6 +6,7 @@
 #                                                   and with again
 #   bench/gpu_serving.sh timeline OUT_DIR           the server with its GPU timeline recorded after the timed run;
 #                                                   then encoder runs held ≤ 50 / 100 ms for company, and as is
+#   bench/gpu_serving.sh gil OUT_DIR                the server's GPU timeline; switch interval 0.1 against 0.5 ms
 #   bench/gpu_serving.sh ab OUT_DIR OLD_SRC         the server on this tree and on OLD_SRC (an older src/), A/B/A/B
 #   bench/gpu_serving.sh cuda-tests OUT_DIR         the tests that need a GPU, without pytest's model downloads
 #   bench/gpu_serving.sh pipelined OUT_DIR          the CUDA tests; the server twice; continuous against static
@@ -43,12 +44,18 @@ timeline)  # where the server's GPU idles; encoder runs held for company (A/B)
   HALKSPEECH_ENGINE__DECODING_ENCODER_WAIT_MS=100 server_bench "$out/server_wait100.json"
   server_bench "$out/server_wait0.json"
   ;;
-ab)  # OLD_SRC: the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
+gil)  # the server's GPU timeline; then Python's switch interval 0.1 ms against the default 0.5 ms
+  server_bench "$out/server_timeline.json" --profile-s 2
+  HALKSPEECH_ENGINE__GIL_SWITCH_MS=0.1 server_bench "$out/server_gil01.json"
+  server_bench "$out/server_gil05.json"
+  ;;
+ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
+  bash "$0" cuda-tests "$out"
   old=${3:?OLD_SRC}
   server_bench "$out/server_new_1.json" --profile-s 2
-  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json"
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json" --audio "$PWD/tests/data/jfk.flac"
   server_bench "$out/server_new_2.json"
-  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json"
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json" --audio "$PWD/tests/data/jfk.flac"
   ;;
 pipelined)  # the CUDA tests; the server twice; continuous against static batching
   bash "$0" cuda-tests "$out"
