@@ -44,6 +44,14 @@ class _Done:
         return self.output
 
 
+class _Admitted:
+    def __init__(self, results: list[AdmitResult]) -> None:
+        self._results = results
+
+    def results(self) -> list[AdmitResult]:
+        return self._results
+
+
 class NoDeviceRunner:
     """The Runner's interface, doing nothing: every step and admission returns TOKEN at once."""
 
@@ -56,11 +64,13 @@ class NoDeviceRunner:
     def encode_async(self, features: Sequence[torch.Tensor]) -> EncodeJob:
         return EncodeJob(audio=torch.empty(0), begin=None, done=None, inline=True)
 
-    def admit(self, admissions: Sequence[Admission], rows: object) -> list[AdmitResult]:
-        return [
-            AdmitResult((TOKEN,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None, a.request.prompt)
-            for a in admissions
-        ]
+    def launch_admit(self, admissions: Sequence[Admission], rows: object) -> _Admitted:
+        return _Admitted(
+            [
+                AdmitResult((TOKEN,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None, a.request.prompt)
+                for a in admissions
+            ]
+        )
 
     def launch_step(self, step: DecodeStep) -> _Done:
         return _Done(StepOutput((TOKEN,) * step.size, (-0.1,) * step.size))

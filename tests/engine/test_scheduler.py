@@ -374,3 +374,49 @@ def test_a_fresh_run_without_slots_for_it_waits() -> None:
     assert s.schedule_admission(fresh=2) == []  # two fresh windows, one free slot: wait for a second
     step(s, {1: EOT})
     assert [a.slots for a in s.schedule_admission(fresh=0)] == [(0,), (1,)]
+
+
+def test_a_step_planned_before_the_admission_is_recorded_continues_from_the_prompt() -> None:
+    # the engine launches an admission and the next step, then reads the admission's first token
+    s = scheduler(slots=2)
+    s.add(request(max_new=3))
+    s.mark_encoded(s.schedule_encode(limit=4))
+    admitted = s.schedule_admission()
+    group = s.running_groups()[0]
+    assert [seq.pending for seq in group.seqs] == [1] and group.prompt_len == 2
+    plan = s.schedule_decode()
+    assert plan is not None and plan.active == (0,) and plan.window >= 3  # reads position 2, after the prompt
+    record(s, admitted, first_token=5)
+    assert group.seqs[0].tokens == [5] and group.seqs[0].pending == 1
+    assert s.record_step(plan, StepOutput((9, 0), (-0.5, -0.5))) == []
+    assert group.seqs[0].tokens == [5, 9]
+    assert step(s, {0: 4}) == [group.rid]  # the third token: max_new reached
+    assert group.seqs[0].tokens == [5, 9, 4]
+
+
+def test_a_group_cancelled_while_its_admission_runs_takes_nothing_from_it() -> None:
+    s = scheduler(slots=2)
+    group = s.add(request(max_new=5))
+    s.mark_encoded(s.schedule_encode(limit=4))
+    admitted = s.schedule_admission()
+    plan = s.schedule_decode()
+    assert s.cancel(group) and group.finish == "cancelled" and s.running == 0
+    assert s.record_admission(admitted[0], _result(admitted[0]), encode_ms=1.0) is None
+    assert plan is not None and s.record_step(plan, StepOutput((9, 0), (-0.5, -0.5))) == []
+    assert group.seqs[0].tokens == [] and not s.has_work
+
+
+def test_an_admission_that_ends_at_once_drops_the_step_planned_for_it() -> None:
+    s = scheduler(slots=2)
+    group = s.add(request(max_new=5))
+    s.mark_encoded(s.schedule_encode(limit=4))
+    admitted = s.schedule_admission()
+    plan = s.schedule_decode()
+    (done,) = [s.record_admission(a, _result(a, EOT), encode_ms=1.0) for a in admitted]
+    assert done is group and group.finish == "eot"
+    assert plan is not None and s.record_step(plan, StepOutput((9, 0), (-0.5, -0.5))) == []
+    assert group.seqs[0].tokens == [EOT] and s.tokens_recorded == 0
+
+
+def _result(a: Admission, token: int = 5) -> AdmitResult:
+    return AdmitResult((token,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None, a.request.prompt)

@@ -6,9 +6,9 @@ asyncio callers `await engine.decode(request)`. Each iteration (vLLM's `EngineCo
 of their own: inline on the decode stream by default, on a side stream with engine.encode_ahead):
     groups = scheduler.schedule_encode(chunk); runner.encode_async(...)      # up to two runs in flight
     scheduler.mark_encoded(groups of finished jobs)
-    admissions = scheduler.schedule_admission(); runner.admit(...); scheduler.record_admission(...)
+    admissions = scheduler.schedule_admission(); runner.launch_admit(...)
     step = scheduler.schedule_decode(); launched = runner.launch_step(step)
-    scheduler.record_step(previous step, its results)                     # read while `step` runs
+    scheduler.record_admission / record_step(what was launched before `step`)   # read while `step` runs
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from halkspeech.engine.batch import AlignJob, DecodeStep
+from halkspeech.engine.batch import Admission, AlignJob, DecodeStep
 from halkspeech.engine.request import DecodeRequest, DecodeResult
-from halkspeech.engine.runner import AlignPass, EncodeJob, LaunchedStep, Runner
+from halkspeech.engine.runner import AlignPass, EncodeJob, LaunchedAdmission, LaunchedStep, Runner
 from halkspeech.engine.scheduler import Group, Scheduler
 from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError, Overloaded
 
@@ -37,6 +37,18 @@ ENCODE_JOBS = 2  # one running and one queued behind it, so the encoder stream n
 LIVE_HOLD_S = 0.1  # file windows wait at most this long for live turns to finish decoding
 ALIGN_BATCH = 16  # finished windows whose word-timing passes run together (at most the runner's chunk)
 ALIGN_WAIT_S = 0.025  # ... or once the first of them waited this long
+
+
+@dataclass
+class Admitting:
+    """An admission launched on the device, its first tokens not yet read."""
+
+    admissions: list[Admission]
+    rows: list[tuple[EncodeJob, int]]  # each admission's encoder run and row of it
+    launched: LaunchedAdmission
+
+
+InFlight = Admitting | tuple[DecodeStep, LaunchedStep]
 
 
 class DecodeHandle:
@@ -133,7 +145,8 @@ class Engine:
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
         self._to_align: list[Group] = []  # finished, waiting for a batched word-timing pass (slots held)
         self._aligning: deque[tuple[AlignPass, list[Group]]] = deque()  # passes queued on the device
-        self._in_flight: tuple[DecodeStep, LaunchedStep] | None = None  # a step launched, its tokens not yet read
+        # admissions and steps launched, their tokens not yet read, oldest first
+        self._in_flight: deque[InFlight] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -208,7 +221,7 @@ class Engine:
     @property
     def _has_work(self) -> bool:
         """Requests in the scheduler, or finished ones waiting for their word-timing pass or its results."""
-        return self.scheduler.has_work or bool(self._to_align) or bool(self._aligning) or self._in_flight is not None
+        return self.scheduler.has_work or bool(self._to_align) or bool(self._aligning) or bool(self._in_flight)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -246,45 +259,35 @@ class Engine:
             self._collect_encoded()  # on a CPU the job finished at launch
             admissions = self.scheduler.schedule_admission(fresh)
             if admissions:
+                # Launched, not waited for: the next step is queued behind it at once, and its first tokens are
+                # read while that step runs. (Waiting here left the GPU idle from the admission's end until the
+                # engine thread, which must win the GIL back from the request threads, launched the next step.)
                 began = time.perf_counter()
                 rows = [self._encoded.pop(a.rid) for a in admissions]
-                results = self.runner.admit(admissions, rows)
+                self._in_flight.append(Admitting(admissions, rows, self.runner.launch_admit(admissions, rows)))
                 self.stats.admitted += len(admissions)
                 self.stats.admit_calls += 1
-                for admission, result, (job, _) in zip(admissions, results, rows, strict=True):
-                    done = self.scheduler.record_admission(admission, result, job.encode_ms)
-                    if done is not None:
-                        finished.append(done)
-                    if not job.counted:  # a job's time once, however many of its windows are admitted
-                        job.counted = True
-                        self.stats.encode_s += job.encode_ms / 1000
                 self.stats.admit_s += time.perf_counter() - began
-            if self._in_flight is not None and self.scheduler.lockstep:  # no step planned ahead (see lockstep)
-                finished.extend(self._record(*self._in_flight))
-                self._in_flight = None
+            if self.scheduler.lockstep:  # nothing planned ahead (see Scheduler.lockstep)
+                finished.extend(self._record_in_flight(keep=0))
             step = self.scheduler.schedule_decode()
-            if step is None and not admissions and self._jobs and self._in_flight is None:
+            if step is None and not admissions and self._jobs and not self._in_flight:
                 self._jobs[0][0].wait()  # nothing to decode until the encoder delivers: sleep on it
-            launched = None
             if step is not None:
                 began = time.perf_counter()
-                launched = (step, self.runner.launch_step(step))
+                self._in_flight.append((step, self.runner.launch_step(step)))
                 self.stats.step_s += time.perf_counter() - began
                 self.stats.steps += 1
                 self.stats.decode_batches[len(step.active)] += 1
-            # One step ahead: the previous step's tokens are read while the device runs this one, so the host's
+            # One step ahead: what was launched before this step is read while the device runs it, so the host's
             # bookkeeping does not leave the GPU idle between steps. Not while beams or samples run (lockstep).
-            previous, self._in_flight = self._in_flight, launched
-            if previous is not None:
-                finished.extend(self._record(*previous))
-            if launched is not None and self.scheduler.lockstep:
-                self._in_flight = None
-                finished.extend(self._record(*launched))
+            keep = 1 if step is not None and not self.scheduler.lockstep else 0
+            finished.extend(self._record_in_flight(keep=keep))
             self._report_tokens(self.scheduler.running_groups() + finished)
         except Exception as exc:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing the running requests")
             finished, step = [], None
-            self._in_flight = None
+            self._in_flight.clear()
             self.scheduler.discard_plans()
             for group in self.scheduler.running_groups():
                 self._fail(self.scheduler.abort(group), exc)
@@ -308,6 +311,32 @@ class Engine:
             pending, self._to_align = self._to_align[:ALIGN_BATCH], self._to_align[ALIGN_BATCH:]
             self._align(pending)
         self._collect_aligned(wait=step is None and not admissions)
+
+    def _record_in_flight(self, keep: int) -> list[Group]:
+        """Read and record what is in flight, oldest first, leaving the newest `keep`; returns the groups that
+        finished."""
+        finished: list[Group] = []
+        while len(self._in_flight) > keep:
+            item = self._in_flight.popleft()
+            if isinstance(item, Admitting):
+                finished.extend(self._record_admission(item))
+            else:
+                finished.extend(self._record(*item))
+        return finished
+
+    def _record_admission(self, item: Admitting) -> list[Group]:
+        began = time.perf_counter()
+        finished = []
+        results = item.launched.results()
+        for admission, result, (job, _) in zip(item.admissions, results, item.rows, strict=True):
+            done = self.scheduler.record_admission(admission, result, job.encode_ms)
+            if done is not None:
+                finished.append(done)
+            if not job.counted:  # a job's time once, however many of its windows are admitted
+                job.counted = True
+                self.stats.encode_s += job.encode_ms / 1000
+        self.stats.admit_s += time.perf_counter() - began
+        return finished
 
     def _record(self, step: DecodeStep, launched: LaunchedStep) -> list[Group]:
         """Wait for a launched step's tokens and record them; returns the groups that finished."""

@@ -68,11 +68,13 @@ class EncodeJob:
 
     @property
     def encode_ms(self) -> float:
-        """Encoder time of the whole job (call when ready)."""
+        """Encoder time of the whole job (call when ready; read from the events once)."""
         if self.begin is None or self.done is None:
             return self.cpu_ms
         self.done.synchronize()  # already done by the time anyone asks (the admission read its first tokens)
-        return float(self.begin.elapsed_time(self.done))
+        self.cpu_ms = float(self.begin.elapsed_time(self.done))
+        self.begin = self.done = None
+        return self.cpu_ms
 
 
 @dataclass
@@ -88,6 +90,36 @@ class LaunchedStep:
         if self.top_slots:
             top = {s: (tuple(t), tuple(lp)) for s, t, lp in zip(self.top_slots, host[2], host[3], strict=True)}
         return StepOutput(tuple(host[0]), tuple(host[1]), top)
+
+
+@dataclass
+class LaunchedAdmission:
+    """An admission queued on the device; `results()` waits for it (once) and reads each admission's first
+    tokens. Its slots' state is on the device already: a decode step queued after it continues them."""
+
+    copies: HostCopies  # sampled [R], their log-probabilities [R], top-k tokens [R, k], top-k values, no-speech [n]
+    admissions: tuple[Admission, ...]
+    prompts: list[list[int]]
+    languages: list[dict[str, float] | None]
+
+    def results(self) -> list[AdmitResult]:
+        sampled, chosen, top_t, top_lp, no_speech = (t.tolist() for t in self.copies.wait())
+        results, start = [], 0
+        for i, a in enumerate(self.admissions):
+            span = range(start, start + len(a.slots))
+            start += len(a.slots)
+            top = tuple((tuple(top_t[r][: a.top_k]), tuple(top_lp[r][: a.top_k])) for r in span) if a.top_k else ()
+            results.append(
+                AdmitResult(
+                    tokens=tuple(sampled[r] for r in span),
+                    logprobs=tuple(chosen[r] for r in span),
+                    top=top,
+                    no_speech_prob=no_speech[i],
+                    language_probs=self.languages[i],
+                    prompt=tuple(self.prompts[i]),
+                )
+            )
+        return results
 
 
 class Runner:
@@ -184,10 +216,15 @@ class Runner:
         return cast(Tensor, self.model.encoder(self._mel_in[: cast(int, key)]))
 
     # --- admission -------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def admit(self, admissions: Sequence[Admission], rows: Sequence[tuple[EncodeJob, int]]) -> list[AdmitResult]:
+        """`launch_admit`, waited for."""
+        return self.launch_admit(admissions, rows).results()
+
+    @torch.inference_mode()
+    def launch_admit(self, admissions: Sequence[Admission], rows: Sequence[tuple[EncodeJob, int]]) -> LaunchedAdmission:
         """Cross keys/values from each admission's encoded window (job, row of its audio), then prefill
-        and sample the first token of each admission."""
+        and sample the first token of each admission, each slot's state written for the next decode step.
+        Queued on the device; nothing waits for it unless a row detects its language (its prompt needs it)."""
         if self.stream is not None:
             for job in {id(job): job for job, _ in rows}.values():
                 job.audio.record_stream(self.stream)  # made on the encoder stream, read on this one
@@ -226,7 +263,7 @@ class Runner:
         admissions: Sequence[Admission],
         prompts: list[list[int]],
         languages: list[dict[str, float] | None],
-    ) -> list[AdmitResult]:
+    ) -> LaunchedAdmission:
         n = len(admissions)
         row_slots = [slot for a in admissions for slot in a.slots]  # R rows: every admission's slots
         row_of = [i for i, a in enumerate(admissions) for _ in a.slots]
@@ -267,27 +304,8 @@ class Runner:
             top_lp, top_t = logprobs.topk(top_k, dim=-1)  # (values, indices)
         else:
             top_t, top_lp = sampled[:, None], chosen[:, None]
-        # the admission's one wait for the device
-        sampled_l, chosen_l, top_tl, top_lpl, no_speech_l = (
-            t.tolist() for t in HostCopies.queue(sampled, chosen, top_t, top_lp, no_speech).wait()
-        )
-
-        results, start = [], 0
-        for i, a in enumerate(admissions):
-            span = range(start, start + len(a.slots))
-            start += len(a.slots)
-            top = tuple((tuple(top_tl[r][: a.top_k]), tuple(top_lpl[r][: a.top_k])) for r in span) if a.top_k else ()
-            results.append(
-                AdmitResult(
-                    tokens=tuple(sampled_l[r] for r in span),
-                    logprobs=tuple(chosen_l[r] for r in span),
-                    top=top,
-                    no_speech_prob=no_speech_l[i],
-                    language_probs=languages[i],
-                    prompt=tuple(prompts[i]),
-                )
-            )
-        return results
+        copies = HostCopies.queue(sampled, chosen, top_t, top_lp, no_speech)
+        return LaunchedAdmission(copies, tuple(admissions), prompts, languages)
 
     def _initial_state(self, prompt: list[int], o: SamplingOptions) -> tuple[int, ...]:
         """A newly admitted row's SlotState (ints, then flags): the prompt's last token at position len-1,

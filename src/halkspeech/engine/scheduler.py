@@ -283,6 +283,11 @@ class Scheduler:
             heapq.heappop(self._ready)
             group.slots = [heapq.heappop(self._free) for _ in range(size)]
             group.admitted = time.perf_counter()
+            # its sequences exist from now, their first token pending: a step planned before the admission is
+            # recorded (the engine reads it one step late) continues them from the prompt's end
+            group.prompt_len = len(group.request.prompt)  # a detected language is written in place
+            group.max_new = min(group.request.options.max_new_tokens, self.n_text_ctx + 1 - group.prompt_len)
+            group.seqs = [Sequence(slot, pending=1) for slot in group.slots]
             self._running[group.rid] = group
             self._live_running += priority < 0
             self._lockstep_running += _lockstep(group)
@@ -318,17 +323,17 @@ class Scheduler:
         return now - self._ready_since >= self.admit_wait_s
 
     def record_admission(self, admission: Admission, result: AdmitResult, encode_ms: float) -> Group | None:
-        """Take the first tokens of a newly admitted group; returns it if it already finished."""
-        group = self._running[admission.rid]
+        """Take the first tokens of a newly admitted group; returns it if it already finished. (A group
+        cancelled since its admission was launched has left already: nothing to take.)"""
+        group = self._running.get(admission.rid)
+        if group is None:
+            return None
         options = group.request.options
         group.encode_ms = encode_ms
-        group.prompt_len = len(result.prompt)
         group.no_speech_prob = result.no_speech_prob
         group.language_probs = result.language_probs
-        group.max_new = min(options.max_new_tokens, self.n_text_ctx + 1 - group.prompt_len)
-        group.seqs = [Sequence(slot) for slot in group.slots]
-        if group.finish == "cancelled":
-            return self._finish(group)
+        for seq in group.seqs:
+            seq.pending -= 1
         if group.request.detect_language and options.max_new_tokens == 0:
             group.finish = "detected"
             return self._finish(group)
