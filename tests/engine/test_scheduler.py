@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from halkspeech.engine.batch import Admission, AdmitResult, StepOutput
+from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, StepOutput
 from halkspeech.engine.beam import BeamSearch, rank
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
-from halkspeech.engine.scheduler import Scheduler
+from halkspeech.engine.scheduler import Group, Scheduler
 from halkspeech.errors import Overloaded
 
 EOT, TS = 50256, 50363
@@ -395,11 +395,7 @@ def test_a_step_planned_before_the_admission_is_recorded_continues_from_the_prom
 
 
 def test_a_group_cancelled_while_its_admission_runs_takes_nothing_from_it() -> None:
-    s = scheduler(slots=2)
-    group = s.add(request(max_new=5))
-    s.mark_encoded(s.schedule_encode(limit=4))
-    admitted = s.schedule_admission()
-    plan = s.schedule_decode()
+    s, group, admitted, plan = _admitted_and_planned()
     assert s.cancel(group) and group.finish == "cancelled" and s.running == 0
     assert s.record_admission(admitted[0], _result(admitted[0]), encode_ms=1.0) is None
     assert plan is not None and s.record_step(plan, StepOutput((9, 0), (-0.5, -0.5))) == []
@@ -407,15 +403,20 @@ def test_a_group_cancelled_while_its_admission_runs_takes_nothing_from_it() -> N
 
 
 def test_an_admission_that_ends_at_once_drops_the_step_planned_for_it() -> None:
-    s = scheduler(slots=2)
-    group = s.add(request(max_new=5))
-    s.mark_encoded(s.schedule_encode(limit=4))
-    admitted = s.schedule_admission()
-    plan = s.schedule_decode()
+    s, group, admitted, plan = _admitted_and_planned()
     (done,) = [s.record_admission(a, _result(a, EOT), encode_ms=1.0) for a in admitted]
     assert done is group and group.finish == "eot"
     assert plan is not None and s.record_step(plan, StepOutput((9, 0), (-0.5, -0.5))) == []
     assert group.seqs[0].tokens == [EOT] and s.tokens_recorded == 0
+
+
+def _admitted_and_planned() -> tuple[Scheduler, Group, list[Admission], DecodeStep | None]:
+    """One request admitted (its admission not yet recorded) and the step planned behind it."""
+    s = scheduler(slots=2)
+    group = s.add(request(max_new=5))
+    s.mark_encoded(s.schedule_encode(limit=4))
+    admitted = s.schedule_admission()
+    return s, group, admitted, s.schedule_decode()
 
 
 def _result(a: Admission, token: int = 5) -> AdmitResult:
