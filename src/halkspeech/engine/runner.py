@@ -2,11 +2,12 @@
 
 `encode_async`: encode windows, in order on the engine's stream (the default), or on a low-priority side
 stream so the encoder overlaps decode steps (`encode_ahead`; measured slower, see bench/NOTES.md).
-`admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
+`launch_admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
 asked, prefill the prompts and sample each slot's first token.
-`step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
-Each waits for the device once, to read its results: inputs go up through pinned memory (engine/transfer.py),
-so the host prepares the next launches while the device still runs the work queued before (an encoder run).
+`launch_step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
+Neither waits for the device: inputs go up through pinned memory (engine/transfer.py), and each returns a
+handle whose `results()`/`result()` waits once and reads its tokens, so the host queues the next launches while
+the device still runs the work queued before (an encoder run, an admission). `admit`/`step` wait at once.
 """
 
 from __future__ import annotations
