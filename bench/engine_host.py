@@ -66,10 +66,7 @@ class NoDeviceRunner:
 
     def launch_admit(self, admissions: Sequence[Admission], rows: object) -> _Admitted:
         return _Admitted(
-            [
-                AdmitResult((TOKEN,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None, a.request.prompt)
-                for a in admissions
-            ]
+            [AdmitResult((TOKEN,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None) for a in admissions]
         )
 
     def launch_step(self, step: DecodeStep) -> _Done:

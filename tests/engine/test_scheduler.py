@@ -35,7 +35,6 @@ def record(s: Scheduler, admitted: list[Admission], first_token: int = 5) -> lis
             top=tuple(((first_token, 6, EOT), (-0.1, -1.0, -2.0)) for _ in a.slots),
             no_speech_prob=0.0,
             language_probs=None,
-            prompt=a.request.prompt,
         )
         s.record_admission(a, result, encode_ms=1.0)
     return [a.rid for a in admitted]
@@ -420,4 +419,4 @@ def _admitted_and_planned() -> tuple[Scheduler, Group, list[Admission], DecodeSt
 
 
 def _result(a: Admission, token: int = 5) -> AdmitResult:
-    return AdmitResult((token,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None, a.request.prompt)
+    return AdmitResult((token,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None)

@@ -38,7 +38,6 @@ class AdmitResult:
     top: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # per slot, when top_k > 0
     no_speech_prob: float
     language_probs: dict[str, float] | None
-    prompt: tuple[int, ...]  # the prompt as prefilled (detected language filled in)
 
 
 @dataclass(frozen=True)

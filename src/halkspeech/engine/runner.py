@@ -100,7 +100,6 @@ class LaunchedAdmission:
 
     copies: HostCopies  # sampled [R], their log-probabilities [R], top-k tokens [R, k], top-k values, no-speech [n]
     admissions: tuple[Admission, ...]
-    prompts: list[list[int]]
     languages: list[dict[str, float] | None]
 
     def results(self) -> list[AdmitResult]:
@@ -117,7 +116,6 @@ class LaunchedAdmission:
                     top=top,
                     no_speech_prob=no_speech[i],
                     language_probs=self.languages[i],
-                    prompt=tuple(self.prompts[i]),
                 )
             )
         return results
@@ -306,7 +304,7 @@ class Runner:
         else:
             top_t, top_lp = sampled[:, None], chosen[:, None]
         copies = HostCopies.queue(sampled, chosen, top_t, top_lp, no_speech)
-        return LaunchedAdmission(copies, tuple(admissions), prompts, languages)
+        return LaunchedAdmission(copies, tuple(admissions), languages)
 
     def _initial_state(self, prompt: list[int], o: SamplingOptions) -> tuple[int, ...]:
         """A newly admitted row's SlotState (ints, then flags): the prompt's last token at position len-1,
