@@ -25,7 +25,7 @@ from halkspeech.engine.align import cost_matrices
 from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
-from halkspeech.engine.sampling import Sampler, SlotState, TokenIds
+from halkspeech.engine.sampling import FLAG_FIELDS, INT_FIELDS, Sampler, SlotState, TokenIds
 from halkspeech.engine.transfer import HostCopies, queue_to_host, to_device
 from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
@@ -275,9 +275,11 @@ class Runner:
         options = [admissions[i].request.options for i in row_of]
         initial = [v for i, o in zip(row_of, options, strict=True) for v in self._initial_state(prompts[i], o)]
         # one host→device copy for every index and the new rows' state: slots [R], prompt lengths [R], head rows
-        # [n], <|sot|> index [n], right-padded prompts [R, P], state [R, 10] (SlotState's ints, then its flags)
+        # [n], <|sot|> index [n], right-padded prompts [R, P], state [R, I + F] (SlotState's ints, then its flags)
+        ints, flags = len(INT_FIELDS), len(FLAG_FIELDS)
         packed = to_device([*row_slots, *lengths_l, *heads, *sot_l, *padded, *initial], torch.long, self.device)
-        slots, lengths, head_rows, sot_index, flat, state = packed.split([r, r, n, n, r * width, r * 10])
+        split = [r, r, n, n, r * width, r * (ints + flags)]
+        slots, lengths, head_rows, sot_index, flat, state = packed.split(split)
         tokens = flat.view(r, width)
         hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
         rows = torch.arange(r, device=self.device)
@@ -286,10 +288,10 @@ class Runner:
         no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech]
 
         # the new rows' state, sampled from and advanced as a block, then written into their slots
-        state = state.view(r, 10)
+        state = state.view(r, ints + flags)
         view = SlotState(
-            ints=state[:, :6],
-            flags=state[:, 6:].bool(),
+            ints=state[:, :ints],
+            flags=state[:, ints:].bool(),
             temperature=to_device([o.temperature for o in options], torch.float32, self.device),
             suppress=torch.stack([self._suppress_row(o.suppress_tokens) for o in options]),
         )
@@ -314,7 +316,9 @@ class Runner:
             max_initial = self.ids.timestamp_begin + o.max_initial_timestamp_index
         # INT_FIELDS: tokens, positions, prev, n_gen, last_ts, max_initial; FLAG_FIELDS: ts_rules, blank, no_eot,
         # active
-        return (prompt[-1], len(prompt) - 1, -1, 0, -1, max_initial, o.timestamps, o.suppress_blank, o.force_length, 1)
+        row = (prompt[-1], len(prompt) - 1, -1, 0, -1, max_initial, o.timestamps, o.suppress_blank, o.force_length, 1)
+        assert len(row) == len(INT_FIELDS) + len(FLAG_FIELDS)
+        return row
 
     def _suppress_row(self, tokens: tuple[int, ...]) -> Tensor:
         row = self._suppress_rows.get(tokens)
