@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import heapq
 import itertools
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -50,7 +52,7 @@ def summarize(trace: dict[str, Any], top: int = 15, top_gaps: int = 8) -> dict[s
     """Idle time of the device in a Chrome trace from torch.profiler, charged as the module docstring says."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: float(e["ts"]))
-    runtime = [e for e in events if e.get("cat") in RUNTIME_CATEGORIES]
+    runtime = sorted((e for e in events if e.get("cat") in RUNTIME_CATEGORIES), key=lambda e: float(e["ts"]))
     if not device:
         return {"device_ops": 0}
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
@@ -69,7 +71,7 @@ def summarize(trace: dict[str, Any], top: int = 15, top_gaps: int = 8) -> dict[s
     charged: defaultdict[str, float] = defaultdict(float)
     contexts: defaultdict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     wake_latency: list[float] = []
-    largest: list[tuple[float, float, dict[str, Any], dict[str, Any], str]] = []  # (gap, start, before, after, cause)
+    gaps: list[tuple[float, float, dict[str, Any], dict[str, Any], str]] = []  # (gap, start, before, after, cause)
     for e in device[1:]:
         ts, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if ts > span_end:  # a gap: nothing ran on the device from span_end to ts
@@ -79,7 +81,7 @@ def summarize(trace: dict[str, Any], top: int = 15, top_gaps: int = 8) -> dict[s
             histogram[_bucket(gap)] += 1
             kind, launcher = _charge(e, span_end, launches, waits_by_thread, wake_latency)
             charged[kind] += gap
-            largest = sorted([*largest, (gap, span_end, last, e, kind)], key=lambda g: -g[0])[:top_gaps]
+            gaps.append((gap, span_end, last, e, kind))
             key = (kind, _short(last["name"]), f"{launcher} → {_short(e['name'])}")
             contexts[key][0] += gap
             contexts[key][1] += 1
@@ -111,7 +113,7 @@ def summarize(trace: dict[str, Any], top: int = 15, top_gaps: int = 8) -> dict[s
             {"cause": k[0], "after": k[1], "next": k[2], "idle_ms": round(v[0] * ms, 3), "gaps": int(v[1])}
             for k, v in sorted(contexts.items(), key=lambda kv: -kv[1][0])[:top]
         ],
-        "largest_gaps": [_describe(g, launches, runtime) for g in largest],
+        "largest_gaps": [_describe(g, launches, runtime) for g in heapq.nlargest(top_gaps, gaps, key=lambda g: g[0])],
         "device_ms_by_kernel": [{"kernel": k, "ms": round(v * ms, 3)} for k, v in _largest(kernels, top)],
         "host_calls": [
             {"thread": str(k[0]), "call": k[1], "count": calls[k], "ms": round(v * ms, 3)}
@@ -126,12 +128,13 @@ def _describe(
     runtime: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """One idle gap in detail: the device operations around it, and the runtime calls made during it (the
-    launching thread's in order, with start and length in µs from the gap's start; other threads' counted)."""
+    launching thread's in order, with start and length in µs from the gap's start; other threads' counted).
+    `runtime` is sorted by start."""
     length, start, before, after, cause = gap
     launch = launches.get(after.get("args", {}).get("correlation"))
     thread = launch["tid"] if launch else None
     mine, others = [], Counter[str]()
-    for e in sorted(runtime, key=lambda e: float(e["ts"])):
+    for e in runtime:
         begin, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if end < start - 1 or begin > start + length:
             continue
@@ -208,7 +211,9 @@ def _record(seconds: float, json_path: Path) -> None:
         prof.export_chrome_trace(str(path))
         summary = summarize(json.loads(path.read_text()))
     summary["seconds"] = seconds
-    json_path.write_text(json.dumps(summary, indent=1))
+    partial = json_path.with_name(json_path.name + ".part")  # renamed when whole: a reader never sees half of it
+    partial.write_text(json.dumps(summary, indent=1))
+    os.replace(partial, json_path)
     print(f"gpu_timeline: wrote {json_path}", file=sys.stderr, flush=True)
 
 

@@ -177,8 +177,7 @@ def _profile(
     deadline = time.monotonic() + 180  # writing the trace and reading it back takes a while
     while not path.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(1)
-    time.sleep(1)  # the file is written in one call; let it finish
-    if not path.exists():
+    if not path.exists():  # it appears whole (gpu_timeline renames it into place)
         log.warning("the server wrote no GPU timeline")
         return None
     return cast(dict[str, Any], json.loads(path.read_text()))
