@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports Triton: with no NVIDIA device, its kernels run in the interpreter (numpy on the CPU).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import logging
 from collections.abc import Iterator
@@ -19,6 +25,16 @@ from halkspeech.model.weights import LoadedWeights, load_weights
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
 DEV_DIR = REPO.parent / "shared" / "data" / "dev"
+
+
+@pytest.fixture
+def triton_interpreter() -> None:
+    """Triton kernels run on CPU tensors in Triton's interpreter: on machines without a GPU, where the top of
+    this file turned it on (Triton reads the switch when it is imported). Skipped where Triton is missing,
+    and on GPU machines, where the fused kernels run for real (test_runner_cuda.py, bench/gpu_fused.py)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine)")
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,7 @@ class EngineBenchConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     max_encoder_batch: int = 64
     cuda_graphs: bool = True
+    fused_kernels_max_batch: int = EngineSettings.model_fields["fused_kernels_max_batch"].default
     json_path: str | None = None
 
 
@@ -127,6 +128,7 @@ def _bench_ours(
         max_slots=max(cfg.batches),
         max_encoder_batch=cfg.max_encoder_batch,
         cuda_graphs=cfg.cuda_graphs,
+        fused_kernels_max_batch=cfg.fused_kernels_max_batch,
     )
     model = start_engine(weights, settings)
     rows = []

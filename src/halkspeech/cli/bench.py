@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     engine.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
     engine.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs (for comparison)")
     engine.add_argument("--encoder-batch", type=int, default=64, help="windows per encoder call at most")
+    engine.add_argument(
+        "--fused-max-batch",
+        type=int,
+        default=None,
+        help="decode steps of at most this many slots use the fused Triton kernels (0: none; default: the "
+        "engine's setting)",
+    )
     _device_args(engine)
     engine.set_defaults(func=_run_engine)
 
@@ -122,6 +129,7 @@ def _run_engine(args: argparse.Namespace) -> int:
             max_encoder_batch=args.encoder_batch,
             cuda_graphs=not args.no_graphs,
             json_path=args.json_path,
+            **({} if args.fused_max_batch is None else {"fused_kernels_max_batch": args.fused_max_batch}),
         )
     )
     return 0

@@ -119,6 +119,8 @@ def start_engine(
     device = resolve_device(settings.device, settings.device_index)
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
+    if model.decoder.use_fused_kernels(settings.fused_kernels_max_batch):
+        log.info("decode steps of up to %d slots use the fused kernels", settings.fused_kernels_max_batch)
     tokenizer = Tokenizer.for_model(weights.dims)
     slots = plan_slots(weights.dims, dtype, device, settings)
     graphs = settings.cuda_graphs and device.type == "cuda"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from halkspeech.model import kernels
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
 
@@ -27,6 +28,8 @@ from halkspeech.model.dims import ModelDims
 # host time, measured inside a long-form run on an H100 (bench/gpu_align_insitu.py), 20× the pass itself. Flash and
 # memory-efficient attention need no plan. The encoder (a few batch sizes) and the graph-captured step keep cuDNN.
 VARIABLE_SHAPE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Programs sharing each (slot, head) of a fused step's cross-attention: 1500 keys in blocks of 128 (kernels.py)
+CROSS_SPLITS = 16
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
@@ -162,6 +165,27 @@ class DecoderBlock(nn.Module):
         x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
 
+    def step_fused(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, positions: Tensor) -> Tensor:
+        """`step` with the fused kernels (kernels.py): x [B, D] → [B, D] in eight launches, where the plain
+        step makes ~20: four projections with their LayerNorm, bias, GELU and residual add folded in (the
+        first also writes the new key and value into the cache), two attentions and the MLP's two."""
+        b, d, heads = x.shape[0], x.shape[1], self.heads
+        flat = cache.self_kv[layer].view(-1, 2 * d)  # [S*T, 2D]: one row per (slot, position)
+        qkv = kernels.linear(x, self.qkv.weight, self.qkv.bias, ln=_ln(self.attn_ln), kv=(flat, rows, d))
+        kv = cache.self_kv[layer, :b]  # [B, T, 2, H, Dh]
+        keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, H, T, Dh] views
+        a = kernels.decode_attention(qkv[:, :d].view(b, heads, -1), keys, values, lengths=positions, length_offset=1)
+        x = kernels.linear(a, self.out.weight, self.out.bias, residual=x)
+        q = kernels.linear(x, self.cross_q.weight, self.cross_q.bias, ln=_ln(self.cross_ln)).view(b, heads, -1)
+        a = kernels.decode_attention(q, cache.cross_k[layer, :b], cache.cross_v[layer, :b], splits=CROSS_SPLITS)
+        x = kernels.linear(a, self.cross_out.weight, self.cross_out.bias, residual=x)
+        h = kernels.linear(x, self.fc1.weight, self.fc1.bias, ln=_ln(self.mlp_ln), gelu=True)
+        return kernels.linear(h, self.fc2.weight, self.fc2.bias, residual=x)
+
+
+def _ln(norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    return norm.weight, norm.bias
+
 
 class Decoder(nn.Module):
     def __init__(self, dims: ModelDims) -> None:
@@ -175,6 +199,8 @@ class Decoder(nn.Module):
         # Cross-attention keys and values of every layer: [L, 2*D, D] weights and [L, 2*D] biases (k part 0).
         self.cross_kv_weight = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d, d))
         self.cross_kv_bias = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d))
+        # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never)
+        self.fused_max_batch = 0
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
         return enumerate(cast(Iterable[DecoderBlock], self.blocks))
@@ -228,6 +254,8 @@ class Decoder(nn.Module):
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
         """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
         position are masked; `window` (≥ every position + 1) bounds how much of the cache is read."""
+        if tokens.shape[0] <= self.fused_max_batch:
+            return self._step_fused(tokens, positions, cache)
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
         keys = torch.arange(window, device=tokens.device)
         hidden = (keys[None, :] > positions[:, None])[:, None, None, :]  # [B, 1, 1, W] keys not yet written
@@ -237,6 +265,22 @@ class Decoder(nn.Module):
         for layer, block in self.layers():
             x = block.step(x, layer, cache, rows, mask)
         return self.logits(x)[:, 0]
+
+    def _step_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        # the same step in 8 launches a layer, one for the inputs and one for the logits (float32); no mask:
+        # each slot's self-attention reads its keys up to its position
+        x, rows = kernels.step_inputs(
+            tokens, positions, self.token_embedding.weight, self.positional_embedding, cache.n_text_ctx
+        )
+        for layer, block in self.layers():
+            x = block.step_fused(x, layer, cache, rows, positions)
+        return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
+
+    def use_fused_kernels(self, max_batch: int) -> bool:
+        """Run steps of at most `max_batch` slots with the fused kernels, where they can run (a CUDA device
+        with Triton); returns whether they will."""
+        self.fused_max_batch = max_batch if kernels.available(self.token_embedding.weight.device) else 0
+        return self.fused_max_batch > 0
 
 
 class Whisper(nn.Module):
