@@ -142,7 +142,8 @@ class Runner:
         self.max_encoder_batch = max_encoder_batch
         self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device)
         self.state = SlotState.allocate(slots, model.dims.n_vocab, self.device)
-        self.sampler = Sampler(ids, self.device)
+        fused = model.decoder.fused_max_batch > 0  # the fused step kernels are on: so is the fused sampler
+        self.sampler = Sampler(ids, self.device, fused_slots=slots if fused else 0)
         self._language_columns = torch.tensor(ids.language_tokens, dtype=torch.long, device=self.device)
         self._suppress_rows: dict[tuple[int, ...], Tensor] = {}
         use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -297,12 +298,11 @@ class Runner:
         )
         timestamps = any(a.request.options.timestamps for a in admissions)
         sampling = any(a.request.options.temperature > 0 for a in admissions)
-        sampled, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
-        self.sampler.advance(view, sampled)
+        sampled, chosen, scores = self.sampler.step(logits, view, timestamps=timestamps, sampling=sampling)
         self.state.write(slots, view)
         top_k = max(a.top_k for a in admissions)
         if top_k:
-            top_lp, top_t = logprobs.topk(top_k, dim=-1)  # (values, indices)
+            top_lp, top_t = torch.log_softmax(scores, dim=-1).topk(top_k, dim=-1)  # (values, indices)
         else:
             top_t, top_lp = sampled[:, None], chosen[:, None]
         copies = HostCopies.queue(sampled, chosen, top_t, top_lp, no_speech)
@@ -341,14 +341,14 @@ class Runner:
         self._apply_updates(step.updates)
         key: StepKey = (step.size, step.window, step.timestamps, step.sampling)
         if self.graphs is not None:
-            tokens, chosen, logprobs = self.graphs.run(key)  # the graph's buffers: the next replay overwrites them
+            tokens, chosen, scores = self.graphs.run(key)  # the graph's buffers: the next replay overwrites them
         else:  # executed already: copied, in case they share memory with the state the next step advances
-            tokens, chosen, logprobs = self._graph_body(key)
+            tokens, chosen, scores = self._graph_body(key)
             tokens, chosen = tokens.clone(), chosen.clone()
         if not step.top_slots:
             return LaunchedStep(HostCopies.queue(tokens, chosen), ())
         rows = to_device(step.top_slots, torch.long, self.device)
-        values, indices = logprobs.index_select(0, rows).topk(step.top_k, dim=-1)
+        values, indices = torch.log_softmax(scores.index_select(0, rows), dim=-1).topk(step.top_k, dim=-1)
         return LaunchedStep(HostCopies.queue(tokens, chosen, indices, values), step.top_slots)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
@@ -360,9 +360,7 @@ class Runner:
     ) -> tuple[Tensor, Tensor, Tensor]:
         view = self.state.rows(slice(0, size))
         logits = self.model.decoder.step(view.tokens, view.positions, self.cache, window)
-        tokens, chosen, logprobs = self.sampler.sample(logits, view, timestamps=timestamps, sampling=sampling)
-        self.sampler.advance(view, tokens)
-        return tokens, chosen, logprobs
+        return self.sampler.step(logits, view, timestamps=timestamps, sampling=sampling)
 
     # --- word-timing alignment -------------------------------------------------------------------------
     def align(self, jobs: Sequence[AlignJob]) -> list[Alignment]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from halkspeech.engine.fused_sampling import FusedGreedy
 from halkspeech.model.tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
@@ -218,10 +219,26 @@ class Sampler:
     from softmax(logits / T) (Gumbel-max, graph-safe). Log-probabilities are of the filtered logits at
     temperature 1, as the reference reports them."""
 
-    def __init__(self, ids: TokenIds, device: torch.device) -> None:
+    def __init__(self, ids: TokenIds, device: torch.device, *, fused_slots: int = 0) -> None:
+        """fused_slots: run greedy, timestamp-free steps of up to that many rows as one Triton kernel
+        (fused_sampling.py; CUDA with Triton only); 0: always the PyTorch policies below."""
         self.ids = ids
         self.base: list[LogitPolicy] = [SuppressBlank(ids, device), SuppressTokens(), ForceLength(ids)]
         self.timestamps = TimestampRules(ids, device)
+        self.fused = FusedGreedy(ids.eot, ids.timestamp_begin, ids.blank, fused_slots, device) if fused_slots else None
+
+    def step(
+        self, logits: Tensor, state: SlotState, *, timestamps: bool, sampling: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Filter, sample and advance `state`: logits [B, V] float32 → (tokens [B], their log-probs [B],
+        scores [B, V]), scores being the log-probs or the filtered logits (log_softmax gives the log-probs of
+        either)."""
+        if self.fused is not None and not timestamps and not sampling:
+            tokens, chosen = self.fused(logits, state.ints, state.flags, state.suppress)
+            return tokens, chosen, logits
+        tokens, chosen, logprobs = self.sample(logits, state, timestamps=timestamps, sampling=sampling)
+        self.advance(state, tokens)
+        return tokens, chosen, logprobs
 
     def filter(self, logits: Tensor, state: SlotState, *, timestamps: bool) -> None:
         for policy in self.base:
