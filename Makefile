@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-# The reference implementation (for parity tests) without its 286 MB triton dependency, which CPU tests never use.
+# The reference implementation (for parity tests) with --no-deps: what it needs is in the dev extras, and its own
+# triton requirement would be another large wheel beside the one the fused-kernel tests run in the interpreter.
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(WHISPER_REFERENCE)
