@@ -97,53 +97,55 @@ def correctness() -> dict:
 
 
 TUNED: dict[tuple[int, int], kernels.LinearConfig] = {}
+# the decoder's projections of large-v3 / turbo (D = 1280) and the logits: (N, K)
+SHAPES = {"qkv": (3840, 1280), "out": (1280, 1280), "fc1": (5120, 1280), "fc2": (1280, 5120), "logits": (51866, 1280)}
+
+
+def cold_weights(n: int, k: int) -> tuple[list[torch.Tensor], int]:
+    """Distinct [n, k] weights, > 150 MB in all, so a pass over them reads HBM, not L2 (50 MB), as a real step
+    does (turbo's decoder and logits are 317 MB)."""
+    copies = max(2, -(-150_000_000 // (n * k * 2)))
+    return [torch.randn(n, k, device=DEV, dtype=torch.float16) * k**-0.5 for _ in range(copies)], copies
+
+
+def linear_options(name: str, m: int, n: int, k: int) -> dict:
+    """`kernels.linear`'s options for one of SHAPES as the decoder step calls it (LayerNorm before qkv, fc1 and
+    the logits; GELU after fc1; a residual after out and fc2; float32 logits with no bias)."""
+    half = dict(device=DEV, dtype=torch.float16)
+    return dict(
+        bias=None if name == "logits" else torch.randn(n, **half),
+        ln=(torch.ones(k, **half), torch.zeros(k, **half)) if name in ("qkv", "fc1", "logits") else None,
+        gelu=name == "fc1",
+        residual=torch.randn(m, n, **half) if name in ("out", "fc2") else None,
+        out_dtype=torch.float32 if name == "logits" else None,
+    )
 
 
 def linear_configs() -> dict:
     """Each shape timed over enough distinct weight copies (> 150 MB) that W comes from HBM, not L2, as in a
     real step (turbo's decoder and logits are 317 MB; L2 is 50 MB). The best tiles go to TUNED (used by C)."""
-    shapes = {
-        "qkv": (3840, 1280),
-        "out": (1280, 1280),
-        "fc1": (5120, 1280),
-        "fc2": (1280, 5120),
-        "logits": (51866, 1280),
-    }
     grid = [
         kernels.LinearConfig(block_m=16, block_n=bn, block_k=bk, warps=wp, stages=st, split_k=sk)
         for bn, bk, wp, st, sk in itertools.product((16, 32, 64), (128, 256), (4,), (2, 4), (1, 2, 4, 8))
     ]
     res: dict = {}
-    for name, (n, k) in shapes.items():
-        copies = max(2, -(-150_000_000 // (n * k * 2)))
-        ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * k**-0.5 for _ in range(copies)]
-        b = torch.randn(n, device=DEV, dtype=torch.float16)
-        g, beta = torch.ones(k, device=DEV, dtype=torch.float16), torch.zeros(k, device=DEV, dtype=torch.float16)
-        ln = name in ("qkv", "fc1", "logits")
-        res_add = name in ("out", "fc2")
+    for name, (n, k) in SHAPES.items():
+        ws, copies = cold_weights(n, k)
         for m_rows in (1, 16):
             x = torch.randn(m_rows, k, device=DEV, dtype=torch.float16)
-            r = torch.randn(m_rows, n, device=DEV, dtype=torch.float16)
+            kw = linear_options(name, m_rows, n, k)
 
             def plain():
                 for w in ws:
-                    h = F.layer_norm(x, (k,), g, beta) if ln else x
-                    y = F.linear(h, w, None if name == "logits" else b)
-                    if name == "fc1":
+                    h = F.layer_norm(x, (k,), *kw["ln"]) if kw["ln"] else x
+                    y = F.linear(h, w, kw["bias"])
+                    if kw["gelu"]:
                         y = F.gelu(y)
-                    if res_add:
-                        y = r + y
-                    if name == "logits":
-                        y = y.float()
+                    if kw["residual"] is not None:
+                        y = kw["residual"] + y
+                    if kw["out_dtype"]:
+                        y = y.to(kw["out_dtype"])
                 return y
-
-            kw = dict(
-                bias=None if name == "logits" else b,
-                ln=(g, beta) if ln else None,
-                gelu=name == "fc1",
-                residual=r if res_add else None,
-                out_dtype=torch.float32 if name == "logits" else None,
-            )
 
             def fused(cfg):
                 for w in ws:
@@ -204,28 +206,11 @@ def tuned_attention(q, keys, values, *, lengths=None, length_offset=0, splits=1,
 def gemv_and_attention() -> dict:
     """H: one-row tiles (BLOCK_M = 1, no tensor cores) for M = 1, and the attention kernel's splits, block and
     warps, each against the current default, cold (distinct copies > 150 MB). Best go to TUNED_M1 / ATTN."""
-    shapes = {
-        "qkv": (3840, 1280),
-        "out": (1280, 1280),
-        "fc1": (5120, 1280),
-        "fc2": (1280, 5120),
-        "logits": (51866, 1280),
-    }
     res: dict = {}
-    for name, (n, k) in shapes.items():
-        copies = max(2, -(-150_000_000 // (n * k * 2)))
-        ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * k**-0.5 for _ in range(copies)]
-        b = torch.randn(n, device=DEV, dtype=torch.float16)
-        g, beta = torch.ones(k, device=DEV, dtype=torch.float16), torch.zeros(k, device=DEV, dtype=torch.float16)
+    for name, (n, k) in SHAPES.items():
+        ws, copies = cold_weights(n, k)
         x = torch.randn(1, k, device=DEV, dtype=torch.float16)
-        r = torch.randn(1, n, device=DEV, dtype=torch.float16)
-        kw = dict(
-            bias=None if name == "logits" else b,
-            ln=(g, beta) if name in ("qkv", "fc1", "logits") else None,
-            gelu=name == "fc1",
-            residual=r if name in ("out", "fc2") else None,
-            out_dtype=torch.float32 if name == "logits" else None,
-        )
+        kw = linear_options(name, 1, n, k)
 
         def run(cfg):
             for w in ws:
@@ -317,7 +302,7 @@ def step_replay(name: str) -> dict:
         for b in (1, 4, 16, 64):
             st = DecodeStep(size=b, window=128, active=tuple(range(b)), timestamps=False, sampling=False)
             runner.step(st)
-            graph = runner.graphs.graphs[(b, 128, False, False)][0]
+            graph = runner.graphs.graphs[runner._step_key(b, 128, False, False)][0]
             res[f"{'fused' if fused else 'plain'}_b{b}_ms"] = cuda_ms(graph.replay, repeats=50)
         del runner
         torch.cuda.empty_cache()

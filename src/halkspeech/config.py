@@ -78,7 +78,7 @@ class EngineSettings(BaseModel):
     #: the GIL with the request threads, and eager launches fell behind the GPU (5.7 against 4.9 ms a window).
     encoder_graphs: bool = True
     #: Decode steps of at most this many slots run the fused Triton kernels (model/kernels.py: LayerNorm, bias,
-    #: GELU and residual add folded into each projection, ~9 launches a decoder layer instead of ~20); larger
+    #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger
     #: steps, CPUs and machines without Triton use plain PyTorch. 0 turns them off.
     fused_kernels_max_batch: int = Field(default=16, ge=0)
     #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.

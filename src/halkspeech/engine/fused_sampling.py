@@ -30,15 +30,17 @@ def _kernel() -> Any:
         logits_ptr, ints_ptr, flags_ptr, suppress_ptr, blank_ptr, tokens_ptr, chosen_ptr,
         part_max_ptr, part_arg_ptr, part_sum_ptr, count_ptr,
         V, stride_l, stride_i, stride_f, stride_s, eot, timestamp_begin,
+        TOKENS: tl.constexpr, POSITIONS: tl.constexpr, PREV: tl.constexpr, N_GEN: tl.constexpr,
+        LAST_TS: tl.constexpr, BLANK: tl.constexpr, NO_EOT: tl.constexpr, ACTIVE: tl.constexpr,
         N_BLANK: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # logits [B, V] float32 (filtered in place); ints [S, 6] long and flags [S, 4] bool (sampling.SlotState
-        # columns); suppress [S, V] bool; blank [N_BLANK] long; out: tokens [B] long, chosen [B] float32;
-        # part_* [B, CHUNKS] and count [B] scratch, count zero on entry and exit
+        # logits [B, V] float32 (filtered in place); ints [S, 6] long and flags [S, 4] bool (sampling.SlotState,
+        # its fields' columns given as TOKENS..ACTIVE); suppress [S, V] bool; blank [N_BLANK] long; out: tokens
+        # [B] long, chosen [B] float32; part_* [B, CHUNKS] and count [B] scratch, count zero on entry and exit
         row, chunk = tl.program_id(0), tl.program_id(1)
-        n_gen = tl.load(ints_ptr + row * stride_i + 3)
-        blank_on = (tl.load(flags_ptr + row * stride_f + 1) != 0) & (n_gen == 0)
-        no_eot = tl.load(flags_ptr + row * stride_f + 2) != 0
+        n_gen = tl.load(ints_ptr + row * stride_i + N_GEN)
+        blank_on = (tl.load(flags_ptr + row * stride_f + BLANK) != 0) & (n_gen == 0)
+        no_eot = tl.load(flags_ptr + row * stride_f + NO_EOT) != 0
         best = float("-inf")
         best_at = 0
         total = 0.0  # sum of exp(logit - best) over this slice
@@ -77,14 +79,14 @@ def _kernel() -> Any:
             total = tl.sum(sums * tl.exp(maxes - shift), axis=0)
             tl.store(tokens_ptr + row, token.to(tl.int64))
             tl.store(chosen_ptr + row, top - shift - tl.log(total))  # log-softmax at the argmax
-            if tl.load(flags_ptr + row * stride_f + 3) != 0:  # active: advance the row's state
+            if tl.load(flags_ptr + row * stride_f + ACTIVE) != 0:  # advance the row's state
                 base = ints_ptr + row * stride_i
-                tl.store(base + 2, tl.load(base))  # prev = the token just consumed
-                tl.store(base, token.to(tl.int64))
-                tl.store(base + 1, tl.load(base + 1) + 1)
-                tl.store(base + 3, n_gen + 1)
+                tl.store(base + PREV, tl.load(base + TOKENS))  # the token just consumed
+                tl.store(base + TOKENS, token.to(tl.int64))
+                tl.store(base + POSITIONS, tl.load(base + POSITIONS) + 1)
+                tl.store(base + N_GEN, n_gen + 1)
                 if token >= timestamp_begin:
-                    tl.store(base + 4, token.to(tl.int64))
+                    tl.store(base + LAST_TS, token.to(tl.int64))
             tl.store(count_ptr + row, 0)
 
     return greedy_kernel
@@ -93,7 +95,21 @@ def _kernel() -> Any:
 class FusedGreedy:
     """Greedy, timestamp-free sampling of a decode step in one launch (see the module docstring)."""
 
-    def __init__(self, eot: int, timestamp_begin: int, blank: tuple[int, ...], slots: int, device: torch.device):
+    def __init__(
+        self,
+        eot: int,
+        timestamp_begin: int,
+        blank: tuple[int, ...],
+        slots: int,
+        device: torch.device,
+        int_fields: tuple[str, ...],
+        flag_fields: tuple[str, ...],
+    ) -> None:
+        """int_fields / flag_fields: the names of the state's packed columns (sampling.INT_FIELDS,
+        FLAG_FIELDS), so the kernel reads the columns the state really has."""
+        ints = ("tokens", "positions", "prev", "n_gen", "last_ts")
+        self.columns = {name.upper(): int_fields.index(name) for name in ints}
+        self.columns |= {name.upper(): flag_fields.index(name) for name in ("blank", "no_eot", "active")}
         self.eot = eot
         self.timestamp_begin = timestamp_begin
         self.blank = torch.tensor(blank, dtype=torch.long, device=device)
@@ -117,6 +133,6 @@ class FusedGreedy:
             self.part_max, self.part_arg, self.part_sum, self.count,
             vocab, logits.stride(0), ints.stride(0), flags.stride(0), suppress.stride(0), self.eot,
             self.timestamp_begin,
-            N_BLANK=self.blank.numel(), CHUNKS=CHUNKS, CHUNK=chunk, BLOCK=BLOCK,
+            **self.columns, N_BLANK=self.blank.numel(), CHUNKS=CHUNKS, CHUNK=chunk, BLOCK=BLOCK,
         )  # fmt: skip
         return tokens, chosen

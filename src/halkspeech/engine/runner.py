@@ -339,7 +339,7 @@ class Runner:
         the engine can plan and queue the next step before reading this one's tokens."""
         self._apply_moves(step.moves)
         self._apply_updates(step.updates)
-        key: StepKey = (step.size, step.window, step.timestamps, step.sampling)
+        key = self._step_key(step.size, step.window, step.timestamps, step.sampling)
         if self.graphs is not None:
             tokens, chosen, scores = self.graphs.run(key)  # the graph's buffers: the next replay overwrites them
         else:  # executed already: copied, in case they share memory with the state the next step advances
@@ -350,6 +350,11 @@ class Runner:
         rows = to_device(step.top_slots, torch.long, self.device)
         values, indices = torch.log_softmax(scores.index_select(0, rows), dim=-1).topk(step.top_k, dim=-1)
         return LaunchedStep(HostCopies.queue(tokens, chosen, indices, values), step.top_slots)
+
+    def _step_key(self, size: int, window: int, timestamps: bool, sampling: bool) -> StepKey:
+        """A step's graph: the fused step reads each slot's keys up to its position whatever the window, so
+        its sizes share one graph across window buckets (one capture, not one per bucket)."""
+        return (size, self.model.decoder.step_window(size, window), timestamps, sampling)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         size, window, timestamps, sampling = cast(StepKey, key)
@@ -475,7 +480,7 @@ class Runner:
         for size in sizes:
             for window in windows:
                 for timestamps in (False, True):
-                    self.graphs.capture((size, window, timestamps, False))
+                    self.graphs.capture(self._step_key(size, window, timestamps, False))
         if self.encoder_graphs is not None:
             for n in range(1, self.encoder_graph_batch + 1):
                 self.encoder_graphs.capture(n)

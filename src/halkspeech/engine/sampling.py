@@ -53,6 +53,23 @@ INT_FIELDS = ("tokens", "positions", "prev", "n_gen", "last_ts", "max_initial")
 FLAG_FIELDS = ("ts_rules", "blank", "no_eot", "active")
 
 
+class _Column:
+    """A field of SlotState: the column of one of its packed tensors that the field's name holds in `fields`,
+    as an [S] view (writes to it write the packed tensor)."""
+
+    def __init__(self, packed: str, fields: tuple[str, ...]) -> None:
+        self.packed, self.fields, self.index = packed, fields, -1
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.index = self.fields.index(name)
+
+    def __get__(self, state: SlotState, owner: type | None = None) -> Tensor:
+        return getattr(state, self.packed)[:, self.index]
+
+    def __set__(self, state: SlotState, value: Tensor) -> None:
+        raise AttributeError(f"write into the column (state.{self.fields[self.index]}[...] = ...), not over it")
+
+
 @dataclass
 class SlotState:
     """Per-slot decoding state on the device. Row i belongs to slot i; `rows` selects some.
@@ -107,45 +124,16 @@ class SlotState:
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.ints, self.flags, self.temperature, self.suppress
 
-    @property
-    def tokens(self) -> Tensor:
-        return self.ints[:, 0]
-
-    @property
-    def positions(self) -> Tensor:
-        return self.ints[:, 1]
-
-    @property
-    def prev(self) -> Tensor:
-        return self.ints[:, 2]
-
-    @property
-    def n_gen(self) -> Tensor:
-        return self.ints[:, 3]
-
-    @property
-    def last_ts(self) -> Tensor:
-        return self.ints[:, 4]
-
-    @property
-    def max_initial(self) -> Tensor:
-        return self.ints[:, 5]
-
-    @property
-    def ts_rules(self) -> Tensor:
-        return self.flags[:, 0]
-
-    @property
-    def blank(self) -> Tensor:
-        return self.flags[:, 1]
-
-    @property
-    def no_eot(self) -> Tensor:
-        return self.flags[:, 2]
-
-    @property
-    def active(self) -> Tensor:
-        return self.flags[:, 3]
+    tokens = _Column("ints", INT_FIELDS)
+    positions = _Column("ints", INT_FIELDS)
+    prev = _Column("ints", INT_FIELDS)
+    n_gen = _Column("ints", INT_FIELDS)
+    last_ts = _Column("ints", INT_FIELDS)
+    max_initial = _Column("ints", INT_FIELDS)
+    ts_rules = _Column("flags", FLAG_FIELDS)
+    blank = _Column("flags", FLAG_FIELDS)
+    no_eot = _Column("flags", FLAG_FIELDS)
+    active = _Column("flags", FLAG_FIELDS)
 
 
 class LogitPolicy(ABC):
@@ -225,7 +213,11 @@ class Sampler:
         self.ids = ids
         self.base: list[LogitPolicy] = [SuppressBlank(ids, device), SuppressTokens(), ForceLength(ids)]
         self.timestamps = TimestampRules(ids, device)
-        self.fused = FusedGreedy(ids.eot, ids.timestamp_begin, ids.blank, fused_slots, device) if fused_slots else None
+        self.fused = (
+            FusedGreedy(ids.eot, ids.timestamp_begin, ids.blank, fused_slots, device, INT_FIELDS, FLAG_FIELDS)
+            if fused_slots
+            else None
+        )
 
     def step(
         self, logits: Tensor, state: SlotState, *, timestamps: bool, sampling: bool

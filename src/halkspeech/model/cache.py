@@ -55,10 +55,14 @@ class KVCache:
     def values(self, layer: int, size: int, window: int) -> torch.Tensor:
         return self.self_kv[layer, :size, :window, 1].transpose(1, 2)
 
+    def step_rows(self, layer: int) -> torch.Tensor:
+        """A layer's self-attention cache as one row per (slot, position): [S*T, 2*H*Dh], row slot*T + position
+        holding that position's key then value (a view)."""
+        return self.self_kv[layer].view(-1, self.self_kv[layer, 0, 0].numel())
+
     def write_step(self, layer: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
         """Store one new key/value per slot: kv [B, 2*H*Dh] at flat rows `slot * T + position` [B]."""
-        flat = self.self_kv[layer].view(-1, *self.self_kv.shape[3:])  # [S*T, 2, H, Dh]
-        flat.index_copy_(0, rows, kv.view(kv.shape[0], *self.self_kv.shape[3:]))
+        self.step_rows(layer).index_copy_(0, rows, kv)
 
     @staticmethod
     def bytes_per_slot(dims: ModelDims, dtype: torch.dtype) -> int:

@@ -169,11 +169,11 @@ class DecoderBlock(nn.Module):
         """`step` with the fused kernels (kernels.py): x [B, D] → [B, D] in eight launches, where the plain
         step makes ~20: four projections with their LayerNorm, bias, GELU and residual add folded in (the
         first also writes the new key and value into the cache), two attentions and the MLP's two."""
-        b, d, heads = x.shape[0], x.shape[1], self.heads
-        flat = cache.self_kv[layer].view(-1, 2 * d)  # [S*T, 2D]: one row per (slot, position)
-        qkv = kernels.linear(x, self.qkv.weight, self.qkv.bias, ln=_ln(self.attn_ln), kv=(flat, rows, d))
-        kv = cache.self_kv[layer, :b]  # [B, T, 2, H, Dh]
-        keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, H, T, Dh] views
+        b, d, heads, ctx = x.shape[0], x.shape[1], self.heads, cache.n_text_ctx
+        qkv = kernels.linear(
+            x, self.qkv.weight, self.qkv.bias, ln=_ln(self.attn_ln), kv=(cache.step_rows(layer), rows, d)
+        )
+        keys, values = cache.keys(layer, b, ctx), cache.values(layer, b, ctx)  # read up to each slot's position
         a = kernels.decode_attention(qkv[:, :d].view(b, heads, -1), keys, values, lengths=positions, length_offset=1)
         x = kernels.linear(a, self.out.weight, self.out.bias, residual=x)
         q = kernels.linear(x, self.cross_q.weight, self.cross_q.bias, ln=_ln(self.cross_ln)).view(b, heads, -1)
@@ -253,7 +253,8 @@ class Decoder(nn.Module):
 
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
         """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
-        position are masked; `window` (≥ every position + 1) bounds how much of the cache is read."""
+        position are masked; `window` (≥ every position + 1) bounds how much of the cache is read, except in
+        the fused step (`step_window`), which reads each slot's keys up to its position."""
         if tokens.shape[0] <= self.fused_max_batch:
             return self._step_fused(tokens, positions, cache)
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
@@ -275,6 +276,10 @@ class Decoder(nn.Module):
         for layer, block in self.layers():
             x = block.step_fused(x, layer, cache, rows, positions)
         return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
+
+    def step_window(self, size: int, window: int) -> int:
+        """The window a step of `size` slots depends on: 0 for the fused step, which has none."""
+        return 0 if size <= self.fused_max_batch else window
 
     def use_fused_kernels(self, max_batch: int) -> bool:
         """Run steps of at most `max_batch` slots with the fused kernels, where they can run (a CUDA device
