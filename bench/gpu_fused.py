@@ -6,6 +6,11 @@
   D. kernels in one eager turbo step at batch 1, plain and fused
   E. one 30 s window with 80 forced tokens through the whole engine, plain against fused, both models
   F. the HF peer at batch 1 and 16 under its default attention and under flash/efficient only
+  P. programmatic dependent launch (kernels.set_pdl) off and on, twice each: fused step graph replay at batch 1,
+     4, 16 of both models, and 20 greedy steps of 16 slots against the plain path
+  Q. one window through the engine (as E, fused only) with PDL off and on, twice each
+  K. batch 64 (turbo's throughput case): kernels of one eager plain step, and cross-attention over 64 rows,
+     SDPA against the Triton decode attention's splits, block and warps
 
 Run: PYTHONPATH=src python bench/gpu_fused.py OUT_DIR [sections, e.g. ABCDEF]
 """
@@ -331,17 +336,17 @@ def runner_tokens() -> dict:
     return {"rows_identical": f"{same_rows}/16", "first_differing_step": first_diff}
 
 
-def step_kernels() -> dict:
+def step_kernels(batch: int = 1) -> dict:
     m = model("large-v3-turbo")
     tok = Tokenizer.for_model(m.dims)
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
     res = {}
     for fused in (0, 64):
         m.decoder.fused_max_batch = fused
-        runner, _ = make_runner(m, 4)
+        runner, _ = make_runner(m, max(4, batch))
         runner.graphs = None
-        fill(runner, _features(1, m.dims.n_mels, DEV), 1, prompt, sot)
-        st = DecodeStep(size=1, window=128, active=(0,), timestamps=False, sampling=False)
+        fill(runner, _features(batch, m.dims.n_mels, DEV), batch, prompt, sot)
+        st = DecodeStep(size=batch, window=128, active=tuple(range(batch)), timestamps=False, sampling=False)
         for _ in range(3):
             runner.step(st)
         torch.cuda.synchronize()
@@ -350,6 +355,90 @@ def step_kernels() -> dict:
             torch.cuda.synchronize()
         res["fused" if fused else "plain"] = kernel_table(prof, top=40)
     m.decoder.fused_max_batch = 0
+    return res
+
+
+def pdl_variant(name: str, pdl: bool, reference: list | None) -> tuple[dict, list]:
+    """A fresh 16-slot runner with PDL on or off: 20 greedy steps of 16 slots (compared with `reference`),
+    then graph replay of the step at batch 1, 4 and 16 (each from the same state)."""
+    kernels.set_pdl(pdl)
+    m = model(name)
+    tok = Tokenizer.for_model(m.dims)
+    prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
+    m.decoder.fused_max_batch = 16 if reference is not None else 0
+    runner, _ = make_runner(m, 16)
+    fill(runner, _features(16, m.dims.n_mels, DEV), 16, prompt, sot)
+    saved = runner.graphs.snapshot()
+    full = DecodeStep(size=16, window=64, active=tuple(range(16)), timestamps=False, sampling=False)
+    tokens = [runner.step(full).tokens for _ in range(20)]
+    row = {}
+    if reference is not None:
+        row["tokens_equal_plain"] = f"{sum(a == b for a, b in zip(tokens, reference, strict=True))}/20 steps"
+        for b in (1, 4, 16):
+            runner.graphs.restore(saved)
+            st = DecodeStep(size=b, window=64, active=tuple(range(b)), timestamps=False, sampling=False)
+            runner.step(st)
+            graph = runner.graphs.graphs[runner._step_key(b, 64, False, False)][0]
+            row[f"b{b}_ms"] = cuda_ms(graph.replay, repeats=50)
+    m.decoder.fused_max_batch = 0
+    del runner
+    torch.cuda.empty_cache()
+    kernels.set_pdl(True)
+    return row, tokens
+
+
+def pdl_variants() -> dict:
+    res: dict = {"launch_options": str(kernels.launch_options(DEV))}
+    for name in ("large-v3-turbo", "large-v3"):
+        _, reference = pdl_variant(name, True, None)  # the plain step (PyTorch kernels, fused sampler)
+        for pdl in (False, True, False, True):
+            row, _ = pdl_variant(name, pdl, reference)
+            res.setdefault(f"{name} pdl {'on' if pdl else 'off'}", []).append(row)
+            print(name, pdl, row, flush=True)
+        _models.pop(name)
+    return res
+
+
+def engine_b1_pdl() -> dict:
+    _models.clear()
+    torch.cuda.empty_cache()
+    res = {}
+    for pdl in (False, True, False, True):
+        kernels.set_pdl(pdl)
+        cfg = EngineBenchConfig(batches=(1,), repeats=7, compare_hf=False, fused_kernels_max_batch=16)
+        for row in run_engine_bench(cfg)["rows"]:
+            res.setdefault(f"{row['model']}_pdl_{'on' if pdl else 'off'}_ms", []).append(row["seconds"] * 1000)
+    kernels.set_pdl(True)
+    return res
+
+
+def batch64() -> dict:
+    res: dict = {"step_kernels_b64": step_kernels(64)["plain"]}
+    _models.clear()
+    torch.cuda.empty_cache()
+    heads, dh, layers, b = 20, 64, 4, 64
+    q = torch.randn(b, heads, dh, device=DEV, dtype=torch.float16)
+    cross = [torch.randn(2, b, heads, 1500, dh, device=DEV, dtype=torch.float16) for _ in range(layers)]
+    sdpa = lambda: [F.scaled_dot_product_attention(q[:, :, None], c[0], c[1]) for c in cross]
+    ref = sdpa()[0][:, :, 0].reshape(b, -1).float()
+    res["cross_sdpa_us"] = triton.testing.do_bench_cudagraph(sdpa, rep=50) * 1000 / layers
+    timings = []
+    for sp, bn, wp in itertools.product((1, 2, 4, 8), (32, 64, 128), (1, 2, 4, 8)):
+        fn = lambda sp=sp, bn=bn, wp=wp: [
+            kernels.decode_attention(q, c[0], c[1], splits=sp, block_n=bn, warps=wp) for c in cross
+        ]
+        try:
+            err = (fn()[0].float() - ref).abs().max().item()
+            if err > 0.01:
+                print("cross b64", sp, bn, wp, "error", err, flush=True)
+                continue
+            timings.append((triton.testing.do_bench_cudagraph(fn, rep=50) * 1000 / layers, (sp, bn, wp)))
+        except Exception as exc:
+            print("cross b64", sp, bn, wp, repr(exc)[:160], flush=True)
+    timings.sort(key=lambda t: t[0])
+    res["cross_triton_top5_us"] = [(round(t, 1), c) for t, c in timings[:5]]
+    res["cross_bytes_per_layer_mb"] = 2 * b * heads * 1500 * dh * 2 / 1e6
+    print(f"cross b64: sdpa {res['cross_sdpa_us']:.1f} us, best {timings[0]}", flush=True)
     return res
 
 
@@ -407,3 +496,6 @@ if __name__ == "__main__":
     section("G runner tokens", runner_tokens)
     section("E engine b1", engine_b1)
     section("F hf attention", hf_attention)
+    section("P pdl", pdl_variants)
+    section("Q engine b1 pdl", engine_b1_pdl)
+    section("K batch 64", batch64)

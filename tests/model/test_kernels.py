@@ -141,3 +141,13 @@ def test_fused_decoder_step_equals_plain_step(tiny_en_weights: LoadedWeights, mo
 
 def test_fused_kernels_need_a_cuda_device() -> None:
     assert not kernels.available(torch.device("cpu"))
+
+
+def test_dependent_launch_only_where_the_device_has_it() -> None:
+    # PDL needs sm90+ and a compiled kernel: never in the interpreter nor on the CPU, and off when switched off
+    assert kernels.launch_options(torch.device("cpu")) == {"PDL": False}
+    kernels.set_pdl(False)
+    try:
+        assert kernels.launch_options(torch.device("cuda")) == {"PDL": False}
+    finally:
+        kernels.set_pdl(True)
