@@ -7,9 +7,12 @@ the large-v3 encoder (turbo's is the same) with random log-mel input:
               so its output error against eager is reported too);
   compiled:   each block through torch.compile (inductor fuses the LayerNorms, bias adds, GELU and residual
               adds around cuBLAS GEMMs), with its compile time;
-and profiles one eager pass by kernel category.
+  fused:      the engine's fused path (Encoder.use_fused_kernels: residual adds inside the GEMMs, Triton
+              LayerNorms that add the biases back), with the Triton LayerNorm alone against PyTorch's per
+              rows-a-program;
+and profiles the eager and fused passes by kernel category.
 
-    PYTHONPATH=src python bench/gpu_encoder.py OUT_DIR [--batch 64]
+    PYTHONPATH=src python bench/gpu_encoder.py OUT_DIR [--batch 64] [--variants eager,fused]
     PYTHONPATH=src python bench/gpu_encoder.py OUT_DIR --scan 8,12,16,32,64   # eager only: ms a window by batch
 """
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from halkspeech.bench.common import cuda_ms, device_info, print_table
+from halkspeech.model import kernels
 from halkspeech.model.weights import random_weights
 from halkspeech.model.whisper import EncoderBlock, Whisper, _merge_heads, _split_heads
 
@@ -118,6 +122,20 @@ def profile(fn: Callable[[], object]) -> dict[str, Any]:
     }
 
 
+def layer_norm_timings(m: int, d: int, device: torch.device) -> dict[str, float]:
+    """µs per LayerNorm of [m, d] fp16: PyTorch's, and the Triton one with a shift at several rows a program."""
+    x = torch.randn(m, d, device=device, dtype=torch.float16)
+    w, b = torch.randn(d, device=device, dtype=torch.float16), torch.randn(d, device=device, dtype=torch.float16)
+    shift = torch.randn(d, device=device)
+    want = F.layer_norm(x.float() + shift, (d,), w.float(), b.float())
+    out = {"torch": cuda_ms(lambda: F.layer_norm(x, (d,), w, b), repeats=20) * 1000}
+    for rows in (1, 2, 4, 8, 16):
+        error = (kernels.layer_norm(x, w, b, shift=shift, rows=rows).float() - want).abs().max().item()
+        timing = cuda_ms(lambda rows=rows: kernels.layer_norm(x, w, b, shift=shift, rows=rows), repeats=20) * 1000
+        out[f"triton_rows{rows}"] = timing if error < 0.05 else float("nan")
+    return out
+
+
 def scan(model: Whisper, batches: list[int], out: Path, device: torch.device) -> None:
     """The eager encoder's device time per window at each batch size (the engine's runs while decoding are
     small: is a window dearer in a run of 12 than in one of 64?)."""
@@ -140,6 +158,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--scan", help="comma-separated batches: time the eager encoder at each, nothing else")
+    parser.add_argument("--variants", default="eager,gelu_fused,compiled,fused")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -168,17 +187,28 @@ def main() -> None:
                 rows.append({"variant": name, "error": repr(exc)[:200]})
             print(rows[-1], flush=True)
 
+        variants = args.variants.split(",")
         add("eager", model.encoder)
         results["profile_eager"] = profile(lambda: model.encoder(mel))
         print(json.dumps(results["profile_eager"], indent=1), flush=True)
-        add("gelu_fused", lambda m: run_blocks(model, m, gelu_fused_block))
-        started = time.perf_counter()
-        compiled = compiled_block_fn()
-        run_blocks(model, mel, compiled)  # compile for this batch
-        run_blocks(model, mel[:4], compiled)
-        add("compiled", lambda m: run_blocks(model, m, compiled), {"compile_s": time.perf_counter() - started})
-        results["profile_compiled"] = profile(lambda: run_blocks(model, mel, compiled))
-        print(json.dumps(results["profile_compiled"], indent=1), flush=True)
+        if "gelu_fused" in variants:
+            add("gelu_fused", lambda m: run_blocks(model, m, gelu_fused_block))
+        if "compiled" in variants:
+            started = time.perf_counter()
+            compiled = compiled_block_fn()
+            run_blocks(model, mel, compiled)  # compile for this batch
+            run_blocks(model, mel[:4], compiled)
+            add("compiled", lambda m: run_blocks(model, m, compiled), {"compile_s": time.perf_counter() - started})
+            results["profile_compiled"] = profile(lambda: run_blocks(model, mel, compiled))
+            print(json.dumps(results["profile_compiled"], indent=1), flush=True)
+        if "fused" in variants:
+            results["layer_norm_us"] = layer_norm_timings(args.batch * 1500, weights.dims.n_audio_state, device)
+            print(results["layer_norm_us"], flush=True)
+            model.encoder.use_fused_kernels(True)
+            add("fused", model.encoder)
+            results["profile_fused"] = profile(lambda: model.encoder(mel))
+            print(json.dumps(results["profile_fused"], indent=1), flush=True)
+            model.encoder.use_fused_kernels(False)
     results["rows"] = rows
     results["table"] = print_table(
         rows,

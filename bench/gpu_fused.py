@@ -2,14 +2,14 @@
 
   A. correctness: fused against plain step logits (fp16, random large-v3-turbo weights) at several batch sizes
   B. `linear` tile configurations against PyTorch's LN + GEMM + epilogue ops, CUDA-graph timed, per shape
-  C. decode-step graph replay (with sampling), plain against fused, per batch size, both models
+  C. decode-step graph replay (with sampling) with fused_max_batch 0, 16 and 64, per batch size, both models
   D. kernels in one eager turbo step at batch 1, plain and fused
   E. one 30 s window with 80 forced tokens through the whole engine, plain against fused, both models
   F. the HF peer at batch 1 and 16 under its default attention and under flash/efficient only
   P. programmatic dependent launch (kernels.set_pdl) off and on, twice each: fused step graph replay at batch 1,
      4, 16 of both models, and 20 greedy steps of 16 slots against the plain path
   Q. one window through the engine (as E, fused only) with PDL off and on, twice each
-  K. batch 64 (turbo's throughput case): kernels of one eager plain step, and cross-attention over 64 rows,
+  K. batch 64 (turbo's throughput case): kernels of one eager step (fused_max_batch 0 and 16), and cross-attention over 64 rows,
      SDPA against the Triton decode attention's splits, block and warps
 
 Run: PYTHONPATH=src python bench/gpu_fused.py OUT_DIR [sections, e.g. ABCDEF]
@@ -300,7 +300,7 @@ def step_replay(name: str) -> dict:
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
     feats = _features(64, m.dims.n_mels, DEV)
     res = {}
-    for fused in (0, 64):
+    for fused in (0, 16, 64):
         m.decoder.fused_max_batch = fused
         runner, _ = make_runner(m, 64)
         fill(runner, feats, 64, prompt, sot)
@@ -308,7 +308,7 @@ def step_replay(name: str) -> dict:
             st = DecodeStep(size=b, window=128, active=tuple(range(b)), timestamps=False, sampling=False)
             runner.step(st)
             graph = runner.graphs.graphs[runner._step_key(b, 128, False, False)][0]
-            res[f"{'fused' if fused else 'plain'}_b{b}_ms"] = cuda_ms(graph.replay, repeats=50)
+            res[f"fused{fused}_b{b}_ms"] = cuda_ms(graph.replay, repeats=50)
         del runner
         torch.cuda.empty_cache()
     m.decoder.fused_max_batch = 0
@@ -341,7 +341,7 @@ def step_kernels(batch: int = 1) -> dict:
     tok = Tokenizer.for_model(m.dims)
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
     res = {}
-    for fused in (0, 64):
+    for fused in (0, 16 if batch > 16 else 64):
         m.decoder.fused_max_batch = fused
         runner, _ = make_runner(m, max(4, batch))
         runner.graphs = None
@@ -353,7 +353,7 @@ def step_kernels(batch: int = 1) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner.step(st)
             torch.cuda.synchronize()
-        res["fused" if fused else "plain"] = kernel_table(prof, top=40)
+        res[f"fused{fused}" if fused else "plain"] = kernel_table(prof, top=40)
     m.decoder.fused_max_batch = 0
     return res
 
@@ -413,7 +413,8 @@ def engine_b1_pdl() -> dict:
 
 
 def batch64() -> dict:
-    res: dict = {"step_kernels_b64": step_kernels(64)["plain"]}
+    kinds = step_kernels(64)
+    res: dict = {"step_kernels_b64": kinds["plain"], "step_kernels_b64_fused16": kinds["fused16"]}
     _models.clear()
     torch.cuda.empty_cache()
     heads, dh, layers, b = 20, 64, 4, 64

@@ -81,6 +81,9 @@ class EngineSettings(BaseModel):
     #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger
     #: steps, CPUs and machines without Triton use plain PyTorch. 0 turns them off.
     fused_kernels_max_batch: int = Field(default=16, ge=0)
+    #: The encoder's residual adds inside its projections' GEMMs and its LayerNorms in Triton (Encoder.forward_fused;
+    #: CUDA with Triton only): two kernels a layer fewer, each a pass over the batch's activations.
+    fused_encoder: bool = True
     #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.
     warmup_graphs: bool = True
     #: Pending decode requests (not yet in a slot) before new work is refused.

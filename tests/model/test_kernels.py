@@ -105,8 +105,12 @@ def test_decode_attention_equals_sdpa(splits: int) -> None:
         assert not kernels._workspaces[(q.device, "attention")][1].any()
 
 
-def test_fused_decoder_step_equals_plain_step(tiny_en_weights: LoadedWeights, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real tiny.en weights: three steps of three slots after a prompt, the fused path against the plain one.
+@pytest.mark.parametrize("fused_max_batch", [4, 2])
+def test_fused_decoder_step_equals_plain_step(
+    tiny_en_weights: LoadedWeights, monkeypatch: pytest.MonkeyPatch, fused_max_batch: int
+) -> None:
+    """Real tiny.en weights: three steps of three slots after a prompt, the fused path against the plain one
+    (with a maximum of 2, the step of 3 is the plain one with the Triton self-attention).
     For the interpreter's sake (minutes otherwise) the vocabulary is cut to its first 1,024 tokens, the audio
     to 200 frames, and the tiles are large; the wiring tested depends on none of these (the tilings and the
     split attention have their own tests above)."""
@@ -121,7 +125,7 @@ def test_fused_decoder_step_equals_plain_step(tiny_en_weights: LoadedWeights, mo
     def run(fused: bool) -> list[torch.Tensor]:
         cache = KVCache.allocate(dims, 4, dtype=torch.float32, device="cpu")
         audio = torch.randn(3, dims.n_audio_ctx, dims.n_audio_state, generator=torch.Generator().manual_seed(0))
-        model.decoder.fused_max_batch = 4 if fused else 0
+        model.decoder.fused_max_batch = fused_max_batch if fused else 0
         out = []
         with torch.inference_mode():
             model.decoder.fill_cross(audio, cache, torch.arange(3))
@@ -151,3 +155,35 @@ def test_dependent_launch_only_where_the_device_has_it() -> None:
         assert kernels.launch_options(torch.device("cuda")) == {"PDL": False}
     finally:
         kernels.set_pdl(True)
+
+
+@pytest.mark.parametrize(("m", "d", "rows"), [(1, 384, 4), (37, 300, 4), (9, 1280, 16)])
+def test_layer_norm_with_a_shift_equals_torch(m: int, d: int, rows: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, d, generator=g) * 3 + 1
+    shift = torch.randn(d, generator=g)
+    weight, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    want = F.layer_norm(x + shift, (d,), weight, bias)
+    torch.testing.assert_close(kernels.layer_norm(x, weight, bias, shift=shift, rows=rows), want)
+    torch.testing.assert_close(kernels.layer_norm(x, weight, bias, rows=rows), F.layer_norm(x, (d,), weight, bias))
+    with pytest.raises(ValueError):
+        kernels.layer_norm(x, weight[1:], bias)
+
+
+def test_fused_encoder_equals_plain_encoder(tiny_en_weights: LoadedWeights, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real tiny.en weights, the audio cut to 200 positions for the interpreter's sake: the residual stream kept
+    without the projections' biases (added back by the LayerNorms) gives the plain encoder's output."""
+    audio_ctx = 200
+    dims = dataclasses.replace(tiny_en_weights.dims, n_audio_ctx=audio_ctx)
+    state = dict(tiny_en_weights.state_dict)
+    state["encoder.positional_embedding"] = state["encoder.positional_embedding"][:audio_ctx]
+    model = Whisper.from_openai_state_dict(dims, state)
+    mel = torch.randn(2, dims.n_mels, 2 * audio_ctx, generator=torch.Generator().manual_seed(0))
+    assert not model.encoder.use_fused_kernels(True)  # on the CPU: the plain path
+    with torch.inference_mode():
+        plain = model.encoder(mel)
+        monkeypatch.setattr(kernels, "available", lambda device: True)
+        assert model.encoder.use_fused_kernels(True)
+        fused = model.encoder(mel)
+    assert model.encoder.shifts is not None and model.encoder.shifts.shape == (2 * dims.n_audio_layer + 1, 384)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)

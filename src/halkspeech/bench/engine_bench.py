@@ -37,6 +37,7 @@ class EngineBenchConfig:
     max_encoder_batch: int = 64
     cuda_graphs: bool = True
     fused_kernels_max_batch: int = EngineSettings.model_fields["fused_kernels_max_batch"].default
+    fused_encoder: bool = EngineSettings.model_fields["fused_encoder"].default
     json_path: str | None = None
 
 
@@ -129,6 +130,7 @@ def _bench_ours(
         max_encoder_batch=cfg.max_encoder_batch,
         cuda_graphs=cfg.cuda_graphs,
         fused_kernels_max_batch=cfg.fused_kernels_max_batch,
+        fused_encoder=cfg.fused_encoder,
     )
     model = start_engine(weights, settings)
     rows = []

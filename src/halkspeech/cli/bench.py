@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="decode steps of at most this many slots use the fused Triton kernels (0: none; default: the "
         "engine's setting)",
     )
+    engine.add_argument(
+        "--no-fused-encoder", action="store_true", help="the encoder's plain PyTorch path (for comparison)"
+    )
     _device_args(engine)
     engine.set_defaults(func=_run_engine)
 
@@ -128,6 +131,7 @@ def _run_engine(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_encoder_batch=args.encoder_batch,
             cuda_graphs=not args.no_graphs,
+            fused_encoder=not args.no_fused_encoder,
             json_path=args.json_path,
             **({} if args.fused_max_batch is None else {"fused_kernels_max_batch": args.fused_max_batch}),
         )

@@ -352,8 +352,8 @@ class Runner:
         return LaunchedStep(HostCopies.queue(tokens, chosen, indices, values), step.top_slots)
 
     def _step_key(self, size: int, window: int, timestamps: bool, sampling: bool) -> StepKey:
-        """A step's graph: the fused step reads each slot's keys up to its position whatever the window, so
-        its sizes share one graph across window buckets (one capture, not one per bucket)."""
+        """A step's graph: with the fused kernels on, every step reads each slot's keys up to its position
+        whatever the window, so a size shares one graph across window buckets (one capture, not one per bucket)."""
         return (size, self.model.decoder.step_window(size, window), timestamps, sampling)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:

@@ -116,6 +116,7 @@ def _kernels() -> dict[str, Any]:
         "linear": tk.linear_kernel,
         "step_inputs": tk.step_inputs_kernel,
         "attention": tk.attention_kernel,
+        "layer_norm": tk.layer_norm_kernel,
         "cdiv": triton.cdiv,
     }
 
@@ -230,5 +231,23 @@ def decode_attention(
         h, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         lengths.stride(0) if lengths is not None else 0, keys.shape[2], length_offset, dh**-0.5,
         HAS_LEN=lengths is not None, DH=dh, BLOCK_N=block_n, SPLITS=splits, num_warps=warps, **launch_options(q.device),
+    )  # fmt: skip
+    return out
+
+
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, *, shift: Tensor | None = None, eps: float = 1e-5, rows: int = 1
+) -> Tensor:
+    """LayerNorm over the last dimension of x [M, D] (unit column stride) → [M, D] in x's dtype, of x + shift
+    when shift [D] (float32) is given: the encoder's residual stream is kept without its projections' biases,
+    which its LayerNorms add back this way (Encoder.forward_fused)."""
+    m, d = x.shape
+    if x.stride(1) != 1 or weight.shape != (d,) or (shift is not None and shift.shape != (d,)):
+        raise ValueError(f"layer_norm: x {tuple(x.shape)} / weight {tuple(weight.shape)} / shift do not fit")
+    out = torch.empty(m, d, dtype=x.dtype, device=x.device)
+    kern = _kernels()
+    kern["layer_norm"][(kern["cdiv"](m, rows),)](
+        x, shift if shift is not None else weight, weight, bias, out, m, d, x.stride(0), out.stride(0), eps,
+        HAS_SHIFT=shift is not None, ROWS=rows, BLOCK_D=1 << (d - 1).bit_length(),
     )  # fmt: skip
     return out

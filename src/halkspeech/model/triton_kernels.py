@@ -185,3 +185,25 @@ def attention_kernel(
             merged = tl.sum(accs * weight[:, None], axis=0) / tl.sum(totals * weight, axis=0)
             tl.store(out, merged.to(out_ptr.dtype.element_ty))
             tl.store(count_ptr + head, 0)
+
+
+@triton.jit
+def layer_norm_kernel(
+    x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, stride_y, eps,
+    HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # y[m] = LN(x[m] + shift) · w + b for ROWS rows a program: x, y [M, D] (row strides given), shift [D]
+    # float32, w/b [D]; statistics in float32, two passes over the rows held in registers
+    rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rd = tl.arange(0, BLOCK_D)
+    ok = (rm < M)[:, None] & (rd < D)[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_x + rd[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(shift_ptr + rd, mask=rd < D, other=0.0)[None, :]
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    w = tl.load(w_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_y + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)

@@ -70,6 +70,17 @@ class EncoderBlock(nn.Module):
         x = x + self.out(_merge_heads(a))
         return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
 
+    def forward_fused(self, x: Tensor, batch: int, attn_shift: Tensor, mlp_shift: Tensor) -> None:
+        """`forward` in place on x [B*A, D]: the residual stream less the out and fc2 biases added so far, which
+        the LayerNorms add back (shifts [D], float32; kernels.layer_norm). Each residual add is then the GEMM
+        of its projection (beta = 1), not a kernel of its own."""
+        d = x.shape[1]
+        h = self.qkv(kernels.layer_norm(x, self.attn_ln.weight, self.attn_ln.bias, shift=attn_shift))
+        q, k, v = (_split_heads(t, self.heads) for t in h.view(batch, -1, 3 * d).chunk(3, dim=-1))
+        x.addmm_(_merge_heads(F.scaled_dot_product_attention(q, k, v)).view(-1, d), self.out.weight.t())
+        h = kernels.layer_norm(x, self.mlp_ln.weight, self.mlp_ln.bias, shift=mlp_shift)
+        x.addmm_(F.gelu(self.fc1(h)), self.fc2.weight.t())
+
 
 class Encoder(nn.Module):
     positional_embedding: Tensor
@@ -82,6 +93,20 @@ class Encoder(nn.Module):
         self.register_buffer("positional_embedding", sinusoids(dims.n_audio_ctx, d))
         self.blocks = nn.ModuleList(EncoderBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer))
         self.ln_post = nn.LayerNorm(d)
+        # with the fused path on (`use_fused_kernels`): the biases the residual stream lacks before each
+        # LayerNorm, [2 * layers + 1, D] float32 (before each block's attention and MLP, then ln_post)
+        self.shifts: Tensor | None = None
+
+    def use_fused_kernels(self, on: bool) -> bool:
+        """Run the blocks as `EncoderBlock.forward_fused` where they can run (CUDA with Triton); the weights
+        must not change afterwards. Returns whether they will. The residual adds, two kernels a layer that
+        each read two [B*1500, D] tensors and write one, become part of the projections' GEMMs."""
+        self.shifts = None
+        if on and kernels.available(self.ln_post.weight.device):
+            blocks = cast(Iterable[EncoderBlock], self.blocks)
+            biases = torch.stack([b for block in blocks for b in (block.out.bias, block.fc2.bias)]).float()
+            self.shifts = F.pad(biases.cumsum(0), (0, 0, 1, 0))
+        return self.shifts is not None
 
     def forward(self, mel: Tensor) -> Tensor:
         # mel: [B, n_mels, 3000] → [B, 1500, D]
@@ -90,9 +115,19 @@ class Encoder(nn.Module):
         # (measured on an H200: 108 of 378 ms of a batch-64 encoder pass)
         x = F.gelu(self.conv2(x)).transpose(1, 2).contiguous()
         x = x + self.positional_embedding.to(x.dtype)
+        if self.shifts is not None:
+            return self._forward_fused(x)
         for block in self.blocks:
             x = block(x)
         return cast(Tensor, self.ln_post(x))
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        b, a, d = x.shape
+        stream, shifts = x.view(b * a, d), cast(Tensor, self.shifts)  # x is this call's own: updated in place
+        for i, block in enumerate(cast(Iterable[EncoderBlock], self.blocks)):
+            block.forward_fused(stream, b, shifts[2 * i], shifts[2 * i + 1])
+        post = self.ln_post
+        return kernels.layer_norm(stream, post.weight, post.bias, shift=shifts[-1]).view(b, a, d)
 
 
 class DecoderBlock(nn.Module):
@@ -153,15 +188,22 @@ class DecoderBlock(nn.Module):
         x, scores = self._cross(x, cache.cross_k[layer, slots], cache.cross_v[layer, slots], scores_of)
         return self._mlp(x), scores
 
-    def step(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor) -> Tensor:
-        # x: [B, 1, D] for slots 0..B-1; rows: [B] cache rows slot*T + position; mask: [B, 1, 1, W] additive
-        b, window, d = x.shape[0], mask.shape[-1], x.shape[-1]
+    def step(
+        self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor | None, positions: Tensor
+    ) -> Tensor:
+        # x: [B, 1, D] for slots 0..B-1; rows: [B] cache rows slot*T + position; mask: [B, 1, 1, W] additive,
+        # or None: each slot's keys up to its position [B] in the Triton decode attention (kernels.py)
+        b, d = x.shape[0], x.shape[-1]
         qkv = self.qkv(self.attn_ln(x))  # [B, 1, 3D]
         cache.write_step(layer, rows, qkv[:, 0, d:])
         q = _split_heads(qkv[..., :d], self.heads)
-        keys, values = cache.keys(layer, b, window), cache.values(layer, b, window)
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = x + self.out(_merge_heads(a))
+        if mask is None:
+            keys, values = cache.keys(layer, b, cache.n_text_ctx), cache.values(layer, b, cache.n_text_ctx)
+            a = kernels.decode_attention(q[:, :, 0], keys, values, lengths=positions, length_offset=1)[:, None]
+        else:
+            keys, values = cache.keys(layer, b, mask.shape[-1]), cache.values(layer, b, mask.shape[-1])
+            a = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        x = x + self.out(a)
         x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
 
@@ -199,7 +241,8 @@ class Decoder(nn.Module):
         # Cross-attention keys and values of every layer: [L, 2*D, D] weights and [L, 2*D] biases (k part 0).
         self.cross_kv_weight = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d, d))
         self.cross_kv_bias = nn.Parameter(torch.empty(dims.n_text_layer, 2 * d))
-        # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never)
+        # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never);
+        # with them on, larger steps take their self-attention from the Triton decode attention (no mask, no window)
         self.fused_max_batch = 0
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
@@ -253,18 +296,20 @@ class Decoder(nn.Module):
 
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
         """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
-        position are masked; `window` (≥ every position + 1) bounds how much of the cache is read, except in
-        the fused step (`step_window`), which reads each slot's keys up to its position."""
+        position are masked; `window` (≥ every position + 1) bounds how much of the cache is read, except with
+        the fused kernels on (`step_window`), which read each slot's keys up to its position."""
         if tokens.shape[0] <= self.fused_max_batch:
             return self._step_fused(tokens, positions, cache)
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
-        keys = torch.arange(window, device=tokens.device)
-        hidden = (keys[None, :] > positions[:, None])[:, None, None, :]  # [B, 1, 1, W] keys not yet written
-        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
+        mask = None
+        if not self.fused_max_batch:
+            keys = torch.arange(window, device=tokens.device)
+            hidden = (keys[None, :] > positions[:, None])[:, None, None, :]  # [B, 1, 1, W] keys not yet written
+            mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
         slots = torch.arange(tokens.shape[0], device=tokens.device)
         rows = slots * cache.n_text_ctx + positions  # one flat cache row per slot, computed once per step
         for layer, block in self.layers():
-            x = block.step(x, layer, cache, rows, mask)
+            x = block.step(x, layer, cache, rows, mask, positions)
         return self.logits(x)[:, 0]
 
     def _step_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
@@ -278,8 +323,8 @@ class Decoder(nn.Module):
         return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
 
     def step_window(self, size: int, window: int) -> int:
-        """The window a step of `size` slots depends on: 0 for the fused step, which has none."""
-        return 0 if size <= self.fused_max_batch else window
+        """The window a step of `size` slots depends on: 0 with the fused kernels on, whose attention has none."""
+        return 0 if self.fused_max_batch else window
 
     def use_fused_kernels(self, max_batch: int) -> bool:
         """Run steps of at most `max_batch` slots with the fused kernels, where they can run (a CUDA device
