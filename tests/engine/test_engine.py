@@ -65,6 +65,20 @@ def test_batched_results_equal_one_at_a_time(tiny_en_engine: ModelEngine, window
     assert max(tiny_en_engine.engine.stats.decode_batches) > 1
 
 
+def test_a_batch_is_taken_whole(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    """submit_many: one encoder run and one admission for windows that fit the slots, results as one at a time;
+    a batch larger than the queue is refused whole."""
+    expected = [decode_alone(small_engine, mel).tokens for mel in windows[:2]]
+    engine = small_engine.engine
+    runs, admits = sum(engine.stats.encoder_batches.values()), engine.stats.admit_calls
+    handles = engine.submit_many([make_request(small_engine, mel) for mel in windows[:2]])
+    assert [h.result(timeout=120).tokens for h in handles] == expected
+    assert sum(engine.stats.encoder_batches.values()) - runs == 1 and engine.stats.admit_calls - admits == 1
+    with pytest.raises(Overloaded):
+        engine.submit_many([make_request(small_engine, windows[0])] * 9)  # max_queue 8
+    assert engine.queue_depth == 0
+
+
 def test_slots_are_reused(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
     expected = [decode_alone(small_engine, mel).tokens for mel in windows[:3]]
     handles = [small_engine.engine.submit(make_request(small_engine, mel)) for mel in windows[:3] * 2]

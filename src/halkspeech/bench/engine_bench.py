@@ -65,10 +65,10 @@ class OursRunner:
         self.last_encode_ms = 0.0
 
     def __call__(self, batch: int) -> None:
-        handles = [
-            self.model.engine.submit(DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options))
-            for i in range(batch)
-        ]
+        # one batch, as HF gets it: submitted one by one, the loop may wake after the first few and split the
+        # windows between two encoder runs and two admissions (measured: 0.39 s against 0.44–0.47 s for turbo's 64)
+        requests = [DecodeRequest(self.features[i], self.prompt, self.sot_index, self.options) for i in range(batch)]
+        handles = self.model.engine.submit_many(requests)
         results = [h.result() for h in handles]
         bad = [len(r.tokens) for r in results if len(r.tokens) != self.tokens]
         if bad:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from halkspeech.engine.batch import Admission, AlignJob, DecodeStep
@@ -65,7 +65,7 @@ class DecodeHandle:
     def cancel(self) -> None:
         """Stop the work; its slots are freed at the next step boundary. Harmless after completion."""
         if not self.future.done():
-            self.engine._post(("cancel", self))
+            self.engine._post("cancel", (self,))
 
     def result(self, timeout: float | None = None) -> DecodeResult:
         return self.future.result(timeout)
@@ -139,7 +139,8 @@ class Engine:
         self.decoding_encoder_batch = decoding_encoder_batch
         self.decoding_encoder_wait_s = decoding_encoder_wait_ms / 1000
         self.stats = EngineStats()
-        self._inbox: queue.SimpleQueue[tuple[str, DecodeHandle]] = queue.SimpleQueue()
+        # messages to the loop: ("submit" | "cancel" | "wake", handles); a batch's handles travel in one message
+        self._inbox: queue.SimpleQueue[tuple[str, tuple[DecodeHandle, ...]]] = queue.SimpleQueue()
         self._handles: dict[int, DecodeHandle] = {}
         self._jobs: deque[tuple[EncodeJob, list[Group]]] = deque()
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
@@ -160,7 +161,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop; unfinished requests fail with EngineStopped."""
         self._stopping.set()
-        self._inbox.put(("wake", None))  # type: ignore[arg-type]
+        self._post("wake", ())
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -177,6 +178,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        # requests not yet in a slot (a batch still in the inbox counts once: the loop drains it at once)
         return self.scheduler.queue_depth + self._inbox.qsize()
 
     @property
@@ -191,14 +193,26 @@ class Engine:
         if self.queue_depth >= self.scheduler.max_queue:
             raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
         handle = DecodeHandle(self, request, on_tokens)
-        self._post(("submit", handle))
+        self._post("submit", (handle,))
         return handle
+
+    def submit_many(self, requests: Sequence[DecodeRequest]) -> list[DecodeHandle]:
+        """Queue several requests as one batch (thread-safe): the loop takes them together, so they share an
+        encoder run and an admission, where requests submitted one by one may be split between two runs if the
+        loop wakes between them. Raises Overloaded, queuing none, when they do not all fit."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        if self.queue_depth + len(requests) > self.scheduler.max_queue:
+            raise Overloaded(f"the decode queue cannot take {len(requests)} more windows")
+        handles = tuple(DecodeHandle(self, request, None) for request in requests)
+        self._post("submit", handles)
+        return list(handles)
 
     async def decode(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeResult:
         return await self.submit(request, on_tokens).wait()
 
-    def _post(self, message: tuple[str, DecodeHandle]) -> None:
-        self._inbox.put(message)
+    def _post(self, kind: str, handles: tuple[DecodeHandle, ...]) -> None:
+        self._inbox.put((kind, handles))
 
     # --- the loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -231,7 +245,9 @@ class Engine:
         if block and self.batch_window_s:
             time.sleep(self.batch_window_s)  # let a burst arrive so it shares one encoder call
         while True:
-            self._handle(*message)
+            kind, handles = message
+            for handle in handles:
+                self._handle(kind, handle)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
@@ -468,8 +484,9 @@ class Engine:
         self._handles.clear()
         while True:
             try:
-                _, handle = self._inbox.get_nowait()
+                _, handles = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if handle is not None and not handle.future.done():
-                handle.future.set_exception(exc)
+            for handle in handles:
+                if not handle.future.done():
+                    handle.future.set_exception(exc)
