@@ -12,8 +12,12 @@ each projection is one kernel that also does what sits around it:
     over several programs whose partial softmaxes are merged by the last one), for self- and cross-attention;
   * `step_inputs`: token + positional embedding and the cache row each slot writes.
 
-Triton is imported lazily: CPU installs need not have it (tests run these kernels in Triton's interpreter,
-`TRITON_INTERPRET=1`, when it is installed).
+On Hopper these launch with programmatic dependent launch (`set_pdl`). One more kernel serves the encoder:
+`layer_norm`, a LayerNorm of x + shift, with which the encoder's residual stream can leave out its biases
+(Encoder.use_fused_kernels).
+
+The Triton code is in triton_kernels.py, imported lazily: CPU installs need not have Triton (tests run these
+kernels in Triton's interpreter, `TRITON_INTERPRET=1`, when it is installed).
 """
 
 from __future__ import annotations
