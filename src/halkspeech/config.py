@@ -79,7 +79,8 @@ class EngineSettings(BaseModel):
     encoder_graphs: bool = True
     #: Decode steps of at most this many slots run the fused Triton kernels (model/kernels.py: LayerNorm, bias,
     #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger
-    #: steps, CPUs and machines without Triton use plain PyTorch. 0 turns them off.
+    #: steps keep PyTorch's GEMMs with the Triton decode attention; CPUs and machines without Triton use plain
+    #: PyTorch. 0 turns all of them off.
     fused_kernels_max_batch: int = Field(default=16, ge=0)
     #: The encoder's residual adds inside its projections' GEMMs and its LayerNorms in Triton (Encoder.forward_fused;
     #: CUDA with Triton only): two kernels a layer fewer, each a pass over the batch's activations.

@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--fused-max-batch",
         type=int,
         default=None,
-        help="decode steps of at most this many slots use the fused Triton kernels (0: none; default: the "
-        "engine's setting)",
+        help="decode steps of at most this many slots use the fused Triton kernels, larger ones the Triton "
+        "attention (0: none of them; default: the engine's setting)",
     )
     engine.add_argument(
         "--no-fused-encoder", action="store_true", help="the encoder's plain PyTorch path (for comparison)"
