@@ -354,7 +354,7 @@ class Runner:
     def _step_key(self, size: int, window: int, timestamps: bool, sampling: bool) -> StepKey:
         """A step's graph: with the fused kernels on, every step reads each slot's keys up to its position
         whatever the window, so a size shares one graph across window buckets (one capture, not one per bucket)."""
-        return (size, self.model.decoder.step_window(size, window), timestamps, sampling)
+        return (size, self.model.decoder.step_window(window), timestamps, sampling)
 
     def _graph_body(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         size, window, timestamps, sampling = cast(StepKey, key)

@@ -198,8 +198,7 @@ class DecoderBlock(nn.Module):
         cache.write_step(layer, rows, qkv[:, 0, d:])
         q = _split_heads(qkv[..., :d], self.heads)
         if mask is None:
-            keys, values = cache.keys(layer, b, cache.n_text_ctx), cache.values(layer, b, cache.n_text_ctx)
-            a = kernels.decode_attention(q[:, :, 0], keys, values, lengths=positions, length_offset=1)[:, None]
+            a = _attend_written_keys(q[:, :, 0], layer, cache, positions)[:, None]
         else:
             keys, values = cache.keys(layer, b, mask.shape[-1]), cache.values(layer, b, mask.shape[-1])
             a = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
@@ -211,12 +210,11 @@ class DecoderBlock(nn.Module):
         """`step` with the fused kernels (kernels.py): x [B, D] → [B, D] in eight launches, where the plain
         step makes ~20: four projections with their LayerNorm, bias, GELU and residual add folded in (the
         first also writes the new key and value into the cache), two attentions and the MLP's two."""
-        b, d, heads, ctx = x.shape[0], x.shape[1], self.heads, cache.n_text_ctx
+        b, d, heads = x.shape[0], x.shape[1], self.heads
         qkv = kernels.linear(
             x, self.qkv.weight, self.qkv.bias, ln=_ln(self.attn_ln), kv=(cache.step_rows(layer), rows, d)
         )
-        keys, values = cache.keys(layer, b, ctx), cache.values(layer, b, ctx)  # read up to each slot's position
-        a = kernels.decode_attention(qkv[:, :d].view(b, heads, -1), keys, values, lengths=positions, length_offset=1)
+        a = _attend_written_keys(qkv[:, :d].view(b, heads, -1), layer, cache, positions)
         x = kernels.linear(a, self.out.weight, self.out.bias, residual=x)
         q = kernels.linear(x, self.cross_q.weight, self.cross_q.bias, ln=_ln(self.cross_ln)).view(b, heads, -1)
         a = kernels.decode_attention(q, cache.cross_k[layer, :b], cache.cross_v[layer, :b], splits=CROSS_SPLITS)
@@ -227,6 +225,14 @@ class DecoderBlock(nn.Module):
 
 def _ln(norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
     return norm.weight, norm.bias
+
+
+def _attend_written_keys(q: Tensor, layer: int, cache: KVCache, positions: Tensor) -> Tensor:
+    """Self-attention of a step in the Triton decode attention: q [B, H, Dh] of slots 0..B-1 over each slot's
+    keys up to its position [B] (no mask, no window) → [B, H*Dh]."""
+    b, ctx = q.shape[0], cache.n_text_ctx
+    keys, values = cache.keys(layer, b, ctx), cache.values(layer, b, ctx)
+    return kernels.decode_attention(q, keys, values, lengths=positions, length_offset=1)
 
 
 class Decoder(nn.Module):
@@ -322,8 +328,8 @@ class Decoder(nn.Module):
             x = block.step_fused(x, layer, cache, rows, positions)
         return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
 
-    def step_window(self, size: int, window: int) -> int:
-        """The window a step of `size` slots depends on: 0 with the fused kernels on, whose attention has none."""
+    def step_window(self, window: int) -> int:
+        """The window a step depends on: 0 with the fused kernels on, whose attention has none."""
         return 0 if self.fused_max_batch else window
 
     def use_fused_kernels(self, max_batch: int) -> bool:
