@@ -30,16 +30,24 @@ RESULTS: dict = {}
 DEV = torch.device("cuda")
 
 
-def section(name, fn):
+def run_section(results: dict, name: str, fn, path: Path, preview: int = 0) -> None:
+    """One part of a GPU call: results[name] = fn() (or its error: one failed part must not cost the whole call),
+    its first `preview` characters printed, then every result so far rewritten to `path`."""
     print(f"\n=== {name}", flush=True)
     t0 = time.perf_counter()
     try:
-        RESULTS[name] = fn()
-    except Exception as exc:  # keep going: one failed probe must not cost the whole call
+        results[name] = fn()
+        if preview:
+            print(json.dumps(results[name], indent=1, default=str)[:preview], flush=True)
+    except Exception as exc:
         traceback.print_exc()
-        RESULTS[name] = {"error": repr(exc)}
+        results[name] = {"error": repr(exc)}
     print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    (OUT / "explore.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def section(name, fn):
+    run_section(RESULTS, name, fn, OUT / "explore.json")
 
 
 def make_runner(model: Whisper, slots: int) -> tuple[Runner, TokenIds]:

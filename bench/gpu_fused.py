@@ -18,10 +18,7 @@ Run: PYTHONPATH=src python bench/gpu_fused.py OUT_DIR [sections, e.g. ABCDEF]
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-import time
-import traceback
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +26,10 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_explore import fill, make_runner
-from gpu_profile import kernel_table
+from gpu_explore import fill, make_runner, run_section
+from gpu_profile import eager_step_profile
 from halkspeech.bench.common import cuda_ms, device_info, median, timed
 from halkspeech.bench.engine_bench import EngineBenchConfig, _features, run_engine_bench
 from halkspeech.engine.batch import DecodeStep
@@ -50,18 +46,8 @@ R: dict = {"device": device_info(DEV)}
 
 
 def section(name, fn):
-    if name[0] not in WANT:
-        return
-    print(f"\n=== {name}", flush=True)
-    t0 = time.perf_counter()
-    try:
-        R[name] = fn()
-        print(json.dumps(R[name], indent=1, default=str)[:4000], flush=True)
-    except Exception as exc:
-        traceback.print_exc()
-        R[name] = {"error": repr(exc)[:300]}
-    print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    (OUT / "fused.json").write_text(json.dumps(R, indent=1, default=str))
+    if name[0] in WANT:
+        run_section(R, name, fn, OUT / "fused.json", preview=4000)
 
 
 _models: dict[str, Whisper] = {}
@@ -338,22 +324,10 @@ def runner_tokens() -> dict:
 
 def step_kernels(batch: int = 1) -> dict:
     m = model("large-v3-turbo")
-    tok = Tokenizer.for_model(m.dims)
-    prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
     res = {}
     for fused in (0, 16 if batch > 16 else 64):
         m.decoder.fused_max_batch = fused
-        runner, _ = make_runner(m, max(4, batch))
-        runner.graphs = None
-        fill(runner, _features(batch, m.dims.n_mels, DEV), batch, prompt, sot)
-        st = DecodeStep(size=batch, window=128, active=tuple(range(batch)), timestamps=False, sampling=False)
-        for _ in range(3):
-            runner.step(st)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.step(st)
-            torch.cuda.synchronize()
-        res[f"fused{fused}" if fused else "plain"] = kernel_table(prof, top=40)
+        res[f"fused{fused}" if fused else "plain"] = eager_step_profile(m, batch, top=40)
     m.decoder.fused_max_batch = 0
     return res
 

@@ -12,10 +12,8 @@ Run: PYTHONPATH=src python bench/gpu_profile.py OUT_DIR
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_explore import fill, make_runner
+from gpu_explore import fill, make_runner, run_section
 from halkspeech.bench.common import cuda_ms
 from halkspeech.bench.engine_bench import _features
 from halkspeech.engine.batch import DecodeStep
@@ -38,16 +36,7 @@ R: dict = {}
 
 
 def section(name, fn):
-    print(f"\n=== {name}", flush=True)
-    t0 = time.perf_counter()
-    try:
-        R[name] = fn()
-        print(json.dumps(R[name], indent=1, default=str)[:3000], flush=True)
-    except Exception as exc:
-        traceback.print_exc()
-        R[name] = {"error": repr(exc)[:300]}
-    print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    (OUT / "profile.json").write_text(json.dumps(R, indent=1, default=str))
+    run_section(R, name, fn, OUT / "profile.json", preview=3000)
 
 
 def category(name: str) -> str:
@@ -105,22 +94,23 @@ def step_times(model: Whisper, batches: tuple[int, ...] = (1, 16, 64)) -> dict:
     return res
 
 
-def eager_step_profile(model: Whisper) -> dict:
+def eager_step_profile(model: Whisper, batch: int = 1, top: int = 30) -> dict:
+    """The kernels of one eager decode step of `batch` slots (after three warm-up steps)."""
     from halkspeech.model.tokenizer import Tokenizer
 
     tok = Tokenizer.for_model(model.dims)
     prompt, sot = tok.decoder_prompt("en", "transcribe", timestamps=False)
-    runner, _ = make_runner(model, 4)
+    runner, _ = make_runner(model, max(4, batch))
     runner.graphs = None
-    fill(runner, _features(1, model.dims.n_mels, DEV), 1, prompt, sot)
-    st = DecodeStep(size=1, window=128, active=(0,), timestamps=False, sampling=False)
+    fill(runner, _features(batch, model.dims.n_mels, DEV), batch, prompt, sot)
+    st = DecodeStep(size=batch, window=128, active=tuple(range(batch)), timestamps=False, sampling=False)
     for _ in range(3):
         runner.step(st)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.step(st)
         torch.cuda.synchronize()
-    return kernel_table(prof, top=30)
+    return kernel_table(prof, top=top)
 
 
 def encoder_profile(model: Whisper) -> dict:
