@@ -77,6 +77,10 @@ class EngineSettings(BaseModel):
     #: buffers hold ~0.5 GB at large-v3's width), not ~550 kernel launches: in a server the engine thread shares
     #: the GIL with the request threads, and eager launches fell behind the GPU (5.7 against 4.9 ms a window).
     encoder_graphs: bool = True
+    #: Admissions of up to decoding_encoder_batch windows with task prompts (no beams, no language detection, no
+    #: previous text) replay a captured graph per (rows, prompt width) for their cross-attention keys/values and
+    #: prefill: for large-v3 one launch instead of ~600, which the GPU otherwise waits for.
+    admission_graphs: bool = True
     #: Decode steps of at most this many slots run the fused Triton kernels (model/kernels.py: LayerNorm, bias,
     #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger
     #: steps keep PyTorch's GEMMs with the Triton decode attention; CPUs and machines without Triton use plain

@@ -1,5 +1,5 @@
-"""The runner on a GPU (skipped without one): encoder graphs give the eager encoder's output, and an admission
-and a decode step wait for the device once each, to read their results."""
+"""The runner on a GPU (skipped without one): encoder and admission graphs give the eager encoder's and
+admission's results, and an admission and a decode step wait for the device once each, to read their results."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from halkspeech.engine.batch import Admission, DecodeStep
+from halkspeech.engine.factory import task_prompt_widths
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import Runner
 from halkspeech.engine.sampling import TokenIds
@@ -21,13 +22,24 @@ from halkspeech.model.whisper import Whisper
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def tiny_runner(encoder_graph_batch: int = 0) -> tuple[Runner, Tokenizer]:
+def tiny_runner(
+    encoder_graph_batch: int = 0, admission_graph_batch: int = 0, model: Whisper | None = None
+) -> tuple[Runner, Tokenizer]:
     """Random tiny.en weights in float16 (what is tested does not depend on the values), 8 slots."""
-    weights = random_weights("tiny.en", device="cuda")
-    model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device="cuda")
-    tokenizer = Tokenizer.for_model(weights.dims)
-    ids = TokenIds.from_tokenizer(tokenizer, weights.dims.n_vocab)
-    return Runner(model, ids, slots=8, encoder_graph_batch=encoder_graph_batch), tokenizer
+    if model is None:
+        weights = random_weights("tiny.en", device="cuda")
+        model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device="cuda")
+    tokenizer = Tokenizer.for_model(model.dims)
+    ids = TokenIds.from_tokenizer(tokenizer, model.dims.n_vocab)
+    runner = Runner(
+        model,
+        ids,
+        slots=8,
+        encoder_graph_batch=encoder_graph_batch,
+        admission_graph_batch=admission_graph_batch,
+        admission_widths=task_prompt_widths(tokenizer),
+    )
+    return runner, tokenizer
 
 
 def syncs(call: Callable[[], object]) -> int:
@@ -87,3 +99,36 @@ def test_an_admission_and_a_step_wait_for_the_device_once() -> None:
         runner.step(step)  # captures the step's graph (a capture synchronises), outside the count
         counts = (syncs(lambda: admit(2)), syncs(lambda: runner.step(step)), syncs(lambda: runner.release([0, 1])))
         assert counts[0] <= 1 and counts[1] <= 1 and counts[2] == 0, f"(admit, step, release) synchronised {counts}"
+
+
+def test_admission_graphs_give_the_eager_admission() -> None:
+    graphed, tokenizer = tiny_runner(admission_graph_batch=4)
+    eager, _ = tiny_runner(model=graphed.model)
+    assert graphed.warm_up([1], [32]) == 2 + 3 * 2  # two step graphs; rows 1, 2, 4 × prompts with/without timestamps
+    mel = torch.randn(3, 80, 3000, device="cuda")
+    suppress = tokenizer.suppress_tokens()
+    slots = (5, 1, 6)
+    with graphed.stream_context():
+        for runner in (graphed, eager):
+            job = runner.encode_async(list(mel))
+            admissions = []
+            for i, slot in enumerate(slots):
+                prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=i == 1)
+                request = DecodeRequest(mel[i], prompt, sot, SamplingOptions(suppress_tokens=suppress))
+                admissions.append(Admission(i, request, (slot,), 0))
+            results = runner.admit(admissions, [(job, i) for i in range(3)])
+            assert len(results) == 3
+        assert graphed.admit_graphs is not None and len(graphed.admit_graphs) == 6  # replayed, none captured
+        assert graphed._admit_ints[:4, 0].tolist() == [*slots, slots[-1]]
+        for slot in slots:
+            torch.testing.assert_close(
+                graphed.cache.cross_k[:, slot], eager.cache.cross_k[:, slot], rtol=2e-3, atol=2e-3
+            )
+            torch.testing.assert_close(
+                graphed.cache.self_kv[:, slot], eager.cache.self_kv[:, slot], rtol=2e-3, atol=2e-3
+            )
+        for slot in set(range(8)) - {0, *slots}:  # the padding row wrote nowhere else (slot 0: the captures' run)
+            assert not graphed.cache.cross_k[:, slot].any()
+        job = graphed.encode_async(list(mel))
+        request = admissions[0].request
+        assert syncs(lambda: graphed.admit([Admission(9, request, (7,), 0)], [(job, 0)])) <= 1

@@ -42,6 +42,8 @@ class MixedConfig:
     seed: int = 0
     #: Continuous batching's admission batching (None: the engine's defaults)
     admit_batch: int | None = None
+    #: Plain admissions replay captured graphs (the engine's default; off to compare)
+    admission_graphs: bool = True
     #: "continuous" (the default engine: encoder inline), "continuous-ahead" (encoder on a side stream), "static"
     #: (a batch runs until its longest member ends; finished rows leave the step), "static-padded" (textbook
     #: static batching: finished rows keep running until the batch ends, as in a padded batch).
@@ -129,6 +131,7 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
             max_slots=cfg.slots,
             max_encoder_batch=cfg.max_encoder_batch,
             encode_ahead=mode == "continuous-ahead",
+            admission_graphs=cfg.admission_graphs,
         )
         if cfg.admit_batch:
             settings = settings.model_copy(update={"admit_batch": cfg.admit_batch})
@@ -159,6 +162,7 @@ def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
     title = (
         f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, arrivals "
         f"{rate}, {cfg.slots} slots, on {info.get('gpu', info['device'])}"
+        + ("" if cfg.admission_graphs else ", admissions eager")
     )
     columns = [
         ("model", "model"),

@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="continuous (encoder inline), continuous-ahead (encoder on a side stream), static (finished rows "
         "leave the step), static-padded (finished rows run until the batch ends)",
     )
+    mixed.add_argument(
+        "--no-admission-graphs", action="store_true", help="admissions launched eagerly (for comparison)"
+    )
     _device_args(mixed)
     mixed.set_defaults(func=_run_mixed)
 
@@ -154,6 +157,7 @@ def _run_mixed(args: argparse.Namespace) -> int:
             rate=args.rate,
             slots=args.slots,
             admit_batch=args.admit_batch,
+            admission_graphs=not args.no_admission_graphs,
             modes=args.modes,
             device=args.device,
             dtype=args.dtype,

@@ -85,6 +85,18 @@ def encoder_graph_batch(settings: EngineSettings) -> int:
     return min(settings.decoding_encoder_batch, settings.max_encoder_batch)
 
 
+def task_prompt_widths(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Lengths of the plain task prompts (with and without timestamps): the admission graphs' widths."""
+    return tuple(sorted({len(tokenizer.decoder_prompt("en", "transcribe", timestamps=t)[0]) for t in (False, True)}))
+
+
+def admission_graph_batch(settings: EngineSettings) -> int:
+    """Admissions of up to this many windows replay a captured graph (0: none; the runner also needs a GPU)."""
+    if not (settings.admission_graphs and settings.cuda_graphs):
+        return 0
+    return min(settings.decoding_encoder_batch, settings.max_encoder_batch)
+
+
 def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings) -> int:
     """Decoder slots that fit in `gpu_memory_fraction` of free GPU memory, after the weights (already
     loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries."""
@@ -98,6 +110,9 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     g = encoder_graph_batch(settings)
     encoder_reserve += g * dims.n_audio_ctx * 4 * dims.n_audio_state * itemsize * 3
     encoder_reserve += g * (g + 1) // 2 * dims.n_audio_ctx * dims.n_audio_state * itemsize
+    # the admission graphs: their audio input, one layer's cross keys/values [a, 1500, 2D], the prefill's
+    # gathered keys and values [a, 1500, D] each, at their largest run
+    encoder_reserve += admission_graph_batch(settings) * dims.n_audio_ctx * dims.n_audio_state * itemsize * 5
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
     per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
@@ -135,6 +150,8 @@ def start_engine(
         alignment_heads=weights.alignment_heads,
         encode_ahead=settings.encode_ahead,
         encoder_graph_batch=encoder_graph_batch(settings),
+        admission_graph_batch=admission_graph_batch(settings) if graphs else 0,
+        admission_widths=task_prompt_widths(tokenizer),
     )
     scheduler = Scheduler(
         slots,

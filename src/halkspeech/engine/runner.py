@@ -3,7 +3,9 @@
 `encode_async`: encode windows, in order on the engine's stream (the default), or on a low-priority side
 stream so the encoder overlaps decode steps (`encode_ahead`; measured slower, see bench/NOTES.md).
 `launch_admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
-asked, prefill the prompts and sample each slot's first token.
+asked, prefill the prompts and sample each slot's first token. The model's part (cross keys/values and the
+prompt through every layer, ~600 launches for large-v3) replays a CUDA graph per (rows bucket, prompt width)
+for plain admissions; beams, samples of one window, language detection and long prompts run eagerly.
 `launch_step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
 Neither waits for the device: inputs go up through pinned memory (engine/transfer.py), and each returns a
 handle whose `results()`/`result()` waits once and reads its tokens, so the host queues the next launches while
@@ -31,6 +33,10 @@ from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
 
 StepKey = tuple[int, int, bool, bool]  # (size, window, timestamps, sampling)
+AdmitKey = tuple[int, int]  # (rows, padded up to a power of two; prompt width)
+#: Prompts of at most this many tokens can replay an admission graph: the task prompts (sot, language, task,
+#: no-timestamps) are 1-4 tokens; a previous-text prompt (long-form conditioning) is up to 224, and runs eagerly.
+ADMIT_GRAPH_WIDTH = 8
 
 
 @dataclass
@@ -133,6 +139,8 @@ class Runner:
         alignment_heads: tuple[tuple[int, int], ...] = (),
         encode_ahead: bool = False,
         encoder_graph_batch: int = 0,
+        admission_graph_batch: int = 0,
+        admission_widths: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
@@ -159,6 +167,25 @@ class Runner:
             shape = (self.encoder_graph_batch, model.dims.n_mels, frames)
             self._mel_in = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.encoder_graphs = GraphCache(self._encoder_body, _no_snapshot, _no_restore)
+        # Admissions of up to admission_graph_batch plain rows (one slot each, no language detection) whose
+        # prompts are `admission_widths` tokens long run the model's part from static inputs: audio [G, A, D],
+        # and per row its slot, prompt length, <|sot|> index and right-padded prompt [G, 3 + ADMIT_GRAPH_WIDTH].
+        # Rows are padded to a power of two by repeating the last one: the same values written twice to one slot.
+        # A graph on a GPU; elsewhere the same padded body runs eagerly (what the CPU tests exercise).
+        self.admit_graph_batch = admission_graph_batch
+        self.admission_widths = frozenset(w for w in admission_widths if w <= ADMIT_GRAPH_WIDTH)
+        self.admit_graphs: GraphCache[tuple[Tensor, Tensor]] | None = None
+        if self.admit_graph_batch:
+            dims = model.dims
+            shape = (self.admit_graph_batch, dims.n_audio_ctx, dims.n_audio_state)
+            self._admit_audio = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._admit_ints = torch.zeros(
+                (self.admit_graph_batch, 3 + ADMIT_GRAPH_WIDTH), dtype=torch.long, device=self.device
+            )
+            if use_graphs:
+                # no snapshot: a capture's warm-up run writes the rows now in the inputs, the values its replay
+                # writes again (at engine start: slot 0's, free)
+                self.admit_graphs = GraphCache(self._admit_body, _no_snapshot, _no_restore)
         cuda = self.device.type == "cuda"
         # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
         self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -228,6 +255,8 @@ class Runner:
         if self.stream is not None:
             for job in {id(job): job for job, _ in rows}.values():
                 job.audio.record_stream(self.stream)  # made on the encoder stream, read on this one
+        if self._graphable(admissions):
+            return self._launch_admit_padded(admissions, rows)
         audio = torch.stack([job.audio[row] for job, row in rows])  # [n, 1500, D]
         first = to_device([a.slots[0] for a in admissions], torch.long, self.device)
         self.model.decoder.fill_cross(audio, self.cache, first)
@@ -236,6 +265,65 @@ class Runner:
                 self.cache.copy_cross(a.slots[0], slot)
         prompts, languages = self._detect_languages(admissions, first)
         return self._prefill(admissions, prompts, languages)
+
+    def _graphable(self, admissions: Sequence[Admission]) -> bool:
+        return (
+            len(admissions) <= self.admit_graph_batch
+            and max(len(a.request.prompt) for a in admissions) in self.admission_widths
+            and all(len(a.slots) == 1 and not a.request.detect_language for a in admissions)
+        )
+
+    def _launch_admit_padded(
+        self, admissions: Sequence[Admission], rows: Sequence[tuple[EncodeJob, int]]
+    ) -> LaunchedAdmission:
+        """`launch_admit` for plain rows, through the static inputs of the (rows, width) admission graph."""
+        n = len(admissions)
+        padded_n = self._admit_rows(n)
+        width = max(len(a.request.prompt) for a in admissions)
+        order = [*range(n), *[n - 1] * (padded_n - n)]  # padding repeats the last row
+        # per row: slot, prompt length, <|sot|> index, the prompt right-padded with end-of-text to `width`
+        inputs: list[int] = []
+        for i in order:
+            request = admissions[i].request
+            pad = [self.ids.eot] * (width - len(request.prompt))
+            inputs += [admissions[i].slots[0], len(request.prompt), request.sot_index, *request.prompt, *pad]
+        initial = [v for a in admissions for v in self._initial_state(list(a.request.prompt), a.request.options)]
+        packed = to_device([*inputs, *initial], torch.long, self.device)  # one host→device copy
+        ints = packed[: len(inputs)].view(padded_n, 3 + width)
+        self._admit_ints[:padded_n, : 3 + width].copy_(ints)
+        torch.stack([job.audio[row] for job, row in rows], out=self._admit_audio[:n])
+        if padded_n > n:
+            self._admit_audio[n:padded_n].copy_(self._admit_audio[n - 1 : n].expand(padded_n - n, -1, -1))
+        key: AdmitKey = (padded_n, width)
+        logits, no_speech = self.admit_graphs.run(key) if self.admit_graphs is not None else self._admit_body(key)
+        return self._first_tokens(
+            admissions, [None] * n, list(range(n)), logits[:n], no_speech[:n], ints[:n, 0], packed[len(inputs) :]
+        )
+
+    def _admit_rows(self, n: int) -> int:
+        """Rows of the admission graph that takes n rows: the next power of two, at most admit_graph_batch."""
+        return min(1 << (n - 1).bit_length(), self.admit_graph_batch)
+
+    def _admit_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
+        """The model's part of a plain admission from the static inputs: first-token logits [G, V] and
+        no-speech probabilities [G] (a graph's outputs: its next replay overwrites them)."""
+        padded_n, width = cast(AdmitKey, key)
+        ints = self._admit_ints[:padded_n]
+        slots, lengths, sot_index = ints[:, 0], ints[:, 1], ints[:, 2]
+        self.model.decoder.fill_cross(self._admit_audio[:padded_n], self.cache, slots)
+        rows = torch.arange(padded_n, device=self.device)
+        return self._prompt_logits(ints[:, 3 : 3 + width], slots, lengths, rows, sot_index)
+
+    def _prompt_logits(
+        self, tokens: Tensor, slots: Tensor, lengths: Tensor, head_rows: Tensor, sot_index: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Prefill right-padded prompts [R, P] into `slots` [R] → logits [R, V] after each row's last prompt
+        token (`lengths` [R]), and each admission's no-speech probability [n] from its head row's <|sot|>."""
+        hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
+        at_sot = self.model.decoder.logits(hidden[head_rows, sot_index][:, None])[:, 0]
+        return logits, at_sot.softmax(dim=-1)[:, self.ids.no_speech]
 
     def _detect_languages(
         self, admissions: Sequence[Admission], first: Tensor
@@ -281,13 +369,23 @@ class Runner:
         packed = to_device([*row_slots, *lengths_l, *heads, *sot_l, *padded, *initial], torch.long, self.device)
         split = [r, r, n, n, r * width, r * (ints + flags)]
         slots, lengths, head_rows, sot_index, flat, state = packed.split(split)
-        tokens = flat.view(r, width)
-        hidden = self.model.decoder.prefill(tokens, self.cache, slots)  # [R, P, D]
-        rows = torch.arange(r, device=self.device)
-        logits = self.model.decoder.logits(hidden[rows, lengths - 1][:, None])[:, 0]  # [R, V]
-        at_sot = self.model.decoder.logits(hidden[head_rows, sot_index][:, None])[:, 0]
-        no_speech = at_sot.softmax(dim=-1)[:, self.ids.no_speech]
+        logits, no_speech = self._prompt_logits(flat.view(r, width), slots, lengths, head_rows, sot_index)
+        return self._first_tokens(admissions, languages, row_of, logits, no_speech, slots, state)
 
+    def _first_tokens(
+        self,
+        admissions: Sequence[Admission],
+        languages: list[dict[str, float] | None],
+        row_of: list[int],
+        logits: Tensor,
+        no_speech: Tensor,
+        slots: Tensor,
+        state: Tensor,
+    ) -> LaunchedAdmission:
+        """Sample each row's first token from `logits` [R, V] (row r of admission row_of[r], in `slots` [R])
+        and write the rows' state (`state`: SlotState's ints then flags, flat), advanced by it, into the slots."""
+        r, ints, flags = len(row_of), len(INT_FIELDS), len(FLAG_FIELDS)
+        options = [admissions[i].request.options for i in row_of]
         # the new rows' state, sampled from and advanced as a block, then written into their slots
         state = state.view(r, ints + flags)
         view = SlotState(
@@ -473,8 +571,8 @@ class Runner:
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
         """Capture the decode-step graphs of every (batch bucket, window bucket), with and without timestamp
-        rules, and the encoder's graphs, before serving: a capture on the serving path stalls every running
-        sequence. Returns how many graphs there are."""
+        rules, the encoder's graphs and the admission graphs, before serving: a capture on the serving path
+        stalls every running sequence. Returns how many graphs there are."""
         if self.graphs is None:
             return 0
         for size in sizes:
@@ -484,7 +582,11 @@ class Runner:
         if self.encoder_graphs is not None:
             for n in range(1, self.encoder_graph_batch + 1):
                 self.encoder_graphs.capture(n)
-        return len(self.graphs) + len(self.encoder_graphs or ())
+        if self.admit_graphs is not None:
+            for n in sorted({self._admit_rows(n) for n in range(1, self.admit_graph_batch + 1)}):
+                for width in sorted(self.admission_widths):
+                    self.admit_graphs.capture((n, width))
+        return len(self.graphs) + len(self.encoder_graphs or ()) + len(self.admit_graphs or ())
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""

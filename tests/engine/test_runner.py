@@ -1,0 +1,108 @@
+"""The runner on the CPU with the real tiny.en weights: an admission through the admission graphs' static,
+padded inputs (on a GPU a captured graph replays that body) gives the eager admission's first tokens, cache and
+next steps; admissions the graphs do not cover run eagerly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
+from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep
+from halkspeech.engine.factory import task_prompt_widths
+from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.engine.runner import Runner
+from halkspeech.engine.sampling import TokenIds
+from halkspeech.model.tokenizer import Tokenizer
+from halkspeech.model.weights import LoadedWeights
+from halkspeech.model.whisper import Whisper
+
+TEST_DATA = Path(__file__).resolve().parents[1] / "data"
+CLIPS = ("jfk.flac", "LJ001-0002.wav", "1089-134691-0000.flac")
+SLOTS = (5, 1, 6)  # not in order, not from 0: the rows' slots come from the inputs
+
+
+@pytest.fixture(scope="module")
+def model(tiny_en_weights: LoadedWeights) -> Whisper:
+    return Whisper.from_openai_state_dict(tiny_en_weights.dims, tiny_en_weights.state_dict)
+
+
+@pytest.fixture(scope="module")
+def mel() -> torch.Tensor:
+    """The first 30 s log-mel window of three committed clips: [3, 80, 3000]."""
+    windows = []
+    for name in CLIPS:
+        audio = decode_audio(TEST_DATA / name)
+        windows.append(pad_or_trim(log_mel_spectrogram(audio, 80, padding=480_000)[:, :3000], 3000))
+    return torch.stack(windows)
+
+
+def make_runner(model: Whisper, admission_graph_batch: int) -> tuple[Runner, Tokenizer]:
+    tokenizer = Tokenizer.for_model(model.dims)
+    ids = TokenIds.from_tokenizer(tokenizer, model.dims.n_vocab)
+    runner = Runner(
+        model,
+        ids,
+        slots=8,
+        admission_graph_batch=admission_graph_batch,
+        admission_widths=task_prompt_widths(tokenizer),
+    )
+    return runner, tokenizer
+
+
+def admit_and_decode(
+    runner: Runner, tokenizer: Tokenizer, mel: torch.Tensor, steps: int, beams: bool = False
+) -> tuple[list[AdmitResult], list[tuple[int, ...]]]:
+    """Admit the windows into SLOTS (the second with timestamp rules: a shorter prompt, so rows are padded to
+    the longest), then decode `steps` steps; returns the admission's results and each step's tokens."""
+    suppress = tokenizer.suppress_tokens()
+    job = runner.encode_async(list(mel))
+    admissions = []
+    for i, slot in enumerate(SLOTS):
+        prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=i == 1)
+        options = SamplingOptions(suppress_tokens=suppress, timestamps=i == 1)
+        slots = (slot, slot + 1) if beams and i == 0 else (slot,)
+        admissions.append(Admission(i, DecodeRequest(mel[i], prompt, sot, options), slots, 2 if len(slots) > 1 else 0))
+    results = runner.admit(admissions, [(job, i) for i in range(len(SLOTS))])
+    active = tuple(sorted(s for a in admissions for s in a.slots))
+    step = DecodeStep(size=8, window=32, active=active, timestamps=True, sampling=False)
+    tokens = [runner.step(step).tokens for _ in range(steps)]
+    return results, [tuple(t[s] for s in active) for t in tokens]
+
+
+def test_a_padded_admission_equals_the_eager_one(model: Whisper, mel: torch.Tensor) -> None:
+    eager, tokenizer = make_runner(model, admission_graph_batch=0)
+    padded, _ = make_runner(model, admission_graph_batch=4)  # three rows, padded to four by repeating the last
+    with torch.inference_mode():
+        want, want_steps = admit_and_decode(eager, tokenizer, mel, steps=12)
+        got, got_steps = admit_and_decode(padded, tokenizer, mel, steps=12)
+    assert padded._admit_ints[:4, 0].tolist() == [*SLOTS, SLOTS[-1]]  # it went through the padded inputs
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert got_steps == want_steps
+    for g, w in zip(got, want, strict=True):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert g.no_speech_prob == pytest.approx(w.no_speech_prob, abs=1e-4)
+    for slot in SLOTS:  # the same cross keys/values and prompt keys/values in each admitted slot
+        torch.testing.assert_close(padded.cache.cross_k[:, slot], eager.cache.cross_k[:, slot], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(padded.cache.self_kv[:, slot], eager.cache.self_kv[:, slot], rtol=1e-4, atol=1e-4)
+    for slot in set(range(8)) - set(SLOTS):  # the padding row wrote nowhere else
+        assert not padded.cache.cross_k[:, slot].any()
+
+
+def test_admissions_the_graphs_do_not_cover_run_eagerly(model: Whisper, mel: torch.Tensor) -> None:
+    padded, tokenizer = make_runner(model, admission_graph_batch=4)
+    eager, _ = make_runner(model, admission_graph_batch=0)
+    prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=True)
+    plain = Admission(0, DecodeRequest(mel[0], prompt, sot, SamplingOptions()), (0,), 0)
+    assert padded._graphable([plain])
+    assert not padded._graphable([plain] * 5)  # more rows than the largest graph
+    assert not padded._graphable([Admission(0, plain.request, (0, 1), 2)])  # beams share one window
+    long_prompt, long_sot = tokenizer.decoder_prompt("en", "transcribe", previous=list(range(300, 320)))
+    assert not padded._graphable([Admission(0, DecodeRequest(mel[0], long_prompt, long_sot), (0,), 0)])
+    with torch.inference_mode():  # a beam admission among plain ones: all of them eagerly, as before
+        want, want_steps = admit_and_decode(eager, tokenizer, mel, steps=4, beams=True)
+        got, got_steps = admit_and_decode(padded, tokenizer, mel, steps=4, beams=True)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert got_steps == want_steps
