@@ -36,6 +36,11 @@ class GraphCache(Generic[Out]):
         self.snapshot = snapshot
         self.restore = restore
         self.pool = torch.cuda.graph_pool_handle()
+        # Captured on a stream of its own: cuBLAS keeps one workspace per stream, and a graph keeps the workspace
+        # of the stream it was captured on. On torch.cuda.graph's shared default capture stream, encoder graphs
+        # replayed on the encoder stream and admission graphs on the engine's shared it while running at once,
+        # and a GEMM that counts in its workspace never finished (H100, engine.encode_ahead: the engine hung).
+        self.capture_stream = torch.cuda.Stream()
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Out]] = {}
 
     def __len__(self) -> int:
@@ -65,6 +70,6 @@ class GraphCache(Generic[Out]):
         graph = torch.cuda.CUDAGraph()
         # thread_local: in a server, other threads keep launching CUDA work (log-mel of new requests) while
         # this thread captures; in the default "global" mode any of their calls invalidates the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream, capture_error_mode="thread_local"):
             outputs = self.body(key)
         return graph, outputs
