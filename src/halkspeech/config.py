@@ -106,7 +106,8 @@ class EngineSettings(BaseModel):
     reserved_live_slots: int = 4
     #: Encode windows on a second, low-priority CUDA stream, overlapping the decode steps. Off by default: on an
     #: H200 it did not raise throughput (a decode step is ~100 small kernels that wait for SMs held by the
-    #: encoder's GEMMs), see bench/NOTES.md.
+    #: encoder's GEMMs); on an H100 with admission graphs it gave 1-3% on the mixed workload (two runs), which is
+    #: within run-to-run spread, and the server and streaming figures were measured without it. See bench/NOTES.md.
     encode_ahead: bool = False
     #: Python's thread switch interval while an engine runs (sys.setswitchinterval; process-wide; 0: leave
     #: Python's 5 ms). Every torch call on the engine thread releases the GIL and must take it back, which can
