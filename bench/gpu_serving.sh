@@ -80,7 +80,7 @@ syncs-and-server)  # the engine's host waits (CUDA test), encoder cost by run si
 mixed-and-server)
   timeout 240 $py -c "
 from halkspeech.bench.mixed import MixedConfig, run_mixed_bench
-run_mixed_bench(MixedConfig(json_path='$out/mixed.json', modes=('continuous', 'continuous-inline', 'static')))
+run_mixed_bench(MixedConfig(json_path='$out/mixed.json', modes=('continuous', 'continuous-ahead', 'static')))
 " 2>&1 | tail -9
   timeout 330 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
