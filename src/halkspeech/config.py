@@ -104,11 +104,12 @@ class EngineSettings(BaseModel):
     admit_wait_ms: float = 15.0
     #: Decoder slots kept for live (WebSocket) turns, so file work never takes every slot.
     reserved_live_slots: int = 4
-    #: Encode windows on a second, low-priority CUDA stream, overlapping the decode steps. Off by default: on an
-    #: H200 it did not raise throughput (a decode step is ~100 small kernels that wait for SMs held by the
-    #: encoder's GEMMs); on an H100 with admission graphs it gave 1-3% on the mixed workload (two runs), which is
-    #: within run-to-run spread, and the server and streaming figures were measured without it. See bench/NOTES.md.
-    encode_ahead: bool = False
+    #: While sequences decode, encode new windows on a second, low-priority CUDA stream, overlapping the decode
+    #: steps (compute-bound encoder GEMMs beside memory-bound decode kernels); with nothing decoding, inline.
+    #: Server at 256 clients, A/B in one lease each: H100 0.84, 0.88 of the engine's figure against 0.72, 0.78
+    #: inline; H200 0.86-0.90 against 0.80-0.84; WebSocket turns' p95 under file load 42 ms (H200). Before the
+    #: admission graphs it did not pay (bench/NOTES.md).
+    encode_ahead: bool = True
     #: Python's thread switch interval while an engine runs (sys.setswitchinterval; process-wide; 0: leave
     #: Python's 5 ms). Every torch call on the engine thread releases the GIL and must take it back, which can
     #: wait this long while other threads run Python. On an H100 the engine's word-timing passes took 1.6 s

@@ -147,11 +147,11 @@ def fail_first_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, 
     real = getattr(target, name)
     calls = {"n": 0}
 
-    def flaky(*args: object) -> object:
+    def flaky(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError(message)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(target, name, flaky)
 

@@ -44,7 +44,7 @@ class MixedConfig:
     admit_batch: int | None = None
     #: Plain admissions replay captured graphs (the engine's default; off to compare)
     admission_graphs: bool = True
-    #: "continuous" (the default engine: encoder inline), "continuous-ahead" (encoder on a side stream), "static"
+    #: "continuous" (encoder inline), "continuous-ahead" (encoder on a side stream, the engine's default), "static"
     #: (a batch runs until its longest member ends; finished rows leave the step), "static-padded" (textbook
     #: static batching: finished rows keep running until the batch ends, as in a padded batch).
     #: (bench/results/mixed_h200.json predates the rename: its "continuous" is today's "continuous-ahead" and its

@@ -3,7 +3,7 @@ caller.
 
 Callers on any thread `submit` a DecodeRequest and get a DecodeHandle (a concurrent Future plus cancel);
 asyncio callers `await engine.decode(request)`. Each iteration (vLLM's `EngineCore.step`, with encoder runs
-of their own: inline on the decode stream by default, on a side stream with engine.encode_ahead):
+of their own: on a low-priority side stream by default (engine.encode_ahead), else inline on the decode stream):
     groups = scheduler.schedule_encode(chunk); runner.encode_async(...)      # up to two runs in flight
     scheduler.mark_encoded(groups of finished jobs)
     admissions = scheduler.schedule_admission(); runner.launch_admit(...)
@@ -421,7 +421,7 @@ class Engine:
         if not groups:
             return 0
         try:
-            job = self.runner.encode_async([g.request.features for g in groups])
+            job = self.runner.encode_async([g.request.features for g in groups], ahead=self.scheduler.decoding)
         except Exception as exc:  # e.g. out of memory for this batch: fail these requests, keep serving
             log.exception("encoder run failed; failing its %d requests", len(groups))
             for group in groups:

@@ -1,7 +1,7 @@
 """Executes what the scheduler decided: owns the model, the static caches, the slot state and the graphs.
 
-`encode_async`: encode windows, in order on the engine's stream (the default), or on a low-priority side
-stream so the encoder overlaps decode steps (`encode_ahead`; measured slower, see bench/NOTES.md).
+`encode_async`: encode windows on a low-priority side stream, so the encoder overlaps decode steps
+(`encode_ahead`, the engine's default while sequences decode), or in order on the engine's stream.
 `launch_admit`: compute encoded windows' cross-attention keys/values into their slots, detect languages where
 asked, prefill the prompts and sample each slot's first token. The model's part (cross keys/values and the
 prompt through every layer, ~600 launches for large-v3) replays a CUDA graph per (rows bucket, prompt width)
@@ -204,14 +204,17 @@ class Runner:
 
     # --- encoding --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_async(self, features: Sequence[Tensor]) -> EncodeJob:
-        """Start encoding log-mel windows [n_mels, 3000] each; the job's audio is ready once `ready()`."""
+    def encode_async(self, features: Sequence[Tensor], ahead: bool = True) -> EncodeJob:
+        """Start encoding log-mel windows [n_mels, 3000] each; the job's audio is ready once `ready()`. On the
+        side stream if there is one and `ahead`; else inline, so what is queued after it waits on the device,
+        not on the host (the engine encodes inline when nothing decodes: nothing to overlap, and a lone window's
+        admission launches at once instead of after the host sees the run end, ~2 ms of turbo's 30)."""
         if self.stream is None:  # CPU: done when encode() returns
             started = time.perf_counter()
             audio = self.encode(torch.stack(list(features)))
             return EncodeJob(audio, None, None, (time.perf_counter() - started) * 1000)
         begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.encode_stream is None:  # in order on this thread's stream: the admission after it waits for it
+        if self.encode_stream is None or not ahead:  # in order on this thread's stream: an admission waits for it
             self.stream.wait_stream(torch.cuda.default_stream(self.device))  # features from callers' threads
             begin.record()  # timed on the GPU: a host clock would only see the kernel launches
             audio = self.encode(torch.stack(list(features)))
