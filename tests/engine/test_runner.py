@@ -39,13 +39,17 @@ def mel() -> torch.Tensor:
     return torch.stack(windows)
 
 
-def make_runner(model: Whisper, admission_graph_batch: int) -> tuple[Runner, Tokenizer]:
+def make_runner(
+    model: Whisper, admission_graph_batch: int = 0, encoder_graph_batch: int = 0
+) -> tuple[Runner, Tokenizer]:
+    """A runner of 8 slots whose admission graphs (if any) take the model's task prompts, as the factory's."""
     tokenizer = Tokenizer.for_model(model.dims)
     ids = TokenIds.from_tokenizer(tokenizer, model.dims.n_vocab)
     runner = Runner(
         model,
         ids,
         slots=8,
+        encoder_graph_batch=encoder_graph_batch,
         admission_graph_batch=admission_graph_batch,
         admission_widths=task_prompt_widths(tokenizer),
     )

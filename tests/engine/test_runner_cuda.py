@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from halkspeech.engine.batch import Admission, DecodeStep
-from halkspeech.engine.factory import task_prompt_widths
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import Runner
-from halkspeech.engine.sampling import TokenIds
 from halkspeech.engine.transfer import to_device
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import random_weights
 from halkspeech.model.whisper import Whisper
+
+from .test_runner import make_runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -29,17 +29,7 @@ def tiny_runner(
     if model is None:
         weights = random_weights("tiny.en", device="cuda")
         model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device="cuda")
-    tokenizer = Tokenizer.for_model(model.dims)
-    ids = TokenIds.from_tokenizer(tokenizer, model.dims.n_vocab)
-    runner = Runner(
-        model,
-        ids,
-        slots=8,
-        encoder_graph_batch=encoder_graph_batch,
-        admission_graph_batch=admission_graph_batch,
-        admission_widths=task_prompt_widths(tokenizer),
-    )
-    return runner, tokenizer
+    return make_runner(model, admission_graph_batch, encoder_graph_batch)
 
 
 def syncs(call: Callable[[], object]) -> int:

@@ -270,6 +270,7 @@ class Runner:
         return self._prefill(admissions, prompts, languages)
 
     def _graphable(self, admissions: Sequence[Admission]) -> bool:
+        """Whether the admission graphs take these: few enough rows, a task prompt, one slot each, no detection."""
         return (
             len(admissions) <= self.admit_graph_batch
             and max(len(a.request.prompt) for a in admissions) in self.admission_widths
