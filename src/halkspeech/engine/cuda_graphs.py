@@ -39,7 +39,8 @@ class GraphCache(Generic[Out]):
         # Captured on a stream of its own: cuBLAS keeps one workspace per stream, and a graph keeps the workspace
         # of the stream it was captured on. On torch.cuda.graph's shared default capture stream, encoder graphs
         # replayed on the encoder stream and admission graphs on the engine's shared it while running at once,
-        # and a GEMM that counts in its workspace never finished (H100, engine.encode_ahead: the engine hung).
+        # and the engine hung in its first admission (H100, engine.encode_ahead; most likely a GEMM that keeps
+        # counters in its workspace). With a capture stream per cache it has not hung since.
         self.capture_stream = torch.cuda.Stream()
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Out]] = {}
 
