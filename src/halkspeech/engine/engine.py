@@ -188,25 +188,27 @@ class Engine:
     # --- submission ------------------------------------------------------------------------------------
     def submit(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeHandle:
         """Queue a request (thread-safe). Raises Overloaded at once when the queue is full."""
-        if not self.alive:
-            raise EngineStopped("the engine is not running")
-        if self.queue_depth >= self.scheduler.max_queue:
-            raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
         handle = DecodeHandle(self, request, on_tokens)
-        self._post("submit", (handle,))
+        self._queue((handle,))
         return handle
 
     def submit_many(self, requests: Sequence[DecodeRequest]) -> list[DecodeHandle]:
         """Queue several requests as one batch (thread-safe): the loop takes them together, so they share an
         encoder run and an admission, where requests submitted one by one may be split between two runs if the
         loop wakes between them. Raises Overloaded, queuing none, when they do not all fit."""
+        handles = tuple(DecodeHandle(self, request, None) for request in requests)
+        self._queue(handles)
+        return list(handles)
+
+    def _queue(self, handles: tuple[DecodeHandle, ...]) -> None:
+        """Post new handles to the loop in one message, or raise: the engine stopped, or they do not fit."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
-        if self.queue_depth + len(requests) > self.scheduler.max_queue:
-            raise Overloaded(f"the decode queue cannot take {len(requests)} more windows")
-        handles = tuple(DecodeHandle(self, request, None) for request in requests)
+        if self.queue_depth + len(handles) > self.scheduler.max_queue:
+            if len(handles) == 1:
+                raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
+            raise Overloaded(f"the decode queue cannot take {len(handles)} more windows")
         self._post("submit", handles)
-        return list(handles)
 
     async def decode(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeResult:
         return await self.submit(request, on_tokens).wait()
