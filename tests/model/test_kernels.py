@@ -187,3 +187,48 @@ def test_fused_encoder_equals_plain_encoder(tiny_en_weights: LoadedWeights, monk
         fused = model.encoder(mel)
     assert model.encoder.shifts is not None and model.encoder.shifts.shape == (2 * dims.n_audio_layer + 1, 384)
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_persistent_step_equals_plain_step(tiny_en_weights: LoadedWeights) -> None:
+    """Real tiny.en weights: four batch-1 steps after a prompt, every layer in the persistent kernel
+    (step_kernel.py; one program in the interpreter, so each barrier opens at once) against the plain step.
+    Vocabulary and audio are cut as in the fused test above. The run is done twice, so the second launches
+    start from the barrier counters and attention counts the first left behind."""
+    vocab, audio_ctx = 1024, 200
+    dims = dataclasses.replace(tiny_en_weights.dims, n_vocab=vocab, n_audio_ctx=audio_ctx)
+    state = dict(tiny_en_weights.state_dict)
+    state["decoder.token_embedding.weight"] = state["decoder.token_embedding.weight"][:vocab]
+    state["encoder.positional_embedding"] = state["encoder.positional_embedding"][:audio_ctx]
+    model = Whisper.from_openai_state_dict(dims, state)
+    before = {name: p.clone() for name, p in model.decoder.named_parameters()}
+    audio = torch.randn(1, audio_ctx, dims.n_audio_state, generator=torch.Generator().manual_seed(1))
+
+    def run(persistent: bool) -> list[torch.Tensor]:
+        cache = KVCache.allocate(dims, 2, dtype=torch.float32, device="cpu")
+        model.decoder.fused_max_batch = 1 if persistent else 0
+        out = []
+        with torch.inference_mode():
+            model.decoder.fill_cross(audio, cache, torch.tensor([0]))
+            model.decoder.prefill(torch.tensor([[1, 2, 3]]), cache, torch.tensor([0]))
+            tokens, positions = torch.tensor([5]), torch.tensor([3])
+            for _ in range(4):
+                logits = model.decoder.step(tokens, positions, cache, 16)
+                out.append(logits)
+                tokens, positions = logits.argmax(-1), positions + 1
+        model.decoder.fused_max_batch = 0
+        return out
+
+    plain = run(False)
+    model.decoder.fused_max_batch = 1  # use_fused_kernels would refuse the CPU
+    assert model.decoder.use_persistent_step(True)
+    stacked = model.decoder.persistent
+    assert stacked is not None
+    for name, p in model.decoder.named_parameters():  # the parameters now live in the stacked buffers
+        torch.testing.assert_close(p, before[name], atol=0, rtol=0)
+    assert model.decoder.blocks[1].fc2.weight.data_ptr() == stacked.mats[1, 10 * 384 * 384 :].data_ptr()
+    for _ in range(2):
+        for want, got in zip(plain, run(True), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert not stacked.scratch["count"].any()
+        assert stacked.scratch["bars"].tolist().count(1) == 1  # only the last barrier is left for the next launch
