@@ -89,10 +89,6 @@ class EngineSettings(BaseModel):
     #: The encoder's residual adds inside its projections' GEMMs and its LayerNorms in Triton (Encoder.forward_fused;
     #: CUDA with Triton only): two kernels a layer fewer, each a pass over the batch's activations.
     fused_encoder: bool = True
-    #: Experimental, off: with the fused kernels on, a step of one slot runs every decoder layer in one
-    #: persistent kernel (grid-wide barriers between its phases; model/step_kernel.py), not 8 launches a
-    #: layer. Measured on an H100: large-v3 1.60 ms a step against 1.64, turbo no faster (bench/NOTES.md).
-    persistent_step: bool = False
     #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.
     warmup_graphs: bool = True
     #: Pending decode requests (not yet in a slot) before new work is refused.

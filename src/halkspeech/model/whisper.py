@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from halkspeech.model import kernels, step_kernel
+from halkspeech.model import kernels
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
 
@@ -250,8 +250,6 @@ class Decoder(nn.Module):
         # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never);
         # with them on, larger steps take their self-attention from the Triton decode attention (no mask, no window)
         self.fused_max_batch = 0
-        # with the fused kernels on: batch-1 steps run every layer in one persistent kernel (step_kernel.py)
-        self.persistent: step_kernel.StackedLayers | None = None
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
         return enumerate(cast(Iterable[DecoderBlock], self.blocks))
@@ -326,11 +324,8 @@ class Decoder(nn.Module):
         x, rows = kernels.step_inputs(
             tokens, positions, self.token_embedding.weight, self.positional_embedding, cache.n_text_ctx
         )
-        if tokens.shape[0] == 1 and self.persistent is not None:
-            step_kernel.decoder_layers(x, positions, self.persistent, cache)
-        else:
-            for layer, block in self.layers():
-                x = block.step_fused(x, layer, cache, rows, positions)
+        for layer, block in self.layers():
+            x = block.step_fused(x, layer, cache, rows, positions)
         return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
 
     def step_window(self, window: int) -> int:
@@ -342,16 +337,6 @@ class Decoder(nn.Module):
         with Triton); returns whether they will."""
         self.fused_max_batch = max_batch if kernels.available(self.token_embedding.weight.device) else 0
         return self.fused_max_batch > 0
-
-    def use_persistent_step(self, on: bool) -> bool:
-        """Run batch-1 steps as one persistent kernel (step_kernel.py) where the fused kernels are on; returns
-        whether they will. Turning it on moves the layers' weights into the kernel's stacked buffers (the
-        parameters become views of them: one copy)."""
-        if not on or not self.fused_max_batch:
-            self.persistent = None
-        elif self.persistent is None:
-            self.persistent = step_kernel.StackedLayers.adopt(self.blocks, self.dims.n_text_head)
-        return self.persistent is not None
 
 
 class Whisper(nn.Module):
