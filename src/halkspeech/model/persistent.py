@@ -132,15 +132,15 @@ class StepPlan:
         buf = out["BUF_BYTES"] = _align16(max(ends))
         regions = {
             # LayerNorm output (D floats), fc2's input (4D halves), an attention's per-warp sums
-            "ACT_OFF": max(4 * self.d, 4 * self.d * self.itemsize, self.threads // 32 * HEAD_DIM * 4),
+            "ACT_OFF": max(4 * self.d, 4 * self.d * self.itemsize, (self.threads - 32) // 32 * HEAD_DIM * 4),
             "SCORES_OFF": 4 * self.keys_split,
             "RED_OFF": 4 * 32,
-            "PART_OFF": 4 * (self.threads // 8),
+            "PART_OFF": 4 * ((self.threads - 32) // 8),
             "QV_OFF": 4 * HEAD_DIM,
             "OV_OFF": 4 * HEAD_DIM,
             "XROW_OFF": 4 * self.rows_d,
             "PTR_OFF": 8 * len(LAYER_FIELDS) * self.layers,
-            "MBAR_OFF": 16,  # an mbarrier per buffer: its copies have landed
+            "MBAR_OFF": 32,  # two mbarriers per buffer: its copies have landed; its readers are done
         }
         at = 2 * buf
         for name, size in regions.items():

@@ -26,8 +26,9 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define DH 64
-#define NW (NT / 32)  // warps a block
-#define NG (NT / 8)   // groups of 8 lanes a block: a group reads 64 contiguous elements (8 × 16 bytes) at a time
+#define NC (NT - 32)  // consumer threads: every warp but the last, which copies the weights in (the producer)
+#define NW (NC / 32)   // consumer warps
+#define NG (NC / 8)    // consumer groups of 8 lanes: a group reads 64 contiguous elements (8 × 16 bytes) at a time
 #define PHASES 7
 #ifndef PREFETCH
 #define PREFETCH 1  // 0: no weights copied (timing experiments only: the results are wrong)
@@ -97,6 +98,9 @@ __device__ __forceinline__ void unpack8(uint4 v, float* out) {
   out[4] = to_f(v.z), out[5] = to_f(v.z >> 16), out[6] = to_f(v.w), out[7] = to_f(v.w >> 16);
 }
 
+// the consumer warps' barrier (named barrier 1): the producer warp never waits with them
+__device__ __forceinline__ void csync() { asm volatile("bar.sync 1, %0;" ::"n"(NC) : "memory"); }
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -117,37 +121,39 @@ __device__ __forceinline__ float group_sum(float v) {
 // the block's sum (max) of every thread's v, returned to every thread; red: NW floats of shared memory
 __device__ float block_sum(float v, float* red) {
   v = warp_sum(v);
-  __syncthreads();
+  csync();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
+  csync();
   return warp_sum((threadIdx.x & 31) < NW ? red[threadIdx.x & 31] : 0.f);
 }
 
 __device__ float block_max(float v, float* red) {
   v = warp_max(v);
-  __syncthreads();
+  csync();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
+  csync();
   return warp_max((threadIdx.x & 31) < NW ? red[threadIdx.x & 31] : -3.0e38f);
 }
 
-// ---- asynchronous bulk copies into shared memory (Hopper's copy engine) ----
+// ---- copies into shared memory: the producer warp ----
 //
-// A phase's share is a few contiguous runs (weights, bias, LayerNorm; the self-attention phase's 128-byte rows).
-// Warp 1 hands each run, in pieces of at most CHUNK bytes, to the copy engine with cp.async.bulk, completing on
-// the buffer's mbarrier: a few instructions a phase, where 16-byte cp.async took ~6,400 a block and stalled the
-// warps issuing them until the copies drained (bench/NOTES.md). The other warps never wait for copies they do not
-// need yet, and warp 0, which arrives at the grid barrier, issues none.
-
-#define CHUNK 16384
+// The last warp of a block copies each phase's share (weights, bias, LayerNorm; the cross phase's keys and values)
+// into a buffer with Ampere's cp.async, 16 bytes a lane, and each lane's copies arrive on the buffer's `full`
+// mbarrier once they land (cp.async.mbarrier.arrive.noinc: 32 arrivals a phase). Only this warp stalls while the
+// copies drain: when every warp issued them, they held up each phase's __syncthreads (1.50 ms a large-v3 step,
+// against 1.04 with no copies; bench/NOTES.md), and bulk copies (the copy engine) streamed slower still.
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-__device__ __forceinline__ void mbar_init(u64* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
 
-// all threads: wait for the phase of `bar` with this parity to complete (its copies have landed)
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// wait for the phase of `bar` with this parity to complete
 __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
   u32 done = 0;
   while (!done)
@@ -158,24 +164,12 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
         : "memory");
 }
 
-// Issues (or, with issue off, only counts) a phase's runs; used by the 32 lanes of warp 1, pieces spread over them
-struct Copier {
-  u64* bar;
-  u32 total;
-  int piece;
-  bool issue;
+struct Copier {  // the producer warp's lanes: lane i copies 16-byte pieces i, i+32, ...
   __device__ __forceinline__ void run(char* dst, const void* src, int bytes) {
     if (!PREFETCH) return;
-    for (int off = 0; off < bytes; off += CHUNK, ++piece) {
-      const int n = min(CHUNK, bytes - off);
-      if (!issue)
-        total += n;
-      else if ((piece & 31) == (int)(threadIdx.x & 31))
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     ::"r"(smem_addr(dst + off)), "l"(reinterpret_cast<const char*>(src) + off), "r"(n),
-                     "r"(smem_addr(bar))
-                     : "memory");
-    }
+    const char* s = reinterpret_cast<const char*>(src);
+    for (int i = (threadIdx.x & 31) * 16; i < bytes; i += 32 * 16)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + i)), "l"(s + i) : "memory");
   }
   // bias[r0 .. r0+n) as the aligned run bias[r0 & ~7 ..): element r0+i lands at index (r0 & 7) + i
   __device__ __forceinline__ void bias(char* dst, const u16* b, int r0, int n) {
@@ -228,8 +222,8 @@ __device__ __forceinline__ void rows_dot(const u16* w, int nrows, int stride, in
     }
   }
   if (parts > 1) {
-    __syncthreads();
-    for (int r = threadIdx.x; r < nrows; r += NT) {
+    csync();
+    for (int r = threadIdx.x; r < nrows; r += NC) {
       float s = 0.f;
       for (int p = 0; p < parts; ++p) s += part[r * parts + p];
       epi(r, s);
@@ -240,20 +234,20 @@ __device__ __forceinline__ void rows_dot(const u16* w, int nrows, int stride, in
 // out[i] = LN(x)[i] for the D floats in `act` (already loaded), with the LayerNorm's weight and bias in shared memory
 __device__ __forceinline__ void layer_norm(float* act, const u16* g, const u16* b, float* red) {
   float s = 0.f;
-  for (int i = threadIdx.x; i < D; i += NT) s += act[i];
+  for (int i = threadIdx.x; i < D; i += NC) s += act[i];
   const float mean = block_sum(s, red) * (1.f / D);
   float q = 0.f;
-  for (int i = threadIdx.x; i < D; i += NT) {
+  for (int i = threadIdx.x; i < D; i += NC) {
     const float d = act[i] - mean;
     q += d * d;
   }
   const float rstd = rsqrtf(block_sum(q, red) * (1.f / D) + 1e-5f);
-  for (int i = threadIdx.x; i < D; i += NT) act[i] = (act[i] - mean) * rstd * to_f(g[i]) + to_f(b[i]);
-  __syncthreads();
+  for (int i = threadIdx.x; i < D; i += NC) act[i] = (act[i] - mean) * rstd * to_f(g[i]) + to_f(b[i]);
+  csync();
 }
 
 __device__ __forceinline__ void load_x(float* act, const float* x) {
-  for (int i = threadIdx.x; i < D; i += NT) act[i] = ldcg(x + i);
+  for (int i = threadIdx.x; i < D; i += NC) act[i] = ldcg(x + i);
 }
 
 // The output of one head's attention from per-thread partial sums acc[8] (dims (lane & 7) * 8 ...): the 4 groups
@@ -268,13 +262,13 @@ __device__ __forceinline__ void reduce_head(float* acc, float* scratch, float* o
   if (lane < 8)
 #pragma unroll
     for (int e = 0; e < 8; ++e) scratch[warp * 64 + lane * 8 + e] = acc[e];
-  __syncthreads();
+  csync();
   if (threadIdx.x < DH) {
     float o = 0.f;
     for (int w = 0; w < NW; ++w) o += scratch[w * 64 + threadIdx.x];
     out[threadIdx.x] = o * scale;
   }
-  __syncthreads();
+  csync();
 }
 
 // ---- the grid-wide barrier ----
@@ -285,10 +279,8 @@ __device__ __forceinline__ void reduce_head(float* acc, float* scratch, float* o
 // (PersistentStep.check); a block that gave up waits no more in this launch.
 __device__ __forceinline__ void arrive_and_wait(u32* bar, u32 target, bool& broken) {
   if (threadIdx.x == 0) {
-    if (FENCE)  // release: this block's writes of the phase (ordered before by __syncthreads) become visible first
-      asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
-    else
-      atomicAdd(bar, 1u);
+    if (FENCE) __threadfence();  // this block's writes of the phase (ordered before by the consumer barrier)
+    atomicAdd(bar, 1u);
     u32 v;
     for (long long spins = 0; !broken; ++spins) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
@@ -315,7 +307,7 @@ struct Ctx {
 };
 
 // Phase k's share (weights, bias, LayerNorm; the cross phase's keys and values) as runs for `cp`
-__device__ void share_of(const Ctx& c, int k, char* buf, Copier& cp) {
+__device__ __forceinline__ void share_of(const Ctx& c, int k, char* buf, Copier& cp) {
   const int l = k / PHASES, b = blockIdx.x;
   const LayerPtrs& p = c.layers[l];
   switch (k % PHASES) {
@@ -352,28 +344,22 @@ __device__ void share_of(const Ctx& c, int k, char* buf, Copier& cp) {
   }
 }
 
-// Warp 1: phase k's copies into buf, completing on its mbarrier (one arrival that carries their byte count). The
-// buffer's last readers are done (a __syncthreads before); the proxy fence orders their reads before the copy
-// engine's writes.
-__device__ __forceinline__ void prefetch(const Ctx& c, int k, char* buf, u64* bar) {
-  if ((threadIdx.x >> 5) != 1) return;
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  Copier cp{bar, 0u, 0, false};
-  share_of(c, k, buf, cp);
-  if ((threadIdx.x & 31) == 0)
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(cp.total)
-                 : "memory");
-  __syncwarp();
-  cp.issue = true;
-  cp.piece = 0;
-  share_of(c, k, buf, cp);
+// The producer warp: every phase's share into buffer k & 1 once the consumers are done with phase k - 2 there
+__device__ void produce(const Ctx& c, char* smem, u64* full, u64* free_) {
+  Copier cp;
+  for (int k = 0; k < L * PHASES; ++k) {
+    if (k >= 2) mbar_wait(free_ + (k & 1), ((k - 2) >> 1) & 1);
+    share_of(c, k, smem + (k & 1) * BUF_BYTES, cp);
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(full + (k & 1))) : "memory");
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
 __device__ void phase_qkv(const Ctx& c, int l, const char* buf) {
   const int r0 = blockIdx.x * RP_QKV, n = min(RP_QKV, 3 * D - r0);
   if (n <= 0) return;
   if (l == 0) {  // the step's input: token and positional embedding, into x by block 0
-    for (int i = threadIdx.x; i < D; i += NT) {
+    for (int i = threadIdx.x; i < D; i += NC) {
       const float v = to_f(c.emb[(long long)c.token * D + i]) + to_f(c.pos_emb[(long long)c.pos * D + i]);
       c.act[i] = v;
       if (blockIdx.x == 0) c.xres[i] = v;
@@ -415,7 +401,7 @@ __device__ void phase_self(const Ctx& c, int l, const char* buf) {
       vr[i] = ldcg4(base + (long long)t * 2 * D + D);
     }
   }
-  __syncthreads();  // qv
+  csync();  // qv
   float sc[MAXI], m = -3.0e38f;
 #pragma unroll
   for (int i = 0; i < MAXI; ++i) {
@@ -465,17 +451,17 @@ __device__ void phase_cross(const Ctx& c, const char* buf) {
   const int h = b / S_X, s = b % S_X, keys = min(KS, A - (b % S_X) * KS);
   const int g = threadIdx.x >> 3, lane = threadIdx.x & 7;
   if (threadIdx.x < DH) c.qv[threadIdx.x] = ldcg(c.cq + h * DH + threadIdx.x) * 0.125f;
-  __syncthreads();
+  csync();
   const u16* kk = reinterpret_cast<const u16*>(buf);
   const u16* vv = kk + KS * DH;
   float* sc = c.scores;
   rows_dot(kk, keys, DH, DH, c.qv, c.part, [&](int r, float v) { sc[r] = v; });
-  __syncthreads();
+  csync();
   float m = -3.0e38f;
-  for (int t = threadIdx.x; t < keys; t += NT) m = fmaxf(m, sc[t]);
+  for (int t = threadIdx.x; t < keys; t += NC) m = fmaxf(m, sc[t]);
   m = block_max(m, c.red);
   float sum = 0.f;
-  for (int t = threadIdx.x; t < keys; t += NT) {
+  for (int t = threadIdx.x; t < keys; t += NC) {
     const float p = __expf(sc[t] - m);
     sc[t] = p;
     sum += p;
@@ -496,7 +482,7 @@ __device__ void phase_cross(const Ctx& c, const char* buf) {
 
 // every block: the partial softmaxes of phase cross merged into o (D floats in act)
 __device__ __forceinline__ void merge_cross(const Ctx& c) {
-  for (int i = threadIdx.x; i < D; i += NT) {
+  for (int i = threadIdx.x; i < D; i += NC) {
     const float* p = c.part_ws + (i / DH) * S_X * (DH + 2);
     float m[S_X], l[S_X], o[S_X], top = -3.0e38f;
 #pragma unroll
@@ -538,7 +524,7 @@ __device__ void phase_co(const Ctx& c, const char* buf) {
   if (n <= 0) return;
   if (threadIdx.x < n) c.xrow[threadIdx.x] = ldcg(c.xres + r0 + threadIdx.x);
   merge_cross(c);
-  __syncthreads();
+  csync();
   residual_rows(c, buf, D, c.act, BIAS_OFF_4, false);
 }
 
@@ -547,8 +533,8 @@ __device__ void phase_fc2(const Ctx& c, const char* buf, bool last) {
   if (n <= 0) return;
   if (threadIdx.x < n) c.xrow[threadIdx.x] = ldcg(c.xres + r0 + threadIdx.x);
   u16* h = reinterpret_cast<u16*>(c.act);  // the GELU activations, 4D 16-bit values
-  for (int i = threadIdx.x; i < 4 * D / 8; i += NT) *reinterpret_cast<uint4*>(h + i * 8) = ldcg4(c.hbuf + i * 8);
-  __syncthreads();
+  for (int i = threadIdx.x; i < 4 * D / 8; i += NC) *reinterpret_cast<uint4*>(h + i * 8) = ldcg4(c.hbuf + i * 8);
+  csync();
   residual_rows(c, buf, 4 * D, static_cast<const u16*>(h), BIAS_OFF_6, last);
 }
 
@@ -563,7 +549,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
   {
     unsigned long long* table = reinterpret_cast<unsigned long long*>(smem + PTR_OFF);
     const unsigned long long* src = reinterpret_cast<const unsigned long long*>(layers);
-    for (int i = threadIdx.x; i < L * 18; i += NT) table[i] = src[i];
+    for (int i = threadIdx.x; i < L * 18; i += NC) table[i] = src[i];
     c.layers = reinterpret_cast<const LayerPtrs*>(table);
   }
   c.emb = emb, c.pos_emb = pos_emb, c.cross_k = cross_k, c.cross_v = cross_v, c.self_kv = self_kv;
@@ -580,20 +566,22 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
   __syncthreads();  // the pointer table
 
   const int total = L * PHASES;
-  bool broken = false;  // thread 0's: a barrier of this launch gave up
-  u64* mbar = reinterpret_cast<u64*>(smem + MBAR_OFF);  // one per buffer
+  u64* full = reinterpret_cast<u64*>(smem + MBAR_OFF);  // per buffer: its share has landed (32 lane arrivals)
+  u64* free_ = full + 2;                                 // per buffer: the consumers are done with it (1 arrival)
   if (threadIdx.x == 0) {
-    mbar_init(mbar);
-    mbar_init(mbar + 1);
+    mbar_init(full, 32), mbar_init(full + 1, 32), mbar_init(free_, 1), mbar_init(free_ + 1, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  prefetch(c, 0, smem, mbar);
-  prefetch(c, 1, smem + BUF_BYTES, mbar + 1);
+  if (threadIdx.x >= NC) {  // the producer warp takes no part in the phases or the grid barriers
+    produce(c, smem, full, free_);
+    return;
+  }
+  bool broken = false;  // thread 0's: a barrier of this launch gave up
   for (int k = 0; k < total; ++k) {
     const int l = k / PHASES;
-    char* buf = smem + (k & 1) * BUF_BYTES;  // phase k's share; k+2's lands here once k is done with it
-    mbar_wait(mbar + (k & 1), (k >> 1) & 1);
+    const char* buf = smem + (k & 1) * BUF_BYTES;
+    mbar_wait(full + (k & 1), (k >> 1) & 1);
     switch ((PHASE_MASK >> (k % PHASES)) & 1 ? k % PHASES : -1) {
       case 0: phase_qkv(c, l, buf); break;
       case 1: phase_self(c, l, buf); break;
@@ -612,10 +600,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
       }
       case 6: phase_fc2(c, buf, l == L - 1); break;
     }
-    __syncthreads();  // this phase is done with its buffer and its global writes are issued
-    if (k + 2 < total) prefetch(c, k + 2, buf, mbar + (k & 1));
+    csync();  // this phase is done with its buffer and its global writes are issued
+    if (threadIdx.x == 0) mbar_arrive(free_ + (k & 1));
     if (k + 1 < total) arrive_and_wait(bar, (u32)(k + 1) * G, broken);
-    __syncthreads();
+    csync();
   }
   if (threadIdx.x == 0) {
     __threadfence();
