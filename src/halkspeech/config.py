@@ -86,11 +86,6 @@ class EngineSettings(BaseModel):
     #: steps keep PyTorch's GEMMs with the Triton decode attention; CPUs and machines without Triton use plain
     #: PyTorch. 0 turns all of them off.
     fused_kernels_max_batch: int = Field(default=16, ge=0)
-    #: Experiment, off: decode steps of exactly one slot as one persistent CUDA kernel whose blocks prefetch their
-    #: share of the next phases' weights into shared memory (model/persistent.py), where it runs: a CUDA GPU of
-    #: compute capability 8.0+ with the shared memory for its plan, fp16/bf16; compiled by NVRTC (part of
-    #: PyTorch's CUDA wheels) when the engine starts. Correct, and not faster than the fused launches (NOTES).
-    persistent_step: bool = False
     #: The encoder's residual adds inside its projections' GEMMs and its LayerNorms in Triton (Encoder.forward_fused;
     #: CUDA with Triton only): two kernels a layer fewer, each a pass over the batch's activations.
     fused_encoder: bool = True

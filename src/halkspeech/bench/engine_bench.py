@@ -38,7 +38,6 @@ class EngineBenchConfig:
     cuda_graphs: bool = True
     fused_kernels_max_batch: int = EngineSettings.model_fields["fused_kernels_max_batch"].default
     fused_encoder: bool = EngineSettings.model_fields["fused_encoder"].default
-    persistent_step: bool = EngineSettings.model_fields["persistent_step"].default
     json_path: str | None = None
 
 
@@ -132,7 +131,6 @@ def _bench_ours(
         cuda_graphs=cfg.cuda_graphs,
         fused_kernels_max_batch=cfg.fused_kernels_max_batch,
         fused_encoder=cfg.fused_encoder,
-        persistent_step=cfg.persistent_step,
     )
     model = start_engine(weights, settings)
     rows = []

@@ -49,11 +49,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     engine.add_argument(
         "--no-fused-encoder", action="store_true", help="the encoder's plain PyTorch path (for comparison)"
     )
-    engine.add_argument(
-        "--no-persistent-step",
-        action="store_true",
-        help="steps of one slot as the fused launches, not the persistent kernel (for comparison)",
-    )
     _device_args(engine)
     engine.set_defaults(func=_run_engine)
 
@@ -140,7 +135,6 @@ def _run_engine(args: argparse.Namespace) -> int:
             max_encoder_batch=args.encoder_batch,
             cuda_graphs=not args.no_graphs,
             fused_encoder=not args.no_fused_encoder,
-            persistent_step=not args.no_persistent_step,
             json_path=args.json_path,
             **({} if args.fused_max_batch is None else {"fused_kernels_max_batch": args.fused_max_batch}),
         )

@@ -136,8 +136,6 @@ def start_engine(
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
     if model.decoder.use_fused_kernels(settings.fused_kernels_max_batch):
         log.info("decode steps of up to %d slots use the fused kernels", settings.fused_kernels_max_batch)
-    if model.decoder.use_persistent_step(settings.persistent_step):
-        log.info("decode steps of one slot run as one persistent kernel")
     if model.encoder.use_fused_kernels(settings.fused_encoder):
         log.info("the encoder's residual adds run inside its GEMMs")
     tokenizer = Tokenizer.for_model(weights.dims)

@@ -10,7 +10,6 @@ self-attention into one matrix, and the cross-attention k/v of every layer into 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from typing import cast
@@ -22,11 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from halkspeech.model import kernels
 from halkspeech.model.cache import KVCache
-from halkspeech.model.cuda_rtc import CudaRtcError
 from halkspeech.model.dims import ModelDims
-from halkspeech.model.persistent import PersistentStep, PersistentUnavailable
-
-log = logging.getLogger(__name__)
 
 # Attention kernels for the decoder's eager passes (prefill, alignment), whose (batch, length) changes almost every
 # call. cuDNN's attention, which PyTorch prefers on Hopper, builds an execution plan for each new shape: ~9 ms of
@@ -255,8 +250,6 @@ class Decoder(nn.Module):
         # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never);
         # with them on, larger steps take their self-attention from the Triton decode attention (no mask, no window)
         self.fused_max_batch = 0
-        # steps of one slot as one persistent CUDA kernel (model/persistent.py), when on and able to run
-        self.persistent: PersistentStep | None = None
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
         return enumerate(cast(Iterable[DecoderBlock], self.blocks))
@@ -311,8 +304,6 @@ class Decoder(nn.Module):
         """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
         position are masked; `window` (≥ every position + 1) bounds how much of the cache is read, except with
         the fused kernels on (`step_window`), which read each slot's keys up to its position."""
-        if self.persistent is not None and tokens.shape[0] == 1:
-            return self._step_persistent(tokens, positions, cache)
         if tokens.shape[0] <= self.fused_max_batch:
             return self._step_fused(tokens, positions, cache)
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
@@ -337,13 +328,6 @@ class Decoder(nn.Module):
             x = block.step_fused(x, layer, cache, rows, positions)
         return kernels.linear(x, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
 
-    def _step_persistent(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-        # slot 0's layers in one launch, then the final LayerNorm and the logits (float32)
-        hidden = cast(PersistentStep, self.persistent).step(tokens, positions, cache)  # [1, D]
-        if self.fused_max_batch:
-            return kernels.linear(hidden, self.token_embedding.weight, ln=_ln(self.ln), out_dtype=torch.float32)
-        return self.logits(hidden[:, None])[:, 0]
-
     def step_window(self, window: int) -> int:
         """The window a step depends on: 0 with the fused kernels on, whose attention has none."""
         return 0 if self.fused_max_batch else window
@@ -353,21 +337,6 @@ class Decoder(nn.Module):
         with Triton); returns whether they will."""
         self.fused_max_batch = max_batch if kernels.available(self.token_embedding.weight.device) else 0
         return self.fused_max_batch > 0
-
-    def use_persistent_step(self, on: bool) -> bool:
-        """Run steps of exactly one slot as one persistent CUDA kernel (model/persistent.py) where it can run (a
-        CUDA GPU of compute capability 8.0+, fp16/bf16, NVRTC); returns whether it will. Compiles it (seconds)."""
-        self.persistent = None
-        if on:
-            try:
-                self.persistent = PersistentStep(
-                    list(self.blocks), self.token_embedding.weight, self.positional_embedding, self.dims
-                )
-            except PersistentUnavailable as exc:
-                log.info("steps of one slot keep the fused launches: %s", exc)
-            except CudaRtcError as exc:
-                log.warning("the persistent step did not build; steps of one slot keep the fused launches: %s", exc)
-        return self.persistent is not None
 
 
 class Whisper(nn.Module):
