@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+from halkspeech.errors import InvalidRequest
+from halkspeech.model.dims import KNOWN_DIMS
+
+#: Forced decode lengths a benchmark may ask for: the decoder's context is 448 tokens, its prompt included.
+MAX_FORCED_TOKENS = 440
+
 
 def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
@@ -43,6 +49,40 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def check_ranges(**options: tuple[float | Sequence[float] | None, float, float]) -> None:
+    """Each keyword is a command-line option (`min_tokens` for --min-tokens) given as (value, lowest, highest);
+    a sequence is checked item by item, None passes. Raises InvalidRequest naming every option out of range,
+    so that a benchmark refuses bad input at once instead of failing, hanging or printing NaN later."""
+    bad = []
+    for name, (value, lowest, highest) in options.items():
+        option = "--" + name.replace("_", "-")
+        values = [] if value is None else list(value) if isinstance(value, Sequence) else [value]
+        wrong = [v for v in values if not lowest <= v <= highest]
+        if value is not None and not values:
+            bad.append(f"{option} needs at least one value")
+        elif wrong:
+            limit = f"between {_num(lowest)} and {_num(highest)}"
+            if highest == float("inf"):
+                limit = f"at least {_num(lowest)}"
+            bad.append(f"{option} must be {limit} (got {', '.join(map(_num, wrong))})")
+    if bad:
+        raise InvalidRequest("; ".join(bad))
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def check_shapes(names: Sequence[str]) -> None:
+    """Benchmarks with random weights take catalog shapes only (large-v3-turbo, large-v3, …)."""
+    unknown = [n for n in names if n not in KNOWN_DIMS]
+    if unknown or not names:
+        raise InvalidRequest(
+            f"unknown model shape {', '.join(map(repr, unknown)) or '(none given)'}: choose from "
+            + ", ".join(sorted(KNOWN_DIMS))
+        )
 
 
 def synchronize(device: torch.device) -> None:

@@ -15,7 +15,16 @@ from typing import Any, Literal
 
 import torch
 
-from halkspeech.bench.common import device_info, median, print_table, timed, write_json
+from halkspeech.bench.common import (
+    MAX_FORCED_TOKENS,
+    check_ranges,
+    check_shapes,
+    device_info,
+    median,
+    print_table,
+    timed,
+    write_json,
+)
 from halkspeech.config import EngineSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
@@ -39,6 +48,16 @@ class EngineBenchConfig:
     fused_kernels_max_batch: int = EngineSettings.model_fields["fused_kernels_max_batch"].default
     fused_encoder: bool = EngineSettings.model_fields["fused_encoder"].default
     json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        check_shapes(self.models)
+        check_ranges(
+            batches=(self.batches, 1, 4096),
+            tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
+            repeats=(self.repeats, 1, 1000),
+            encoder_batch=(self.max_encoder_batch, 1, 1024),
+            fused_max_batch=(self.fused_kernels_max_batch, 0, 4096),
+        )
 
 
 def _features(count: int, n_mels: int, device: torch.device, seed: int = 1) -> torch.Tensor:

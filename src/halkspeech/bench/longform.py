@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from halkspeech.audio import decode_audio
-from halkspeech.bench.common import device_info, median, print_table, synchronize, write_json
+from halkspeech.bench.common import check_ranges, device_info, median, print_table, synchronize, write_json
 from halkspeech.config import EngineSettings, ModelSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.errors import InvalidRequest
@@ -58,6 +58,18 @@ class LongformConfig:
     seed: int = 0
     gil_switch_ms: float = EngineSettings().gil_switch_ms
     json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            minutes=(self.minutes, 0.1, 24 * 60),
+            force_tokens_per_second=(self.force_tokens_per_second, 0.1, 50),
+            compare_files=(self.compare_files, 0, 256),
+            compare_minutes=(self.compare_minutes, 0.1, 24 * 60),
+            repeats=(self.repeats, 1, 1000),
+            max_slots=(self.max_slots, 0, 4096),
+            encoder_batch=(self.encoder_batch, 1, 1024),
+            gil_switch_ms=(self.gil_switch_ms, 0, 100),
+        )
 
 
 # --- the audio ---------------------------------------------------------------------------------------------

@@ -15,12 +15,21 @@ from typing import Any, Literal
 
 import torch
 
-from halkspeech.bench.common import device_info, percentile, print_table, write_json
+from halkspeech.bench.common import (
+    MAX_FORCED_TOKENS,
+    check_ranges,
+    check_shapes,
+    device_info,
+    percentile,
+    print_table,
+    write_json,
+)
 from halkspeech.bench.engine_bench import _features
 from halkspeech.config import EngineSettings
 from halkspeech.engine.engine import EngineStats
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
+from halkspeech.errors import InvalidRequest
 from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS
 from halkspeech.model.weights import LoadedWeights, random_weights
 
@@ -51,6 +60,22 @@ class MixedConfig:
     #: "continuous-inline" today's "continuous".)
     modes: tuple[str, ...] = ("continuous", "static", "static-padded")
     json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        check_shapes(self.models)
+        check_ranges(
+            requests=(self.requests, 1, 1_000_000),
+            min_tokens=(self.min_tokens, 1, MAX_FORCED_TOKENS),
+            max_tokens=(self.max_tokens, self.min_tokens, MAX_FORCED_TOKENS),
+            rate=(self.rate, 0, float("inf")),
+            slots=(self.slots, 1, 4096),
+            encoder_batch=(self.max_encoder_batch, 1, 1024),
+            admit_batch=(self.admit_batch, 1, 4096),
+        )
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            given = ", ".join(unknown) or "(none given)"
+            raise InvalidRequest(f"unknown --modes {given}: choose from {', '.join(MODES)}")
 
 
 def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from halkspeech.audio import decode_audio
-from halkspeech.bench.common import device_info, print_table, write_json
+from halkspeech.bench.common import MAX_FORCED_TOKENS, check_ranges, check_shapes, device_info, print_table, write_json
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.errors import InvalidRequest
@@ -68,6 +68,23 @@ class ServerBenchConfig:
     #: > 0: after the timed run, one more load of `warmup_requests` during which the server records this many
     #: seconds of its GPU timeline (bench/gpu_timeline.py); the summary goes into the results as "profile"
     profile_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_shapes([self.model])
+        check_ranges(
+            tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
+            concurrency=(self.concurrency, 1, 100_000),
+            requests=(self.requests, 1, 10_000_000),
+            warmup_requests=(self.warmup_requests, 0, 10_000_000),
+            client_processes=(self.client_processes, 1, 256),
+            slots=(self.slots, 1, 4096),
+            encoder_batch=(self.encoder_batch, 1, 1024),
+            engine_batch=(self.engine_batch, 1, 4096),
+            admit_batch=(self.admit_batch, 1, 4096),
+            admit_wait_ms=(self.admit_wait_ms, 0, 60_000),
+            clip_s=(self.clip_s, 1, 30),  # one window
+            profile_s=(self.profile_s, 0, 600),
+        )
 
 
 def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import torch
 
-from halkspeech.bench.common import device_info, percentile, print_table, write_json
+from halkspeech.bench.common import MAX_FORCED_TOKENS, check_ranges, device_info, percentile, print_table, write_json
 from halkspeech.bench.subprocess_server import free_port, serve
 from halkspeech.loadtest.ws import WsLoadConfig, print_results, run_ws_load_async
 
@@ -57,6 +57,19 @@ class WsBenchConfig:
     startup_timeout_s: float = 900.0
     max_scenario_s: float = 600.0
     json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
+            turn_s=(self.turn_s, 0.1, 300),  # the server's longest turn by default
+            single_turns=(self.single_turns, 1, 100_000),
+            users=(self.users, 1, 100_000),
+            ramp_s=(self.ramp_s, 0, 3600),
+            turns_per_user=(self.turns_per_user, 1, 100_000),
+            file_clients=(self.file_clients, 0, 1024),
+            file_s=(self.file_s, 1, 3600),
+            port=(self.port, 0, 65535),
+        )
 
 
 # -- audio ------------------------------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""`halkspeech bench engine|mixed` end to end on the CPU with tiny.en's shape: both peers run, the table's
+columns agree with each other, and bad options are one-line errors before anything loads. (Their timings are
+for GPUs and are never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from halkspeech.cli import main
+
+CPU = ["--device", "cpu", "--dtype", "float32"]
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *args, *CPU, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_engine_bench_runs_both_peers_and_its_columns_agree(tmp_path: Path) -> None:
+    tokens = 2
+    result = run_bench(tmp_path, "engine", "--models", "tiny.en", "--batches", "1,2", "--tokens", str(tokens),
+                       "--repeats", "1")  # fmt: skip
+    rows = {(r["engine"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(e, b) for e in ("halkspeech", "hf-transformers") for b in (1, 2)}
+    for (engine, batch), row in rows.items():
+        assert row["windows_per_s"] == pytest.approx(batch / row["seconds"])
+        assert row["tokens_per_s"] == pytest.approx(row["windows_per_s"] * tokens)
+        assert row["rtfx"] == pytest.approx(row["windows_per_s"] * 30)
+        if engine == "halkspeech":
+            assert row["vs_hf"] == pytest.approx(rows["hf-transformers", batch]["seconds"] / row["seconds"])
+    assert "tiny.en" in result["table"] and result["device"]["device"] == "cpu"
+
+
+def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "mixed", "--models", "tiny.en", "--requests", "6", "--min-tokens", "2",
+                       "--max-tokens", "6", "--slots", "2", "--modes", "continuous,static,static-padded")  # fmt: skip
+    rows = {r["batching"]: r for r in result["rows"]}
+    assert set(rows) == {"continuous", "static", "static-padded"}
+    # the same requests and lengths in every mode: the same tokens decoded, in as many or fewer steps when
+    # sequences join as slots free up; static batching pads or drops rows, but takes the same steps either way
+    decoded = {mode: round(r["mean_batch"] * r["steps"]) for mode, r in rows.items()}
+    assert len(set(decoded.values())) == 1 and decoded["static"] > 0
+    assert rows["static"]["steps"] == rows["static-padded"]["steps"]
+    assert rows["continuous"]["steps"] <= rows["static"]["steps"]
+    assert rows["continuous"]["admissions"] >= rows["static"]["admissions"]
+    continuous = rows["continuous"]
+    assert continuous["vs_padded"] == pytest.approx(
+        continuous["windows_per_s"] / rows["static-padded"]["windows_per_s"]
+    )
+    assert all(0 < r["p50_s"] <= r["p95_s"] for r in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["engine", "--models", "nope"], "unknown model shape 'nope'"),
+        (["engine", "--models", "tiny.en", "--batches", "0,2"], r"--batches must be between 1 and 4096 \(got 0\)"),
+        (["engine", "--models", "tiny.en", "--tokens", "0", "--repeats", "0"], "--tokens .*; --repeats"),
+        (["engine", "--models", "tiny.en", "--batches", ","], "--batches needs at least one value"),
+        (["mixed", "--models", "tiny.en", "--requests", "0"], "--requests must be between 1 and"),
+        (["mixed", "--models", "tiny.en", "--min-tokens", "5", "--max-tokens", "2"], "--max-tokens must be between 5"),
+        (["mixed", "--models", "tiny.en", "--slots", "0"], "--slots must be"),  # it hung, waiting for a free slot
+        (["mixed", "--models", "tiny.en", "--modes", "fast"], "unknown --modes fast"),
+        (["server", "--model", "tiny.en", "--concurrency", "0", "--clip-s", "40"], "--concurrency .*; --clip-s"),
+        (["ws", "--users", "0", "--turn-s", "0"], "--turn-s must be .*--users must be"),
+        (["longform", "--minutes", "0"], "--minutes must be between 0.1 and 1440"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *args, *CPU]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
+    assert re.search(says, err), err
