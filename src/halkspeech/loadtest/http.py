@@ -48,6 +48,8 @@ class HttpLoadConfig:
             raise InvalidRequest("--concurrency and --requests must be at least 1")
         if not self.audio:
             raise InvalidRequest("give at least one --audio file")
+        if httpx.URL(self.url).scheme not in ("http", "https"):
+            raise InvalidRequest(f"--url must be an http:// or https:// URL: {self.url!r}")
 
     @property
     def endpoint(self) -> str:

@@ -63,6 +63,8 @@ class WsLoadConfig:
             raise InvalidRequest("--speed and --ramp-s must be ≥ 0, --frame-ms between 5 and 1000")
         if not self.audio:
             raise InvalidRequest("give at least one --audio file")
+        if not self.url.startswith(("ws://", "wss://")):
+            raise InvalidRequest(f"--url must be a ws:// or wss:// URL: {self.url!r}")
 
 
 @dataclass

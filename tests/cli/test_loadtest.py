@@ -1,0 +1,29 @@
+"""`halkspeech loadtest http|ws`: bad options are one-line errors before any client starts (the end-to-end
+runs against a live server are in tests/api/test_simple.py and tests/api/test_ws.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TEST_DATA
+from halkspeech.cli import main
+
+JFK = str(TEST_DATA / "jfk.flac")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["http", "--url", "notaurl", "--audio", JFK], "--url must be an http:// or https:// URL: 'notaurl'"),
+        (["http", "--url", "ftp://host/x", "--audio", JFK], "--url must be an http:// or https:// URL"),
+        (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--concurrency", "0"], "at least 1"),
+        (["ws", "--url", "http://127.0.0.1:1/ws", "--audio", JFK], "--url must be a ws:// or wss:// URL"),
+        (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", JFK, "--users", "0"], "at least 1"),
+        (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", JFK, "--frame-ms", "1"], "--frame-ms between 5 and 1000"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
+    assert says in err, err
