@@ -262,6 +262,10 @@ def test_ws_client_errors_are_one_line(server_url: str, capsys: pytest.CaptureFi
     assert main(["ws-client", str(LJ_CLIP), "--url", "ws://127.0.0.1:9/ws"]) == 2  # nothing listens there
     err = capsys.readouterr().err
     assert err.startswith("halkspeech: error: cannot open") and err.count("\n") == 1
+    for bad in (["--timeout", "0"], ["--segment-silence-ms", "-5"], ["--frame-ms", "1"]):
+        assert main(["ws-client", str(LJ_CLIP), "--url", server_url, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("halkspeech: error: --") and err.count("\n") == 1, err
     if importlib.util.find_spec("sounddevice") is None:
         assert main(["ws-client", "--mic", "--url", server_url]) == 2
         assert "pip install 'halkspeech[mic]'" in capsys.readouterr().err

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     if args.speed < 0 or not 5 <= args.frame_ms <= 1000:
         raise InvalidRequest("--speed must be ≥ 0 and --frame-ms between 5 and 1000")
+    if args.timeout <= 0:
+        raise InvalidRequest("--timeout must be more than 0 seconds")
+    if args.segment_silence_ms is not None and not 100 <= args.segment_silence_ms <= 30000:
+        raise InvalidRequest("--segment-silence-ms must be between 100 and 30000")  # the server's bounds
     if args.mic:
         return asyncio.run(_mic(args))
     if not args.file.is_file():
