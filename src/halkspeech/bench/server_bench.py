@@ -73,7 +73,7 @@ class ServerBenchConfig:
         check_shapes([self.model])
         check_ranges(
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
-            concurrency=(self.concurrency, 1, 100_000),
+            concurrency=(self.concurrency, 1, 4096),  # also the engine figure's batch by default
             requests=(self.requests, 1, 10_000_000),
             warmup_requests=(self.warmup_requests, 0, 10_000_000),
             client_processes=(self.client_processes, 1, 256),
