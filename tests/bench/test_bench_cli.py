@@ -67,6 +67,8 @@ def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None
         (["mixed", "--models", "tiny.en", "--min-tokens", "5", "--max-tokens", "2"], "--max-tokens must be between 5"),
         (["mixed", "--models", "tiny.en", "--slots", "0"], "--slots must be"),  # it hung, waiting for a free slot
         (["mixed", "--models", "tiny.en", "--modes", "fast"], "unknown --modes fast"),
+        (["mixed", "--models", "tiny.en", "--modes", "static,static"], "names a mode twice: use --repeats"),
+        (["mixed", "--models", "tiny.en", "--repeats", "0"], "--repeats must be between 1 and 50"),
         (["server", "--model", "tiny.en", "--concurrency", "0", "--clip-s", "40"], "--concurrency .*; --clip-s"),
         (["ws", "--users", "0", "--turn-s", "0"], "--turn-s must be .*--users must be"),
         (["longform", "--minutes", "0"], "--minutes must be between 0.1 and 1440"),

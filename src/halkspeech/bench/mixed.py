@@ -59,6 +59,10 @@ class MixedConfig:
     #: (bench/results/mixed_h200.json predates the rename: its "continuous" is today's "continuous-ahead" and its
     #: "continuous-inline" today's "continuous".)
     modes: tuple[str, ...] = ("continuous", "static", "static-padded")
+    #: Runs of each mode, alternating (mode A, B, C, then A, B, C again), so that the machine's drift falls on every
+    #: mode alike; each mode is reported by its median run (by windows/s), the ratios from those, every run in JSON.
+    #: Single runs of one mode have spread ±8% on an H100 (bench/NOTES.md), as much as some differences measured.
+    repeats: int = 1
     json_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,11 +75,14 @@ class MixedConfig:
             slots=(self.slots, 1, 4096),
             encoder_batch=(self.max_encoder_batch, 1, 1024),
             admit_batch=(self.admit_batch, 1, 4096),
+            repeats=(self.repeats, 1, 50),
         )
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             given = ", ".join(unknown) or "(none given)"
             raise InvalidRequest(f"unknown --modes {given}: choose from {', '.join(MODES)}")
+        if len(set(self.modes)) < len(self.modes):
+            raise InvalidRequest("--modes names a mode twice: use --repeats to run modes again")
 
 
 def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:
@@ -148,30 +155,61 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
     weights: LoadedWeights = random_weights(name, dtype=dtype, device=device)
     features = _features(min(cfg.requests, 256), dims.n_mels, device)
     arrivals, lengths = _workload(cfg)
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in cfg.modes}
+    for repeat in range(cfg.repeats):
+        for mode in cfg.modes:
+            run = _run_mode(name, mode, cfg, weights, features, arrivals, lengths)
+            runs[mode].append({**run, "repeat": repeat})
+    return median_runs(runs)
+
+
+def _run_mode(
+    name: str,
+    mode: str,
+    cfg: MixedConfig,
+    weights: LoadedWeights,
+    features: torch.Tensor,
+    arrivals: list[float],
+    lengths: list[int],
+) -> dict[str, Any]:
+    """One run of the workload on a fresh engine batching as `mode` says."""
+    settings = EngineSettings(
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_slots=cfg.slots,
+        max_encoder_batch=cfg.max_encoder_batch,
+        encode_ahead=mode == "continuous-ahead",
+        admission_graphs=cfg.admission_graphs,
+    )
+    if cfg.admit_batch:
+        settings = settings.model_copy(update={"admit_batch": cfg.admit_batch})
+    model = start_engine(weights, settings, static=mode.startswith("static"), padded=mode == "static-padded")
+    try:
+        warm = min(cfg.slots, 16)
+        _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
+        model.engine.stats = EngineStats()
+        return {"model": name, "batching": mode, **_drive(model, features, arrivals, lengths)}
+    finally:
+        model.close()
+        del model
+        gc.collect()
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def median_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each mode's runs → its median run by windows/s (the lower middle of an even count), with every run's
+    windows/s beside it; continuous modes get their ratios to the static modes' median runs."""
     rows = []
-    for mode in cfg.modes:
-        settings = EngineSettings(
-            device=cfg.device,
-            dtype=cfg.dtype,
-            max_slots=cfg.slots,
-            max_encoder_batch=cfg.max_encoder_batch,
-            encode_ahead=mode == "continuous-ahead",
-            admission_graphs=cfg.admission_graphs,
-        )
-        if cfg.admit_batch:
-            settings = settings.model_copy(update={"admit_batch": cfg.admit_batch})
-        model = start_engine(weights, settings, static=mode.startswith("static"), padded=mode == "static-padded")
-        try:
-            warm = min(cfg.slots, 16)
-            _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
-            model.engine.stats = EngineStats()
-            rows.append({"model": name, "batching": mode, **_drive(model, features, arrivals, lengths)})
-        finally:
-            model.close()
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for mode_runs in runs.values():
+        ordered = sorted(mode_runs, key=lambda r: r["windows_per_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["runs"] = len(mode_runs)
+        row["windows_per_s_runs"] = [r["windows_per_s"] for r in mode_runs]
+        if len(mode_runs) > 1:
+            row["spread"] = f"{ordered[0]['windows_per_s']:.1f}-{ordered[-1]['windows_per_s']:.1f}"
+            row["all_runs"] = mode_runs
+        rows.append(row)
     for baseline, key in (("static", "vs_static"), ("static-padded", "vs_padded")):
         base = next((r for r in rows if r["batching"] == baseline), None)
         for row in rows:
@@ -188,11 +226,13 @@ def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
         f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, arrivals "
         f"{rate}, {cfg.slots} slots, on {info.get('gpu', info['device'])}"
         + ("" if cfg.admission_graphs else ", admissions eager")
+        + (f"; each mode's median of {cfg.repeats} alternating runs" if cfg.repeats > 1 else "")
     )
     columns = [
         ("model", "model"),
         ("batching", "batching"),
         ("windows_per_s", "windows/s"),
+        *([("spread", "runs' windows/s")] if cfg.repeats > 1 else []),
         ("tokens_per_s", "tokens/s"),
         ("rtfx", "RTFx"),
         ("p50_s", "p50 s"),

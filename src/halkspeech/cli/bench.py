@@ -69,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument(
         "--no-admission-graphs", action="store_true", help="admissions launched eagerly (for comparison)"
     )
+    mixed.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each mode, alternating between modes; each mode is reported by its median run",
+    )
     _device_args(mixed)
     mixed.set_defaults(func=_run_mixed)
 
@@ -155,6 +161,7 @@ def _run_mixed(args: argparse.Namespace) -> int:
             admit_batch=args.admit_batch,
             admission_graphs=not args.no_admission_graphs,
             modes=args.modes,
+            repeats=args.repeats,
             device=args.device,
             dtype=args.dtype,
             json_path=args.json_path,
