@@ -9,10 +9,11 @@ about 132/N times as long on an H100). Whether a graph captured in the primary c
 green context's stream, and whether its kernels then keep to the context's SMs, is not something this was
 sure of when written: if the replay fails or does not slow down with the context, the green rows run with the
 encoder graphs off, beside a plain-stream row with them off too, so that the comparison stays like for like.
-Then the workload: padded static and inline continuous batching, encoding ahead on the plain side stream, then
-on each green context, then padded static again (the machine's drift).
+Then the workload, in ROUNDS alternating rounds (single runs spread ±8%): padded static, inline continuous
+batching, encoding ahead on the plain side stream, then on each green context. Printed last: each variant's
+median windows/s over the rounds and its ratio to padded static's median.
 
-Run: PYTHONPATH=src python bench/gpu_green.py OUT.json [SM counts, multiples of 8, e.g. 96,112,120]
+Run: PYTHONPATH=src python bench/gpu_green.py OUT.json [SM counts, multiples of 8, e.g. 96,112,120] [ROUNDS, 2]
 Written in session 10 with no device lent; not yet run.
 """
 
@@ -36,6 +37,7 @@ from halkspeech.model.weights import random_weights
 
 OUT = sys.argv[1]
 SM_COUNTS = [int(n) for n in (sys.argv[2] if len(sys.argv) > 2 else "96,112,120").split(",")]
+ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 MODEL = "large-v3-turbo"
 cfg = mixed.MixedConfig(models=(MODEL,), requests=512)
 device = torch.device("cuda")
@@ -129,13 +131,13 @@ def time_encoder() -> bool:
     return graph_slowdown - 1 >= (eager_slowdown - 1) / 2
 
 
-def run(modes: tuple[str, ...], sms: int, graphs: bool = True) -> None:
+def run(modes: tuple[str, ...], sms: int, graphs: bool = True, round_: int = 0) -> None:
     use_green[0], encoder_graphs[0] = sms, graphs
     try:
         for row in mixed.bench_mixed_model(MODEL, dataclasses.replace(cfg, modes=modes)):
-            row["encoder_sms"], row["encoder_graphs"] = sms or "all", graphs
+            row["encoder_sms"], row["encoder_graphs"], row["round"] = sms or "all", graphs, round_
             results["rows"].append(row)
-            keys = ("batching", "encoder_sms", "encoder_graphs", "windows_per_s", "p95_s", "encode_s", "busy_s")
+            keys = ("round", "batching", "encoder_sms", "encoder_graphs", "windows_per_s", "p95_s", "encode_s")
             print({k: row.get(k) for k in keys}, flush=True)
     finally:
         use_green[0], encoder_graphs[0] = 0, True
@@ -143,12 +145,34 @@ def run(modes: tuple[str, ...], sms: int, graphs: bool = True) -> None:
         json.dump(results, f, indent=1)
 
 
+def summary() -> list[dict[str, Any]]:
+    """Each variant's median windows/s and p95 over the rounds, and its ratio to padded static's median."""
+    variants: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    for row in results["rows"]:
+        variants.setdefault((row["batching"], str(row["encoder_sms"]), row["encoder_graphs"]), []).append(row)
+    padded = statistics.median(r["windows_per_s"] for r in variants[("static-padded", "all", True)])
+    out = []
+    for (batching, sms, graphs), rows in variants.items():
+        speed = statistics.median(r["windows_per_s"] for r in rows)
+        out.append({
+            "batching": batching, "encoder_sms": sms, "encoder_graphs": graphs, "runs": len(rows),
+            "windows_per_s": speed, "runs_windows_per_s": [r["windows_per_s"] for r in rows],
+            "p95_s": statistics.median(r["p95_s"] for r in rows), "vs_padded": speed / padded,
+        })  # fmt: skip
+    return out
+
+
 graphs_follow = time_encoder()
 results["encoder_graphs_keep_to_green_sms"] = graphs_follow
 print("encoder graphs keep to the green contexts' SMs:", graphs_follow, flush=True)
-run(("static-padded", "continuous", "continuous-ahead"), 0)
-if not graphs_follow:
-    run(("continuous-ahead",), 0, graphs=False)
-for count in SM_COUNTS:
-    run(("continuous-ahead",), count, graphs=graphs_follow)
-run(("static-padded",), 0)
+for round_ in range(ROUNDS):
+    run(("static-padded", "continuous", "continuous-ahead"), 0, round_=round_)
+    if not graphs_follow:
+        run(("continuous-ahead",), 0, graphs=False, round_=round_)
+    for count in SM_COUNTS:
+        run(("continuous-ahead",), count, graphs=graphs_follow, round_=round_)
+results["summary"] = summary()
+for line in results["summary"]:
+    print(line, flush=True)
+with open(OUT, "w") as f:
+    json.dump(results, f, indent=1)
