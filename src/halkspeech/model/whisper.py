@@ -260,7 +260,7 @@ class Decoder(nn.Module):
         if h.device.type != "cpu":
             return (h @ weight.T).float()
         # On a CPU, [V, D] @ [D, B·T] and a transposed view of the result: MKL's kernel for this orientation took
-        # 5 ms for 2-8 rows of base's 51,865 × 512 embedding where x @ W.T took 20-25 ms (2 cores; equal at 1 row)
+        # 5-9 ms for 2-8 rows of base's 51,865 × 512 embedding where x @ W.T took 20-25 ms (2 cores; equal at 1 row)
         rows = h.reshape(-1, h.shape[-1])
         return (weight @ rows.T).T.reshape(*h.shape[:-1], weight.shape[0]).float()
 
