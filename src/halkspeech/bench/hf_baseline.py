@@ -6,7 +6,7 @@ state dict, mapped to OpenAI names, is what HalkSpeech loads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -72,13 +72,17 @@ class HFWhisper:
         """Greedy decode exactly `tokens` tokens per window (min = max new tokens): [B, tokens]."""
         batch = features.shape[0]
         decoder_input_ids = torch.tensor([list(prompt)] * batch, device=self.device)
-        return self.model.generate(
+        out = self.model.generate(
             features.to(self.model.dtype),
             decoder_input_ids=decoder_input_ids,
             min_new_tokens=tokens,
             max_new_tokens=tokens,
             do_sample=False,
         )
+        # the peer must decode as much as we do: the new tokens alone (transformers 5.25), or after the prompt
+        if out.shape[0] != batch or out.shape[-1] not in (tokens, len(prompt) + tokens):
+            raise RuntimeError(f"HF decoded {tuple(out.shape)} for {batch} windows of {tokens} tokens")
+        return cast(torch.Tensor, out)
 
     @torch.no_grad()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
