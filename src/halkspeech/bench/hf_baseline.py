@@ -80,9 +80,10 @@ class HFWhisper:
             do_sample=False,
         )
         # the peer must decode as much as we do: the new tokens alone (transformers 5.25), or after the prompt
-        if out.shape[0] != batch or out.shape[-1] not in (tokens, len(prompt) + tokens):
-            raise RuntimeError(f"HF decoded {tuple(out.shape)} for {batch} windows of {tokens} tokens")
-        return cast(torch.Tensor, out)
+        sequences = cast(torch.Tensor, out if isinstance(out, torch.Tensor) else out["sequences"])
+        if sequences.shape[0] != batch or sequences.shape[-1] not in (tokens, len(prompt) + tokens):
+            raise RuntimeError(f"HF decoded {tuple(sequences.shape)} for {batch} windows of {tokens} tokens")
+        return sequences
 
     @torch.no_grad()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
