@@ -60,6 +60,11 @@ class ModelSettings(BaseModel):
     download_timeout_s: float = Field(default=600.0, gt=0)
 
 
+#: The most decoder slots and encoder windows a run may ask for (the benchmarks hold their options to them too).
+MAX_SLOTS = 4096
+MAX_ENCODER_BATCH = 1024
+
+
 class EngineSettings(BaseModel):
     """The GPU/CPU decoding engine."""
 
@@ -67,9 +72,9 @@ class EngineSettings(BaseModel):
     device_index: int = Field(default=0, ge=0)
     dtype: DType = "auto"
     #: Decoder slots (sequences decoded together); 0 = from the memory plan.
-    max_slots: int = Field(default=0, ge=0, le=4096)
+    max_slots: int = Field(default=0, ge=0, le=MAX_SLOTS)
     #: Windows encoded in one encoder call at most.
-    max_encoder_batch: int = Field(default=32, ge=1, le=1024)
+    max_encoder_batch: int = Field(default=32, ge=1, le=MAX_ENCODER_BATCH)
     #: Fraction of free GPU memory the engine may plan for caches.
     gpu_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
     cuda_graphs: bool = True

@@ -25,7 +25,7 @@ from halkspeech.bench.common import (
     timed,
     write_json,
 )
-from halkspeech.config import EngineSettings
+from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS, EngineSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.model.dims import CHUNK_LENGTH, KNOWN_DIMS, N_FRAMES
@@ -52,11 +52,11 @@ class EngineBenchConfig:
     def __post_init__(self) -> None:
         check_shapes(self.models)
         check_ranges(
-            batches=(self.batches, 1, 4096),
+            batches=(self.batches, 1, MAX_SLOTS),
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
             repeats=(self.repeats, 1, 1000),
-            encoder_batch=(self.max_encoder_batch, 1, 1024),
-            fused_max_batch=(self.fused_kernels_max_batch, 0, 4096),
+            encoder_batch=(self.max_encoder_batch, 1, MAX_ENCODER_BATCH),
+            fused_max_batch=(self.fused_kernels_max_batch, 0, MAX_SLOTS),
         )
 
 

@@ -24,7 +24,7 @@ import torch
 
 from halkspeech.audio import decode_audio
 from halkspeech.bench.common import check_ranges, device_info, median, print_table, synchronize, write_json
-from halkspeech.config import EngineSettings, ModelSettings
+from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS, EngineSettings, ModelSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.errors import InvalidRequest
 from halkspeech.model.dims import SAMPLE_RATE
@@ -66,8 +66,8 @@ class LongformConfig:
             compare_files=(self.compare_files, 0, 256),
             compare_minutes=(self.compare_minutes, 0.1, 24 * 60),
             repeats=(self.repeats, 1, 1000),
-            max_slots=(self.max_slots, 0, 4096),
-            encoder_batch=(self.encoder_batch, 1, 1024),
+            max_slots=(self.max_slots, 0, MAX_SLOTS),
+            encoder_batch=(self.encoder_batch, 1, MAX_ENCODER_BATCH),
             gil_switch_ms=(self.gil_switch_ms, 0, 100),
         )
 

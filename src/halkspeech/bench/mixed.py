@@ -25,7 +25,7 @@ from halkspeech.bench.common import (
     write_json,
 )
 from halkspeech.bench.engine_bench import _features
-from halkspeech.config import EngineSettings
+from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS, EngineSettings
 from halkspeech.engine.engine import EngineStats
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
@@ -72,9 +72,9 @@ class MixedConfig:
             min_tokens=(self.min_tokens, 1, MAX_FORCED_TOKENS),
             max_tokens=(self.max_tokens, self.min_tokens, MAX_FORCED_TOKENS),
             rate=(self.rate, 0, float("inf")),
-            slots=(self.slots, 1, 4096),
-            encoder_batch=(self.max_encoder_batch, 1, 1024),
-            admit_batch=(self.admit_batch, 1, 4096),
+            slots=(self.slots, 1, MAX_SLOTS),
+            encoder_batch=(self.max_encoder_batch, 1, MAX_ENCODER_BATCH),
+            admit_batch=(self.admit_batch, 1, MAX_SLOTS),
             repeats=(self.repeats, 1, 50),
         )
         unknown = [m for m in self.modes if m not in MODES]

@@ -36,6 +36,7 @@ from halkspeech.audio import decode_audio
 from halkspeech.bench.common import MAX_FORCED_TOKENS, check_ranges, check_shapes, device_info, print_table, write_json
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
+from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
 
@@ -73,14 +74,14 @@ class ServerBenchConfig:
         check_shapes([self.model])
         check_ranges(
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
-            concurrency=(self.concurrency, 1, 4096),  # also the engine figure's batch by default
+            concurrency=(self.concurrency, 1, MAX_SLOTS),  # also the engine figure's batch by default
             requests=(self.requests, 1, 10_000_000),
             warmup_requests=(self.warmup_requests, 0, 10_000_000),
             client_processes=(self.client_processes, 1, 256),
-            slots=(self.slots, 1, 4096),
-            encoder_batch=(self.encoder_batch, 1, 1024),
-            engine_batch=(self.engine_batch, 1, 4096),
-            admit_batch=(self.admit_batch, 1, 4096),
+            slots=(self.slots, 1, MAX_SLOTS),
+            encoder_batch=(self.encoder_batch, 1, MAX_ENCODER_BATCH),
+            engine_batch=(self.engine_batch, 1, MAX_SLOTS),
+            admit_batch=(self.admit_batch, 1, MAX_SLOTS),
             admit_wait_ms=(self.admit_wait_ms, 0, 60_000),
             clip_s=(self.clip_s, 1, 30),  # one window
             profile_s=(self.profile_s, 0, 600),
