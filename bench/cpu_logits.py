@@ -14,20 +14,18 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from halkspeech.audio import decode_audio
+from halkspeech.bench.longform import DEV_DIR as DEV  # ../shared/data/dev, or shared/ inside a copied tree
 from halkspeech.config import EngineSettings, ModelSettings
 from halkspeech.engine.factory import start_engine
 from halkspeech.model.registry import ModelRegistry
 from halkspeech.model.weights import load_weights
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import TranscribeOptions
-
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
 
 
 def ms(fn: Callable[[], object], repeats: int = 30) -> float:

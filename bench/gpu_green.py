@@ -11,7 +11,7 @@ sure of when written: if the replay fails or does not slow down with the context
 encoder graphs off, beside a plain-stream row with them off too, so that the comparison stays like for like.
 Then the workload, in ROUNDS alternating rounds (single runs spread ±8%): padded static, inline continuous
 batching, encoding ahead on the plain side stream, then on each green context. Printed last: each variant's
-median windows/s over the rounds and its ratio to padded static's median.
+median round (`mixed.median_runs`: the lower middle of an even count) and its ratio to padded static's.
 
 Run: PYTHONPATH=src python bench/gpu_green.py OUT.json [SM counts, multiples of 8, e.g. 96,112,120] [ROUNDS, 2]
 Written in session 10 with no device lent; not yet run.
@@ -146,20 +146,13 @@ def run(modes: tuple[str, ...], sms: int, graphs: bool = True, round_: int = 0) 
 
 
 def summary() -> list[dict[str, Any]]:
-    """Each variant's median windows/s and p95 over the rounds, and its ratio to padded static's median."""
-    variants: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    """Each variant (batching, encoder SMs, encoder graphs) by its median round, and its ratio to padded static's
+    median round: the summary `bench mixed --repeats` gives its modes."""
+    variants: dict[str, list[dict[str, Any]]] = {}
     for row in results["rows"]:
-        variants.setdefault((row["batching"], str(row["encoder_sms"]), row["encoder_graphs"]), []).append(row)
-    padded = statistics.median(r["windows_per_s"] for r in variants[("static-padded", "all", True)])
-    out = []
-    for (batching, sms, graphs), rows in variants.items():
-        speed = statistics.median(r["windows_per_s"] for r in rows)
-        out.append({
-            "batching": batching, "encoder_sms": sms, "encoder_graphs": graphs, "runs": len(rows),
-            "windows_per_s": speed, "runs_windows_per_s": [r["windows_per_s"] for r in rows],
-            "p95_s": statistics.median(r["p95_s"] for r in rows), "vs_padded": speed / padded,
-        })  # fmt: skip
-    return out
+        label = f"{row['batching']} sms={row['encoder_sms']} graphs={row['encoder_graphs']}"
+        variants.setdefault(label, []).append(row)
+    return mixed.median_runs(variants)
 
 
 graphs_follow = time_encoder()
@@ -173,6 +166,7 @@ for round_ in range(ROUNDS):
         run(("continuous-ahead",), count, graphs=graphs_follow, round_=round_)
 results["summary"] = summary()
 for line in results["summary"]:
-    print(line, flush=True)
+    keys = ("batching", "encoder_sms", "encoder_graphs", "windows_per_s", "spread", "p95_s", "vs_padded")
+    print({k: line.get(k) for k in keys}, flush=True)
 with open(OUT, "w") as f:
     json.dump(results, f, indent=1)
