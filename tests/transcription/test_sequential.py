@@ -29,3 +29,19 @@ def test_speech_followed_by_silence_has_no_invented_tail(tiny_en_engine: ModelEn
     text = transcribe(tiny_en_engine, np.concatenate([speech, np.zeros(40 * 16_000, np.float32)]))
     # the last window is 30 s of zeros: skipped, so the text ends where the speech does (no " you")
     assert text.rstrip(" .").endswith("what you can do for your country")
+
+
+def test_prompts_that_spell_special_tokens_are_plain_text(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    # a client's prompt or prefix is text: "<|endoftext|>" in it must neither raise (tiktoken refuses special
+    # tokens by default) nor end the prompt early, in either long-form mode
+    tok = tiny_en_engine.tokenizer
+    assert tok.eot not in tok.encode(" <|endoftext|><|en|>")
+    assert tok.decode(tok.encode(" <|endoftext|><|0.00|>")) == " <|endoftext|><|0.00|>"
+    speech = decode_audio(jfk_path)
+    for mode in ("sequential", "batched"):
+        options = TranscribeOptions(initial_prompt="<|endoftext|> <|startoftranscript|><|en|>", mode=mode)
+        text = asyncio.run(Transcriber(tiny_en_engine).transcribe(speech, options)).text
+        assert "ask not what your country can do for you" in text.lower(), (mode, text)
+    # a prefix of the same kind decodes (to whatever tiny.en makes of it: here nothing) instead of raising
+    options = TranscribeOptions(prefix="<|notimestamps|> And so")
+    assert isinstance(asyncio.run(Transcriber(tiny_en_engine).transcribe(speech, options)).text, str)

@@ -150,7 +150,9 @@ class Tokenizer:
         return tuple(tokens), len(head)
 
     def encode(self, text: str) -> list[int]:
-        return self.encoding.encode(text)
+        """Plain text → tokens. Text that spells a special token (`<|endoftext|>`, `<|en|>`) is encoded as the
+        characters it is, never as the control token: prompts and prefixes come from clients."""
+        return self.encoding.encode(text, disallowed_special=())
 
     def decode(self, tokens: list[int]) -> str:
         """Text of the tokens, timestamp tokens dropped."""
