@@ -33,10 +33,28 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 1 << 16
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet ends up at: NAT64 (RFC 6052, 8215),
+# IPv4-compatible (deprecated) and SIIT's IPv4-translated form. ipaddress counts some of them as global.
+_EMBEDDING_V4 = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
 def is_public(address: IPAddress) -> bool:
-    """Whether an address is on the public internet (not private, loopback, link-local, CGNAT, multicast ...)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether an address is on the public internet (not private, loopback, link-local, CGNAT, multicast ...).
+    An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64 ...) is judged by that IPv4 address,
+    since a gateway delivers it there: 64:ff9b::a9fe:a9fe is the cloud metadata address 169.254.169.254."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return is_public(address.ipv4_mapped)
+        if address.sixtofour is not None:
+            return is_public(address.sixtofour)
+        if address.teredo is not None:
+            return all(is_public(part) for part in address.teredo)
+        if any(address in net for net in _EMBEDDING_V4):
+            return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if address.is_site_local:
+            return False
     return address.is_global and not address.is_multicast
 
 
