@@ -71,6 +71,23 @@ def check_ranges(**options: tuple[float | Sequence[float] | None, float, float])
         raise InvalidRequest("; ".join(bad))
 
 
+def check_output(path: str | Path | None, option: str = "--json") -> None:
+    """The results file can be written (its folders are made; a file made to try it is removed again). Checked
+    before a run, so that a typo or a read-only place does not cost a long run's results."""
+    if not path:
+        return
+    target = Path(path)
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a"):
+            pass
+    except OSError as exc:
+        raise InvalidRequest(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 

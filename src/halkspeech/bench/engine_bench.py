@@ -17,6 +17,7 @@ import torch
 
 from halkspeech.bench.common import (
     MAX_FORCED_TOKENS,
+    check_output,
     check_ranges,
     check_shapes,
     device_info,
@@ -50,6 +51,7 @@ class EngineBenchConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
+        check_output(self.json_path)
         check_shapes(self.models)
         check_ranges(
             batches=(self.batches, 1, MAX_SLOTS),

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from halkspeech.audio import decode_audio
-from halkspeech.bench.common import check_ranges, device_info, median, print_table, synchronize, write_json
+from halkspeech.bench.common import (
+    check_output,
+    check_ranges,
+    device_info,
+    median,
+    print_table,
+    synchronize,
+    write_json,
+)
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS, EngineSettings, ModelSettings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.errors import InvalidRequest
@@ -60,6 +68,7 @@ class LongformConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
+        check_output(self.json_path)
         check_ranges(
             minutes=(self.minutes, 0.1, 24 * 60),
             force_tokens_per_second=(self.force_tokens_per_second, 0.1, 50),

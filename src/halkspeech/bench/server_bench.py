@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from halkspeech.audio import decode_audio
-from halkspeech.bench.common import MAX_FORCED_TOKENS, check_ranges, check_shapes, device_info, print_table, write_json
+from halkspeech.bench.common import (
+    MAX_FORCED_TOKENS,
+    check_output,
+    check_ranges,
+    check_shapes,
+    device_info,
+    print_table,
+    write_json,
+)
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
@@ -71,6 +79,7 @@ class ServerBenchConfig:
     profile_s: float = 0.0
 
     def __post_init__(self) -> None:
+        check_output(self.json_path)
         check_shapes([self.model])
         check_ranges(
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),

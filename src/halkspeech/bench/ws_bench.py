@@ -28,7 +28,15 @@ import httpx
 import numpy as np
 import torch
 
-from halkspeech.bench.common import MAX_FORCED_TOKENS, check_ranges, device_info, percentile, print_table, write_json
+from halkspeech.bench.common import (
+    MAX_FORCED_TOKENS,
+    check_output,
+    check_ranges,
+    device_info,
+    percentile,
+    print_table,
+    write_json,
+)
 from halkspeech.bench.subprocess_server import free_port, serve
 from halkspeech.loadtest.ws import WsLoadConfig, print_results, run_ws_load_async
 
@@ -59,6 +67,7 @@ class WsBenchConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
+        check_output(self.json_path)
         check_ranges(
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
             turn_s=(self.turn_s, 0.1, 300),  # the server's longest turn by default

@@ -25,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast self-hosted Whisper speech-to-text: server, CLI, benchmarks.",
     )
     parser.add_argument("--version", action="version", version=f"halkspeech {__version__}")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning or error (default: info)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="log verbosity (default: warning; serve: the log_level setting, info)",
+    )
     register_modules(parser.add_subparsers(dest="command", metavar="COMMAND"), "halkspeech.cli", _SUBCOMMANDS)
     return parser
 
@@ -46,6 +52,14 @@ def register_modules(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:  # Ctrl-C while the subcommands import torch lands here too
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("halkspeech: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -60,9 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HalkSpeechError as exc:
         print(f"halkspeech: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("halkspeech: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

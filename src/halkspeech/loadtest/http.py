@@ -21,7 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from halkspeech.audio import decode_audio
-from halkspeech.bench.common import percentile, print_table, write_json
+from halkspeech.bench.common import check_output, percentile, print_table, write_json
 from halkspeech.errors import InvalidRequest
 
 WINDOW_S = 30.0
@@ -44,6 +44,7 @@ class HttpLoadConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
+        check_output(self.json_path)
         if self.concurrency < 1 or self.requests < 1:
             raise InvalidRequest("--concurrency and --requests must be at least 1")
         if not self.audio:

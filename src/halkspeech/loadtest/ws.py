@@ -57,6 +57,9 @@ class WsLoadConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
+        from halkspeech.bench.common import check_output  # as write_json below: imported when used
+
+        check_output(self.json_path)
         if self.users < 1 or self.sessions_per_user < 1 or self.turns_per_session < 1:
             raise InvalidRequest("--users, --sessions-per-user and --turns-per-session must be at least 1")
         if self.speed < 0 or self.ramp_s < 0 or not 5 <= self.frame_ms <= 1000:
