@@ -4,24 +4,30 @@ against a real uvicorn server."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import uvicorn
+import websockets
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from conftest import TEST_DATA
 from halkspeech.api.app import create_app
+from halkspeech.api.routes import ws as ws_route
 from halkspeech.audio import decode_audio
 from halkspeech.cli import main
+from halkspeech.cli import serve as serve_cli
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.engine.pool import ModelPool
@@ -162,6 +168,108 @@ def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClien
         assert final["duration"] == pytest.approx(len(lj_audio) / 16000, abs=0.02)
 
 
+def test_hostile_json_is_refused_and_the_open_turn_goes_on(client: TestClient, lj_audio: np.ndarray) -> None:
+    """Deep nesting (json recurses per level), non-objects and huge texts each get one clear invalid_message;
+    the reader survives them and the turn they interrupted loses no audio."""
+    nested_language = '{"type": "start", "language": ' + "[" * 5000 + "]" * 5000 + "}"
+    cases = [
+        ("[" * 3000 + "]" * 3000, "nested too deeply"),
+        (nested_language, "nested too deeply"),
+        ("[1, 2]", "must be a JSON object"),
+        ("42", "must be a JSON object"),
+        ("null", "must be a JSON object"),
+        ('{"type": ' + "[" * 500 + "]" * 500 + "}", "'type' is an array"),  # not echoed back
+        ('{"type": {"a": 1}}', "'type' is an object"),
+        (json.dumps(START | {"language": "x" * 1000}), "at most 64 characters"),
+        (json.dumps({"type": "x" * 70_000}), "at most 65536 characters"),
+    ]
+    pcm = frames(pcm16(lj_audio))
+    half = len(pcm) // 2
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"
+        for chunk in pcm[:half]:
+            ws.send_bytes(chunk)
+        for text, why in cases:
+            ws.send_text(text)
+            error = ws.receive_json()
+            assert (error["type"], error["code"], error["turn"]) == ("error", "invalid_message", 1), text[:40]
+            assert why in error["message"] and len(error["message"]) < 200
+        for chunk in pcm[half:]:
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        final = receive_until(ws, "final")[-1]
+    assert "comparatively modern" in final["text"].lower()
+    assert final["duration"] == pytest.approx(len(lj_audio) / 16000, abs=0.02)  # both halves: nothing lost
+
+
+def test_a_bug_handling_a_message_is_an_internal_error(
+    client: TestClient, lj_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception is logged with its traceback and told to the client; the connection and its
+    open turn go on."""
+
+    def broken(data: dict[str, Any]) -> Any:
+        raise RuntimeError("boom")
+
+    with client.websocket_connect("/ws") as ws, caplog.at_level(logging.ERROR, "halkspeech.api.routes.ws"):
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"
+        for chunk in frames(pcm16(lj_audio)):
+            ws.send_bytes(chunk)
+        monkeypatch.setattr(ws_route, "_validated", broken)
+        ws.send_json(START)
+        error = ws.receive_json()
+        assert (error["code"], error["turn"]) == ("internal_error", 1)
+        assert "boom" not in error["message"]  # no internals to the client
+        ws.send_json(END)
+        final = receive_until(ws, "final")[-1]
+    assert "comparatively modern" in final["text"].lower()
+    record = next(r for r in caplog.records if r.name == "halkspeech.api.routes.ws")
+    assert record.exc_info is not None and "boom" in str(record.exc_info[1])
+
+
+def test_a_dead_reader_delivers_the_open_turn_then_closes(
+    client: TestClient, lj_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure outside one message's handling (the reader task itself dies) is logged, the open turn still
+    gets its final, then internal_error and close code 1011: never a silent close."""
+    handle = ws_route.Connection._handle
+
+    async def dies_on_crash(self: ws_route.Connection, message: Any) -> None:
+        if message.get("text") == "crash":
+            raise RuntimeError("reader died")
+        await handle(self, message)
+
+    monkeypatch.setattr(ws_route.Connection, "_handle", dies_on_crash)
+    with client.websocket_connect("/ws") as ws, caplog.at_level(logging.ERROR, "halkspeech.api.routes.ws"):
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"
+        for chunk in frames(pcm16(lj_audio)):
+            ws.send_bytes(chunk)
+        ws.send_text("crash")
+        final = receive_until(ws, "final")[-1]
+        error = ws.receive_json()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert "comparatively modern" in final["text"].lower()
+    assert error["code"] == "internal_error" and closed.value.code == 1011
+    assert any(r.exc_info and "reader died" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_translate_on_an_english_only_model_is_refused(client: TestClient) -> None:
+    """As over HTTP (api.jobs.check_options): refused at start, before any audio is streamed into the turn."""
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START | {"task": "translate"})
+        error = ws.receive_json()
+        assert error["code"] == "invalid_request" and "turn" not in error
+        assert "tiny.en is English-only and cannot translate" in error["message"]
+        ws.send_bytes(b"\x00\x00" * 320)  # dropped quietly: the start was refused
+        ws.send_json(END)  # … and so is its end
+        ws.send_json(START)
+        assert ws.receive_json() == {"type": "started", "turn": 1, "model": "tiny.en", "sample_rate": 16000}
+
+
 def test_api_keys_by_header_or_token(tiny_en_engine: ModelEngine) -> None:
     client = TestClient(make_app(tiny_en_engine, api_keys=["s3cret"]))
     for headers, path in (({}, "/ws"), ({"Authorization": "Bearer wrong"}, "/ws"), ({}, "/ws?token=wrong")):
@@ -218,6 +326,23 @@ def test_idle_connection_is_closed(tiny_en_engine: ModelEngine) -> None:
             ws.receive_json()
 
 
+def test_idle_timeout_ends_the_open_turn_with_its_final(tiny_en_engine: ModelEngine, lj_audio: np.ndarray) -> None:
+    """Audio accepted into a turn whose `end` never comes is still transcribed: final first, then the error."""
+    client = TestClient(make_app(tiny_en_engine, ws_idle_timeout_s=0.5))
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START)
+        for chunk in frames(pcm16(lj_audio)):
+            ws.send_bytes(chunk)
+        messages = receive_until(ws, "final")
+        error = ws.receive_json()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert [m["type"] for m in messages] == ["started", "final"]
+    assert "comparatively modern" in messages[-1]["text"].lower()
+    assert messages[-1]["duration"] == pytest.approx(len(lj_audio) / 16000, abs=0.02)
+    assert error["code"] == "idle_timeout" and closed.value.code == 1000
+
+
 def test_turn_limit_ends_the_turn_with_its_final(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
     client = TestClient(make_app(tiny_en_engine, ws_max_turn_s=2.0))
     with client.websocket_connect("/ws") as ws:
@@ -234,19 +359,71 @@ def test_turn_limit_ends_the_turn_with_its_final(tiny_en_engine: ModelEngine, jf
 # -- real clients against a real server -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_en_engine: ModelEngine) -> Iterator[str]:
-    config = uvicorn.Config(make_app(tiny_en_engine), host="127.0.0.1", port=0, lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+@contextmanager
+def serving(engine: ModelEngine, uvicorn_options: dict[str, Any] | None = None, **server: Any) -> Iterator[str]:
+    """A real uvicorn server of make_app(engine, **server) on a free port; yields its /ws URL."""
+    options = {"lifespan": "off", "log_level": "warning", **(uvicorn_options or {})}
+    config = uvicorn.Config(make_app(engine, **server), host="127.0.0.1", port=0, **options)
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
+    while not running.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"ws://127.0.0.1:{port}/ws"
-    server.should_exit = True
-    thread.join(10)
+    port = running.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        running.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_en_engine: ModelEngine) -> Iterator[str]:
+    with serving(tiny_en_engine) as url:
+        yield url
+
+
+def test_serve_sizes_frames_for_a_whole_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`halkspeech serve` sizes uvicorn's frame limit (16 MiB by default) for a whole turn at 48 kHz."""
+    configs: list[uvicorn.Config] = []
+    monkeypatch.setattr(serve_cli, "_serve_until_signalled", lambda server, sock: configs.append(server.config))
+    monkeypatch.setattr("halkspeech.api.logging.configure_logging", lambda *args: None)  # the test's logging stays
+    monkeypatch.setenv("HALKSPEECH_SERVER__WS_MAX_TURN_S", "50")
+    assert main(["serve", "--host", "127.0.0.1", "--port", "0", "--model", "tiny.en"]) == 0
+    assert configs[0].ws_max_size == ws_route.max_frame_bytes(ServerSettings(ws_max_turn_s=50))
+    assert configs[0].ws_max_size == 50 * 48_000 * 2 + 2**20
+    assert ws_route.max_frame_bytes(ServerSettings()) > 300 * 48_000 * 2  # the default: 29.8 MB
+
+
+def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(
+    tiny_en_engine: ModelEngine, lj_audio: np.ndarray
+) -> None:
+    """A 17 MiB frame (uvicorn's default would close with 1009) of speech then silence: the turn keeps what
+    fits (ws_max_turn_s), says audio_too_long, and its final has the speech."""
+    server = {"ws_max_turn_s": 200.0}  # frames of up to 20.2 MB; the turn holds 200 s
+    frame = pcm16(lj_audio).ljust(17 * 2**20, b"\0")  # 557 s at 16 kHz: more than the turn holds
+    max_size = ws_route.max_frame_bytes(ServerSettings(**server))
+
+    async def stream(url: str) -> list[dict[str, Any]]:
+        async with websockets.connect(url, max_size=2**24) as ws:
+            await ws.send(json.dumps(START))
+            await ws.send(frame)
+            await ws.send(json.dumps(END))
+            messages = []
+            while not messages or messages[-1]["type"] != "final":
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            return messages
+
+    with serving(tiny_en_engine, {"ws_max_size": max_size}, **server) as url:
+        messages = asyncio.run(stream(url))
+    assert [(m["type"], m.get("code")) for m in messages] == [
+        ("started", None),
+        ("error", "audio_too_long"),
+        ("final", None),
+    ]
+    assert messages[-1]["duration"] == pytest.approx(200.0)
+    assert "comparatively modern" in messages[-1]["text"].lower()
 
 
 def test_ws_client_prints_the_final(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,6 +431,21 @@ def test_ws_client_prints_the_final(server_url: str, capsys: pytest.CaptureFixtu
     messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert messages[0]["type"] == "started" and messages[-1]["type"] == "final"
     assert "comparatively modern" in messages[-1]["text"].lower()
+
+
+@pytest.mark.parametrize(("speed", "code"), [("0", "audio_too_long"), ("0.5", "turn_timeout")])
+def test_ws_client_waits_for_the_final_after_the_server_ends_the_turn(
+    tiny_en_engine: ModelEngine, speed: str, code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 1.9 s clip against a 1 s turn limit: all at once it is too long, at half speed the turn is open too
+    long. Either way the server ends the turn and sends its final: a warning, then the text, exit 0."""
+    with serving(tiny_en_engine, ws_max_turn_s=1.0) as url:
+        assert main(["ws-client", str(LJ_CLIP), "--url", url, "--speed", speed]) == 0
+    out, err = capsys.readouterr()
+    assert f"halkspeech: warning: {code}:" in err and "server error" not in err
+    assert out.count("\n") == 1  # the final's text (no partials were asked for): what the turn held
+    if code == "audio_too_long":  # a whole second of it (the timed-out turn holds about half as much)
+        assert "in being" in out.lower()
 
 
 def test_ws_client_errors_are_one_line(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:

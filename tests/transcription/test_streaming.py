@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import TEST_DATA
+from halkspeech.api.jobs import check_options
 from halkspeech.audio import decode_audio, decode_pcm16
 from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
 from halkspeech.engine.factory import ModelEngine
@@ -70,14 +71,14 @@ class Recorder:
         return self.of(kind)
 
 
-def session_for(model: ModelEngine, limits: StreamLimits = StreamLimits(), vad: StreamingVAD | None = None):
+def session_for(model: ModelEngine, limits: StreamLimits = StreamLimits(), vad: StreamingVAD | None = None, **kw: Any):
     recorder = Recorder()
 
     @contextlib.asynccontextmanager
     async def models(name: str | None) -> AsyncIterator[ModelEngine]:
         yield model
 
-    return LiveSession(models, limits, recorder.emit, vad), recorder
+    return LiveSession(models, limits, recorder.emit, vad, **kw), recorder
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
@@ -341,6 +342,44 @@ def test_protocol_state_errors(tiny_en_engine: ModelEngine) -> None:
         session.end()
         (final,) = await recorder.wait_for(Final)
         assert final.duration == pytest.approx(0.02)
+        await session.close()
+
+    run(main)
+
+
+def test_options_check_refuses_before_the_turn_opens(tiny_en_engine: ModelEngine) -> None:
+    """The server's check (the one file requests use) sees the turn's options: translate on tiny.en is
+    refused at start, no turn opens and no turn number is used up."""
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, check=check_options)
+        with pytest.raises(InvalidRequest, match="English-only and cannot translate"):
+            await session.start(StreamOptions(task="translate"))
+        assert session.turn is None and not recorder.events
+        session.feed(b"\0\0" * 320)  # dropped quietly after the refused start
+        session.end()
+        await session.start(StreamOptions())
+        assert recorder.events == [TurnStarted(1, tiny_en_engine.name, 16_000)]
+        await session.close()
+
+    run(main)
+
+
+def test_end_all_delivers_the_open_turn(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
+    """What the server calls before closing a connection itself (idle timeout): the open turn is ended and
+    its final emitted before end_all returns."""
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions())
+        for chunk in frames(pcm16(jfk_audio[:32_000])):
+            session.feed(chunk)
+        await session.end_all()
+        (final,) = recorder.of(Final)
+        assert final.duration == pytest.approx(2.0) and final.text
+        assert session.turn is None and not session.finishing
+        await session.end_all()  # nothing open: returns at once
+        assert len(recorder.of(Final)) == 1
         await session.close()
 
     run(main)

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from halkspeech.api.app import create_app
     from halkspeech.api.logging import configure_logging
+    from halkspeech.api.routes.ws import max_frame_bytes
     from halkspeech.config import load_settings
     from halkspeech.engine.pool import ModelPool
     from halkspeech.model.registry import ModelRegistry
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             access_log=False,  # our middleware writes one structured line per request
             backlog=_BACKLOG,
             timeout_graceful_shutdown=10,
+            ws_max_size=max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
         )
         _serve_until_signalled(uvicorn.Server(config), sock)
     finally:

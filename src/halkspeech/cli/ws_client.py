@@ -34,6 +34,12 @@ from halkspeech.loadtest.ws_common import (
     to_pcm16,
 )
 
+#: Errors after which the turn goes on: the server ended it itself (too much audio, open too long) and its
+#: `final` still follows (the protocol promises it), or one frame was refused. Warnings, not failures.
+TURN_GOES_ON = frozenset({"audio_too_long", "turn_timeout", "invalid_audio"})
+#: Of those, the ones that ended the turn: the client stops sending audio and waits for the final.
+TURN_ENDED = frozenset({"audio_too_long", "turn_timeout"})
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -100,10 +106,13 @@ class Printer:
             self._clear()
             print(message.get("text", ""), flush=True)
         if kind == "error":
-            self.errors += 1
+            code = message.get("code")
+            warning = code in TURN_ENDED  # the final still comes: the turn did not fail
+            self.errors += not warning
             if not self.as_json:
                 self._clear()
-                print(f"halkspeech: server error {message.get('code')}: {message.get('message')}", file=sys.stderr)
+                what = "warning:" if warning else "server error"
+                print(f"halkspeech: {what} {code}: {message.get('message')}", file=sys.stderr)
 
     def _clear(self) -> None:
         if self.tty and not self.as_json:
@@ -132,15 +141,23 @@ def _start(args: argparse.Namespace) -> str:
     )
 
 
+def _turn_ended(done: asyncio.Queue[dict[str, Any]]) -> bool:
+    """The server has answered while audio is still being sent: the start was refused, the turn was ended
+    (audio_too_long, turn_timeout: its final follows) or the connection closed. Either way, sending more audio
+    is pointless; the server would drop it."""
+    return not done.empty()
+
+
 async def _await_final(done: asyncio.Queue[dict[str, Any]], timeout: float) -> bool:
-    """True when the turn's final came; False on an error for it or a closed connection."""
+    """True when the turn's final came; False on an error that ends the turn without one, or a closed
+    connection."""
     try:
         async with asyncio.timeout(timeout):
             while True:
                 message = await done.get()
                 if message["type"] == "final":
                     return True
-                if message["type"] == "closed" or message.get("code") != "invalid_audio":
+                if message["type"] == "closed" or message.get("code") not in TURN_GOES_ON:
                     return False  # the turn (or its start) failed, or the connection is gone
     except TimeoutError:
         print(f"halkspeech: no final within {timeout:g} s", file=sys.stderr)
@@ -169,8 +186,8 @@ async def _file(args: argparse.Namespace) -> int:
         try:
             await ws.send(_start(args))
             async for _, frame in paced(frames, args.speed, args.frame_ms / 1000):
-                if not done.empty():
-                    break  # the start was refused, or the connection closed
+                if _turn_ended(done):
+                    break
                 await ws.send(frame)
             await ws.send(END_MESSAGE)
         except ConnectionClosed as exc:
@@ -211,7 +228,8 @@ async def _mic(args: argparse.Namespace) -> int:
                     except TimeoutError:
                         continue
                     for out in gate.push(frame) if gate else [frame]:
-                        await ws.send(out)
+                        if not _turn_ended(done):  # else keep capturing until Enter, and send nothing
+                            await ws.send(out)
             await ws.send(END_MESSAGE)
             if not await _await_final(done, args.timeout):
                 failures += 1

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 Emit = Callable[[LiveEvent], Awaitable[None]]
 #: Model name (None: the default) → the engine, held (never unloaded) until the context exits.
 ModelSource = Callable[[str | None], AbstractAsyncContextManager[ModelEngine]]
+#: Refuses (InvalidRequest) what a model cannot do with a turn's options, before the turn opens. The server
+#: passes the same check its file requests use (api.jobs.check_options), so both paths refuse alike.
+OptionsCheck = Callable[[ModelEngine, TranscribeOptions], None]
 
 FINAL_PRIORITY = -1  # finals and segments: ahead of file work, admitted without waiting for a batch
 PARTIAL_PRIORITY = 0  # partials: like file work, so they never queue ahead of anyone's final
@@ -300,8 +303,15 @@ class LiveTurn:
 class LiveSession:
     """One client connection: its turns, their limits, and clean-up when the client goes away."""
 
-    def __init__(self, models: ModelSource, limits: StreamLimits, emit: Emit, vad: StreamingVAD | None = None) -> None:
-        self.models, self.limits, self.emit, self.vad = models, limits, emit, vad
+    def __init__(
+        self,
+        models: ModelSource,
+        limits: StreamLimits,
+        emit: Emit,
+        vad: StreamingVAD | None = None,
+        check: OptionsCheck | None = None,
+    ) -> None:
+        self.models, self.limits, self.emit, self.vad, self.check = models, limits, emit, vad, check
         self.turn: LiveTurn | None = None
         self.finishing: set[asyncio.Task[None]] = set()
         self.turns = 0
@@ -321,6 +331,7 @@ class LiveSession:
         hold = contextlib.AsyncExitStack()
         try:
             engine = await hold.enter_async_context(self.models(model))
+            self._check(engine, options)
             self.turn = LiveTurn(self.turns + 1, engine, options, self.limits, self.emit, self.vad, hold)
         except BaseException:
             await hold.aclose()
@@ -328,6 +339,13 @@ class LiveSession:
         self.turns += 1
         self._discarding = False
         await self.emit(TurnStarted(self.turns, engine.name, options.sample_rate))
+
+    def _check(self, engine: ModelEngine, options: StreamOptions) -> None:
+        """Refuse options the model cannot honour (translate on an English-only model) before the turn opens,
+        so a client never streams audio into a turn that could only fail at its end."""
+        if self.check is not None:
+            final, _ = _transcribe_options(options.language, options, self.limits)
+            self.check(engine, final)
 
     def feed(self, data: bytes) -> None:
         if self.turn is None:
@@ -363,6 +381,14 @@ class LiveSession:
             self._discarding = True
             message = f"the turn was open longer than {self.limits.max_turn_s:g} s; it was ended"
             await self.emit(StreamError("turn_timeout", message, turn))
+
+    async def end_all(self) -> None:
+        """End the open turn as if `end` had come, then wait until every ended turn has emitted its final (or its
+        error): when the server closes a connection itself, what the client sent is still transcribed first."""
+        if self.turn is not None:
+            self.end()
+        if self.finishing:
+            await asyncio.wait(list(self.finishing))  # not gather: finish() reports its own failures
 
     async def close(self) -> None:
         """The client is gone: cancel the open turn and every final in progress, freeing engine slots."""

@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, WebSocket
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from halkspeech.api.deps import api_key_valid, bearer_token, get_state
+from halkspeech.api.jobs import check_options
 from halkspeech.audio.streaming import StreamingVAD
 from halkspeech.config import ServerSettings
 from halkspeech.errors import HalkSpeechError
@@ -30,7 +33,25 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["live"])
 
-CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER = 1000, 1008, 1013
+CLOSE_NORMAL, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1008, 1011, 1013
+
+#: Text messages are control messages of a few hundred bytes; a cap keeps a hostile one from costing the JSON
+#: parser (and the event loop) seconds. Audio goes in binary frames, whose size `max_frame_bytes` bounds.
+MAX_TEXT_CHARS = 64 * 1024
+#: Room above a whole turn's PCM in one frame, so a client that sends a turn as one frame is not cut at a
+#: round number by a few bytes.
+FRAME_MARGIN_BYTES = 1 << 20
+#: The sample rate a whole-turn frame is sized for: 48 kHz, the highest rate microphones and browsers commonly
+#: send. Sized for 192 kHz a frame could be 116 MB at the default turn length, held whole in memory per
+#: connection while it is read; a client at a higher rate sends its turn in more than one frame.
+FRAME_SIZING_RATE = 48_000
+
+
+def max_frame_bytes(server: ServerSettings) -> int:
+    """The largest WebSocket message the server reads (uvicorn's `ws_max_size`, set by `halkspeech serve`): a
+    whole turn of 16-bit PCM at 48 kHz, plus a margin. A bigger frame is closed by uvicorn with 1009; one up
+    to this size that holds more than the turn can take ends the turn with `audio_too_long`."""
+    return math.ceil(server.ws_max_turn_s * FRAME_SIZING_RATE) * 2 + FRAME_MARGIN_BYTES
 
 
 class StartMessage(BaseModel):
@@ -39,7 +60,7 @@ class StartMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["start"]
-    language: str | None = None
+    language: str | None = Field(None, max_length=64)  # a code or a name; never echo a client's megabyte back
     task: Literal["transcribe", "translate"] = "transcribe"
     model: str | None = None
     sample_rate: int = 16_000
@@ -123,23 +144,42 @@ class Connection:
     def __init__(self, websocket: WebSocket, models: ModelSource, server: ServerSettings, vad: StreamingVAD) -> None:
         self.ws = websocket
         self.server = server
-        self.session = LiveSession(models, limits_from(server), self.emit, vad)
+        self.session = LiveSession(models, limits_from(server), self.emit, vad, check=check_options)
         self.last_seen = time.monotonic()
         self._send_lock = asyncio.Lock()
 
     async def serve(self) -> None:
+        """Until the client leaves, the connection idles out, or a bug stops the reader or the watchdog. When
+        the server closes it, the open turn is ended and every final delivered first, then the reason."""
         reader = asyncio.create_task(self._read())
         watchdog = asyncio.create_task(self._watch())
+        close_code = CLOSE_NORMAL
         try:
             await asyncio.wait([reader, watchdog], return_when=asyncio.FIRST_COMPLETED)
+            idle = _returned(watchdog)
+            await _stop(reader, watchdog)  # nothing more is read: no new turn can open while this one closes
+            failure = _failure(reader) or _failure(watchdog)
+            if failure is not None:  # a bug: the server log gets the traceback, the client a clear error
+                log.error("live connection failed", exc_info=failure)
+                close_code = CLOSE_INTERNAL
+                await self._wind_down(StreamError("internal_error", "the server failed; closing the connection"))
+            elif idle:
+                why = f"no message for {self.server.ws_idle_timeout_s:g} s; closing the connection"
+                await self._wind_down(StreamError("idle_timeout", why))
         finally:
-            for task in (reader, watchdog):
-                task.cancel()
-            await asyncio.wait([reader, watchdog])  # not gather: it re-raises a child's CancelledError as ours
+            await _stop(reader, watchdog)  # also when this handler itself is cancelled (server shutdown)
             await self.session.close()  # cancels open work: engine slots and buffers are freed now
             if self.ws.client_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                    await self.ws.close(CLOSE_NORMAL)
+                    await self.ws.close(close_code)
+
+    async def _wind_down(self, reason: StreamError) -> None:
+        """The server closes the connection: nothing it accepted is lost, so the open turn ends as if `end` had
+        come and every pending final goes out before `reason`."""
+        if self.ws.client_state != WebSocketState.CONNECTED:
+            return  # nobody to tell: session.close() cancels the work instead
+        await self.session.end_all()
+        await self.emit(reason)
 
     async def emit(self, event: LiveEvent) -> None:
         """Send one event; a client that is gone is not an error here (the reader sees the disconnect)."""
@@ -156,41 +196,101 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 return
             self.last_seen = time.monotonic()
-            turn = self.session.turn.turn if self.session.turn is not None else None
-            try:
-                if message.get("bytes") is not None:
-                    self.session.feed(message["bytes"])
-                elif message.get("text") is not None:
-                    await self._control(message["text"])
-            except HalkSpeechError as exc:
-                await self.emit(StreamError(exc.code, str(exc), turn))
+            await self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
+        """One frame or text message. Whatever goes wrong is told to the client, and the connection (with its
+        open turn) goes on: a bad message must not cost the audio already accepted."""
+        turn = self.session.turn.turn if self.session.turn is not None else None
+        try:
+            if message.get("bytes") is not None:
+                self.session.feed(message["bytes"])
+            elif message.get("text") is not None:
+                await self._control(message["text"])
+        except HalkSpeechError as exc:
+            await self.emit(StreamError(exc.code, str(exc), turn))
+        except Exception:  # a bug: the traceback goes to the server log, never to the client
+            log.exception("live connection: handling a message failed")
+            await self.emit(StreamError("internal_error", "the server failed to handle this message", turn))
 
     async def _control(self, text: str) -> None:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise ProtocolError('text frames must be JSON objects such as {"type": "start"}') from None
-        kind = data.get("type") if isinstance(data, dict) else None
+        data = _parsed(text)
+        kind = data.get("type")
         if kind == "start":
             start = _validated(data)
             await self.session.start(start.options(), start.model)
         elif kind == "end":
             self.session.end()
         else:
-            raise ProtocolError(
-                f"unknown message type {kind!r}: expected 'start' or 'end' (audio goes in binary frames)"
-            )
+            raise ProtocolError(f"{_described(kind)}: expected 'start' or 'end' (audio goes in binary frames)")
 
     async def _watch(self) -> None:
-        """Ends over-long turns and closes idle connections; returns when the connection should close."""
+        """Ends over-long turns; returns when the connection has been idle too long (serve() then closes it)."""
         idle = self.server.ws_idle_timeout_s
         tick = max(0.05, min(1.0, idle / 4, self.server.ws_max_turn_s / 4))
         while True:
             await asyncio.sleep(tick)
             await self.session.expire()
             if not self.session.finishing and time.monotonic() - self.last_seen > idle:
-                await self.emit(StreamError("idle_timeout", f"no message for {idle:g} s; closing the connection"))
-                return
+                return  # not while a final is pending: the client is waiting for it, not idle
+
+
+def _returned(task: asyncio.Task[None]) -> bool:
+    """The task finished by returning (not cancelled, no exception)."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    """A finished task's exception (retrieved, so asyncio logs no 'never retrieved'); None if it had none."""
+    return None if task.cancelled() else task.exception()
+
+
+async def _stop(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)  # not gather: it re-raises a child's CancelledError as ours
+
+
+def _parsed(text: str) -> dict[str, Any]:
+    """A text message as a JSON object, or ProtocolError: too long, not JSON, nested too deeply, not an object."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ProtocolError(
+            f"a text message may have at most {MAX_TEXT_CHARS} characters, got {len(text)}; audio goes in binary frames"
+        )
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the parser recurses once per level: hostile nesting must not kill the reader
+        raise ProtocolError("the message's JSON is nested too deeply") from None
+    except ValueError:
+        raise ProtocolError('text frames must be JSON objects such as {"type": "start"}') from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f'a message must be a JSON object such as {{"type": "start"}}, got {_json_kind(data)}')
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (never the value itself: it may be huge or deeply nested)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
+
+
+def _described(kind: Any) -> str:
+    """The `type` of an unknown message, shortened: it comes from the client and may be anything."""
+    if kind is None:
+        return "the message has no 'type'"
+    if not isinstance(kind, str):
+        return f"the message's 'type' is {_json_kind(kind)}, not a string"
+    shown = kind if len(kind) <= 40 else kind[:40] + "…"
+    return f"unknown message type {shown!r}"
 
 
 def _validated(data: dict[str, Any]) -> StartMessage:
@@ -198,7 +298,7 @@ def _validated(data: dict[str, Any]) -> StartMessage:
         return StartMessage.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
+        where = ".".join(str(part) for part in first.get("loc", ()))[:60]  # a client's field name: keep it short
         if first.get("type") == "extra_forbidden":
             raise ProtocolError(f"unknown field {where!r} in start") from None
         raise ProtocolError(f"invalid value for {where!r} in start: {first.get('msg')}") from None
@@ -217,7 +317,8 @@ PROTOCOL: dict[str, Any] = {
             "segment_silence_ms": "int 100-30000 or null: a pause this long ends a segment (server VAD)",
             "vad": "bool: skip audio without speech (server VAD)",
         },
-        "binary frames": "16-bit little-endian mono PCM at sample_rate, any length (20 ms is typical)",
+        "binary frames": "16-bit little-endian mono PCM at sample_rate, any even length up to a whole turn at "
+        "48 kHz (20 ms is typical)",
         "end": {"type": "end"},
     },
     "server_to_client": {
@@ -243,6 +344,7 @@ async def protocol() -> dict[str, Any]:
 
     While audio arrives the server may send `partial` (with `partials: true`) and `segment` (with
     `segment_silence_ms`) messages; anything wrong yields `{"type": "error", "code", "message"}` and the
-    connection stays usable. Every server message carries the `turn` number it belongs to.
+    connection stays usable. Every message about a turn (started, partial, segment, final, and errors
+    raised while one is open or that end one) carries its `turn` number.
     """
     return PROTOCOL
