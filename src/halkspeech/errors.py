@@ -39,6 +39,12 @@ class ModelNotFound(HalkSpeechError):
     code = "model_not_found"
 
 
+class ModelInUse(HalkSpeechError):
+    """An unload was asked for while requests hold the model; it stays loaded (retry when they finish)."""
+
+    code = "model_in_use"
+
+
 class ModelLoadError(HalkSpeechError):
     """Model files were found but are corrupt or of an unsupported layout."""
 

@@ -80,6 +80,28 @@ def test_bad_fields(server: LiveServer, form: dict[str, str], status: int, param
         assert response.json()["error"]["param"] == param
 
 
+def test_model_names_too_long_for_a_file_name_are_404(server: LiveServer) -> None:
+    long = "x" * 5000
+    responses = [
+        upload(server, LJ.read_bytes(), model=long),
+        httpx.post(f"{server.url}/transcribe", params={"model": "y" * 300}, files={"file": LJ.open("rb")}, timeout=60),
+        httpx.post(f"{server.url}/v1/models/{'z' * 300}", timeout=60),
+        httpx.post(f"{server.url}/v1/models/owner/{'z' * 300}", timeout=60),
+    ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "model_not_found" and "not available here" in message(response)
+        assert "characters)" in message(response) and len(message(response)) < 600  # the name cut short
+
+
+def test_model_errors_name_no_server_paths(server: LiveServer) -> None:
+    cache = str(server.settings.model.cache_dir)
+    for path in ("/v1/models/no-such-model", "/v1/models/owner/no-such-model"):
+        response = httpx.post(f"{server.url}{path}", timeout=60)
+        assert response.status_code == 404 and cache not in response.text, response.text
+        assert "in the model cache (empty)" in message(response) and "allow_download is false" in message(response)
+
+
 def test_bad_simple_options(server: LiveServer) -> None:
     url = f"{server.url}/transcribe"
     for params, says in (

@@ -1,6 +1,7 @@
 """Many clients at once: concurrent requests share engine steps and get the transcripts they would get alone;
 past the limits requests get 429 at once and every accepted one completes; a client that disconnects (plain
-or streaming) or runs out of time leaves no engine work and no admission slot behind."""
+or streaming) or runs out of time leaves no engine work and no admission slot behind; a model is not unloaded
+under requests in flight."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from api.conftest import LiveServer, api_settings, live_server, wait_until
-from conftest import TEST_DATA
+from conftest import JFK_TEXT, TEST_DATA
 from halkspeech.audio import decode_audio
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.factory import ModelEngine
@@ -188,3 +189,30 @@ def test_request_timeout_is_504_and_frees_the_engine(server: LiveServer, ninety_
     assert response.status_code == 504 and "did not finish within 0.5 s" in response.json()["detail"]
     assert time.monotonic() - started < 60  # a bound against hanging, not a speed assertion
     wait_until(lambda: engine.running == 0 and engine.queue_depth == 0, 60, "the engine draining")
+
+
+def test_unload_waits_for_requests_in_flight(server: LiveServer, jfk_path: Path) -> None:
+    """DELETE /v1/models/{id} while a request runs on the model: 409, and the request completes; once idle,
+    the unload goes through and the next request loads the model again."""
+    url = f"{server.url}/v1/models/tiny.en"
+
+    async def delete_midway() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            request = asyncio.create_task(
+                client.post(f"{server.url}/transcribe", files={"file": jfk_path.read_bytes()})
+            )
+            in_use = lambda: any(m.users > 0 for m in server.pool.loaded())  # noqa: E731
+            await asyncio.to_thread(wait_until, in_use, 120, "the request holding the model")
+            refused = await client.delete(url)
+            return refused, await request
+
+    refused, done = asyncio.run(delete_midway())
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_in_use", refused.text
+    assert "in use by 1 request; retry when it is idle" in refused.json()["error"]["message"]
+    assert done.status_code == 200, done.text
+    assert words_of(done.json()["text"]) == words_of(JFK_TEXT), done.text
+    unloaded = httpx.delete(url, timeout=60)
+    assert unloaded.status_code == 200 and unloaded.json()["deleted"] is True and not server.pool.is_loaded("tiny.en")
+    again = httpx.post(f"{server.url}/transcribe", files={"file": LJ.open("rb")}, timeout=300)
+    assert again.status_code == 200 and words_of(again.json()["text"]) == ["in", "being", "comparatively", "modern"]
+    assert server.pool.is_loaded("tiny.en")

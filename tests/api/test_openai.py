@@ -114,3 +114,30 @@ def test_errors_are_openai_shaped(client: openai.OpenAI, jfk_path: Path) -> None
         client.audio.transcriptions.create(model="no-such-model", file=LJ.open("rb"))
     with pytest.raises(openai.BadRequestError, match="English-only and cannot translate"):
         client.audio.translations.create(model="tiny.en", file=LJ.open("rb"))
+
+
+def test_openapi_documents_the_multipart_upload_and_the_real_error_statuses(server: LiveServer) -> None:
+    schema = server.app.openapi()
+    components = schema["components"]["schemas"]
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        operation = schema["paths"][path]["post"]
+        content = operation["requestBody"]["content"]
+        assert list(content) == ["multipart/form-data"], content  # not application/x-www-form-urlencoded
+        form = components[content["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+        assert "file" in form["required"]
+        file = form["properties"]["file"]
+        assert file["type"] == "string" and file.get("contentMediaType") == "application/octet-stream", file
+        # validation errors are 400 here; no 422 of FastAPI's HTTPValidationError shape
+        responses = operation["responses"]
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+        assert "HTTPValidationError" not in str(responses)
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status != "200":  # every documented error has the error body the server sends
+                    body = response["content"]["application/json"]["schema"]
+                    assert body == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+    simple = schema["paths"]["/transcribe"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "422", "429", "504"} <= set(simple)
+    assert "409" in schema["paths"]["/v1/models/{model_id}"]["delete"]["responses"]
+    assert "HTTPValidationError" not in components and "ValidationError" not in components

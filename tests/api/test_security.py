@@ -1,20 +1,28 @@
-"""API keys, upload and duration limits, URL fetching refusals, request ids and /metrics, on a server with keys
-and small limits that runs its lifespan (preload, reaper, close)."""
+"""API keys (checked before any body is read), upload and duration limits, URL fetching refusals, request ids,
+a bug's 500 and /metrics, on a server with keys and small limits that runs its lifespan (preload, reaper, close)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import logging
 import re
+import socket
 import wave
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
 from api.conftest import LiveServer, api_settings, live_server
 from conftest import TEST_DATA
+from halkspeech.api.app import create_app
 from halkspeech.engine.factory import ModelEngine
+from halkspeech.engine.pool import ModelPool
+from halkspeech.model.registry import ModelRegistry
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -89,7 +97,8 @@ def test_upload_too_large(server: LiveServer, jfk_path: object) -> None:
     big = httpx.post(
         f"{server.url}/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * 600_000)}, headers=AUTH, timeout=60
     )
-    assert big.status_code == 413 and "upload limit of 0.5" in big.json()["error"]["message"]
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+    assert "larger than the upload limit of 0.5 MB" in big.json()["error"]["message"]  # the configured limit
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: refused while streaming
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.wav"\r\n\r\n'
@@ -102,7 +111,8 @@ def test_upload_too_large(server: LiveServer, jfk_path: object) -> None:
         headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
         timeout=60,
     )
-    assert streamed.status_code == 413 and "upload limit" in streamed.json()["detail"]
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+    assert "larger than the upload limit of 0.5 MB" in streamed.json()["detail"]
 
 
 def test_audio_too_long(server: LiveServer) -> None:
@@ -137,3 +147,110 @@ def test_request_ids(server: LiveServer) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
     fresh = httpx.get(f"{server.url}/health", timeout=30)
     assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"])
+
+
+def raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one HTTP/1.1 request on an open connection; read one response (status, headers, body)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_bug_is_a_500_with_the_request_id_and_the_connection_stays_usable(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.pool, "loaded", broken)  # GET /health lists the loaded models
+    with httpx.Client(base_url=server.url, timeout=30) as client, caplog.at_level(logging.ERROR):
+        response = client.get("/health", headers={"X-Request-ID": "trace-500"})
+        assert response.status_code == 500 and response.headers["x-request-id"] == "trace-500"
+        error = response.json()["error"]
+        assert error["code"] == "internal_error" and error["type"] == "server_error"
+        assert "request id trace-500" in error["message"] and "a bug" not in response.text
+        assert response.headers.get("connection") != "close"
+        unnamed = client.get("/health")  # a fresh id, in the body and the header alike
+        rid = unnamed.headers["x-request-id"]
+        assert unnamed.status_code == 500 and f"(request id {rid})" in unnamed.json()["error"]["message"]
+        tracebacks = [r for r in caplog.records if r.exc_info and "a bug" in str(r.exc_info[1])]
+        assert len(tracebacks) == 2, [r.getMessage() for r in caplog.records]  # one per request, not two
+        monkeypatch.undo()
+        assert client.get("/health").status_code == 200
+    # on one connection: the 500, then the next request is answered on it
+    monkeypatch.setattr(server.pool, "loaded", broken)
+    host, port = server.url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        status, headers, _ = raw_exchange(sock, request)
+        assert status == 500 and headers.get("connection") != "close"
+        monkeypatch.undo()
+        status, _, body = raw_exchange(sock, request)
+        assert status == 200 and b'"status"' in body
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe", "/metrics"])
+def test_keys_are_checked_before_the_body_is_read(server: LiveServer, path: str) -> None:
+    """An unauthenticated upload is refused before the server reads any of it: the ASGI app never calls
+    receive(), and over the network the 401 arrives while the client has sent only the first chunk."""
+
+    async def receive() -> dict[str, object]:
+        raise AssertionError("the body was read")
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    method = "GET" if path == "/metrics" else "POST"
+    headers = [(b"host", b"test"), (b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"999")]
+    scope = {"type": "http", "http_version": "1.1", "method": method, "path": path, "raw_path": path.encode(),
+             "root_path": "", "scheme": "http", "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("test", 80)}  # fmt: skip
+    asyncio.run(server.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 401
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))  # type: ignore[misc]
+    assert body["error"]["code"] == "invalid_api_key" and "missing API key" in body["error"]["message"]
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        first = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + b"\0" * 1000
+        # The body never ends: a server waiting for it would time the recv out.
+        status, headers, raw = raw_exchange(sock, head.encode() + b"%x\r\n%s\r\n" % (len(first), first))
+    assert status == 401 and headers["www-authenticate"] == "Bearer", raw
+    assert json.loads(raw)["error"] == {
+        "message": "invalid API key", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"
+    }  # fmt: skip
+
+
+def test_open_routes_need_no_key(server: LiveServer) -> None:
+    for path in ("/health", "/openapi.json", "/docs", "/ws"):
+        assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200, path
+    assert httpx.get(f"{server.url}/v1/nothing", timeout=30).status_code == 404  # no route: 404, not 401
+    assert httpx.get(f"{server.url}/v1/audio/transcriptions", timeout=30).status_code == 405
+
+
+def test_metrics_open_leaves_the_rest_protected() -> None:
+    settings = api_settings(api_keys=[KEY], metrics_open=True)
+    app = create_app(settings, ModelPool(settings, ModelRegistry(settings.model)))
+    client = TestClient(app)  # no lifespan: nothing is loaded, and these routes need no model
+    assert client.get("/metrics").status_code == 200
+    refused = client.get("/v1/models")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert refused.headers["www-authenticate"] == "Bearer" and refused.headers["x-request-id"]
+    assert client.get("/v1/models", headers=AUTH).status_code == 200

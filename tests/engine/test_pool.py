@@ -13,7 +13,7 @@ import pytest
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.pool import ModelPool
-from halkspeech.errors import EngineStopped, ModelLoadError, ModelNotFound
+from halkspeech.errors import EngineStopped, ModelInUse, ModelLoadError, ModelNotFound
 from halkspeech.model.registry import ModelRegistry
 
 
@@ -132,3 +132,48 @@ def test_unload(tiny_en: ModelEngine) -> None:
         return await pool.unload("tiny.en"), await pool.unload("tiny.en")
 
     assert asyncio.run(main()) == (True, False) and lender.closes == 1 and pool.loaded() == []
+
+
+def test_unload_refuses_a_model_in_use_and_a_load_after_it_works(tiny_en: ModelEngine) -> None:
+    lender = Lender(tiny_en)
+    pool = ModelPool(settings(), ModelRegistry(settings().model), loader=lender)
+
+    async def main() -> None:
+        async with pool.use("tiny.en"), pool.use("whisper-1"):
+            with pytest.raises(ModelInUse, match=r"model tiny\.en is in use by 2 requests; retry when it is idle"):
+                await pool.unload("whisper-1")
+            assert pool.is_loaded("tiny.en") and lender.closes == 0
+        assert await pool.unload("tiny.en") and lender.closes == 1  # idle now
+        async with pool.use() as model:  # the next request loads it again
+            assert model.engine.alive and pool.is_loaded("tiny.en")
+            await pool.close()  # shutdown does not wait for users
+        assert not pool.is_loaded("tiny.en")
+
+    asyncio.run(main())
+    assert lender.loads == ["tiny.en", "tiny.en"] and lender.closes == 2
+
+
+def test_names_too_long_for_a_file_name_are_not_available(tmp_path: Path) -> None:
+    s = settings()
+    s.model.cache_dir = tmp_path
+    pool = ModelPool(s, ModelRegistry(s.model))
+    for name in ("x" * 5000, "y" * 300, "owner/" + "z" * 300):
+        for fetch in (False, True):
+            with pytest.raises(ModelNotFound, match="is not available here") as refused:
+                pool.check(name, fetch=fetch)
+            assert len(str(refused.value)) < 600  # the name is cut short in the message
+        with pytest.raises(ModelNotFound, match="is not available here"):
+            asyncio.run(pool.get(name, fetch=True))
+    with pytest.raises(ModelNotFound, match="not a valid model name"):  # the registry refuses it before any file
+        asyncio.run(pool.get("a\0b", fetch=True))
+
+
+def test_load_errors_name_no_cache_paths(tmp_path: Path) -> None:
+    s = settings()
+    s.model.cache_dir = tmp_path / "models"
+    pool = ModelPool(s, ModelRegistry(s.model))
+    with pytest.raises(ModelNotFound) as missing:
+        asyncio.run(pool.get("owner/no-such-model", fetch=True))
+    message = str(missing.value)
+    assert str(tmp_path) not in message, message
+    assert "owner--no-such-model in the model cache (empty)" in message and "allow_download is false" in message

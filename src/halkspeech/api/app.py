@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from halkspeech import __version__
-from halkspeech.api.deps import AppState, Authorized
-from halkspeech.api.errors import install_error_handlers
+from halkspeech.api.deps import APIKeyMiddleware, AppState
+from halkspeech.api.errors import UnexpectedErrorMiddleware, install_error_handlers
 from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware
 from halkspeech.api.logging import RequestContextMiddleware
@@ -55,17 +55,22 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.state.halkspeech = state
     install_error_handlers(app)
 
-    auth = [Authorized] if server.api_keys else []
-    app.include_router(openai.router, dependencies=auth)
-    app.include_router(simple.router, dependencies=auth)
-    app.include_router(models.router, dependencies=auth)
+    app.include_router(openai.router)
+    app.include_router(simple.router)
+    app.include_router(models.router)
     app.include_router(health.router)
-    app.include_router(metrics.router, dependencies=[] if server.metrics_open else auth)
+    app.include_router(metrics.router)
     # --- WebSocket push-to-talk (api/routes/ws.py): `app.include_router(ws.router)` goes on the next line ---
     app.include_router(ws.router)  # checks API keys itself (header or ?token=); GET /ws, the protocol, is open
 
-    # Outermost last: the request id wraps everything, then metrics, then the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(server.max_upload_mb * 1e6) + _FORM_OVERHEAD)
+    # API keys guard these routers' routes (not /health, /docs, /openapi.json, /ws), checked before the body is read.
+    protected = [openai.router, simple.router, models.router, *([] if server.metrics_open else [metrics.router])]
+
+    # Outermost last: the request id wraps everything, then the 500 for a bug (inside it, so it carries the
+    # id), metrics, the API key, and the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_upload_mb=server.max_upload_mb, overhead=_FORM_OVERHEAD)
+    app.add_middleware(APIKeyMiddleware, server=server, routes=[r for router in protected for r in router.routes])
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(RequestContextMiddleware, access_log=server.access_log)
     return app

@@ -1,23 +1,28 @@
-"""What routes depend on: the app's state (settings, model pool, admission gate, metrics, URL fetcher) and the
-API-key check. Annotated dependencies, so a route says `state: StateDep`.
+"""What routes depend on: the app's state (settings, model pool, admission gate, metrics, URL fetcher), as an
+Annotated dependency (a route says `state: StateDep`), and the API-key check.
 
-They take an HTTPConnection, so WebSocket routes can use them too.
+The key check is a middleware, not a dependency: FastAPI reads and parses a request's whole body before it
+runs any dependency, and a client without a key must not make the server receive an upload. The helpers take
+an HTTPConnection, so the WebSocket route checks keys with them too.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
-from starlette.exceptions import HTTPException
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from halkspeech.api.errors import error_response
 from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate
 from halkspeech.api.metrics import Metrics
-from halkspeech.config import Settings
+from halkspeech.config import ServerSettings, Settings
 from halkspeech.engine.pool import ModelPool
 
 
@@ -60,15 +65,35 @@ def bearer_token(connection: HTTPConnection) -> str | None:
     return connection.headers.get("x-api-key")
 
 
-def require_api_key(connection: HTTPConnection, state: StateDep) -> None:
-    """401 unless the server has no keys or the request carries one of them."""
-    keys = state.settings.server.api_keys
+def api_key_refusal(connection: HTTPConnection, keys: list[str]) -> str | None:
+    """Why the request may not pass (no key, a wrong key), or None: it carries a key, or the server has none."""
     if not keys:
-        return
+        return None
     token = bearer_token(connection)
-    if not api_key_valid(token, keys):
-        reason = "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
-        raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
+    if api_key_valid(token, keys):
+        return None
+    return "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
 
 
-Authorized = Depends(require_api_key)
+class APIKeyMiddleware:
+    """401 for a request to one of `routes` without a valid key (`server.api_keys`; none: every request
+    passes), before anything reads its body. Other routes (/health, /docs, /openapi.json, /ws) are open."""
+
+    def __init__(self, app: ASGIApp, *, server: ServerSettings, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.server = server
+        self.routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.server.api_keys:
+            await self.app(scope, receive, send)
+            return
+        route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        reason = api_key_refusal(HTTPConnection(scope), self.server.api_keys) if route is not None else None
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # as the router would: the metrics count the refusal under the route's path
+        headers = {"WWW-Authenticate": "Bearer"}
+        response = error_response(Request(scope), 401, reason, code="invalid_api_key", headers=headers)
+        await response(scope, receive, send)

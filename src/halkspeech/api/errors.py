@@ -2,11 +2,13 @@
 
 Every error answer has the shape OpenAI's clients parse, `{"error": {"message", "type", "param", "code"}}`;
 routes outside /v1 add `"detail"` (the message again), which FastAPI-style clients read. Nothing a client
-sends may produce a 500: bad input is a 4xx whose message says what to fix.
+sends may produce a 500: bad input is a 4xx whose message says what to fix. A bug still answers a 500 of that
+shape, from UnexpectedErrorMiddleware: with the request id, logged once, and the connection stays usable.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from halkspeech.api.logging import request_id
 from halkspeech.errors import (
@@ -25,6 +28,7 @@ from halkspeech.errors import (
     EngineStopped,
     HalkSpeechError,
     InvalidRequest,
+    ModelInUse,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
@@ -43,6 +47,7 @@ _STATUS: tuple[tuple[type[HalkSpeechError], int], ...] = (
     (InvalidRequest, 400),
     (URLFetchError, 400),
     (ModelNotFound, 404),
+    (ModelInUse, 409),
     (ModelLoadError, 422),  # the named files exist but are not a loadable Whisper model
     (Overloaded, 429),
     (RequestTimeout, 504),
@@ -123,14 +128,77 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
         detail = f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
-    code = "invalid_api_key" if exc.status_code == 401 else None
+    code = {401: "invalid_api_key", 413: "payload_too_large"}.get(exc.status_code)
     return error_response(request, exc.status_code, detail or "request failed", code=code, headers=exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error", exc_info=exc)
-    message = f"internal server error (request id {request_id()}); the server log has the details"
+def _internal_error(request: Request) -> JSONResponse:
+    rid = request_id()
+    message = f"internal server error (request id {rid}); the server log has the details"
+    if rid is None:
+        message = "internal server error; the server log has the details"
     return error_response(request, 500, message, code="internal_error")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The last resort, in Starlette's outermost middleware: only for errors UnexpectedErrorMiddleware missed."""
+    log.error("unhandled error", exc_info=exc)
+    return _internal_error(request)
+
+
+class UnexpectedErrorMiddleware:
+    """Any other exception → a 500 of the usual shape, answered inside the request-id middleware (so it carries
+    the id, in the body and as X-Request-ID), with the traceback logged once. The exception ends here: the
+    server sees a complete response and keeps the connection open for the client's next request.
+
+    Once a response has started (a stream) no 500 can be sent: the traceback is logged all the same, and the
+    server, seeing the response unfinished, closes the connection, which tells the client it is incomplete."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("unhandled error")
+            if not started:
+                await _internal_error(Request(scope))(scope, receive, send)
+
+
+def document_validation_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI schema say what _validation_error answers. FastAPI documents a 422 with its own body
+    (HTTPValidationError) for every operation with parameters; here /v1 answers 400 (documented by the routes)
+    and the other routes 422, both in the error body. Changes `schema` in place and returns it."""
+    generated = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            auto = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema")
+            if auto != generated:
+                continue
+            if path.startswith("/v1/"):
+                del responses["422"]
+            else:
+                responses["422"] = {
+                    "description": "A malformed field or body",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
+    if '"#/components/schemas/HTTPValidationError"' not in json.dumps(schema.get("paths", {})):
+        for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's, referenced by nothing now
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -138,3 +206,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_validation_errors(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -58,15 +58,18 @@ class AdmissionGate:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413: at once when Content-Length says so, else as soon as
-    the streamed body passes the limit (chunked uploads), before the rest is read or stored."""
+    """Refuses request bodies over `max_upload_mb` (plus `overhead` bytes: the multipart framing around the
+    file) with 413 payload_too_large: at once when Content-Length says so, else as soon as the streamed body
+    passes the limit (chunked uploads), before the rest is read or stored. The message names the configured
+    limit, not the overhead's sum."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_upload_mb: float, overhead: int = 0) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_upload_mb = max_upload_mb
+        self.max_bytes = int(max_upload_mb * 1e6) + overhead
 
     def _message(self) -> str:
-        return f"the request body is larger than the upload limit of {self.max_bytes / 1e6:g} MB"
+        return f"the request body is larger than the upload limit of {self.max_upload_mb:g} MB"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,6 +89,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # Starlette's HTTPException: FastAPI re-raises it from body parsing, so it answers 413
+                    # (api/errors.py gives it the code payload_too_large, as the Content-Length refusal has)
                     raise HTTPException(413, self._message())
             return message
 

@@ -27,17 +27,49 @@ class ErrorBody(BaseModel):
     detail: str | None = None
 
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in (
-        (400, "Bad input: not audio, an unsupported language, a malformed field ..."),
-        (401, "Missing or wrong API key"),
-        (404, "Unknown model"),
-        (413, "Upload or audio longer than the limits"),
-        (429, "At capacity: retry after the Retry-After header's seconds"),
-        (504, "Did not finish within the request timeout"),
-    )
+_ERROR_TEXT: dict[int, str] = {
+    400: "Bad input: not audio, an unsupported language, a malformed field ...",
+    401: "Missing or wrong API key (when the server has keys)",
+    404: "Unknown model",
+    409: "The model is in use by running requests; retry when they have finished",
+    413: "Upload or audio longer than the limits",
+    422: "The model's files are not a loadable Whisper model",
+    429: "At capacity: retry after the Retry-After header's seconds",
+    503: "The server is shutting down, or the model's engine stopped",
+    504: "Did not finish within the request timeout",
 }
+
+
+def error_responses(*statuses: int, text: dict[int, str] | None = None) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses` for these error statuses, each with the error body (`text` rewords some)."""
+    return {status: {"model": ErrorBody, "description": {**_ERROR_TEXT, **(text or {})}[status]} for status in statuses}
+
+
+# Validation errors: 400 on /v1 (as OpenAI); FastAPI's 422 elsewhere, in the same error body.
+AUDIO_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503, 504)  # /v1/audio/*
+SIMPLE_ERRORS = error_responses(
+    400,
+    401,
+    404,
+    413,
+    422,
+    429,
+    503,
+    504,
+    text={422: "A malformed option or JSON body, or a model whose files are not a loadable Whisper model"},
+)
+ERRORS = error_responses(  # /v1/models/{id}
+    401,
+    404,
+    409,
+    422,
+    503,
+    text={
+        409: "DELETE: the model is in use by running requests; retry when they have finished",
+        422: "POST: the model's files are not a loadable Whisper model",
+        503: "POST: the server is shutting down",
+    },
+)
 
 
 # --- OpenAI audio API ---------------------------------------------------------------------------------------

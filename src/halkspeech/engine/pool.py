@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from halkspeech.config import Settings
 from halkspeech.engine.factory import ModelEngine, resolve_device, resolve_dtype, start_engine
-from halkspeech.errors import EngineStopped, HalkSpeechError, ModelLoadError, ModelNotFound
+from halkspeech.errors import EngineStopped, HalkSpeechError, ModelInUse, ModelLoadError, ModelNotFound
 from halkspeech.model.dims import KNOWN_DIMS, canonical_name
 from halkspeech.model.registry import ModelRegistry
 
@@ -97,7 +98,7 @@ class ModelPool:
             return True
         if _local(key) or key.startswith(RANDOM_PREFIX):
             return False
-        return key in KNOWN_DIMS or (key.count("/") <= 1 and cached_path(self.settings, key).is_dir())
+        return key in KNOWN_DIMS or (key.count("/") <= 1 and _in_cache(self.settings, key) is True)
 
     def check(self, name: str | None, *, fetch: bool = False) -> None:
         """ModelNotFound unless `name` may be served (without loading anything)."""
@@ -106,11 +107,17 @@ class ModelPool:
     def _check(self, name: str | None, key: str, *, fetch: bool) -> None:
         if self.offered(key):
             return
-        fetchable = fetch and not key.startswith(RANDOM_PREFIX) and not _local(key) and key.count("/") <= 1
+        fetchable = (
+            fetch
+            and not key.startswith(RANDOM_PREFIX)
+            and not _local(key)
+            and key.count("/") <= 1
+            and _in_cache(self.settings, key) is not None  # else not a usable file name here (too long ...)
+        )
         if not fetchable:
             offered = ", ".join(self.configured)
             raise ModelNotFound(
-                f"model {name!r} is not available here; this server offers {offered} and the catalog models "
+                f"model {_shown(name)} is not available here; this server offers {offered} and the catalog models "
                 f"({', '.join(n for n in KNOWN_DIMS if canonical_name(n) == n)})"
             )
 
@@ -128,7 +135,7 @@ class ModelPool:
             return entry.model
         if entry is not None:  # its engine loop died: replace it
             log.warning("engine of model %s is not running; loading it again", key)
-            await self.unload(key)
+            await self.unload(key, force=True)
         self._check(name, key, fetch=fetch)
         task = self._loading.get(key)
         if task is None:
@@ -139,9 +146,13 @@ class ModelPool:
 
     @contextlib.asynccontextmanager
     async def use(self, name: str | None = None) -> AsyncIterator[ModelEngine]:
-        """`get`, and hold the model for the block: the reaper never unloads a model in use."""
+        """`get`, and hold the model for the block: neither the reaper nor `unload` takes a model in use."""
+        key = self.key(name)
         model = await self.get(name)
-        entry = self._entries.get(self.key(name))
+        entry = self._entries.get(key)
+        if entry is None or entry.model is not model:  # unloaded while its load finished: load it again
+            model = await self.get(name)
+            entry = self._entries.get(key)
         if entry is not None:
             entry.users += 1
         try:
@@ -161,7 +172,11 @@ class ModelPool:
 
     async def _load(self, key: str) -> ModelEngine:
         started = time.perf_counter()
-        model = await asyncio.to_thread(self._load_blocking, key)
+        try:
+            model = await asyncio.to_thread(self._load_blocking, key)
+        except HalkSpeechError as exc:  # its message goes to a client: no paths of this machine's cache
+            exc.args = (_without_cache_dir(str(exc), self.settings.model.cache_dir),)
+            raise
         if self._closed:
             await asyncio.to_thread(model.close)
             raise EngineStopped("the server is shutting down")
@@ -203,11 +218,20 @@ class ModelPool:
     def is_loaded(self, name: str | None) -> bool:
         return self.key(name) in self._entries
 
-    async def unload(self, name: str | None) -> bool:
-        """Stop a model's engine and free its memory; its unfinished requests fail (EngineStopped)."""
-        entry = self._entries.pop(self.key(name), None)
+    async def unload(self, name: str | None, *, force: bool = False) -> bool:
+        """Stop a model's engine and free its memory; False if it was not loaded.
+
+        A model that requests are using stays loaded (ModelInUse), so nothing accepted is lost; `force`
+        unloads it anyway (shutdown, a dead engine), failing those requests (EngineStopped)."""
+        key = self.key(name)
+        entry = self._entries.get(key)
         if entry is None:
             return False
+        if entry.users > 0 and not force:
+            raise ModelInUse(
+                f"model {key} is in use by {entry.users} request{'s' if entry.users > 1 else ''}; retry when it is idle"
+            )
+        del self._entries[key]
         await asyncio.to_thread(self._close, entry.model)
         log.info("unloaded model %s", entry.model.name)
         return True
@@ -242,9 +266,13 @@ class ModelPool:
             return []
         now = time.monotonic()
         idle = [k for k, e in self._entries.items() if not e.busy and now - e.last_used >= ttl]
+        unloaded = []
         for key in idle:
-            await self.unload(key)
-        return idle
+            entry = self._entries.get(key)
+            if entry is not None and not entry.busy:  # a request may have taken it during an earlier unload
+                await self.unload(key)
+                unloaded.append(key)
+        return unloaded
 
     async def close(self) -> None:
         """Stop the reaper and every engine."""
@@ -255,7 +283,7 @@ class ModelPool:
                 await self._reaper
             self._reaper = None
         for key in list(self._entries):
-            await self.unload(key)
+            await self.unload(key, force=True)
 
     def close_now(self) -> None:
         """`close` without an event loop (after the server stopped, or when it never started)."""
@@ -278,3 +306,29 @@ def _local(key: str) -> bool:
 def cached_path(settings: Settings, key: str) -> Path:
     """Where the registry keeps `key` in its cache."""
     return settings.model.cache_dir / key.replace("/", "--")
+
+
+def _in_cache(settings: Settings, key: str) -> bool | None:
+    """Whether the cache has a directory for `key`; None if `key` cannot name one here (too long, a NUL ...)."""
+    try:
+        return cached_path(settings, key).is_dir()
+    except (OSError, ValueError):
+        return None
+
+
+def _shown(name: str | None, limit: int = 100) -> str:
+    """A requested name for an error message: quoted, and cut short if it is long."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…' ({len(name or '')} characters)"
+
+
+def _without_cache_dir(message: str, cache_dir: Path) -> str:
+    """`message` with the cache's absolute paths replaced by "<entry> in the model cache": clients see the
+    answer, and this machine's directories are none of their business."""
+    absolute = cache_dir.expanduser().absolute()
+    spellings = {str(absolute).rstrip("/\\"), str(absolute.resolve()).rstrip("/\\")} - {""}  # "" if it is /
+    if not spellings:
+        return message
+    roots = "|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True))
+    pattern = re.compile(rf"(?:\bcache )?(?:{roots})(?:[/\\](?P<entry>[^\s:;,()'\"]+))?")
+    return pattern.sub(lambda m: f"{m['entry']} in the model cache" if m["entry"] else "the model cache", message)

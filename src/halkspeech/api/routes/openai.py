@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from halkspeech.api.deps import StateDep
 from halkspeech.api.jobs import Job, Outcome, transcribe, with_server_policy
-from halkspeech.api.schemas import ERRORS, TranscriptionForm, VerboseTranscriptionOut
+from halkspeech.api.schemas import AUDIO_ERRORS, TranscriptionForm, VerboseTranscriptionOut
 from halkspeech.api.sse import stream
 from halkspeech.model.tokenizer import Task
 from halkspeech.transcription.formats import as_json, as_srt, as_verbose_json, as_vtt
@@ -25,17 +25,22 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "text/event-stream of transcript.text.delta events and one transcript.text.done",
         "content": {"text/plain": {"schema": {"type": "string"}}, "text/event-stream": {"schema": {"type": "string"}}},
     },
-    **ERRORS,
+    **AUDIO_ERRORS,
 }
 
 
+# The form holds an UploadFile, which FastAPI does not look for inside a model: without the media type it would
+# document the body as application/x-www-form-urlencoded (parsing is the same either way).
+MultipartForm = Annotated[TranscriptionForm, Form(media_type="multipart/form-data")]
+
+
 @router.post("/transcriptions", response_model=None, responses=_RESPONSES, summary="Transcribe audio")
-async def transcriptions(request: Request, state: StateDep, form: Annotated[TranscriptionForm, Form()]) -> Response:
+async def transcriptions(request: Request, state: StateDep, form: MultipartForm) -> Response:
     return await _run(request, state, form, "transcribe")
 
 
 @router.post("/translations", response_model=None, responses=_RESPONSES, summary="Translate audio into English")
-async def translations(request: Request, state: StateDep, form: Annotated[TranscriptionForm, Form()]) -> Response:
+async def translations(request: Request, state: StateDep, form: MultipartForm) -> Response:
     return await _run(request, state, form, "translate")
 
 

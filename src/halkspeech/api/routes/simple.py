@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from halkspeech.api.deps import StateDep
 from halkspeech.api.jobs import Job, Outcome, transcribe, with_server_policy
-from halkspeech.api.schemas import ERRORS, SimpleOptions, SimpleTranscription, TranscribeURLRequest
+from halkspeech.api.schemas import SIMPLE_ERRORS, SimpleOptions, SimpleTranscription, TranscribeURLRequest
 from halkspeech.api.sse import stream
 from halkspeech.transcription.types import Segment, TranscribeOptions
 
@@ -24,7 +24,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "final transcript.text.done carrying this object's fields",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    **ERRORS,
+    **SIMPLE_ERRORS,
 }
 
 
