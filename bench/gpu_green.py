@@ -14,7 +14,8 @@ batching, encoding ahead on the plain side stream, then on each green context. P
 median round (`mixed.median_runs`: the lower middle of an even count) and its ratio to padded static's.
 
 Run: PYTHONPATH=src python bench/gpu_green.py OUT.json [SM counts, multiples of 8, e.g. 96,112,120] [ROUNDS, 2]
-Written in session 10 with no device lent; not yet run.
+Written in session 10 with no device lent; run in session 12 (H200, one round, bench/results/green_h200_s12.json):
+the graphs did not keep to the green SMs, and no green context beat the plain side stream (bench/NOTES.md).
 """
 
 from __future__ import annotations

@@ -219,10 +219,6 @@ class DecoderBlock(nn.Module):
         q = kernels.linear(x, self.cross_q.weight, self.cross_q.bias, ln=_ln(self.cross_ln)).view(b, heads, -1)
         a = kernels.decode_attention(q, cache.cross_k[layer, :b], cache.cross_v[layer, :b], splits=CROSS_SPLITS)
         x = kernels.linear(a, self.cross_out.weight, self.cross_out.bias, residual=x)
-        return self.mlp_fused(x)
-
-    def mlp_fused(self, x: Tensor) -> Tensor:
-        """x + fc2(GELU(fc1(LN(x)))) in two fused launches: x [B, D] → [B, D]."""
         h = kernels.linear(x, self.fc1.weight, self.fc1.bias, ln=_ln(self.mlp_ln), gelu=True)
         return kernels.linear(h, self.fc2.weight, self.fc2.bias, residual=x)
 
