@@ -115,6 +115,8 @@ def test_health(server: LiveServer) -> None:
     assert body["status"] == "ok" and body["device"] == "cpu" and body["gpu"] is None
     assert body["default_model"] == "tiny.en"
     assert [m["name"] for m in body["models"]] == ["tiny.en"] and body["models"][0]["alive"] is True
+    head = httpx.head(f"{server.url}/health", timeout=30)  # as load balancers probe
+    assert head.status_code == 200 and head.content == b""
     docs = httpx.get(f"{server.url}/docs", timeout=30)
     assert docs.status_code == 200 and "swagger-ui" in docs.text
     schema = httpx.get(f"{server.url}/openapi.json", timeout=30).json()

@@ -45,6 +45,10 @@ async def health(state: StateDep) -> Health:
     )
 
 
+# HEAD /health, as load balancers probe (same answer, no body); one documented operation is enough
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
+
 def _device(state: StateDep) -> str:
     engine = state.settings.engine
     try:
