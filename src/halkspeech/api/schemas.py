@@ -58,7 +58,7 @@ SIMPLE_ERRORS = error_responses(
     504,
     text={422: "A malformed option or JSON body, or a model whose files are not a loadable Whisper model"},
 )
-ERRORS = error_responses(  # /v1/models/{id}
+MODEL_ERRORS = error_responses(  # /v1/models/{id}
     401,
     404,
     409,

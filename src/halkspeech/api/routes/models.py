@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter
 
 from halkspeech.api.deps import StateDep
-from halkspeech.api.schemas import ERRORS, ModelDeleted, ModelList, ModelOut
+from halkspeech.api.schemas import MODEL_ERRORS, ModelDeleted, ModelList, ModelOut
 from halkspeech.engine.pool import DEFAULT_ALIASES, cached_path
 from halkspeech.errors import ModelNotFound
 
@@ -23,7 +23,7 @@ async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=list((await _known(state)).values()))
 
 
-@router.get("/{model_id:path}", response_model=ModelOut, responses=ERRORS, summary="One model")
+@router.get("/{model_id:path}", response_model=ModelOut, responses=MODEL_ERRORS, summary="One model")
 async def get_model(model_id: str, state: StateDep) -> ModelOut:
     known = await _known(state)
     entry = known.get(model_id) or known.get(state.pool.key(model_id))
@@ -34,7 +34,7 @@ async def get_model(model_id: str, state: StateDep) -> ModelOut:
     return entry
 
 
-@router.post("/{model_id:path}", response_model=ModelOut, responses=ERRORS, summary="Fetch (if needed) and load")
+@router.post("/{model_id:path}", response_model=ModelOut, responses=MODEL_ERRORS, summary="Fetch (if needed) and load")
 async def load_model(model_id: str, state: StateDep) -> ModelOut:
     if model_id.strip().lower() in DEFAULT_ALIASES:
         model_id = state.pool.default
@@ -42,7 +42,7 @@ async def load_model(model_id: str, state: StateDep) -> ModelOut:
     return ModelOut(id=state.pool.key(model_id), created=int(time.time()), loaded=True)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=ERRORS, summary="Unload a model")
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=MODEL_ERRORS, summary="Unload a model")
 async def unload_model(model_id: str, state: StateDep) -> ModelDeleted:
     if not await state.pool.unload(model_id):
         raise ModelNotFound(f"model {model_id!r} is not loaded")
