@@ -144,6 +144,10 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     #: Largest request body (upload or fetched URL), in MB (10**6 bytes).
     max_upload_mb: float = Field(default=200.0, gt=0)
+    #: Seconds an upload may go without sending a byte before it is refused with 408: a client that stalls
+    #: mid-body (or trickles it byte by byte to hold a connection) is not waited for forever. The transcription's
+    #: own limit, request_timeout_s, starts only once the body is in.
+    body_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     max_audio_s: float = Field(default=4 * 3600.0, gt=0)
     #: Models served besides model.default (any name or path); requests may name them or any catalog or
     #: cached model.

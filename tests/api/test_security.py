@@ -254,3 +254,23 @@ def test_metrics_open_leaves_the_rest_protected() -> None:
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert refused.headers["www-authenticate"] == "Bearer" and refused.headers["x-request-id"]
     assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_stalled_upload_is_refused_and_the_server_goes_on(shared_tiny_en: ModelEngine, framing: str) -> None:
+    """A client that sends part of a body and then nothing (or trickles it to hold the connection) gets 408
+    after body_idle_timeout_s, instead of holding its connection and upload buffer forever."""
+    with live_server(api_settings(body_idle_timeout_s=0.5), shared_tiny_en) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + b"\0" * 100
+        size = f"Content-Length: {len(part) + 5000}" if framing == "content-length" else "Transfer-Encoding: chunked"
+        head = f"POST /transcribe HTTP/1.1\r\nHost: {host}\r\n"
+        head += f"Content-Type: multipart/form-data; boundary=b\r\n{size}\r\n\r\n"
+        body = part if framing == "content-length" else b"%x\r\n%s\r\n" % (len(part), part)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            status, _, raw = raw_exchange(sock, head.encode() + body)  # and then the client stalls
+        assert status == 408, raw
+        error = json.loads(raw)["error"]
+        assert error["code"] == "body_timeout" and "no data for 0.5 s" in error["message"]
+        ok = httpx.post(f"{live.url}/transcribe", files={"file": (TEST_DATA / "jfk.flac").read_bytes()}, timeout=120)
+        assert ok.status_code == 200 and "country" in ok.json()["text"]

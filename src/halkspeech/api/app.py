@@ -68,7 +68,12 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     # Outermost last: the request id wraps everything, then the 500 for a bug (inside it, so it carries the
     # id), metrics, the API key, and the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_upload_mb=server.max_upload_mb, overhead=_FORM_OVERHEAD)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_upload_mb=server.max_upload_mb,
+        overhead=_FORM_OVERHEAD,
+        idle_timeout_s=server.body_idle_timeout_s,
+    )
     app.add_middleware(APIKeyMiddleware, server=server, routes=[r for router in protected for r in router.routes])
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(UnexpectedErrorMiddleware)

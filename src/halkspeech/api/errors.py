@@ -128,7 +128,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
         detail = f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
-    code = {401: "invalid_api_key", 413: "payload_too_large"}.get(exc.status_code)
+    code = {401: "invalid_api_key", 408: "body_timeout", 413: "payload_too_large"}.get(exc.status_code)
     return error_response(request, exc.status_code, detail or "request failed", code=code, headers=exc.headers)
 
 

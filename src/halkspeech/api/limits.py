@@ -61,12 +61,13 @@ class BodyLimitMiddleware:
     """Refuses request bodies over `max_upload_mb` (plus `overhead` bytes: the multipart framing around the
     file) with 413 payload_too_large: at once when Content-Length says so, else as soon as the streamed body
     passes the limit (chunked uploads), before the rest is read or stored. The message names the configured
-    limit, not the overhead's sum."""
+    limit, not the overhead's sum. A body that stalls, no bytes for `idle_timeout_s`, is refused with 408."""
 
-    def __init__(self, app: ASGIApp, *, max_upload_mb: float, overhead: int = 0) -> None:
+    def __init__(self, app: ASGIApp, *, max_upload_mb: float, overhead: int = 0, idle_timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 1e6) + overhead
+        self.idle_timeout_s = idle_timeout_s
 
     def _message(self) -> str:
         return f"the request body is larger than the upload limit of {self.max_upload_mb:g} MB"
@@ -81,11 +82,21 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        body_done = False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() waits for the client to leave: no time limit on that
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                # raised into the body parser, as the 413 below; nothing was accepted yet, so nothing is lost
+                stalled = f"the request body stalled: no data for {self.idle_timeout_s:g} s"
+                raise HTTPException(408, stalled) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # Starlette's HTTPException: FastAPI re-raises it from body parsing, so it answers 413
