@@ -226,7 +226,7 @@ class DecoderBlock(nn.Module):
 def _cpu_vector_logits(row: Tensor, weight: Tensor) -> Tensor:
     """One row's logits on a CPU: [1, D] × [V, D] → [1, V] as two halves of the vocabulary in one batched
     product. MKL runs a one-row product on one thread, at about half the memory bandwidth of two (base's
-    embedding: 9.0 ms against 4.5 on 2 cores, bench/cpu_logits.py); a batch of two runs one on each."""
+    embedding: 8.8-9.5 ms against 4.8 on 2 cores, bench/cpu_logits.py); a batch of two runs one on each."""
     vocab, halves = weight.shape[0], weight.shape[0] // 2 * 2
     pair = weight[:halves].view(2, halves // 2, weight.shape[1])
     out = torch.bmm(pair, row.T.unsqueeze(0).expand(2, -1, -1)).reshape(1, halves)  # [2, V/2, 1] in vocab order
@@ -272,9 +272,8 @@ class Decoder(nn.Module):
         # On a CPU, [V, D] @ [D, B·T] and a transposed view of the result: MKL's kernel for this orientation took
         # 5-9 ms for 2-8 rows of base's 51,865 × 512 embedding where x @ W.T took 20-25 ms (2 cores; equal at 1 row)
         rows = h.reshape(-1, h.shape[-1])
-        if rows.shape[0] == 1:
-            return _cpu_vector_logits(rows, weight).reshape(*h.shape[:-1], weight.shape[0]).float()
-        return (weight @ rows.T).T.reshape(*h.shape[:-1], weight.shape[0]).float()
+        flat = _cpu_vector_logits(rows, weight) if rows.shape[0] == 1 else (weight @ rows.T).T
+        return flat.reshape(*h.shape[:-1], weight.shape[0]).float()
 
     def fill_cross(self, audio: Tensor, cache: KVCache, slots: Tensor) -> None:
         """Compute each layer's cross-attention keys/values of `audio` [B, A, D] into `slots` [B]."""
