@@ -6,6 +6,8 @@ Same runs as test_parity.py (greedy, CPU, float32, computed once per session in 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jiwer
 import pytest
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
@@ -40,7 +42,8 @@ def cer(reference: str, hypothesis: str) -> float:
 
 
 @pytest.fixture(scope="module", params=["tiny.en", "base"])
-def model_runs(request: pytest.FixtureRequest) -> tuple[str, dict[str, ClipRun]]:
+def model_runs(request: pytest.FixtureRequest, dev_clips: list[dict[str, Any]]) -> tuple[str, dict[str, ClipRun]]:
+    # dev_clips: skips where ../shared/data/dev is not beside the checkout (the runs read it themselves)
     prefix = request.param.replace(".", "_")
     engine: ModelEngine = request.getfixturevalue(f"{prefix}_engine")
     return request.param, runs(request.getfixturevalue(f"{prefix}_weights"), engine)

@@ -61,10 +61,15 @@ def transcribe_modes(model: ModelEngine, audio: np.ndarray, words: bool) -> dict
 
 
 @pytest.fixture(scope="module")
-def short_runs(tiny_en_engine: ModelEngine) -> dict[str, Run]:
+def short_audio() -> np.ndarray:
     if not SHORT.exists():
         pytest.skip("dev set absent")
-    return transcribe_modes(tiny_en_engine, decode_audio(SHORT), words=False)
+    return decode_audio(SHORT)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tiny_en_engine: ModelEngine, short_audio: np.ndarray) -> dict[str, Run]:
+    return transcribe_modes(tiny_en_engine, short_audio, words=False)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +189,7 @@ def test_word_timing_in_worker_processes_equals_the_thread(
 
 
 def test_forced_tokens_per_second_decodes_exact_lengths(
-    tiny_en_engine: ModelEngine, monkeypatch: pytest.MonkeyPatch
+    tiny_en_engine: ModelEngine, short_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[DecodeRequest, DecodeResult]] = []
     decode = tiny_en_engine.engine.decode
@@ -195,7 +200,7 @@ def test_forced_tokens_per_second_decodes_exact_lengths(
         return result
 
     monkeypatch.setattr(tiny_en_engine.engine, "decode", spy)
-    audio = decode_audio(SHORT)
+    audio = short_audio
     options = TranscribeOptions(language="en", mode="batched", force_tokens_per_second=3.0)
     job = BatchedTranscription(tiny_en_engine, audio, options)
     asyncio.run(job.run())
@@ -221,8 +226,8 @@ def test_sequential_mode_reports_progress_too(tiny_en_engine: ModelEngine) -> No
     assert all(s.words for s in transcript.segments)
 
 
-def test_cancelling_stops_every_chunk(tiny_en_engine: ModelEngine) -> None:
-    audio = decode_audio(SHORT)
+def test_cancelling_stops_every_chunk(tiny_en_engine: ModelEngine, short_audio: np.ndarray) -> None:
+    audio = short_audio
     engine = tiny_en_engine.engine
     cancelled_before = engine.stats.cancelled
 
