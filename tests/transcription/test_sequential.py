@@ -45,3 +45,17 @@ def test_prompts_that_spell_special_tokens_are_plain_text(tiny_en_engine: ModelE
     # a prefix of the same kind decodes (to whatever tiny.en makes of it: here nothing) instead of raising
     options = TranscribeOptions(prefix="<|notimestamps|> And so")
     assert isinstance(asyncio.run(Transcriber(tiny_en_engine).transcribe(speech, options)).text, str)
+
+
+def test_times_end_at_the_audio_end(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    # jfk cut mid-sentence: tiny.en's last timestamp lands in the window's padding (sequential mode, as in
+    # openai-whisper, gave 9.54 s for 9.5 s of audio and 10.34 for 10.3); every time now stays inside the audio
+    speech = decode_audio(jfk_path)
+    for cut in (9.5, 10.3):
+        for mode in ("sequential", "batched"):
+            for words in (False, True):
+                options = TranscribeOptions(mode=mode, word_timestamps=words)
+                result = asyncio.run(Transcriber(tiny_en_engine).transcribe(speech[: int(cut * 16_000)], options))
+                assert result.segments, (cut, mode)
+                spans = [(s.start, s.end) for s in result.segments] + [(w.start, w.end) for w in result.words]
+                assert all(0 <= a <= b <= result.duration for a, b in spans), (cut, mode, words, spans)

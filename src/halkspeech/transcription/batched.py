@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ class BatchedTranscription:
         start = min(max(times[0], lo), hi)
         end = min(max(times[1], start), hi)
         if words is not None:
-            words = tuple(_clamp_word(w, lo, hi) for w in words)
+            words = tuple(w.clamped(lo, hi) for w in words)
         return Segment(
             id=0,
             seek=round(chunk.start * FRAMES_PER_SECOND),
@@ -352,8 +352,3 @@ class BatchedTranscription:
 
 def _sample(seconds: float) -> int:
     return round(seconds * SAMPLE_RATE)
-
-
-def _clamp_word(word: Word, lo: float, hi: float) -> Word:
-    start = min(max(word.start, lo), hi)
-    return replace(word, start=start, end=min(max(word.end, start), hi))

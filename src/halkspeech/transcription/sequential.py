@@ -143,6 +143,12 @@ class SequentialTranscription:
         text = self.tokenizer.decode(text_tokens)
         start, end = (timed.start, timed.end) if timed else (raw.start, raw.end)
         empty = start == end or not text.strip()
+        # A timestamp in the last window's padding (past the audio) means the audio's end: openai-whisper leaves
+        # it, so a segment (or word) could end up to a second after the file does; subtitles should not.
+        hi = self.duration
+        start = min(start, hi)
+        end = min(max(end, start), hi)
+        words = None if timed is None else (() if empty else tuple(w.clamped(0.0, hi) for w in timed.words))
         return Segment(
             id=index,
             seek=seek,
@@ -154,7 +160,7 @@ class SequentialTranscription:
             avg_logprob=window.result.avg_logprob,
             compression_ratio=window.compression_ratio,
             no_speech_prob=window.result.no_speech_prob,
-            words=None if timed is None else (() if empty else timed.words),
+            words=words,
         )
 
     def _transcript(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from halkspeech.errors import InvalidRequest
@@ -68,6 +68,11 @@ class Word:
     start: float
     end: float
     probability: float
+
+    def clamped(self, lo: float, hi: float) -> Word:
+        """Its times moved into [lo, hi] (a timestamp in a window's padding, past the audio, means its end)."""
+        start = min(max(self.start, lo), hi)
+        return replace(self, start=start, end=min(max(self.end, start), hi))
 
 
 @dataclass(frozen=True)
