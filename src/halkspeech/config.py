@@ -152,6 +152,9 @@ class ServerSettings(BaseModel):
     #: Models served besides model.default (any name or path); requests may name them or any catalog or
     #: cached model.
     models: CsvList = Field(default_factory=list)
+    #: Serve only model.default, models and preload: a request or POST /v1/models naming any other model is a
+    #: 404, instead of loading a catalog or cached model onto the GPU for whoever asks.
+    configured_models_only: bool = False
     #: Models loaded at start ("true" means model.default, as WHISPER__PRELOAD_MODEL=true does).
     preload: CsvList = Field(default_factory=list)
     #: Seconds a model may stay idle before it is unloaded; -1 keeps it forever.

@@ -274,3 +274,18 @@ def test_a_stalled_upload_is_refused_and_the_server_goes_on(shared_tiny_en: Mode
         assert error["code"] == "body_timeout" and "no data for 0.5 s" in error["message"]
         ok = httpx.post(f"{live.url}/transcribe", files={"file": (TEST_DATA / "jfk.flac").read_bytes()}, timeout=120)
         assert ok.status_code == 200 and "country" in ok.json()["text"]
+
+
+def test_configured_models_only_lists_and_serves_nothing_else() -> None:
+    audio = (TEST_DATA / "jfk.flac").read_bytes()
+    settings = api_settings(configured_models_only=True)
+    client = TestClient(create_app(settings, ModelPool(settings, ModelRegistry(settings.model))))
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny.en", "whisper-1"]
+    for response in (
+        client.post("/v1/models/base"),
+        client.post("/v1/audio/transcriptions", data={"model": "base"}, files={"file": audio}),
+        client.post("/transcribe?model=large-v3", files={"file": audio}),
+    ):
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["code"] == "model_not_found" and "offers only tiny.en" in error["message"]

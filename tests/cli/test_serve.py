@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from halkspeech.cli import main
+from halkspeech.cli import build_parser, main
+from halkspeech.cli.serve import _overrides
+from halkspeech.config import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 LJ = REPO / "tests" / "data" / "LJ001-0002.wav"
@@ -84,3 +86,12 @@ def test_a_model_that_cannot_load_is_a_one_line_error(
     assert main(["serve", "--port", "0", "--model", "no-such-model", "--preload", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("halkspeech: error: model 'no-such-model' not found") and "\n" not in err
+
+
+def test_only_configured_models_flag_and_variable_set_the_setting() -> None:
+    args = build_parser().parse_args(["serve", "--model", "tiny.en", "--only-configured-models"])
+    assert load_settings({}, **_overrides(args)).server.configured_models_only is True
+    args = build_parser().parse_args(["serve", "--model", "tiny.en"])
+    assert load_settings({}, **_overrides(args)).server.configured_models_only is False
+    env = {"HALKSPEECH_SERVER__CONFIGURED_MODELS_ONLY": "true"}
+    assert load_settings(env, **_overrides(args)).server.configured_models_only is True

@@ -177,3 +177,24 @@ def test_load_errors_name_no_cache_paths(tmp_path: Path) -> None:
     message = str(missing.value)
     assert str(tmp_path) not in message, message
     assert "owner--no-such-model in the model cache (empty)" in message and "allow_download is false" in message
+
+
+def test_configured_models_only_refuses_every_other_model(tiny_en: ModelEngine) -> None:
+    # by default a request may load any catalog model (base here: cached by the test set-up or not, it is
+    # offered); with configured_models_only only the default and server.models are, aliases included
+    lender = Lender(tiny_en)
+    pool = ModelPool(settings(), ModelRegistry(settings().model), loader=lender)
+    pool.check("base")
+    strict = settings(models=["tiny"], configured_models_only=True)
+    pool = ModelPool(strict, ModelRegistry(strict.model), loader=lender)
+    for name in ("tiny.en", "whisper-1", "", "tiny", "whisper-tiny"):
+        pool.check(name)
+    for name in ("base", "large-v3", "Systran/faster-whisper-small"):
+        with pytest.raises(ModelNotFound, match=r"offers only tiny\.en, tiny$"):
+            pool.check(name, fetch=True)
+        with pytest.raises(ModelNotFound):
+            asyncio.run(pool.get(name, fetch=True))  # POST /v1/models/{id} as well
+    assert lender.loads == []
+    asyncio.run(pool.get("whisper-1"))
+    assert lender.loads == ["tiny.en"]
+    pool.close_now()

@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "random:<catalog name> for benchmarks",
     )
     models.add_argument("--preload", action="store_true", help="load the --model models (or the default) at start")
+    models.add_argument(
+        "--only-configured-models",
+        action="store_true",
+        default=None,
+        help="serve only the --model models: requests naming another model get 404 instead of loading it",
+    )
     models.add_argument("--model-ttl", type=float, help="seconds idle before a model is unloaded (-1: never)")
     models.add_argument("--cache-dir", type=Path, help="model cache directory")
 
@@ -80,6 +86,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server__api_keys": args.api_keys,
         "server__metrics_open": args.metrics_open,
         "server__model_ttl_s": args.model_ttl,
+        "server__configured_models_only": args.only_configured_models,
         "server__max_concurrent_requests": args.max_concurrent_requests,
         "server__max_queue_size": args.max_queue_size,
         "server__request_timeout_s": args.request_timeout,

@@ -96,7 +96,7 @@ class ModelPool:
         Requests never name files on this machine: a name that is a local path is only served if configured."""
         if key in self._entries or key in self.configured:
             return True
-        if _local(key) or key.startswith(RANDOM_PREFIX):
+        if self.settings.server.configured_models_only or _local(key) or key.startswith(RANDOM_PREFIX):
             return False
         return key in KNOWN_DIMS or (key.count("/") <= 1 and _in_cache(self.settings, key) is True)
 
@@ -107,6 +107,10 @@ class ModelPool:
     def _check(self, name: str | None, key: str, *, fetch: bool) -> None:
         if self.offered(key):
             return
+        if self.settings.server.configured_models_only:
+            raise ModelNotFound(
+                f"model {_shown(name)} is not available here; this server offers only {', '.join(self.configured)}"
+            )
         fetchable = (
             fetch
             and not key.startswith(RANDOM_PREFIX)

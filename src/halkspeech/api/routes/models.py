@@ -50,10 +50,13 @@ async def unload_model(model_id: str, state: StateDep) -> ModelDeleted:
 
 
 async def _known(state: StateDep) -> dict[str, ModelOut]:
-    """Loaded models, then configured ones, then whatever the cache holds; plus the whisper-1 alias."""
+    """Loaded models, then configured ones, then whatever the cache holds (unless only configured models are
+    served); plus the whisper-1 alias."""
     pool = state.pool
     loaded = {m.name: m for m in pool.loaded()}
     cached = [info.name for info in await asyncio.to_thread(pool.registry.list) if info.cached]
+    if state.settings.server.configured_models_only:
+        cached = []  # not served: listing them would invite 404s
     models: dict[str, ModelOut] = {}
     for name in dict.fromkeys([*loaded, *pool.configured, *cached]):
         if name in loaded:
