@@ -150,7 +150,7 @@ class ServerSettings(BaseModel):
     body_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     max_audio_s: float = Field(default=4 * 3600.0, gt=0)
     #: Models served besides model.default (any name or path); requests may name them or any catalog or
-    #: cached model.
+    #: cached model (only them with configured_models_only).
     models: CsvList = Field(default_factory=list)
     #: Serve only model.default, models and preload: a request or POST /v1/models naming any other model is a
     #: 404, instead of loading a catalog or cached model onto the GPU for whoever asks.
