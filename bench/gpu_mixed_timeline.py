@@ -67,10 +67,9 @@ SPANS: list[tuple[int, int, str, int, int]] = []  # (begin ns, end ns, label, na
 RECORDING = [False]
 
 
-def annotate(cls: type, name: str, label: str) -> None:
-    """Time every call of cls.name on the host clock while RECORDING. (torch.profiler's record_function records
-    only the thread that started the profiler, not the engine's, even with profile_all_threads.)"""
-    fn: Callable[..., Any] = getattr(cls, name)
+def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """`fn`, its calls timed on the host clock while RECORDING. (torch.profiler's record_function records only
+    the thread that started the profiler, not the engine's, even with profile_all_threads.)"""
 
     def wrapper(*a: Any, **k: Any) -> Any:
         if not RECORDING[0]:
@@ -81,7 +80,11 @@ def annotate(cls: type, name: str, label: str) -> None:
         finally:
             SPANS.append((began, time.perf_counter_ns(), label, threading.get_native_id(), threading.get_ident()))
 
-    setattr(cls, name, wrapper)
+    return wrapper
+
+
+def annotate(cls: type, name: str, label: str) -> None:
+    setattr(cls, name, timed(getattr(cls, name), label))
 
 
 def calibration_marks() -> list[int]:
@@ -113,20 +116,7 @@ annotate(Runner, "_first_tokens", "hs:admit_first_tokens")
 annotate(GraphCache, "run", "hs:graph_replay")
 annotate(HostCopies, "queue", "hs:to_host")
 annotate(Runner, "_prefill", "hs:admit_eager_prefill")
-_to_device = runner_module.to_device
-
-
-def _timed_to_device(*a: Any, **k: Any) -> Any:
-    if not RECORDING[0]:
-        return _to_device(*a, **k)
-    began = time.perf_counter_ns()
-    try:
-        return _to_device(*a, **k)
-    finally:
-        SPANS.append((began, time.perf_counter_ns(), "hs:to_device", threading.get_native_id(), threading.get_ident()))
-
-
-runner_module.to_device = _timed_to_device
+runner_module.to_device = timed(runner_module.to_device, "hs:to_device")
 BUCKETS = factory.BATCH_BUCKETS  # decode-step batch buckets; a variant adds some (`extra_buckets`)
 STEPS_AHEAD = [1]  # steps the engine keeps launched ahead of the one it reads (the engine's is 1)
 _record_in_flight = Engine._record_in_flight
