@@ -54,9 +54,9 @@ async def _known(state: StateDep) -> dict[str, ModelOut]:
     served); plus the whisper-1 alias."""
     pool = state.pool
     loaded = {m.name: m for m in pool.loaded()}
-    cached = [info.name for info in await asyncio.to_thread(pool.registry.list) if info.cached]
-    if state.settings.server.configured_models_only:
-        cached = []  # not served: listing them would invite 404s
+    cached = []  # not listed when only configured models are served: they would answer 404
+    if not state.settings.server.configured_models_only:
+        cached = [info.name for info in await asyncio.to_thread(pool.registry.list) if info.cached]
     models: dict[str, ModelOut] = {}
     for name in dict.fromkeys([*loaded, *pool.configured, *cached]):
         if name in loaded:
