@@ -129,7 +129,12 @@ def _record_ahead(self: Engine, keep: int) -> Any:
 Engine._record_in_flight = _record_ahead  # type: ignore[method-assign]
 
 
-PHASES = ("hs:encode", "hs:admit", "hs:step", "hs:release")
+PHASES = ("hs:encode", "hs:admit", "hs:step", "hs:release")  # a kernel counts for the engine call launching it
+
+
+def largest(values: dict[str, float], n: int | None = None) -> dict[str, float]:
+    """`values` largest first (the first `n`), rounded for the JSON."""
+    return {k: round(v, 4) for k, v in sorted(values.items(), key=lambda kv: -kv[1])[:n]}
 
 
 def analyse(path: str, marks: list[int], spans_list: list[tuple[int, int, str, int, int]]) -> dict[str, Any]:
@@ -155,42 +160,27 @@ def analyse(path: str, marks: list[int], spans_list: list[tuple[int, int, str, i
         calls.sort()
     starts = {tid: [c[0] for c in calls] for tid, calls in spans.items()}
 
-    def label_at(tid: Any, ts: float) -> str:
-        """The innermost annotated call of thread `tid` running at `ts` (the latest begun that has not ended)."""
+    def label_at(tid: Any, ts: float, among: tuple[str, ...] = ()) -> str:
+        """The innermost annotated call of thread `tid` running at `ts` (the latest begun that has not ended),
+        or, given `among`, the innermost of those labels, if one runs."""
         calls = spans.get(tid, [])
         i = bisect.bisect_right(starts.get(tid, []), ts)
-        for j in range(i - 1, max(-1, i - 64), -1):
-            if calls[j][0] <= ts <= calls[j][1]:
-                return calls[j][2]
-        return "loop"
-
-    def phase_at(tid: Any, ts: float) -> str:
-        """The engine call (encode, admit, step, release) of thread `tid` running at `ts`, else the innermost."""
-        calls = spans.get(tid, [])
-        i = bisect.bisect_right(starts.get(tid, []), ts)
-        for j in range(i - 1, max(-1, i - 64), -1):
-            if calls[j][0] <= ts <= calls[j][1] and calls[j][2] in PHASES:
-                return calls[j][2]
-        return label_at(tid, ts)
+        running = [calls[j][2] for j in range(i - 1, max(-1, i - 64), -1) if calls[j][0] <= ts <= calls[j][1]]
+        return next((label for label in running if label in among), running[0] if running else "loop")
 
     engine_tid = max(spans, key=lambda t: sum(1 for c in spans[t] if c[2] == "hs:step"), default=None)
     runtime_s: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in events:
         if e.get("cat") == "cuda_runtime":
             runtime_s[label_at(e["tid"], e["ts"])][e["name"]] += e["dur"] / 1e6
-    runtime_top = {
-        label: dict(sorted(((k, round(v, 4)) for k, v in apis.items()), key=lambda kv: -kv[1])[:6])
-        for label, apis in runtime_s.items()
-    }
     stream_s: dict[str, float] = defaultdict(float)
     for e in device_ops:
         stream_s[str(e.get("args", {}).get("stream"))] += e["dur"] / 1e6
-    runtime_tids = sorted({str(e["tid"]) for e in events if e.get("cat") == "cuda_runtime"})
     device_s: dict[str, float] = defaultdict(float)
     kernels: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in device_ops:
         launch = launches.get(e.get("args", {}).get("correlation"))
-        label = phase_at(launch[1], launch[0]) if launch else "unlaunched"
+        label = label_at(launch[1], launch[0], PHASES) if launch else "unlaunched"
         device_s[label] += e["dur"] / 1e6
         kernels[label][e["name"][:60]] += e["dur"] / 1e6
     intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in device_ops)
@@ -226,19 +216,14 @@ def analyse(path: str, marks: list[int], spans_list: list[tuple[int, int, str, i
         "gpu_busy_s": busy / 1e6,
         "gpu_idle_s": (window - busy) / 1e6,
         "idle_gaps_by_size_s": sizes,
-        "idle_by_engine_thread_s": dict(sorted(idle_by.items(), key=lambda kv: -kv[1])),
-        "device_s_by_launcher": dict(sorted(device_s.items(), key=lambda kv: -kv[1])),
+        "idle_by_engine_thread_s": largest(idle_by),
+        "device_s_by_launcher": largest(device_s),
         "device_ms_per_call": {k: 1000 * v / calls[k] for k, v in device_s.items() if calls.get(k)},
         "engine_thread_calls": dict(calls),
         "device_s_by_stream": dict(stream_s),
-        "top_kernels_s_by_phase": {
-            label: dict(sorted(((k, round(v, 4)) for k, v in names.items()), key=lambda kv: -kv[1])[:8])
-            for label, names in kernels.items()
-        },
-        "runtime_api_s_by_label": runtime_top,
-        "runtime_tids": runtime_tids[:8],
-        "span_tids": [str(t) for t in spans][:8],
-        "engine_thread_host_s": dict(sorted(host_s.items(), key=lambda kv: -kv[1])),
+        "top_kernels_s_by_phase": {label: largest(names, 8) for label, names in kernels.items()},
+        "runtime_api_s_by_label": {label: largest(apis, 6) for label, apis in runtime_s.items()},
+        "engine_thread_host_s": largest(host_s),
     }
 
 
