@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import struct
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -343,6 +344,35 @@ def test_video_without_audio_track() -> None:
     with pytest.raises(AudioDecodeError) as error:
         decode_audio(buf.getvalue())
     _assert_one_line(error, "no audio track")
+
+
+@pytest.mark.parametrize(("channels", "rate"), [(9, 16000), (1, 2**31 - 1)])
+def test_audio_ffmpeg_cannot_resample_is_a_decode_error(channels: int, rate: int) -> None:
+    """swresample has no downmix for 9 channels without a layout, nor memory for a 2**31 Hz filter."""
+    with pytest.raises(AudioDecodeError) as error:
+        decode_audio(_wav_bytes(np.zeros((4000, channels), np.int16), rate=rate))
+    _assert_one_line(error, "cannot convert")
+
+
+def _float_wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """float32 mono samples [n] as an IEEE-float WAV (format tag 3), which `wave` cannot write."""
+    data = samples.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_float_samples_come_back_as_16_bit_pcm_would_hold_them() -> None:
+    """NaN, infinities and values past full scale in a float WAV: NaN is silence and the rest is clipped to
+    [-1, 1], as openai-whisper's s16 decode leaves them, so the log-mel stays finite."""
+    tone = (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 440)).astype(np.float32)
+    odd = tone.copy()
+    odd[::7], odd[1::7], odd[2::7], odd[3::7] = np.nan, np.inf, -np.inf, 1e38
+    audio = decode_audio(_float_wav_bytes(odd))
+    assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
+    assert (audio[::7] == 0).all() and (audio[1::7] == 1).all() and (audio[2::7] == -1).all()
+    plain = np.r_[0:16000][np.r_[0:16000] % 7 >= 4]
+    np.testing.assert_allclose(audio[plain], tone[plain], atol=1e-6)  # ordinary samples untouched
 
 
 def test_zero_length_wav() -> None:

@@ -78,7 +78,7 @@ def decode_audio(
         errors: list[FFmpegError] = []
         audio = _decode(_frames(container, stream, errors), sample_rate, max_duration_s)
     _check_complete(len(audio) / sample_rate, declared, errors)
-    return audio
+    return _as_pcm_range(audio)
 
 
 def decode_pcm16(data: bytes, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -208,15 +208,29 @@ def _resampled(frames: Iterator[av.AudioFrame], sample_rate: int) -> Iterator[np
     """Mono float32 chunks [n_i]; a new resampler if the input format changes (PyAV's refuses)."""
     resampler: av.AudioResampler | None = None
     setup: tuple[str, str, int] | None = None
-    for frame in frames:
-        if resampler is None or (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
-            if resampler is not None:
-                yield from _mono(resampler.resample(None))  # flush the old one's delay line
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate, options=_SWR_OPTIONS)
-            setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-        yield from _mono(resampler.resample(frame))
-    if resampler is not None:
-        yield from _mono(resampler.resample(None))
+    try:
+        for frame in frames:
+            if resampler is None or (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
+                if resampler is not None:
+                    yield from _mono(resampler.resample(None))  # flush the old one's delay line
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate, options=_SWR_OPTIONS)
+                setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+            yield from _mono(resampler.resample(frame))
+        if resampler is not None:
+            yield from _mono(resampler.resample(None))
+    except FFmpegError as e:  # e.g. 9+ channels with no layout to downmix by, or a rate of 2**31 Hz
+        layout, rate = (setup[1], setup[2]) if setup else ("?", 0)
+        raise AudioDecodeError(
+            f"FFmpeg cannot convert this audio ({layout}, {rate} Hz) to 16 kHz mono: {e.strerror or e}"
+        ) from e
+
+
+def _as_pcm_range(audio: np.ndarray) -> np.ndarray:
+    """Float samples as a 16-bit conversion leaves them (openai-whisper decodes through s16): within [-1, 1],
+    NaN as 0. Unbounded float WAV samples would otherwise make the log-mel infinite or NaN, and every
+    temperature of the fallback would decode garbage from it."""
+    np.nan_to_num(audio, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(audio, -1.0, 1.0, out=audio)
 
 
 def _mono(frames: list[av.AudioFrame]) -> Iterator[np.ndarray]:
