@@ -106,6 +106,16 @@ def test_limits(origin: str) -> None:
         fetch(f"{origin}/nothing-here")
 
 
+@pytest.mark.parametrize("host", ["xn--", "xn--a.com", "a..b", ".com", "a" * 64 + ".com"])
+def test_malformed_host_names_are_fetch_errors(origin: str, host: str) -> None:
+    """IDNA decoding (httpx) or encoding (getaddrinfo) fails on these: a URLFetchError (400), never a crash,
+    whether the client sends them or a redirect does."""
+    with pytest.raises(URLFetchError, match="valid"):
+        asyncio.run(URLFetcher(ServerSettings()).fetch(f"http://{host}/a.wav"))
+    with pytest.raises(URLFetchError, match="valid"):
+        fetch(f"{origin}/redirect?to=http://{host}/a.wav")
+
+
 def test_default_policy_refuses_loopback(origin: str) -> None:
     with pytest.raises(URLFetchError, match="non-public address"):
         asyncio.run(URLFetcher(ServerSettings()).fetch(f"{origin}/audio.wav"))

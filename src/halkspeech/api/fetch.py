@@ -64,6 +64,8 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise URLFetchError(f"cannot resolve the URL's host {host!r}: {exc.strerror}") from None
+    except UnicodeError:  # the idna codec: an empty label ("a..b") or one over 63 characters
+        raise URLFetchError(f"the URL's host {host[:200]!r} is not a valid host name") from None
     return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
 
 
@@ -116,6 +118,8 @@ class URLFetcher:
                     response = await client.send(request, stream=True)
                 except httpx.HTTPError as exc:
                     raise URLFetchError(f"could not fetch the URL: {_describe(exc)}") from None
+                except UnicodeError:  # httpx reads a redirect's Location into a URL even when not following it
+                    raise URLFetchError("the URL redirected to an invalid address") from None
                 async with contextlib.aclosing(response):
                     if response.status_code in _REDIRECTS:
                         current = self._next_hop(current, response)
@@ -174,7 +178,8 @@ class URLFetcher:
 def _parse(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url.strip())
-    except (httpx.InvalidURL, TypeError):
+        parsed.host  # noqa: B018 - decoding an IDNA host ("xn--...") can fail here, not above
+    except (httpx.InvalidURL, TypeError, UnicodeError):
         raise URLFetchError(f"not a valid URL: {url[:200]!r}") from None
     if parsed.scheme not in ("http", "https"):
         raise URLFetchError(f"only http and https URLs can be fetched, not {parsed.scheme or 'a relative URL'!r}")
