@@ -16,7 +16,8 @@ from schemathesis import GenerationMode
 from api.conftest import LiveServer, api_settings, live_server
 from conftest import TEST_DATA
 from halkspeech.api.app import create_app
-from halkspeech.engine.factory import ModelEngine
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.pool import ModelPool
 from halkspeech.model.registry import ModelRegistry
 
@@ -102,6 +103,27 @@ def test_model_errors_name_no_server_paths(server: LiveServer) -> None:
         assert "in the model cache (empty)" in message(response) and "allow_download is false" in message(response)
 
 
+def test_more_beams_than_the_engine_has_slots_is_a_400_before_any_work() -> None:
+    """A group that could never be admitted is the request's fault, not overload: a 429 would have clients
+    retry it forever, and a stream would open only to fail."""
+    settings = api_settings()
+    model = start_engine(ModelRegistry(settings.model).load("tiny.en"), EngineSettings(device="cpu", max_slots=4))
+    try:
+        with live_server(settings, model) as small:
+            for form in (
+                {"beam_size": "5"},
+                {"beam_size": "5", "stream": "true"},
+                {"best_of": "8", "temperature": "0.5"},
+            ):
+                response = upload(small, LJ.read_bytes(), **form)
+                assert response.status_code == 400, (form, response.text)
+                assert "decoder slots at once; this server allows 4" in message(response)
+            assert small.engine().stats.admitted == 0  # nothing was decoded
+            assert upload(small, LJ.read_bytes(), beam_size="4").json()["text"] == "in being comparatively modern."
+    finally:
+        model.close()
+
+
 def test_bad_simple_options(server: LiveServer) -> None:
     url = f"{server.url}/transcribe"
     for params, says in (
@@ -116,9 +138,16 @@ def test_bad_simple_options(server: LiveServer) -> None:
         (b"[1, 2]", "the request body is invalid"),
         (b'{"url": 5}', "'url'"),
         (b"{}", "the field 'url' is required"),
+        (b"", "the request has no body"),
+        (b'{"url": "http://example.com/a.wav"} trailing', "not valid JSON"),
     ):
         response = httpx.post(f"{url}/url", content=body, headers={"Content-Type": "application/json"}, timeout=60)
         assert response.status_code == 422 and says in response.json()["detail"], response.text
+        assert response.json()["error"]["param"] in ("url", None), response.text  # a field, never a byte offset
+    not_utf8 = httpx.post(
+        f"{url}/url", content=b'{"url": "http://\xff.com/"}', headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert not_utf8.status_code == 400 and "not valid JSON (it must be UTF-8" in not_utf8.json()["detail"]
 
 
 @pytest.mark.parametrize(

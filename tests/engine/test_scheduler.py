@@ -9,7 +9,7 @@ from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, StepOutp
 from halkspeech.engine.beam import BeamSearch, rank
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.scheduler import Group, Scheduler
-from halkspeech.errors import Overloaded
+from halkspeech.errors import InvalidRequest, Overloaded
 
 EOT, TS = 50256, 50363
 FEATURES = torch.zeros(80, 3000)
@@ -160,6 +160,19 @@ def test_queue_limit_raises_overloaded() -> None:
     s.add(request())
     with pytest.raises(Overloaded):
         s.add(request())
+
+
+def test_a_group_wider_than_it_may_ever_get_is_refused_not_queued() -> None:
+    """File work may take all slots but the live reserve: 4 beams fit 5 slots with 1 reserved, 5 do not (they
+    would wait forever); a live turn may use the reserve. Permanent, so not Overloaded (a 429 to retry)."""
+    s = scheduler(slots=5, reserved_slots=1)
+    assert s.max_group_size() == 4 and s.max_group_size(priority=-1) == 5
+    with pytest.raises(InvalidRequest, match="5 beams or samples need 5 decoder slots at once; this engine has 4"):
+        s.add(request(beam=5))
+    s.add(request(beam=5, priority=-1))
+    s.add(request(beam=4))
+    s.mark_encoded(s.schedule_encode(limit=1000))
+    assert [a.slots for a in s.schedule_admission()] == [(0, 1, 2, 3, 4)]  # the live group; the other waits
 
 
 def test_cancel_waiting_and_running() -> None:

@@ -98,10 +98,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-    param = location[0] if location else None
-    if first.get("type") == "missing":
-        message = f"the field {param!r} is required"
-    elif first.get("type") == "json_invalid":
+    kind = first.get("type")
+    param = location[0] if location and kind != "json_invalid" else None  # a JSON error's loc is a byte offset
+    if kind == "missing":
+        message = f"the field {param!r} is required" if param else "the request has no body; send a JSON object"
+    elif kind == "json_invalid":
         message = "the request body is not valid JSON"
     elif param == "file":
         message = "the field 'file' must be a file upload (a multipart part with a filename), not text"
@@ -127,7 +128,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = messages[exc.status_code]
     if exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
-        detail = f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
+        if "json" in request.headers.get("content-type", "").lower():  # FastAPI's answer to undecodable bytes
+            detail = "the request body is not valid JSON (it must be UTF-8 text)"
+        else:
+            detail = (
+                f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
+            )
     code = {401: "invalid_api_key", 408: "body_timeout", 413: "payload_too_large"}.get(exc.status_code)
     return error_response(request, exc.status_code, detail or "request failed", code=code, headers=exc.headers)
 

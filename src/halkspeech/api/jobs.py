@@ -62,6 +62,11 @@ def check_options(model: ModelEngine, options: TranscribeOptions) -> None:
     if options.task == "translate" and not model.tokenizer.multilingual:
         raise InvalidRequest(f"model {model.name} is English-only and cannot translate; use a multilingual model")
     normalize_language(options.language, model.tokenizer.num_languages)
+    needed, limit = options.slots_needed, model.engine.max_group_size
+    if needed > limit:
+        raise InvalidRequest(
+            f"beam_size or best_of {needed} needs {needed} decoder slots at once; this server allows {limit}"
+        )
 
 
 async def run_job(

@@ -182,6 +182,11 @@ class Engine:
         return self.scheduler.queue_depth + self._inbox.qsize()
 
     @property
+    def max_group_size(self) -> int:
+        """The most decoder slots one ordinary request may take at once (its beams or samples)."""
+        return self.scheduler.max_group_size()
+
+    @property
     def running(self) -> int:
         return self.scheduler.running
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.beam import BeamSearch, rank
 from halkspeech.engine.request import Alignment, DecodeRequest, DecodeResult, FinishReason
-from halkspeech.errors import Overloaded
+from halkspeech.errors import InvalidRequest, Overloaded
 
 
 @dataclass
@@ -131,11 +131,17 @@ class Scheduler:
     def add(self, request: DecodeRequest) -> Group:
         if self.queue_depth >= self.max_queue:
             raise Overloaded(f"the decode queue is full ({self.max_queue} windows waiting)")
-        if request.options.group_size > self.n_slots:
-            raise Overloaded(f"{request.options.group_size} beams need more slots than the engine has")
+        size, limit = request.options.group_size, self.max_group_size(request.priority)
+        if size > limit:  # it could never be admitted: not overload, retrying would not help
+            raise InvalidRequest(f"{size} beams or samples need {size} decoder slots at once; this engine has {limit}")
         group = Group(next(self._ids), request)
         heapq.heappush(self._waiting, (request.priority, group.rid, group))
         return group
+
+    def max_group_size(self, priority: int = 0) -> int:
+        """The most slots one request may take: all of them for live turns (priority < 0), less the reserve
+        kept for live turns otherwise."""
+        return self.n_slots - (0 if priority < 0 else self.reserved_slots)
 
     def cancel(self, group: Group) -> bool:
         """Drop a queued group or stop a running one at once (its slots are free when this returns).
