@@ -145,9 +145,13 @@ class ServerSettings(BaseModel):
     #: Largest request body (upload or fetched URL), in MB (10**6 bytes).
     max_upload_mb: float = Field(default=200.0, gt=0)
     #: Seconds an upload may go without sending a byte before it is refused with 408: a client that stalls
-    #: mid-body (or trickles it byte by byte to hold a connection) is not waited for forever. The transcription's
-    #: own limit, request_timeout_s, starts only once the body is in.
+    #: mid-body is not waited for forever. The transcription's own limit, request_timeout_s, starts only once
+    #: the body is in.
     body_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    #: And a client that trickles its body to hold a connection: the body must arrive within
+    #: body_idle_timeout_s plus one second for every this many bytes (Apache's mod_reqtimeout MinRate; 500
+    #: bytes/s is 4 kbit/s, far below any real upload); 0 = no rate limit.
+    body_min_rate_bytes_s: int = Field(default=500, ge=0)
     max_audio_s: float = Field(default=4 * 3600.0, gt=0)
     #: Models served besides model.default (any name or path); requests may name them or any catalog or
     #: cached model (only them with configured_models_only).

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import socket
+import time
 import wave
 from collections.abc import Iterator
 
@@ -274,6 +275,35 @@ def test_a_stalled_upload_is_refused_and_the_server_goes_on(shared_tiny_en: Mode
         assert error["code"] == "body_timeout" and "no data for 0.5 s" in error["message"]
         ok = httpx.post(f"{live.url}/transcribe", files={"file": (TEST_DATA / "jfk.flac").read_bytes()}, timeout=120)
         assert ok.status_code == 200 and "country" in ok.json()["text"]
+
+
+def test_a_trickled_upload_is_refused_though_it_never_stalls(shared_tiny_en: ModelEngine) -> None:
+    """One byte every 0.1 s never trips the 1 s idle timeout, but falls behind the minimum rate: the body
+    must be in by 1 s + 1 s per 1,000 bytes, so the 408 comes about a second in, not never."""
+    settings = api_settings(body_idle_timeout_s=1.0, body_min_rate_bytes_s=1000)
+    with live_server(settings, shared_tiny_en) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        head = f"POST /transcribe HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(part) + 5000}\r\n"
+        head += "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head.encode() + part)
+            started = time.monotonic()
+            sock.settimeout(0.1)
+            answer = b""
+            while b"\r\n\r\n" not in answer and time.monotonic() - started < 10:
+                try:
+                    answer += sock.recv(65536)
+                except TimeoutError:
+                    sock.sendall(b"\0")  # a byte every 0.1 s: never idle for the 1 s timeout
+            elapsed = time.monotonic() - started
+            sock.settimeout(5)
+            length = int(re.search(rb"content-length: (\d+)", answer.lower()).group(1))  # type: ignore[union-attr]
+            while len(answer.partition(b"\r\n\r\n")[2]) < length:
+                answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"arrived too slowly" in answer and b"at least 1000 bytes a second" in answer
+        assert elapsed < 5  # without the rate limit it would run to the loop's 10 s
 
 
 def test_configured_models_only_lists_and_serves_nothing_else() -> None:

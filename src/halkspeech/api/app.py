@@ -73,6 +73,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         max_upload_mb=server.max_upload_mb,
         overhead=_FORM_OVERHEAD,
         idle_timeout_s=server.body_idle_timeout_s,
+        min_rate=server.body_min_rate_bytes_s,
     )
     app.add_middleware(APIKeyMiddleware, server=server, routes=[r for router in protected for r in router.routes])
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

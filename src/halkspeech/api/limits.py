@@ -61,16 +61,33 @@ class BodyLimitMiddleware:
     """Refuses request bodies over `max_upload_mb` (plus `overhead` bytes: the multipart framing around the
     file) with 413 payload_too_large: at once when Content-Length says so, else as soon as the streamed body
     passes the limit (chunked uploads), before the rest is read or stored. The message names the configured
-    limit, not the overhead's sum. A body that stalls, no bytes for `idle_timeout_s`, is refused with 408."""
+    limit, not the overhead's sum. A body that stalls, no bytes for `idle_timeout_s`, is refused with 408, and
+    so is one still arriving `idle_timeout_s` + received / `min_rate` seconds after it began (a trickle that
+    never stalls; min_rate 0: no such limit)."""
 
-    def __init__(self, app: ASGIApp, *, max_upload_mb: float, overhead: int = 0, idle_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_upload_mb: float,
+        overhead: int = 0,
+        idle_timeout_s: float = 60.0,
+        min_rate: float = 0.0,
+    ) -> None:
         self.app = app
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 1e6) + overhead
         self.idle_timeout_s = idle_timeout_s
+        self.min_rate = min_rate
 
     def _message(self) -> str:
         return f"the request body is larger than the upload limit of {self.max_upload_mb:g} MB"
+
+    def _too_slow(self, received: int, seconds: float) -> str:
+        return (
+            f"the request body arrived too slowly: {received} bytes in {seconds:.0f} s (after the first "
+            f"{self.idle_timeout_s:g} s, at least {self.min_rate:g} bytes a second)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,16 +100,23 @@ class BodyLimitMiddleware:
             return
         received = 0
         body_done = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
 
         async def limited() -> Message:
             nonlocal received, body_done
             if body_done:  # after the body, receive() waits for the client to leave: no time limit on that
                 return await receive()
+            now = loop.time()
+            earned = received / self.min_rate if self.min_rate else float("inf")  # seconds the bytes so far bought
+            left = started + self.idle_timeout_s + earned - now
             try:
-                async with asyncio.timeout(self.idle_timeout_s):
+                async with asyncio.timeout(min(self.idle_timeout_s, left)):
                     message = await receive()
             except TimeoutError:
                 # raised into the body parser, as the 413 below; nothing was accepted yet, so nothing is lost
+                if left <= self.idle_timeout_s:
+                    raise HTTPException(408, self._too_slow(received, loop.time() - started)) from None
                 stalled = f"the request body stalled: no data for {self.idle_timeout_s:g} s"
                 raise HTTPException(408, stalled) from None
             if message["type"] == "http.request":
