@@ -73,6 +73,10 @@ def test_the_given_mapping_is_the_only_environment(monkeypatch: pytest.MonkeyPat
     assert Settings().server.port == 8000  # built directly: defaults, no environment
 
 
+def test_log_level_is_any_case() -> None:
+    assert load_settings({"HALKSPEECH_LOG_LEVEL": "WARNING"}).log_level == "warning"
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [
@@ -87,6 +91,11 @@ def test_the_given_mapping_is_the_only_environment(monkeypatch: pytest.MonkeyPat
         ({"WHISPER__DEVICE_INDEX": "-1"}, "invalid setting engine.device_index"),
         ({"WHISPER__MODEL_TTL": "-5"}, "invalid setting server.model_ttl_s"),
         ({"HALKSPEECH_SERVER__WS_MAX_TURN_S": "0"}, "invalid setting server.ws_max_turn_s"),
+        # infinities and NaN parse as floats; each would fail later, deep in the server (a frame size, a timeout)
+        ({"HALKSPEECH_SERVER__WS_MAX_TURN_S": "inf"}, "invalid setting server.ws_max_turn_s"),
+        ({"HALKSPEECH_SERVER__REQUEST_TIMEOUT_S": "nan"}, "invalid setting server.request_timeout_s"),
+        ({"HALKSPEECH_ENGINE__GPU_MEMORY_FRACTION": "nan"}, "invalid setting engine.gpu_memory_fraction"),
+        ({"HALKSPEECH_LOG_LEVEL": "loud"}, "invalid setting log_level"),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], says: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -37,6 +37,10 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 #: A list of strings that an environment variable gives as CSV or JSON (NoDecode: no JSON-only parsing).
 CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
@@ -46,8 +50,15 @@ def _default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "halkspeech" / "models"
 
 
+# No setting means anything at infinity or NaN ("inf" parses as a float): refused like any other bad value,
+# not left to fail later as an OverflowError deep in the server (a frame size, a timeout).
+_FINITE = ConfigDict(allow_inf_nan=False)
+
+
 class ModelSettings(BaseModel):
     """Where models come from and which one is the default."""
+
+    model_config = _FINITE
 
     default: str = "base"
     cache_dir: Path = Field(default_factory=_default_cache_dir)
@@ -67,6 +78,8 @@ MAX_ENCODER_BATCH = 1024
 
 class EngineSettings(BaseModel):
     """The GPU/CPU decoding engine."""
+
+    model_config = _FINITE
 
     device: Device = "auto"
     device_index: int = Field(default=0, ge=0)
@@ -131,6 +144,8 @@ class EngineSettings(BaseModel):
 class ServerSettings(BaseModel):
     """HTTP and WebSocket serving."""
 
+    model_config = _FINITE
+
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
@@ -173,7 +188,7 @@ class ServerSettings(BaseModel):
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True
     ws_max_sessions: int = Field(default=1000, ge=1)
-    ws_max_turn_s: float = Field(default=300.0, gt=0)
+    ws_max_turn_s: float = Field(default=300.0, gt=0, le=86400)
     ws_idle_timeout_s: float = Field(default=120.0, gt=0)
 
 
@@ -198,7 +213,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
-    log_level: str = "info"
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
 
     @model_validator(mode="after")
     def _preload_flags(self) -> Settings:
