@@ -241,11 +241,12 @@ def test_unknown_model_names_what_was_tried(capsys: pytest.CaptureFixture[str]) 
     assert "'nope'" in err and "tried" in err and "cache" in err
 
 
-def test_out_of_range_option(capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = transcribe(capsys, LJ, "--temperature", "0,11")
+@pytest.mark.parametrize(("option", "value"), [("--temperature", "0,11"), ("--patience", "1e308"), ("--patience", "0")])
+def test_out_of_range_option(capsys: pytest.CaptureFixture[str], option: str, value: str) -> None:
+    status, _, err = transcribe(capsys, LJ, "--beam-size", "2", option, value)
     assert status == 2
     assert_one_error_line(err)
-    assert "temperature" in err
+    assert option.removeprefix("--") in err
 
 
 def test_english_only_model_warns_about_another_language(capsys: pytest.CaptureFixture[str]) -> None:

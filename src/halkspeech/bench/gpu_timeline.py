@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from halkspeech.cli.argtypes import finite_float
+
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 GAP_BUCKETS_US = (10, 50, 200, 1000, 5000)
@@ -219,7 +221,7 @@ def _record(seconds: float, json_path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="how long to record after SIGUSR1")
+    parser.add_argument("--seconds", type=finite_float, default=2.0, help="how long to record after SIGUSR1")
     parser.add_argument("--json", type=Path, required=True, help="where to write the summary")
     args, rest = parser.parse_known_args(argv)
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from halkspeech.cli.argtypes import finite_float
+
 # uvicorn's socket backlog: room for a few thousand clients connecting at once (the kernel caps it at somaxconn).
 _BACKLOG = 4096
 
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="serve only the --model models: requests naming another model get 404 instead of loading it",
     )
-    models.add_argument("--model-ttl", type=float, help="seconds idle before a model is unloaded (-1: never)")
+    models.add_argument("--model-ttl", type=finite_float, help="seconds idle before a model is unloaded (-1: never)")
     models.add_argument("--cache-dir", type=Path, help="model cache directory")
 
     engine = parser.add_argument_group("engine")
@@ -58,9 +60,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-requests", type=int)
     limits.add_argument("--max-queue-size", type=int, help="requests waiting for a turn before 429s")
-    limits.add_argument("--request-timeout", type=float, help="seconds per request before a 504")
-    limits.add_argument("--max-upload-mb", type=float)
-    limits.add_argument("--max-audio-s", type=float, help="longest audio accepted, in seconds")
+    limits.add_argument("--request-timeout", type=finite_float, help="seconds per request before a 504")
+    limits.add_argument("--max-upload-mb", type=finite_float)
+    limits.add_argument("--max-audio-s", type=finite_float, help="longest audio accepted, in seconds")
     limits.add_argument("--allow-private-urls", action="store_true", default=None, help="/transcribe/url may fetch "
                         "private and loopback addresses (only on trusted networks)")  # fmt: skip
 

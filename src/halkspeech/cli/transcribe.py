@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from halkspeech.audio import decode_audio
+from halkspeech.cli.argtypes import finite_float
 from halkspeech.cli.transcribe_output import Output
 from halkspeech.config import load_settings
 from halkspeech.engine.factory import ModelEngine, start_engine
@@ -69,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     decoding.add_argument("--beam-size", type=int, default=1, help="beams at temperature 0 (default: 1, greedy)")
     decoding.add_argument("--best-of", type=int, default=1, help="samples per window at temperature > 0")
-    decoding.add_argument("--patience", type=float, default=1.0, help="beam search patience (default: 1)")
+    decoding.add_argument("--patience", type=finite_float, default=1.0, help="beam search patience (default: 1)")
     decoding.add_argument("--initial-prompt", default=None, help="text that conditions the first window")
     decoding.add_argument(
         "--no-condition-on-previous-text",

@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from halkspeech.audio import decode_audio
+from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.ws_common import (
     END_MESSAGE,
@@ -59,10 +60,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--segment-silence-ms", type=int, default=None, help="server cuts segments at such pauses")
     parser.add_argument("--server-vad", action="store_true", help="server skips audio without speech")
     parser.add_argument("--vad", action="store_true", help="client-side energy gate: do not send silence")
-    parser.add_argument("--vad-threshold-db", type=float, default=-45.0, help="gate threshold in dBFS")
-    parser.add_argument("--speed", type=float, default=1.0, help="file pace: × real time; 0 = all at once")
-    parser.add_argument("--frame-ms", type=float, default=20.0, help="PCM frame length (default: 20)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a final")
+    parser.add_argument("--vad-threshold-db", type=finite_float, default=-45.0, help="gate threshold in dBFS")
+    parser.add_argument("--speed", type=finite_float, default=1.0, help="file pace: × real time; 0 = all at once")
+    parser.add_argument("--frame-ms", type=finite_float, default=20.0, help="PCM frame length (default: 20)")
+    parser.add_argument("--timeout", type=finite_float, default=120.0, help="seconds to wait for a final")
     parser.add_argument("--json", action="store_true", help="print every server message as a JSON line")
     parser.set_defaults(func=run)
 

@@ -22,6 +22,7 @@ import httpx
 
 from halkspeech.audio import decode_audio
 from halkspeech.bench.common import check_output, percentile, print_table, write_json
+from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import InvalidRequest
 
 WINDOW_S = 30.0
@@ -217,8 +218,8 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
     parser.add_argument("--language", default=None, help="spoken language (default: detect)")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
-    parser.add_argument("--max-duration-s", type=float, default=900.0, help="no new requests after this")
+    parser.add_argument("--timeout-s", type=finite_float, default=600.0, help="per request")
+    parser.add_argument("--max-duration-s", type=finite_float, default=900.0, help="no new requests after this")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
     parser.set_defaults(func=_run)
 

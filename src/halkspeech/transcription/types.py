@@ -60,6 +60,14 @@ class TranscribeOptions:
             raise InvalidRequest("beam_size must be between 1 and 16")
         if not 1 <= self.best_of <= 16:
             raise InvalidRequest("best_of must be between 1 and 16")
+        if not 0 < self.patience <= 100:  # NaN fails too; beams stop after beam_size × patience candidates
+            raise InvalidRequest(f"patience must be above 0 and at most 100, got {self.patience}")
+        for name in ("length_penalty", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value}")
+        if self.max_initial_timestamp is not None and not 0 <= self.max_initial_timestamp <= 30:
+            raise InvalidRequest(f"max_initial_timestamp must be 0 to 30 s, got {self.max_initial_timestamp}")
         if self.mode not in ("sequential", "batched"):
             raise InvalidRequest(f"mode must be 'sequential' or 'batched', got {self.mode!r}")
         rate = self.force_tokens_per_second
