@@ -79,3 +79,19 @@ def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pyt
     err = capsys.readouterr().err
     assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
     assert re.search(says, err), err
+
+
+@pytest.mark.parametrize("kind", ["engine", "mixed", "server", "longform", "ws"])
+def test_a_missing_gpu_or_a_cpu_float16_is_one_line(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every bench defaults to cuda: without one, a one-line error, not an assertion deep in torch; float16 on
+    the CPU would run as float32 and be labelled float16, so it is refused too."""
+    import torch
+
+    runs = [["--device", "cpu", "--dtype", "float16"]]
+    if not torch.cuda.is_available():
+        runs.append([])
+    for extra in runs:
+        assert main(["bench", kind, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
+        assert "no CUDA GPU" in err or "float16 does not run on the CPU" in err

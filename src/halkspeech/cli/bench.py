@@ -1,4 +1,4 @@
-"""`halkspeech bench engine|mixed|longform`: engine benchmarks that print a table and write JSON.
+"""`halkspeech bench engine|mixed|server|longform|ws`: benchmarks that print a table and write JSON.
 
 They use random weights of exact released shapes and forced decode lengths: for measuring speed only.
 """
@@ -9,7 +9,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from halkspeech.cli.argtypes import finite_float
 from halkspeech.config import EngineSettings
+from halkspeech.errors import InvalidRequest
 
 
 def _csv(kind: type) -> Any:
@@ -56,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--requests", type=int, default=512)
     mixed.add_argument("--min-tokens", type=int, default=10)
     mixed.add_argument("--max-tokens", type=int, default=150)
-    mixed.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: saturating)")
+    mixed.add_argument("--rate", type=finite_float, default=0.0, help="arrivals per second (0: saturating)")
     mixed.add_argument("--slots", type=int, default=64)
     mixed.add_argument("--admit-batch", type=int, default=None, help="windows admitted together while decoding")
     mixed.add_argument(
@@ -94,9 +96,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--audio", type=Path, default=None, help="recording repeated into the clip (default: jfk)")
     server.add_argument("--admit-batch", type=int, default=None, help="server engine: windows encoded together "
                         "while decoding (default: the engine's)")  # fmt: skip
-    server.add_argument("--admit-wait-ms", type=float, default=None, help="server engine: wait for --admit-batch")
-    server.add_argument("--clip-s", type=float, default=30.0)
-    server.add_argument("--profile-s", type=float, default=0.0, help="after the timed run, record this many "
+    server.add_argument(
+        "--admit-wait-ms", type=finite_float, default=None, help="server engine: wait for --admit-batch"
+    )
+    server.add_argument("--clip-s", type=finite_float, default=30.0)
+    server.add_argument("--profile-s", type=finite_float, default=0.0, help="after the timed run, record this many "
                         "s of the server's GPU timeline under the same load; summarise its idle gaps")  # fmt: skip
     _device_args(server)
     server.set_defaults(func=_run_server)
@@ -104,13 +108,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ws = kinds.add_parser("ws", help="push-to-talk end→final latency through the real server, with file traffic")
     ws.add_argument("--model", default="random:large-v3-turbo", help="served model (random:<shape> or real)")
     ws.add_argument("--tokens", type=int, default=20, help="forced decoded tokens per window (0: real decoding)")
-    ws.add_argument("--turn-s", type=float, default=5.0, help="seconds of audio per turn")
+    ws.add_argument("--turn-s", type=finite_float, default=5.0, help="seconds of audio per turn")
     ws.add_argument("--single-turns", type=int, default=10, help="turns of the one-user scenario")
     ws.add_argument("--users", type=int, default=200, help="users of the concurrent scenario")
-    ws.add_argument("--ramp-s", type=float, default=10.0)
+    ws.add_argument("--ramp-s", type=finite_float, default=10.0)
     ws.add_argument("--turns-per-user", type=int, default=3)
     ws.add_argument("--file-clients", type=int, default=4, help="concurrent posters of files meanwhile")
-    ws.add_argument("--file-s", type=float, default=30.0, help="seconds of audio per posted file")
+    ws.add_argument("--file-s", type=finite_float, default=30.0, help="seconds of audio per posted file")
     ws.add_argument("--partials", action="store_true", help="also run both scenarios with partials on")
     ws.add_argument("--audio", default=None, help="speech to cut turns from (default: tests/data/jfk.flac)")
     ws.add_argument("--language", default="en")
@@ -121,11 +125,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument(
+        "--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="default: float16, float32 on cpu"
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse a device or dtype the run could not use, in one line before anything loads, and resolve the
+    dtype, so that the table and the JSON name what ran."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device 'cuda' was asked for but no CUDA GPU is available; pass --device cpu")
+    if args.device == "cpu" and args.dtype == "float16":
+        raise InvalidRequest("float16 does not run on the CPU here; use --dtype float32 (the default there)")
+    args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+
+
 def _run_engine(args: argparse.Namespace) -> int:
+    _check_device(args)
     from halkspeech.bench.engine_bench import EngineBenchConfig, run_engine_bench
 
     run_engine_bench(
@@ -148,6 +167,7 @@ def _run_engine(args: argparse.Namespace) -> int:
 
 
 def _run_mixed(args: argparse.Namespace) -> int:
+    _check_device(args)
     from halkspeech.bench.mixed import MixedConfig, run_mixed_bench
 
     run_mixed_bench(
@@ -171,6 +191,7 @@ def _run_mixed(args: argparse.Namespace) -> int:
 
 
 def _run_ws(args: argparse.Namespace) -> int:
+    _check_device(args)
     from pathlib import Path
 
     from halkspeech.bench.ws_bench import WsBenchConfig, run_ws_bench
@@ -199,6 +220,7 @@ def _run_ws(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace) -> int:
+    _check_device(args)
     from halkspeech.bench.server_bench import ServerBenchConfig, run_server_bench
 
     results = run_server_bench(
@@ -233,10 +255,10 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         "a server with --url). Random weights need --force-tokens-per-second for realistic decode lengths.",
     )
     longform.add_argument("--model", default="random:large-v3-turbo", help="name, path or random:<catalog name>")
-    longform.add_argument("--minutes", type=float, default=60.0, help="length of the long file")
+    longform.add_argument("--minutes", type=finite_float, default=60.0, help="length of the long file")
     longform.add_argument(
         "--force-tokens-per-second",
-        type=float,
+        type=finite_float,
         default=None,
         help="each chunk decodes ceil(speech s × this) tokens (default: 4 with random weights, else free)",
     )
@@ -244,7 +266,7 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         "--words", action=argparse.BooleanOptionalAction, default=True, help="word timestamps in the long-file run"
     )
     longform.add_argument("--compare-files", type=int, default=8, help="concurrent files for the words cost (0: skip)")
-    longform.add_argument("--compare-minutes", type=float, default=10.0, help="length of each concurrent file")
+    longform.add_argument("--compare-minutes", type=finite_float, default=10.0, help="length of each concurrent file")
     longform.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     longform.add_argument("--url", default=None, help="also POST the file to this server's /transcribe")
     longform.add_argument("--max-slots", type=int, default=0, help="decoder slots (0: from free GPU memory)")
@@ -252,7 +274,7 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
     longform.add_argument("--dev-dir", default=None, help="the dev recordings (default: ../shared/data/dev)")
     longform.add_argument(
         "--gil-switch-ms",
-        type=float,
+        type=finite_float,
         default=EngineSettings().gil_switch_ms,
         help="Python's thread switch interval while the engine runs (0: Python's default)",
     )
@@ -261,6 +283,7 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _run_longform(args: argparse.Namespace) -> int:
+    _check_device(args)
     from halkspeech.bench.longform import LongformConfig, run_longform_bench
 
     rate = args.force_tokens_per_second
