@@ -137,6 +137,10 @@ def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClien
         (START | {"langauge": "en"}, "invalid_message"),  # a typo is refused, not ignored
         (START | {"sample_rate": 100}, "invalid_request"),
         (START | {"sample_rate": "fast"}, "invalid_message"),
+        (START | {"sample_rate": "16000"}, "invalid_message"),  # JSON types are strict, as documented
+        (START | {"partials": "yes"}, "invalid_message"),
+        (START | {"vad": 1}, "invalid_message"),
+        (START | {"segment_silence_ms": True}, "invalid_message"),
         (START | {"language": "xx"}, "invalid_request"),
         (START | {"model": "no-such-model"}, "model_not_found"),
         ({"type": "end"}, None),

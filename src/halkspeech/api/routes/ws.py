@@ -55,9 +55,10 @@ def max_frame_bytes(server: ServerSettings) -> int:
 
 
 class StartMessage(BaseModel):
-    """`{"type": "start", ...}`: opens a turn. Unknown fields are refused (a typo should not pass silently)."""
+    """`{"type": "start", ...}`: opens a turn. Unknown fields are refused (a typo should not pass silently), and
+    so are values of another JSON type (strict: "yes" or 1 is not a boolean, "16000" not a rate)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["start"]
     language: str | None = Field(None, max_length=64)  # a code or a name; never echo a client's megabyte back
