@@ -9,7 +9,7 @@ Scored: corpus WER of the English dev clips with references and of the 52 s long
 English normaliser, jiwer), and for multilingual models the detected language and character error rate of
 each non-English clip. `same tokens` counts clips whose tokens equal the reference's exactly.
 
-Run:   python bench/accuracy.py [--models tiny.en,base] [--device cpu] [--json accuracy.json]
+Run:   python bench/accuracy.py [--models tiny.en,base] [--device cpu] [--dtype int8] [--json accuracy.json]
        (about 15 minutes for both models on 2 CPU cores; needs the dev set at ../shared/data/dev,
        `openai-whisper` and the `compare` extra: pip install -e '.[compare]')
 """
@@ -220,7 +220,12 @@ def main() -> None:
     parser.add_argument("--models", default="tiny.en,base", help="comma-separated catalog names")
     parser.add_argument("--libraries", default=",".join(LIBRARIES), help="comma-separated subset of " + str(LIBRARIES))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "int8"),
+        help="int8: HalkSpeech's int8 weights and faster-whisper's compute_type int8 (CPU); openai-whisper float32",
+    )
     parser.add_argument("--dev-dir", type=Path, default=DEV_DIR)
     parser.add_argument("--json", dest="json_path", default=None, help="write results (and every output) here")
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from halkspeech.errors import InvalidRequest
 
 Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
+DType = Literal["auto", "float32", "float16", "bfloat16", "int8"]
 
 
 def _split_list(value: Any) -> Any:
@@ -83,6 +83,8 @@ class EngineSettings(BaseModel):
 
     device: Device = "auto"
     device_index: int = Field(default=0, ge=0)
+    #: auto: float16 on a GPU, float32 on a CPU. int8: int8 weights on a CPU (dynamic quantization, faster;
+    #: model/int8.py), float16 on a GPU.
     dtype: DType = "auto"
     #: Decoder slots (sequences decoded together); 0 = from the memory plan.
     max_slots: int = Field(default=0, ge=0, le=MAX_SLOTS)
@@ -250,10 +252,10 @@ _COMPUTE_TYPES = {
     "float32": "float32",
     "float16": "float16",
     "bfloat16": "bfloat16",
-    "int8": "auto",
+    "int8": "int8",
     "int8_float16": "float16",
     "int8_bfloat16": "bfloat16",
-    "int8_float32": "float32",
+    "int8_float32": "int8",
     "int16": "float32",
 }
 

@@ -11,9 +11,10 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from halkspeech.cli.argtypes import finite_float
+from halkspeech.config import DType
 
 # uvicorn's socket backlog: room for a few thousand clients connecting at once (the kernel caps it at somaxconn).
 _BACKLOG = 4096
@@ -53,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
     engine.add_argument("--device-index", type=int)
-    engine.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    engine.add_argument(
+        "--dtype", choices=get_args(DType), help="auto: float16 on cuda, float32 on cpu; int8: int8 weights on cpu"
+    )
     engine.add_argument("--max-slots", type=int, help="decoder slots (0: from free GPU memory)")
     engine.add_argument("--encoder-batch", type=int, help="windows per encoder call at most")
 

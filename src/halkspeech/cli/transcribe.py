@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from halkspeech.audio import decode_audio
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.cli.transcribe_output import Output
-from halkspeech.config import load_settings
+from halkspeech.config import DType, load_settings
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.errors import HalkSpeechError, InvalidRequest
 from halkspeech.model.dims import SAMPLE_RATE, ModelDims
@@ -55,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     model.add_argument("--model", default=None, help="catalog name (tiny.en, base ...), owner/repo or a local path")
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: cuda if present")
     model.add_argument(
-        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None, help="default: fp16 on cuda"
+        "--dtype",
+        choices=get_args(DType),
+        default=None,
+        help="default (auto): float16 on cuda, float32 on cpu; int8: int8 weights on cpu, faster",
     )
     model.add_argument("--offline", action="store_true", help="use only cached models, never download")
     decoding = parser.add_argument_group("decoding")

@@ -44,6 +44,12 @@ class ModelEngine:
     alignment_heads: tuple[tuple[int, int], ...]
     source: str
     word_processes: int = 0  # worker processes for the host half of word timing (0: a thread in this process)
+    int8: bool = False  # int8 weights (model/int8.py) over a float32 model
+
+    @property
+    def precision(self) -> str:
+        """What /health and the logs call the weights: int8, float16, float32 or bfloat16."""
+        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
 
     def close(self) -> None:
         self.engine.stop()
@@ -60,7 +66,12 @@ def resolve_device(setting: str, index: int = 0) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
+    """The float type the weights load as; int8 loads float32 on a CPU and quantizes after (start_engine)."""
+    if setting == "int8" and device.type == "cpu":
+        return torch.float32
+    if setting == "int8":
+        log.warning("int8 weights run on the CPU only; the GPU uses float16")
+    if setting in ("auto", "int8"):
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
     if device.type == "cpu" and dtype == torch.float16:
@@ -134,6 +145,8 @@ def start_engine(
     device = resolve_device(settings.device, settings.device_index)
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
+    if settings.dtype == "int8" and device.type == "cpu":
+        model.quantize_int8()
     if model.decoder.use_fused_kernels(settings.fused_kernels_max_batch):
         log.info("decode steps of up to %d slots use the fused kernels", settings.fused_kernels_max_batch)
     if model.encoder.use_fused_kernels(settings.fused_encoder):
@@ -172,7 +185,7 @@ def start_engine(
         started = time.perf_counter()
         count = runner.warm_up(scheduler.batch_buckets, WINDOW_BUCKETS)
         log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
-    log.info("engine for %s on %s (%s): %d slots", weights.name, device, dtype, slots)
+    log.info("engine for %s on %s (%s): %d slots", weights.name, device, "int8" if model.int8 else dtype, slots)
     engine = Engine(
         runner,
         scheduler,
@@ -190,4 +203,5 @@ def start_engine(
         alignment_heads=weights.alignment_heads,
         source=weights.source,
         word_processes=word_processes(settings.word_timing_processes, device),
+        int8=model.int8,
     )

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from halkspeech.model import kernels
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
+from halkspeech.model.int8 import Int8Linear, check_int8_support, quantize_linears
 
 # Attention kernels for the decoder's eager passes (prefill, alignment), whose (batch, length) changes almost every
 # call. cuDNN's attention, which PyTorch prefers on Hopper, builds an execution plan for each new shape: ~9 ms of
@@ -260,6 +261,7 @@ class Decoder(nn.Module):
         # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never);
         # with them on, larger steps take their self-attention from the Triton decode attention (no mask, no window)
         self.fused_max_batch = 0
+        self.int8_logits: Int8Linear | None = None  # the token embedding as int8 (Whisper.quantize_int8)
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
         return enumerate(cast(Iterable[DecoderBlock], self.blocks))
@@ -272,7 +274,10 @@ class Decoder(nn.Module):
         # On a CPU, [V, D] @ [D, B·T] and a transposed view of the result: MKL's kernel for this orientation took
         # 5-9 ms for 2-8 rows of base's 51,865 × 512 embedding where x @ W.T took 20-25 ms (2 cores; equal at 1 row)
         rows = h.reshape(-1, h.shape[-1])
-        flat = _cpu_vector_logits(rows, weight) if rows.shape[0] == 1 else (weight @ rows.T).T
+        if self.int8_logits is not None:
+            flat = self.int8_logits(rows)
+        else:
+            flat = _cpu_vector_logits(rows, weight) if rows.shape[0] == 1 else (weight @ rows.T).T
         return flat.reshape(*h.shape[:-1], weight.shape[0]).float()
 
     def fill_cross(self, audio: Tensor, cache: KVCache, slots: Tensor) -> None:
@@ -370,6 +375,21 @@ class Whisper(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.token_embedding.weight.dtype
+
+    @property
+    def int8(self) -> bool:
+        return self.decoder.int8_logits is not None
+
+    def quantize_int8(self) -> None:
+        """int8 weights (model/int8.py) for every projection of the encoder's and decoder's blocks and for the
+        logits, in place; a float32 model on the CPU only. The token embedding stays float32 for its lookups,
+        the cross-attention projection (once per window) and the convolutions too."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"int8 weights need a float32 model on the CPU, not {self.dtype} on {self.device}")
+        check_int8_support()
+        quantize_linears(self.encoder.blocks)
+        quantize_linears(self.decoder.blocks)
+        self.decoder.int8_logits = Int8Linear(self.decoder.token_embedding.weight, None)
 
     @classmethod
     def from_openai_state_dict(

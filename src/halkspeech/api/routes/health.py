@@ -22,7 +22,7 @@ async def health(state: StateDep) -> Health:
         HealthModel(
             name=item.name,
             device=str(item.model.device),
-            dtype=str(item.model.dtype).removeprefix("torch."),
+            dtype=item.model.precision,
             slots=item.model.engine.runner.slots,
             running=item.model.engine.running,
             queue_depth=item.model.engine.queue_depth,

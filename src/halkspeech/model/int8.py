@@ -1,0 +1,86 @@
+"""int8 weights for the CPU: dynamic quantization of the projections and of the logits' token embedding.
+
+Each weight [out, in] is stored once as int8 with one float scale per output row (symmetric, per channel);
+each call quantizes its activations [rows, in] to 8 bits, each row with a scale of its own, and runs
+PyTorch's int8 GEMM (fbgemm on x86, qnnpack on ARM), accumulating in int32 and returning float32. Decoding
+on a CPU reads the decoder's weights once per step, so a quarter of the bytes is most of the gain. The
+encoder's GEMMs are compute-bound there, and int8 arithmetic is still faster than float32's.
+
+These are the kernels behind `torch.ao.quantization.quantize_dynamic`, called directly: that eager API is
+deprecated in favour of torchao (another dependency), and it scales each weight per tensor where per channel
+keeps the error smaller. Attention, LayerNorms and the convolutions stay float32 (the README's "int8 weights
+on a CPU" gives the speed and the WER). PyTorch 2.13 deprecates the qint8 tensor that packing a weight
+starts from (issue 184982), with no fast replacement in core: `torch._int_mm` on plain int8 took 26 ms for
+base's logits at one row where fbgemm took 0.5 and float32 9.6 (this machine). So the warning is silenced at
+packing, and a PyTorch without the kernels fails the load with a reason instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from halkspeech.errors import ModelLoadError
+
+
+def _reduce_range() -> bool:
+    """fbgemm's AVX2 kernel sums pairs of u8×s8 products in int16, which 8-bit activations can overflow
+    without VNNI: quantize them to 7 bits there, as PyTorch's own dynamic quantization does."""
+    return torch.backends.quantized.engine in ("fbgemm", "x86")
+
+
+def check_int8_support() -> None:
+    """Fail at load time, with a reason, where this build of PyTorch has no int8 CPU kernels."""
+    engines = torch.backends.quantized.supported_engines
+    if not any(name in engines for name in ("x86", "fbgemm", "qnnpack")):
+        raise ModelLoadError(f"this PyTorch build has no int8 CPU kernels (quantized engines: {engines}); use float32")
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights: x [..., in] float32 → [..., out] float32."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [out]
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+                q = torch.quantize_per_channel(weight, scales, zeros, axis=0, dtype=torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(q, None)
+        except (AttributeError, RuntimeError) as e:  # kernels missing from this build or removed from PyTorch
+            raise ModelLoadError(f"int8 weights are not supported by this PyTorch ({e}); use float32") from e
+        self._reduce = _reduce_range()
+        self.bias = None if bias is None else bias.detach().float()  # added after the row scales: [out]
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fbgemm quantizes its whole input with one scale. Each row (a sequence of a batched decode step, an
+        # encoder frame) is scaled to a maximum of 1 first and back after (W·(x/s))·s = W·x, so each gets its
+        # 8 bits, as CTranslate2's int8 does. With one scale, base looped on the Korean dev clip (CER 12.9
+        # against float32's 0.21) and lost 0.1 CER on Spanish and Italian.
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [..., 1]
+        y = torch.ops.quantized.linear_dynamic(x / scale, self._packed, self._reduce)  # [..., out]
+        return y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Swap every `nn.Linear` below `module` for an `Int8Linear`, in place; returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear.of(child))
+            swapped += 1
+        else:
+            swapped += quantize_linears(child)
+    return swapped
