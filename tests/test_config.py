@@ -74,6 +74,18 @@ def test_the_given_mapping_is_the_only_environment(monkeypatch: pytest.MonkeyPat
     assert Settings().server.port == 8000  # built directly: defaults, no environment
 
 
+def test_unknown_halkspeech_names_are_errors_not_ignored() -> None:
+    """A typo must not pass silently: HALKSPEECH_SERVER__API_KEY (no S) would leave the server open."""
+    with pytest.raises(InvalidRequest, match="unknown setting HALKSPEECH_SERVER__API_KEY; did you mean "
+                       "HALKSPEECH_SERVER__API_KEYS"):  # fmt: skip
+        load_settings({"HALKSPEECH_SERVER__API_KEY": "secret"})
+    with pytest.raises(InvalidRequest, match=r"unknown setting HALKSPEECH_NOTHING \(README: Configuration\)"):
+        load_settings({"HALKSPEECH_NOTHING": "1"})
+    known = {"HALKSPEECH_LOG_LEVEL": "info", "HALKSPEECH_ENGINE": "{}", "halkspeech_server__port": "9000"}
+    assert load_settings(known).server.port == 9000  # any case, whole sections as JSON
+    assert load_settings({"OTHER_APP_SETTING": "x"}).server.port == 8000  # other names are not ours
+
+
 def test_log_level_is_any_case() -> None:
     assert load_settings({"HALKSPEECH_LOG_LEVEL": "WARNING"}).log_level == "warning"
 

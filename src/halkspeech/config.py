@@ -4,6 +4,7 @@ the typed section they need as an argument."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -281,6 +282,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any
     A value that does not parse raises InvalidRequest naming the setting.
     """
     env = dict(os.environ if environ is None else environ)
+    _check_names(env)
     try:
         data = _settings_from(env).model_dump()
         if "HF_ENDPOINT" in env:
@@ -307,6 +309,21 @@ def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any
         raise InvalidRequest(f"invalid setting {where}: {error['msg']} (got {error.get('input')!r})") from None
     except SettingsError as exc:
         raise InvalidRequest(f"invalid setting: {exc}") from None
+
+
+def _check_names(env: Mapping[str, str]) -> None:
+    """Every HALKSPEECH_* variable must name a setting: a typo would otherwise be ignored, and a misspelt
+    HALKSPEECH_SERVER__API_KEY would leave the server open while its operator believes it keyed."""
+    known = {"HALKSPEECH_LOG_LEVEL"}
+    for section in ("model", "engine", "server"):
+        known.add(f"HALKSPEECH_{section.upper()}")  # the whole section as JSON
+        fields = type(getattr(Settings(), section)).model_fields
+        known.update(f"HALKSPEECH_{section.upper()}__{name.upper()}" for name in fields)
+    for name in env:
+        if name.upper().startswith("HALKSPEECH_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else " (README: Configuration)"
+            raise InvalidRequest(f"unknown setting {name}{hint}")
 
 
 class _MappingSource(EnvSettingsSource):
