@@ -67,6 +67,8 @@ def test_not_audio(server: LiveServer, data: bytes, status: int, says: str) -> N
         ({"model": "tests"}, 404, None, "not available here"),  # a local directory: never loaded from a request
         ({"temperature": "hot"}, 400, "temperature", "valid number"),
         ({"temperature": "7"}, 400, "temperature", "less than or equal to 1"),
+        ({"temperature": "nan"}, 400, "temperature", "finite number"),
+        ({"language": "x" * 5000}, 400, None, "unsupported language '" + "x" * 40 + "...'"),  # not echoed whole
         ({"beam_size": "many"}, 400, "beam_size", "valid integer"),
         ({"stream": "maybe"}, 400, "stream", "valid boolean"),
         ({"response_format": "docx"}, 400, "response_format", "'json', 'text'"),

@@ -79,7 +79,7 @@ class TranscriptionForm(BaseModel):
     Unknown fields are ignored, so clients of faster-whisper servers may send theirs; the ones below past
     `stream` are such extras that HalkSpeech honours."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # temperature=nan: "a finite number"
 
     file: UploadFile = Field(description="the audio (or video): any format FFmpeg reads")
     model: str = Field(default="", description="a model name; `whisper-1` or empty means the default model")

@@ -7,6 +7,7 @@ the port opens, so a bad name or a missing GPU is a one-line error, not a server
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import sys
@@ -15,6 +16,8 @@ from typing import Any, get_args
 
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.config import DType
+
+log = logging.getLogger("halkspeech.serve")
 
 # uvicorn's socket backlog: room for a few thousand clients connecting at once (the kernel caps it at somaxconn).
 _BACKLOG = 4096
@@ -134,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"halkspeech: error: cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
         return 2
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port, for --port 0
     pool = ModelPool(settings, ModelRegistry(settings.model))
     try:
         for name in server.preload:
