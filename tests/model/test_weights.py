@@ -341,6 +341,9 @@ def test_incomplete_or_misshaped_state_dict_names_the_keys(tiny_en_weights: Load
     assert "unexpected: decoder.proj.weight" in message
     assert "encoder.conv1.weight (384, 40, 3) (expected (384, 80, 3))" in message
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="not a PyTorch checkpoint: those are zip archives or pickles"):
+        load_weights(path)  # not "... checkpoint: 101", the unpickler's opcode error
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ModelLoadError, match="not a readable PyTorch checkpoint"):
         load_weights(path)
 

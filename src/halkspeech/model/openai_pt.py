@@ -18,6 +18,13 @@ def torch_load(path: Path) -> Any:
     """torch.load with weights_only (a checkpoint is data, never code) and mmap (no second copy) when the
     file is in the zip format; ModelLoadError if unreadable."""
     try:
+        with open(path, "rb") as file:
+            head = file.read(2)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    if not (head == b"PK" or head[:1] == b"\x80"):  # neither a zip archive nor a pickle (protocol 2+)
+        raise ModelLoadError(f"{path} is not a PyTorch checkpoint: those are zip archives or pickles")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
         pass  # legacy (pre-zip) serialization cannot be memory-mapped; read it normally below
