@@ -250,3 +250,7 @@ def test_cli_models_list_and_pull(
     assert main(["models", "--cache-dir", str(mirror_cache), "pull", "large-v3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("halkspeech: error: model 'large-v3' not found; tried: ") and "\n" not in err
+
+    a_file = mirror_cache / "tiny.en" / "config.json"
+    assert main(["models", "--cache-dir", str(a_file), "list"]) == 2  # not an empty cache
+    assert capsys.readouterr().err.strip() == f"halkspeech: error: the model cache {a_file} is a file, not a directory"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from halkspeech.config import load_settings
+from halkspeech.errors import InvalidRequest
 from halkspeech.model.registry import ModelInfo, ModelRegistry
 
 
@@ -24,6 +25,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(model__cache_dir=args.cache_dir)
+    cache = settings.model.cache_dir
+    if cache.exists() and not cache.is_dir():  # else `list` would show an empty cache and `pull` fail later
+        raise InvalidRequest(f"the model cache {cache} is a file, not a directory")
     registry = ModelRegistry(settings.model)
     if args.models_action == "list":
         print(format_table(registry.list()))
