@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def test_unload_refuses_a_model_in_use_and_a_load_after_it_works(tiny_en: ModelE
 
     asyncio.run(main())
     assert lender.loads == ["tiny.en", "tiny.en"] and lender.closes == 2
+
+
+def test_unload_while_loading_is_in_use_not_absent(tiny_en: ModelEngine) -> None:
+    """DELETE during a load answered 404 "not loaded", though the load then finished and stayed: it is a 409."""
+    release = threading.Event()
+    lender = Lender(tiny_en)
+    pool = ModelPool(settings(), ModelRegistry(settings().model), loader=lambda key: release.wait(30) and lender(key))
+
+    async def main() -> None:
+        loading = asyncio.create_task(pool.get("tiny.en"))
+        while "tiny.en" not in pool._loading:
+            await asyncio.sleep(0.01)
+        with pytest.raises(ModelInUse, match=r"model tiny\.en is loading; retry when it has loaded"):
+            await pool.unload("tiny.en")
+        release.set()
+        await loading
+        assert await pool.unload("tiny.en") and lender.closes == 1
+
+    asyncio.run(main())
 
 
 def test_names_too_long_for_a_file_name_are_not_available(tmp_path: Path) -> None:

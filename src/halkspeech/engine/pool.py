@@ -229,6 +229,8 @@ class ModelPool:
         unloads it anyway (shutdown, a dead engine), failing those requests (EngineStopped)."""
         key = self.key(name)
         entry = self._entries.get(key)
+        if entry is None and key in self._loading and not force:  # its requests are waiting for the load
+            raise ModelInUse(f"model {key} is loading; retry when it has loaded")
         if entry is None:
             return False
         if entry.users > 0 and not force:
