@@ -137,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"halkspeech: error: cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
         return 2
-    host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port, for --port 0
     pool = ModelPool(settings, ModelRegistry(settings.model))
     try:
         for name in server.preload:
             pool.load_now(name)
+        host, port = sock.getsockname()[:2]
+        log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port of --port 0
         config = uvicorn.Config(
             create_app(settings, pool),
             log_config=None,
