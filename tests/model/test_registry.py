@@ -251,6 +251,9 @@ def test_cli_models_list_and_pull(
     err = capsys.readouterr().err.strip()
     assert err.startswith("halkspeech: error: model 'large-v3' not found; tried: ") and "\n" not in err
 
+    assert main(["models", "--cache-dir", str(mirror_cache), "pull", "tiny.en", "--force"]) == 2
+    assert "(skipped: --force downloads again); downloads (disabled" in capsys.readouterr().err  # not just "not found"
+
     a_file = mirror_cache / "tiny.en" / "config.json"
     assert main(["models", "--cache-dir", str(a_file), "list"]) == 2  # not an empty cache
     assert capsys.readouterr().err.strip() == f"halkspeech: error: the model cache {a_file} is a file, not a directory"

@@ -141,7 +141,7 @@ class ModelRegistry:
         key, catalog = self._key(name)
         cache = self.settings.cache_dir / key
         if force:
-            return self._fetch(name, [], progress=progress)
+            return self._fetch(name, [f"cache {cache} (skipped: --force downloads again)"], progress=progress)
         if self._verify_full(cache, catalog):
             return cache
         state = "failed verification" if cache.is_dir() and any(cache.iterdir()) else "empty"
