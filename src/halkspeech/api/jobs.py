@@ -27,6 +27,7 @@ from halkspeech.errors import Cancelled, InvalidRequest, RequestTimeout
 from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript
+from halkspeech.transcription.window import WindowDecoder
 
 T = TypeVar("T")
 
@@ -62,7 +63,10 @@ def check_options(model: ModelEngine, options: TranscribeOptions) -> None:
     if options.task == "translate" and not model.tokenizer.multilingual:
         raise InvalidRequest(f"model {model.name} is English-only and cannot translate; use a multilingual model")
     normalize_language(options.language, model.tokenizer.num_languages)
-    needed, limit = options.slots_needed, model.engine.max_group_size
+    # the widest request of the fallback: beams at temperature 0, samples above (what the engine will be sent)
+    window = WindowDecoder(model, options)
+    needed = max(window.sampling(t).group_size for t in options.temperatures)
+    limit = model.engine.max_group_size
     if needed > limit:
         raise InvalidRequest(
             f"beam_size or best_of {needed} needs {needed} decoder slots at once; this server allows {limit}"

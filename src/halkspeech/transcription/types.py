@@ -43,11 +43,6 @@ class TranscribeOptions:
     #: Engine queue priority of this transcription's windows: lower runs first; live sessions use -1.
     priority: int = 0
 
-    @property
-    def slots_needed(self) -> int:
-        """Decoder slots one window takes at once at its widest: the beams at temperature 0, the samples above."""
-        return max(self.beam_size if t == 0 else self.best_of for t in self.temperatures)
-
     def __post_init__(self) -> None:
         if not self.temperatures:
             raise InvalidRequest("at least one temperature is needed")
