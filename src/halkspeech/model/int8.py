@@ -31,13 +31,6 @@ def _reduce_range() -> bool:
     return torch.backends.quantized.engine in ("fbgemm", "x86")
 
 
-def check_int8_support() -> None:
-    """Fail at load time, with a reason, where this build of PyTorch has no int8 CPU kernels."""
-    engines = torch.backends.quantized.supported_engines
-    if not any(name in engines for name in ("x86", "fbgemm", "qnnpack")):
-        raise ModelLoadError(f"this PyTorch build has no int8 CPU kernels (quantized engines: {engines}); use float32")
-
-
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights: x [..., in] float32 → [..., out] float32."""
 
@@ -52,7 +45,7 @@ class Int8Linear(nn.Module):
                 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
                 q = torch.quantize_per_channel(weight, scales, zeros, axis=0, dtype=torch.qint8)
             self._packed = torch.ops.quantized.linear_prepack(q, None)
-        except (AttributeError, RuntimeError) as e:  # kernels missing from this build or removed from PyTorch
+        except (AttributeError, RuntimeError) as e:  # no quantized engine in this build, or the ops removed
             raise ModelLoadError(f"int8 weights are not supported by this PyTorch ({e}); use float32") from e
         self._reduce = _reduce_range()
         self.bias = None if bias is None else bias.detach().float()  # added after the row scales: [out]
@@ -77,13 +70,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
-def quantize_linears(module: nn.Module) -> int:
-    """Swap every `nn.Linear` below `module` for an `Int8Linear`, in place; returns how many were swapped."""
-    swapped = 0
+def quantize_linears(module: nn.Module) -> None:
+    """Swap every `nn.Linear` below `module` for an `Int8Linear`, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear.of(child))
-            swapped += 1
         else:
-            swapped += quantize_linears(child)
-    return swapped
+            quantize_linears(child)

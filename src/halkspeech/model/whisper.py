@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from halkspeech.model import kernels
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
-from halkspeech.model.int8 import Int8Linear, check_int8_support, quantize_linears
+from halkspeech.model.int8 import Int8Linear, quantize_linears
 
 # Attention kernels for the decoder's eager passes (prefill, alignment), whose (batch, length) changes almost every
 # call. cuDNN's attention, which PyTorch prefers on Hopper, builds an execution plan for each new shape: ~9 ms of
@@ -386,7 +386,6 @@ class Whisper(nn.Module):
         the cross-attention projection (once per window) and the convolutions too."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             raise ValueError(f"int8 weights need a float32 model on the CPU, not {self.dtype} on {self.device}")
-        check_int8_support()
         quantize_linears(self.encoder.blocks)
         quantize_linears(self.decoder.blocks)
         self.decoder.int8_logits = Int8Linear(self.decoder.token_embedding.weight, None)
