@@ -315,10 +315,9 @@ def _check_names(env: Mapping[str, str]) -> None:
     """Every HALKSPEECH_* variable must name a setting: a typo would otherwise be ignored, and a misspelt
     HALKSPEECH_SERVER__API_KEY would leave the server open while its operator believes it keyed."""
     known = {"HALKSPEECH_LOG_LEVEL"}
-    for section in ("model", "engine", "server"):
-        known.add(f"HALKSPEECH_{section.upper()}")  # the whole section as JSON
-        fields = type(getattr(Settings(), section)).model_fields
-        known.update(f"HALKSPEECH_{section.upper()}__{name.upper()}" for name in fields)
+    for section, kind in (("MODEL", ModelSettings), ("ENGINE", EngineSettings), ("SERVER", ServerSettings)):
+        known.add(f"HALKSPEECH_{section}")  # the whole section as JSON
+        known.update(f"HALKSPEECH_{section}__{name.upper()}" for name in kind.model_fields)
     for name in env:
         if name.upper().startswith("HALKSPEECH_") and name.upper() not in known:
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
