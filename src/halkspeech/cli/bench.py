@@ -134,10 +134,12 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
 def _check_device(args: argparse.Namespace) -> None:
     """Refuse a device or dtype the run could not use, in one line before anything loads, and resolve the
     dtype, so that the table and the JSON name what ran."""
-    import torch
+    from halkspeech.engine.factory import resolve_device
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequest("device 'cuda' was asked for but no CUDA GPU is available; pass --device cpu")
+    try:
+        resolve_device(args.device)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{exc}; pass --device cpu") from None
     if args.device == "cpu" and args.dtype == "float16":
         raise InvalidRequest("float16 does not run on the CPU here; use --dtype float32 (the default there)")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
