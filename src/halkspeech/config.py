@@ -162,6 +162,10 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     #: Largest request body (upload or fetched URL), in MB (10**6 bytes).
     max_upload_mb: float = Field(default=200.0, gt=0)
+    #: Seconds a connection has to send a request's whole header block (from opening, or from the request's
+    #: first byte on a kept-alive connection); past it: 408 and the connection closes. Without it a client that
+    #: sends nothing, or its headers a byte at a time, holds a socket forever (api/server.py).
+    header_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Seconds an upload may go without sending a byte before it is refused with 408: a client that stalls
     #: mid-body is not waited for forever. The transcription's own limit, request_timeout_s, starts only once
     #: the body is in.

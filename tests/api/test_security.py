@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
+from websockets.sync.client import connect as ws_connect
 
 from api.conftest import LiveServer, api_settings, live_server
 from conftest import TEST_DATA
@@ -304,6 +305,46 @@ def test_a_trickled_upload_is_refused_though_it_never_stalls(shared_tiny_en: Mod
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"arrived too slowly" in answer and b"at least 1000 bytes a second" in answer
         assert elapsed < 5  # without the rate limit it would run to the loop's 10 s
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took (≤ limit_s)."""
+    started = time.monotonic()
+    data = b""
+    sock.settimeout(limit_s)
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def test_headers_must_arrive_in_time_on_every_request_of_a_connection(shared_tiny_en: ModelEngine) -> None:
+    """A connection that sends nothing, or its headers a byte at a time, gets a 408 and is closed after
+    header_timeout_s (uvicorn alone would hold it forever); the deadline counts from each request's first
+    byte, so a kept-alive connection idle between requests, and an open WebSocket, are not cut."""
+    with live_server(api_settings(header_timeout_s=0.5), shared_tiny_en) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as silent:
+            answer, elapsed = read_until_closed(silent, 10)
+        assert answer.startswith(b"HTTP/1.1 408") and answer.endswith(b"request headers not complete in time\n")
+        assert 0.4 < elapsed < 5
+        request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        with socket.create_connection((host, int(port)), timeout=30) as kept:
+            assert raw_exchange(kept, request)[0] == 200
+            time.sleep(1.0)  # idle past the header deadline, within the keep-alive timeout
+            assert raw_exchange(kept, request)[0] == 200
+            started = time.monotonic()
+            for byte in request[:-2]:  # the third request's headers, a byte every 0.05 s, never finished
+                try:
+                    kept.sendall(bytes([byte]))
+                except OSError:  # closed under us: the 408 was sent
+                    break
+                time.sleep(0.05)
+            answer, _ = read_until_closed(kept, 10)
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+        with ws_connect(f"ws://{host}:{port}/ws") as ws:
+            time.sleep(1.0)
+            ws.ping().wait(5)  # the upgraded connection is the WebSocket protocol's, with no header deadline
+        assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
 
 
 def test_configured_models_only_lists_and_serves_nothing_else() -> None:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     from halkspeech.api.app import create_app
     from halkspeech.api.logging import configure_logging
-    from halkspeech.api.routes.ws import max_frame_bytes
+    from halkspeech.api.server import uvicorn_config
     from halkspeech.config import load_settings
     from halkspeech.engine.pool import ModelPool
     from halkspeech.model.registry import ModelRegistry
@@ -143,14 +143,7 @@ def run(args: argparse.Namespace) -> int:
             pool.load_now(name)
         host, port = sock.getsockname()[:2]
         log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port of --port 0
-        config = uvicorn.Config(
-            create_app(settings, pool),
-            log_config=None,
-            access_log=False,  # our middleware writes one structured line per request
-            backlog=_BACKLOG,
-            timeout_graceful_shutdown=10,
-            ws_max_size=max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
-        )
+        config = uvicorn_config(create_app(settings, pool), server, backlog=_BACKLOG, timeout_graceful_shutdown=10)
         _serve_until_signalled(uvicorn.Server(config), sock)
     finally:
         pool.close_now()
