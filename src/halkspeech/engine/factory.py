@@ -185,7 +185,6 @@ def start_engine(
         started = time.perf_counter()
         count = runner.warm_up(scheduler.batch_buckets, WINDOW_BUCKETS)
         log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
-    log.info("engine for %s on %s (%s): %d slots", weights.name, device, "int8" if model.int8 else dtype, slots)
     engine = Engine(
         runner,
         scheduler,
@@ -193,7 +192,7 @@ def start_engine(
         decoding_encoder_batch=settings.decoding_encoder_batch,
         decoding_encoder_wait_ms=settings.decoding_encoder_wait_ms,
     ).start()
-    return ModelEngine(
+    loaded = ModelEngine(
         name=weights.name,
         dims=weights.dims,
         tokenizer=tokenizer,
@@ -205,3 +204,5 @@ def start_engine(
         word_processes=word_processes(settings.word_timing_processes, device),
         int8=model.int8,
     )
+    log.info("engine for %s on %s (%s): %d slots", weights.name, device, loaded.precision, slots)
+    return loaded
