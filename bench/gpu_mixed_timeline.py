@@ -10,7 +10,9 @@ torch.profiler with the runner's and engine's calls annotated, and from the trac
 Then, unprofiled and alternating over ROUNDS rounds, variants of continuous batching against padded static (the
 last call's set; earlier sets are in bench/NOTES.md): the engine as it is, and with decode-step batch buckets of
 40 and 56 added to 48 and 64 (a step runs its bucket's rows, live or not; steps over 16 rows read every row's
-cross-attention keys and values); inline and ahead. Other variant keys: `steps_ahead` (steps launched ahead of
+cross-attention keys and values); inline and ahead; and encoding ahead in runs of 8 and 4 windows instead of 16
+(shorter encoder kernels on the side stream, so that a decode step waits less for SMs they hold; the encoder's
+cost a window was flat from 8 to 64 windows on the H100, NOTES). Other variant keys: `steps_ahead` (steps launched ahead of
 the one read, patched in here; the engine's is 1), and any EngineSettings field.
 
 Run: PYTHONPATH=src python bench/gpu_mixed_timeline.py OUT.json [ROUNDS, 2] [--cpu: tiny.en, 24 requests, a
@@ -304,6 +306,8 @@ VARIANTS = [
     ("continuous-ahead", {"extra_buckets": (40, 56)}),
     ("continuous", {}),
     ("continuous", {"extra_buckets": (40, 56)}),
+    ("continuous-ahead", {"decoding_encoder_batch": 8}),
+    ("continuous-ahead", {"decoding_encoder_batch": 4}),
 ]
 for _ in range(ROUNDS if not CPU else 0):
     for mode, updates in VARIANTS:
