@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import threading
 import time
@@ -21,11 +22,12 @@ from halkspeech.api.jobs import check_options
 from halkspeech.audio import decode_audio, decode_pcm16
 from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
 from halkspeech.engine.factory import ModelEngine
-from halkspeech.errors import AudioDecodeError, AudioTooLong, InvalidRequest
+from halkspeech.errors import AudioDecodeError, AudioTooLong, InvalidRequest, Overloaded
 from halkspeech.transcription.live import (
     Final,
     LiveEvent,
     Partial,
+    Piece,
     Segmenter,
     SegmentReady,
     StablePrefix,
@@ -35,7 +37,7 @@ from halkspeech.transcription.live import (
     TurnStarted,
 )
 from halkspeech.transcription.pipeline import Transcriber
-from halkspeech.transcription.streaming import LiveSession, NoTurn, TurnActive
+from halkspeech.transcription.streaming import LiveSession, LiveTurn, NoTurn, TurnActive
 from halkspeech.transcription.types import TranscribeOptions
 
 FRAME_BYTES = 640  # 20 ms of 16-bit mono at 16 kHz
@@ -167,6 +169,30 @@ def test_streaming_vad_matches_silero_frame_by_frame(vad: StreamingVAD, jfk_audi
     for probs in asyncio.run(main()):
         np.testing.assert_allclose(probs, reference, atol=1e-5)
     assert max(reference) > 0.9 and min(reference) < 0.2  # speech and pauses both present
+
+
+def test_a_long_vad_call_runs_in_jobs_and_holds_up_no_other_stream(vad: StreamingVAD, jfk_audio: np.ndarray) -> None:
+    """One call with a minute of frames (a client's single huge WebSocket frame) runs as 1 s jobs: another
+    stream's frame is answered between them, not after the minute, and the result equals frame-by-frame."""
+    one = jfk_audio[: len(jfk_audio) // 512 * 512].reshape(-1, 512)
+    minute = np.concatenate([one] * 6)  # 2,058 frames, 66 s
+
+    async def main() -> tuple[np.ndarray, np.ndarray, float, float]:
+        began = time.monotonic()
+        whole = asyncio.create_task(vad.probabilities(VADStream(), minute))
+        await asyncio.sleep(0.05)
+        await vad.probabilities(VADStream(), one[:1])
+        other = time.monotonic() - began
+        result = await whole
+        total = time.monotonic() - began
+        stream = VADStream()
+        framewise = np.concatenate([await vad.probabilities(stream, f[None]) for f in minute[:200]])
+        return result, framewise, other, total
+
+    result, framewise, other, total = asyncio.run(main())
+    assert result.shape == (len(minute),)
+    np.testing.assert_allclose(result[:200], framewise, atol=1e-5)
+    assert other < total / 4, (other, total)
 
 
 def test_pcm_stream_resamples_across_chunks(jfk_audio: np.ndarray) -> None:
@@ -383,3 +409,75 @@ def test_end_all_delivers_the_open_turn(tiny_en_engine: ModelEngine, jfk_audio: 
         await session.close()
 
     run(main)
+
+
+def cut_then_speak(session: LiveSession, vad_pause_s: float = 1.5) -> None:
+    """Feed a spoken clip and a pause (the VAD cuts a segment there); the caller awaits the cut."""
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")
+    for chunk in frames(pcm16(np.concatenate([first, np.zeros(int(vad_pause_s * 16_000), np.float32)]))):
+        session.feed(chunk)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_closing_after_end_cancels_the_segments_and_the_rest(
+    tiny_en_engine: ModelEngine, vad: StreamingVAD, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that leaves after `end` of a segmented turn: the segment cut at the pause and the rest after
+    it are both cancelled (the rest's transcription ran on to its end, holding engine slots, unowned)."""
+    submitted: list[tuple[int, int]] = []
+
+    async def slow(turn: LiveTurn, start: int, stop: int) -> Piece:
+        submitted.append((start, stop))
+        await asyncio.sleep(600)  # in the engine until cancelled
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(LiveTurn, "_transcribe", slow)
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(segment_silence_ms=700))
+        cut_then_speak(session)
+        await until(lambda: len(submitted) == 1, "the segment at the pause")
+        session.feed(pcm16(decode_audio(TEST_DATA / "LJ001-0002.wav")))
+        session.end()
+        await until(lambda: len(submitted) == 2, "the rest after the segment")
+        await session.close()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        assert not left, left
+        assert not recorder.of(Final) and not recorder.of(StreamError)
+
+    run(main)
+
+
+def test_a_segment_that_failed_before_the_client_left_is_not_an_unretrieved_error(
+    tiny_en_engine: ModelEngine, vad: StreamingVAD, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment refused by a full engine, then the client leaves before `end`: nobody is told (nobody is
+    there), and asyncio must not log 'Task exception was never retrieved' with a traceback for it."""
+
+    async def refused(turn: LiveTurn, start: int, stop: int) -> Piece:
+        raise Overloaded("the engine queue is full")
+
+    monkeypatch.setattr(LiveTurn, "_transcribe", refused)
+    unretrieved: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+        session, _ = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(segment_silence_ms=700))
+        turn = session.turn
+        assert turn is not None
+        cut_then_speak(session)
+        await until(lambda: bool(turn.pieces) and turn.pieces[0].done(), "the segment's failure")
+        await session.close()
+        turn.pieces.clear()  # the failed segment's task is garbage now: asyncio would complain as it goes
+        gc.collect()
+
+    run(main)
+    assert not unretrieved, unretrieved

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FRAME = 512  # samples per VAD frame at 16 kHz (32 ms), as silero's streaming model reads them
 CONTEXT = 64  # samples of the previous frame each frame also sees
+JOB_FRAMES = 32  # frames (1 s) a stream hands the VAD thread at a time, so that every stream's jobs interleave
 
 MIN_RATE, MAX_RATE = 8_000, 192_000
 
@@ -117,10 +118,15 @@ class StreamingVAD:
         self._net: torch.jit.ScriptModule | None = None
 
     async def probabilities(self, stream: VADStream, frames: np.ndarray) -> np.ndarray:
-        """frames [k, 512] float32 at 16 kHz → speech probabilities [k]."""
-        if frames.size == 0:
-            return np.zeros(0, dtype=np.float32)
-        return await asyncio.wrap_future(self.submit(stream, frames))
+        """frames [k, 512] float32 at 16 kHz → speech probabilities [k], in jobs of at most JOB_FRAMES: a batch
+        runs until its longest job is done, so one stream's minutes of audio in one job would hold up every
+        other stream's next frame (a 300 s frame held another client's first segment 1.4 → 10 s)."""
+        frames = frames.reshape(-1, FRAME)
+        parts = [
+            await asyncio.wrap_future(self.submit(stream, frames[i : i + JOB_FRAMES]))
+            for i in range(0, len(frames), JOB_FRAMES)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def submit(self, stream: VADStream, frames: np.ndarray) -> concurrent.futures.Future[np.ndarray]:
         job = _Job(stream, np.ascontiguousarray(frames, dtype=np.float32).reshape(-1, FRAME))

@@ -122,6 +122,7 @@ class LiveTurn:
         self.piece_start: int | None = None if options.uses_vad else 0
         self.last_cut = 0
         self.pieces: list[asyncio.Task[Piece]] = []  # segments cut at pauses, in order
+        self._rest: asyncio.Task[Piece] | None = None  # at the end: the audio after the last segment
         self._partial: asyncio.Task[None] | None = None
         self._partial_mark = 0  # buffer size when the last partial started
         self._stable = StablePrefix()
@@ -258,8 +259,8 @@ class LiveTurn:
     async def _final(self, ended: float) -> Final:
         self.buffer.append(self.pcm.flush())
         await self._drain_vad()
-        start, stop = self._rest()
-        rest = asyncio.create_task(self._transcribe(start, stop)) if stop > start else None
+        start, stop = self._unsegmented()
+        rest = self._rest = asyncio.create_task(self._transcribe(start, stop)) if stop > start else None
         pieces = [await task for task in self.pieces]
         if rest is not None:
             pieces.append(await rest)
@@ -278,7 +279,7 @@ class LiveTurn:
         self._vad_queue.put_nowait(None)
         await self._vad_task
 
-    def _rest(self) -> tuple[int, int]:
+    def _unsegmented(self) -> tuple[int, int]:
         """The audio after the last segment that still needs transcribing: [start, stop) samples."""
         if self.piece_start is None:
             return 0, 0  # VAD on, and no speech since the last cut
@@ -289,14 +290,18 @@ class LiveTurn:
 
     async def cancel(self) -> None:
         """Stop every task of the turn (their engine work is cancelled with them) and drop the audio."""
-        tasks = [t for t in (self._partial, self._vad_task, *self.pieces) if t is not None and not t.done()]
-        for task in tasks:
+        tasks = [t for t in (self._partial, self._vad_task, self._rest, *self.pieces) if t is not None]
+        running = [t for t in tasks if not t.done()]
+        for task in running:
             task.cancel()  # a cancelled task cancels its engine requests as it unwinds, awaited or not
         self.buffer = TurnBuffer(0)
         try:
-            if tasks:
-                await asyncio.wait(tasks)  # not gather: it would re-raise their CancelledErrors as ours
+            if running:
+                await asyncio.wait(running)  # not gather: it would re-raise their CancelledErrors as ours
         finally:
+            for task in tasks:  # a segment that failed before the turn ended (the client left): retrieved, so
+                if task.done() and not task.cancelled():  # asyncio logs no "exception was never retrieved"
+                    task.exception()
             await self._hold.aclose()
 
 
@@ -339,6 +344,12 @@ class LiveSession:
         self.turns += 1
         self._discarding = False
         await self.emit(TurnStarted(self.turns, engine.name, options.sample_rate))
+
+    def refuse_start(self) -> None:
+        """A start message was refused before `start` (bad fields): with no turn open, the audio that follows
+        is dropped quietly until the next start or end, as after any refused start (the refusal was its error)."""
+        if self.turn is None:
+            self._discarding = True
 
     def _check(self, engine: ModelEngine, options: StreamOptions) -> None:
         """Refuse options the model cannot honour (translate on an English-only model) before the turn opens,
