@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 
 from halkspeech.api.app import create_app
-from halkspeech.api.server import uvicorn_config
+from halkspeech.api.server import Server, uvicorn_config
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.factory import ModelEngine, start_engine
@@ -74,7 +73,7 @@ class LiveServer:
         self._socket = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         config = uvicorn_config(self.app, settings.server, lifespan="on" if lifespan else "off", timeout_keep_alive=30)
-        self._server = uvicorn.Server(config)
+        self._server = Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self) -> LiveServer:

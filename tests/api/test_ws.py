@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 from conftest import TEST_DATA
 from halkspeech.api.app import create_app
 from halkspeech.api.routes import ws as ws_route
+from halkspeech.api.server import Server, uvicorn_config
 from halkspeech.audio import decode_audio
 from halkspeech.cli import main
 from halkspeech.cli import serve as serve_cli
@@ -34,6 +35,7 @@ from halkspeech.engine.pool import ModelPool
 from halkspeech.loadtest.ws import WsLoadConfig, run_ws_load
 from halkspeech.model.registry import ModelRegistry
 from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.streaming import LiveTurn
 from halkspeech.transcription.types import TranscribeOptions
 
 START = {"type": "start", "language": "en"}
@@ -274,6 +276,44 @@ def test_translate_on_an_english_only_model_is_refused(client: TestClient) -> No
         assert ws.receive_json() == {"type": "started", "turn": 1, "model": "tiny.en", "sample_rate": 16000}
 
 
+@pytest.mark.parametrize(
+    "start",
+    [START | {"langauge": "en"}, START | {"sample_rate": 100}, START | {"model": "no-such-model"}],
+    ids=["unknown-field", "bad-value", "unknown-model"],
+)
+def test_audio_after_any_refused_start_is_dropped_quietly(client: TestClient, lj_audio: np.ndarray, start) -> None:
+    """However a start is refused (its fields, or the session's checks), the audio the client streams after it
+    gets no further error: the refusal was the turn's one error (a bad field used to add a no_turn)."""
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(start)
+        assert ws.receive_json()["type"] == "error"
+        for chunk in frames(pcm16(lj_audio))[:20]:
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"  # the next message: no error in between
+
+
+def test_idle_time_counts_from_the_last_final(
+    tiny_en_engine: ModelEngine, lj_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A final that takes longer than the idle timeout: the client that waited for it is not idle, and it
+    has the whole timeout again from the final on (the wait was counted, and the connection closed at once)."""
+    final = LiveTurn._final
+
+    async def slow_final(turn: LiveTurn, ended: float) -> Any:
+        await asyncio.sleep(1.5)
+        return await final(turn, ended)
+
+    monkeypatch.setattr(LiveTurn, "_final", slow_final)
+    client = TestClient(make_app(tiny_en_engine, ws_idle_timeout_s=0.8))
+    with client.websocket_connect("/ws") as ws:
+        assert speak(ws, lj_audio)["type"] == "final"
+        time.sleep(0.3)
+        ws.send_json(START)
+        assert ws.receive_json()["type"] == "started"
+
+
 def test_api_keys_by_header_or_token(tiny_en_engine: ModelEngine) -> None:
     client = TestClient(make_app(tiny_en_engine, api_keys=["s3cret"]))
     for headers, path in (({}, "/ws"), ({"Authorization": "Bearer wrong"}, "/ws"), ({}, "/ws?token=wrong")):
@@ -364,11 +404,11 @@ def test_turn_limit_ends_the_turn_with_its_final(tiny_en_engine: ModelEngine, jf
 
 
 @contextmanager
-def serving(engine: ModelEngine, uvicorn_options: dict[str, Any] | None = None, **server: Any) -> Iterator[str]:
-    """A real uvicorn server of make_app(engine, **server) on a free port; yields its /ws URL."""
-    options = {"lifespan": "off", "log_level": "warning", **(uvicorn_options or {})}
-    config = uvicorn.Config(make_app(engine, **server), host="127.0.0.1", port=0, **options)
-    running = uvicorn.Server(config)
+def serving(engine: ModelEngine, **server: Any) -> Iterator[str]:
+    """A real uvicorn server of make_app(engine, **server) on a free port, configured as `halkspeech serve`
+    configures it; yields its /ws URL."""
+    options = {"lifespan": "off", "log_level": "warning", "host": "127.0.0.1", "port": 0}
+    running = Server(uvicorn_config(make_app(engine, **server), ServerSettings(**server), **options))
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -407,7 +447,6 @@ def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(
     fits (ws_max_turn_s), says audio_too_long, and its final has the speech."""
     server = {"ws_max_turn_s": 200.0}  # frames of up to 20.2 MB; the turn holds 200 s
     frame = pcm16(lj_audio).ljust(17 * 2**20, b"\0")  # 557 s at 16 kHz: more than the turn holds
-    max_size = ws_route.max_frame_bytes(ServerSettings(**server))
 
     async def stream(url: str) -> list[dict[str, Any]]:
         async with websockets.connect(url, max_size=2**24) as ws:
@@ -419,7 +458,7 @@ def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(
                 messages.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
             return messages
 
-    with serving(tiny_en_engine, {"ws_max_size": max_size}, **server) as url:
+    with serving(tiny_en_engine, **server) as url:  # frames sized from ws_max_turn_s, as by `halkspeech serve`
         messages = asyncio.run(stream(url))
     assert [(m["type"], m.get("code")) for m in messages] == [
         ("started", None),

@@ -3,6 +3,7 @@ request id, a clean stop on SIGINT), and one-line errors for a busy port or a mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,14 +14,23 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
+from halkspeech.audio import decode_audio
 from halkspeech.cli import build_parser, main
 from halkspeech.cli.serve import _overrides
 from halkspeech.config import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
+KEY = "k-secret-7"
 LJ = REPO / "tests" / "data" / "LJ001-0002.wav"
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
 
 
 def free_port() -> int:
@@ -30,8 +40,15 @@ def free_port() -> int:
 
 
 def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
+    """… and on SIGINT a live turn still open gets its final, then engine_stopped and close 1001 (uvicorn
+    alone closed it at once with 1012); the WebSocket's ?token= key is masked in the log."""
     port = free_port()
-    env = {**os.environ, "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false", "WHISPER__MAX_QUEUE_SIZE": "3"}
+    env = {
+        **os.environ,
+        "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false",
+        "WHISPER__MAX_QUEUE_SIZE": "3",
+        "HALKSPEECH_SERVER__API_KEYS": KEY,
+    }
     log = (tmp_path / "serve.log").open("w+")
     command = [sys.executable, "-m", "halkspeech", "serve", "--model", "tiny.en", "--preload", "--device", "cpu"]
     process = subprocess.Popen(
@@ -41,6 +58,7 @@ def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
+    stopping = False
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -56,15 +74,31 @@ def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
         response = httpx.post(
             f"{url}/v1/audio/transcriptions",
             files={"file": LJ.open("rb")},
-            headers={"X-Request-ID": "t-1"},
+            headers={"X-Request-ID": "t-1", "Authorization": f"Bearer {KEY}"},
             timeout=120,
         )
         assert response.status_code == 200 and "comparatively modern" in response.json()["text"]
+        with ws_connect(f"ws://127.0.0.1:{port}/ws?token={KEY}", open_timeout=30) as ws:
+            ws.send(json.dumps({"type": "start", "language": "en"}))
+            assert json.loads(ws.recv(30))["type"] == "started"
+            ws.send(pcm16(decode_audio(LJ)))  # and no end: the turn is open when the server is stopped
+            process.send_signal(signal.SIGINT)
+            stopping = True
+            messages = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    messages.append(json.loads(ws.recv(60)))
+        assert [m["type"] for m in messages] == ["final", "error"], messages
+        assert "comparatively modern" in messages[0]["text"].lower() and messages[1]["code"] == "engine_stopped"
+        assert ws.close_code == 1001
     finally:
-        process.send_signal(signal.SIGINT)
+        if not stopping:  # a second SIGINT would make uvicorn skip its graceful shutdown
+            process.send_signal(signal.SIGINT)
         code = process.wait(60)
     assert code == 0
-    lines = [json.loads(line) for line in Path(log.name).read_text().splitlines() if line.startswith("{")]
+    text = Path(log.name).read_text()
+    assert KEY not in text and "/ws?token=***" in text
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "halkspeech.access" and line.get("request_id") == "t-1"]
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/audio/transcriptions"
 

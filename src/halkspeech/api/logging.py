@@ -76,10 +76,25 @@ def _kv(value: Any) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=') else text
 
 
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']*")
+
+
+class RedactTokens(logging.Filter):
+    """Masks `?token=<key>` (the WebSocket's API key for clients that cannot set headers) in log lines:
+    uvicorn logs every WebSocket's path with its query string ("WebSocket /ws?token=..." [accepted])."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = _TOKEN_IN_QUERY.sub(r"\1***", message), None
+        return True
+
+
 def configure_logging(level: str = "info", fmt: Literal["json", "text"] = "json") -> None:
-    """Send every log line (ours, uvicorn's) to stderr in one format."""
+    """Send every log line (ours, uvicorn's) to stderr in one format, API keys in URLs masked."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(RedactTokens())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

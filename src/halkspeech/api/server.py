@@ -1,5 +1,6 @@
 """How uvicorn serves the app: its options in one place (`uvicorn_config`, used by `halkspeech serve` and the
-tests' live server), and its HTTP protocol with a deadline for each request's headers (`HeaderDeadline`).
+tests' live server), its HTTP protocol with a deadline for each request's headers (`HeaderDeadline`), and a
+shutdown that lets live WebSocket turns finish (`Server`).
 
 uvicorn times nothing out before a request's headers are complete: a connection that sends nothing, or sends
 its headers a byte at a time (slowloris), holds a socket forever, and a few thousand of them exhaust the
@@ -13,13 +14,17 @@ client_header_timeout, Apache mod_reqtimeout's `header=`).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from halkspeech.api.routes.ws import max_frame_bytes
+from halkspeech.api.routes.ws import max_frame_bytes, shut_down_live
 from halkspeech.config import ServerSettings
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT_BODY = b"request headers not complete in time\n"
 _TIMEOUT_RESPONSE = (
@@ -79,6 +84,24 @@ def uvicorn_config(app: Any, server: ServerSettings, **options: Any) -> uvicorn.
         "log_config": None,
         "access_log": False,  # our middleware writes one structured line per request
         "ws_max_size": max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
+        "timeout_graceful_shutdown": 10,  # for requests and live turns in progress when asked to stop
         **options,
     }
     return uvicorn.Config(app, **settings)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown first winds down live WebSocket sessions: uvicorn alone closes
+    every WebSocket at once (1012), so an open turn and the finals still being computed were lost. Now no
+    new connection is accepted, each session's open turn ends as if `end` had come, its finals go out, then
+    `engine_stopped` and close 1001; within timeout_graceful_shutdown, then uvicorn's own shutdown."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # no new connections while live turns finish (uvicorn closes them again)
+            server.close()
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                await shut_down_live(self.config.app)
+        except TimeoutError:
+            log.warning("live turns still running after %s s of shutdown: cut", self.config.timeout_graceful_shutdown)
+        await super().shutdown(sockets)

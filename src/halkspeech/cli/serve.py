@@ -120,11 +120,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from halkspeech.api.app import create_app
     from halkspeech.api.logging import configure_logging
-    from halkspeech.api.server import uvicorn_config
+    from halkspeech.api.server import Server, uvicorn_config
     from halkspeech.config import load_settings
     from halkspeech.engine.pool import ModelPool
     from halkspeech.model.registry import ModelRegistry
@@ -143,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
             pool.load_now(name)
         host, port = sock.getsockname()[:2]
         log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port of --port 0
-        config = uvicorn_config(create_app(settings, pool), server, backlog=_BACKLOG, timeout_graceful_shutdown=10)
-        _serve_until_signalled(uvicorn.Server(config), sock)
+        config = uvicorn_config(create_app(settings, pool), server, backlog=_BACKLOG)
+        _serve_until_signalled(Server(config), sock)
     finally:
         pool.close_now()
         sock.close()

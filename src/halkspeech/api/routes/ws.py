@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["live"])
 
-CLOSE_NORMAL, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1008, 1011, 1013
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1011, 1013
 
 #: Text messages are control messages of a few hundred bytes; a cap keeps a hostile one from costing the JSON
 #: parser (and the event loop) seconds. Audio goes in binary frames, whose size `max_frame_bytes` bounds.
@@ -88,10 +88,24 @@ class ProtocolError(HalkSpeechError):
 
 @dataclass
 class LiveHub:
-    """What every live connection of one app shares: the session count and the batched streaming VAD."""
+    """What every live connection of one app shares: the open connections and the batched streaming VAD."""
 
-    sessions: int = 0
+    connections: set[Connection] = field(default_factory=set)
     vad: StreamingVAD = field(default_factory=StreamingVAD)
+
+    async def shut_down(self) -> None:
+        """The server is stopping: every connection ends its open turn, sends its pending finals and then
+        `engine_stopped`, and closes (1001). The caller bounds the wait (uvicorn's graceful-shutdown time)."""
+        closing = [asyncio.create_task(connection.shut_down()) for connection in self.connections]
+        if closing:
+            await asyncio.wait(closing)
+
+
+async def shut_down_live(app: object) -> None:
+    """`LiveHub.shut_down` for the app's hub, if it is a FastAPI app and any client has connected."""
+    hub: LiveHub | None = getattr(getattr(app, "state", None), "halkspeech_live", None)
+    if hub is not None:
+        await hub.shut_down()
 
 
 def live_hub(app: FastAPI) -> LiveHub:
@@ -122,15 +136,16 @@ async def live(websocket: WebSocket) -> None:
         )
         await _refuse(websocket, "invalid_api_key", why, CLOSE_POLICY)
         return
-    if hub.sessions >= server.ws_max_sessions:
+    if len(hub.connections) >= server.ws_max_sessions:
         why = f"the server has its maximum of {server.ws_max_sessions} live sessions; try again later"
         await _refuse(websocket, "too_many_sessions", why, CLOSE_TRY_LATER)
         return
-    hub.sessions += 1
+    connection = Connection(websocket, state.pool.use, server, hub.vad)
+    hub.connections.add(connection)
     try:
-        await Connection(websocket, state.pool.use, server, hub.vad).serve()
+        await connection.serve()
     finally:
-        hub.sessions -= 1
+        hub.connections.discard(connection)
 
 
 async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
@@ -148,31 +163,44 @@ class Connection:
         self.session = LiveSession(models, limits_from(server), self.emit, vad, check=check_options)
         self.last_seen = time.monotonic()
         self._send_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()  # set by shut_down: the server is stopping
+        self._closed = asyncio.Event()  # set when serve() has returned
 
     async def serve(self) -> None:
-        """Until the client leaves, the connection idles out, or a bug stops the reader or the watchdog. When
-        the server closes it, the open turn is ended and every final delivered first, then the reason."""
+        """Until the client leaves, the connection idles out, the server stops, or a bug stops the reader or the
+        watchdog. When the server closes it, the open turn is ended and every final delivered first, then the
+        reason."""
         reader = asyncio.create_task(self._read())
         watchdog = asyncio.create_task(self._watch())
+        stopping = asyncio.create_task(self._stopping.wait())
         close_code = CLOSE_NORMAL
         try:
-            await asyncio.wait([reader, watchdog], return_when=asyncio.FIRST_COMPLETED)
-            idle = _returned(watchdog)
-            await _stop(reader, watchdog)  # nothing more is read: no new turn can open while this one closes
+            await asyncio.wait([reader, watchdog, stopping], return_when=asyncio.FIRST_COMPLETED)
+            idle, shutdown = _returned(watchdog), stopping.done()
+            await _stop(reader, watchdog, stopping)  # nothing more is read: no new turn opens while this closes
             failure = _failure(reader) or _failure(watchdog)
             if failure is not None:  # a bug: the server log gets the traceback, the client a clear error
                 log.error("live connection failed", exc_info=failure)
                 close_code = CLOSE_INTERNAL
                 await self._wind_down(StreamError("internal_error", "the server failed; closing the connection"))
+            elif shutdown:
+                close_code = CLOSE_GOING_AWAY
+                await self._wind_down(StreamError("engine_stopped", "the server is shutting down; reconnect later"))
             elif idle:
                 why = f"no message for {self.server.ws_idle_timeout_s:g} s; closing the connection"
                 await self._wind_down(StreamError("idle_timeout", why))
         finally:
-            await _stop(reader, watchdog)  # also when this handler itself is cancelled (server shutdown)
+            await _stop(reader, watchdog, stopping)  # also when this handler itself is cancelled
             await self.session.close()  # cancels open work: engine slots and buffers are freed now
             if self.ws.client_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                     await self.ws.close(close_code)
+            self._closed.set()
+
+    async def shut_down(self) -> None:
+        """Close for a server shutdown (serve() winds the session down first) and wait until it is closed."""
+        self._stopping.set()
+        await self._closed.wait()
 
     async def _wind_down(self, reason: StreamError) -> None:
         """The server closes the connection: nothing it accepted is lost, so the open turn ends as if `end` had
@@ -218,8 +246,13 @@ class Connection:
         data = _parsed(text)
         kind = data.get("type")
         if kind == "start":
-            start = _validated(data)
-            await self.session.start(start.options(), start.model)
+            try:
+                start = _validated(data)
+                options = start.options()
+            except HalkSpeechError:
+                self.session.refuse_start()
+                raise
+            await self.session.start(options, start.model)
         elif kind == "end":
             self.session.end()
         else:
@@ -232,8 +265,10 @@ class Connection:
         while True:
             await asyncio.sleep(tick)
             await self.session.expire()
-            if not self.session.finishing and time.monotonic() - self.last_seen > idle:
-                return  # not while a final is pending: the client is waiting for it, not idle
+            if self.session.finishing:  # not counted while a final is pending: the client is waiting for it
+                self.last_seen = max(self.last_seen, time.monotonic())
+            elif time.monotonic() - self.last_seen > idle:
+                return
 
 
 def _returned(task: asyncio.Task[None]) -> bool:
@@ -246,7 +281,7 @@ def _failure(task: asyncio.Task[None]) -> BaseException | None:
     return None if task.cancelled() else task.exception()
 
 
-async def _stop(*tasks: asyncio.Task[None]) -> None:
+async def _stop(*tasks: asyncio.Task[Any]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.wait(tasks)  # not gather: it re-raises a child's CancelledError as ours
