@@ -248,3 +248,17 @@ def test_cancelling_stops_every_chunk(tiny_en_engine: ModelEngine, short_audio: 
     asyncio.run(start_then_cancel())
     assert engine.running == 0 and engine.queue_depth == 0
     assert engine.stats.cancelled >= cancelled_before + 2  # both chunks were stopped, not finished
+
+
+def test_speech_after_a_window_the_model_closed_early_is_decoded(tiny_en_engine: ModelEngine) -> None:
+    """A sentence, 3 s of silence, then jfk.flac, in one VAD chunk: tiny.en writes the first sentence and
+    closes the window with a timestamp; the 11 s the VAD heard after it are decoded again from where they
+    begin (they were lost, while sequential mode had them), with their own times."""
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER (2.4 s)
+    audio = np.concatenate([first, np.zeros(48_000, np.float32), decode_audio(TEST_DATA / "jfk.flac")])
+    transcript = asyncio.run(Transcriber(tiny_en_engine).transcribe(audio, TranscribeOptions(mode="batched")))
+    text = normalise(transcript.text)
+    assert text.startswith("he could wait no longer") and text.endswith("what you can do for your country")
+    later = [s for s in transcript.segments if "americans" in s.text.lower()]
+    assert later and later[0].start > len(first) / 16_000 + 2.0  # not at the end of the first sentence
+    assert_ordered_inside(transcript)

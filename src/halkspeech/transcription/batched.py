@@ -45,6 +45,9 @@ from halkspeech.transcription.word_workers import WindowWords, time_window_words
 MEL_BATCH = 32  # chunks per log-mel call: bounds the STFT's memory (~150 MB of complex64 per 32 chunks)
 RETRY_S = 0.02  # wait before resubmitting a chunk the full engine queue refused
 MAX_ROUNDS = 4  # windows per chunk at most: the first, then resumed after unfinished segments
+#: A window that ended (a closing timestamp) with this much speech heard after it, this far past its last
+#: segment, is decoded again from there: Whisper can stop at a pause inside a chunk and drop what follows.
+UNHEARD_MIN_S, UNHEARD_MARGIN_S = 1.0, 0.5
 
 
 @dataclass
@@ -82,9 +85,9 @@ class BatchedTranscription:
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         self.duration = len(audio) / SAMPLE_RATE
-        self.language = normalize_language(options.language, self.tokenizer.num_languages)
-        if not self.tokenizer.multilingual:
-            self.language = "en"
+        # English-only models transcribe English whatever was asked (the CLI warns), so nothing to validate
+        multilingual = self.tokenizer.multilingual
+        self.language = normalize_language(options.language, self.tokenizer.num_languages) if multilingual else "en"
         self.language_probs: dict[str, float] | None = None
         # every chunk sees the initial prompt (the text before it is not known yet)
         prompt = options.initial_prompt
@@ -170,7 +173,8 @@ class BatchedTranscription:
         stitcher: Stitcher,
     ) -> None:
         """Decode the chunk; when the model stops at an unfinished segment (a timestamp pair, then nothing)
-        with speech left after it, decode the rest of the chunk again from there, as the seek loop would."""
+        with speech left after it, decode the rest of the chunk again from there, as the seek loop would; and
+        likewise when it ended the window early, before speech the VAD heard (`_unheard`)."""
         segments: list[Segment] = []
         start, last_speech = chunk.start, previous_end
         for round_ in range(MAX_ROUNDS):
@@ -182,6 +186,8 @@ class BatchedTranscription:
             raw, resume = self._split(window, start, chunk.end, final=forced or round_ == MAX_ROUNDS - 1)
             if resume is not None and not self._has_speech(resume, chunk.end):
                 raw, resume = self._split(window, start, chunk.end, final=True)
+            if resume is None and not forced and round_ < MAX_ROUNDS - 1:
+                resume = self._unheard(raw, chunk.end)
             timed = await self._time_words(chunk, raw, window, start, last_speech)
             fresh = self._segments(chunk, raw, window, timed)
             segments.extend(fresh)
@@ -245,10 +251,21 @@ class BatchedTranscription:
         """Mel frames of audio in a window from `start` to `end` (seconds; at most a whole window)."""
         return min(N_SAMPLES, _sample(end) - _sample(start)) // HOP_LENGTH
 
-    def _has_speech(self, start: float, end: float) -> bool:
-        """Whether the VAD heard speech in [start, end) (at least 0.1 s of it)."""
+    def _has_speech(self, start: float, end: float, at_least_s: float = 0.1) -> bool:
+        """Whether the VAD heard speech in [start, end) (at least `at_least_s` of it)."""
         frames = self.probs[int(start / FRAME_S) : int(end / FRAME_S) + 1]
-        return int((frames >= self.vad.threshold).sum()) * FRAME_S >= 0.1
+        return int((frames >= self.vad.threshold).sum()) * FRAME_S >= at_least_s
+
+    def _unheard(self, raw: list[RawSegment], end: float) -> float | None:
+        """Where to decode a finished window again when the VAD heard over a second of speech after its last
+        segment (a sentence, 3 s of silence, then 11 s of speech in one chunk: tiny.en wrote the first
+        sentence, closed the window, and the 11 s were lost; sequential mode had them): where that speech
+        begins, less the VAD's padding, so that the new window's timestamps start at the speech."""
+        if not raw or not self._has_speech(raw[-1].end + UNHEARD_MARGIN_S, end, UNHEARD_MIN_S):
+            return None
+        first = int((raw[-1].end + UNHEARD_MARGIN_S) / FRAME_S)
+        heard = first + int(np.argmax(self.probs[first:] >= self.vad.threshold))
+        return max(raw[-1].end, heard * FRAME_S - self.vad.pad_s)
 
     def _looping(self, raw: list[RawSegment]) -> set[int]:
         """Indexes of the segments caught by the repetition guard."""

@@ -49,9 +49,9 @@ class SequentialTranscription:
         self.mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
         self.duration = self.content_frames * HOP_LENGTH / SAMPLE_RATE
-        self.language = normalize_language(options.language, self.tokenizer.num_languages)
-        if not self.tokenizer.multilingual:
-            self.language = "en"
+        # English-only models transcribe English whatever was asked (the CLI warns), so nothing to validate
+        multilingual = self.tokenizer.multilingual
+        self.language = normalize_language(options.language, self.tokenizer.num_languages) if multilingual else "en"
 
     def _silent(self, seek: int, size: int) -> bool:
         """The window's audio never reaches -60 dBFS: digital silence or a faint hum. Whisper would decode
