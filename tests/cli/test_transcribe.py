@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import wave
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +100,22 @@ def test_word_timestamps_and_batched_mode_are_wired(capsys: pytest.CaptureFixtur
     assert all("words" in s for s in data["segments"])
 
 
-SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)\n(.+)")
-VTT_CUE = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+)")
+SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)\n(.+(?:\n.+)*)")
+VTT_CUE = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+(?:\n.+)*)")
+
+
+def seconds(stamp: str) -> float:
+    hours, minutes, rest = stamp.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def assert_readable(starts: list[str], ends: list[str], texts: list[str]) -> None:
+    """The default layout: lines of ≤ 42 characters, ≤ 2 lines, ≤ 7 s a cue, in order and not overlapping."""
+    assert all(len(line) <= 42 for text in texts for line in text.splitlines()), texts
+    assert all(len(text.splitlines()) <= 2 for text in texts), texts
+    spans = [(seconds(a), seconds(b)) for a, b in zip(starts, ends, strict=True)]
+    assert all(0 < b - a <= 7.0 + 1e-3 for a, b in spans), spans
+    assert all(b1 <= a2 for (_, b1), (a2, _) in pairwise(spans)), spans
 
 
 def test_srt_structure(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,20 +124,37 @@ def test_srt_structure(capsys: pytest.CaptureFixture[str]) -> None:
     blocks = out.strip().split("\n\n")
     cues = [SRT_CUE.fullmatch(block) for block in blocks]
     assert len(cues) >= 2 and all(cues), out
-    assert [int(c[1]) for c in cues if c] == list(range(1, len(cues) + 1))
-    assert all(c[2] < c[3] for c in cues if c)
-    assert normalize(" ".join(c[4] for c in cues if c)) == normalize(JFK_TEXT)
+    matched = [c for c in cues if c]
+    assert [int(c[1]) for c in matched] == list(range(1, len(cues) + 1))
+    assert_readable([c[2] for c in matched], [c[3] for c in matched], [c[4] for c in matched])
+    assert normalize(" ".join(c[4] for c in matched)) == normalize(JFK_TEXT)
 
 
 def test_vtt_structure(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = transcribe(capsys, JFK, "-f", "vtt")
+    status, out, _ = transcribe(capsys, JFK, "-f", "vtt", "--word-timestamps")
     assert status == 0
     header, *blocks = out.strip().split("\n\n")
     assert header == "WEBVTT"
     cues = [VTT_CUE.fullmatch(block) for block in blocks]
     assert len(cues) >= 2 and all(cues), out
-    assert all(c[1] < c[2] for c in cues if c)
-    assert normalize(" ".join(c[3] for c in cues if c)) == normalize(JFK_TEXT)
+    matched = [c for c in cues if c]
+    assert_readable([c[1] for c in matched], [c[2] for c in matched], [c[3] for c in matched])
+    assert normalize(" ".join(c[3] for c in matched)) == normalize(JFK_TEXT)
+
+
+def test_subtitle_layout_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """--segment-cues: a cue per segment, one line each (the OpenAI API's layout); narrower limits cut more."""
+    status, out, _ = transcribe(capsys, JFK, "-f", "srt", "--segment-cues")
+    segments = [SRT_CUE.fullmatch(block) for block in out.strip().split("\n\n")]
+    assert status == 0 and all(segments) and all("\n" not in c[4] for c in segments if c)
+    status, out, _ = transcribe(capsys, JFK, "-f", "srt", "--max-line-width", "20", "--max-line-count", "1")
+    narrow = [c for c in (SRT_CUE.fullmatch(block) for block in out.strip().split("\n\n")) if c]
+    assert status == 0 and len(narrow) > len(segments)
+    assert all(len(c[4]) <= 20 and "\n" not in c[4] for c in narrow)
+    status, _, err = transcribe(capsys, JFK, "-f", "srt", "--highlight-words")
+    assert status == 2 and err.strip() == "halkspeech: error: --highlight-words needs --word-timestamps"
+    status, _, err = transcribe(capsys, JFK, "-f", "srt", "--max-line-width", "0")
+    assert status == 2 and "max_line_width must be between 1 and 1000" in err
 
 
 # --- several files ---------------------------------------------------------------------------------------------
@@ -249,11 +284,59 @@ def test_out_of_range_option(capsys: pytest.CaptureFixture[str], option: str, va
     assert option.removeprefix("--") in err
 
 
-def test_english_only_model_warns_about_another_language(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = transcribe(capsys, LJ, "--language", "de")
-    assert status == 0
+@pytest.mark.parametrize("language", ["de", "yue"])  # yue: not in an English-only model's vocabulary at all
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_english_only_model_warns_about_another_language(
+    capsys: pytest.CaptureFixture[str], language: str, mode: str
+) -> None:
+    status, out, err = transcribe(capsys, LJ, "--language", language, "--mode", mode)
+    assert status == 0, err
     assert err.startswith("halkspeech: warning: tiny.en is an English-only model")
-    assert out == LJ_TEXT + "\n"
+    assert normalize(out) == normalize(LJ_TEXT)
+
+
+def test_english_only_model_reports_the_task_it_did(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = transcribe(capsys, LJ, "--task", "translate", "-f", "verbose_json")
+    assert status == 0 and "it cannot translate, so it transcribes" in err
+    assert json.loads(out)["task"] == "transcribe"
+
+
+def test_output_names_never_collide(tmp_path: Path) -> None:
+    """Equal stems get -1, -2 …, skipping a name another input has: talk-1.flac keeps talk-1."""
+    from halkspeech.cli.transcribe_output import Output
+
+    names = Output("text", tmp_path).prepare(["a/talk.wav", "b/talk.flac", "talk-1.flac", "-", "x/stdin.mp3"])
+    assert names == ["talk-2.txt", "talk-3.txt", "talk-1.txt", "stdin-1.txt", "stdin-2.txt"]
+
+
+def run_cli(shell: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A shell pipeline with `halkspeech` as this interpreter's module; stdout and stderr captured."""
+    command = shell.replace("halkspeech ", f"{sys.executable} -m halkspeech ")
+    environment = {**os.environ, "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false", **env}
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_a_closed_stdout_stops_quietly() -> None:
+    """`| true` closes the pipe before anything is written: no traceback, no error line per file, exit 1
+    (PIPESTATUS), for the table of `models list` and for transcripts alike."""
+    for command in ("halkspeech models list", f"halkspeech transcribe --model tiny.en --no-progress {LJ} {LS}"):
+        done = run_cli(f"{command} | true; echo ${{PIPESTATUS[0]}}")
+        assert done.stdout.strip() == "1" and done.stderr == "", (command, done.stderr)
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """Its bytes are escaped where it is shown (error lines, JSON's file field), under a strict UTF-8 stdout
+    too; the other files are unaffected (it crashed the run with UnicodeEncodeError)."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.wav"))
+    odd.write_bytes(LJ.read_bytes())
+    done = run_cli(
+        f"halkspeech transcribe --model tiny.en -f json {LS} '{odd}' {tmp_path}/missing.wav", PYTHONIOENCODING="utf-8"
+    )
+    assert done.returncode == 1, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["file"] for row in rows] == [str(LS), f"{tmp_path}/bad\\xff.wav"]
+    assert normalize(rows[1]["text"]) == normalize(LJ_TEXT)
+    assert done.stderr.startswith(f"halkspeech: error: {tmp_path}/missing.wav: ") and "Traceback" not in done.stderr
 
 
 def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -251,6 +251,11 @@ def test_cli_models_list_and_pull(
     err = capsys.readouterr().err.strip()
     assert err.startswith("halkspeech: error: model 'large-v3' not found; tried: ") and "\n" not in err
 
+    # one bad name among several: reported, and the others are still pulled
+    assert main(["models", "--cache-dir", str(mirror_cache), "pull", "no-such-model", "tiny.en"]) == 2
+    out, err = capsys.readouterr()
+    assert out.split() == [str(mirror_cache / "tiny.en")] and "'no-such-model' not found" in err
+
     assert main(["models", "--cache-dir", str(mirror_cache), "pull", "tiny.en", "--force"]) == 2
     assert "(skipped: --force downloads again); downloads (disabled" in capsys.readouterr().err  # not just "not found"
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,11 +54,25 @@ def register_modules(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_paths()
     try:  # Ctrl-C while the subcommands import torch lands here too
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not as Python exits
+        return code
     except KeyboardInterrupt:
         print("halkspeech: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `halkspeech ... | head`: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        return 1
+
+
+def _printable_paths() -> None:
+    """A file name that is not UTF-8 (its bytes kept as lone surrogates) must print, not raise: a strict
+    stdout or stderr (PYTHONIOENCODING=utf-8, say) writes such characters as escapes instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _run(argv: Sequence[str] | None) -> int:

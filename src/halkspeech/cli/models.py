@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from halkspeech.config import load_settings
-from halkspeech.errors import InvalidRequest
+from halkspeech.errors import HalkSpeechError, InvalidRequest
 from halkspeech.model.registry import ModelInfo, ModelRegistry
 
 
@@ -32,9 +33,14 @@ def run(args: argparse.Namespace) -> int:
     if args.models_action == "list":
         print(format_table(registry.list()))
         return 0
-    for name in args.names:
-        print(registry.pull(name, progress=not args.no_progress, force=args.force))
-    return 0
+    failed = False
+    for name in args.names:  # one bad name must not keep the others from being fetched
+        try:
+            print(registry.pull(name, progress=not args.no_progress, force=args.force))
+        except HalkSpeechError as exc:
+            print(f"halkspeech: error: {exc}", file=sys.stderr)
+            failed = True
+    return 2 if failed else 0  # as for any error of the command (cli.main)
 
 
 def format_table(infos: list[ModelInfo]) -> str:

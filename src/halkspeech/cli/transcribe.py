@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -33,6 +32,7 @@ from halkspeech.model.registry import ModelRegistry
 from halkspeech.transcription.formats import FORMATS
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.sequential import Progress
+from halkspeech.transcription.subtitles import READABLE, SubtitleOptions
 from halkspeech.transcription.types import DEFAULT_TEMPERATURES, TranscribeOptions, Transcript
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     output.add_argument("--output-format", "-f", choices=FORMATS, default="text")
     output.add_argument("--output-dir", "-o", type=Path, default=None, help="write NAME.txt/.json/.srt/.vtt here")
     output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    cues = parser.add_argument_group(
+        "subtitles (srt, vtt)",
+        f"Cues are laid out for reading by default: lines of {READABLE.max_line_width} characters, "
+        f"{READABLE.max_line_count} lines, {READABLE.max_cue_duration:g} s on screen, cut at words (their "
+        "times with --word-timestamps, else shares of the segment's time).",
+    )
+    cues.add_argument("--max-line-width", type=int, default=READABLE.max_line_width, metavar="CHARS")
+    cues.add_argument("--max-line-count", type=int, default=READABLE.max_line_count, metavar="LINES")
+    cues.add_argument("--max-cue-duration", type=finite_float, default=READABLE.max_cue_duration, metavar="S")
+    cues.add_argument("--segment-cues", action="store_true", help="one cue per segment, as the OpenAI API writes them")
+    cues.add_argument(
+        "--highlight-words", action="store_true", help="a cue per word, that word underlined (needs --word-timestamps)"
+    )
     output.add_argument(
         "--jobs", type=int, default=32, help="files transcribed at once, each held decoded in memory (default: 32)"
     )
@@ -120,17 +133,18 @@ def run(args: argparse.Namespace) -> int:
         engine__dtype=args.dtype,
         model__allow_download=False if args.offline else None,
     )
-    output = Output(args.output_format, args.output_dir, task=args.task, words=args.word_timestamps)
+    output = Output(
+        args.output_format, args.output_dir, task=args.task, words=args.word_timestamps, subtitles=_subtitles(args)
+    )
     names = output.prepare(args.audio)
     weights = ModelRegistry(settings.model).load(args.model or settings.model.default)
     _check_language(options, weights.dims, weights.name)
+    if not weights.dims.is_multilingual:
+        output.task = "transcribe"  # what an English-only model did (verbose_json's "task")
     model = start_engine(weights, settings.engine)
     try:
         jobs = min(args.jobs, settings.engine.max_queue)
         return asyncio.run(_transcribe_all(model, args.audio, names, options, output, jobs, _show_progress(args)))
-    except BrokenPipeError:  # `halkspeech transcribe ... | head`: stop quietly, as other Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     finally:
         model.close()
 
@@ -148,6 +162,14 @@ def _options(args: argparse.Namespace) -> TranscribeOptions:
         word_timestamps=args.word_timestamps,
         mode=args.mode,
     )
+
+
+def _subtitles(args: argparse.Namespace) -> SubtitleOptions:
+    if args.highlight_words and not args.word_timestamps:
+        raise InvalidRequest("--highlight-words needs --word-timestamps")
+    if args.segment_cues:
+        return SubtitleOptions(highlight_words=args.highlight_words)
+    return SubtitleOptions(args.max_line_width, args.max_line_count, args.max_cue_duration, args.highlight_words)
 
 
 def _check_language(options: TranscribeOptions, dims: ModelDims, name: str) -> None:
@@ -233,6 +255,8 @@ def _emit(outcome: Outcome, name: str, output: Output) -> bool:
         return False
     try:
         output.write(outcome.path, name, outcome.transcript)
+    except BrokenPipeError:
+        raise  # stdout closed (`| head`): the whole command stops quietly (cli.main), not one error a file
     except OSError as exc:
         print(f"halkspeech: error: {outcome.path}: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from halkspeech.errors import InvalidRequest
 from halkspeech.transcription.formats import as_json, as_srt, as_verbose_json, as_vtt
+from halkspeech.transcription.subtitles import READABLE, SubtitleOptions
 from halkspeech.transcription.types import Transcript
 
 EXTENSIONS = {"text": ".txt", "json": ".json", "verbose_json": ".json", "srt": ".srt", "vtt": ".vtt"}
@@ -22,11 +24,20 @@ class Output:
     `==> FILE <==` header before each srt/vtt block; a single input prints just its transcript.
     """
 
-    def __init__(self, fmt: str, output_dir: Path | None, *, task: str = "transcribe", words: bool = False) -> None:
+    def __init__(
+        self,
+        fmt: str,
+        output_dir: Path | None,
+        *,
+        task: str = "transcribe",
+        words: bool = False,
+        subtitles: SubtitleOptions = READABLE,
+    ) -> None:
         self.fmt = fmt
         self.output_dir = output_dir
         self.task = task
         self.words = words
+        self.subtitles = subtitles  # the cue layout of srt and vtt
         self.several = False
 
     def prepare(self, paths: Sequence[str]) -> list[str]:
@@ -39,11 +50,19 @@ class Output:
                 raise InvalidRequest(f"cannot create the output directory {self.output_dir}: {exc.strerror}") from exc
         stems = [Path(p).stem if p != "-" else "stdin" for p in paths]
         counts, seen = Counter(stems), Counter[str]()
+        used = {stem for stem, count in counts.items() if count == 1}
         names = []
         for stem in stems:
+            if counts[stem] == 1:
+                names.append(stem)
+                continue
+            # a/talk.wav and b/talk.wav must not overwrite each other: talk-1.txt, talk-2.txt, skipping a
+            # name another input has (talk-1.flac keeps talk-1.txt; the two talks get talk-2 and talk-3)
             seen[stem] += 1
-            # a/talk.wav and b/talk.wav must not overwrite each other: talk-1.txt, talk-2.txt
-            names.append(f"{stem}-{seen[stem]}" if counts[stem] > 1 else stem)
+            while f"{stem}-{seen[stem]}" in used:
+                seen[stem] += 1
+            used.add(name := f"{stem}-{seen[stem]}")
+            names.append(name)
         return [name + EXTENSIONS[self.fmt] for name in names]
 
     def write(self, path: str, name: str, transcript: Transcript) -> None:
@@ -62,7 +81,7 @@ class Output:
 
     def render_stdout(self, path: str, transcript: Transcript) -> str:
         if self.fmt in ("json", "verbose_json"):
-            head = {"file": path} if self.several else {}
+            head = {"file": shown(path)} if self.several else {}
             return json.dumps(head | self._json(transcript), ensure_ascii=False)
         if self.fmt == "text":
             return _one_line(transcript.text)
@@ -76,11 +95,17 @@ class Output:
 
     def _plain(self, transcript: Transcript) -> str:
         if self.fmt == "srt":
-            return as_srt(transcript)
+            return as_srt(transcript, self.subtitles)
         if self.fmt == "vtt":
-            return as_vtt(transcript)
+            return as_vtt(transcript, self.subtitles)
         return transcript.text.strip() + "\n"
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def shown(path: str | Path) -> str:
+    """A path as text that any output encoding can carry: bytes of a name that are not UTF-8 (os.fsdecode
+    keeps them as lone surrogates, which a UTF-8 writer refuses) as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
