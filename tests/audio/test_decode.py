@@ -354,6 +354,14 @@ def test_audio_ffmpeg_cannot_resample_is_a_decode_error(channels: int, rate: int
     _assert_one_line(error, "cannot convert")
 
 
+@pytest.mark.parametrize("rate", [1, 999])
+def test_a_sample_rate_too_low_for_speech_says_so(rate: int) -> None:
+    """A valid WAV of 5 samples at 1 Hz was called truncated (it held 0.0 s of the 5.0 s its header said)."""
+    with pytest.raises(AudioDecodeError) as error:
+        decode_audio(_wav_bytes(np.ones((5, 1), np.int16), rate=rate))
+    _assert_one_line(error, f"sample rate is {rate} Hz: too low to hold speech")
+
+
 def _float_wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
     """float32 mono samples [n] as an IEEE-float WAV (format tag 3), which `wave` cannot write."""
     data = samples.astype("<f4").tobytes()

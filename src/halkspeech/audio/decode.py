@@ -40,6 +40,7 @@ _CONTAINER_OPTIONS = {"protocol_whitelist": "none"}
 # less; codec delay and padding (AAC priming, Opus pre-skip: < 0.05 s) stay well inside that.
 _MIN_FRACTION = 0.9
 _SLACK_S = 0.1
+MIN_SAMPLE_RATE = 1000  # Hz: speech needs more (telephone audio is 8000), and swresample's filter needs some
 _WAV_PLACEHOLDER = 0x7F00_0000  # sizes near 2**31 or 2**32: what streaming writers put before they know
 
 # (offset, signature, name) to name what FFmpeg could not open; only for the message.
@@ -211,6 +212,11 @@ def _resampled(frames: Iterator[av.AudioFrame], sample_rate: int) -> Iterator[np
     try:
         for frame in frames:
             if resampler is None or (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
+                if frame.sample_rate < MIN_SAMPLE_RATE:  # else "truncated", once the resampler's delay ate it all
+                    raise AudioDecodeError(
+                        f"the audio's sample rate is {frame.sample_rate} Hz: too low to hold speech "
+                        f"(at least {MIN_SAMPLE_RATE} Hz)"
+                    )
                 if resampler is not None:
                     yield from _mono(resampler.resample(None))  # flush the old one's delay line
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate, options=_SWR_OPTIONS)
