@@ -46,8 +46,11 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        # the first bytes of a kept-alive connection's next request: its headers' deadline starts now
-        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+        # bytes of a kept-alive connection's next request: its headers' deadline starts at the first of them
+        # (a deadline still pending from an earlier request is replaced)
+        between = self.cycle is None or self.cycle.response_complete
+        if between and (self._deadline is None or self._waiting_under is not self.cycle):
+            self._disarm()
             self._arm()
         super().data_received(data)
 
