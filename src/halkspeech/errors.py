@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 class HalkSpeechError(Exception):
-    """Base class of every error HalkSpeech raises on purpose."""
+    """Base class of every error HalkSpeech raises on purpose. `param` names the request field at fault where
+    there is one (the OpenAI error's `param`)."""
 
     code: str = "halkspeech_error"
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidRequest(HalkSpeechError):

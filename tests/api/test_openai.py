@@ -4,6 +4,7 @@ OpenAI-shaped errors."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_streaming_deltas_then_done(client: openai.OpenAI, jfk_path: Path) -> No
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the openai client marks translations so
 def test_translation_german_to_english(client: openai.OpenAI) -> None:
     result = client.audio.translations.create(model="base", file=GERMAN.open("rb"), response_format="verbose_json")
-    assert result.task == "translate"
+    assert result.task == "translate" and result.language == "english"  # the output's language, as OpenAI's
     found = set(words_of(result.text))
     assert not found & {"der", "diesem", "liegenden", "raum", "wurde", "als", "genutzt"}, result.text
     assert found & {"the", "this", "was", "is", "used", "as", "room", "hall"}, result.text
@@ -114,6 +115,16 @@ def test_errors_are_openai_shaped(client: openai.OpenAI, jfk_path: Path) -> None
         client.audio.transcriptions.create(model="no-such-model", file=LJ.open("rb"))
     with pytest.raises(openai.BadRequestError, match="English-only and cannot translate"):
         client.audio.translations.create(model="tiny.en", file=LJ.open("rb"))
+    with pytest.raises(openai.BadRequestError, match="unsupported language 'xx'") as bad_language:
+        client.audio.transcriptions.create(model="whisper-1", file=LJ.open("rb"), language="xx")
+    assert bad_language.value.body["param"] == "language"  # type: ignore[index]
+
+
+def test_faster_whisper_server_model_ids_name_the_catalog_model(client: openai.OpenAI, server: LiveServer) -> None:
+    """Systran/faster-whisper-tiny.en is the repo tiny.en comes from: the same engine, not a 404."""
+    result = client.audio.transcriptions.create(model="Systran/faster-whisper-tiny.en", file=LJ.open("rb"))
+    assert words_of(result.text) == words_of("in being comparatively modern.")
+    assert "Systran/faster-whisper-tiny.en" not in {m.name for m in server.pool.loaded()}
 
 
 def test_openapi_documents_the_multipart_upload_and_the_real_error_statuses(server: LiveServer) -> None:
@@ -141,3 +152,22 @@ def test_openapi_documents_the_multipart_upload_and_the_real_error_statuses(serv
     assert {"400", "401", "404", "413", "422", "429", "504"} <= set(simple)
     assert "409" in schema["paths"]["/v1/models/{model_id}"]["delete"]["responses"]
     assert "HTTPValidationError" not in components and "ValidationError" not in components
+
+
+def test_an_error_after_the_stream_started_is_an_openai_error_event(shared_tiny_en: ModelEngine) -> None:
+    """A transcription that times out once its stream is open ends it with an error event carrying OpenAI's
+    error object (message, type, param, code), as the 504 body would have."""
+    with live_server(api_settings(request_timeout_s=0.2), shared_tiny_en) as live:
+        with httpx.stream(
+            "POST",
+            f"{live.url}/v1/audio/transcriptions",
+            files={"file": (TEST_DATA / "jfk.flac").read_bytes()},
+            data={"stream": "true"},
+            timeout=120,
+        ) as response:
+            assert response.status_code == 200
+            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line) for line in lines if line != "[DONE]"]
+    assert events[-1]["type"] == "error", events
+    error = events[-1]["error"]
+    assert error == {"message": error["message"], "type": "server_error", "param": None, "code": "timeout"}

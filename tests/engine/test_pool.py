@@ -61,7 +61,8 @@ def test_one_real_load_for_every_concurrent_caller_and_alias() -> None:
     pool._loader = lambda key: calls.append(key) or real(key)  # type: ignore[func-returns-value]
 
     async def main() -> list[ModelEngine]:
-        return await asyncio.gather(*(pool.get(n) for n in ("tiny.en", "", None, "whisper-1", "whisper-tiny.en")))
+        names = ("tiny.en", "", None, "whisper-1", "whisper-tiny.en", "Systran/faster-whisper-tiny.en")
+        return await asyncio.gather(*(pool.get(n) for n in names))
 
     try:
         models = asyncio.run(main())
@@ -71,6 +72,17 @@ def test_one_real_load_for_every_concurrent_caller_and_alias() -> None:
     finally:
         pool.close_now()
     assert not models[0].engine.alive  # close_now stopped it
+
+
+def test_a_catalog_models_own_hub_repo_is_that_model() -> None:
+    """faster-whisper-server clients name models by their repo: the same key, so the same engine, as the
+    catalog name (they were a 404, then a second engine); other repos and paths stay what they are."""
+    pool = ModelPool(settings(), ModelRegistry(settings().model))
+    assert pool.key("Systran/faster-whisper-base") == "base"
+    assert pool.key(" mobiuslabsgmbh/faster-whisper-large-v3-turbo ") == "large-v3-turbo"
+    assert pool.key("someone/faster-whisper-base") == "someone/faster-whisper-base"
+    assert pool.key("./Systran/faster-whisper-base") == "./Systran/faster-whisper-base"
+    assert pool.offered(pool.key("Systran/faster-whisper-large-v3"))
 
 
 def test_errors_are_domain_errors(tiny_en: ModelEngine) -> None:
@@ -95,9 +107,10 @@ def test_requests_may_not_name_local_paths_or_random_weights(tmp_path: Path, mon
             pool.check(name, fetch=True)
     for name in ("tiny.en", "base", "small", "random:tiny", "whisper-1"):
         pool.check(name)  # configured, catalog or alias: fine
-    pool.check("Systran/faster-whisper-small", fetch=True)  # a hub repo, when explicitly fetched
+    pool.check("Systran/faster-whisper-small")  # the catalog's small, by the repo its weights come from
+    pool.check("someone/whisper-finetune-ct2", fetch=True)  # another hub repo, when explicitly fetched
     with pytest.raises(ModelNotFound):
-        pool.check("Systran/faster-whisper-small")  # ... but not from a transcription request
+        pool.check("someone/whisper-finetune-ct2")  # ... but not from a transcription request
 
 
 def test_ttl_reaper_unloads_idle_models_and_spares_busy_ones(tiny_en: ModelEngine) -> None:

@@ -66,6 +66,11 @@ def _error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+def error_fields(status: int, message: str, code: str | None, param: str | None) -> dict[str, Any]:
+    """OpenAI's error object: `{"message", "type", "param", "code"}`."""
+    return {"message": message, "type": _error_type(status), "param": param, "code": code}
+
+
 def error_response(
     request: Request,
     status: int,
@@ -75,7 +80,7 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    body: dict[str, Any] = {"error": error_fields(status, message, code, param)}
     if not request.url.path.startswith("/v1/"):
         body["detail"] = message
     return JSONResponse(body, status_code=status, headers=headers)
@@ -89,7 +94,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     if status >= 500:
         log.warning("request failed: %s: %s", type(exc).__name__, exc)
-    return error_response(request, status, str(exc), code=exc.code, headers=headers)
+    return error_response(request, status, str(exc), code=exc.code, param=exc.param, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

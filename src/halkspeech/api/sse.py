@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from halkspeech.api.deps import AppState
+from halkspeech.api.errors import error_fields, status_for
 from halkspeech.api.jobs import Job, Outcome, cancel, run_job, until_disconnect
 from halkspeech.errors import Cancelled, HalkSpeechError
 
@@ -66,12 +67,12 @@ async def _events(
         outcome = task.result()
     except asyncio.CancelledError:
         return
-    except HalkSpeechError as exc:
-        yield {"type": "error", "error": {"message": str(exc), "code": exc.code}}
+    except HalkSpeechError as exc:  # the body of the error response it would have been (api/errors.py)
+        yield {"type": "error", "error": error_fields(status_for(exc), str(exc), exc.code, exc.param)}
         return
     except Exception:
         log.exception("streamed transcription failed")
-        yield {"type": "error", "error": {"message": "internal server error", "code": "internal_error"}}
+        yield {"type": "error", "error": error_fields(500, "internal server error", "internal_error", None)}
         return
     yield final(outcome)
 

@@ -87,7 +87,9 @@ class ModelPool:
         if text.startswith(RANDOM_PREFIX):
             return RANDOM_PREFIX + canonical_name(text.removeprefix(RANDOM_PREFIX))
         if "/" in text or "\\" in text or text.startswith((".", "~")):
-            return text  # a path or a hub repo: the registry resolves it
+            # a path or a hub repo, which the registry resolves; a catalog model's own repo is that model (one
+            # engine for base and Systran/faster-whisper-base, as faster-whisper-server clients name it)
+            return self.registry.catalog_name(text) or text
         return canonical_name(text)
 
     def offered(self, key: str) -> bool:

@@ -48,7 +48,9 @@ def normalize_language(value: str | None, num_languages: int = len(LANGUAGES)) -
     code = key if key in LANGUAGES else TO_LANGUAGE_CODE.get(key)
     if code is None:
         shown = value if len(value) <= 40 else value[:40] + "..."  # never echo a client's megabyte back
-        raise InvalidRequest(f"unsupported language {shown!r}: use an ISO 639-1 code such as 'en' or 'tr'")
+        raise InvalidRequest(
+            f"unsupported language {shown!r}: use an ISO 639-1 code such as 'en' or 'tr'", param="language"
+        )
     if list(LANGUAGES).index(code) >= num_languages:
-        raise InvalidRequest(f"language {code!r} is not in this model's vocabulary")
+        raise InvalidRequest(f"language {code!r} is not in this model's vocabulary", param="language")
     return code

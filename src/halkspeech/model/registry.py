@@ -176,6 +176,15 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found: not a path that exists, and not a valid model name")
         return key, catalog
 
+    def catalog_name(self, name: str) -> str | None:
+        """The catalog model `name` stands for, as `load` reads it: a spelling of a catalog name, or the hub
+        repo its weights come from (`Systran/faster-whisper-base` is base); None for any other repo or path."""
+        name = name.strip()
+        canonical = canonical_name(name)
+        if canonical not in KNOWN_DIMS or ("/" in name and self._hub_repo(canonical) != name):
+            return None
+        return canonical
+
     def _hub_repo(self, key: str) -> str:
         return key.replace("--", "/") if "--" in key else _HUB_REPOS.get(key, f"Systran/faster-whisper-{key}")
 

@@ -31,7 +31,8 @@ def as_json(transcript: Transcript) -> dict[str, Any]:
 def as_verbose_json(transcript: Transcript, *, task: str = "transcribe", words: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "task": task,
-        "language": LANGUAGES.get(transcript.language, transcript.language),
+        # the output's language, as OpenAI's: a translation's is always English (the source's is in the segments)
+        "language": "english" if task == "translate" else LANGUAGES.get(transcript.language, transcript.language),
         "duration": round(transcript.duration, 3),
         "text": transcript.text.strip(),
         "segments": [s.as_dict() for s in transcript.segments],

@@ -48,7 +48,7 @@ class SequentialTranscription:
         # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference).
         self.mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
-        self.duration = self.content_frames * HOP_LENGTH / SAMPLE_RATE
+        self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
         # English-only models transcribe English whatever was asked (the CLI warns), so nothing to validate
         multilingual = self.tokenizer.multilingual
         self.language = normalize_language(options.language, self.tokenizer.num_languages) if multilingual else "en"
@@ -66,7 +66,8 @@ class SequentialTranscription:
     def _report(self, seek: int) -> None:
         """Tell the progress callback how many seconds of audio are done."""
         if self.progress:
-            self.progress(min(seek, self.content_frames) * HOP_LENGTH / SAMPLE_RATE, self.duration)
+            done = self.duration if seek >= self.content_frames else seek * HOP_LENGTH / SAMPLE_RATE
+            self.progress(done, self.duration)
 
     async def run(self) -> Transcript:
         started = time.perf_counter()

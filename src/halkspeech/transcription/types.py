@@ -70,12 +70,21 @@ class TranscribeOptions:
             raise InvalidRequest("force_tokens_per_second must be in (0, 100]")
 
 
+def _to_the_millisecond(span: Word | Segment) -> None:
+    # times are sums of 0.02 s steps and offsets: 7.6000000000000005 in every output format otherwise
+    object.__setattr__(span, "start", round(span.start, 3))
+    object.__setattr__(span, "end", round(span.end, 3))
+
+
 @dataclass(frozen=True)
 class Word:
     word: str
     start: float
     end: float
     probability: float
+
+    def __post_init__(self) -> None:
+        _to_the_millisecond(self)
 
     def clamped(self, lo: float, hi: float) -> Word:
         """Its times moved into [lo, hi] (a timestamp in a window's padding, past the audio, means its end)."""
@@ -96,6 +105,9 @@ class Segment:
     compression_ratio: float
     no_speech_prob: float
     words: tuple[Word, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _to_the_millisecond(self)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
