@@ -157,16 +157,18 @@ def test_openapi_documents_the_multipart_upload_and_the_real_error_statuses(serv
 def test_an_error_after_the_stream_started_is_an_openai_error_event(shared_tiny_en: ModelEngine) -> None:
     """A transcription that times out once its stream is open ends it with an error event carrying OpenAI's
     error object (message, type, param, code), as the 504 body would have."""
-    with live_server(api_settings(request_timeout_s=0.2), shared_tiny_en) as live:
-        with httpx.stream(
+    with (
+        live_server(api_settings(request_timeout_s=0.2), shared_tiny_en) as live,
+        httpx.stream(
             "POST",
             f"{live.url}/v1/audio/transcriptions",
             files={"file": (TEST_DATA / "jfk.flac").read_bytes()},
             data={"stream": "true"},
             timeout=120,
-        ) as response:
-            assert response.status_code == 200
-            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        ) as response,
+    ):
+        assert response.status_code == 200
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     events = [json.loads(line) for line in lines if line != "[DONE]"]
     assert events[-1]["type"] == "error", events
     error = events[-1]["error"]

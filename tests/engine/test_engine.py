@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import whisper
@@ -18,6 +20,8 @@ from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
 from halkspeech.errors import Cancelled, Overloaded
 from halkspeech.model.weights import LoadedWeights
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions, Transcript
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "data"
 CLIPS = ("jfk.flac", "LJ001-0002.wav", "1089-134691-0000.flac", "test_de.wav")
@@ -201,3 +205,24 @@ def test_a_failed_encoder_run_fails_its_requests_not_the_engine(
         decode_alone(small_engine, windows[0])
     assert "modern" in small_engine.tokenizer.decode(list(decode_alone(small_engine, windows[1]).tokens))
     assert small_engine.engine.alive and small_engine.engine.queue_depth == 0
+
+
+def test_a_slot_left_past_the_context_fails_no_later_step(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    """Windows forced to 224 tokens after a full previous-text prompt take their last token at the context's
+    last position; a step launched before that end is read advances the slot once more, past the context.
+    The next steps that spanned the idle slot indexed past the positional embedding and failed every
+    running request (an IndexError here; on a GPU, the next slot's first cache row overwritten)."""
+    audio = np.concatenate([decode_audio(jfk_path)] * 4)  # 44 s: two windows, the second one's prompt full
+    options = TranscribeOptions(force_decode_tokens=224, without_timestamps=True)
+
+    async def staggered(delay: float) -> Transcript:
+        await asyncio.sleep(delay)
+        return await Transcriber(tiny_en_engine).transcribe(audio, options)
+
+    async def main() -> list[Transcript]:
+        return await asyncio.gather(*(staggered(d) for d in (0.0, 1.5, 3.0)))
+
+    failed = tiny_en_engine.engine.stats.failed
+    transcripts = asyncio.run(main())
+    assert [len(t.segments) for t in transcripts] == [2, 2, 2]
+    assert tiny_en_engine.engine.stats.failed == failed

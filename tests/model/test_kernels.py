@@ -84,6 +84,11 @@ def test_step_inputs() -> None:
     x, rows = kernels.step_inputs(tokens, positions, embedding, positional, n_ctx=16)
     torch.testing.assert_close(x, embedding[tokens] + positional[positions])
     assert rows.tolist() == [0, 16 + 5, 32 + 2]
+    # an idle row past the context (advanced once more after its last token) stays at the last position: it
+    # wrote the next slot's first cache row (48 = 3 * 16 + 0) and read past the positional embedding
+    x, rows = kernels.step_inputs(tokens, torch.tensor([0, 5, 16]), embedding, positional, n_ctx=16)
+    torch.testing.assert_close(x[2], embedding[0] + positional[15])
+    assert rows.tolist() == [0, 16 + 5, 32 + 15]
 
 
 @pytest.mark.parametrize("splits", [1, 4])
@@ -108,6 +113,10 @@ def test_decode_attention_equals_sdpa(splits: int) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if splits > 1:
         assert not kernels._workspaces[(q.device, "attention")][1].any()
+    # rows at or past the last position read the 40 keys there are, not beyond (an idle row past the context)
+    past = kernels.decode_attention(q, keys, values, lengths=torch.tensor([40, 45, 39]), length_offset=1)
+    every = F.scaled_dot_product_attention(q[:, :, None], keys, values)[:, :, 0].reshape(b, h * dh)
+    torch.testing.assert_close(past, every, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fused_max_batch", [4, 2])

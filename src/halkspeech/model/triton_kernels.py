@@ -116,7 +116,7 @@ def step_inputs_kernel(
     pdl_wait(PDL)
     b = tl.program_id(0)
     token = tl.load(tokens_ptr + b * stride_tokens)
-    position = tl.load(positions_ptr + b * stride_positions)
+    position = tl.minimum(tl.load(positions_ptr + b * stride_positions), n_ctx - 1)  # an idle row past the end
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         ok = rd < D
@@ -140,8 +140,8 @@ def attention_kernel(
     # them from ws [B*H*SPLITS, DH + 2] (zeroing count [B*H], as the linear kernel's split-K)
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pdl_wait(PDL)
-    if HAS_LEN:
-        length = tl.load(len_ptr + b * stride_len).to(tl.int32) + len_offset
+    if HAS_LEN:  # never past the keys there are (an idle row past the context)
+        length = tl.minimum(tl.load(len_ptr + b * stride_len).to(tl.int32) + len_offset, length)
     span = tl.cdiv(length, SPLITS * BLOCK_N) * BLOCK_N
     end = tl.minimum(length, (split + 1) * span)
     d = tl.arange(0, DH)

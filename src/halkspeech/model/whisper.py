@@ -325,9 +325,16 @@ class Decoder(nn.Module):
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, window: int) -> Tensor:
         """One token per slot 0..B-1: tokens [B] at positions [B] → logits [B, V]. Keys beyond each slot's
         position are masked; `window` (≥ every position + 1) bounds how much of the cache is read, except with
-        the fused kernels on (`step_window`), which read each slot's keys up to its position."""
+        the fused kernels on (`step_window`), which read each slot's keys up to its position.
+
+        A row may be past the context: a slot whose sequence took its last token at the last position is
+        advanced once more by a step launched before its end was read, and stays there while idle. Its row is
+        computed at the last position (its own last cache row, never read: a new sequence overwrites it),
+        not at n_text_ctx, which indexed past the positional embedding and wrote the next slot's first
+        key and value."""
         if tokens.shape[0] <= self.fused_max_batch:
             return self._step_fused(tokens, positions, cache)
+        positions = positions.clamp(max=cache.n_text_ctx - 1)
         x = (self.token_embedding(tokens) + self.positional_embedding[positions])[:, None]  # [B, 1, D]
         mask = None
         if not self.fused_max_batch:
@@ -342,7 +349,7 @@ class Decoder(nn.Module):
 
     def _step_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         # the same step in 8 launches a layer, one for the inputs and one for the logits (float32); no mask:
-        # each slot's self-attention reads its keys up to its position
+        # each slot's self-attention reads its keys up to its position (both kernels clamp it to the context)
         x, rows = kernels.step_inputs(
             tokens, positions, self.token_embedding.weight, self.positional_embedding, cache.n_text_ctx
         )
