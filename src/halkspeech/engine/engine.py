@@ -352,7 +352,9 @@ class Engine:
         finished = []
         results = item.launched.results()
         for admission, result, (job, _) in zip(item.admissions, results, item.rows, strict=True):
-            done = self.scheduler.record_admission(admission, result, job.encode_ms)
+            # each window its share of the run that encoded it: a request's windows add up to its part of the
+            # encoder's time (each was charged the whole run: 159 s of encoder in a 36 s batched request)
+            done = self.scheduler.record_admission(admission, result, job.encode_ms / len(job.audio))
             if done is not None:
                 finished.append(done)
             if not job.counted:  # a job's time once, however many of its windows are admitted

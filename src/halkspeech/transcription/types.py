@@ -121,8 +121,10 @@ class Segment:
 
 @dataclass(frozen=True)
 class Timings:
-    """Milliseconds spent per stage of one transcription. queue/encoder/decoder are summed over its windows
-    (they overlap when windows run together); the rest are wall times of batched mode's stages."""
+    """Milliseconds spent per stage of one transcription. queue/encoder/decoder are summed over its windows:
+    encoder each window's share of the encoder run it was in, queue and decoder each window's own wait and
+    decoding, which overlap when its windows run together (batched mode: their sum can exceed `total`); the
+    rest are wall times of batched mode's stages."""
 
     queue: float = 0.0
     encoder: float = 0.0
