@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from whisper.model import Whisper as Reference
 
 from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
 from halkspeech.config import EngineSettings
+from halkspeech.engine.engine import DecodeHandle
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
 from halkspeech.errors import Cancelled, Overloaded
@@ -101,6 +104,54 @@ def test_queue_limit_answers_at_once(small_engine: ModelEngine, windows: list[to
     for handle in handles:
         with pytest.raises(Cancelled):
             handle.result(timeout=60)
+
+
+def test_queue_depth_counts_windows_not_messages(
+    small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the loop has not taken them in: a batch of three windows is three (it was one message, so one),
+    and cancels are no queued work (a burst of them, after clients left, filled the queue and refused work)."""
+    engine = small_engine.engine
+    monkeypatch.setattr(engine, "_drain", lambda block: time.sleep(0.01))  # the loop takes nothing in …
+    time.sleep(0.6)  # … once its blocking wait (0.5 s) has returned
+    handles = engine.submit_many([make_request(small_engine, w) for w in windows[:3]])
+    assert engine.queue_depth == 3
+    for handle in handles:
+        handle.cancel()
+    assert engine.queue_depth == 3
+    with pytest.raises(Overloaded):
+        engine.submit_many([make_request(small_engine, w) for w in windows] * 2)  # 8 - 3 = 5 fit, not 8
+    monkeypatch.undo()
+    for handle in handles:
+        with pytest.raises(Cancelled):
+            handle.result(timeout=60)
+    _wait_for(lambda: engine.queue_depth == 0 and engine.running == 0)
+
+
+def test_a_cancel_during_a_cpu_encoder_run_is_seen_before_admission(
+    small_engine: ModelEngine, windows: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU encoder run holds the engine thread for seconds; a client that leaves meanwhile has its window
+    cancelled before the admission that follows the run, not decoded first."""
+    engine = small_engine.engine
+    submitted = threading.Event()
+    handles: list[DecodeHandle] = []
+    encode = engine.runner.encode_async
+
+    def encode_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        job = encode(*args, **kwargs)
+        submitted.wait(10)
+        handles[0].cancel()  # the client leaves while the run is under way
+        return job
+
+    monkeypatch.setattr(engine.runner, "encode_async", encode_then_cancel)
+    admitted = engine.stats.admitted
+    handles.extend(engine.submit_many([make_request(small_engine, w) for w in windows[:2]]))
+    submitted.set()
+    with pytest.raises(Cancelled):
+        handles[0].result(timeout=60)
+    assert handles[1].result(timeout=60).tokens
+    assert engine.stats.admitted == admitted + 1
 
 
 def test_cancel_frees_the_slot(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:

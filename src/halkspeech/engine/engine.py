@@ -141,6 +141,9 @@ class Engine:
         self.stats = EngineStats()
         # messages to the loop: ("submit" | "cancel" | "wake", handles); a batch's handles travel in one message
         self._inbox: queue.SimpleQueue[tuple[str, tuple[DecodeHandle, ...]]] = queue.SimpleQueue()
+        # windows submitted and still in the inbox (cancel and wake messages are not queued work)
+        self._posted = 0
+        self._posted_lock = threading.Lock()
         self._handles: dict[int, DecodeHandle] = {}
         self._jobs: deque[tuple[EncodeJob, list[Group]]] = deque()
         self._encoded: dict[int, tuple[EncodeJob, int]] = {}  # rid → (job, row of its audio)
@@ -178,8 +181,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        # requests not yet in a slot (a batch still in the inbox counts once: the loop drains it at once)
-        return self.scheduler.queue_depth + self._inbox.qsize()
+        # windows not yet in a slot: in the scheduler's queue, or submitted and not yet taken from the inbox
+        return self.scheduler.queue_depth + self._posted
 
     @property
     def max_group_size(self) -> int:
@@ -209,11 +212,13 @@ class Engine:
         """Post new handles to the loop in one message, or raise: the engine stopped, or they do not fit."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
-        if self.queue_depth + len(handles) > self.scheduler.max_queue:
-            if len(handles) == 1:
-                raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
-            raise Overloaded(f"the decode queue cannot take {len(handles)} more windows")
-        self._post("submit", handles)
+        with self._posted_lock:  # the check and the count as one: two callers cannot both take the last room
+            if self.queue_depth + len(handles) > self.scheduler.max_queue:
+                if len(handles) == 1:
+                    raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
+                raise Overloaded(f"the decode queue cannot take {len(handles)} more windows")
+            self._posted += len(handles)
+            self._post("submit", handles)
 
     async def decode(self, request: DecodeRequest, on_tokens: TokenListener | None = None) -> DecodeResult:
         return await self.submit(request, on_tokens).wait()
@@ -255,10 +260,17 @@ class Engine:
             kind, handles = message
             for handle in handles:
                 self._handle(kind, handle)
+            self._taken(kind, handles)  # after: in the scheduler's queue now (counted twice for a moment)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _taken(self, kind: str, handles: tuple[DecodeHandle, ...]) -> None:
+        """A message is out of the inbox: its windows no longer count as posted."""
+        if kind == "submit":
+            with self._posted_lock:
+                self._posted -= len(handles)
 
     def _handle(self, kind: str, handle: DecodeHandle) -> None:
         if kind == "submit":
@@ -278,8 +290,13 @@ class Engine:
         step = None
         try:
             self._collect_encoded()
+            runs = self.stats.encoder_batches.total()
             fresh = self._launch_encodes()
             self._collect_encoded()  # on a CPU the job finished at launch
+            if self.runner.device.type == "cpu" and self.stats.encoder_batches.total() > runs:
+                # the run took seconds on this thread: cancels that came meanwhile go first, so their windows
+                # are not admitted and decoded (a batched request's client left; 16 windows were admitted after)
+                self._drain(block=False)
             admissions = self.scheduler.schedule_admission(fresh)
             if admissions:
                 # Launched, not waited for: the next step is queued behind it at once, and its first tokens are
@@ -493,9 +510,10 @@ class Engine:
         self._handles.clear()
         while True:
             try:
-                _, handles = self._inbox.get_nowait()
+                kind, handles = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            self._taken(kind, handles)
             for handle in handles:
                 if not handle.future.done():
                     handle.future.set_exception(exc)
