@@ -41,13 +41,12 @@ def split_window(
         segments, last = [], 0
         for cut in cuts:
             piece = tokens[last:cut]
-            segments.append(
-                RawSegment(
-                    start=time_offset + (piece[0] - timestamp_begin) * TIME_PRECISION,
-                    end=time_offset + (piece[-1] - timestamp_begin) * TIME_PRECISION,
-                    tokens=piece,
-                )
-            )
+            end = time_offset + (piece[-1] - timestamp_begin) * TIME_PRECISION
+            # a piece starts at a timestamp, but for the first, whose text may come first where no rule forced
+            # one (without_timestamps, then sampled timestamps; a text token read as one gave start -650 s): it
+            # starts with the window; and unordered sampled timestamps must not end a segment before it starts
+            start = time_offset + (piece[0] - timestamp_begin) * TIME_PRECISION if is_ts[last] else time_offset
+            segments.append(RawSegment(start=min(start, end), end=end, tokens=piece))
             last = cut
         if single_ending:
             return segments, segment_frames  # no speech after the last timestamp: take the whole window
