@@ -32,7 +32,6 @@ from halkspeech.model.dims import (
     SAMPLE_RATE,
     TIME_PRECISION,
 )
-from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.alignment import TimedSpan
 from halkspeech.transcription.chunking import Chunk, make_chunks
 from halkspeech.transcription.guards import is_repetitive
@@ -85,9 +84,7 @@ class BatchedTranscription:
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         self.duration = len(audio) / SAMPLE_RATE
-        # English-only models transcribe English whatever was asked (the CLI warns), so nothing to validate
-        multilingual = self.tokenizer.multilingual
-        self.language = normalize_language(options.language, self.tokenizer.num_languages) if multilingual else "en"
+        self.language = self.decoder.language()
         self.language_probs: dict[str, float] | None = None
         # every chunk sees the initial prompt (the text before it is not known yet)
         prompt = options.initial_prompt

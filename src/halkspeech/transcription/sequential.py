@@ -16,7 +16,6 @@ import torch
 from halkspeech.audio.features import log_mel_spectrogram, pad_or_trim
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.model.dims import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
-from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.alignment import TimedSpan, last_end, time_words
 from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript
@@ -49,9 +48,7 @@ class SequentialTranscription:
         self.mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
         self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
-        # English-only models transcribe English whatever was asked (the CLI warns), so nothing to validate
-        multilingual = self.tokenizer.multilingual
-        self.language = normalize_language(options.language, self.tokenizer.num_languages) if multilingual else "en"
+        self.language = self.decoder.language()
 
     def _silent(self, seek: int, size: int) -> bool:
         """The window's audio never reaches -60 dBFS: digital silence or a faint hum. Whisper would decode
