@@ -128,6 +128,18 @@ def test_streamed_turn_gives_the_file_transcript(client: TestClient, tiny_en_eng
     assert set(final["timings_ms"]) >= {"queue", "encoder", "decoder", "end_to_final"}
 
 
+def test_english_only_model_takes_any_language(client: TestClient, lj_audio: np.ndarray) -> None:
+    """`yue` is not in tiny.en's vocabulary; the turn is transcribed in English, as over HTTP and in the CLI."""
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START | {"language": "yue"})
+        assert ws.receive_json()["type"] == "started"
+        for chunk in frames(pcm16(lj_audio)):
+            ws.send_bytes(chunk)
+        ws.send_json(END)
+        final = receive_until(ws, "final")[-1]
+    assert final["language"] == "en" and "comparatively modern" in final["text"]
+
+
 def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClient, lj_audio: np.ndarray) -> None:
     cases: list[tuple[str | bytes | dict[str, Any], str]] = [
         ("not json", "invalid_message"),

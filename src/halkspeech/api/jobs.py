@@ -62,9 +62,9 @@ def check_options(model: ModelEngine, options: TranscribeOptions) -> None:
     """Refuse what this model cannot do before any work starts (so a stream never starts only to fail)."""
     if options.task == "translate" and not model.tokenizer.multilingual:
         raise InvalidRequest(f"model {model.name} is English-only and cannot translate; use a multilingual model")
-    normalize_language(options.language, model.tokenizer.num_languages)
-    # the widest request of the fallback: beams at temperature 0, samples above (what the engine will be sent)
     window = WindowDecoder(model, options)
+    window.language()  # a language outside the model's vocabulary; an English-only model takes any (as the CLI)
+    # the widest request of the fallback: beams at temperature 0, samples above (what the engine will be sent)
     needed = max(window.sampling(t).group_size for t in options.temperatures)
     limit = model.engine.max_group_size
     if needed > limit:
