@@ -5,7 +5,9 @@ so the local server stands in for a public host and anything else stands in for 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.server
+import time
 import ipaddress
 import threading
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from halkspeech.config import ServerSettings
 from halkspeech.errors import PayloadTooLarge, URLFetchError
 
 LJ_BYTES = (TEST_DATA / "LJ001-0002.wav").read_bytes()
+GZIP_BOMB = gzip.compress(b"\0" * (64 << 20), compresslevel=1)  # 64 MB of zeros in ~0.3 MB
 SEEN: list[dict[str, str]] = []  # request headers the server received, in order
 
 
@@ -36,6 +39,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(302, b"", {"Location": "/loop"})
         elif url.path == "/big":
             self._send(200, b"\0" * 300_000)
+        elif url.path == "/gzip":  # sent gzipped even though identity was asked for
+            self._send(200, gzip.compress(LJ_BYTES), {"Content-Encoding": "gzip"})
+        elif url.path == "/gzip-bomb":
+            self._send(200, GZIP_BOMB, {"Content-Encoding": "gzip"})
+        elif url.path == "/gzip-gzip":  # layers multiply: 1.8 KB of gzip inside gzip can hold a GB of zeros
+            self._send(200, gzip.compress(gzip.compress(LJ_BYTES)), {"Content-Encoding": "gzip, gzip"})
+        elif url.path == "/br":
+            self._send(200, b"\x0b\x02\x80hello\x03", {"Content-Encoding": "br"})
         elif url.path == "/big-chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -104,6 +115,23 @@ def test_limits(origin: str) -> None:
         fetch(f"{origin}/big-chunked", max_upload_mb=0.2)
     with pytest.raises(URLFetchError, match="HTTP 404"):
         fetch(f"{origin}/nothing-here")
+
+
+def test_compressed_bodies_are_unpacked_within_the_limit(origin: str) -> None:
+    """Identity is asked for; a server that gzips anyway is unpacked one bounded piece at a time, so a body
+    that unpacks past the limit is refused at the first piece over it (httpx unpacked each read whole, through
+    every layer: 1.8 KB of gzip inside gzip held the server for 10 s and 3 GB)."""
+    SEEN.clear()
+    assert fetch(f"{origin}/gzip") == LJ_BYTES
+    assert SEEN[0]["Accept-Encoding"] == "identity"
+    started = time.perf_counter()
+    with pytest.raises(PayloadTooLarge, match=r"larger than the limit of 1 MB"):
+        fetch(f"{origin}/gzip-bomb", max_upload_mb=1)
+    assert time.perf_counter() - started < 1  # the first 64 KB read unpacks past 1 MB: no further reads
+    with pytest.raises(URLFetchError, match="does not unpack: gzip, gzip"):
+        fetch(f"{origin}/gzip-gzip")
+    with pytest.raises(URLFetchError, match="does not unpack: br"):
+        fetch(f"{origin}/br")
 
 
 @pytest.mark.parametrize("host", ["xn--", "xn--a.com", "a..b", ".com", "a" * 64 + ".com"])
