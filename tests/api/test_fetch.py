@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.server
-import time
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
