@@ -27,6 +27,25 @@ TEST_DATA = REPO / "tests" / "data"
 DEV_DIR = REPO.parent / "shared" / "data" / "dev"
 
 
+def long_opus(path: Path, seconds: float) -> Path:
+    """An Ogg Opus file of `seconds` of a steady tone in 20 ms frames (what browsers record): one encoded
+    packet repeated, so minutes of it take a fraction of a second to make. Decoding it takes ~0.3 s a minute."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=48000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.full((1, 48000), 0.1, np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 48000, 0
+        packet = bytes(list(stream.encode(frame))[-1])
+        for i in range(round(seconds * 50)):
+            p = av.Packet(packet)
+            p.stream, p.pts, p.dts, p.duration = stream, i * 960, i * 960, 960
+            out.mux(p)
+    return path
+
+
 @pytest.fixture
 def triton_interpreter() -> None:
     """Triton kernels run on CPU tensors in Triton's interpreter: on machines without a GPU, where the top of

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import io
 import struct
+import subprocess
+import sys
+import threading
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +19,9 @@ import numpy as np
 import pytest
 
 import halkspeech.audio.decode as decode_module
-from conftest import DEV_DIR, TEST_DATA
+from conftest import DEV_DIR, TEST_DATA, long_opus
 from halkspeech.audio.decode import _resampled, audio_duration, decode_audio, decode_pcm16
-from halkspeech.errors import AudioDecodeError, AudioTooLong
+from halkspeech.errors import AudioDecodeError, AudioTooLong, Cancelled
 
 SHORT_CLIP = TEST_DATA / "1089-134691-0000.flac"  # 2.085 s, 16 kHz mono: "HE COULD WAIT NO LONGER"
 STEREO_CLIP = DEV_DIR / "faster-whisper-tests" / "stereo_diarization.wav"
@@ -417,6 +420,19 @@ def test_streamed_wav_with_placeholder_size_is_not_truncated(reference: np.ndarr
     assert audio_duration(decode_audio(data)) == pytest.approx(audio_duration(reference), abs=0.01)
 
 
+@pytest.mark.parametrize("byte_rate", [1, 32000, 10**9], ids=["1", "half", "huge"])
+def test_wav_length_comes_from_the_sample_format_not_the_byte_rate_field(reference: np.ndarray, byte_rate: int) -> None:
+    """FFmpeg ignores a PCM WAV's nAvgBytesPerSec, and writers get it wrong: 11 s of stereo whose header says
+    32000 (half the real rate) was refused as "truncated: 11.0 s of the 22.0 s", and with 1 as too long."""
+    data = bytearray(_wav_bytes(np.stack([reference, reference], axis=1) * 3000))
+    assert struct.unpack_from("<I", data, 28)[0] == 64000  # fmt's byte-rate field
+    struct.pack_into("<I", data, 28, byte_rate)
+    decoded = decode_audio(bytes(data), max_duration_s=60)
+    assert audio_duration(decoded) == pytest.approx(audio_duration(reference), abs=0.001)
+    with pytest.raises(AudioDecodeError, match=r"truncated: it holds 1\.\d s of the 2\.\d s"):
+        decode_audio(_cut(bytes(data), 0.5))  # a real cut is still found
+
+
 @pytest.mark.parametrize("id3_size", [0, 3000], ids=["bare", "id3v2-tag"])
 def test_truncated_mp3_with_xing_header(id3_size: int) -> None:
     # LAME's Xing/Info frame holds the frame count (found past an ID3v2 tag, which may be large: cover art);
@@ -504,6 +520,39 @@ def test_too_long_stops_early(seekable: bool) -> None:
     with pytest.raises(AudioTooLong):
         decode_audio(reader, max_duration_s=5)
     assert reader.bytes_read < 0.2 * len(data)
+
+
+def test_a_set_stop_event_ends_decoding_at_the_next_frame() -> None:
+    """The server sets it when a request ends while its audio decodes in a worker thread."""
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        decode_audio(TEST_DATA / "jfk.flac", stop=stop)
+    assert audio_duration(decode_audio(TEST_DATA / "jfk.flac", stop=threading.Event())) == 11.0
+
+
+_PEAK_MEMORY = """
+import sys, numpy as np
+from halkspeech.audio.decode import decode_audio
+data = open(sys.argv[1], "rb").read()
+def peak():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+decode_audio(data[: len(data) // 100])  # FFmpeg's own set-up is not the audio's
+before = peak()
+audio = decode_audio(data)
+print(audio.size, (peak() - before) / audio.nbytes)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak resident size from /proc")
+def test_decoding_needs_little_more_memory_than_the_audio(tmp_path: Path) -> None:
+    """5 minutes of 20 ms Opus frames (what browsers record), decoded in a fresh process: the peak grows by
+    ~1.3x the float32 samples. Keeping every decoded frame alive and concatenating them took 3.7x."""
+    path = long_opus(tmp_path / "five_minutes.ogg", 5 * 60)
+    run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path)], capture_output=True, text=True, check=True)
+    samples, growth = run.stdout.split()
+    assert int(samples) == pytest.approx(5 * 60 * 16000, abs=16000)
+    assert float(growth) < 1.6
 
 
 # --- decode_pcm16 -------------------------------------------------------------------------------------------

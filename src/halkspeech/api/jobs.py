@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from starlette.types import Receive
 
@@ -92,7 +94,7 @@ async def run_job(
             source = job.audio if job.url is None else (await state.fetcher.fetch(job.url)).data
             if source is None:
                 raise InvalidRequest("no audio was given")
-            audio = await asyncio.to_thread(decode_upload, source, max_duration_s=server.max_audio_s)
+            audio = await decode_in_thread(source, server.max_audio_s)
             decode_ms = (time.perf_counter() - decode_started) * 1000
             async with state.pool.use(job.model) as model:
                 check_options(model, job.options)
@@ -106,6 +108,22 @@ async def run_job(
     name = state.pool.key(job.model)
     state.metrics.audio_seconds.labels(name).inc(transcript.duration)
     return Outcome(transcript, name, decode_ms, time.perf_counter() - started)
+
+
+async def decode_in_thread(source: AudioSource, max_duration_s: float) -> np.ndarray:
+    """`decode_upload` in a worker thread. If the request ends first (client gone, timeout), the thread is told
+    to stop and waited for: a thread cannot be cancelled, and one left decoding hours of audio would hold a
+    core and gigabytes outside the admission limit that this task's slot stands for."""
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(decode_upload, source, max_duration_s=max_duration_s, stop=stop))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait({work})  # within a frame of decoding; the slot is released after
+        if not work.cancelled():
+            work.exception()  # retrieved (Cancelled, or whatever ended it): nobody wants it now
+        raise
 
 
 async def transcribe(request: Request, state: AppState, job: Job) -> Outcome:

@@ -11,6 +11,7 @@ messages apply unchanged.
 from __future__ import annotations
 
 import os
+import threading
 from typing import BinaryIO
 
 import numpy as np
@@ -59,15 +60,18 @@ def _is_16k_mono_s16(fmt: bytes) -> bool:
     return tag == _PCM and channels == 1 and rate == SAMPLE_RATE and bits == 16
 
 
-def decode_upload(source: AudioSource, *, max_duration_s: float | None = None) -> np.ndarray:
-    """`decode_audio`, taking the fast path for 16 kHz mono 16-bit WAV bytes or files (run it in a thread)."""
+def decode_upload(
+    source: AudioSource, *, max_duration_s: float | None = None, stop: threading.Event | None = None
+) -> np.ndarray:
+    """`decode_audio`, taking the fast path for 16 kHz mono 16-bit WAV bytes or files (run it in a thread;
+    `stop` ends it early, as in `decode_audio`)."""
     data = _wav_bytes(source)
     if data is not None:
         fast = pcm_wav_samples(data, max_duration_s=max_duration_s)
         if fast is not None:
             return fast
         source = data
-    return decode_audio(source, max_duration_s=max_duration_s)
+    return decode_audio(source, max_duration_s=max_duration_s, stop=stop)
 
 
 def _wav_bytes(source: AudioSource) -> bytes | None:
