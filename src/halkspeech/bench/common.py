@@ -6,6 +6,7 @@ Benchmarks print a table and write JSON; tests never assert their numbers (DESIG
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -126,12 +127,12 @@ def median(values: Sequence[float]) -> float:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
+    """Nearest-rank percentile (q in 0..100): the smallest value with at least q% of the values at or below it."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    rank = math.ceil(round(q / 100 * len(ordered), 9))  # rounded first: 0.95 * 100 is 95.00000000000001
+    return ordered[max(1, min(len(ordered), rank)) - 1]
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str = "") -> str:
