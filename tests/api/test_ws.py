@@ -535,3 +535,25 @@ def test_load_tester_reports_latency(server_url: str, tmp_path: Path) -> None:
     assert results["end_to_final_ms"]["count"] == 2 and results["end_to_final_ms"]["p50"] > 0
     assert results["dropped_connections"] == 0 and results["connect_failures"] == 0
     assert json.loads(out.read_text())["turns_ok"] == 2
+
+
+def test_load_tester_waits_for_the_final_of_a_turn_the_server_ended(tiny_en_engine: ModelEngine) -> None:
+    """1.9 s turns against a 1 s limit: each gets audio_too_long, then its final. The tester counts them as
+    done (as ws-client does), times no end → final for them, and never takes one turn's final for the next's
+    (it did: the next turn started on the error, and the late final completed it)."""
+    with serving(tiny_en_engine, ws_max_turn_s=1.0) as url:
+        cfg = WsLoadConfig(url=url, audio=(LJ_CLIP,), users=1, turns_per_session=3, speed=0.0, think_s=0.0)
+        results = run_ws_load(cfg)
+    assert results["turns_ok"] == 3 and results["turns_failed"] == 0 and results["users_failed"] == 0
+    assert results["errors"] == {"audio_too_long": 3}
+    assert results["end_to_final_ms"]["count"] == 0
+    assert results["audio_s_per_s"] == pytest.approx(3.0 / results["wall_s"], rel=0.01)  # 1 s kept of each
+
+
+def test_load_tester_counts_connections_that_never_opened(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["loadtest", "ws", "--audio", str(LJ_CLIP), "--users", "2", "--turn-timeout-s", "5"]
+    assert main([*args, "--url", "ws://127.0.0.1:9/ws"]) == 1  # nothing listens there: failed, not a success
+    assert "connect failures 2" in capsys.readouterr().out
+    assert main([*args, "--url", "ws://127.0.0.1:99999/ws"]) == 2  # a port out of range: one line at once
+    err = capsys.readouterr().err
+    assert err.startswith("halkspeech: error: not a valid URL") and err.count("\n") == 1, err

@@ -198,7 +198,7 @@ def _run_ws(args: argparse.Namespace) -> int:
 
     from halkspeech.bench.ws_bench import WsBenchConfig, run_ws_bench
 
-    run_ws_bench(
+    payload = run_ws_bench(
         WsBenchConfig(
             model=args.model,
             tokens=args.tokens or None,
@@ -218,7 +218,7 @@ def _run_ws(args: argparse.Namespace) -> int:
             json_path=args.json_path,
         )
     )
-    return 0
+    return 0 if all(row["turns"] and not row["failed"] for row in payload["rows"]) else 1  # targets: the table
 
 
 def _run_server(args: argparse.Namespace) -> int:

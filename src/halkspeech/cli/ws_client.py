@@ -25,6 +25,8 @@ from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.ws_common import (
     END_MESSAGE,
     SAMPLE_RATE,
+    TURN_ENDED,
+    TURN_GOES_ON,
     ConnectionFailed,
     EnergyGate,
     open_ws,
@@ -34,12 +36,6 @@ from halkspeech.loadtest.ws_common import (
     start_message,
     to_pcm16,
 )
-
-#: Errors after which the turn goes on: the server ended it itself (too much audio, open too long) and its
-#: `final` still follows (the protocol promises it), or one frame was refused. Warnings, not failures.
-TURN_GOES_ON = frozenset({"audio_too_long", "turn_timeout", "invalid_audio"})
-#: Of those, the ones that ended the turn: the client stops sending audio and waits for the final.
-TURN_ENDED = frozenset({"audio_too_long", "turn_timeout"})
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

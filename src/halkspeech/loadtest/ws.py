@@ -29,12 +29,15 @@ from halkspeech.errors import HalkSpeechError, InvalidRequest
 from halkspeech.loadtest.ws_common import (
     END_MESSAGE,
     SAMPLE_RATE,
+    TURN_ENDED,
+    TURN_GOES_ON,
     open_ws,
     paced,
     parse,
     pcm_frames,
     start_message,
     to_pcm16,
+    ws_url,
 )
 
 
@@ -69,6 +72,9 @@ class WsLoadConfig:
             raise InvalidRequest("give at least one --audio file")
         if not self.url.startswith(("ws://", "wss://")):
             raise InvalidRequest(f"--url must be a ws:// or wss:// URL: {self.url!r}")
+        ws_url(self.url)  # a port out of range, no host: one line now, not a failure per user later
+        if self.turn_timeout_s <= 0 or self.max_duration_s <= 0:
+            raise InvalidRequest("--turn-timeout-s and --max-duration-s must be positive")
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)  # error code → count
     dropped: int = 0  # connections closed by the server or the network in the middle of a session
     connect_failures: int = 0
+    users_failed: int = 0  # simulated users stopped by an error in this tester, or by the overall deadline
 
 
 @dataclass
@@ -96,6 +103,8 @@ class _Turn:
     ended: float = 0.0
     result: asyncio.Future[dict[str, Any]] | None = None
     first_partial: bool = True
+    number: int | None = None  # the server's number for it, from `started`: later messages carry it
+    ended_by_server: bool = False  # audio_too_long / turn_timeout: its final follows without our `end`
 
 
 class _User:
@@ -142,6 +151,8 @@ class _User:
         await ws.send(start_message(language=self.cfg.language, model=self.cfg.model, partials=self.cfg.partials))
         total = 0
         async for _, frame in paced(clip, self.cfg.speed, self.cfg.frame_ms / 1000):
+            if turn.ended_by_server or result.done():
+                break  # the server would drop the rest
             await ws.send(frame)
             total += len(frame) // 2
             turn.sent_at.append(time.perf_counter())
@@ -157,11 +168,13 @@ class _User:
             return False
         if message["type"] == "final":
             self.tally.turns_ok += 1
-            self.tally.audio_s += total / SAMPLE_RATE
-            self.tally.end_to_final_ms.append((message["_at"] - turn.ended) * 1000)
-            server = message.get("timings_ms", {}).get("end_to_final")
-            if isinstance(server, int | float):
-                self.tally.server_end_to_final_ms.append(float(server))
+            duration = message.get("duration")
+            self.tally.audio_s += duration if isinstance(duration, int | float) else total / SAMPLE_RATE
+            if not turn.ended_by_server:  # else our `end` did not end it: no end → final to time
+                self.tally.end_to_final_ms.append((message["_at"] - turn.ended) * 1000)
+                server = message.get("timings_ms", {}).get("end_to_final")
+                if isinstance(server, int | float):
+                    self.tally.server_end_to_final_ms.append(float(server))
             return True
         self.tally.turns_failed += 1
         if message["type"] == "closed":
@@ -180,15 +193,24 @@ class _User:
             turn.result.set_result({"type": "closed"})
 
     def _on_message(self, message: dict[str, Any], at: float) -> None:
-        turn, kind = self.turn, message["type"]
+        turn, kind, code = self.turn, message["type"], message.get("code")
         if kind == "error":
-            self.tally.errors[str(message.get("code"))] += 1
+            self.tally.errors[str(code)] += 1
         if turn is None or turn.result is None or turn.result.done():
             return
-        if kind == "partial":
+        number = message.get("turn")
+        if kind == "started":
+            turn.number = number
+        elif number is not None and number != turn.number:
+            return  # an earlier turn's message (a final after its turn was given up on), or one before `started`
+        elif kind == "partial":
             self._partial(turn, message, at)
-        elif kind in ("final", "error"):
+        elif kind == "final":
             turn.result.set_result(message | {"_at": at})
+        elif kind == "error" and code in TURN_ENDED:
+            turn.ended_by_server = True  # its final follows
+        elif kind == "error" and code not in TURN_GOES_ON:
+            turn.result.set_result(message | {"_at": at})  # the start was refused, or the turn failed
 
     def _partial(self, turn: _Turn, message: dict[str, Any], at: float) -> None:
         covered = message.get("audio_s")
@@ -213,7 +235,13 @@ async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
     _, late = await asyncio.wait(tasks, timeout=cfg.max_duration_s + cfg.turn_timeout_s + 10)
     for task in late:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    for task, outcome in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
+        if task in late:
+            tally.users_failed += 1
+            tally.errors["stopped_at_deadline"] += 1
+        elif isinstance(outcome, BaseException):  # a bug here or an unexpected network error: counted, not lost
+            tally.users_failed += 1
+            tally.errors[f"tester_{type(outcome).__name__}"] += 1
     return summarize(cfg, tally, time.perf_counter() - started)
 
 
@@ -254,6 +282,7 @@ def summarize(cfg: WsLoadConfig, tally: Tally, wall_s: float) -> dict[str, Any]:
         "errors": dict(tally.errors),
         "dropped_connections": tally.dropped,
         "connect_failures": tally.connect_failures,
+        "users_failed": tally.users_failed,
         "end_to_final_ms": _stats(tally.end_to_final_ms),
         "server_end_to_final_ms": _stats(tally.server_end_to_final_ms),
         "partial_lag_ms": _stats(tally.partial_lag_ms),
@@ -278,7 +307,8 @@ def print_results(results: dict[str, Any], title: str = "WebSocket push-to-talk 
     print(
         f"turns ok {results['turns_ok']}, failed {results['turns_failed']}, {results['turns_per_s']} turns/s, "
         f"{results['audio_s_per_s']} audio s/s; errors {results['errors'] or 'none'}; "
-        f"dropped {results['dropped_connections']}; connect failures {results['connect_failures']}",
+        f"dropped {results['dropped_connections']}; connect failures {results['connect_failures']}; "
+        f"users failed {results['users_failed']}",
         flush=True,
     )
 
@@ -331,4 +361,10 @@ def _run(args: argparse.Namespace) -> int:
         json_path=args.json_path,
     )
     results = run_ws_load(cfg)
-    return 0 if results["turns_ok"] and not results["turns_failed"] else 1
+    return 0 if results["turns_ok"] and not failures(results) else 1
+
+
+def failures(results: dict[str, Any]) -> int:
+    """Turns that failed (a dropped connection fails its turn: counted there), connections never opened and
+    users that could not finish."""
+    return int(results["turns_failed"] + results["connect_failures"] + results["users_failed"])

@@ -19,6 +19,12 @@ from halkspeech.errors import HalkSpeechError
 
 SAMPLE_RATE = 16_000
 
+#: Errors after which the turn goes on: the server ended it itself (too much audio, open too long) and its
+#: `final` still follows (the protocol promises it), or one frame was refused. Warnings, not failures.
+TURN_GOES_ON = frozenset({"audio_too_long", "turn_timeout", "invalid_audio"})
+#: Of those, the ones that ended the turn: the client stops sending audio and waits for the final.
+TURN_ENDED = frozenset({"audio_too_long", "turn_timeout"})
+
 
 class ConnectionFailed(HalkSpeechError):
     """The server could not be reached or refused the WebSocket handshake."""
@@ -35,7 +41,14 @@ def ws_url(url: str) -> str:
     if scheme not in ("ws", "wss"):
         raise ConnectionFailed(f"expected a ws:// or wss:// URL, got {url!r}")
     url = f"{scheme}://{rest}"
-    if urlsplit(url).path in ("", "/"):
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ConnectionFailed(f"not a valid URL: {url!r} ({exc})") from None
+    if not parts.hostname:
+        raise ConnectionFailed(f"the URL has no host: {url!r}")
+    if parts.path in ("", "/"):
         url = url.rstrip("/") + "/ws"
     return url
 
@@ -52,7 +65,7 @@ async def open_ws(url: str, api_key: str | None = None, *, timeout: float = 10.0
             compression=None,  # PCM does not deflate well; spare both sides the CPU
             proxy=None,
         )
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ValueError) as exc:
         raise ConnectionFailed(f"cannot open {url}: {exc}") from exc
 
 
