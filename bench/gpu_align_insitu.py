@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from halkspeech.bench.common import synchronize
-from halkspeech.bench.longform import DEV_DIR, LongformConfig, _options, build_audio, run_concurrent
+from halkspeech.bench.longform import LongformConfig, _options, build_audio, clip_source, run_concurrent
 from halkspeech.config import EngineSettings, ModelSettings
 from halkspeech.engine.factory import start_engine
 from halkspeech.model.dims import SAMPLE_RATE
@@ -88,7 +88,7 @@ def main() -> None:
     runner, device = model.engine.runner, model.device
     try:
         minutes = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
-        audio, _ = build_audio(Path(DEV_DIR), 2.4 * minutes, seed=0)
+        audio, _ = build_audio(clip_source(None), 2.4 * minutes, seed=0)
         size = int(minutes * 60 * SAMPLE_RATE)
         files = [audio[s : s + size] for s in range(0, len(audio) - size, (len(audio) - size) // 7)][:8]
         run_concurrent(model, files, _options(cfg, True))  # warm-up

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conftest import TEST_DATA
 from halkspeech.cli import main
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
@@ -73,8 +74,13 @@ def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None
         (["mixed", "--models", "tiny.en", "--modes", "static,static"], "names a mode twice: use --repeats"),
         (["mixed", "--models", "tiny.en", "--repeats", "0"], "--repeats must be between 1 and 50"),
         (["server", "--model", "tiny.en", "--concurrency", "0", "--clip-s", "40"], "--concurrency .*; --clip-s"),
+        (["server", "--model", "tiny.en", "--warmup-requests", "0"], "--warmup-requests must be between 1"),
         (["ws", "--users", "0", "--turn-s", "0"], "--turn-s must be .*--users must be"),
         (["longform", "--minutes", "0"], "--minutes must be between 0.1 and 1440"),
+        # no silent fall-back to the three test clips; a server that is down is found before the run, not after
+        (["longform", "--dev-dir", "/nonexistent"], "--dev-dir /nonexistent: no manifest.jsonl there"),
+        (["longform", "--url", "http://127.0.0.1:9"], "--url http://127.0.0.1:9: "),
+        (["longform", "--url", "http://127.0.0.1:99999"], "--url http://127.0.0.1:99999: "),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,3 +104,16 @@ def test_a_missing_gpu_or_a_cpu_float16_is_one_line(kind: str, capsys: pytest.Ca
         err = capsys.readouterr().err
         assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
         assert "no CUDA GPU" in err or "float16 does not run on the CPU" in err
+
+
+@pytest.mark.parametrize(("concurrency", "requests", "processes"), [(4, 2, 4), (256, 1024, 4), (3, 7, 2), (1, 5, 8)])
+def test_server_load_is_split_without_extra_requests(concurrency: int, requests: int, processes: int) -> None:
+    from halkspeech.bench.server_bench import split_load
+    from halkspeech.loadtest.http import HttpLoadConfig
+
+    cfg = HttpLoadConfig(
+        url="http://127.0.0.1:1", audio=(TEST_DATA / "jfk.flac",), concurrency=concurrency, requests=requests
+    )
+    parts = split_load(cfg, processes)
+    assert sum(p.requests for p in parts) == requests and sum(p.concurrency for p in parts) == concurrency
+    assert all(p.requests >= 1 and p.concurrency >= 1 for p in parts) and len(parts) <= processes

@@ -11,6 +11,7 @@ tokens (speech seconds × rate); with real weights the transcript is scored (WER
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -62,7 +63,7 @@ class LongformConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     max_slots: int = 0  # 0: from free GPU memory
     encoder_batch: int = 64
-    dev_dir: str = str(DEV_DIR)
+    dev_dir: str | None = None  # None: ../shared/data/dev, or the committed test clips where it is missing
     seed: int = 0
     gil_switch_ms: float = EngineSettings().gil_switch_ms
     json_path: str | None = None
@@ -79,6 +80,8 @@ class LongformConfig:
             encoder_batch=(self.encoder_batch, 1, MAX_ENCODER_BATCH),
             gil_switch_ms=(self.gil_switch_ms, 0, 100),
         )
+        if self.dev_dir is not None and not (Path(self.dev_dir) / "manifest.jsonl").is_file():
+            raise InvalidRequest(f"--dev-dir {self.dev_dir}: no manifest.jsonl there")
 
 
 # --- the audio ---------------------------------------------------------------------------------------------
@@ -91,20 +94,30 @@ _TEST_CLIPS = {
 }
 
 
-def _clips(dev_dir: Path) -> list[tuple[Path, str]]:
-    """(audio path, reference) of every English dev clip with a reference, else of the committed test clips."""
-    manifest = dev_dir / "manifest.jsonl"
-    if not manifest.exists():
+def clip_source(dev_dir: str | None) -> Path | None:
+    """The dev set to build the audio from (None: the committed test clips, where there is none)."""
+    chosen = Path(dev_dir) if dev_dir is not None else DEV_DIR
+    return chosen if (chosen / "manifest.jsonl").is_file() else None
+
+
+def _clips(dev_dir: Path | None) -> list[tuple[Path, str]]:
+    """(audio path, reference) of every English dev clip with a reference, or of the committed test clips."""
+    if dev_dir is None:
         return [(_REPO / "tests" / "data" / name, text) for name, text in _TEST_CLIPS.items()]
+    manifest = dev_dir / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     return [(dev_dir / r["audio"], r["text"]) for r in rows if r.get("language") == "en" and r.get("text")]
 
 
-def build_audio(dev_dir: Path, minutes: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+@functools.cache
+def _decoded(dev_dir: Path | None) -> tuple[np.ndarray, ...]:
+    return tuple(decode_audio(path) for path, _ in _clips(dev_dir))
+
+
+def build_audio(dev_dir: Path | None, minutes: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """English clips with references, in a seeded random order with 0.3-1.2 s pauses, repeated until at
     least `minutes` long: (samples [n] float32, the references in order)."""
-    sources = _clips(dev_dir)
-    clips = [decode_audio(path) for path, _ in sources]
+    sources, clips = _clips(dev_dir), _decoded(dev_dir)
     rng = np.random.default_rng(seed)
     pieces: list[np.ndarray] = []
     texts: list[str] = []
@@ -205,16 +218,35 @@ def _alloc_retries(device: torch.device) -> int:
     return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else 0
 
 
+def check_server(url: str) -> None:
+    """Before any of the benchmark's own work: the server answers /health (else one line, not a traceback at
+    the end of the run)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=10)
+    except (httpx.HTTPError, ValueError) as exc:  # ValueError: httpx's InvalidURL and bad ports
+        raise InvalidRequest(f"--url {url}: {str(exc) or type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise InvalidRequest(f"--url {url}: /health answered {response.status_code}")
+
+
 def run_server(url: str, wav: Path, model_name: str, words: bool, duration: float) -> dict[str, Any]:
     """POST the WAV to the server's simple API (batched mode) and time the answer."""
     import httpx
 
     params = {"mode": "batched", "word_timestamps": str(words).lower(), "timings": "true", "model": model_name}
     started = time.perf_counter()
-    with wav.open("rb") as file:
-        response = httpx.post(
-            f"{url.rstrip('/')}/transcribe", params=params, files={"file": (wav.name, file, "audio/wav")}, timeout=3600
-        )
+    try:
+        with wav.open("rb") as file:
+            response = httpx.post(
+                f"{url.rstrip('/')}/transcribe",
+                params=params,
+                files={"file": (wav.name, file, "audio/wav")},
+                timeout=3600,
+            )
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"the server at {url} failed: {str(exc) or type(exc).__name__}") from None
     wall = time.perf_counter() - started
     if response.status_code != 200:
         raise InvalidRequest(f"server answered {response.status_code}: {response.text[:300]}")
@@ -246,6 +278,8 @@ def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- the benchmark -------------------------------------------------------------------------------------------
 def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
+    if cfg.url:
+        check_server(cfg.url)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     weights = ModelRegistry(ModelSettings()).load(cfg.model, dtype=dtype, device=cfg.device)
     settings = EngineSettings(
@@ -258,9 +292,11 @@ def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
     model = start_engine(weights, settings)
     payload: dict[str, Any] = {"config": asdict(cfg), "device": device_info(model.device)}
     gpu = payload["device"].get("gpu", payload["device"]["device"])
+    dev_dir = clip_source(cfg.dev_dir)
+    payload["clips"] = str(dev_dir) if dev_dir else "the committed test clips (tests/data): no dev set found"
     try:
         with tempfile.TemporaryDirectory(prefix="halkspeech-longform-") as tmp:
-            audio, references = build_audio(Path(cfg.dev_dir), cfg.minutes, cfg.seed)
+            audio, references = build_audio(dev_dir, cfg.minutes, cfg.seed)
             wav = write_wav(Path(tmp) / f"longform_{cfg.minutes:g}min.wav", audio)
             warm = write_wav(Path(tmp) / "warmup.wav", audio[: 3 * 60 * SAMPLE_RATE])
             run_file(model, warm, _options(cfg, not cfg.words))  # CUDA graphs, cuDNN, allocator, both paths
@@ -272,12 +308,17 @@ def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
             title = f"Long-form batched, {cfg.model}, {row['audio_min']:.1f} min, words={cfg.words}, on {gpu}"
             payload["file_table"] = print_table([row], _FILE_COLUMNS, title=title)
             if cfg.compare_files:
-                payload["words"] = _compare_words(model, cfg, audio)
+                payload["words"] = _compare_words(model, cfg, dev_dir)
                 payload["words_table"] = print_table(
                     payload["words"]["rows"], _WORDS_COLUMNS, title=_words_title(cfg, payload["words"]["loss"])
                 )
             if cfg.url:
-                server = run_server(cfg.url, wav, cfg.model, cfg.words, len(audio) / SAMPLE_RATE)
+                try:
+                    server = run_server(cfg.url, wav, cfg.model, cfg.words, len(audio) / SAMPLE_RATE)
+                except InvalidRequest as exc:
+                    payload["server_error"] = str(exc)
+                    write_json(cfg.json_path, payload)  # the runs before it are kept
+                    raise
                 payload["server"] = server
                 payload["server_table"] = print_table([server], _SERVER_COLUMNS, title=f"Through {cfg.url}")
     finally:
@@ -286,12 +327,11 @@ def run_longform_bench(cfg: LongformConfig) -> dict[str, Any]:
     return payload
 
 
-def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -> dict[str, Any]:
-    """`compare_files` files of `compare_minutes` (different stretches of the long audio) at once, without and
-    with word timestamps, alternating; the loss is 1 - (throughput with words / without), medians."""
-    size = int(cfg.compare_minutes * 60 * SAMPLE_RATE)
-    starts = np.linspace(0, max(0, len(audio) - size), cfg.compare_files).astype(int)
-    files = [audio[s : s + size] for s in starts]
+def _compare_words(model: ModelEngine, cfg: LongformConfig, dev_dir: Path | None) -> dict[str, Any]:
+    """`compare_files` files of `compare_minutes` at once, without and with word timestamps, alternating; the
+    loss is 1 - (throughput with words / without), medians. Each file is the clips in an order of its own
+    (stretches of the long file were one and the same audio whenever it was no longer than a file)."""
+    files = [build_audio(dev_dir, cfg.compare_minutes, cfg.seed + 1 + i)[0] for i in range(cfg.compare_files)]
     results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for _ in range(max(1, cfg.repeats)):
         for words in (False, True):
@@ -299,7 +339,8 @@ def _compare_words(model: ModelEngine, cfg: LongformConfig, audio: np.ndarray) -
     rows = []
     for words, runs in results.items():
         rtfx = median([r["rtfx"] for r in runs])
-        row = {"words": words, "files": len(files), "minutes_each": cfg.compare_minutes, "rtfx": rtfx}
+        minutes_each = sum(len(f) for f in files) / len(files) / SAMPLE_RATE / 60
+        row = {"words": words, "files": len(files), "minutes_each": minutes_each, "rtfx": rtfx}
         keys = ("wall_s", "busy_s", "step_s", "admit_s", "align_s", "align_calls", "alloc_retries")
         row |= {key: median([r[key] for r in runs]) for key in keys}
         rows.append(row)

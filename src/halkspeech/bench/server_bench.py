@@ -85,7 +85,7 @@ class ServerBenchConfig:
             tokens=(self.tokens, 1, MAX_FORCED_TOKENS),
             concurrency=(self.concurrency, 1, MAX_SLOTS),  # also the engine figure's batch by default
             requests=(self.requests, 1, 10_000_000),
-            warmup_requests=(self.warmup_requests, 0, 10_000_000),
+            warmup_requests=(self.warmup_requests, 1, 10_000_000),  # also the profiled load's size
             client_processes=(self.client_processes, 1, 256),
             slots=(self.slots, 1, MAX_SLOTS),
             encoder_batch=(self.encoder_batch, 1, MAX_ENCODER_BATCH),
@@ -213,20 +213,26 @@ def _profile(
 # --- the load -----------------------------------------------------------------------------------------------
 def _load(cfg: HttpLoadConfig, processes: int) -> dict[str, Any]:
     """Split the clients and requests over `processes` processes started together; merge what they saw."""
-    processes = max(1, min(processes, cfg.concurrency))
-    parts = [
-        replace(
-            cfg,
-            concurrency=cfg.concurrency // processes + (i < cfg.concurrency % processes),
-            requests=max(1, cfg.requests // processes + (i < cfg.requests % processes)),
-        )
-        for i in range(processes)
-    ]
-    if processes == 1:
+    parts = split_load(cfg, processes)
+    if len(parts) == 1:
         return summarize(cfg, [measure(parts[0])])
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         tallies: list[LoadTally] = pool.map(measure, parts)
     return summarize(cfg, tallies)
+
+
+def split_load(cfg: HttpLoadConfig, processes: int) -> list[HttpLoadConfig]:
+    """The clients and requests of `cfg` shared out over at most `processes` parts, each with at least one of
+    each: in all, exactly cfg's (one request a process used to be sent even where there were fewer)."""
+    processes = max(1, min(processes, cfg.concurrency, cfg.requests))
+    return [
+        replace(
+            cfg,
+            concurrency=cfg.concurrency // processes + (i < cfg.concurrency % processes),
+            requests=cfg.requests // processes + (i < cfg.requests % processes),
+        )
+        for i in range(processes)
+    ]
 
 
 def _scrape(url: str) -> str:
