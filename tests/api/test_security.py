@@ -70,7 +70,16 @@ def test_keys(server: LiveServer) -> None:
     assert ok.status_code == 200 and "modern" in ok.json()["text"]
     assert post_lj(server, headers={"Authorization": "Bearer other-key"}).status_code == 200
     assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401
+    empty = post_lj(server, headers={"X-API-Key": ""})
+    assert empty.status_code == 401 and "missing API key" in empty.json()["error"]["message"]
     assert httpx.post(f"{server.url}/transcribe", files={"file": LJ.open("rb")}, timeout=30).status_code == 401
+
+
+def test_an_empty_key_is_no_key() -> None:
+    """Even were a blank key configured (settings refuse one), an empty header or token never matches it."""
+    from halkspeech.api.deps import api_key_valid
+
+    assert not api_key_valid("", [""]) and not api_key_valid(None, ["k"]) and api_key_valid("k", ["", "k"])
 
 
 def test_health_open_metrics_closed(server: LiveServer) -> None:

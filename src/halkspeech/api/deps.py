@@ -47,7 +47,7 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 def api_key_valid(presented: str | None, keys: list[str]) -> bool:
     """Constant-time comparison against every configured key (no early exit that would time the match)."""
-    if presented is None:
+    if not presented:  # no key, or an empty one: never a match (settings refuse blank keys too)
         return False
     given = presented.encode()
     matched = False
@@ -62,7 +62,7 @@ def bearer_token(connection: HTTPConnection) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return connection.headers.get("x-api-key")
+    return connection.headers.get("x-api-key", "").strip() or None
 
 
 def api_key_refusal(connection: HTTPConnection, keys: list[str]) -> str | None:
