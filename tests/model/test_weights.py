@@ -348,6 +348,33 @@ def test_incomplete_or_misshaped_state_dict_names_the_keys(tiny_en_weights: Load
         load_weights(path)
 
 
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"n_text_head": 5, "n_audio_head": 5}, "n_audio_state 384 is not a multiple of n_audio_head 5"),
+        ({"n_text_head": 0}, "n_text_head is 0"),
+        ({"n_vocab": 1000}, "n_vocab is 1000, not one of Whisper's vocabularies"),
+        ({"n_mels": 64}, "n_mels is 64, not 80 or 128"),
+    ],
+)
+def test_dims_no_whisper_can_run_with_are_load_errors(
+    tiny_en_weights: LoadedWeights, tmp_path: Path, changes: dict[str, int], says: str
+) -> None:
+    """The tensors' shapes do not show these: such a checkpoint loaded (health ok), then every request was a
+    500 (a reshape into 5 heads of 384), or the load died of a ZeroDivisionError."""
+    path = tmp_path / "odd.pt"
+    torch.save({"dims": tiny_en_weights.dims.as_dict() | changes, "model_state_dict": tiny_en_weights.state_dict}, path)
+    with pytest.raises(ModelLoadError, match=f"has dimensions Whisper cannot run with: .*{says}"):
+        load_weights(path)
+
+
+def test_an_empty_alignment_heads_list_means_the_defaults(tiny_en_weights: LoadedWeights, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.en.pt"
+    checkpoint = {"dims": tiny_en_weights.dims.as_dict(), "model_state_dict": tiny_en_weights.state_dict}
+    torch.save({**checkpoint, "alignment_heads": []}, path)
+    assert load_weights(path).alignment_heads == ALIGNMENT_HEADS["tiny.en"]
+
+
 # -- Hugging Face transformers ---------------------------------------------------------------------
 
 _HF_BLOCK = {

@@ -61,6 +61,8 @@ def _dims(state: int, heads: int, enc_layers: int, dec_layers: int, *, vocab: in
 
 
 _EN, _ML, _V3 = 51864, 51865, 51866
+#: Every Whisper vocabulary: English-only (GPT-2 + Whisper's tokens), 99 languages, large-v3's 100.
+VOCAB_SIZES = (_EN, _ML, _V3)
 
 #: Shapes of every released checkpoint, by the names users type.
 KNOWN_DIMS: dict[str, ModelDims] = {

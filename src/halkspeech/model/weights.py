@@ -18,6 +18,8 @@ from halkspeech.model import ct2, hf, openai_pt
 from halkspeech.model.dims import (
     ALIGNMENT_HEADS,
     KNOWN_DIMS,
+    N_FRAMES,
+    VOCAB_SIZES,
     ModelDims,
     canonical_name,
     default_alignment_heads,
@@ -105,11 +107,31 @@ def catalog_name(dims: ModelDims, hint: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def check_dims(dims: ModelDims, source: str) -> None:
+    """Refuse dims no Whisper can run with, which the tensors' shapes alone do not show: heads that do not
+    divide the width (a checkpoint with 5 heads of 384 loaded, then every request failed with a 500), a
+    vocabulary without Whisper's special tokens, a mel count the front end does not make."""
+    problems = [f"{name} is {value}" for name, value in dims.as_dict().items() if value <= 0]
+    for state, heads in (("n_audio_state", "n_audio_head"), ("n_text_state", "n_text_head")):
+        width, count = getattr(dims, state), getattr(dims, heads)
+        if count > 0 and width % count:
+            problems.append(f"{state} {width} is not a multiple of {heads} {count}")
+    if dims.n_vocab not in VOCAB_SIZES:
+        problems.append(f"n_vocab is {dims.n_vocab}, not one of Whisper's vocabularies {VOCAB_SIZES}")
+    if dims.n_mels not in (80, 128):
+        problems.append(f"n_mels is {dims.n_mels}, not 80 or 128")
+    if dims.n_audio_ctx != N_FRAMES // 2:
+        problems.append(f"n_audio_ctx is {dims.n_audio_ctx}, not {N_FRAMES // 2} (30 s windows)")
+    if problems:
+        raise ModelLoadError(f"{source} has dimensions Whisper cannot run with: " + "; ".join(problems))
+
+
 def _finish(dims: ModelDims, state_dict: StateDict, heads: Heads | None, hint: str, source: str) -> LoadedWeights:
     """Validate a converted checkpoint and fill in its name and alignment heads."""
+    check_dims(dims, source)
     check_complete(state_dict, dims, source)
     name = catalog_name(dims, hint) or hint
-    if heads is None:
+    if not heads:  # none given, or an empty list: word timing needs some
         heads = ALIGNMENT_HEADS.get(name) or default_alignment_heads(dims)
     bad = [h for h in heads if not (0 <= h[0] < dims.n_text_layer and 0 <= h[1] < dims.n_text_head)]
     if bad:
