@@ -94,6 +94,9 @@ def test_models_list_retrieve_load_unload(client: openai.OpenAI, server: LiveSer
     assert client.models.retrieve("whisper-1").id == "whisper-1"
     with pytest.raises(openai.NotFoundError, match="not loaded, configured or cached"):
         client.models.retrieve("no-such-model")
+    never = httpx.get(f"{server.url}/v1/models/..%2Fetc%2Fpasswd", timeout=30)  # no POST would fetch it
+    assert never.status_code == 404 and "'../etc/passwd' is not available here" in never.json()["error"]["message"]
+    assert "POST" not in never.text
     loaded = httpx.post(f"{server.url}/v1/models/base", timeout=300)
     assert loaded.status_code == 200 and loaded.json()["loaded"] is True
     assert server.pool.is_loaded("base")

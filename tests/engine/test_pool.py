@@ -85,6 +85,18 @@ def test_a_catalog_models_own_hub_repo_is_that_model() -> None:
     assert pool.offered(pool.key("Systran/faster-whisper-large-v3"))
 
 
+def test_a_hub_repo_spelt_as_its_cache_directory_is_that_repo(tmp_path: Path) -> None:
+    """/v1/models listed cached repos by their directory (Acme--Whisper), an id that was then a 404, and
+    owner--repo and owner/repo loaded two engines from one cache entry."""
+    s = settings()
+    s.model.cache_dir = tmp_path
+    (tmp_path / "Acme--Whisper").mkdir()
+    pool = ModelPool(s, ModelRegistry(s.model))
+    assert pool.key("Acme--Whisper") == pool.key("Acme/Whisper") == "Acme/Whisper"  # the case is the repo's
+    assert pool.key("Systran--faster-whisper-base") == "base"
+    assert pool.offered("Acme/Whisper") and not pool.offered("acme/whisper")
+
+
 def test_errors_are_domain_errors(tiny_en: ModelEngine) -> None:
     def broken(key: str) -> ModelEngine:
         raise RuntimeError("CUDA error: out of memory")

@@ -86,6 +86,8 @@ class ModelPool:
             text = self.settings.model.default.strip()
         if text.startswith(RANDOM_PREFIX):
             return RANDOM_PREFIX + canonical_name(text.removeprefix(RANDOM_PREFIX))
+        if "--" in text and not _local(text):  # a hub repo as its cache directory spells it: owner--repo
+            text = text.replace("--", "/", 1)
         if "/" in text or "\\" in text or text.startswith((".", "~")):
             # a path or a hub repo, which the registry resolves; a catalog model's own repo is that model (one
             # engine for base and Systran/faster-whisper-base, as faster-whisper-server clients name it)

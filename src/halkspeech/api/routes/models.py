@@ -28,6 +28,7 @@ async def get_model(model_id: str, state: StateDep) -> ModelOut:
     known = await _known(state)
     entry = known.get(model_id) or known.get(state.pool.key(model_id))
     if entry is None:
+        state.pool.check(model_id, fetch=True)  # not one this server would fetch: that 404 says what it offers
         raise ModelNotFound(
             f"model {model_id!r} is not loaded, configured or cached; POST /v1/models/{model_id} fetches and loads it"
         )
@@ -56,7 +57,7 @@ async def _known(state: StateDep) -> dict[str, ModelOut]:
     loaded = {m.name: m for m in pool.loaded()}
     cached = []  # not listed when only configured models are served: they would answer 404
     if not state.settings.server.configured_models_only:
-        cached = [info.name for info in await asyncio.to_thread(pool.registry.list) if info.cached]
+        cached = [pool.key(info.name) for info in await asyncio.to_thread(pool.registry.list) if info.cached]
     models: dict[str, ModelOut] = {}
     for name in dict.fromkeys([*loaded, *pool.configured, *cached]):
         if name in loaded:
