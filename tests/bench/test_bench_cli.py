@@ -73,6 +73,7 @@ def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None
         (["mixed", "--models", "tiny.en", "--modes", "fast"], "unknown --modes fast"),
         (["mixed", "--models", "tiny.en", "--modes", "static,static"], "names a mode twice: use --repeats"),
         (["mixed", "--models", "tiny.en", "--repeats", "0"], "--repeats must be between 1 and 50"),
+        (["mixed", "--models", "tiny.en", "--requests", "3", "--rate", "1e-300"], "keeps the arrivals within an"),
         (["server", "--model", "tiny.en", "--concurrency", "0", "--clip-s", "40"], "--concurrency .*; --clip-s"),
         (["server", "--model", "tiny.en", "--warmup-requests", "0"], "--warmup-requests must be between 1"),
         (["ws", "--users", "0", "--turn-s", "0"], "--turn-s must be .*--users must be"),

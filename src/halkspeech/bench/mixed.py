@@ -79,12 +79,20 @@ class MixedConfig:
             admit_batch=(self.admit_batch, 1, MAX_SLOTS),
             repeats=(self.repeats, 1, 50),
         )
+        if self.rate and self.requests / self.rate > _MAX_SPAN_S:  # 1e-300 overflowed a timestamp; 1e-4 slept
+            raise InvalidRequest(
+                f"--rate {self.rate:g} spreads {self.requests} requests over {self.requests / self.rate:.3g} s; "
+                f"at least {self.requests / _MAX_SPAN_S:.3g}/s keeps the arrivals within an hour"
+            )
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             given = ", ".join(unknown) or "(none given)"
             raise InvalidRequest(f"unknown --modes {given}: choose from {', '.join(MODES)}")
         if len(set(self.modes)) < len(self.modes):
             raise InvalidRequest("--modes names a mode twice: use --repeats to run modes again")
+
+
+_MAX_SPAN_S = 3600.0  # the arrivals' expected span at most
 
 
 def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:

@@ -48,10 +48,19 @@ class HttpLoadConfig:
         check_output(self.json_path)
         if self.concurrency < 1 or self.requests < 1:
             raise InvalidRequest("--concurrency and --requests must be at least 1")
+        if not self.timeout_s > 0 or not self.max_duration_s > 0:
+            raise InvalidRequest("--timeout-s and --max-duration-s must be positive")
         if not self.audio:
             raise InvalidRequest("give at least one --audio file")
-        if httpx.URL(self.url).scheme not in ("http", "https"):
+        try:
+            url = httpx.URL(self.url)
+            port_ok = url.port is None or 0 < url.port < 65536
+        except httpx.InvalidURL as exc:
+            raise InvalidRequest(f"--url is not a valid URL: {self.url!r} ({exc})") from None
+        if url.scheme not in ("http", "https"):
             raise InvalidRequest(f"--url must be an http:// or https:// URL: {self.url!r}")
+        if not url.host or not port_ok:
+            raise InvalidRequest(f"--url needs a host and a port from 1 to 65535: {self.url!r}")
 
     @property
     def endpoint(self) -> str:
