@@ -14,7 +14,7 @@ import torch
 
 from conftest import DEV_DIR, TEST_DATA
 from halkspeech.audio import decode_audio
-from halkspeech.audio.vad import FRAME, FRAME_S, SpeechDetector, VadOptions, speech_regions
+from halkspeech.audio.vad import FRAME, FRAME_S, SpeechDetector, VadOptions, raised_for_vad, speech_regions
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.transcription.chunking import make_chunks, split_region
 from halkspeech.transcription.pipeline import Transcriber
@@ -62,6 +62,17 @@ def test_silence_has_no_regions_and_no_chunks() -> None:
     assert probs.max() < 0.5
     assert speech_regions(probs, 20.0) == []
     assert make_chunks([], probs) == []
+
+
+def test_quiet_recordings_are_raised_for_the_vad(speech: np.ndarray) -> None:
+    """silero's probabilities follow the level: at -61 dBFS it heard no speech in speech."""
+    quiet = (speech / np.abs(speech).max() * 9e-4).astype(np.float32)
+    detector = SpeechDetector()
+    assert not speech_regions(detector.probabilities(quiet), len(quiet) / 16_000)
+    raised = raised_for_vad(quiet)
+    assert np.abs(raised).max() == pytest.approx(0.09, rel=1e-3)  # +40 dB at most
+    assert speech_regions(detector.probabilities(raised), len(quiet) / 16_000)
+    assert raised_for_vad(speech) is speech and raised_for_vad(np.zeros(10, np.float32)).max() == 0
 
 
 def test_regions_find_speech_between_silences(speech: np.ndarray) -> None:

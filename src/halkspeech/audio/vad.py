@@ -149,6 +149,20 @@ class SpeechDetector:
         return rows
 
 
+VAD_PEAK = 0.1  # -20 dBFS: the level quiet recordings are raised to for the VAD
+VAD_MAX_GAIN = 100.0  # +40 dB at most: dither and hiss stay far below speech
+
+
+def raised_for_vad(audio: np.ndarray) -> np.ndarray:
+    """A quiet recording [T] raised so its peak is at -20 dBFS (at most +40 dB) for silero, whose speech
+    probabilities follow the level: speech peaking at -61 dBFS had none above 0.5, and batched mode dropped it
+    whole, while Whisper (its log-mel normalised to the loudest part) hears it. Louder audio is returned as is."""
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak == 0.0 or peak >= VAD_PEAK:
+        return audio
+    return audio * np.float32(min(VAD_PEAK / peak, VAD_MAX_GAIN))
+
+
 def speech_regions(
     probs: np.ndarray, duration_s: float, options: VadOptions = VadOptions()
 ) -> list[tuple[float, float]]:

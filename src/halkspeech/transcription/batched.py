@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from halkspeech.audio.features import log_mel_windows
-from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, speech_regions
+from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, raised_for_vad, speech_regions
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import Overloaded
 from halkspeech.model.dims import (
@@ -122,7 +122,8 @@ class BatchedTranscription:
     async def _chunks(self) -> list[Chunk]:
         """Speech probabilities on the model's device (in a worker thread: the event loop stays free)."""
         started = time.perf_counter()
-        self.probs = await asyncio.to_thread(self.detector.probabilities, self.audio, self.model.device)
+        audio = raised_for_vad(self.audio)
+        self.probs = await asyncio.to_thread(self.detector.probabilities, audio, self.model.device)
         regions = speech_regions(self.probs, self.duration, self.vad)
         self.stages.vad = (time.perf_counter() - started) * 1000
         return make_chunks(regions, self.probs)

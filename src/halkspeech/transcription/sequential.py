@@ -21,7 +21,9 @@ from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
 
-SILENCE_PEAK = 1e-3  # -60 dBFS: quieter than any speech recording, louder than a digital zero or dither
+# -74 dBFS: above a digital zero and dither (a few 16-bit steps, 3e-5 each); far below speech, which Whisper's
+# log-mel (normalised to the loudest part) hears even at -60 dBFS: a gate at 1e-3 dropped such speech whole.
+SILENCE_PEAK = 2e-4
 
 __all__ = ["Progress", "SequentialTranscription", "WindowDecoder", "WindowResult"]
 
@@ -51,8 +53,8 @@ class SequentialTranscription:
         self.language = self.decoder.language()
 
     def _silent(self, seek: int, size: int) -> bool:
-        """The window's audio never reaches -60 dBFS: digital silence or a faint hum. Whisper would decode
-        it to an invented word (" you", as openai-whisper does on 20 s of silence); skip it undecoded."""
+        """The window's audio never reaches -74 dBFS: digital silence or dither. Whisper would decode it to an
+        invented word (" you", as openai-whisper does on 20 s of silence); skip it undecoded."""
         samples = self.audio[seek * HOP_LENGTH : (seek + size) * HOP_LENGTH]
         return samples.size == 0 or float(np.abs(samples).max()) < SILENCE_PEAK
 
