@@ -59,8 +59,8 @@ def runs(weights: LoadedWeights, model: ModelEngine) -> dict[str, ClipRun]:
         clips = reference_clips()
         audio = [decode_audio(clip["path"]) for clip in clips]
         ours = asyncio.run(_ours(model, audio))
-        reference = _reference_model(weights)
-        theirs = [_reference(reference, samples) for samples in audio]
+        reference = reference_model(weights)
+        theirs = [reference_tokens(reference, samples) for samples in audio]
         _RUNS[weights.name] = {clip["id"]: ClipRun(clip, o, *t) for clip, o, t in zip(clips, ours, theirs, strict=True)}
     return _RUNS[weights.name]
 
@@ -70,13 +70,13 @@ async def _ours(model: ModelEngine, audio: list[np.ndarray]) -> list[Transcript]
     return list(await asyncio.gather(*(transcriber.transcribe(samples, GREEDY) for samples in audio)))
 
 
-def _reference_model(weights: LoadedWeights) -> whisper.model.Whisper:
+def reference_model(weights: LoadedWeights) -> whisper.model.Whisper:
     model = whisper.model.Whisper(ModelDimensions(**weights.dims.as_dict()))
     model.load_state_dict({k: v.float() for k, v in weights.state_dict.items()})
     return model.eval()
 
 
-def _reference(model: whisper.model.Whisper, samples: np.ndarray) -> tuple[tuple[int, ...], str, str]:
+def reference_tokens(model: whisper.model.Whisper, samples: np.ndarray) -> tuple[tuple[int, ...], str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "FP16 is not supported on CPU" and similar
         result = whisper.transcribe(model, torch.from_numpy(samples), temperature=0.0, fp16=False)

@@ -85,6 +85,13 @@ class SequentialTranscription:
                 self._report(seek)
                 continue
             detect = self.language is None
+            if detect and size < N_FRAMES:
+                # As the reference: detected from the whole file's log-mel, where the 30 s of silence appended to
+                # the audio fill the window. The decode window is padded in the log-mel domain instead; from it,
+                # clips under 30 s got other probabilities, and on a 1 s clip another language.
+                full = self.mel[:, seek : seek + N_FRAMES]
+                self.language, language_probs = await self.decoder.detect_language(full)
+                detect = False
             window = await self.decoder.decode(mel, self.language, all_tokens[prompt_reset:], detect=detect)
             if detect:
                 language_probs = window.language_probs
