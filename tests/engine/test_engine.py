@@ -21,7 +21,7 @@ from halkspeech.config import EngineSettings
 from halkspeech.engine.engine import DecodeHandle
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
-from halkspeech.errors import Cancelled, Overloaded
+from halkspeech.errors import Cancelled, EngineStopped, InvalidRequest, Overloaded
 from halkspeech.model.weights import LoadedWeights
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import TranscribeOptions, Transcript
@@ -277,3 +277,95 @@ def test_a_slot_left_past_the_context_fails_no_later_step(tiny_en_engine: ModelE
     transcripts = asyncio.run(main())
     assert [len(t.segments) for t in transcripts] == [2, 2, 2]
     assert tiny_en_engine.engine.stats.failed == failed
+
+
+# -- a caller's mistakes fail only that caller's request ------------------------------------------------------
+
+
+def test_a_future_the_caller_cancelled_neither_kills_the_engine_nor_keeps_decoding(
+    small_engine: ModelEngine, windows: list[torch.Tensor]
+) -> None:
+    """asyncio.wrap_future under a timeout cancels the engine's future itself. Setting it later raised
+    InvalidStateError on the engine thread, which ended the loop and failed everything in flight (a refused
+    request was enough: 3 beams on 2 slots). Now its work is cancelled and the engine goes on."""
+    engine = small_engine.engine
+    long = engine.submit(make_request(small_engine, windows[0], force_length=True, max_new_tokens=150))
+
+    async def impatient(**options: object) -> None:
+        handle = engine.submit(make_request(small_engine, windows[1], **options))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(handle.future), 0.01)
+
+    asyncio.run(impatient(beam_size=3))  # refused by the engine after the caller gave up on it
+    asyncio.run(impatient(force_length=True, max_new_tokens=200))  # decoding: its slot is freed, not kept busy
+    assert len(long.result(timeout=120).tokens) == 150
+    _wait_for(lambda: engine.queue_depth == 0 and engine.running == 0)
+    assert engine.alive and engine.stats.cancelled >= 1
+    assert "modern" in small_engine.tokenizer.decode(list(decode_alone(small_engine, windows[1]).tokens))
+
+
+def test_a_token_listener_that_raises_is_detached_and_nothing_fails(
+    tiny_en_engine: ModelEngine, windows: list[torch.Tensor]
+) -> None:
+    """It failed every running request with its error, and requests that finished in that iteration were
+    never completed (their callers waited forever)."""
+    engine = tiny_en_engine.engine
+
+    def broken(tokens: list[int]) -> None:
+        raise ValueError("listener broke")
+
+    handles = [
+        engine.submit(make_request(tiny_en_engine, windows[1]), on_tokens=broken),
+        engine.submit(make_request(tiny_en_engine, windows[0])),
+        engine.submit(make_request(tiny_en_engine, windows[1], max_new_tokens=1)),
+    ]
+    results = [h.result(timeout=120) for h in handles]
+    assert "modern" in tiny_en_engine.tokenizer.decode(list(results[0].tokens))
+    assert len(results[2].tokens) == 1 and engine.alive
+
+
+@pytest.mark.parametrize("case", ["prompt over the context", "token outside the vocabulary"])
+def test_a_request_the_model_cannot_take_is_refused_alone(
+    small_engine: ModelEngine, windows: list[torch.Tensor], case: str
+) -> None:
+    """Admitted, it failed the admission (a 461-token prompt) or the step (suppressing token 99999), and with
+    it every other running request."""
+    engine, tok = small_engine.engine, small_engine.tokenizer
+    good = engine.submit(make_request(small_engine, windows[0], force_length=True, max_new_tokens=60))
+    if case == "prompt over the context":
+        prompt, sot = tok.decoder_prompt("en", "transcribe")
+        bad = DecodeRequest(windows[1], (tok.sot_prev, *[440] * 456, *prompt), sot + 457, SamplingOptions())
+    else:
+        prompt, sot = tok.decoder_prompt("en", "transcribe")
+        bad = DecodeRequest(windows[1], prompt, sot, SamplingOptions(suppress_tokens=(99_999,)))
+    with pytest.raises(InvalidRequest, match=r"context holds 448|outside the vocabulary"):
+        engine.submit(bad).result(timeout=60)
+    assert len(good.result(timeout=120).tokens) == 60
+
+
+def test_a_prefix_longer_than_half_the_context_keeps_its_end(tiny_en_engine: ModelEngine) -> None:
+    tok = tiny_en_engine.tokenizer
+    prefix = tok.encode(" word" * 460)
+    prompt, _ = tok.decoder_prompt("en", "transcribe", previous=tok.encode(" x" * 300), prefix=prefix)
+    assert len(prompt) <= 448 and prompt[-5:] == tuple(prefix[-5:])
+
+
+def test_max_new_tokens_0_gives_no_token(tiny_en_engine: ModelEngine, windows: list[torch.Tensor]) -> None:
+    """The reference's sample loop runs zero times; the admission's first token was kept (greedy and beam)."""
+    for options in ({}, {"beam_size": 2}):
+        result = decode_alone(tiny_en_engine, windows[0], max_new_tokens=0, **options)
+        assert result.tokens == () and result.finish_reason == "length", options
+
+
+def test_a_stopped_engine_counts_nothing_as_queued_or_running(
+    tiny_en_weights: LoadedWeights, windows: list[torch.Tensor]
+) -> None:
+    """After close, the queue and running counts stayed at what was in flight (metrics, and the pool's idea
+    of whether the model is busy); every request failed, and now each counts as failed."""
+    model = start_engine(tiny_en_weights, EngineSettings(device="cpu", max_slots=2))
+    engine = model.engine
+    handles = [engine.submit(make_request(model, windows[0], force_length=True, max_new_tokens=200)) for _ in range(6)]
+    _wait_for(lambda: engine.running > 0)
+    model.close()
+    assert all(isinstance(h.future.exception(timeout=10), EngineStopped) for h in handles)
+    assert (engine.queue_depth, engine.running, engine.stats.failed) == (0, 0, 6)

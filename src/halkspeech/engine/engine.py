@@ -61,6 +61,12 @@ class DecodeHandle:
         self.future: concurrent.futures.Future[DecodeResult] = concurrent.futures.Future()
         self.group: Group | None = None
         self.reported = 0
+        # A caller that cancels the future itself (asyncio.wrap_future under a timeout does) cancels the work.
+        self.future.add_done_callback(self._cancelled_by_caller)
+
+    def _cancelled_by_caller(self, future: concurrent.futures.Future[DecodeResult]) -> None:
+        if future.cancelled():
+            self.engine._post("cancel", (self,))
 
     def cancel(self) -> None:
         """Stop the work; its slots are freed at the next step boundary. Harmless after completion."""
@@ -86,6 +92,19 @@ class DecodeHandle:
 def _consume_outcome(future: asyncio.Future[DecodeResult]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _settle(future: concurrent.futures.Future[DecodeResult], outcome: DecodeResult | BaseException) -> bool:
+    """Give a future its result or exception, unless its caller has cancelled it (then nobody waits for it;
+    setting it would raise InvalidStateError on the engine thread, which ended the loop)."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except concurrent.futures.InvalidStateError:
+        return False
+    return True
 
 
 @dataclass
@@ -258,9 +277,11 @@ class Engine:
             time.sleep(self.batch_window_s)  # let a burst arrive so it shares one encoder call
         while True:
             kind, handles = message
-            for handle in handles:
-                self._handle(kind, handle)
-            self._taken(kind, handles)  # after: in the scheduler's queue now (counted twice for a moment)
+            try:
+                for handle in handles:
+                    self._handle(kind, handle)
+            finally:
+                self._taken(kind, handles)  # after: in the scheduler's queue now (counted twice for a moment)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
@@ -278,7 +299,7 @@ class Engine:
                 handle.group = self.scheduler.add(handle.request)
                 self._handles[handle.group.rid] = handle
             except HalkSpeechError as exc:
-                handle.future.set_exception(exc)
+                _settle(handle.future, exc)
         elif kind == "cancel" and handle.group is not None and self.scheduler.cancel(handle.group):
             if self.scheduler.is_encoding(handle.group):
                 return  # completed when its encoder run ends (mark_encoded hands it back)
@@ -287,6 +308,7 @@ class Engine:
 
     def _iterate(self) -> None:
         finished: list[Group] = []
+        admissions: list[Admission] = []
         step = None
         try:
             self._collect_encoded()
@@ -304,7 +326,15 @@ class Engine:
                 # engine thread, which must win the GIL back from the request threads, launched the next step.)
                 began = time.perf_counter()
                 rows = [self._encoded.pop(a.rid) for a in admissions]
-                self._in_flight.append(Admitting(admissions, rows, self.runner.launch_admit(admissions, rows)))
+                try:
+                    launched = self.runner.launch_admit(admissions, rows)
+                except Exception as exc:  # these requests fail, not the ones already decoding
+                    log.exception("admission failed; failing its %d requests", len(admissions))
+                    for admission in admissions:
+                        self._fail(self.scheduler.abort(self.scheduler.running_group(admission.rid)), exc)
+                    admissions = []
+                else:
+                    self._in_flight.append(Admitting(admissions, rows, launched))
                 self.stats.admitted += len(admissions)
                 self.stats.admit_calls += 1
                 self.stats.admit_s += time.perf_counter() - began
@@ -326,7 +356,7 @@ class Engine:
             self._report_tokens(self.scheduler.running_groups() + finished)
         except Exception as exc:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing the running requests")
-            finished, step = [], None
+            step = None  # `finished` ones had left the scheduler: they complete below, or nothing would
             self._in_flight.clear()
             self.scheduler.discard_plans()
             for group in self.scheduler.running_groups():
@@ -477,43 +507,49 @@ class Engine:
                 fresh = [t for t in tokens[handle.reported :] if t != self.scheduler.eot]
                 handle.reported = len(tokens)
                 if fresh:
-                    handle.on_tokens(fresh)
+                    try:
+                        handle.on_tokens(fresh)
+                    except Exception:  # a caller's listener: it hears no more; the request, and others, go on
+                        log.exception("a token listener failed; it is detached from its request")
+                        handle.on_tokens = None
 
     def _complete(self, group: Group, *, release: bool = True) -> None:
         if release:  # not for a group released before its word-timing pass: its slots may be another's now
             self.runner.release(group.slots)
         handle = self._handles.pop(group.rid, None)
-        if handle is None or handle.future.done():
+        if handle is None:
             return
-        if group.finish == "cancelled":
+        if group.finish == "cancelled" or handle.future.cancelled():
             self.stats.cancelled += 1
-            handle.future.set_exception(Cancelled("the request was cancelled"))
+            _settle(handle.future, Cancelled("the request was cancelled"))
+            return
+        if handle.future.done():
             return
         decode_ms = (time.perf_counter() - group.admitted) * 1000 if group.admitted else 0.0
         self.stats.completed += 1
         result = self.scheduler.result(group, decode_ms)
         if group.alignment is not None:
             result = dataclasses.replace(result, alignment=group.alignment)
-        handle.future.set_result(result)
+        _settle(handle.future, result)
 
     def _fail(self, group: Group, exc: BaseException) -> None:
         self.runner.release(group.slots)
         handle = self._handles.pop(group.rid, None)
-        if handle is not None and not handle.future.done():
+        if handle is not None and _settle(handle.future, exc):
             self.stats.failed += 1
-            handle.future.set_exception(exc)
 
     def _fail_all(self, exc: HalkSpeechError) -> None:
-        for handle in list(self._handles.values()):
-            if not handle.future.done():
-                handle.future.set_exception(exc)
+        """The loop has ended: every request fails, and the queue and running counts go back to 0."""
+        self.scheduler.clear()
+        handles = list(self._handles.values())
         self._handles.clear()
         while True:
             try:
-                kind, handles = self._inbox.get_nowait()
+                kind, posted = self._inbox.get_nowait()
             except queue.Empty:
-                return
-            self._taken(kind, handles)
-            for handle in handles:
-                if not handle.future.done():
-                    handle.future.set_exception(exc)
+                break
+            self._taken(kind, posted)
+            handles += [h for h in posted if kind == "submit"]
+        for handle in handles:
+            if _settle(handle.future, exc):
+                self.stats.failed += 1

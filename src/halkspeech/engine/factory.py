@@ -171,6 +171,7 @@ def start_engine(
         eot=tokenizer.eot,
         timestamp_begin=tokenizer.timestamp_begin,
         n_text_ctx=weights.dims.n_text_ctx,
+        n_vocab=weights.dims.n_vocab,
         max_encoder_batch=settings.max_encoder_batch,
         max_queue=settings.max_queue,
         batch_buckets=(*(b for b in BATCH_BUCKETS if b < slots), slots) if graphs else None,

@@ -86,6 +86,8 @@ class DecodeRequest:
             raise InvalidRequest("sot_index outside the prompt")
         if self.detect_language and self.language_index is None and self.options.max_new_tokens > 0:
             raise InvalidRequest("language detection before decoding needs language_index")
+        if self.language_index is not None and not 0 <= self.language_index < len(self.prompt):
+            raise InvalidRequest("language_index outside the prompt")
         if self.alignment_frames is not None and not 1 <= self.alignment_frames <= N_FRAMES // INPUT_STRIDE:
             raise InvalidRequest(f"alignment_frames must be 1..{N_FRAMES // INPUT_STRIDE}")
 

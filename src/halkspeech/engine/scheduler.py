@@ -77,6 +77,7 @@ class Scheduler:
         eot: int,
         timestamp_begin: int,
         n_text_ctx: int = 448,
+        n_vocab: int | None = None,
         max_encoder_batch: int = 32,
         max_queue: int = 1024,
         batch_buckets: tuple[int, ...] | None = None,
@@ -108,6 +109,7 @@ class Scheduler:
         self.eot = eot
         self.ts_begin = timestamp_begin
         self.n_text_ctx = n_text_ctx
+        self.n_vocab = n_vocab
         self.max_encoder_batch = max_encoder_batch
         self.max_queue = max_queue
         self.batch_buckets = batch_buckets  # None: exact sizes (CPU, no graphs)
@@ -134,9 +136,23 @@ class Scheduler:
         size, limit = request.options.group_size, self.max_group_size(request.priority)
         if size > limit:  # it could never be admitted: not overload, retrying would not help
             raise InvalidRequest(f"{size} beams or samples need {size} decoder slots at once; this engine has {limit}")
+        self._check_fits(request)
         group = Group(next(self._ids), request)
         heapq.heappush(self._waiting, (request.priority, group.rid, group))
         return group
+
+    def _check_fits(self, request: DecodeRequest) -> None:
+        """Refuse what the model cannot take before it joins a batch: admitted, it failed the step or the
+        admission, and with it every other request running (a prompt of 461 tokens in a 448-token context, a
+        suppressed token past the vocabulary)."""
+        if len(request.prompt) > self.n_text_ctx:
+            raise InvalidRequest(
+                f"the prompt has {len(request.prompt)} tokens; the model's text context holds {self.n_text_ctx}"
+            )
+        if self.n_vocab is not None:
+            tokens = (*request.prompt, *request.options.suppress_tokens, *(request.alignment_prompt or ()))
+            if tokens and not 0 <= min(tokens) <= max(tokens) < self.n_vocab:
+                raise InvalidRequest(f"a token of the request is outside the vocabulary (0..{self.n_vocab - 1})")
 
     def max_group_size(self, priority: int = 0) -> int:
         """The most slots one request may take: all of them for live turns (priority < 0), less the reserve
@@ -178,6 +194,23 @@ class Scheduler:
     def decoding(self) -> bool:
         """Some sequence is decoding (a finished group leaves at once, so a running group has a live one)."""
         return bool(self._running)
+
+    def clear(self) -> list[Group]:
+        """Forget every group (the engine has stopped): the queue and the running count go back to 0. Returns
+        the groups that were queued, encoding, ready or running."""
+        groups = [g for *_, g in self._waiting] + list(self._encoding.values()) + [g for *_, g in self._ready]
+        groups += list(self._running.values())
+        self._waiting, self._ready, self._encoding, self._running = [], [], {}, {}
+        self._planned.clear()
+        self._pending_updates = []
+        self._free = list(range(self.n_slots))
+        self._live_running = self._lockstep_running = 0
+        self._batch_rows = 0
+        return groups
+
+    def running_group(self, rid: int) -> Group:
+        """The running group of an admission (`Admission.rid`)."""
+        return self._running[rid]
 
     def running_groups(self) -> list[Group]:
         return list(self._running.values())
@@ -340,8 +373,8 @@ class Scheduler:
         group.language_probs = result.language_probs
         for seq in group.seqs:
             seq.pending -= 1
-        if group.request.detect_language and options.max_new_tokens == 0:
-            group.finish = "detected"
+        if group.max_new <= 0:  # no token wanted (the reference's loop runs zero times): the first one is dropped
+            group.finish = "detected" if group.request.detect_language else "length"
             return self._finish(group)
         if options.beam_size > 1:
             group.beam = BeamSearch(options.beam_size, self.eot, options.patience)

@@ -142,11 +142,15 @@ class Tokenizer:
         """The decoder's initial tokens and the index of <|startoftranscript|> in them:
         `<|startofprev|> previous… <|startoftranscript|><|xx|><|task|>[<|notimestamps|>] prefix…`.
 
-        `previous` keeps its last n_text_ctx/2 - 1 tokens; the sampled text gets the other half."""
+        `previous` keeps its last n_text_ctx/2 - 1 tokens; the sampled text gets the other half, of which
+        `prefix` keeps its last ones that leave room for a token (a client's 460-token prefix overflowed the
+        context)."""
         head: list[int] = []
         if previous:
             head = [self.sot_prev, *list(previous)[-(n_text_ctx // 2 - 1) :]]
-        tokens = head + list(self.sot_sequence(language, task, timestamps=timestamps)) + list(prefix)
+        sot = list(self.sot_sequence(language, task, timestamps=timestamps))
+        room = max(0, n_text_ctx // 2 - len(sot) - 1)
+        tokens = head + sot + (list(prefix)[-room:] if room else [])
         return tuple(tokens), len(head)
 
     def encode(self, text: str) -> list[int]:
