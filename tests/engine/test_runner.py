@@ -13,7 +13,7 @@ from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
 from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep
 from halkspeech.engine.factory import task_prompt_widths
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
-from halkspeech.engine.runner import Runner
+from halkspeech.engine.runner import SUPPRESS_ROWS, Runner
 from halkspeech.engine.sampling import TokenIds
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import LoadedWeights
@@ -110,3 +110,13 @@ def test_admissions_the_graphs_do_not_cover_run_eagerly(model: Whisper, mel: tor
         got, got_steps = admit_and_decode(padded, tokenizer, mel, steps=4, beams=True)
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert got_steps == want_steps
+
+
+def test_suppress_masks_are_kept_for_the_recent_sets_only(model: Whisper) -> None:
+    """A library caller with a new suppress set per request grew the cache of [vocab] masks without bound."""
+    runner, _ = make_runner(model)
+    for first in range(40):
+        row = runner._suppress_row((first, 100 + first))
+        assert row.sum() == 2 and row[first] and row[100 + first]
+    assert len(runner._suppress_rows) == SUPPRESS_ROWS
+    assert (39, 139) in runner._suppress_rows and (0, 100) not in runner._suppress_rows

@@ -37,6 +37,7 @@ AdmitKey = tuple[int, int]  # (rows, padded up to a power of two; prompt width)
 #: Prompts of at most this many tokens can replay an admission graph: the task prompts (sot, language, task,
 #: no-timestamps) are 1-4 tokens; a previous-text prompt (long-form conditioning) is up to 224, and runs eagerly.
 ADMIT_GRAPH_WIDTH = 8
+SUPPRESS_ROWS = 16  # suppress-token masks kept on the device (least recently used dropped first)
 
 
 @dataclass
@@ -423,11 +424,15 @@ class Runner:
         return row
 
     def _suppress_row(self, tokens: tuple[int, ...]) -> Tensor:
-        row = self._suppress_rows.get(tokens)
+        """The [vocab] mask of a suppress set, kept for the most recent SUPPRESS_ROWS sets (the default one is
+        nearly every request's; a library caller with a new set per request grew the cache without bound)."""
+        row = self._suppress_rows.pop(tokens, None)
         if row is None:
             row = torch.zeros(self.ids.vocab, dtype=torch.bool, device=self.device)
             row[list(tokens)] = True
-            self._suppress_rows[tokens] = row
+            if len(self._suppress_rows) >= SUPPRESS_ROWS:
+                del self._suppress_rows[next(iter(self._suppress_rows))]  # the least recently used
+        self._suppress_rows[tokens] = row  # (re)inserted last: most recently used
         return row
 
     # --- decoding --------------------------------------------------------------------------------------
