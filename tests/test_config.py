@@ -96,7 +96,12 @@ def test_unknown_names_inside_a_section_json_are_errors_too() -> None:
 
 @pytest.mark.parametrize(
     "env",
-    [{"HALKSPEECH_SERVER__API_KEYS": '["k1", ""]'}, {"HALKSPEECH_SERVER__API_KEYS": '["  "]'}],
+    [
+        {"HALKSPEECH_SERVER__API_KEYS": '["k1", ""]'},
+        {"HALKSPEECH_SERVER__API_KEYS": '["  "]'},
+        {"HALKSPEECH_SERVER__API_KEYS": ""},  # "$KEY" with KEY unset: it was no keys at all, an open server
+        {"HALKSPEECH_SERVER__API_KEYS": "k1,,k2"},
+    ],
 )
 def test_a_blank_api_key_stops_the_start(env: dict[str, str]) -> None:
     """An empty key let in anyone who sent an empty X-API-Key or ?token= (`--api-key "$KEY"`, KEY unset)."""

@@ -54,6 +54,17 @@ def _lower(value: Any) -> Any:
 CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 
+def _split_keys(value: Any) -> Any:
+    """As _split_list, but an empty item stays (and is refused): HALKSPEECH_SERVER__API_KEYS="$KEY" with KEY
+    unset must not come out as no keys, an open server."""
+    if isinstance(value, str) and not value.strip().startswith("["):
+        return [item.strip() for item in value.split(",")]
+    return _split_list(value)
+
+
+KeyList = Annotated[list[str], NoDecode, BeforeValidator(_split_keys)]
+
+
 def _default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "halkspeech" / "models"
@@ -168,7 +179,7 @@ class ServerSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
-    api_keys: CsvList = Field(default_factory=list)
+    api_keys: KeyList = Field(default_factory=list)
 
     @field_validator("api_keys")
     @classmethod
