@@ -30,7 +30,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 install: $(VENV)/.installed
 
 serve: $(VENV)/.installed
-	$(BIN)/halkspeech models pull $${HALKSPEECH_MODEL__DEFAULT:-base}
+	$(BIN)/halkspeech models pull $${HALKSPEECH_MODEL__DEFAULT:-$${WHISPER__MODEL:-base}}
 	$(BIN)/halkspeech serve
 
 lint: $(VENV)/.dev-installed

@@ -127,6 +127,11 @@ async def _receive(ws: ClientConnection, printer: Printer, done: asyncio.Queue[d
     done.put_nowait({"type": "closed"})
 
 
+def _gate(args: argparse.Namespace) -> EnergyGate:
+    """The client-side VAD, keeping 300 ms around speech whatever the frame length."""
+    return EnergyGate(args.vad_threshold_db, pad_frames=max(1, round(300 / args.frame_ms)))
+
+
 def _start(args: argparse.Namespace) -> str:
     return start_message(
         language=args.language,
@@ -178,7 +183,7 @@ async def _file(args: argparse.Namespace) -> int:
     audio = await asyncio.to_thread(decode_audio, args.file)
     frames = pcm_frames(to_pcm16(audio), args.frame_ms)
     if args.vad:
-        frames = list(EnergyGate(args.vad_threshold_db).filter(frames))
+        frames = list(_gate(args).filter(frames))
     async with _session(args) as (ws, printer, done):
         try:
             await ws.send(_start(args))
@@ -207,7 +212,7 @@ async def _mic(args: argparse.Namespace) -> int:
     def callback(data: Any, frames: int, time: Any, status: Any) -> None:  # PortAudio's thread
         loop.call_soon_threadsafe(captured.put_nowait, bytes(data))
 
-    gate = EnergyGate(args.vad_threshold_db) if args.vad else None
+    gate = _gate(args) if args.vad else None
     failures = 0
     async with _session(args) as (ws, _, done):
         while True:
