@@ -13,8 +13,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from halkspeech import __version__
+from halkspeech.cli.argtypes import Parser
 from halkspeech.errors import HalkSpeechError
 
 # Subcommand modules, in the order `--help` lists them. A module missing here is simply not offered.
@@ -22,7 +24,7 @@ _SUBCOMMANDS = ("serve", "transcribe", "models", "bench", "loadtest", "ws_client
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="halkspeech",
         description="Fast self-hosted Whisper speech-to-text: server, CLI, benchmarks.",
     )
@@ -38,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def register_modules(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], package: str, names: Sequence[str]
-) -> None:
+def register_modules(subparsers: argparse._SubParsersAction[Any], package: str, names: Sequence[str]) -> None:
     """Let each module `package.name` add its parser (`register(subparsers)`); a module that does not exist
     is skipped, an import error inside one is not."""
     for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 
@@ -16,3 +17,34 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it or there is none to say."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _default_text(action):  # argparse skips a flag without help altogether
+            action = copy.copy(action)
+            action.help = _default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not _default_text(action):
+            return action.help
+        return f"{text} ({_default_text(action)})"
+
+
+def _default_text(action: argparse.Action) -> str:
+    if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+        return ""
+    value = ",".join(map(str, action.default)) if isinstance(action.default, list | tuple) else action.default
+    return f"default: {value}".replace("%", "%%")
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command and subcommand (add_subparsers makes children of the parent's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]

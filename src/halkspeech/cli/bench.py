@@ -24,6 +24,13 @@ def _csv(kind: type) -> Any:
     return parse
 
 
+def _kind(
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    """A benchmark's parser: its one-line summary is also its --help description."""
+    return kinds.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -32,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     kinds = parser.add_subparsers(dest="bench", metavar="KIND", required=True)
 
-    engine = kinds.add_parser("engine", help="windows/s, tokens/s and RTFx per batch size, against HF transformers")
+    engine = _kind(kinds, "engine", "windows/s, tokens/s and RTFx per batch size, against HF transformers")
     engine.add_argument("--models", type=_csv(str), default=("large-v3-turbo", "large-v3"), help="catalog shapes")
     engine.add_argument("--batches", type=_csv(int), default=(1, 16, 64, 256))
     engine.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
@@ -53,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _device_args(engine)
     engine.set_defaults(func=_run_engine)
 
-    mixed = kinds.add_parser("mixed", help="continuous against static batching on a mixed workload")
+    mixed = _kind(kinds, "mixed", "continuous against static batching on a mixed workload")
     mixed.add_argument("--models", type=_csv(str), default=("large-v3-turbo", "large-v3"))
     mixed.add_argument("--requests", type=int, default=512)
     mixed.add_argument("--min-tokens", type=int, default=10)
@@ -82,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     _register_longform(kinds)
 
-    server = kinds.add_parser("server", help="the HTTP server under many clients against the bare engine")
+    server = _kind(kinds, "server", "the HTTP server under many clients against the bare engine")
     server.add_argument("--model", default="large-v3-turbo", help="catalog shape, served as random:<model>")
     server.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
     server.add_argument("--concurrency", type=int, default=256, help="HTTP clients posting at once")
@@ -105,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _device_args(server)
     server.set_defaults(func=_run_server)
 
-    ws = kinds.add_parser("ws", help="push-to-talk end→final latency through the real server, with file traffic")
+    ws = _kind(kinds, "ws", "push-to-talk end→final latency through the real server, with file traffic")
     ws.add_argument("--model", default="random:large-v3-turbo", help="served model (random:<shape> or real)")
     ws.add_argument("--tokens", type=int, default=20, help="forced decoded tokens per window (0: real decoding)")
     ws.add_argument("--turn-s", type=finite_float, default=5.0, help="seconds of audio per turn")

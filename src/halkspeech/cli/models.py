@@ -16,7 +16,12 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("models", help="list the known and cached models, or fetch them")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: settings)")
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="every catalog model and anything else in the cache")
+    actions.add_parser(
+        "list",
+        help="every catalog model and anything else in the cache",
+        description="Every catalog model and anything else in the cache: whether it is cached, its size on disk "
+        "and where it would be fetched from.",
+    )
     pull = actions.add_parser("pull", help="fetch models into the cache (re-fetches a corrupt copy)")
     pull.add_argument("names", nargs="+", metavar="NAME", help="catalog name (tiny.en, base ...) or owner/repo")
     pull.add_argument("--force", action="store_true", help="download even if an intact copy is cached")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from halkspeech.cli.argtypes import finite_float
-from halkspeech.config import DType
+from halkspeech.config import DType, Settings
 
 log = logging.getLogger("halkspeech.serve")
 
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Serve Whisper over HTTP. Flags override HALKSPEECH_* and WHISPER__* environment variables.",
     )
     net = parser.add_argument_group("network")
-    net.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    net.add_argument("--port", type=int, help="port (default 8000)")
+    net.add_argument("--host", help="address to listen on")
+    net.add_argument("--port", type=int, help="port")
     net.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted key (repeatable)")
     net.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without a key")
 
@@ -83,34 +83,55 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="BENCHMARKS ONLY: decode exactly N tokens per 30 s window, without timestamps, whatever the audio "
         "says (transcripts become nonsense)",
     )
+    _name_settings(parser)
     parser.set_defaults(func=run)
+
+
+#: Each flag (by its dest) and the setting it overrides.
+_FLAG_SETTINGS = {
+    "host": "server.host",
+    "port": "server.port",
+    "api_keys": "server.api_keys",
+    "metrics_open": "server.metrics_open",
+    "model_ttl": "server.model_ttl_s",
+    "only_configured_models": "server.configured_models_only",
+    "max_concurrent_requests": "server.max_concurrent_requests",
+    "max_queue_size": "server.max_queue_size",
+    "request_timeout": "server.request_timeout_s",
+    "max_upload_mb": "server.max_upload_mb",
+    "max_audio_s": "server.max_audio_s",
+    "allow_private_urls": "server.url_fetch_allow_private",
+    "log_format": "server.log_format",
+    "force_decode_tokens": "server.force_decode_tokens",
+    "cache_dir": "model.cache_dir",
+    "device": "engine.device",
+    "device_index": "engine.device_index",
+    "dtype": "engine.dtype",
+    "max_slots": "engine.max_slots",
+    "encoder_batch": "engine.max_encoder_batch",
+    "models": "model.default",
+}
+
+
+def _name_settings(parser: argparse.ArgumentParser) -> None:
+    """End each flag's help with the setting it overrides and that setting's built-in default."""
+    defaults = Settings()
+    for action in parser._actions:
+        setting = _FLAG_SETTINGS.get(action.dest)
+        if setting is not None:
+            section, key = setting.split(".")
+            value = getattr(getattr(defaults, section), key)
+            shown = ",".join(value) if isinstance(value, list) else value
+            said = f"{setting}; default {shown}" if shown not in (None, "", []) else setting
+            action.help = f"{action.help or ''} ({said.replace('%', '%%')})".strip()
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names: list[str] = args.models or []
     overrides: dict[str, Any] = {
-        "server__host": args.host,
-        "server__port": args.port,
-        "server__api_keys": args.api_keys,
-        "server__metrics_open": args.metrics_open,
-        "server__model_ttl_s": args.model_ttl,
-        "server__configured_models_only": args.only_configured_models,
-        "server__max_concurrent_requests": args.max_concurrent_requests,
-        "server__max_queue_size": args.max_queue_size,
-        "server__request_timeout_s": args.request_timeout,
-        "server__max_upload_mb": args.max_upload_mb,
-        "server__max_audio_s": args.max_audio_s,
-        "server__url_fetch_allow_private": args.allow_private_urls,
-        "server__log_format": args.log_format,
-        "server__access_log": False if args.no_access_log else None,
-        "server__force_decode_tokens": args.force_decode_tokens,
-        "model__cache_dir": args.cache_dir,
-        "engine__device": args.device,
-        "engine__device_index": args.device_index,
-        "engine__dtype": args.dtype,
-        "engine__max_slots": args.max_slots,
-        "engine__max_encoder_batch": args.encoder_batch,
+        setting.replace(".", "__"): getattr(args, dest) for dest, setting in _FLAG_SETTINGS.items() if dest != "models"
     }
+    overrides["server__access_log"] = False if args.no_access_log else None
     if names:
         overrides["model__default"] = names[0]
         overrides["server__models"] = names[1:]

@@ -53,7 +53,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("audio", nargs="+", metavar="AUDIO", help="audio or video files, or '-' for stdin")
     model = parser.add_argument_group("model and device")
-    model.add_argument("--model", default=None, help="catalog name (tiny.en, base ...), owner/repo or a local path")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="catalog name (tiny.en, base ...), owner/repo or a local path (default: the model.default setting, "
+        "base unless HALKSPEECH_MODEL__DEFAULT or WHISPER__MODEL says otherwise)",
+    )
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: cuda if present")
     model.add_argument(
         "--dtype",
