@@ -73,6 +73,22 @@ def test_policies_match_reference_filters() -> None:
             assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])
 
 
+def test_rows_without_timestamp_rules_are_left_to_the_other_policies() -> None:
+    """A step with timestamps applies their rules to the rows that asked for them only."""
+    tok = Tokenizer(multilingual=True, num_languages=99)
+    prompt = list(tok.sot_sequence("en", "transcribe"))
+    sampler = Sampler(TokenIds.from_tokenizer(tok, VOCAB), torch.device("cpu"))
+    histories = _histories(tok, 16, random.Random(1))
+    state = _state(tok, prompt, histories, max_initial=50)
+    state.ts_rules[::2] = False
+    logits = torch.randn(len(histories), VOCAB, generator=torch.Generator().manual_seed(1)) * 3
+    with_rules, without = logits.clone(), logits.clone()
+    sampler.filter(with_rules, state, timestamps=True)
+    sampler.filter(without, state, timestamps=False)
+    assert torch.equal(with_rules[::2], without[::2])
+    assert not torch.equal(with_rules[1::2], without[1::2])
+
+
 def test_greedy_and_sampled_rows_share_a_step() -> None:
     tok = Tokenizer(multilingual=False, num_languages=99)
     sampler = Sampler(TokenIds.from_tokenizer(tok, 51864), torch.device("cpu"))

@@ -180,26 +180,29 @@ class TimestampRules(LogitPolicy):
         self.ts = ids.timestamp_begin
         self.eot = ids.eot
         self.no_timestamps = ids.no_timestamps
-        self.column = torch.arange(ids.vocab, device=device)[None, :]  # [1, V]
+        self.ts_column = torch.arange(ids.timestamp_begin, ids.vocab, device=device)[None, :]  # [1, T]
 
     def apply(self, logits: Tensor, state: SlotState) -> None:
-        col, ts = self.column, self.ts
-        on = state.ts_rules[:, None]
+        # Each rule on the columns it concerns (a slice of the row, in place), not a [B, V] mask per rule: on a
+        # CPU a step at one row took 0.9 ms here, most of a tiny.en step's filtering.
+        ts, on = self.ts, state.ts_rules
         last_ts = (state.n_gen >= 1) & (state.tokens >= ts)
         penult_ts = (state.n_gen < 2) | (state.prev >= ts)
-        is_ts_col, is_text_col = col >= ts, col < self.eot
-        pair_mask = (last_ts & penult_ts)[:, None] & is_ts_col  # two timestamps in a row: now text
-        pair_mask |= (last_ts & ~penult_ts)[:, None] & is_text_col  # one timestamp: close the pair
-        floor = torch.where(last_ts & ~penult_ts, state.last_ts, state.last_ts + 1)
-        monotonic = (state.last_ts >= 0)[:, None] & is_ts_col & (col < floor[:, None])
-        first = (state.n_gen == 0)[:, None]
-        initial = first & ((col < ts) | (col > state.max_initial[:, None]))
-        logits.masked_fill_(on & (pair_mask | monotonic | initial | (col == self.no_timestamps)), NEG_INF)
+        closing = on & last_ts & ~penult_ts  # one timestamp: the pair is closed next, so no text
+        first = on & (state.n_gen == 0)  # the first token is a timestamp, at most max_initial
+        logits[:, : self.eot].masked_fill_(closing[:, None], NEG_INF)
+        logits[:, :ts].masked_fill_(first[:, None], NEG_INF)
+        floor = torch.where(closing, state.last_ts, state.last_ts + 1)  # timestamps never decrease
+        stamps = (on & last_ts & penult_ts)[:, None]  # two timestamps in a row: now text
+        stamps = stamps | ((on & (state.last_ts >= 0))[:, None] & (self.ts_column < floor[:, None]))
+        stamps = stamps | (first[:, None] & (self.ts_column > state.max_initial[:, None]))
+        logits[:, ts:].masked_fill_(stamps, NEG_INF)
+        logits[:, self.no_timestamps].masked_fill_(on, NEG_INF)
+        # a timestamp is forced where timestamps are jointly more likely than any text token
         logprobs = torch.log_softmax(logits, dim=-1)
         ts_mass = torch.logsumexp(logprobs[:, ts:], dim=-1)
         max_text = logprobs[:, :ts].max(dim=-1).values
-        force_ts = on & (ts_mass > max_text)[:, None] & (col < ts)
-        logits.masked_fill_(force_ts, NEG_INF)
+        logits[:, :ts].masked_fill_((on & (ts_mass > max_text))[:, None], NEG_INF)
 
 
 class Sampler:
