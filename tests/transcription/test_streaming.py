@@ -283,6 +283,26 @@ def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: Strea
     run(main)
 
 
+def test_a_quiet_microphone_is_heard_by_the_vad(tiny_en_engine: ModelEngine, vad: StreamingVAD) -> None:
+    """Speech peaking at -50 dBFS: silero, whose probabilities follow the level, heard almost none of it, and a
+    segmented turn (which keeps only what the VAD hears) ended empty. Raised by up to +20 dB, it is heard."""
+    speech = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER
+    quiet = np.concatenate([speech, np.zeros(24_000, np.float32)]) / np.abs(speech).max() * 10 ** (-50 / 20)
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(segment_silence_ms=700))
+        for chunk in frames(pcm16(quiet.astype(np.float32))):
+            session.feed(chunk)
+            await asyncio.sleep(0)
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        assert "wait no longer" in final.text.lower()
+        await session.close()
+
+    run(main)
+
+
 def test_closing_mid_turn_frees_the_engine(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
     engine = tiny_en_engine.engine
 

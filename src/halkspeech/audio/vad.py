@@ -153,14 +153,20 @@ VAD_PEAK = 0.1  # -20 dBFS: the level quiet recordings are raised to for the VAD
 VAD_MAX_GAIN = 100.0  # +40 dB at most: dither and hiss stay far below speech
 
 
+def vad_gain(peak: float, max_gain: float = VAD_MAX_GAIN) -> float:
+    """The gain that brings audio peaking at `peak` to -20 dBFS for silero, at most `max_gain`; 1 for louder
+    audio or silence. silero's speech probabilities follow the level: jfk.flac peaking at -50 dBFS had almost
+    no frame above 0.5, at -61 none, while Whisper (its log-mel normalised to the loudest part) hears both."""
+    if peak <= 0.0 or peak >= VAD_PEAK:
+        return 1.0
+    return min(VAD_PEAK / peak, max_gain)
+
+
 def raised_for_vad(audio: np.ndarray) -> np.ndarray:
-    """A quiet recording [T] raised so its peak is at -20 dBFS (at most +40 dB) for silero, whose speech
-    probabilities follow the level: speech peaking at -61 dBFS had none above 0.5, and batched mode dropped it
-    whole, while Whisper (its log-mel normalised to the loudest part) hears it. Louder audio is returned as is."""
-    peak = float(np.abs(audio).max()) if audio.size else 0.0
-    if peak == 0.0 or peak >= VAD_PEAK:
-        return audio
-    return audio * np.float32(min(VAD_PEAK / peak, VAD_MAX_GAIN))
+    """A quiet recording [T] raised for silero as a whole (`vad_gain` of its peak; batched mode dropped speech
+    peaking at -61 dBFS whole). Louder audio is returned as is."""
+    gain = vad_gain(float(np.abs(audio).max()) if audio.size else 0.0)
+    return audio if gain == 1.0 else audio * np.float32(gain)
 
 
 def speech_regions(

@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 import numpy as np
 
 from halkspeech.audio.streaming import FRAME, PCMStream, StreamingVAD, VADStream, pcm16_to_float
+from halkspeech.audio.vad import vad_gain
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import AudioTooLong, HalkSpeechError, InvalidRequest, Overloaded
 from halkspeech.model.dims import SAMPLE_RATE
@@ -57,6 +58,7 @@ OptionsCheck = Callable[[ModelEngine, TranscribeOptions], None]
 
 FINAL_PRIORITY = -1  # finals and segments: ahead of file work, admitted without waiting for a batch
 PARTIAL_PRIORITY = 0  # partials: like file work, so they never queue ahead of anyone's final
+LIVE_VAD_MAX_GAIN = 10.0  # +20 dB at most for a quiet microphone: -50 dBFS speech reaches -30, which silero hears
 
 
 class NoTurn(InvalidRequest):
@@ -134,6 +136,7 @@ class LiveTurn:
         self._vad = vad
         self._vad_state = VADStream()
         self._vad_tail = np.zeros(0, dtype=np.float32)  # samples short of a whole VAD frame
+        self._vad_peak = 0.0  # the loudest sample the VAD has had from this turn
         self._vad_queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
         silence = options.segment_silence_ms
         pause_frames = None if silence is None else max(1, round(silence * SAMPLE_RATE / 1000 / FRAME))
@@ -164,7 +167,11 @@ class LiveTurn:
         whole = len(pending) // FRAME * FRAME
         self._vad_tail = pending[whole:]
         if whole:
-            self._vad_queue.put_nowait(pending[:whole].reshape(-1, FRAME))
+            # A quiet microphone raised for the VAD by the gain of the loudest audio so far (at most +20 dB: it
+            # is set before the speech comes, and the background must stay below what silero calls speech).
+            self._vad_peak = max(self._vad_peak, float(np.abs(pending[:whole]).max()))
+            gain = np.float32(vad_gain(self._vad_peak, LIVE_VAD_MAX_GAIN))
+            self._vad_queue.put_nowait(pending[:whole].reshape(-1, FRAME) * gain)
 
     async def _run_vad(self) -> None:
         assert self._vad is not None
@@ -277,7 +284,8 @@ class LiveTurn:
         if self._vad_task is None:
             return
         if self._vad_tail.size:  # the last partial frame, padded with silence
-            self._vad_queue.put_nowait(np.pad(self._vad_tail, (0, FRAME - self._vad_tail.size))[None])
+            tail = np.pad(self._vad_tail, (0, FRAME - self._vad_tail.size))[None]
+            self._vad_queue.put_nowait(tail * np.float32(vad_gain(self._vad_peak, LIVE_VAD_MAX_GAIN)))
             self._vad_tail = self._vad_tail[:0]
         self._vad_queue.put_nowait(None)
         await self._vad_task
