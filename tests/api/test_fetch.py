@@ -10,6 +10,7 @@ import http.server
 import ipaddress
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -45,6 +46,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, GZIP_BOMB, {"Content-Encoding": "gzip"})
         elif url.path == "/gzip-gzip":  # layers multiply: 1.8 KB of gzip inside gzip can hold a GB of zeros
             self._send(200, gzip.compress(gzip.compress(LJ_BYTES)), {"Content-Encoding": "gzip, gzip"})
+        elif url.path == "/raw-deflate":  # "deflate" as some servers send it: no zlib wrapper
+            packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            self._send(200, packer.compress(LJ_BYTES) + packer.flush(), {"Content-Encoding": "deflate"})
         elif url.path == "/br":
             self._send(200, b"\x0b\x02\x80hello\x03", {"Content-Encoding": "br"})
         elif url.path == "/big-chunked":
@@ -123,6 +127,7 @@ def test_compressed_bodies_are_unpacked_within_the_limit(origin: str) -> None:
     every layer: 1.8 KB of gzip inside gzip held the server for 10 s and 3 GB)."""
     SEEN.clear()
     assert fetch(f"{origin}/gzip") == LJ_BYTES
+    assert fetch(f"{origin}/raw-deflate") == LJ_BYTES
     assert SEEN[0]["Accept-Encoding"] == "identity"
     started = time.perf_counter()
     with pytest.raises(PayloadTooLarge, match=r"larger than the limit of 1 MB"):

@@ -138,6 +138,11 @@ def test_english_only_model_takes_any_language(client: TestClient, lj_audio: np.
         ws.send_json(END)
         final = receive_until(ws, "final")[-1]
     assert final["language"] == "en" and "comparatively modern" in final["text"]
+    with client.websocket_connect("/ws") as ws:  # nothing said: still English, not the code asked for
+        ws.send_json(START | {"language": "yue"})
+        assert ws.receive_json()["type"] == "started"
+        ws.send_json(END)
+        assert receive_until(ws, "final")[-1]["language"] == "en"
 
 
 def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClient, lj_audio: np.ndarray) -> None:

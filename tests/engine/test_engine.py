@@ -296,9 +296,12 @@ def test_a_future_the_caller_cancelled_neither_kills_the_engine_nor_keeps_decodi
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.wrap_future(handle.future), 0.01)
 
+    tokens = engine.stats.tokens
     asyncio.run(impatient(beam_size=3))  # refused by the engine after the caller gave up on it
     asyncio.run(impatient(force_length=True, max_new_tokens=200))  # decoding: its slot is freed, not kept busy
     assert len(long.result(timeout=120).tokens) == 150
+    _wait_for(lambda: engine.running == 0)
+    assert engine.stats.tokens - tokens < 150 + 100  # the cancelled one stopped well short of its 200
     _wait_for(lambda: engine.queue_depth == 0 and engine.running == 0)
     assert engine.alive and engine.stats.cancelled >= 1
     assert "modern" in small_engine.tokenizer.decode(list(decode_alone(small_engine, windows[1]).tokens))

@@ -171,7 +171,7 @@ class URLFetcher:
         size = 0
         try:
             async for raw in response.aiter_raw(_CHUNK):
-                chunk = unpack(raw)
+                chunk = unpack(raw, self.max_bytes + 1 - size)  # never past the limit, counting what came
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise PayloadTooLarge(self._too_large())
@@ -182,18 +182,28 @@ class URLFetcher:
             raise URLFetchError("the URL's body is not valid gzip/deflate data, as its Content-Encoding says") from None
         return b"".join(chunks)
 
-    def _unpacker(self, encoding: str) -> Callable[[bytes], bytes]:
-        """One layer of gzip or deflate, unpacked a bounded piece at a time; no encoding passes bytes through."""
+    def _unpacker(self, encoding: str) -> Callable[[bytes, int], bytes]:
+        """One layer of gzip or deflate, unpacked at most `room` bytes a read (past it: PayloadTooLarge); no
+        encoding passes bytes through. deflate is zlib-wrapped, or raw where a server sends it so."""
         layers = [e.strip().lower() for e in encoding.split(",") if e.strip().lower() not in ("", "identity")]
         if not layers:
-            return lambda raw: raw
+            return lambda raw, room: raw
         if layers not in (["gzip"], ["x-gzip"], ["deflate"]):
             raise URLFetchError(f"the URL's body has a Content-Encoding this server does not unpack: {encoding[:100]}")
-        stream = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib wrapper, by its header
+        streams = [zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)]  # gzip or zlib wrapper, by its header
+        started = False
 
-        def unpack(raw: bytes) -> bytes:
-            out = stream.decompress(raw, self.max_bytes + 1)  # never more than the limit from one read
-            if stream.unconsumed_tail:
+        def unpack(raw: bytes, room: int) -> bytes:
+            nonlocal started
+            try:
+                out = streams[0].decompress(raw, room)
+            except zlib.error:
+                if started or layers != ["deflate"]:
+                    raise
+                streams[0] = zlib.decompressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, no wrapper
+                out = streams[0].decompress(raw, room)
+            started = True
+            if streams[0].unconsumed_tail:  # it would unpack past the limit (room is what is left of it, + 1)
                 raise PayloadTooLarge(self._too_large())
             return out
 

@@ -165,7 +165,8 @@ def vad_gain(peak: float, max_gain: float = VAD_MAX_GAIN) -> float:
 def raised_for_vad(audio: np.ndarray) -> np.ndarray:
     """A quiet recording [T] raised for silero as a whole (`vad_gain` of its peak; batched mode dropped speech
     peaking at -61 dBFS whole). Louder audio is returned as is."""
-    gain = vad_gain(float(np.abs(audio).max()) if audio.size else 0.0)
+    peak = max(float(audio.max()), -float(audio.min())) if audio.size else 0.0  # no |audio| copy of hours
+    gain = vad_gain(peak)
     return audio if gain == 1.0 else audio * np.float32(gain)
 
 

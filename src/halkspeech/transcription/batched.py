@@ -122,11 +122,14 @@ class BatchedTranscription:
     async def _chunks(self) -> list[Chunk]:
         """Speech probabilities on the model's device (in a worker thread: the event loop stays free)."""
         started = time.perf_counter()
-        audio = raised_for_vad(self.audio)
-        self.probs = await asyncio.to_thread(self.detector.probabilities, audio, self.model.device)
+        self.probs = await asyncio.to_thread(self._probabilities)
         regions = speech_regions(self.probs, self.duration, self.vad)
         self.stages.vad = (time.perf_counter() - started) * 1000
         return make_chunks(regions, self.probs)
+
+    def _probabilities(self) -> np.ndarray:
+        """Speech probabilities of the audio raised for the VAD if quiet (a copy only then, freed after)."""
+        return self.detector.probabilities(raised_for_vad(self.audio), self.model.device)
 
     async def _features(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         started = time.perf_counter()

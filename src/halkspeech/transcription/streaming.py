@@ -113,7 +113,7 @@ class LiveTurn:
         if model.tokenizer.multilingual:
             language = normalize_language(options.language, model.tokenizer.num_languages)
         else:  # an English-only model transcribes English whatever is asked, as the HTTP API and the CLI do
-            language = normalize_language(options.language)
+            language = "en" if normalize_language(options.language) else None
         if options.uses_vad and vad is None:
             raise InvalidRequest("this server has no VAD for segments or VAD gating")
         self.turn, self.model, self.options, self.limits, self.emit = turn, model, options, limits, emit
