@@ -13,7 +13,7 @@ from typing import Literal
 import tiktoken
 
 from halkspeech.model.dims import ModelDims
-from halkspeech.model.languages import LANGUAGES, NO_SPACE_LANGUAGES
+from halkspeech.model.languages import LANGUAGES, NO_SPACE_LANGUAGES, normalize_language
 
 Task = Literal["transcribe", "translate"]
 
@@ -58,6 +58,14 @@ class Tokenizer:
     @classmethod
     def for_model(cls, dims: ModelDims) -> Tokenizer:
         return cls(multilingual=dims.is_multilingual, num_languages=dims.num_languages)
+
+    def language(self, asked: str | None) -> str | None:
+        """The language to decode in for `asked` (a code or name; None: detect it), refused with InvalidRequest
+        if unknown or outside this vocabulary. An English-only model transcribes English whatever is asked."""
+        if not self.multilingual:
+            normalize_language(asked)  # still a known language, or a clear error
+            return "en"
+        return normalize_language(asked, self.num_languages)
 
     @cached_property
     def encoding(self) -> tiktoken.Encoding:

@@ -28,7 +28,6 @@ from halkspeech.audio.vad import vad_gain
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import AudioTooLong, HalkSpeechError, InvalidRequest, Overloaded
 from halkspeech.model.dims import SAMPLE_RATE
-from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.live import (
     Final,
     LiveEvent,
@@ -110,10 +109,7 @@ class LiveTurn:
         vad: StreamingVAD | None = None,
         hold: contextlib.AsyncExitStack | None = None,
     ) -> None:
-        if model.tokenizer.multilingual:
-            language = normalize_language(options.language, model.tokenizer.num_languages)
-        else:  # an English-only model transcribes English whatever is asked, as the HTTP API and the CLI do
-            language = "en" if normalize_language(options.language) else None
+        language = model.tokenizer.language(options.language)  # as over HTTP: English-only models take any
         if options.uses_vad and vad is None:
             raise InvalidRequest("this server has no VAD for segments or VAD gating")
         self.turn, self.model, self.options, self.limits, self.emit = turn, model, options, limits, emit

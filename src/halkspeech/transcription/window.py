@@ -10,7 +10,6 @@ import torch
 
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
-from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.segments import compression_ratio
 from halkspeech.transcription.types import TranscribeOptions
 
@@ -54,10 +53,8 @@ class WindowDecoder:
     timer: StageTimer = field(default_factory=StageTimer)
 
     def language(self) -> str | None:
-        """The language asked for, validated against the model's vocabulary (None: detect it). English-only
-        models transcribe English whatever was asked (the CLI warns), so there is nothing to validate."""
-        tokenizer = self.model.tokenizer
-        return normalize_language(self.options.language, tokenizer.num_languages) if tokenizer.multilingual else "en"
+        """The language to decode in (None: detect it): `Tokenizer.language` of the one asked for."""
+        return self.model.tokenizer.language(self.options.language)
 
     def sampling(self, temperature: float, forced: int | None = None) -> SamplingOptions:
         """`forced`: decode exactly this many tokens (benchmarks); defaults to options.force_decode_tokens."""
