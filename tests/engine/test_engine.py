@@ -289,15 +289,23 @@ def test_a_future_the_caller_cancelled_neither_kills_the_engine_nor_keeps_decodi
     InvalidStateError on the engine thread, which ended the loop and failed everything in flight (a refused
     request was enough: 3 beams on 2 slots). Now its work is cancelled and the engine goes on."""
     engine = small_engine.engine
-    long = engine.submit(make_request(small_engine, windows[0], force_length=True, max_new_tokens=150))
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(tokens: list[int]) -> None:  # runs on the engine thread: holds it until the caller has given up
+        inside.set()
+        go_on.wait(60)
+
+    tokens = engine.stats.tokens
+    long = engine.submit(make_request(small_engine, windows[0], force_length=True, max_new_tokens=150), hold)
+    assert inside.wait(60)
 
     async def impatient(**options: object) -> None:
         handle = engine.submit(make_request(small_engine, windows[1], **options))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.wrap_future(handle.future), 0.01)
 
-    tokens = engine.stats.tokens
-    asyncio.run(impatient(beam_size=3))  # refused by the engine after the caller gave up on it
+    asyncio.run(impatient(beam_size=3))  # refused by the engine after the caller gave up on it (the engine held)
+    go_on.set()
     asyncio.run(impatient(force_length=True, max_new_tokens=200))  # decoding: its slot is freed, not kept busy
     assert len(long.result(timeout=120).tokens) == 150
     _wait_for(lambda: engine.running == 0)
