@@ -4,13 +4,14 @@ both formats parse back into what was laid out."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
 
 from halkspeech.errors import InvalidRequest
 from halkspeech.transcription.formats import as_srt, as_vtt
-from halkspeech.transcription.subtitles import READABLE, SubtitleOptions, subtitle_cues
+from halkspeech.transcription.subtitles import READABLE, SubtitleOptions, subtitle_cues, width
 from halkspeech.transcription.types import Segment, Transcript, Word
 
 TEXTS = [
@@ -115,10 +116,56 @@ def test_highlighting_gives_one_cue_per_word() -> None:
 
 
 def test_cue_text_cannot_break_the_format() -> None:
-    segment = Segment(0, 0, 0.0, 1.0, " a --> b\n\nc", (), 0.0, 0.0, 1.0, 0.0)
+    segment = Segment(0, 0, 0.0, 1.0, " a --> b ---> d\n\nc", (), 0.0, 0.0, 1.0, 0.0)
     transcript = Transcript(segment.text, "en", 1.0, (segment,))
-    assert parse_srt(as_srt(transcript))[0][2] == "a -> b c"
-    assert parse_vtt(as_vtt(transcript))[0][2] == "a -> b c"
+    assert parse_srt(as_srt(transcript))[0][2] == "a -> b -> d c"
+    assert parse_vtt(as_vtt(transcript))[0][2] == "a -> b -> d c"
+    words = tuple(Word(w, i * 0.2, i * 0.2 + 0.2, 1.0) for i, w in enumerate([" a", " --->", " b"]))
+    timed = Transcript(segment.text, "en", 1.0, (replace(segment, words=words),))
+    for options in (READABLE, SubtitleOptions(highlight_words=True)):
+        assert all("-->" not in c.text for c in subtitle_cues(timed, options))
+
+
+def test_vtt_escapes_what_would_be_read_as_markup() -> None:
+    text = " Costs fell by <5% at R&D; see x>y."
+    segment = Segment(0, 0, 0.0, 2.0, text, (), 0.0, 0.0, 1.0, 0.0)
+    transcript = Transcript(text, "en", 2.0, (segment,))
+    assert parse_vtt(as_vtt(transcript))[0][2] == "Costs fell by &lt;5% at R&amp;D; see x>y."
+    assert parse_srt(as_srt(transcript))[0][2] == text.strip()  # SRT has no character references
+    words = tuple(Word(" " + w, i * 0.3, i * 0.3 + 0.3, 1.0) for i, w in enumerate(text.split()))
+    timed = Transcript(text, "en", 3.0, (replace(segment, end=3.0, words=words),))
+    first = parse_vtt(as_vtt(timed, SubtitleOptions(highlight_words=True)))[3][2]
+    assert first == "Costs fell by <u>&lt;5%</u> at R&amp;D; see x>y."  # the markup is ours, the text escaped
+
+
+def test_text_without_spaces_keeps_to_the_limits() -> None:
+    """Japanese has no spaces to cut at: a long segment is cut into pieces a line wide, a wide character
+    counting two columns, and the cue-duration limit holds."""
+    text = "今日は晴れています。" * 8  # 80 wide characters, 160 columns, 20 s
+    segment = Segment(0, 0, 0.0, 20.0, text, (), 0.0, 0.0, 1.0, 0.0)
+    transcript = Transcript(text, "ja", 20.0, (segment,))
+    cues = parse_srt(as_srt(transcript, READABLE))
+    assert "".join(c[2].replace("\n", "") for c in cues) == text
+    for start, end, cue in cues:
+        assert all(width(line) <= 42 for line in cue.split("\n")) and len(cue.split("\n")) <= 2
+        assert end - start <= 7.0 + 1e-3
+    assert width("日本 a") == 6 and width("abc") == 3
+
+
+def test_every_cue_ends_after_it_starts() -> None:
+    """WebVTT requires it: a word with no time of its own gets no highlighted cue (its neighbours show its
+    line), a zero-length segment keeps its text for a millisecond."""
+    words = (Word(" a", 1.0, 1.5, 1.0), Word(" b", 1.5, 1.5, 1.0), Word(" c", 1.5, 2.0, 1.0))
+    segments = (
+        Segment(0, 0, 1.0, 2.0, " a b c", (), 0.0, 0.0, 1.0, 0.0, words),
+        Segment(1, 0, 2.0, 2.0, " d", (), 0.0, 0.0, 1.0, 0.0, (Word(" d", 2.0, 2.0, 1.0),)),
+    )
+    transcript = Transcript(" a b c d", "en", 3.0, segments)
+    for options in (SubtitleOptions(), READABLE, SubtitleOptions(highlight_words=True)):
+        cues = parse_vtt(as_vtt(transcript, options))
+        assert cues and all(end > start for start, end, _ in cues), (options, cues)
+    plain_cues = parse_vtt(as_vtt(transcript))
+    assert plain_cues[-1] == (2.0, 2.001, "d")
 
 
 def test_bad_options_are_refused() -> None:

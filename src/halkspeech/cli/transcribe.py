@@ -100,11 +100,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     cues = parser.add_argument_group(
         "subtitles (srt, vtt)",
-        f"Cues are laid out for reading by default: lines of {READABLE.max_line_width} characters, "
-        f"{READABLE.max_line_count} lines, {READABLE.max_cue_duration:g} s on screen, cut at words (their "
-        "times with --word-timestamps, else shares of the segment's time).",
+        f"Cues are laid out for reading by default: lines of {READABLE.max_line_width} columns (a CJK character "
+        f"takes two), {READABLE.max_line_count} lines, {READABLE.max_cue_duration:g} s on screen, cut at words "
+        "(their times with --word-timestamps, else shares of the segment's time; text without spaces is cut "
+        "where a line is full).",
     )
-    cues.add_argument("--max-line-width", type=int, default=READABLE.max_line_width, metavar="CHARS")
+    cues.add_argument("--max-line-width", type=int, default=READABLE.max_line_width, metavar="COLUMNS")
     cues.add_argument("--max-line-count", type=int, default=READABLE.max_line_count, metavar="LINES")
     cues.add_argument("--max-cue-duration", type=finite_float, default=READABLE.max_cue_duration, metavar="S")
     cues.add_argument("--segment-cues", action="store_true", help="one cue per segment, as the OpenAI API writes them")

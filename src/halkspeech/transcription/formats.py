@@ -51,6 +51,12 @@ def as_srt(transcript: Transcript, options: SubtitleOptions = SubtitleOptions())
 
 def as_vtt(transcript: Transcript, options: SubtitleOptions = SubtitleOptions()) -> str:
     cues = ["WEBVTT\n"]
-    for cue in subtitle_cues(transcript, options):
+    for cue in subtitle_cues(transcript, options, escape=_vtt_escape):
         cues.append(f"{timestamp(cue.start)} --> {timestamp(cue.end)}\n{cue.text}\n")
     return "\n".join(cues)
+
+
+def _vtt_escape(text: str) -> str:
+    """WebVTT cue text: `&` and `<` as character references ("<5%" would be read as a tag and dropped; a `>`
+    may stand as it is)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
