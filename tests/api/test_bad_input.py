@@ -73,6 +73,7 @@ def test_not_audio(server: LiveServer, data: bytes, status: int, says: str) -> N
         ({"stream": "maybe"}, 400, "stream", "valid boolean"),
         ({"response_format": "docx"}, 400, "response_format", "'json', 'text'"),
         ({"timestamp_granularities[]": "char"}, 400, "timestamp_granularities[]", "'segment' or 'word'"),
+        ({"timestamp_granularities[]": "word"}, 400, "timestamp_granularities[]", "needs response_format=verbose_json"),
         ({"mode": "turbo"}, 400, "mode", "'sequential' or 'batched'"),
     ],
 )

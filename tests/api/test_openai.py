@@ -65,8 +65,29 @@ def test_verbose_json_with_words(client: openai.OpenAI, jfk_path: Path) -> None:
     # the word granularity reaches the alignment pass: words cover the text, in order, inside the audio
     assert result.words
     assert words_of(" ".join(w.word for w in result.words)) == words_of(JFK_TEXT)
+    assert all(w.word == w.word.strip() and w.word for w in result.words)  # "And", as OpenAI's, not " And"
     starts = [w.start for w in result.words]
     assert starts == sorted(starts) and result.words[-1].end <= result.duration + 0.5
+
+
+def test_granularities_as_openai_answers_them(server: LiveServer) -> None:
+    """`word` alone leaves the segments out; `word` with any format but verbose_json is a 400 (the words
+    would be computed and never returned)."""
+
+    def post(*granularities: str, response_format: str = "verbose_json") -> httpx.Response:
+        form = {"response_format": response_format, "timestamp_granularities[]": list(granularities)}
+        return httpx.post(
+            f"{server.url}/v1/audio/transcriptions", data=form, files={"file": LJ.open("rb")}, timeout=120
+        )
+
+    alone = post("word").json()
+    assert "segments" not in alone and words_of(" ".join(w["word"] for w in alone["words"])) == words_of(alone["text"])
+    both = post("word", "segment").json()
+    assert both["segments"] and both["words"]
+    assert "words" not in post("segment").json() and post("segment", response_format="json").status_code == 200
+    for response_format in ("json", "text", "srt"):
+        refused = post("word", response_format=response_format)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "timestamp_granularities[]"
 
 
 def test_streaming_deltas_then_done(client: openai.OpenAI, jfk_path: Path) -> None:

@@ -90,7 +90,8 @@ class TranscriptionForm(BaseModel):
     timestamp_granularities: list[Literal["segment", "word"]] = Field(
         default_factory=lambda: list[Literal["segment", "word"]](["segment"]),
         alias="timestamp_granularities[]",
-        description="`word` adds word timings to verbose_json",
+        description="`word` adds word timings to verbose_json (only verbose_json; `word` alone leaves out the "
+        "segments, as OpenAI's)",
     )
     stream: bool = Field(default=False, description="server-sent events: transcript.text.delta, then .done")
     beam_size: int = Field(default=1, ge=1, le=16)
@@ -136,7 +137,7 @@ class VerboseTranscriptionOut(BaseModel):
     language: str
     duration: float
     text: str
-    segments: list[SegmentOut]
+    segments: list[SegmentOut] | None = None  # left out when timestamp_granularities[] is only "word"
     words: list[WordOut] | None = None
 
 

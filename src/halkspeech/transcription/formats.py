@@ -28,17 +28,22 @@ def as_json(transcript: Transcript) -> dict[str, Any]:
     return {"text": transcript.text.strip()}
 
 
-def as_verbose_json(transcript: Transcript, *, task: str = "transcribe", words: bool = False) -> dict[str, Any]:
+def as_verbose_json(
+    transcript: Transcript, *, task: str = "transcribe", words: bool = False, segments: bool = True
+) -> dict[str, Any]:
+    """OpenAI's verbose_json. Its top-level `words` are bare ("The", as OpenAI's); each segment's own `words`
+    keep Whisper's leading space, as openai-whisper's and faster-whisper's do."""
     data: dict[str, Any] = {
         "task": task,
         # the output's language, as OpenAI's: a translation's is always English (the source's is in the segments)
         "language": "english" if task == "translate" else LANGUAGES.get(transcript.language, transcript.language),
         "duration": round(transcript.duration, 3),
         "text": transcript.text.strip(),
-        "segments": [s.as_dict() for s in transcript.segments],
     }
+    if segments:
+        data["segments"] = [s.as_dict() for s in transcript.segments]
     if words:
-        data["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in transcript.words]
+        data["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for w in transcript.words]
     return data
 
 

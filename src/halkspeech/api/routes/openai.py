@@ -12,6 +12,7 @@ from halkspeech.api.deps import StateDep
 from halkspeech.api.jobs import Job, Outcome, transcribe, with_server_policy
 from halkspeech.api.schemas import AUDIO_ERRORS, TranscriptionForm, VerboseTranscriptionOut
 from halkspeech.api.sse import stream
+from halkspeech.errors import InvalidRequest
 from halkspeech.model.tokenizer import Task
 from halkspeech.transcription.formats import as_json, as_srt, as_verbose_json, as_vtt
 from halkspeech.transcription.types import DEFAULT_TEMPERATURES, TranscribeOptions
@@ -45,6 +46,11 @@ async def translations(request: Request, state: StateDep, form: MultipartForm) -
 
 
 def options_from(form: TranscriptionForm, task: Task) -> TranscribeOptions:
+    if "word" in form.timestamp_granularities and form.response_format != "verbose_json":
+        # as OpenAI answers (400): the words would be computed and not returned
+        raise InvalidRequest(
+            "timestamp_granularities[]=word needs response_format=verbose_json", param="timestamp_granularities[]"
+        )
     words = form.word_timestamps or ("word" in form.timestamp_granularities and form.response_format == "verbose_json")
     return TranscribeOptions(
         language=form.language or None,
@@ -80,7 +86,10 @@ def render(outcome: Outcome, form: TranscriptionForm, task: str) -> Response:
     if fmt == "json":
         return JSONResponse(as_json(transcript))
     if fmt == "verbose_json":
-        words = "word" in form.timestamp_granularities or form.word_timestamps
-        return JSONResponse(as_verbose_json(transcript, task=task, words=words))
+        granularities = set(form.timestamp_granularities)
+        words = "word" in granularities or form.word_timestamps
+        # as OpenAI's: words alone asked for leave the segments out
+        segments = granularities != {"word"}
+        return JSONResponse(as_verbose_json(transcript, task=task, words=words, segments=segments))
     text = {"text": transcript.text.strip() + "\n", "srt": as_srt(transcript), "vtt": as_vtt(transcript)}[fmt]
     return PlainTextResponse(text)
