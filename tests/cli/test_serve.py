@@ -11,7 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -101,6 +104,85 @@ def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "halkspeech.access" and line.get("request_id") == "t-1"]
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/audio/transcriptions"
+
+
+def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`halkspeech serve` of tiny.en on a free port, up and preloaded; its log in tmp_path."""
+    port = free_port()
+    env = {**os.environ, "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false"}
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "halkspeech", "serve", "--model", "tiny.en", "--preload", "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-format", "text", *flags],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, log.read_text()
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=5)
+            return process, url, log
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.5)
+
+
+def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path) -> None:
+    """What cannot finish within server.shutdown_timeout_s is answered, not dropped: a streamed transcription
+    gets an engine_stopped error event, the requests queued behind it 503 engine_stopped, a live turn whose
+    final is still being computed engine_stopped for that turn, then close 1001. uvicorn alone cancelled them
+    at its deadline: bare 500s, a traceback each, and the WebSocket closed with 1012 and no message."""
+    long_audio = tmp_path / "long.wav"  # ~8 minutes: tiny.en on 2 CPU cores needs far longer than the shutdown
+    samples = np.tile(decode_audio(LJ), 100)
+    with wave.open(str(long_audio), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+        out.writeframes(pcm16(samples))
+    process, url, log = start_server(tmp_path, "--max-concurrent-requests", "1", "--shutdown-timeout", "4")
+    endpoint = f"{url}/v1/audio/transcriptions"
+    try:
+        with ThreadPoolExecutor(4) as pool, httpx.Client(timeout=120) as client:
+
+            def streamed() -> list[dict[str, Any]]:
+                form = {"stream": "true", "language": "en"}
+                with client.stream("POST", endpoint, data=form, files={"file": long_audio.open("rb")}) as response:
+                    assert response.status_code == 200
+                    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+            stream = pool.submit(streamed)
+            time.sleep(2)  # running: it holds the one slot
+            queued = [pool.submit(client.post, endpoint, files={"file": LJ.open("rb")}) for _ in range(2)]
+            with ws_connect(f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}/ws", open_timeout=30) as ws:
+                ws.send(json.dumps({"type": "start", "language": "en"}))
+                assert json.loads(ws.recv(30))["type"] == "started"
+                ws.send(pcm16(samples[: 16000 * 240]))  # 4 minutes in the open turn
+                time.sleep(1)
+                stopped = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                messages = []
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        messages.append(json.loads(ws.recv(60)))
+            events = stream.result(60)
+            answers = [q.result(60) for q in queued]
+        code = process.wait(60)
+        took = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "engine_stopped", events[-3:]
+    for answer in answers:
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_stopped", answer.text
+    assert [(m["type"], m.get("code"), m.get("turn")) for m in messages] == [
+        ("error", "engine_stopped", 1),
+        ("error", "engine_stopped", None),
+    ], messages
+    assert ws.close_code == 1001
+    assert took < 30, took  # 4 s, and the engines' stop (a bound for a slow machine, not a timing assertion)
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
 
 def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:

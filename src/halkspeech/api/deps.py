@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from halkspeech.api.errors import error_response
 from halkspeech.api.fetch import URLFetcher
-from halkspeech.api.limits import AdmissionGate
+from halkspeech.api.limits import AdmissionGate, StopSignal
 from halkspeech.api.metrics import Metrics
 from halkspeech.config import ServerSettings, Settings
 from halkspeech.engine.pool import ModelPool
@@ -35,6 +35,8 @@ class AppState:
     gate: AdmissionGate
     metrics: Metrics
     fetcher: URLFetcher
+    #: set by the server's shutdown when what is still running must be answered now (api/server.py)
+    stopping: StopSignal = field(default_factory=StopSignal)
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -21,11 +21,12 @@ from fastapi import Request
 from starlette.types import Receive
 
 from halkspeech.api.deps import AppState
+from halkspeech.api.limits import StopSignal
 from halkspeech.audio.decode import AudioSource
 from halkspeech.audio.wav import decode_upload
 from halkspeech.config import ServerSettings
 from halkspeech.engine.factory import ModelEngine
-from halkspeech.errors import Cancelled, InvalidRequest, RequestTimeout
+from halkspeech.errors import Cancelled, EngineStopped, InvalidRequest, RequestTimeout
 from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript
@@ -127,8 +128,9 @@ async def decode_in_thread(source: AudioSource, max_duration_s: float) -> np.nda
 
 
 async def transcribe(request: Request, state: AppState, job: Job) -> Outcome:
-    """Run a job to its end; Cancelled if the client disconnects first (its work is cancelled)."""
-    return await until_disconnect(request.receive, run_job(state, job))
+    """Run a job to its end; Cancelled if the client disconnects first, EngineStopped if the server's shutdown
+    cannot wait for it (either way its work is cancelled)."""
+    return await until_disconnect(request.receive, run_job(state, job), state.stopping)
 
 
 # --- disconnects ----------------------------------------------------------------------------------------------
@@ -138,17 +140,26 @@ async def wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`, cancelling it (and waiting until it has cleaned up) if the client disconnects first."""
+STOPPED = "the server is shutting down and this request could not finish in time; send it again"
+
+
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T], stop: StopSignal | None = None) -> T:
+    """Run `work`, cancelling it (and waiting until it has cleaned up) if the client disconnects first
+    (Cancelled) or `stop` is set first (EngineStopped: the server's shutdown cannot wait any longer)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    watchers = [asyncio.ensure_future(wait_for_disconnect(receive))]
+    if stop is not None:
+        watchers.append(asyncio.ensure_future(stop.wait()))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler itself is cancelled (server shutdown)
-        watcher.cancel()
+        await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
+        for watcher in watchers:
+            watcher.cancel()
         if not task.done():
             await cancel(task)
     if task.cancelled():
+        if stop is not None and stop.is_set:
+            raise EngineStopped(STOPPED)
         raise Cancelled("the client disconnected; its transcription was cancelled")
     return task.result()
 

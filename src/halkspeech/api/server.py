@@ -1,6 +1,6 @@
 """How uvicorn serves the app: its options in one place (`uvicorn_config`, used by `halkspeech serve` and the
 tests' live server), its HTTP protocol with a deadline for each request's headers (`HeaderDeadline`), and a
-shutdown that lets live WebSocket turns finish (`Server`).
+shutdown that answers every request and live turn in flight within its time (`Server`).
 
 uvicorn times nothing out before a request's headers are complete: a connection that sends nothing, or sends
 its headers a byte at a time (slowloris), holds a socket forever, and a few thousand of them exhaust the
@@ -21,10 +21,12 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from halkspeech.api.routes.ws import max_frame_bytes, shut_down_live
+from halkspeech.api.routes.ws import cut_live, max_frame_bytes, shut_down_live
 from halkspeech.config import ServerSettings
 
 log = logging.getLogger(__name__)
+
+_ANSWER_S = 1.0  # of the shutdown's time, kept for answering the work that could not finish
 
 _TIMEOUT_BODY = b"request headers not complete in time\n"
 _TIMEOUT_RESPONSE = (
@@ -87,24 +89,62 @@ def uvicorn_config(app: Any, server: ServerSettings, **options: Any) -> uvicorn.
         "log_config": None,
         "access_log": False,  # our middleware writes one structured line per request
         "ws_max_size": max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
-        "timeout_graceful_shutdown": 10,  # for requests and live turns in progress when asked to stop
+        "timeout_graceful_shutdown": server.shutdown_timeout_s,  # for the work in flight when asked to stop
         **options,
     }
     return uvicorn.Config(app, **settings)
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, whose graceful shutdown first winds down live WebSocket sessions: uvicorn alone closes
-    every WebSocket at once (1012), so an open turn and the finals still being computed were lost. Now no
-    new connection is accepted, each session's open turn ends as if `end` had come, its finals go out, then
-    `engine_stopped` and close 1001; within timeout_graceful_shutdown, then uvicorn's own shutdown."""
+    """uvicorn's server with a shutdown that answers everything in flight within server.shutdown_timeout_s.
+
+    uvicorn alone closes every WebSocket at once (1012), losing open turns and finals being computed, and at
+    its deadline cancels the requests still running, which answers each with a bare 500 and logs a traceback.
+    Here: no new connection is taken; HTTP connections take no further request (idle kept-alive ones close
+    now); live sessions end their open turns as if `end` had come and send their finals, then `engine_stopped`
+    and close 1001; requests in flight go on. Whatever is still running a second before the deadline is told
+    to stop (`AppState.stopping`, `cut_live`): requests answer 503 engine_stopped themselves (an SSE stream
+    with an error event), live turns get engine_stopped instead of their final. Then uvicorn's own shutdown
+    closes what is left. A second Ctrl-C skips the waiting, as uvicorn's does."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:  # no new connections while live turns finish (uvicorn closes them again)
+        loop = asyncio.get_running_loop()
+        budget = float(self.config.timeout_graceful_shutdown or 0)
+        answer = min(_ANSWER_S, budget / 4)  # the time kept for answering what did not finish
+        deadline = loop.time() + budget
+        for server in self.servers:
             server.close()
-        try:
-            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
-                await shut_down_live(self.config.app)
-        except TimeoutError:
-            log.warning("live turns still running after %s s of shutdown: cut", self.config.timeout_graceful_shutdown)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, HeaderDeadline):  # HTTP; uvicorn's shutdown() of a WebSocket closes it (1012)
+                connection.shutdown()
+        live = asyncio.ensure_future(shut_down_live(self.config.app))
+        if not await self._drained(deadline - answer) and not self.force_exit:
+            log.warning(
+                "shutdown: %d requests or live sessions still running after %.1f s: answering them now",
+                len(self.server_state.tasks),
+                budget - answer,
+            )
+            _answer_now(self.config.app)
+            await self._drained(deadline)
+        if not live.done():
+            live.cancel()
+        # uvicorn's part: the connections left close, and the lifespan's shutdown closes the engines
+        self.config.timeout_graceful_shutdown = max(1, round(deadline - loop.time()))
         await super().shutdown(sockets)
+        if self.force_exit:  # a second signal skips the waiting, not the engines' stop (uvicorn skips both, and
+            await self.lifespan.shutdown()  # the lifespan cancelled at exit logged a traceback)
+
+    async def _drained(self, until: float) -> bool:
+        """Wait until no request or live session is running (True), `until` passes or a second signal came."""
+        loop = asyncio.get_running_loop()
+        while self.server_state.tasks and not self.force_exit and loop.time() < until:
+            await asyncio.sleep(0.05)
+        return not self.server_state.tasks
+
+
+def _answer_now(app: object) -> None:
+    """Tell `app`'s requests (AppState.stopping) and live sessions (cut_live) to stop and answer now."""
+    state = getattr(getattr(app, "state", None), "halkspeech", None)
+    if state is not None:
+        state.stopping.set()
+    cut_live(app)

@@ -2,8 +2,9 @@
 closing event (`transcript.text.done`, as OpenAI sends them: `data: {"type": ..., ...}` lines).
 
 Everything that can fail before decoding starts (admission, model, audio) fails as a normal HTTP error; a
-failure after the stream started is an `error` event. However the stream ends (done, client gone, server
-stopping) the transcription is cancelled if it is still going.
+failure after the stream started is an `error` event, and so is the server's shutdown running out of time for
+it (engine_stopped). However the stream ends (done, client gone, server stopping) the transcription is
+cancelled if it is still going.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from starlette.types import Receive, Scope, Send
 
 from halkspeech.api.deps import AppState
 from halkspeech.api.errors import error_fields, status_for
-from halkspeech.api.jobs import Job, Outcome, cancel, run_job, until_disconnect
-from halkspeech.errors import Cancelled, HalkSpeechError
+from halkspeech.api.jobs import STOPPED, Job, Outcome, cancel, run_job, until_disconnect
+from halkspeech.api.limits import StopSignal
+from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,25 @@ async def stream(request: Request, state: AppState, job: Job, final: FinalEvent)
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     task = asyncio.ensure_future(run_job(state, job, on_segment=lambda s: deltas.put_nowait(s.text), ready=ready))
     try:
-        await until_disconnect(request.receive, _first_done(ready, task))
+        await until_disconnect(request.receive, _first_done(ready, task), state.stopping)
     except BaseException:
         await cancel(task)
         raise
     if not ready.done():  # the job ended before decoding started, so with an error: raise it
         return EventStream(_single(final(task.result())), cleanup=lambda: cancel(task))
     task.add_done_callback(lambda _: deltas.put_nowait(None))  # after the last delta
-    return EventStream(_events(task, deltas, final), cleanup=lambda: cancel(task))
+    stopper = asyncio.ensure_future(_cancel_when(state.stopping, task))  # the shutdown cannot wait: an error event
+    task.add_done_callback(lambda _: stopper.cancel())
+    return EventStream(_events(task, deltas, final, state.stopping), cleanup=lambda: cancel(task))
 
 
 async def _first_done(*futures: asyncio.Future[Any]) -> None:
     await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _cancel_when(stop: StopSignal, task: asyncio.Future[Any]) -> None:
+    await stop.wait()
+    task.cancel()
 
 
 async def _single(event: Event) -> AsyncGenerator[Event, None]:
@@ -54,7 +63,7 @@ async def _single(event: Event) -> AsyncGenerator[Event, None]:
 
 
 async def _events(
-    task: asyncio.Future[Outcome], deltas: asyncio.Queue[str | None], final: FinalEvent
+    task: asyncio.Future[Outcome], deltas: asyncio.Queue[str | None], final: FinalEvent, stop: StopSignal
 ) -> AsyncGenerator[Event, None]:
     first = True
     while (text := await deltas.get()) is not None:
@@ -66,6 +75,8 @@ async def _events(
     try:
         outcome = task.result()
     except asyncio.CancelledError:
+        if stop.is_set:  # cut by the server's shutdown (a client that left hears nothing anyway)
+            yield {"type": "error", "error": error_fields(503, STOPPED, EngineStopped.code, None)}
         return
     except HalkSpeechError as exc:  # the body of the error response it would have been (api/errors.py)
         yield {"type": "error", "error": error_fields(status_for(exc), str(exc), exc.code, exc.param)}

@@ -67,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     limits.add_argument("--max-concurrent-requests", type=int)
     limits.add_argument("--max-queue-size", type=int, help="requests waiting for a turn before 429s")
     limits.add_argument("--request-timeout", type=finite_float, help="seconds per request before a 504")
+    limits.add_argument(
+        "--shutdown-timeout",
+        type=finite_float,
+        help="seconds from SIGTERM within which everything in flight is answered (finished, or 503)",
+    )
     limits.add_argument("--max-upload-mb", type=finite_float)
     limits.add_argument("--max-audio-s", type=finite_float, help="longest audio accepted, in seconds")
     limits.add_argument("--allow-private-urls", action="store_true", default=None, help="/transcribe/url may fetch "
@@ -98,6 +103,7 @@ _FLAG_SETTINGS = {
     "max_concurrent_requests": "server.max_concurrent_requests",
     "max_queue_size": "server.max_queue_size",
     "request_timeout": "server.request_timeout_s",
+    "shutdown_timeout": "server.shutdown_timeout_s",
     "max_upload_mb": "server.max_upload_mb",
     "max_audio_s": "server.max_audio_s",
     "allow_private_urls": "server.url_fetch_allow_private",

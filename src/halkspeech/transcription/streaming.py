@@ -325,7 +325,7 @@ class LiveSession:
     ) -> None:
         self.models, self.limits, self.emit, self.vad, self.check = models, limits, emit, vad, check
         self.turn: LiveTurn | None = None
-        self.finishing: set[asyncio.Task[None]] = set()
+        self.finishing: dict[asyncio.Task[None], int] = {}  # the ended turns still being transcribed → turn
         self.turns = 0
         self._discarding = False  # after a refused start or a full turn: drop audio quietly until start/end
 
@@ -387,8 +387,8 @@ class LiveSession:
             raise NoTurn("end arrived with no open turn")
         turn, self.turn = self.turn, None
         task = asyncio.create_task(turn.finish(time.perf_counter()))
-        self.finishing.add(task)
-        task.add_done_callback(self.finishing.discard)
+        self.finishing[task] = turn.turn
+        task.add_done_callback(lambda done: self.finishing.pop(done, None))
 
     async def expire(self, now: float | None = None) -> None:
         """End a turn that has been open longer than max_turn_s (wall time); called by the caller's watchdog."""
@@ -407,6 +407,14 @@ class LiveSession:
             self.end()
         if self.finishing:
             await asyncio.wait(list(self.finishing))  # not gather: finish() reports its own failures
+
+    async def cut(self, message: str) -> None:
+        """The server cannot wait any longer (its shutdown's deadline): the open turn and every final still being
+        computed are cancelled, and each such turn gets `engine_stopped` instead of its final."""
+        turns = sorted({*self.finishing.values(), *([self.turn.turn] if self.turn is not None else [])})
+        await self.close()
+        for turn in turns:
+            await self.emit(StreamError("engine_stopped", message, turn))
 
     async def close(self) -> None:
         """The client is gone: cancel the open turn and every final in progress, freeing engine slots."""

@@ -95,17 +95,33 @@ class LiveHub:
 
     async def shut_down(self) -> None:
         """The server is stopping: every connection ends its open turn, sends its pending finals and then
-        `engine_stopped`, and closes (1001). The caller bounds the wait (uvicorn's graceful-shutdown time)."""
+        `engine_stopped`, and closes (1001). The caller bounds the wait, then calls `cut`."""
         closing = [asyncio.create_task(connection.shut_down()) for connection in self.connections]
         if closing:
             await asyncio.wait(closing)
 
+    def cut(self) -> None:
+        """The shutdown's time is up: finals still being computed are cancelled, their turns told so."""
+        for connection in self.connections:
+            connection.cut()
+
+
+def _hub_of(app: object) -> LiveHub | None:
+    """The hub of `app` if it is a FastAPI app and any client has connected."""
+    hub: LiveHub | None = getattr(getattr(app, "state", None), "halkspeech_live", None)
+    return hub
+
 
 async def shut_down_live(app: object) -> None:
-    """`LiveHub.shut_down` for the app's hub, if it is a FastAPI app and any client has connected."""
-    hub: LiveHub | None = getattr(getattr(app, "state", None), "halkspeech_live", None)
-    if hub is not None:
+    """`LiveHub.shut_down` for the app's hub, if it has one."""
+    if (hub := _hub_of(app)) is not None:
         await hub.shut_down()
+
+
+def cut_live(app: object) -> None:
+    """`LiveHub.cut` for the app's hub, if it has one."""
+    if (hub := _hub_of(app)) is not None:
+        hub.cut()
 
 
 def live_hub(app: FastAPI) -> LiveHub:
@@ -164,6 +180,7 @@ class Connection:
         self.last_seen = time.monotonic()
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()  # set by shut_down: the server is stopping
+        self._cut = asyncio.Event()  # set by cut: the shutdown's time is up, pending finals are abandoned
         self._closed = asyncio.Event()  # set when serve() has returned
 
     async def serve(self) -> None:
@@ -202,12 +219,23 @@ class Connection:
         self._stopping.set()
         await self._closed.wait()
 
+    def cut(self) -> None:
+        """The shutdown cannot wait for this connection's finals any longer: see _wind_down."""
+        self._cut.set()
+
     async def _wind_down(self, reason: StreamError) -> None:
         """The server closes the connection: nothing it accepted is lost, so the open turn ends as if `end` had
-        come and every pending final goes out before `reason`."""
+        come and every pending final goes out before `reason`; unless the shutdown's time runs out first
+        (`cut`): then each unfinished turn gets engine_stopped instead of its final."""
         if self.ws.client_state != WebSocketState.CONNECTED:
             return  # nobody to tell: session.close() cancels the work instead
-        await self.session.end_all()
+        ending = asyncio.create_task(self.session.end_all())
+        cut = asyncio.create_task(self._cut.wait())
+        await asyncio.wait([ending, cut], return_when=asyncio.FIRST_COMPLETED)
+        await _stop(cut)
+        if not ending.done():
+            await _stop(ending)
+            await self.session.cut("the server is shutting down and could not finish this turn in time")
         await self.emit(reason)
 
     async def emit(self, event: LiveEvent) -> None:
