@@ -4,6 +4,7 @@ every operation of the app's OpenAPI schema against the running server."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -184,6 +185,45 @@ def test_wrong_method_and_route(server: LiveServer) -> None:
     assert wrong.status_code == 405 and "not allowed" in message(wrong)
     missing = httpx.get(f"{server.url}/v1/nothing", timeout=30)
     assert missing.status_code == 404 and "no route" in message(missing)
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_not_a_400() -> None:
+    """The body parser turned the disconnect into a 400 (a truncated form): metrics and the access log
+    counted a client that went away as a bad request."""
+    settings = api_settings(metrics_open=True)
+    app = create_app(settings, ModelPool(settings, ModelRegistry(settings.model)))
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+    messages = [
+        {"type": "http.request", "body": head + LJ.read_bytes()[:10_000], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/transcribe",
+        "raw_path": b"/transcribe",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499, sent[:2]
+    assert b'"code":"cancelled"' in sent[1]["body"]
 
 
 # The schema of an app built the same way (no model is loaded to build it), read at collection time so each

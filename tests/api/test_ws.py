@@ -8,6 +8,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -126,6 +127,26 @@ def test_streamed_turn_gives_the_file_transcript(client: TestClient, tiny_en_eng
     assert final["duration"] == pytest.approx(11.0, abs=0.02)
     assert [s["text"] for s in final["segments"]] == [s.text for s in expected.segments]
     assert set(final["timings_ms"]) >= {"queue", "encoder", "decoder", "end_to_final"}
+
+
+def test_live_turns_are_counted_in_the_metrics(tiny_en_engine: ModelEngine, lj_audio: np.ndarray) -> None:
+    """Open sessions, turns started, finals and their audio seconds (the audio counter had HTTP only)."""
+    app = make_app(tiny_en_engine, metrics_open=True)
+    client = TestClient(app)
+
+    def value(name: str) -> float:
+        found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", client.get("/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    with client.websocket_connect("/ws") as ws:
+        assert value("halkspeech_ws_sessions") == 1
+        for _ in range(2):
+            speak(ws, lj_audio)
+        ws.send_json(START)  # a third turn, left open: started, no final
+        receive_until(ws, "started")
+    assert value("halkspeech_ws_sessions") == 0
+    assert value("halkspeech_ws_turns_total") == 3 and value("halkspeech_ws_finals_total") == 2
+    assert value("halkspeech_audio_seconds_total") == pytest.approx(2 * len(lj_audio) / 16000, abs=0.01)
 
 
 def test_english_only_model_takes_any_language(client: TestClient, lj_audio: np.ndarray) -> None:

@@ -81,9 +81,10 @@ def test_a_batch_is_taken_whole(small_engine: ModelEngine, windows: list[torch.T
     handles = engine.submit_many([make_request(small_engine, mel) for mel in windows[:2]])
     assert [h.result(timeout=120).tokens for h in handles] == expected
     assert sum(engine.stats.encoder_batches.values()) - runs == 1 and engine.stats.admit_calls - admits == 1
+    rejected = engine.stats.rejected
     with pytest.raises(Overloaded):
         engine.submit_many([make_request(small_engine, windows[0])] * 9)  # max_queue 8
-    assert engine.queue_depth == 0
+    assert engine.queue_depth == 0 and engine.stats.rejected - rejected == 9  # counted (a metric's outcome)
 
 
 def test_slots_are_reused(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:

@@ -139,7 +139,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             detail = (
                 f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"
             )
-    code = {401: "invalid_api_key", 408: "body_timeout", 413: "payload_too_large"}.get(exc.status_code)
+    code = {401: "invalid_api_key", 408: "body_timeout", 413: "payload_too_large", 499: Cancelled.code}.get(
+        exc.status_code
+    )
     return error_response(request, exc.status_code, detail or "request failed", code=code, headers=exc.headers)
 
 

@@ -149,6 +149,10 @@ class BodyLimitMiddleware:
                     raise HTTPException(408, self._too_slow(received, loop.time() - started)) from None
                 stalled = f"the request body stalled: no data for {self.idle_timeout_s:g} s"
                 raise HTTPException(408, stalled) from None
+            if message["type"] == "http.disconnect":
+                # the client left mid-upload: 499 as for one that leaves mid-transcription (not the body
+                # parser's 400 for a truncated form), so metrics and logs do not count it as a bad request
+                raise HTTPException(499, "the client disconnected during the upload")
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))

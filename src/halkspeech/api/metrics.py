@@ -1,6 +1,6 @@
-"""Prometheus metrics: HTTP requests by route and status with latency histograms, and, read from the engines at
-scrape time, queue depth, running sequences, encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s),
-admission state and GPU memory.
+"""Prometheus metrics: HTTP requests by route and status with latency histograms, audio seconds transcribed,
+live sessions and turns, and, read from the engines at scrape time, queue depth, running sequences,
+encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s), admission state and GPU memory.
 
 Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
 """
@@ -12,7 +12,14 @@ from collections import Counter as TallyCounter
 from collections.abc import Iterator
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,7 +53,18 @@ class Metrics:
         )
         self.audio_seconds = Counter(
             "halkspeech_audio_seconds",
-            "Seconds of audio transcribed, by model.",
+            "Seconds of audio transcribed (HTTP requests and live turns' finals), by model.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.ws_sessions = Gauge("halkspeech_ws_sessions", "Open /ws connections.", registry=self.registry)
+        self.ws_turns = Counter(
+            "halkspeech_ws_turns", "Live turns started, by model.", ("model",), registry=self.registry
+        )
+        self.ws_finals = Counter(
+            "halkspeech_ws_finals",
+            "Live turns' finals sent, by model (turns started minus finals: turns that ended in an error or "
+            "whose client left).",
             ("model",),
             registry=self.registry,
         )
@@ -81,7 +99,8 @@ class EngineCollector(Collector):
         )
         windows = CounterMetricFamily(
             "halkspeech_engine_windows",
-            "Windows by outcome (admitted, completed, cancelled, failed).",
+            "Windows by outcome (admitted, completed, cancelled, failed; rejected: refused with 429, the decode "
+            "queue full).",
             labels=["model", "outcome"],
         )
         phases = CounterMetricFamily(
@@ -107,7 +126,7 @@ class EngineCollector(Collector):
             for phase, seconds in stats.phases().items():
                 if phase != "busy_s":
                     phases.add_metric([item.name, phase.removesuffix("_s")], seconds)
-            for outcome in ("admitted", "completed", "cancelled", "failed"):
+            for outcome in ("admitted", "completed", "cancelled", "failed", "rejected"):
                 windows.add_metric([item.name, outcome], getattr(stats, outcome))
             encoder.add_metric(labels, *_histogram(stats.encoder_batches))
             decoder.add_metric(labels, *_histogram(stats.decode_batches))
@@ -115,7 +134,11 @@ class EngineCollector(Collector):
         gate = self.gate
         yield _gauge("halkspeech_admission_active", "Requests holding a transcription slot.", [((), gate.active)])
         yield _gauge("halkspeech_admission_waiting", "Requests queued for a transcription slot.", [((), gate.waiting)])
-        rejected = CounterMetricFamily("halkspeech_admission_rejected", "Requests refused with 429.")
+        rejected = CounterMetricFamily(
+            "halkspeech_admission_rejected",
+            "Requests refused with 429 by the admission queue (server.max_queue_size full); a full decode queue's "
+            'refusals are halkspeech_engine_windows{outcome="rejected"}.',
+        )
         rejected.add_metric([], gate.rejected)
         yield rejected
         yield from _gpu_memory()

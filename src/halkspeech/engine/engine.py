@@ -109,7 +109,8 @@ def _settle(future: concurrent.futures.Future[DecodeResult], outcome: DecodeResu
 
 @dataclass
 class EngineStats:
-    """Counters the API exports as metrics; updated by the engine thread only."""
+    """Counters the API exports as metrics; updated by the engine thread only (`rejected`: by callers, under
+    the engine's post lock)."""
 
     steps: int = 0
     admitted: int = 0
@@ -117,6 +118,7 @@ class EngineStats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    rejected: int = 0  # windows refused at submit: the decode queue was full (429)
     tokens: int = 0  # tokens decode steps gave to sequences (not rows computed for ones that had ended)
     encoder_batches: Counter[int] = field(default_factory=Counter)  # windows per encoder call → count
     decode_batches: Counter[int] = field(default_factory=Counter)  # active sequences per step → count
@@ -233,6 +235,7 @@ class Engine:
             raise EngineStopped("the engine is not running")
         with self._posted_lock:  # the check and the count as one: two callers cannot both take the last room
             if self.queue_depth + len(handles) > self.scheduler.max_queue:
+                self.stats.rejected += len(handles)
                 if len(handles) == 1:
                     raise Overloaded(f"the decode queue is full ({self.scheduler.max_queue} windows waiting)")
                 raise Overloaded(f"the decode queue cannot take {len(handles)} more windows")

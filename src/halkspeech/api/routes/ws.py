@@ -23,10 +23,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from halkspeech.api.deps import api_key_valid, bearer_token, get_state
 from halkspeech.api.jobs import check_options
+from halkspeech.api.metrics import Metrics
 from halkspeech.audio.streaming import StreamingVAD
 from halkspeech.config import ServerSettings
 from halkspeech.errors import HalkSpeechError
-from halkspeech.transcription.live import LiveEvent, StreamError, StreamLimits, StreamOptions
+from halkspeech.transcription.live import Final, LiveEvent, StreamError, StreamLimits, StreamOptions, TurnStarted
 from halkspeech.transcription.streaming import LiveSession, ModelSource
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ FRAME_MARGIN_BYTES = 1 << 20
 #: send. Sized for 192 kHz a frame could be 116 MB at the default turn length, held whole in memory per
 #: connection while it is read; a client at a higher rate sends its turn in more than one frame.
 FRAME_SIZING_RATE = 48_000
+#: Turns whose model a connection remembers for the metrics of their finals: a session has at most
+#: StreamLimits.max_pending_finals (4) ended turns still being transcribed, and one open.
+_KEPT_TURNS = 16
 
 
 def max_frame_bytes(server: ServerSettings) -> int:
@@ -156,12 +160,14 @@ async def live(websocket: WebSocket) -> None:
         why = f"the server has its maximum of {server.ws_max_sessions} live sessions; try again later"
         await _refuse(websocket, "too_many_sessions", why, CLOSE_TRY_LATER)
         return
-    connection = Connection(websocket, state.pool.use, server, hub.vad)
+    connection = Connection(websocket, state.pool.use, server, hub.vad, state.metrics)
     hub.connections.add(connection)
+    state.metrics.ws_sessions.inc()
     try:
         await connection.serve()
     finally:
         hub.connections.discard(connection)
+        state.metrics.ws_sessions.dec()
 
 
 async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
@@ -173,9 +179,13 @@ async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int
 class Connection:
     """One client: reads frames and messages, hands them to its LiveSession, writes its events."""
 
-    def __init__(self, websocket: WebSocket, models: ModelSource, server: ServerSettings, vad: StreamingVAD) -> None:
+    def __init__(
+        self, websocket: WebSocket, models: ModelSource, server: ServerSettings, vad: StreamingVAD, metrics: Metrics
+    ) -> None:
         self.ws = websocket
         self.server = server
+        self.metrics = metrics
+        self._models: dict[int, str] = {}  # turn → its model, for the metrics of its final
         self.session = LiveSession(models, limits_from(server), self.emit, vad, check=check_options)
         self.last_seen = time.monotonic()
         self._send_lock = asyncio.Lock()
@@ -240,12 +250,25 @@ class Connection:
 
     async def emit(self, event: LiveEvent) -> None:
         """Send one event; a client that is gone is not an error here (the reader sees the disconnect)."""
+        self._count(event)
         text = json.dumps(event.as_message(), ensure_ascii=False)
         async with self._send_lock:
             if self.ws.client_state != WebSocketState.CONNECTED:
                 return
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.send_text(text)
+
+    def _count(self, event: LiveEvent) -> None:
+        """Turns started, finals and their audio seconds (a final is transcribed audio, delivered or not)."""
+        if isinstance(event, TurnStarted):
+            self._models[event.turn] = event.model
+            for turn in [t for t in self._models if t < event.turn - _KEPT_TURNS]:  # ended without a final
+                del self._models[turn]
+            self.metrics.ws_turns.labels(event.model).inc()
+        elif isinstance(event, Final):
+            model = self._models.pop(event.turn, "")
+            self.metrics.ws_finals.labels(model).inc()
+            self.metrics.audio_seconds.labels(model).inc(event.duration)
 
     async def _read(self) -> None:
         while True:
