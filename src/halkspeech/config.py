@@ -204,8 +204,9 @@ class ServerSettings(BaseModel):
     header_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Seconds from SIGTERM/SIGINT within which everything in flight is answered: work that finishes in time as
     #: usual, the rest 503 engine_stopped (an SSE error event; on /ws, engine_stopped for each unfinished turn)
-    #: one second before the end. Keep it within the orchestrator's kill grace (docker stop: 10 s; Kubernetes: 30).
-    shutdown_timeout_s: float = Field(default=10.0, ge=0, le=3600)
+    #: one second before the end (a quarter of it under 4 s). The engines stop after it, in well under a
+    #: second: 8 s keeps all of it inside docker stop's 10 s grace (Kubernetes: 30 s).
+    shutdown_timeout_s: float = Field(default=8.0, ge=0, le=3600)
     #: Seconds an upload may go without sending a byte before it is refused with 408: a client that stalls
     #: mid-body is not waited for forever. The transcription's own limit, request_timeout_s, starts only once
     #: the body is in.

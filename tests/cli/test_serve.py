@@ -131,8 +131,9 @@ def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], 
 
 def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path) -> None:
     """What cannot finish within server.shutdown_timeout_s is answered, not dropped: a streamed transcription
-    gets an engine_stopped error event, the requests queued behind it 503 engine_stopped, a live turn whose
-    final is still being computed engine_stopped for that turn, then close 1001. uvicorn alone cancelled them
+    gets an engine_stopped error event, the requests queued behind it 503 engine_stopped, and so does an upload
+    still arriving; a live turn whose final is still being computed gets engine_stopped for that turn, then
+    close 1001. uvicorn alone cancelled them
     at its deadline: bare 500s, a traceback each, and the WebSocket closed with 1012 and no message."""
     long_audio = tmp_path / "long.wav"  # ~8 minutes: tiny.en on 2 CPU cores needs far longer than the shutdown
     samples = np.tile(decode_audio(LJ), 100)
@@ -152,6 +153,12 @@ def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path)
 
             stream = pool.submit(streamed)
             time.sleep(2)  # running: it holds the one slot
+            uploading = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60)
+            uploading.sendall(  # an upload still arriving at the shutdown: its first bytes, then nothing
+                b"POST /transcribe HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=file; "
+                b"filename=a.wav\r\n\r\n" + LJ.read_bytes()[:1000]
+            )
             queued = [pool.submit(client.post, endpoint, files={"file": LJ.open("rb")}) for _ in range(2)]
             with ws_connect(f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}/ws", open_timeout=30) as ws:
                 ws.send(json.dumps({"type": "start", "language": "en"}))
@@ -166,6 +173,8 @@ def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path)
                         messages.append(json.loads(ws.recv(60)))
             events = stream.result(60)
             answers = [q.result(60) for q in queued]
+            with uploading:
+                upload_answer = b"".join(iter(lambda: uploading.recv(65536), b"")).decode(errors="replace")
         code = process.wait(60)
         took = time.monotonic() - stopped
     finally:
@@ -180,6 +189,7 @@ def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path)
         ("error", "engine_stopped", None),
     ], messages
     assert ws.close_code == 1001
+    assert upload_answer.startswith("HTTP/1.1 503") and '"code":"engine_stopped"' in upload_answer, upload_answer
     assert took < 30, took  # 4 s, and the engines' stop (a bound for a slow machine, not a timing assertion)
     text = log.read_text()
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]

@@ -124,6 +124,13 @@ def test_cue_text_cannot_break_the_format() -> None:
     timed = Transcript(segment.text, "en", 1.0, (replace(segment, words=words),))
     for options in (READABLE, SubtitleOptions(highlight_words=True)):
         assert all("-->" not in c.text for c in subtitle_cues(timed, options))
+    # an arrow that a cut at the line width, or words without spaces, put back together
+    cut = Segment(0, 0, 0.0, 1.0, " " + "x" * 39 + "-->", (), 0.0, 0.0, 1.0, 0.0)
+    assert "-->" not in as_vtt(Transcript(cut.text, "en", 1.0, (cut,)), READABLE).split("\n", 3)[3]
+    pieces = tuple(Word(w, i * 0.2, i * 0.2 + 0.2, 1.0) for i, w in enumerate(["日本", "--", ">", "語"]))
+    joined = Transcript("日本-->語", "ja", 1.0, (replace(segment, text="日本-->語", words=pieces),))
+    for options in (READABLE, SubtitleOptions(highlight_words=True)):
+        assert all("-->" not in c.text for c in subtitle_cues(joined, options))
 
 
 def test_vtt_escapes_what_would_be_read_as_markup() -> None:
@@ -166,6 +173,8 @@ def test_every_cue_ends_after_it_starts() -> None:
         assert cues and all(end > start for start, end, _ in cues), (options, cues)
     plain_cues = parse_vtt(as_vtt(transcript))
     assert plain_cues[-1] == (2.0, 2.001, "d")
+    highlighted = parse_vtt(as_vtt(transcript, SubtitleOptions(highlight_words=True)))
+    assert highlighted[-1] == (2.0, 2.001, "<u>d</u>")  # alone in its cue: kept, not lost
 
 
 def test_bad_options_are_refused() -> None:

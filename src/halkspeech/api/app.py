@@ -77,6 +77,6 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     )
     app.add_middleware(APIKeyMiddleware, server=server, routes=[r for router in protected for r in router.routes])
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(UnexpectedErrorMiddleware, stopping=state.stopping)
     app.add_middleware(RequestContextMiddleware, access_log=server.access_log)
     return app

@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from halkspeech.api.errors import error_response
 from halkspeech.api.fetch import URLFetcher
-from halkspeech.api.limits import AdmissionGate, StopSignal
+from halkspeech.api.limits import AdmissionGate
 from halkspeech.api.metrics import Metrics
+from halkspeech.api.stopping import StopSignal
 from halkspeech.config import ServerSettings, Settings
 from halkspeech.engine.pool import ModelPool
 

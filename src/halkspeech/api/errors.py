@@ -8,6 +8,7 @@ shape, from UnexpectedErrorMiddleware: with the request id, logged once, and the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from halkspeech.api.logging import request_id
+from halkspeech.api.stopping import STOPPED, StopSignal
 from halkspeech.errors import (
     AudioDecodeError,
     AudioTooLong,
@@ -165,10 +167,14 @@ class UnexpectedErrorMiddleware:
     server sees a complete response and keeps the connection open for the client's next request.
 
     Once a response has started (a stream) no 500 can be sent: the traceback is logged all the same, and the
-    server, seeing the response unfinished, closes the connection, which tells the client it is incomplete."""
+    server, seeing the response unfinished, closes the connection, which tells the client it is incomplete.
 
-    def __init__(self, app: ASGIApp) -> None:
+    A request the server's shutdown cancels once `stopping` is set (one that did not watch it, e.g. an upload
+    still arriving) is answered 503 engine_stopped here, instead of uvicorn's bare 500 and its traceback."""
+
+    def __init__(self, app: ASGIApp, stopping: StopSignal | None = None) -> None:
         self.app = app
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -184,6 +190,11 @@ class UnexpectedErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            if started or self.stopping is None or not self.stopping.is_set:
+                raise
+            # the request task ends here, answered: nothing else is waiting on this cancellation
+            await error_response(Request(scope), 503, STOPPED, code=EngineStopped.code)(scope, receive, send)
         except Exception:
             log.exception("unhandled error")
             if not started:

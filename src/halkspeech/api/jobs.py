@@ -21,7 +21,7 @@ from fastapi import Request
 from starlette.types import Receive
 
 from halkspeech.api.deps import AppState
-from halkspeech.api.limits import StopSignal
+from halkspeech.api.stopping import STOPPED, StopSignal
 from halkspeech.audio.decode import AudioSource
 from halkspeech.audio.wav import decode_upload
 from halkspeech.config import ServerSettings
@@ -138,9 +138,6 @@ async def wait_for_disconnect(receive: Receive) -> None:
     """Returns when the client has gone (ASGI http.disconnect); reads and drops any unread body."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-STOPPED = "the server is shutting down and this request could not finish in time; send it again"
 
 
 async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T], stop: StopSignal | None = None) -> T:

@@ -20,36 +20,6 @@ from halkspeech.api.errors import error_response
 from halkspeech.errors import Overloaded
 
 
-class StopSignal:
-    """Set once, when the server's shutdown has no more time for the work still in flight: each request
-    waiting on it then answers 503 engine_stopped itself (cancelled by uvicorn instead, it was a bare 500 and
-    a traceback). Not tied to one event loop: each waiter is a future of its own loop."""
-
-    def __init__(self) -> None:
-        self.is_set = False
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def set(self) -> None:
-        self.is_set = True
-        for waiter in list(self._waiters):
-            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
-
-    async def wait(self) -> None:
-        if self.is_set:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.add(waiter)
-        try:
-            await waiter
-        finally:
-            self._waiters.discard(waiter)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class AdmissionGate:
     """A concurrency limit with a bounded wait queue, for one event loop."""
 

@@ -129,10 +129,14 @@ class Server(uvicorn.Server):
         if not live.done():
             live.cancel()
         # uvicorn's part: the connections left close, and the lifespan's shutdown closes the engines
-        self.config.timeout_graceful_shutdown = max(1, round(deadline - loop.time()))
+        # (what still runs at the deadline uvicorn cancels: errors.UnexpectedErrorMiddleware answers it 503)
+        left = max(0.1, deadline - loop.time())  # uvicorn types it int; its asyncio.timeout takes any number
+        self.config.timeout_graceful_shutdown = left  # type: ignore[assignment]
         await super().shutdown(sockets)
         if self.force_exit:  # a second signal skips the waiting, not the engines' stop (uvicorn skips both, and
             await self.lifespan.shutdown()  # the lifespan cancelled at exit logged a traceback)
+            if self.server_state.tasks:  # requests answered, still cleaning up (their uploads' files)
+                await asyncio.wait(list(self.server_state.tasks), timeout=1.0)
 
     async def _drained(self, until: float) -> bool:
         """Wait until no request or live session is running (True), `until` passes or a second signal came."""

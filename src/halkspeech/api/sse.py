@@ -21,8 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from halkspeech.api.deps import AppState
 from halkspeech.api.errors import error_fields, status_for
-from halkspeech.api.jobs import STOPPED, Job, Outcome, cancel, run_job, until_disconnect
-from halkspeech.api.limits import StopSignal
+from halkspeech.api.jobs import Job, Outcome, cancel, run_job, until_disconnect
+from halkspeech.api.stopping import STOPPED, StopSignal
 from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError
 
 log = logging.getLogger(__name__)

@@ -85,8 +85,9 @@ def subtitle_cues(
         for lines in group:
             if options.highlight_words and timed:
                 # a word with no time of its own (its start is the next one's) is shown underlined by no cue:
-                # its line is on screen in its neighbours' cues
-                cues.extend(c for c in map(_rounded, _highlighted(lines, escape)) if c.end > c.start)
+                # its lines are on screen in its neighbours' cues; a cue with no such neighbour keeps 1 ms
+                highlighted = [_rounded(c) for c in _highlighted(lines, escape)]
+                cues.extend([c for c in highlighted if c.end > c.start] or [_timed(highlighted[0])])
             else:
                 cues.append(_timed(_plain(lines, escape)))
     return [c for c in cues if c.text.strip()]
@@ -164,7 +165,8 @@ def _layout(words: list[Word], options: SubtitleOptions) -> Iterator[Lines]:
 
 
 def _text(line: list[Word], highlight: Word | None = None, escape: Escape = _as_is) -> str:
-    """A line's words joined (leading space dropped); `highlight` wrapped in <u>…</u>, its space outside."""
+    """A line's words joined (leading space dropped); `highlight` wrapped in <u>…</u>, its space outside. An
+    arrow that only the joining made ("--" then ">") is cleaned too."""
     parts = []
     for i, word in enumerate(line):
         text = escape(_clean(word.word))
@@ -173,7 +175,7 @@ def _text(line: list[Word], highlight: Word | None = None, escape: Escape = _as_
             lead = text[: len(text) - len(text.lstrip())]
             text = f"{lead}<u>{text.strip()}</u>"
         parts.append(text)
-    return "".join(parts)
+    return _ARROW.sub("->", "".join(parts))
 
 
 _ARROW = re.compile(r"-{2,}>")  # "-->" ends a cue's timing line; "--->" must not leave one behind either
