@@ -31,6 +31,8 @@ def test_longest_repeat_finds_the_loop() -> None:
         "the the the the the the the the the",
         "I'm going to go. " * 5,
         "la " * 60,  # caught by the compression ratio too
+        "İYİ İYİ İYİ İYİ iyi iyi iyi iyi",  # Turkish capitals fold as English ones do ("İ".lower() is "i̇")
+        "IŞIK IŞIK IŞIK IŞIK ışık ışık ışık ışık",
     ],
 )
 def test_loops_are_flagged(text: str) -> None:

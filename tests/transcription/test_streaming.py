@@ -102,6 +102,15 @@ def vad() -> StreamingVAD:
 # -- pure pieces ------------------------------------------------------------------------------------------
 
 
+def test_stable_prefix_of_text_without_spaces_grows_by_characters() -> None:
+    """Japanese has no spaces to split words at: the stable text stayed empty for a whole turn."""
+    prefix = StablePrefix()
+    stables = [prefix.update(h, "ja")[1] for h in ("客観的実在の", "客観的実在の判断的", "客観的実在の判断的知識が")]
+    assert stables == ["", "客観的実在の", "客観的実在の判断的"]
+    turkish = StablePrefix()
+    assert [turkish.update(h, "tr")[1] for h in ("BUGÜN İYİ", "bugün iyi hava")] == ["", "bugün iyi"]
+
+
 def test_stable_prefix_only_grows_and_prefixes_text() -> None:
     prefix = StablePrefix()
     hypotheses = [

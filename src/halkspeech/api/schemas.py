@@ -83,7 +83,11 @@ class TranscriptionForm(BaseModel):
 
     file: UploadFile = Field(description="the audio (or video): any format FFmpeg reads")
     model: str = Field(default="", description="a model name; `whisper-1` or empty means the default model")
-    language: str | None = Field(default=None, description="ISO 639-1 code of the spoken language; empty: detect")
+    language: str | None = Field(
+        default=None,
+        description="ISO 639-1 code (`tr`), English name or locale (`tr-TR`) of the spoken "
+        "language; empty: detect (one more encoder pass for audio under 30 s)",
+    )
     prompt: str | None = Field(default=None, description="text that precedes the audio (style, spellings)")
     response_format: ResponseFormat = "json"
     temperature: float = Field(default=0.0, ge=0, le=1, description="0: greedy, raised on failure as OpenAI does")
@@ -195,7 +199,11 @@ class SimpleOptions(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    language: str | None = Field(default=None, description="ISO 639-1 code (`tr`); empty: detect")
+    language: str | None = Field(
+        default=None,
+        description="ISO 639-1 code (`tr`), English name or locale (`tr-TR`); empty: detect (one more "
+        "encoder pass for audio under 30 s)",
+    )
     task: Task = "transcribe"
     include_segments: bool = Field(default=False, description="add `segments` (id, start, end, text)")
     timestamps: bool = Field(default=False, description="predict timestamps (finer segments); implies include_segments")

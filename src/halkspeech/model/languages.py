@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from halkspeech.errors import InvalidRequest
 
 # Order matters: language token ids are assigned in this order. The first 99 exist in every multilingual
@@ -38,18 +40,35 @@ TO_LANGUAGE_CODE: dict[str, str] = {name: code for code, name in LANGUAGES.items
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 
+#: Codes Whisper spells otherwise: ISO 639-1's Javanese, and Hebrew's old code (Java's and Android's locales).
+_CODE_ALIASES = {"jv": "jw", "iw": "he"}
+_REGION = re.compile(r"^([a-z]{2,3})[-_][a-z0-9]{2,8}$")  # a locale: "tr-TR", "pt_BR", "zh-Hans"
+
+
+def language_key(text: str) -> str:
+    """Lower case that folds Turkish capitals too: "İ".lower() is "i" plus a combining dot (U+0307), and "I"
+    of "IŞIK" lowers to "i" where the word has "ı"; both fold to "i" here."""
+    return text.lower().replace("\u0307", "").replace("ı", "i")
+
+
 def normalize_language(value: str | None, num_languages: int = len(LANGUAGES)) -> str | None:
-    """`"tr"`, `"Turkish"`, `"TR"` → `"tr"`; None, "" and "auto" mean detect. Unknown codes raise InvalidRequest."""
+    """`"tr"`, `"Turkish"`, `"TR"`, `"tr-TR"` → `"tr"`; None, "" and "auto" mean detect. Unknown codes raise
+    InvalidRequest, with the list of codes."""
     if value is None:
         return None
-    key = value.strip().lower()
+    key = language_key(value.strip())
     if key in ("", "auto", "none", "detect"):
         return None
+    if (locale := _REGION.match(key)) is not None:  # a browser's or OS's locale: its language part
+        key = locale.group(1)
+    key = _CODE_ALIASES.get(key, key)
     code = key if key in LANGUAGES else TO_LANGUAGE_CODE.get(key)
     if code is None:
         shown = value if len(value) <= 40 else value[:40] + "..."  # never echo a client's megabyte back
         raise InvalidRequest(
-            f"unsupported language {shown!r}: use an ISO 639-1 code such as 'en' or 'tr'", param="language"
+            f"unsupported language {shown!r}: use an ISO 639-1 code such as 'en' or 'tr', or an English name "
+            f"such as 'turkish'; the codes: {', '.join(list(LANGUAGES)[:num_languages])}",
+            param="language",
         )
     if list(LANGUAGES).index(code) >= num_languages:
         raise InvalidRequest(f"language {code!r} is not in this model's vocabulary", param="language")

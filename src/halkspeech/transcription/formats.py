@@ -35,7 +35,7 @@ def as_verbose_json(
     keep Whisper's leading space, as openai-whisper's and faster-whisper's do."""
     data: dict[str, Any] = {
         "task": task,
-        # the output's language, as OpenAI's: a translation's is always English (the source's is in the segments)
+        # the output's language, as OpenAI's: a translation's is always English (its source language is not given)
         "language": "english" if task == "translate" else LANGUAGES.get(transcript.language, transcript.language),
         "duration": round(transcript.duration, 3),
         "text": transcript.text.strip(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from itertools import pairwise
 
+from halkspeech.model.languages import language_key
 from halkspeech.transcription.segments import compression_ratio
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
@@ -33,7 +34,7 @@ def is_repetitive(
     """True when the segment looks like a repetition loop: an n-gram repeated at least `min_repeats` times in
     a row covering at least `min_repeated_words` words (so "no, no, no" passes), or, for text long enough to
     judge (≥ 100 bytes), a compression ratio above the threshold."""
-    words = [w.lower() for w in _WORD.findall(text)]
+    words = [language_key(w) for w in _WORD.findall(text)]  # "İYİ" and "iyi" are one word, as YES and yes
     n, times = longest_repeat(words)
     if times >= min_repeats and n * times >= min_repeated_words:
         return True

@@ -12,6 +12,7 @@ import numpy as np
 from halkspeech.audio.streaming import FRAME, MAX_RATE, MIN_RATE, pcm16_to_float
 from halkspeech.errors import InvalidRequest
 from halkspeech.model.dims import SAMPLE_RATE
+from halkspeech.model.languages import NO_SPACE_LANGUAGES, language_key
 from halkspeech.model.tokenizer import Task
 from halkspeech.transcription.types import Segment, Timings, Transcript
 
@@ -259,7 +260,7 @@ _PUNCTUATION = re.compile(r"[^\w']+")
 
 
 def _norm(word: str) -> str:
-    return _PUNCTUATION.sub("", word.lower())
+    return _PUNCTUATION.sub("", language_key(word))
 
 
 class StablePrefix:
@@ -272,14 +273,24 @@ class StablePrefix:
         self.stable: list[str] = []
         self._previous: list[str] = []
 
-    def update(self, hypothesis: str) -> tuple[str, str]:
-        """A new hypothesis for the same audio (grown) → (text, stable_text); text starts with stable_text."""
+    def update(self, hypothesis: str, language: str | None = None) -> tuple[str, str]:
+        """A new hypothesis for the same audio (grown) → (text, stable_text); text starts with stable_text. In
+        a language written without spaces (Japanese, Chinese, Thai …) the units are characters, not words."""
+        spaced = language not in NO_SPACE_LANGUAGES
+        units = hypothesis.split() if spaced else list(hypothesis.strip())
         n = len(self.stable)
-        words = self.stable + hypothesis.split()[n:]  # a revised committed part is replaced by ours, word for word
+        words = self.stable + units[n:]  # a revised committed part is replaced by ours, unit for unit
         agreed = n
         limit = min(len(self._previous), len(words) - 1)
-        while agreed < limit and _norm(self._previous[agreed]) == _norm(words[agreed]) != "":
+        while agreed < limit and _agree(self._previous[agreed], words[agreed], spaced):
             agreed += 1
         self.stable = words[:agreed]
         self._previous = words
-        return " ".join(words), " ".join(self.stable)
+        joiner = " " if spaced else ""
+        return joiner.join(words), joiner.join(self.stable)
+
+
+def _agree(before: str, now: str, spaced: bool) -> bool:
+    """Two hypotheses' units at one place agree: words by their letters (case and punctuation aside), characters
+    as they are."""
+    return _norm(before) == _norm(now) != "" if spaced else before == now

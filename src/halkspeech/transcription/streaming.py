@@ -231,7 +231,7 @@ class LiveTurn:
             return
         if generation != self._generation or self._finishing or not transcript.text.strip():
             return  # a stale piece, the turn is ending, or nothing heard yet (not worth a message)
-        text, stable = self._stable.update(transcript.text)
+        text, stable = self._stable.update(transcript.text, transcript.language)
         await self.emit(Partial(self.turn, text, stable, stop / SAMPLE_RATE))
 
     def _new_piece(self) -> None:
