@@ -16,6 +16,7 @@ from whisper.timing import median_filter as reference_median_filter
 
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
+from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import LoadedWeights
 from halkspeech.transcription.alignment import WordTiming, dtw, median_filter, merge_punctuations
 from halkspeech.transcription.pipeline import Transcriber
@@ -55,6 +56,15 @@ def test_punctuation_joins_its_neighbours() -> None:
     merge_punctuations(words, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
     assert [w.word for w in words if w.word] == [" (Hello,", " world!)"]
     assert sum(len(w.tokens) for w in words) == 6  # emptied entries keep nothing, tokens are not lost
+
+
+def test_an_apostrophe_inside_a_word_keeps_it_whole() -> None:
+    """Turkish suffixes after an apostrophe were words of their own ("'ya"), timed and highlighted apart."""
+    tokenizer = Tokenizer(multilingual=True, num_languages=99)
+    text = " Ankara'ya gittim, Türkiye'nin başkenti. Don't stop, O'Brien 'said'"
+    words, groups = tokenizer.split_to_words(tokenizer.encode(text), "tr")
+    assert "".join(words) == text and sum(map(len, groups)) == len(tokenizer.encode(text))
+    assert [w for w in words if "'" in w] == [" Ankara'ya", " Türkiye'nin", " Don't", " O'Brien", " 'said'"]
 
 
 def reference_model(weights: LoadedWeights) -> Whisper:

@@ -229,7 +229,12 @@ class Tokenizer:
         words: list[str] = []
         word_tokens: list[list[int]] = []
         for piece, group in zip(pieces, piece_tokens, strict=True):
-            starts_word = group[0] >= self.eot or piece.startswith(" ") or piece.strip() in string.punctuation
+            # An apostrophe right after a letter stays in its word: Turkish suffixes ("Ankara'ya", "Türkiye'nin")
+            # and names ("O'Brien") were cut in two, where English contractions ("don't") are one token anyway.
+            # (openai-whisper cuts them; it would time "'ya" as a word of its own.)
+            inner = piece == "'" and bool(words) and words[-1][-1:].isalpha()
+            punctuation = piece.strip() in string.punctuation and not inner
+            starts_word = group[0] >= self.eot or piece.startswith(" ") or punctuation
             if starts_word or not words:
                 words.append(piece)
                 word_tokens.append(list(group))
