@@ -75,6 +75,24 @@ def test_quiet_recordings_are_raised_for_the_vad(speech: np.ndarray) -> None:
     assert raised_for_vad(speech) is speech and raised_for_vad(np.zeros(10, np.float32)).max() == 0
 
 
+def test_a_click_or_an_offset_does_not_hide_quiet_speech(speech: np.ndarray) -> None:
+    """The gain followed the loudest sample: one click before speech at -45 dBFS left half of it unheard,
+    and under a 0.3 DC offset speech at -42 dBFS was not heard at all."""
+    quiet = (speech / np.abs(speech).max() * 0.0056).astype(np.float32)  # -45 dBFS
+    clicked = quiet.copy()
+    clicked[8000:8040] = 0.3  # a 2.5 ms click
+    offset = (quiet * 1.4 + 0.3).astype(np.float32)
+    detector, seconds = SpeechDetector(), len(quiet) / 16_000
+
+    def heard(audio: np.ndarray) -> float:
+        return sum(end - start for start, end in speech_regions(detector.probabilities(raised_for_vad(audio)), seconds))
+
+    alone = heard(quiet)
+    assert alone > 0.5 * seconds
+    assert heard(clicked) >= 0.9 * alone and heard(offset) >= 0.9 * alone
+    assert np.abs(raised_for_vad(clicked)).max() <= 1.0
+
+
 def test_regions_find_speech_between_silences(speech: np.ndarray) -> None:
     gap = np.zeros(16000 * 4, dtype=np.float32)
     audio = np.concatenate([gap, speech, gap])

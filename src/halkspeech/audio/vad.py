@@ -162,12 +162,40 @@ def vad_gain(peak: float, max_gain: float = VAD_MAX_GAIN) -> float:
     return min(VAD_PEAK / peak, max_gain)
 
 
+DC_TOLERANCE = 1e-3  # a mean offset at least this large is taken off the VAD's input
+_LOUDEST_SKIPPED = 1 / 200  # of the frames: a click, a pop, a bumped microphone are not the speech's level
+
+
+def level(audio: np.ndarray) -> tuple[float, float]:
+    """(offset, peak) of a recording [T]: its mean (a DC offset), and its peak about that mean, leaving out the
+    loudest 0.5% of 32 ms frames (at least one) so that one click does not set the level of quiet speech.
+    Reads frame maxima and minima: no |audio| copy of hours."""
+    if audio.size == 0:
+        return 0.0, 0.0
+    offset = float(audio.mean(dtype=np.float64))
+    whole = len(audio) // FRAME * FRAME
+    if whole == 0:
+        return offset, max(float(audio.max()) - offset, offset - float(audio.min()))
+    frames = audio[:whole].reshape(-1, FRAME)
+    peaks = np.maximum(frames.max(axis=1) - offset, offset - frames.min(axis=1))
+    skipped = max(1, int(len(peaks) * _LOUDEST_SKIPPED))
+    if len(peaks) <= skipped:
+        return offset, float(peaks.max())
+    return offset, float(np.partition(peaks, len(peaks) - skipped - 1)[len(peaks) - skipped - 1])
+
+
 def raised_for_vad(audio: np.ndarray) -> np.ndarray:
-    """A quiet recording [T] raised for silero as a whole (`vad_gain` of its peak; batched mode dropped speech
-    peaking at -61 dBFS whole). Louder audio is returned as is."""
-    peak = max(float(audio.max()), -float(audio.min())) if audio.size else 0.0  # no |audio| copy of hours
+    """A quiet recording [T] raised for silero as a whole (`vad_gain` of its `level`; batched mode dropped
+    speech peaking at -61 dBFS whole, and quiet speech after one loud click), its DC offset taken off first
+    (under a 0.3 offset it heard nothing), clipped to ±1. Louder audio without an offset is returned as is."""
+    offset, peak = level(audio)
     gain = vad_gain(peak)
-    return audio if gain == 1.0 else audio * np.float32(gain)
+    shift = abs(offset) >= DC_TOLERANCE
+    if gain == 1.0 and not shift:
+        return audio
+    raised = audio - np.float32(offset) if shift else audio.copy()  # the one copy
+    raised *= np.float32(gain)
+    return np.clip(raised, -1.0, 1.0, out=raised)
 
 
 def speech_regions(
