@@ -103,7 +103,11 @@ class TranscriptionForm(BaseModel):
     condition_on_previous_text: bool = True
     without_timestamps: bool = False
     word_timestamps: bool = False
-    mode: Mode = Field(default="sequential", description="batched: VAD chunks of one file decoded together")
+    mode: Mode = Field(
+        default="sequential",
+        description="batched: the speech the VAD finds, in chunks of up to 30 s decoded together, each without "
+        "the text before it (condition_on_previous_text has no effect; a prompt conditions every chunk)",
+    )
     vad_filter: bool = Field(default=False, description="accepted for compatibility; batched mode always uses VAD")
 
 

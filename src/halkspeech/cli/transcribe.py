@@ -80,19 +80,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     decoding.add_argument("--beam-size", type=int, default=1, help="beams at temperature 0 (default: 1, greedy)")
     decoding.add_argument("--best-of", type=int, default=1, help="samples per window at temperature > 0")
     decoding.add_argument("--patience", type=finite_float, default=1.0, help="beam search patience (default: 1)")
-    decoding.add_argument("--initial-prompt", default=None, help="text that conditions the first window")
+    decoding.add_argument(
+        "--initial-prompt", default=None, help="text that conditions the first window (batched: every chunk)"
+    )
     decoding.add_argument(
         "--no-condition-on-previous-text",
         dest="condition_on_previous_text",
         action="store_false",
-        help="do not feed each window the text before it (fewer repetition loops, less context)",
+        help="do not feed each window the text before it (fewer repetition loops, less context; batched mode "
+        "never does)",
     )
     decoding.add_argument("--word-timestamps", action="store_true", help="word timings (verbose_json 'words')")
     decoding.add_argument(
         "--mode",
         choices=("sequential", "batched"),
         default="sequential",
-        help="sequential: 30 s windows in order, each conditioned on the last; batched: all windows at once",
+        help="sequential: 30 s windows in order, each conditioned on the last; batched: the speech the VAD "
+        "finds, in chunks of up to 30 s decoded at once, each without the text before it (audio the VAD hears "
+        "no speech in, such as music, is not transcribed)",
     )
     output = parser.add_argument_group("output")
     output.add_argument("--output-format", "-f", choices=FORMATS, default="text")
