@@ -292,11 +292,15 @@ def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: Strea
     run(main)
 
 
-def test_a_quiet_microphone_is_heard_by_the_vad(tiny_en_engine: ModelEngine, vad: StreamingVAD) -> None:
+@pytest.mark.parametrize("click", [False, True])
+def test_a_quiet_microphone_is_heard_by_the_vad(tiny_en_engine: ModelEngine, vad: StreamingVAD, click: bool) -> None:
     """Speech peaking at -50 dBFS: silero, whose probabilities follow the level, heard almost none of it, and a
-    segmented turn (which keeps only what the VAD hears) ended empty. Raised by up to +20 dB, it is heard."""
+    segmented turn (which keeps only what the VAD hears) ended empty. Raised by up to +20 dB, it is heard; a
+    click before it (one loud frame) no longer keeps it unraised."""
     speech = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER
     quiet = np.concatenate([speech, np.zeros(24_000, np.float32)]) / np.abs(speech).max() * 10 ** (-50 / 20)
+    if click:
+        quiet = np.concatenate([np.zeros(8000), np.full(40, 0.3), np.zeros(8000), quiet])
 
     async def main() -> None:
         session, recorder = session_for(tiny_en_engine, vad=vad)

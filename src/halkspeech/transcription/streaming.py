@@ -132,7 +132,7 @@ class LiveTurn:
         self._vad = vad
         self._vad_state = VADStream()
         self._vad_tail = np.zeros(0, dtype=np.float32)  # samples short of a whole VAD frame
-        self._vad_peak = 0.0  # the loudest sample the VAD has had from this turn
+        self._vad_peaks = (0.0, 0.0)  # the two loudest 32 ms frames' peaks the VAD has had from this turn
         self._vad_queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
         silence = options.segment_silence_ms
         pause_frames = None if silence is None else max(1, round(silence * SAMPLE_RATE / 1000 / FRAME))
@@ -164,10 +164,15 @@ class LiveTurn:
         self._vad_tail = pending[whole:]
         if whole:
             # A quiet microphone raised for the VAD by the gain of the loudest audio so far (at most +20 dB: it
-            # is set before the speech comes, and the background must stay below what silero calls speech).
-            self._vad_peak = max(self._vad_peak, float(np.abs(pending[:whole]).max()))
-            gain = np.float32(vad_gain(self._vad_peak, LIVE_VAD_MAX_GAIN))
-            self._vad_queue.put_nowait(pending[:whole].reshape(-1, FRAME) * gain)
+            # is set before the speech comes, and the background must stay below what silero calls speech),
+            # the loudest frame but one: a click or a bump early in the turn kept quiet speech after it unraised.
+            frames = pending[:whole].reshape(-1, FRAME)
+            self._vad_peaks = _two_loudest(self._vad_peaks, np.abs(frames).max(axis=1))
+            gain = np.float32(self._vad_gain())
+            self._vad_queue.put_nowait(frames * gain)
+
+    def _vad_gain(self) -> float:
+        return vad_gain(self._vad_peaks[1], LIVE_VAD_MAX_GAIN)  # the second-loudest frame's peak
 
     async def _run_vad(self) -> None:
         assert self._vad is not None
@@ -281,7 +286,7 @@ class LiveTurn:
             return
         if self._vad_tail.size:  # the last partial frame, padded with silence
             tail = np.pad(self._vad_tail, (0, FRAME - self._vad_tail.size))[None]
-            self._vad_queue.put_nowait(tail * np.float32(vad_gain(self._vad_peak, LIVE_VAD_MAX_GAIN)))
+            self._vad_queue.put_nowait(tail * np.float32(self._vad_gain()))
             self._vad_tail = self._vad_tail[:0]
         self._vad_queue.put_nowait(None)
         await self._vad_task
@@ -310,6 +315,12 @@ class LiveTurn:
                 if task.done() and not task.cancelled():  # asyncio logs no "exception was never retrieved"
                     task.exception()
             await self._hold.aclose()
+
+
+def _two_loudest(best: tuple[float, float], peaks: np.ndarray) -> tuple[float, float]:
+    """The two largest of `best` (loudest first) and the new frames' `peaks`."""
+    top = sorted([*best, *np.sort(peaks)[-2:].tolist()], reverse=True)
+    return top[0], top[1]
 
 
 class LiveSession:
