@@ -146,6 +146,7 @@ class Final:
     language: str
     timings: Timings  # of the work done after `end`
     end_to_final_ms: float
+    model: str  # the turn's model (for metrics; the client had it in `started`)
 
     @property
     def text(self) -> str:

@@ -279,7 +279,7 @@ class LiveTurn:
         language = next((p.language for p in pieces if p.text), pieces[0].language if pieces else "")
         language = language or self._final_options.language or ("" if self.model.tokenizer.multilingual else "en")
         elapsed = (time.perf_counter() - ended) * 1000
-        return Final(self.turn, tuple(pieces), self.duration, language, timings, elapsed)
+        return Final(self.turn, tuple(pieces), self.duration, language, timings, elapsed, self.model.name)
 
     async def _drain_vad(self) -> None:
         if self._vad_task is None:

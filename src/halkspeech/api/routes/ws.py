@@ -46,9 +46,6 @@ FRAME_MARGIN_BYTES = 1 << 20
 #: send. Sized for 192 kHz a frame could be 116 MB at the default turn length, held whole in memory per
 #: connection while it is read; a client at a higher rate sends its turn in more than one frame.
 FRAME_SIZING_RATE = 48_000
-#: Turns whose model a connection remembers for the metrics of their finals: a session has at most
-#: StreamLimits.max_pending_finals (4) ended turns still being transcribed, and one open.
-_KEPT_TURNS = 16
 
 
 def max_frame_bytes(server: ServerSettings) -> int:
@@ -185,7 +182,6 @@ class Connection:
         self.ws = websocket
         self.server = server
         self.metrics = metrics
-        self._models: dict[int, str] = {}  # turn → its model, for the metrics of its final
         self.session = LiveSession(models, limits_from(server), self.emit, vad, check=check_options)
         self.last_seen = time.monotonic()
         self._send_lock = asyncio.Lock()
@@ -261,14 +257,10 @@ class Connection:
     def _count(self, event: LiveEvent) -> None:
         """Turns started, finals and their audio seconds (a final is transcribed audio, delivered or not)."""
         if isinstance(event, TurnStarted):
-            self._models[event.turn] = event.model
-            for turn in [t for t in self._models if t < event.turn - _KEPT_TURNS]:  # ended without a final
-                del self._models[turn]
             self.metrics.ws_turns.labels(event.model).inc()
         elif isinstance(event, Final):
-            model = self._models.pop(event.turn, "")
-            self.metrics.ws_finals.labels(model).inc()
-            self.metrics.audio_seconds.labels(model).inc(event.duration)
+            self.metrics.ws_finals.labels(event.model).inc()
+            self.metrics.audio_seconds.labels(event.model).inc(event.duration)
 
     async def _read(self) -> None:
         while True:
