@@ -183,8 +183,9 @@ _ARROW = re.compile(r"-{2,}>")  # "-->" ends a cue's timing line; "--->" must no
 
 def _clean(text: str) -> str:
     """No line breaks or cue-timing arrows inside a cue's text (either would break SRT/VTT parsing)."""
-    lines = _ARROW.sub("->", text).splitlines()
-    return " ".join(line for line in lines if line.strip()) if len(lines) > 1 else _ARROW.sub("->", text)
+    cleaned = _ARROW.sub("->", text)
+    lines = cleaned.splitlines()
+    return " ".join(line for line in lines if line.strip()) if len(lines) > 1 else cleaned
 
 
 def _plain(lines: Lines, escape: Escape = _as_is) -> Cue:
