@@ -129,6 +129,10 @@ class EngineSettings(BaseModel):
     #: previous text) replay a captured graph per (rows, prompt width) for their cross-attention keys/values and
     #: prefill: for large-v3 one launch instead of ~600, which the GPU otherwise waits for.
     admission_graphs: bool = True
+    #: Word-timing passes of up to 4 windows of batched mode replay a captured graph per (rows, tokens) bucket for
+    #: their teacher-forced decoder pass and DTW cost matrices: a dozen launches instead of ~150 for turbo (~900
+    #: for large-v3), which the GPU otherwise waits for. Their pool holds ~1 GB (turbo 0.93, large-v3 1.21).
+    alignment_graphs: bool = True
     #: Decode steps of at most this many slots run the fused Triton kernels (model/kernels.py: LayerNorm, bias,
     #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger
     #: steps keep PyTorch's GEMMs with the Triton decode attention; CPUs and machines without Triton use plain

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -53,26 +56,38 @@ def test_windows_at_once_equal_each_alone() -> None:
         torch.testing.assert_close(batched[b, : k + 1, :f], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_a_pass_in_chunks_equals_each_window_alone(tiny_en_weights: LoadedWeights) -> None:
-    """Runner.align_async splits a pass by windows and text tokens; the results must not depend on the split
-    (nor on padding to the longest window of a chunk)."""
-    dims = tiny_en_weights.dims
-    model = Whisper.from_openai_state_dict(dims, tiny_en_weights.state_dict, dtype=torch.float32, device="cpu")
+def _admitted_runner(weights: LoadedWeights, **kwargs: Any) -> tuple[Runner, TokenIds, tuple[int, ...]]:
+    """A CPU runner (tiny.en, float32) with five random windows admitted into slots 0-4, and the alignment
+    prompt."""
+    dims = weights.dims
+    model = Whisper.from_openai_state_dict(dims, weights.state_dict, dtype=torch.float32, device="cpu")
     tokenizer = Tokenizer.for_model(dims)
     ids = TokenIds.from_tokenizer(tokenizer, dims.n_vocab)
-    runner = Runner(model, ids, slots=5, cuda_graphs=False, alignment_heads=tiny_en_weights.alignment_heads)
+    runner = Runner(model, ids, slots=5, cuda_graphs=False, alignment_heads=weights.alignment_heads, **kwargs)
     prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
     features = torch.randn(5, dims.n_mels, 3000, generator=torch.Generator().manual_seed(0))
     options = SamplingOptions(max_new_tokens=4)
     admissions = [Admission(i, DecodeRequest(features[i], prompt, sot, options), (i,), 0) for i in range(5)]
     job = runner.encode_async([a.request.features for a in admissions])
     runner.admit(admissions, [(job, i) for i in range(5)])
+    return runner, ids, prompt
+
+
+def _jobs(
+    ids: TokenIds, prompt: tuple[int, ...], lengths: Sequence[int], frames: Sequence[int | None]
+) -> list[AlignJob]:
     generator = torch.Generator().manual_seed(1)
-    lengths, frames = (3, 17, 9, 30, 1), (1500, 700, 1500, 40, 1200)
-    jobs = [
+    return [
         AlignJob(i, tuple(prompt), tuple(torch.randint(0, ids.eot, (n,), generator=generator).tolist()), f)
         for i, (n, f) in enumerate(zip(lengths, frames, strict=True))
     ]
+
+
+def test_a_pass_in_chunks_equals_each_window_alone(tiny_en_weights: LoadedWeights) -> None:
+    """Runner.align_async splits a pass by windows and text tokens; the results must not depend on the split
+    (nor on padding to the longest window of a chunk)."""
+    runner, ids, prompt = _admitted_runner(tiny_en_weights)
+    jobs = _jobs(ids, prompt, (3, 17, 9, 30, 1), (1500, 700, 1500, 40, 1200))
     whole = runner.align_async(jobs, max_jobs=2, max_rows=32).results()
     assert len(runner.align_async(jobs, max_jobs=2, max_rows=32).builders) == 3  # [3, 17] [9] [30, 1]
     for one, alignment in zip(jobs, whole, strict=True):
@@ -81,3 +96,28 @@ def test_a_pass_in_chunks_equals_each_window_alone(tiny_en_weights: LoadedWeight
         assert alignment.matrix.shape == (len(one.text) + 1, one.frames)
         torch.testing.assert_close(alignment.matrix, alone.matrix, rtol=1e-4, atol=1e-4)
         assert alignment.text_probs == pytest.approx(alone.text_probs, rel=1e-4, abs=1e-6)
+
+
+def test_the_alignment_graphs_padded_pass_equals_the_eager_one(tiny_en_weights: LoadedWeights) -> None:
+    """What an alignment graph runs (on a GPU; here its body, eagerly): rows padded to a power of two, tokens
+    to a multiple of 32 and frames to the whole window give each window the eager pass's matrix and
+    probabilities; passes it does not take (a window without frames, one too long) still run eagerly."""
+    runner, ids, prompt = _admitted_runner(tiny_en_weights, alignment_graph_rows=4, alignment_prompt_len=2)
+    assert len(prompt) == 2
+    padded_calls: list[object] = []
+    body = runner._align_body
+    runner._align_body = lambda key: padded_calls.append(key) or body(key)  # type: ignore[method-assign]
+    jobs = _jobs(ids, prompt, (3, 40, 9, 30, 1), (1500, 700, 1500, 3, 1200))
+    graphed = runner.align_async(jobs).results()  # chunks of 4 and 1 (the graphs' rows): keys (4, 64), (1, 32)
+    assert padded_calls == [(4, 64), (1, 32)]
+    mixed = _jobs(ids, prompt, (3, 300, 5), (1500, 1500, None))  # too long; no frames (sequential mode)
+    runner.align_async(mixed[:2]).results()
+    runner.align_async(mixed[2:]).results()
+    assert len(padded_calls) == 2
+    runner.align_graph_rows = 0  # the eager pass, on the same cache
+    for one, alignment in zip(jobs, graphed, strict=True):
+        eager = runner.align([one])[0]
+        assert alignment.matrix is not None and eager.matrix is not None
+        assert alignment.matrix.shape == eager.matrix.shape == (len(one.text) + 1, one.frames)
+        torch.testing.assert_close(alignment.matrix, eager.matrix, rtol=1e-4, atol=1e-4)
+        assert alignment.text_probs == pytest.approx(eager.text_probs, rel=1e-4, abs=1e-6)

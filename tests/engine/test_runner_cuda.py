@@ -1,5 +1,6 @@
-"""The runner on a GPU (skipped without one): encoder and admission graphs give the eager encoder's and
-admission's results, and an admission and a decode step wait for the device once each, to read their results."""
+"""The runner on a GPU (skipped without one): encoder, admission and alignment graphs give the eager encoder's,
+admission's and word-timing pass's results; an admission and a decode step wait for the device once each, to read
+their results, and a word-timing pass not at all."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from halkspeech.engine.batch import Admission, DecodeStep
+from halkspeech.engine.batch import Admission, AlignJob, DecodeStep
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import Runner
+from halkspeech.engine.sampling import TokenIds
 from halkspeech.engine.transfer import to_device
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import random_weights
@@ -122,3 +124,42 @@ def test_admission_graphs_give_the_eager_admission() -> None:
         job = graphed.encode_async(list(mel))
         request = admissions[0].request
         assert syncs(lambda: graphed.admit([Admission(9, request, (7,), 0)], [(job, 0)])) <= 1
+
+
+def test_alignment_graphs_give_the_eager_pass_and_queue_it_without_a_wait() -> None:
+    weights = random_weights("tiny.en", device="cuda")
+    model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=torch.float16, device="cuda")
+    tokenizer = Tokenizer.for_model(weights.dims)
+    ids = TokenIds.from_tokenizer(tokenizer, weights.dims.n_vocab)
+    prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=False)
+    runner = Runner(
+        model,
+        ids,
+        slots=8,
+        alignment_heads=weights.alignment_heads,
+        alignment_graph_rows=4,
+        alignment_prompt_len=len(prompt),
+    )
+    assert runner.warm_up([1], [32]) == 2 + 3 * 8  # two step graphs; rows 1, 2, 4 × widths 32, 64, ..., 256
+    mel = torch.randn(5, 80, 3000, device="cuda")
+    generator = torch.Generator().manual_seed(0)
+    lengths, frames = (3, 40, 220, 9, 100), (1500, 700, 1500, 3, 1200)
+    jobs = [
+        AlignJob(i, tuple(prompt), tuple(torch.randint(0, ids.eot, (n,), generator=generator).tolist()), f)
+        for i, (n, f) in enumerate(zip(lengths, frames, strict=True))
+    ]
+    with runner.stream_context():
+        options = SamplingOptions(max_new_tokens=4)
+        admissions = [Admission(i, DecodeRequest(mel[i], prompt, sot, options), (i,), 0) for i in range(5)]
+        job = runner.encode_async(list(mel))
+        runner.admit(admissions, [(job, i) for i in range(5)])
+        assert syncs(lambda: runner.align_async(jobs)) == 0
+        graphed = runner.align_async(jobs).results()
+        assert runner.align_graphs is not None and len(runner.align_graphs) == 24  # replayed, none captured
+        runner.align_graph_rows = 0  # the eager pass, in the same chunks (fp16 sums depend on the batch)
+        eager = runner.align_async(jobs, max_jobs=4).results()
+    for one, g, e in zip(jobs, graphed, eager, strict=True):
+        assert g.matrix is not None and e.matrix is not None
+        assert g.matrix.shape == e.matrix.shape == (len(one.text) + 1, one.frames)
+        torch.testing.assert_close(g.matrix, e.matrix, rtol=1e-4, atol=1e-4)
+        assert g.text_probs == pytest.approx(e.text_probs, rel=1e-3, abs=1e-6)

@@ -53,9 +53,20 @@ def cost_matrices(scores: Tensor, prompt_len: int, text_lens: Sequence[int], fra
     hand-off; a pass per window was ~45 calls a window):
     scores [B, heads, ≥ prompt_len + max(text_lens) + 1, ≥ max(frames)] (scaled q·k) → [B, max(text_lens) + 1,
     max(frames)] float32, window b's cost matrix in [:text_lens[b] + 1, :frames[b]] (the rest is padding)."""
-    device = scores.device
     rows, width = prompt_len + max(text_lens) + 1, max(frames)
-    sizes = to_device([[prompt_len + k + 1, f] for k, f in zip(text_lens, frames, strict=True)], torch.long, device)
+    sizes = to_device(
+        [[prompt_len + k + 1, f] for k, f in zip(text_lens, frames, strict=True)], torch.long, scores.device
+    )
+    return padded_cost_matrices(scores, prompt_len, sizes, rows, width)
+
+
+def padded_cost_matrices(scores: Tensor, prompt_len: int, sizes: Tensor, rows: int, width: int) -> Tensor:
+    """`cost_matrices` with the sizes on the device and the shapes fixed by the caller, so that a CUDA graph can
+    capture it: sizes [B, 2] (each window's prompt + text + end-of-text tokens, and its frames), scores [B,
+    heads, ≥ rows, ≥ width] → [B, rows - prompt_len, width]. Padding rows and frames change nothing inside a
+    window's own [:text + 1, :frames]: every reduction is masked to them and the median filter reflects at the
+    window's own last frame."""
+    device = scores.device
     n_rows, n_frames = sizes[:, 0, None], sizes[:, 1, None]  # [B, 1] each
     column = torch.arange(width, device=device)
     # softmax over each window's own frames (zero beyond them)
@@ -66,7 +77,8 @@ def cost_matrices(scores: Tensor, prompt_len: int, text_lens: Sequence[int], fra
     count = n_rows[:, :, None, None].float()
     mean = (x * valid).sum(dim=-2, keepdim=True) / count
     std = (((x - mean) * valid).square().sum(dim=-2, keepdim=True) / count).sqrt()
-    x = ((x - mean) / std)[:, :, prompt_len - 1 : rows - 1]  # the rows that predict text and end-of-text
+    # in place: each [B, heads, rows, width] temporary is held for good in an alignment graph's memory pool
+    x = x.sub_(mean).div_(std)[:, :, prompt_len - 1 : rows - 1]  # the rows that predict text and end-of-text
     # median filter over frames, reflect-padded at each window's own last frame (one gather)
     half = MEDFILT_WIDTH // 2
     source = torch.arange(-half, width + half, device=device).abs()[None, :]  # [1, W + 6]

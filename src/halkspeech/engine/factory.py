@@ -13,7 +13,7 @@ import torch
 
 from halkspeech.config import EngineSettings
 from halkspeech.engine.engine import Engine
-from halkspeech.engine.runner import Runner
+from halkspeech.engine.runner import ALIGN_GRAPH_WIDTH, Runner
 from halkspeech.engine.sampling import TokenIds
 from halkspeech.engine.scheduler import Scheduler
 from halkspeech.errors import InvalidRequest
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 WINDOW_BUCKETS = (64, 128, 256, 448)
 CPU_SLOTS = 16
+ALIGN_GRAPH_ROWS = 4
 MAX_AUTO_WORD_PROCESSES = 4
 
 
@@ -108,7 +109,15 @@ def admission_graph_batch(settings: EngineSettings) -> int:
     return min(settings.decoding_encoder_batch, settings.max_encoder_batch)
 
 
-def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings) -> int:
+def alignment_graph_rows(settings: EngineSettings) -> int:
+    """Word-timing passes of up to this many windows replay a captured graph (0: none; the runner also needs a
+    GPU). Four windows keep the graphs' pool small (see plan_slots); each pass is then a dozen launches."""
+    return ALIGN_GRAPH_ROWS if settings.alignment_graphs and settings.cuda_graphs else 0
+
+
+def plan_slots(
+    dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings, alignment_heads: int = 0
+) -> int:
     """Decoder slots that fit in `gpu_memory_fraction` of free GPU memory, after the weights (already
     loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries."""
     if device.type != "cuda":
@@ -124,6 +133,9 @@ def plan_slots(dims: ModelDims, dtype: torch.dtype, device: torch.device, settin
     # the admission graphs: their audio input, one layer's cross keys/values [a, 1500, 2D], the prefill's
     # gathered keys and values [a, 1500, D] each, at their largest run
     encoder_reserve += admission_graph_batch(settings) * dims.n_audio_ctx * dims.n_audio_state * itemsize * 5
+    # the alignment graphs' pool, in units of their largest pass's float32 scores [R, heads, 256, 1500]: measured
+    # 25 units for turbo's 6 heads (0.93 GB), 20 for large-v3's 10 (1.21 GB; bench/gpu_align_graphs.py, H100)
+    encoder_reserve += alignment_graph_rows(settings) * alignment_heads * ALIGN_GRAPH_WIDTH * dims.n_audio_ctx * 4 * 26
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
     per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
@@ -152,7 +164,7 @@ def start_engine(
     if model.encoder.use_fused_kernels(settings.fused_encoder):
         log.info("the encoder's residual adds run inside its GEMMs")
     tokenizer = Tokenizer.for_model(weights.dims)
-    slots = plan_slots(weights.dims, dtype, device, settings)
+    slots = plan_slots(weights.dims, dtype, device, settings, len(weights.alignment_heads))
     graphs = settings.cuda_graphs and device.type == "cuda"
     runner = Runner(
         model,
@@ -165,6 +177,8 @@ def start_engine(
         encoder_graph_batch=encoder_graph_batch(settings),
         admission_graph_batch=admission_graph_batch(settings) if graphs else 0,
         admission_widths=task_prompt_widths(tokenizer),
+        alignment_graph_rows=alignment_graph_rows(settings) if graphs else 0,
+        alignment_prompt_len=len(tokenizer.decoder_prompt("en", "transcribe", timestamps=False)[0]),
     )
     scheduler = Scheduler(
         slots,

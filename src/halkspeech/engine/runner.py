@@ -7,6 +7,8 @@ asked, prefill the prompts and sample each slot's first token. The model's part 
 prompt through every layer, ~600 launches for large-v3) replays a CUDA graph per (rows bucket, prompt width)
 for plain admissions; beams, samples of one window, language detection and long prompts run eagerly.
 `launch_step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
+`align_async`: word timing's teacher-forced pass over finished sequences and their DTW cost matrices, replayed
+from a CUDA graph per (rows bucket, width bucket) for batched mode's windows (eagerly ~150 launches for turbo).
 Neither waits for the device: inputs go up through pinned memory (engine/transfer.py), and each returns a
 handle whose `results()`/`result()` waits once and reads its tokens, so the host queues the next launches while
 the device still runs the work queued before (an encoder run, an admission). `admit`/`step` wait at once.
@@ -23,7 +25,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from halkspeech.engine.align import cost_matrices
+from halkspeech.engine.align import cost_matrices, padded_cost_matrices
 from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep, SlotMove, SlotUpdate, StepOutput
 from halkspeech.engine.cuda_graphs import GraphCache
 from halkspeech.engine.request import Alignment, SamplingOptions
@@ -37,6 +39,11 @@ AdmitKey = tuple[int, int]  # (rows, padded up to a power of two; prompt width)
 #: Prompts of at most this many tokens can replay an admission graph: the task prompts (sot, language, task,
 #: no-timestamps) are 1-4 tokens; a previous-text prompt (long-form conditioning) is up to 224, and runs eagerly.
 ADMIT_GRAPH_WIDTH = 8
+AlignKey = tuple[int, int]  # (rows, padded up to a power of two; tokens, padded up to a multiple of ALIGN_WIDTH_STEP)
+#: Word-timing passes whose windows have at most this many alignment-prompt + text + end-of-text tokens can replay
+#: an alignment graph: a window's text is at most n_text_ctx / 2 = 224 tokens, plus 2-4 of prompt and one.
+ALIGN_GRAPH_WIDTH = 256
+ALIGN_WIDTH_STEP = 32
 SUPPRESS_ROWS = 16  # suppress-token masks kept on the device (least recently used dropped first)
 
 
@@ -142,6 +149,8 @@ class Runner:
         encoder_graph_batch: int = 0,
         admission_graph_batch: int = 0,
         admission_widths: Sequence[int] = (),
+        alignment_graph_rows: int = 0,
+        alignment_prompt_len: int = 0,
     ) -> None:
         self.model = model
         self.alignment_heads = alignment_heads
@@ -187,6 +196,20 @@ class Runner:
                 # no snapshot: a capture's warm-up run writes the rows now in the inputs, the values its replay
                 # writes again (at engine start: slot 0's, free)
                 self.admit_graphs = GraphCache(self._admit_body, _no_snapshot, _no_restore)
+        # Word-timing passes of up to alignment_graph_rows windows, each with its cost matrix's frames and an
+        # alignment prompt of alignment_prompt_len tokens, run from static inputs: per row the right-padded
+        # tokens, then its slot, its token count and its frames [R, ALIGN_GRAPH_WIDTH + 3]. Rows are padded to a
+        # power of two by repeating the last one (a pass writes nothing). Eagerly a pass is ~150 launches for
+        # turbo and ~900 for large-v3, which the GPU waits for: 12 points of word timing's 21% throughput loss
+        # on an H100 (bench/NOTES.md). A graph on a GPU; elsewhere the same padded body runs eagerly.
+        self.align_graph_rows = alignment_graph_rows if alignment_heads else 0
+        self.align_prompt_len = alignment_prompt_len
+        self.align_graphs: GraphCache[tuple[Tensor, Tensor]] | None = None
+        if self.align_graph_rows:
+            columns = ALIGN_GRAPH_WIDTH + 3
+            self._align_ints = torch.zeros((self.align_graph_rows, columns), dtype=torch.long, device=self.device)
+            if use_graphs:
+                self.align_graphs = GraphCache(self._align_body, _no_snapshot, _no_restore)
         cuda = self.device.type == "cuda"
         # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
         self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -485,9 +508,11 @@ class Runner:
         teacher-forced pass over alignment prompt + text + end-of-text, queued on the engine's stream with the
         copies of its results to the host; nothing waits for the device. The slots may be reassigned at once:
         what is queued after the pass on this stream (an admission's cross keys/values) runs after it."""
-        # Chunks of at most `max_jobs` windows and `max_rows` text tokens: each chunk is ~150 eagerly launched
-        # kernels (~7-10 ms of this thread on an H100) whatever its size, and its text-token logits take
-        # ~10 bytes × vocabulary a token at the peak (~1 GB at 2048 rows of 51,866).
+        # Chunks of at most `max_jobs` windows and `max_rows` text tokens: eagerly each chunk is ~150 launched
+        # kernels (~7-10 ms of this thread on an H100) whatever its size, a dozen where an alignment graph takes
+        # it; its text-token logits take ~10 bytes × vocabulary a token at the peak (~1 GB at 2048 rows of 51,866).
+        if self.align_graph_rows:  # chunks an alignment graph takes
+            max_jobs = min(max_jobs, self.align_graph_rows)
         chunks: list[list[AlignJob]] = []
         rows = 0
         for job in jobs:
@@ -507,14 +532,26 @@ class Runner:
         """Queue one pass over `jobs`; returns what builds their results from the host copies."""
         eot = self.ids.eot
         sequences = [[*job.prompt, *job.text, eot] for job in jobs]
-        width = max(len(seq) for seq in sequences)
-        # one host→device copy: the right-padded tokens, each row's slot in a last column
-        packed = to_device(
-            [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
-            torch.long,
-            self.device,
-        )
-        hidden, scores = self.model.decoder.align(packed[:, :width], self.cache, packed[:, width], self.alignment_heads)
+        chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
+        raw = [i for i, job in enumerate(jobs) if job.frames is None]
+        raw_scores: Tensor | None = None
+        stacked: Tensor | None
+        if self._align_graphable(jobs, sequences):
+            hidden, stacked = self._align_padded(jobs, sequences)
+        else:
+            width = max(len(seq) for seq in sequences)
+            # one host→device copy: the right-padded tokens, each row's slot in a last column
+            packed = to_device(
+                [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
+                torch.long,
+                self.device,
+            )
+            heads = self.alignment_heads
+            hidden, scores = self.model.decoder.align(packed[:, :width], self.cache, packed[:, width], heads)
+            stacked = self._cost_matrices(scores, jobs, chosen)
+            # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
+            # (a worker, not this thread, which feeds the GPU)
+            raw_scores = scores[to_device(raw, torch.long, self.device)].half() if raw else None
         # each text token's probability, in one logits pass over every job's rows: position j predicts token j+1,
         # so job i's text is predicted from positions len(prompt)-1 onwards
         picked = [(i, len(job.prompt) - 1 + k, token) for i, job in enumerate(jobs) for k, token in enumerate(job.text)]
@@ -523,12 +560,6 @@ class Runner:
             index = to_device(picked, torch.long, self.device).T  # [3, N]: job, position, token
             logits = self.model.decoder.logits(hidden[index[0], index[1]][:, None])[:, 0, :eot]  # [N, eot]
             probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0]
-        chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
-        stacked = self._cost_matrices(scores, jobs, chosen)
-        # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
-        # (a worker, not this thread, which feeds the GPU)
-        raw = [i for i, job in enumerate(jobs) if job.frames is None]
-        raw_scores = scores[to_device(raw, torch.long, self.device)].half() if raw else None
         host_probs, host_matrices, host_raw = queue_to_host(probs, stacked, raw_scores)
 
         def build() -> list[Alignment]:
@@ -553,6 +584,47 @@ class Runner:
             return results
 
         return build
+
+    def _align_graphable(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> bool:
+        """Whether an alignment graph takes this pass: few enough windows, each with its frames (batched mode's;
+        sequential mode's word timing reads the scores) and the graphs' prompt length, none too long."""
+        return (
+            len(jobs) <= self.align_graph_rows
+            and all(job.frames is not None and len(job.prompt) == self.align_prompt_len for job in jobs)
+            and max(len(seq) for seq in sequences) <= ALIGN_GRAPH_WIDTH
+        )
+
+    def _align_padded(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """The pass through the static inputs of its (rows, width) alignment graph: hidden states [n, width, D]
+        and the cost matrices [n, max text + 1, max frames] (views of the graph's outputs, valid until its
+        next replay, which the stream orders after the copies queued behind this pass)."""
+        n, eot, full = len(jobs), self.ids.eot, ALIGN_GRAPH_WIDTH
+        rows = self._align_rows(n)
+        width = -(-max(len(seq) for seq in sequences) // ALIGN_WIDTH_STEP) * ALIGN_WIDTH_STEP
+        packed = [
+            [*seq, *[eot] * (full - len(seq)), job.slot, len(seq), cast(int, job.frames)]
+            for seq, job in zip(sequences, jobs, strict=True)
+        ]
+        packed += [packed[-1]] * (rows - n)
+        self._align_ints[:rows].copy_(to_device(packed, torch.long, self.device))
+        key: AlignKey = (rows, width)
+        hidden, cost = self.align_graphs.run(key) if self.align_graphs is not None else self._align_body(key)
+        texts = max(len(job.text) for job in jobs)
+        frames = max(cast(int, job.frames) for job in jobs)
+        return hidden[:n], cost[:n, : texts + 1, :frames]
+
+    def _align_rows(self, n: int) -> int:
+        """Rows of the alignment graph that takes n windows: the next power of two, at most align_graph_rows."""
+        return min(1 << (n - 1).bit_length(), self.align_graph_rows)
+
+    def _align_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
+        """An alignment graph's work: hidden states [R, W, D] and cost matrices [R, W - prompt, A] float32."""
+        rows, width = cast(AlignKey, key)
+        ints = self._align_ints[:rows]
+        tokens, slots, sizes = ints[:, :width], ints[:, ALIGN_GRAPH_WIDTH], ints[:, ALIGN_GRAPH_WIDTH + 1 :]
+        hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
+        frames = self.model.dims.n_audio_ctx
+        return hidden, padded_cost_matrices(scores, self.align_prompt_len, sizes, width, frames)
 
     def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob], chosen: list[int]) -> Tensor | None:
         """DTW cost matrices of the `chosen` jobs (those that gave their frames), made on the device for all of
@@ -595,7 +667,17 @@ class Runner:
             for n in sorted({self._admit_rows(n) for n in range(1, self.admit_graph_batch + 1)}):
                 for width in sorted(self.admission_widths):
                     self.admit_graphs.capture((n, width))
-        return len(self.graphs) + len(self.encoder_graphs or ()) + len(self.admit_graphs or ())
+        if self.align_graphs is not None:
+            self._align_ints.zero_()  # slot 0's cross keys/values, token 0: any values do for a capture
+            self._align_ints[:, ALIGN_GRAPH_WIDTH + 1 :] = 1
+            # largest first, so that each later capture fits in blocks the earlier ones freed in the shared pool
+            # (smallest first, with 8 rows and the normalisation out of place, turbo's pool held 5.5 GB; largest
+            # first, 4 rows and in place, 0.93 GB: bench/gpu_align_graphs.py on an H100)
+            for n in sorted({self._align_rows(n) for n in range(1, self.align_graph_rows + 1)}, reverse=True):
+                for width in range(ALIGN_GRAPH_WIDTH, 0, -ALIGN_WIDTH_STEP):
+                    self.align_graphs.capture((n, width))
+        graphs = (self.graphs, self.encoder_graphs, self.admit_graphs, self.align_graphs)
+        return sum(len(g or ()) for g in graphs)
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""
