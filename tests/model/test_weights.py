@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -521,3 +524,114 @@ def test_random_weights_are_deterministic_and_loadable() -> None:
     reference_model(a)  # strict load into the reference
     with pytest.raises(ModelNotFound, match="no model named"):
         random_weights("huge-v9")
+
+
+# -- malformed files of a known format: one-line ModelLoadError, never a traceback ---------------------------------
+
+
+def _hf_config(directory: Path, dims: ModelDims) -> None:
+    directory.mkdir()
+    config = {
+        "model_type": "whisper",
+        "num_mel_bins": dims.n_mels,
+        "max_source_positions": dims.n_audio_ctx,
+        "d_model": dims.n_audio_state,
+        "encoder_attention_heads": dims.n_audio_head,
+        "encoder_layers": dims.n_audio_layer,
+        "vocab_size": dims.n_vocab,
+        "max_target_positions": dims.n_text_ctx,
+        "decoder_attention_heads": dims.n_text_head,
+        "decoder_layers": dims.n_text_layer,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _safetensors(directory: Path, header: object, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _st_header_list(w: LoadedWeights, d: Path) -> Path:
+    _hf_config(d, w.dims)
+    _safetensors(d, [1, 2])
+    return d
+
+
+def _st_negative_shape(w: LoadedWeights, d: Path) -> Path:
+    _hf_config(d, w.dims)
+    _safetensors(d, {"model.encoder.conv1.bias": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, bytes(8))
+    return d
+
+
+def _st_negative_offset(w: LoadedWeights, d: Path) -> Path:
+    _hf_config(d, w.dims)
+    header = {"model.encoder.conv1.bias": {"dtype": "F32", "shape": [2], "data_offsets": [-999, -991]}}
+    _safetensors(d, header, bytes(8))
+    return d
+
+
+def _shard_index_values_not_names(w: LoadedWeights, d: Path) -> Path:
+    _hf_config(d, w.dims)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 1, "b": "x.safetensors"}}))
+    return d
+
+
+def _hf_bin_value_not_a_tensor(w: LoadedWeights, d: Path) -> Path:
+    _hf_config(d, w.dims)
+    torch.save({"model.encoder.conv1.bias": [1, 2]}, d / "pytorch_model.bin")
+    return d
+
+
+def _ct2_variable(name: str, change) -> Callable[[LoadedWeights, Path], Path]:
+    def make(w: LoadedWeights, d: Path) -> Path:
+        variables = openai_to_ct2(w.state_dict, w.dims)
+        variables[name] = change(variables[name])
+        return write_ct2_dir(d, variables, {})
+
+    return make
+
+
+def _pt_heads(raw: bytes) -> Callable[[LoadedWeights, Path], Path]:
+    def make(w: LoadedWeights, d: Path) -> Path:
+        d.mkdir()
+        heads = base64.b85encode(raw)
+        torch.save({"dims": w.dims.as_dict(), "model_state_dict": w.state_dict, "alignment_heads": heads}, d / "m.pt")
+        return d / "m.pt"
+
+    return make
+
+
+_BAD_DEFLATE = bytearray(gzip.compress(bytes(range(24))))
+_BAD_DEFLATE[12:16] = b"\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _st_header_list,  # AttributeError: 'list' object has no attribute 'items'
+        _st_negative_shape,  # RuntimeError: invalid shape dimension -2
+        _st_negative_offset,  # ValueError from torch.frombuffer
+        _shard_index_values_not_names,  # TypeError: '<' not supported between 'str' and 'int'
+        _hf_bin_value_not_a_tensor,  # AttributeError: 'list' object has no attribute 'shape'
+        _ct2_variable("encoder/conv1/weight", lambda t: t.reshape(-1)),  # ValueError: not enough values to unpack
+        _ct2_variable("decoder/embeddings/weight", lambda t: t[None]),  # ValueError: too many values to unpack
+        _ct2_variable("encoder/position_encodings/encodings", lambda t: t[0, 0]),  # IndexError
+        _ct2_variable("decoder/layer_0/self_attention/linear_0/weight", lambda t: t[:2]),  # zip(strict=True)
+        _ct2_variable("decoder/layer_0/attention/linear_1/bias", lambda t: t[0]),  # chunk of a scalar
+        _pt_heads(gzip.compress(bytes(24))[:-6]),  # EOFError: a cut gzip stream
+        _pt_heads(bytes(_BAD_DEFLATE)),  # zlib.error
+    ],
+)
+def test_malformed_files_are_one_line_load_errors(tiny_en_weights: LoadedWeights, tmp_path: Path, make) -> None:
+    """Each of these was a raw traceback from `halkspeech transcribe` and stopped `halkspeech models pull` (which
+    re-fetches a corrupt cached copy) before it fetched anything."""
+    path = make(tiny_en_weights, tmp_path / "m")
+    with pytest.raises(ModelLoadError) as info:
+        load_weights(path)
+    assert str(tmp_path / "m") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_path_that_is_neither_file_nor_directory_is_a_load_error() -> None:
+    with pytest.raises(ModelLoadError, match="neither a file nor a directory"):
+        load_weights(Path("/dev/null"))  # was NotADirectoryError from iterdir

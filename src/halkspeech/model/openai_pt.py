@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import zlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,6 @@ def load_openai_pt(
         raise ModelLoadError(f"{path}: 'model_state_dict' is not a mapping of tensors")
     try:
         heads = _heads(checkpoint.get("alignment_heads"), dims)
-    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+    except (TypeError, ValueError, RuntimeError, OSError, EOFError, zlib.error) as exc:  # EOF, zlib: cut or bad gzip
         raise ModelLoadError(f"{path}: unreadable alignment_heads ({exc})") from exc
     return dims, dict(state_dict), heads

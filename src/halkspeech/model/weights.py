@@ -8,12 +8,13 @@ so the model and the reference implementation load the same dict with `strict=Tr
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from halkspeech.errors import ModelLoadError, ModelNotFound
+from halkspeech.errors import HalkSpeechError, ModelLoadError, ModelNotFound
 from halkspeech.model import ct2, hf, openai_pt
 from halkspeech.model.dims import (
     ALIGNMENT_HEADS,
@@ -139,11 +140,42 @@ def _finish(dims: ModelDims, state_dict: StateDict, heads: Heads | None, hint: s
     return LoadedWeights(dims, state_dict, tuple(heads), name, source)
 
 
+# What a file of the right format but the wrong content raises in the parsers and converters below (a JSON list
+# where an object belongs, a tensor of the wrong rank, a negative offset, a cut gzip stream ...), and what reading
+# a path that is neither file nor directory raises (/dev/null): each is a ModelLoadError, never a traceback.
+_CORRUPT = (
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    RuntimeError,
+    EOFError,
+    OverflowError,
+    zlib.error,
+    OSError,
+)
+
+
 def load_weights(path: Path) -> LoadedWeights:
     """Load a CTranslate2 directory, an OpenAI `.pt` file or a Hugging Face directory (by what it holds)."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise ModelNotFound(f"no model at {path} (no such file or directory)")
+    if not (path.is_file() or path.is_dir()):
+        raise ModelLoadError(f"{path} is neither a file nor a directory")
+    try:
+        return _load(path)
+    except HalkSpeechError:
+        raise
+    except _CORRUPT as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise ModelLoadError(
+            f"{path} is corrupt or not a Whisper model ({type(exc).__name__}{': ' if reason else ''}{reason})"
+        ) from exc
+
+
+def _load(path: Path) -> LoadedWeights:
     if path.is_file():
         if path.name == "model.bin" or path.suffix == ".safetensors" or path.name.startswith("pytorch_model"):
             return load_weights(path.parent)
