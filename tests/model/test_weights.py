@@ -358,6 +358,12 @@ def test_incomplete_or_misshaped_state_dict_names_the_keys(tiny_en_weights: Load
         ({"n_text_head": 0}, "n_text_head is 0"),
         ({"n_vocab": 1000}, "n_vocab is 1000, not one of Whisper's vocabularies"),
         ({"n_mels": 64}, "n_mels is 64, not 80 or 128"),
+        # loaded, then every request failed in the cross-attention (a 500 each)
+        ({"n_text_state": 512, "n_text_head": 8}, "n_audio_state 384 is not n_text_state 512"),
+        # loaded, then every transcript was cut after a few words ("And so my fellow Americans ask not")
+        ({"n_text_ctx": 16}, "n_text_ctx is 16, fewer than Whisper's 448"),
+        # 10**8 (a 1 KB config.json) built keys until memory ran out; 10**5 is slow enough to show it
+        ({"n_audio_layer": 100_000}, "n_audio_layer is 100000, more than 256"),
     ],
 )
 def test_dims_no_whisper_can_run_with_are_load_errors(

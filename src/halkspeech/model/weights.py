@@ -27,6 +27,8 @@ from halkspeech.model.dims import (
 )
 
 StateDict = dict[str, torch.Tensor]
+MAX_LAYERS = 256  # encoder or decoder layers at most (the largest Whisper has 32)
+MIN_TEXT_CTX = 448  # every Whisper's decoder positions: a prompt of up to 224 tokens, then up to 224 sampled
 Heads = tuple[tuple[int, int], ...]
 
 
@@ -113,6 +115,17 @@ def check_dims(dims: ModelDims, source: str) -> None:
     divide the width (a checkpoint with 5 heads of 384 loaded, then every request failed with a 500), a
     vocabulary without Whisper's special tokens, a mel count the front end does not make."""
     problems = [f"{name} is {value}" for name, value in dims.as_dict().items() if value <= 0]
+    # Layer counts are bounded before anything is built from them: a 1 KB config.json saying 10**8 layers had
+    # check_complete list every expected key, gigabytes of them, until the process ran out of memory.
+    problems += [
+        f"{name} is {getattr(dims, name)}, more than {MAX_LAYERS}"
+        for name in ("n_audio_layer", "n_text_layer")
+        if getattr(dims, name) > MAX_LAYERS
+    ]
+    if dims.n_audio_state != dims.n_text_state:  # the decoder's cross-attention reads the encoder's output as is
+        problems.append(f"n_audio_state {dims.n_audio_state} is not n_text_state {dims.n_text_state}")
+    if dims.n_text_ctx < MIN_TEXT_CTX:  # a shorter table cut every transcript short, without an error
+        problems.append(f"n_text_ctx is {dims.n_text_ctx}, fewer than Whisper's {MIN_TEXT_CTX} text positions")
     for state, heads in (("n_audio_state", "n_audio_head"), ("n_text_state", "n_text_head")):
         width, count = getattr(dims, state), getattr(dims, heads)
         if count > 0 and width % count:
