@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -641,3 +642,20 @@ def test_malformed_files_are_one_line_load_errors(tiny_en_weights: LoadedWeights
 def test_a_path_that_is_neither_file_nor_directory_is_a_load_error() -> None:
     with pytest.raises(ModelLoadError, match="neither a file nor a directory"):
         load_weights(Path("/dev/null"))  # was NotADirectoryError from iterdir
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda t: t.to(torch.int8), "decoder.token_embedding.weight (int8)"),  # was a traceback building the model
+        (lambda t: t.bool(), "decoder.token_embedding.weight (bool)"),
+        (lambda t: t.float().to_sparse(), "decoder.token_embedding.weight (sparse float32)"),  # was a 500 per request
+    ],
+)
+def test_weights_must_be_dense_float_tensors(tiny_en_weights: LoadedWeights, tmp_path: Path, change, says: str) -> None:
+    sd = dict(tiny_en_weights.state_dict)
+    sd["decoder.token_embedding.weight"] = change(sd["decoder.token_embedding.weight"])
+    path = tmp_path / "m.pt"
+    torch.save({"dims": tiny_en_weights.dims.as_dict(), "model_state_dict": sd}, path)
+    with pytest.raises(ModelLoadError, match=rf"not a dense float tensor: {re.escape(says)}"):
+        load_weights(path)

@@ -79,18 +79,31 @@ def _block(prefix: str, d: int, *, cross: bool) -> dict[str, tuple[int, ...]]:
 
 
 def check_complete(state_dict: StateDict, dims: ModelDims, source: str) -> None:
-    """Raise ModelLoadError naming missing, unexpected and mis-shaped keys (a few of each, then counts)."""
+    """Raise ModelLoadError naming missing, unexpected, mis-shaped and non-float keys (a few of each, then counts).
+
+    Every tensor must be a dense float one: an integer or bool tensor (an int8 state dict without scales) failed
+    the model's build with a traceback, and a sparse one loaded and then failed every request (a 500 each)."""
     expected = expected_shapes(dims)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+    tensors = {k: v for k, v in state_dict.items() if k in expected and isinstance(v, torch.Tensor)}
     wrong = [
-        f"{k} {tuple(v.shape)} (expected {expected[k]})"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
+        f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in tensors.items() if tuple(v.shape) != expected[k]
     ]
+    not_float = [
+        f"{k} ({'sparse ' if v.layout != torch.strided else ''}{str(v.dtype).removeprefix('torch.')})"
+        for k, v in tensors.items()
+        if v.layout != torch.strided or not v.is_floating_point()
+    ]
+    not_float += [f"{k} ({type(v).__name__})" for k, v in state_dict.items() if k in expected and k not in tensors]
     problems = [
         f"{label}: {_few(items)}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+            ("not a dense float tensor", not_float),
+        )
         if items
     ]
     if problems:
