@@ -659,3 +659,15 @@ def test_weights_must_be_dense_float_tensors(tiny_en_weights: LoadedWeights, tmp
     torch.save({"dims": tiny_en_weights.dims.as_dict(), "model_state_dict": sd}, path)
     with pytest.raises(ModelLoadError, match=rf"not a dense float tensor: {re.escape(says)}"):
         load_weights(path)
+
+
+def test_a_weights_file_its_directory_does_not_read_is_refused(hf_model, tmp_path: Path) -> None:
+    """`dir/finetuned.safetensors` loaded dir/model.safetensors without a word: the file named was never read."""
+    hf_model.save_pretrained(tmp_path / "st")
+    (tmp_path / "st" / "finetuned.safetensors").write_bytes(b"not even safetensors")
+    with pytest.raises(ModelLoadError, match=r"finetuned\.safetensors is not read by itself"):
+        load_weights(tmp_path / "st" / "finetuned.safetensors")
+    assert load_weights(tmp_path / "st" / "model.safetensors").name == "tiny.en"  # the file it reads: still its dir
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="20MB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
+    assert load_weights(shard).name == "tiny.en"

@@ -7,6 +7,7 @@ so the model and the reference implementation load the same dict with `strict=Tr
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -204,6 +205,14 @@ def load_weights(path: Path) -> LoadedWeights:
 def _load(path: Path) -> LoadedWeights:
     if path.is_file():
         if path.name == "model.bin" or path.suffix == ".safetensors" or path.name.startswith("pytorch_model"):
+            # a file of a directory's model stands for the directory, whose loader reads only its own file names:
+            # `dir/finetuned.safetensors` silently loaded dir/model.safetensors
+            read = _directory_files(path.parent)
+            if path.name not in read:
+                raise ModelLoadError(
+                    f"{path} is not read by itself: its directory loads {', '.join(sorted(read)[:4]) or 'nothing'}; "
+                    "give a directory that holds it under that name"
+                )
             return load_weights(path.parent)
         dims, sd, heads = openai_pt.load_openai_pt(path)
         return _finish(dims, sd, heads, path.stem, f"OpenAI checkpoint {path}")
@@ -221,6 +230,22 @@ def _load(path: Path) -> LoadedWeights:
         f"{path} holds no Whisper model: expected model.bin + config.json (CTranslate2), config.json + "
         f"model.safetensors or pytorch_model.bin (Hugging Face), or one .pt file; found {found}"
     )
+
+
+def _directory_files(directory: Path) -> set[str]:
+    """The weights files `load_weights(directory)` reads (CTranslate2 first, then safetensors, then .bin)."""
+    if (directory / "model.bin").is_file():
+        return {"model.bin"}
+    if not hf.is_hf_dir(directory):
+        return set()
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return {single}
+        index = directory / f"{single}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            return {single + ".index.json", *(v for v in weight_map.values() if isinstance(v, str))}
+    return set()
 
 
 def random_weights(
