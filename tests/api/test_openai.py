@@ -125,6 +125,8 @@ def test_models_list_retrieve_load_unload(client: openai.OpenAI, server: LiveSer
     assert not server.pool.is_loaded("base")
     with pytest.raises(openai.NotFoundError, match="not loaded"):
         client.models.delete("base")
+    long_id = httpx.delete(f"{server.url}/v1/models/{'x' * 5000}", timeout=30)
+    assert long_id.status_code == 404 and "(5000 characters)" in long_id.text and len(long_id.text) < 400
 
 
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")

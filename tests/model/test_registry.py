@@ -288,3 +288,13 @@ def test_cli_models_list_and_pull(
     a_file = mirror_cache / "tiny.en" / "config.json"
     assert main(["models", "--cache-dir", str(a_file), "list"]) == 2  # not an empty cache
     assert capsys.readouterr().err.strip() == f"halkspeech: error: the model cache {a_file} is a file, not a directory"
+
+
+def test_pull_of_a_local_path_says_that_paths_need_no_pull(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "my model.pt"
+    checkpoint.write_bytes(b"weights")
+    registry = ModelRegistry(settings(tmp_path / "cache", allow_download=False))
+    with pytest.raises(ModelNotFound, match="is a local path: pull fetches catalog names"):
+        registry.pull(str(checkpoint), progress=False)
+    with pytest.raises(ModelNotFound, match="not a path that exists, and not a valid model name"):
+        registry.pull(str(tmp_path / "missing model.pt"), progress=False)

@@ -23,7 +23,7 @@ from halkspeech.config import Settings
 from halkspeech.engine.factory import ModelEngine, resolve_device, resolve_dtype, start_engine
 from halkspeech.errors import EngineStopped, HalkSpeechError, ModelInUse, ModelLoadError, ModelNotFound
 from halkspeech.model.dims import KNOWN_DIMS, canonical_name
-from halkspeech.model.registry import ModelRegistry
+from halkspeech.model.registry import ModelRegistry, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ModelPool:
             return
         if self.settings.server.configured_models_only:
             raise ModelNotFound(
-                f"model {_shown(name)} is not available here; this server offers only {', '.join(self.configured)}"
+                f"model {shown_name(name)} is not available here; this server offers only {', '.join(self.configured)}"
             )
         fetchable = (
             fetch
@@ -125,7 +125,7 @@ class ModelPool:
         if not fetchable:
             offered = ", ".join(self.configured)
             raise ModelNotFound(
-                f"model {_shown(name)} is not available here; this server offers {offered} and the catalog models "
+                f"model {shown_name(name)} is not available here; this server offers {offered} and the catalog models "
                 f"({', '.join(n for n in KNOWN_DIMS if canonical_name(n) == n)})"
             )
 
@@ -324,12 +324,6 @@ def _in_cache(settings: Settings, key: str) -> bool | None:
         return cached_path(settings, key).is_dir()
     except (OSError, ValueError):
         return None
-
-
-def _shown(name: str | None, limit: int = 100) -> str:
-    """A requested name for an error message: quoted, and cut short if it is long."""
-    text = repr(name)
-    return text if len(text) <= limit else f"{text[: limit - 1]}…' ({len(name or '')} characters)"
 
 
 def _without_cache_dir(message: str, cache_dir: Path) -> str:

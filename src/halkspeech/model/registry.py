@@ -142,7 +142,15 @@ class ModelRegistry:
 
     def pull(self, name: str, *, progress: bool = True, force: bool = False) -> Path:
         """Fetch a model into the cache unless a cached copy passes a full re-hash (or `force`)."""
-        key, catalog = self._key(name)
+        try:
+            key, catalog = self._key(name)
+        except ModelNotFound:
+            if not _is_path(name):
+                raise
+            raise ModelNotFound(
+                f"{shown_name(name)} is a local path: pull fetches catalog names and hub repos (owner/repo); "
+                "a path loads as it is (--model PATH)"
+            ) from None
         cache = self.settings.cache_dir / key
         if force:
             return self._fetch(name, [f"cache {cache} (skipped: --force downloads again)"], progress=progress)
@@ -177,7 +185,9 @@ class ModelRegistry:
         else:
             key, catalog = canonical, canonical if canonical in KNOWN_DIMS else None
         if not _SAFE_KEY.fullmatch(key):
-            raise ModelNotFound(f"model {name!r} not found: not a path that exists, and not a valid model name")
+            raise ModelNotFound(
+                f"model {shown_name(name)} not found: not a path that exists, and not a valid model name"
+            )
         return key, catalog
 
     def catalog_name(self, name: str) -> str | None:
@@ -435,3 +445,17 @@ def _read_marker(cache: Path) -> dict[str, Any]:
         return marker
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cached model {cache}: unreadable {MARKER} ({exc}); pull it again") from exc
+
+
+def shown_name(name: str | None, limit: int = 100) -> str:
+    """A requested name for an error message: quoted, and cut short if it is long."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…' ({len(name or '')} characters)"
+
+
+def _is_path(name: str) -> bool:
+    """Whether `name` names an existing file or directory (a name too long to be a path is not one)."""
+    try:
+        return Path(name).expanduser().exists()
+    except (OSError, ValueError):
+        return False

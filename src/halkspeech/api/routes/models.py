@@ -12,6 +12,7 @@ from halkspeech.api.deps import StateDep
 from halkspeech.api.schemas import MODEL_ERRORS, ModelDeleted, ModelList, ModelOut
 from halkspeech.engine.pool import DEFAULT_ALIASES, cached_path
 from halkspeech.errors import ModelNotFound
+from halkspeech.model.registry import shown_name
 
 router = APIRouter(prefix="/v1/models", tags=["Models"])
 
@@ -30,7 +31,8 @@ async def get_model(model_id: str, state: StateDep) -> ModelOut:
     if entry is None:
         state.pool.check(model_id, fetch=True)  # not one this server would fetch: that 404 says what it offers
         raise ModelNotFound(
-            f"model {model_id!r} is not loaded, configured or cached; POST /v1/models/{model_id} fetches and loads it"
+            f"model {shown_name(model_id)} is not loaded, configured or cached; "
+            "POST /v1/models/{id} fetches and loads it"
         )
     return entry
 
@@ -46,7 +48,7 @@ async def load_model(model_id: str, state: StateDep) -> ModelOut:
 @router.delete("/{model_id:path}", response_model=ModelDeleted, responses=MODEL_ERRORS, summary="Unload a model")
 async def unload_model(model_id: str, state: StateDep) -> ModelDeleted:
     if not await state.pool.unload(model_id):
-        raise ModelNotFound(f"model {model_id!r} is not loaded")
+        raise ModelNotFound(f"model {shown_name(model_id)} is not loaded")
     return ModelDeleted(id=state.pool.key(model_id), deleted=True)
 
 
