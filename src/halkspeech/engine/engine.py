@@ -424,8 +424,9 @@ class Engine:
         return finished
 
     def _align(self, wanted: list[Group]) -> None:
-        """Queue the word-timing pass of finished requests that asked for it (each pass is ~150 eagerly launched
-        kernels however many windows it aligns, hence batches). Their slots are free at once: work queued
+        """Queue the word-timing pass of finished requests that asked for it (an eager pass is ~150 launched kernels
+        however many windows it aligns, hence batches; batched mode's replay graphs of up to 4 windows). Their slots
+        are free at once: work queued
         after the pass runs after it. They complete when its results reach the host (`_collect_aligned`)."""
         eot = self.scheduler.eot
         jobs = []
