@@ -426,8 +426,8 @@ class Engine:
     def _align(self, wanted: list[Group]) -> None:
         """Queue the word-timing pass of finished requests that asked for it (an eager pass is ~150 launched kernels
         however many windows it aligns, hence batches; batched mode's replay graphs of up to 4 windows). Their slots
-        are free at once: work queued
-        after the pass runs after it. They complete when its results reach the host (`_collect_aligned`)."""
+        are free at once: work queued after the pass runs after it. They complete when its results reach the host
+        (`_collect_aligned`)."""
         eot = self.scheduler.eot
         jobs = []
         for group in wanted:
