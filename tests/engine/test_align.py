@@ -111,9 +111,9 @@ def test_the_alignment_graphs_padded_pass_equals_the_eager_one(tiny_en_weights: 
     graphed = runner.align_async(jobs).results()  # chunks of 4 and 1 (the graphs' rows): keys (4, 64), (1, 32)
     assert padded_calls == [(4, 64), (1, 32)]
     mixed = _jobs(ids, prompt, (3, 300, 5), (1500, 1500, None))  # too long; no frames (sequential mode)
-    runner.align_async(mixed[:2]).results()
+    runner.align_async(mixed[:2]).results()  # the short window through the graph's body, the long one eagerly
     runner.align_async(mixed[2:]).results()
-    assert len(padded_calls) == 2
+    assert padded_calls == [(4, 64), (1, 32), (1, 32)]
     runner.align_graph_rows = 0  # the eager pass, on the same cache
     for one, alignment in zip(jobs, graphed, strict=True):
         eager = runner.align([one])[0]
@@ -121,3 +121,20 @@ def test_the_alignment_graphs_padded_pass_equals_the_eager_one(tiny_en_weights: 
         assert alignment.matrix.shape == eager.matrix.shape == (len(one.text) + 1, one.frames)
         torch.testing.assert_close(alignment.matrix, eager.matrix, rtol=1e-4, atol=1e-4)
         assert alignment.text_probs == pytest.approx(eager.text_probs, rel=1e-4, abs=1e-6)
+
+
+def test_passes_no_alignment_graph_takes_keep_their_eager_chunks(tiny_en_weights: LoadedWeights) -> None:
+    """Sequential mode's windows (no frames) never replay an alignment graph: with the graphs on they still run
+    eagerly in chunks of max_jobs, not of the graphs' rows (16 windows were 4 eager passes instead of one), and
+    a pass mixing them with batched mode's returns every window's result in the jobs' order."""
+    runner, ids, prompt = _admitted_runner(tiny_en_weights, alignment_graph_rows=4, alignment_prompt_len=2)
+    sequential = _jobs(ids, prompt, (3, 5, 7, 2, 4), (None,) * 5)
+    assert len(runner.align_async(sequential).builders) == 1
+    mixed = _jobs(ids, prompt, (3, 5, 7, 2, 4), (None, 1500, None, 700, 40))
+    together = runner.align_async(mixed)
+    assert len(together.builders) == 2  # [1500, 700, 40] through the padded body, [None, None] eagerly
+    for one, alignment in zip(mixed, together.results(), strict=True):
+        alone = runner.align([one])[0]
+        assert alignment.text_tokens == one.text
+        assert (alignment.matrix is None) == (one.frames is None) == (alignment.scores is not None)
+        assert alignment.text_probs == pytest.approx(alone.text_probs, rel=1e-4, abs=1e-6)

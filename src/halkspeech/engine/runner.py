@@ -53,6 +53,7 @@ class AlignPass:
 
     done: torch.cuda.Event | None  # None on a CPU: done already
     builders: list[Callable[[], list[Alignment]]]
+    order: list[int] | None = None  # the builders' results are jobs[order[0]], jobs[order[1]], ... (None: in order)
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
@@ -60,7 +61,13 @@ class AlignPass:
     def results(self) -> list[Alignment]:
         if self.done is not None:
             self.done.synchronize()
-        return [alignment for build in self.builders for alignment in build()]
+        results = [alignment for build in self.builders for alignment in build()]
+        if self.order is None:
+            return results
+        ordered: list[Alignment | None] = [None] * len(results)
+        for position, index in enumerate(self.order):
+            ordered[index] = results[position]
+        return cast(list[Alignment], ordered)
 
 
 @dataclass
@@ -511,14 +518,18 @@ class Runner:
         # Chunks of at most `max_jobs` windows and `max_rows` text tokens: eagerly each chunk is ~150 launched
         # kernels (~7-10 ms of this thread on an H100) whatever its size, a dozen where an alignment graph takes
         # it; its text-token logits take ~10 bytes × vocabulary a token at the peak (~1 GB at 2048 rows of 51,866).
-        if self.align_graph_rows:  # chunks an alignment graph takes
-            max_jobs = min(max_jobs, self.align_graph_rows)
+        # Windows an alignment graph takes (batched mode's) go first, in chunks of its rows; the others (sequential
+        # mode's, which need the raw scores) keep eager chunks of `max_jobs`: cut to the graphs' rows, 16 of them
+        # were 4 eager passes instead of one. Results come back in the jobs' order.
+        fits = [self._align_fits(job) for job in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: not fits[i])  # stable
         chunks: list[list[AlignJob]] = []
-        rows = 0
-        for job in jobs:
-            if not chunks or len(chunks[-1]) >= max_jobs or rows + len(job.text) > max_rows:
+        rows, kind = 0, None
+        for i in order:
+            job, limit = jobs[i], min(max_jobs, self.align_graph_rows) if fits[i] else max_jobs
+            if not chunks or kind != fits[i] or len(chunks[-1]) >= limit or rows + len(job.text) > max_rows:
                 chunks.append([])
-                rows = 0
+                rows, kind = 0, fits[i]
             chunks[-1].append(job)
             rows += len(job.text)
         builders = [self._align_chunk(chunk) for chunk in chunks]
@@ -526,7 +537,7 @@ class Runner:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return AlignPass(done, builders)
+        return AlignPass(done, builders, None if order == list(range(len(jobs))) else order)
 
     def _align_chunk(self, jobs: Sequence[AlignJob]) -> Callable[[], list[Alignment]]:
         """Queue one pass over `jobs`; returns what builds their results from the host copies."""
@@ -586,12 +597,17 @@ class Runner:
         return build
 
     def _align_graphable(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> bool:
-        """Whether an alignment graph takes this pass: few enough windows, each with its frames (batched mode's;
-        sequential mode's word timing reads the scores) and the graphs' prompt length, none too long."""
+        """Whether an alignment graph takes this pass: few enough windows, each of which fits one."""
+        return len(jobs) <= self.align_graph_rows and all(self._align_fits(job) for job in jobs)
+
+    def _align_fits(self, job: AlignJob) -> bool:
+        """Whether an alignment graph can take this window: it has its frames (batched mode's; sequential mode's
+        word timing reads the scores), the graphs' prompt length, and prompt + text + end-of-text fit its width."""
         return (
-            len(jobs) <= self.align_graph_rows
-            and all(job.frames is not None and len(job.prompt) == self.align_prompt_len for job in jobs)
-            and max(len(seq) for seq in sequences) <= ALIGN_GRAPH_WIDTH
+            self.align_graph_rows > 0
+            and job.frames is not None
+            and len(job.prompt) == self.align_prompt_len
+            and len(job.prompt) + len(job.text) + 1 <= ALIGN_GRAPH_WIDTH
         )
 
     def _align_padded(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
