@@ -290,7 +290,7 @@ def test_cli_models_list_and_pull(
     assert capsys.readouterr().err.strip() == f"halkspeech: error: the model cache {a_file} is a file, not a directory"
 
 
-def test_pull_of_a_local_path_says_that_paths_need_no_pull(tmp_path: Path) -> None:
+def test_pull_of_a_local_path_says_that_paths_need_no_pull(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = tmp_path / "my model.pt"
     checkpoint.write_bytes(b"weights")
     registry = ModelRegistry(settings(tmp_path / "cache", allow_download=False))
@@ -298,3 +298,9 @@ def test_pull_of_a_local_path_says_that_paths_need_no_pull(tmp_path: Path) -> No
         registry.pull(str(checkpoint), progress=False)
     with pytest.raises(ModelNotFound, match="not a path that exists, and not a valid model name"):
         registry.pull(str(tmp_path / "missing model.pt"), progress=False)
+    # a relative path that also reads as a hub repo or a name: `resolve` loads the path, so pull must not fetch
+    (tmp_path / "models" / "tiny-ft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for relative in ("models/tiny-ft", "models"):
+        with pytest.raises(ModelNotFound, match="is a local path"):
+            registry.pull(relative, progress=False)

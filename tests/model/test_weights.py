@@ -665,9 +665,32 @@ def test_a_weights_file_its_directory_does_not_read_is_refused(hf_model, tmp_pat
     """`dir/finetuned.safetensors` loaded dir/model.safetensors without a word: the file named was never read."""
     hf_model.save_pretrained(tmp_path / "st")
     (tmp_path / "st" / "finetuned.safetensors").write_bytes(b"not even safetensors")
-    with pytest.raises(ModelLoadError, match=r"finetuned\.safetensors is not read by itself"):
+    with pytest.raises(
+        ModelLoadError, match=r"finetuned\.safetensors is not a file its directory loads \(it loads model"
+    ):
         load_weights(tmp_path / "st" / "finetuned.safetensors")
     assert load_weights(tmp_path / "st" / "model.safetensors").name == "tiny.en"  # the file it reads: still its dir
     hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="20MB")
     shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
     assert load_weights(shard).name == "tiny.en"
+
+
+def test_a_weights_file_without_its_config_names_the_missing_config(tmp_path: Path) -> None:
+    """It said "its directory loads nothing; give a directory that holds it under that name", which it was."""
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    with pytest.raises(ModelLoadError, match="holds no model that reads it: a Hugging Face weights file needs config"):
+        load_weights(tmp_path / "model.safetensors")
+
+
+def test_a_read_that_fails_is_not_called_corrupt(tiny_en_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PermissionError (or EIO) said "is corrupt or not a Whisper model", and the registry said to pull again."""
+
+    def denied(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("halkspeech.model.ct2.map_file", denied)
+    with pytest.raises(
+        ModelLoadError, match=r"could not be read \(PermissionError: \[Errno 13\] Permission denied"
+    ) as info:
+        load_weights(tiny_en_dir)
+    assert "corrupt" not in str(info.value)

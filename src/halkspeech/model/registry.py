@@ -142,15 +142,12 @@ class ModelRegistry:
 
     def pull(self, name: str, *, progress: bool = True, force: bool = False) -> Path:
         """Fetch a model into the cache unless a cached copy passes a full re-hash (or `force`)."""
-        try:
-            key, catalog = self._key(name)
-        except ModelNotFound:
-            if not _is_path(name):
-                raise
+        if _is_path(name):  # as `resolve` does: an existing path is one, even if it also reads as a repo or name
             raise ModelNotFound(
                 f"{shown_name(name)} is a local path: pull fetches catalog names and hub repos (owner/repo); "
                 "a path loads as it is (--model PATH)"
-            ) from None
+            )
+        key, catalog = self._key(name)
         cache = self.settings.cache_dir / key
         if force:
             return self._fetch(name, [f"cache {cache} (skipped: --force downloads again)"], progress=progress)

@@ -180,7 +180,6 @@ _CORRUPT = (
     EOFError,
     OverflowError,
     zlib.error,
-    OSError,
 )
 
 
@@ -195,11 +194,15 @@ def load_weights(path: Path) -> LoadedWeights:
         return _load(path)
     except HalkSpeechError:
         raise
+    except OSError as exc:  # a read that failed (permissions, I/O): nothing says the files are corrupt
+        raise ModelLoadError(f"{path} could not be read ({_reason(exc)})") from exc
     except _CORRUPT as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise ModelLoadError(
-            f"{path} is corrupt or not a Whisper model ({type(exc).__name__}{': ' if reason else ''}{reason})"
-        ) from exc
+        raise ModelLoadError(f"{path} is corrupt or not a Whisper model ({_reason(exc)})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}{': ' if reason else ''}{reason}"
 
 
 def _load(path: Path) -> LoadedWeights:
@@ -208,10 +211,15 @@ def _load(path: Path) -> LoadedWeights:
             # a file of a directory's model stands for the directory, whose loader reads only its own file names:
             # `dir/finetuned.safetensors` silently loaded dir/model.safetensors
             read = _directory_files(path.parent)
+            if not read:  # e.g. model.safetensors copied without its config.json
+                raise ModelLoadError(
+                    f"{path} is not loaded by itself, and {path.parent} holds no model that reads it: a Hugging "
+                    "Face weights file needs config.json beside it, a CTranslate2 model.bin config.json too"
+                )
             if path.name not in read:
                 raise ModelLoadError(
-                    f"{path} is not read by itself: its directory loads {', '.join(sorted(read)[:4]) or 'nothing'}; "
-                    "give a directory that holds it under that name"
+                    f"{path} is not a file its directory loads (it loads {', '.join(sorted(read)[:4])}): give the "
+                    "directory to load those, or one where this file is the only weights file, under that name"
                 )
             return load_weights(path.parent)
         dims, sd, heads = openai_pt.load_openai_pt(path)
