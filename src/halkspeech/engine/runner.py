@@ -547,7 +547,7 @@ class Runner:
         raw = [i for i, job in enumerate(jobs) if job.frames is None]
         raw_scores: Tensor | None = None
         stacked: Tensor | None
-        if self._align_graphable(jobs, sequences):
+        if self._align_graphable(jobs):
             hidden, stacked = self._align_padded(jobs, sequences)
         else:
             width = max(len(seq) for seq in sequences)
@@ -596,7 +596,7 @@ class Runner:
 
         return build
 
-    def _align_graphable(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> bool:
+    def _align_graphable(self, jobs: Sequence[AlignJob]) -> bool:
         """Whether an alignment graph takes this pass: few enough windows, each of which fits one."""
         return len(jobs) <= self.align_graph_rows and all(self._align_fits(job) for job in jobs)
 
