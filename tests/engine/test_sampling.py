@@ -116,3 +116,19 @@ def test_force_length_never_ends() -> None:
     logits[:, tok.eot] = 50.0
     tokens, _, _ = sampler.sample(logits, state, timestamps=False, sampling=False)
     assert tokens[0] != tok.eot and tokens[1] == tok.eot
+
+
+def test_a_tiny_temperature_samples_like_greedy_not_the_first_positive_logit() -> None:
+    """logits / T overflowed float32 for T ≤ ~1e-37 (accepted: the API takes any finite 0 ≤ T ≤ 1): every
+    positive logit became +inf and the draw took the first of them, e.g. "!!!" for the JFK clip."""
+    tok = Tokenizer(multilingual=False, num_languages=99)
+    sampler = Sampler(TokenIds.from_tokenizer(tok, 51864), torch.device("cpu"))
+    state = SlotState.allocate(2, 51864, "cpu")
+    state.n_gen[:] = 3
+    state.temperature[:] = 1e-38
+    assert (state.temperature > 0).all()  # representable in float32 (a denormal): a sampled row
+    logits = torch.full((2, 51864), -5.0)
+    logits[:, 0] = 5.0  # a lesser logit before the best one (both overflowed to +inf)
+    logits[:, 7] = 10.0
+    tokens, _, _ = sampler.sample(logits, state, timestamps=False, sampling=True)
+    assert tokens.tolist() == [7, 7]

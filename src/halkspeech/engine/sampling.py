@@ -256,7 +256,9 @@ class Sampler:
         hot = state.temperature > 0
         temperature = torch.where(hot, state.temperature, torch.ones_like(state.temperature))
         noise = torch.empty_like(logits).exponential_().log_()  # -log(E) is Gumbel(0, 1)
-        drawn = (logits / temperature[:, None] - noise).argmax(dim=-1)
+        # argmax(logits / T + G) as argmax(logits + T·G): the same draw, but logits / T overflowed to +inf for a
+        # tiny T (≤ 1e-37), and the first positive logit won
+        drawn = (logits - noise * temperature[:, None]).argmax(dim=-1)
         tokens = torch.where(hot, drawn, greedy)
         return tokens, logprobs.gather(1, tokens[:, None])[:, 0], logprobs
 
