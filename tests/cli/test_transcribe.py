@@ -284,6 +284,18 @@ def test_out_of_range_option(capsys: pytest.CaptureFixture[str], option: str, va
     assert option.removeprefix("--") in err
 
 
+def test_more_samples_than_the_engine_seats_is_refused_before_any_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--best-of 12 on an 8-slot engine: refused up front (as the server's 400), not only for the files where a
+    window fell back to a temperature above 0 (jfk.flac never does, so it used to succeed)."""
+    monkeypatch.setenv("HALKSPEECH_ENGINE__MAX_SLOTS", "8")
+    status, out, err = transcribe(capsys, JFK, "--device", "cpu", "--best-of", "12")
+    assert (status, out) == (2, "")
+    assert_one_error_line(err)
+    assert "--beam-size/--best-of 12 needs 12 decoder slots" in err and "this engine has 8" in err
+
+
 @pytest.mark.parametrize("language", ["de", "yue"])  # yue: not in an English-only model's vocabulary at all
 @pytest.mark.parametrize("mode", ["sequential", "batched"])
 def test_english_only_model_warns_about_another_language(

@@ -67,8 +67,7 @@ def check_options(model: ModelEngine, options: TranscribeOptions) -> None:
         raise InvalidRequest(f"model {model.name} is English-only and cannot translate; use a multilingual model")
     window = WindowDecoder(model, options)
     window.language()  # a language outside the model's vocabulary (an English-only model takes any, as the CLI)
-    # the widest request of the fallback: beams at temperature 0, samples above (what the engine will be sent)
-    needed = max(window.sampling(t).group_size for t in options.temperatures)
+    needed = window.largest_group()
     limit = model.engine.max_group_size
     if needed > limit:
         raise InvalidRequest(

@@ -34,6 +34,7 @@ from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.sequential import Progress
 from halkspeech.transcription.subtitles import READABLE, SubtitleOptions
 from halkspeech.transcription.types import DEFAULT_TEMPERATURES, TranscribeOptions, Transcript
+from halkspeech.transcription.window import WindowDecoder
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         output.task = "transcribe"  # what an English-only model did (verbose_json's "task")
     model = start_engine(weights, settings.engine)
     try:
+        _check_group_size(model, options)
         jobs = min(args.jobs, settings.engine.max_queue)
         return asyncio.run(_transcribe_all(model, args.audio, names, options, output, jobs, _show_progress(args)))
     finally:
@@ -193,6 +195,18 @@ def _check_language(options: TranscribeOptions, dims: ModelDims, name: str) -> N
         _warn(f"{name} is an English-only model; transcribing as English, not {options.language!r}")
     if options.task == "translate":
         _warn(f"{name} is an English-only model; it cannot translate, so it transcribes")
+
+
+def _check_group_size(model: ModelEngine, options: TranscribeOptions) -> None:
+    """Refuse beams or samples the engine cannot seat before any file starts, as the server does: the engine
+    refused them only when a window got there (samples: when one fell back to a temperature above 0), so the
+    same command failed on one file and not on another."""
+    needed, limit = WindowDecoder(model, options).largest_group(), model.engine.max_group_size
+    if needed > limit:
+        raise InvalidRequest(
+            f"--beam-size/--best-of {needed} needs {needed} decoder slots at once; this engine has {limit} "
+            "(engine.max_slots)"
+        )
 
 
 def _warn(message: str) -> None:

@@ -75,6 +75,11 @@ class WindowDecoder:
             force_length=forced is not None,
         )
 
+    def largest_group(self) -> int:
+        """Decoder slots the widest request of the fallback takes at once: beams at temperature 0, samples
+        above (what the engine will be sent); the engine refuses a group larger than its max_group_size."""
+        return max(self.sampling(t).group_size for t in self.options.temperatures)
+
     def alignment_prompt(self, language: str | None) -> tuple[int, ...] | None:
         """The tokens word timing aligns after (the reference's sot sequence + <|notimestamps|>), if wanted."""
         if not self.options.word_timestamps:
