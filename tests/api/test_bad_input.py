@@ -76,6 +76,7 @@ def test_not_audio(server: LiveServer, data: bytes, status: int, says: str) -> N
         ({"timestamp_granularities[]": "char"}, 400, "timestamp_granularities[]", "'segment' or 'word'"),
         ({"timestamp_granularities[]": "word"}, 400, "timestamp_granularities[]", "needs response_format=verbose_json"),
         ({"mode": "turbo"}, 400, "mode", "'sequential' or 'batched'"),
+        ({"prompt": "x" * (2 << 20)}, 400, None, "a text field of the form (such as 'prompt') is too long"),
     ],
 )
 def test_bad_fields(server: LiveServer, form: dict[str, str], status: int, param: str | None, says: str) -> None:

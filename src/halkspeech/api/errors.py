@@ -133,7 +133,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
     if exc.status_code in messages and detail in (None, "Not Found", "Method Not Allowed", "Content Too Large"):
         detail = messages[exc.status_code]
-    if exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
+    if exc.status_code == 400 and detail and detail.startswith("Part exceeded maximum size"):
+        # Starlette's limit on a non-file part: which part it was, it does not say
+        detail = f"a text field of the form (such as 'prompt') is too long: {detail[5:].rstrip('.')}"
+    elif exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
         if "json" in request.headers.get("content-type", "").lower():  # FastAPI's answer to undecodable bytes
             detail = "the request body is not valid JSON (it must be UTF-8 text)"

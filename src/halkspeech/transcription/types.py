@@ -61,6 +61,8 @@ class TranscribeOptions:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise InvalidRequest(f"{name} must be a finite number, got {value}")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:  # as the engine's check, up front
+            raise InvalidRequest(f"length_penalty must be between 0 and 1, got {self.length_penalty}")
         if self.max_initial_timestamp is not None and not 0 <= self.max_initial_timestamp <= 30:
             raise InvalidRequest(f"max_initial_timestamp must be 0 to 30 s, got {self.max_initial_timestamp}")
         if self.mode not in ("sequential", "batched"):
