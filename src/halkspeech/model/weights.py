@@ -168,8 +168,8 @@ def _finish(dims: ModelDims, state_dict: StateDict, heads: Heads | None, hint: s
 
 
 # What a file of the right format but the wrong content raises in the parsers and converters below (a JSON list
-# where an object belongs, a tensor of the wrong rank, a negative offset, a cut gzip stream ...), and what reading
-# a path that is neither file nor directory raises (/dev/null): each is a ModelLoadError, never a traceback.
+# where an object belongs, a tensor of the wrong rank, a negative offset, a cut gzip stream ...): each is a
+# ModelLoadError, never a traceback. (A failed read, an OSError, is reported as one; /dev/null is refused first.)
 _CORRUPT = (
     ValueError,
     TypeError,
