@@ -336,8 +336,8 @@ class Runner:
         )
 
     def _admit_rows(self, n: int) -> int:
-        """Rows of the admission graph that takes n rows: the next power of two, at most admit_graph_batch."""
-        return min(1 << (n - 1).bit_length(), self.admit_graph_batch)
+        """Rows of the admission graph that takes n rows."""
+        return _graph_rows(n, self.admit_graph_batch)
 
     def _admit_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
         """The model's part of a plain admission from the static inputs: first-token logits [G, V] and
@@ -524,30 +524,33 @@ class Runner:
         fits = [self._align_fits(job) for job in jobs]
         order = sorted(range(len(jobs)), key=lambda i: not fits[i])  # stable
         chunks: list[list[AlignJob]] = []
-        rows, kind = 0, None
+        graphed: list[bool] = []  # per chunk: whether an alignment graph takes it (all its windows fit one)
+        rows = 0
         for i in order:
             job, limit = jobs[i], min(max_jobs, self.align_graph_rows) if fits[i] else max_jobs
-            if not chunks or kind != fits[i] or len(chunks[-1]) >= limit or rows + len(job.text) > max_rows:
+            if not chunks or graphed[-1] != fits[i] or len(chunks[-1]) >= limit or rows + len(job.text) > max_rows:
                 chunks.append([])
-                rows, kind = 0, fits[i]
+                graphed.append(fits[i])
+                rows = 0
             chunks[-1].append(job)
             rows += len(job.text)
-        builders = [self._align_chunk(chunk) for chunk in chunks]
+        builders = [self._align_chunk(chunk, g) for chunk, g in zip(chunks, graphed, strict=True)]
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
         return AlignPass(done, builders, None if order == list(range(len(jobs))) else order)
 
-    def _align_chunk(self, jobs: Sequence[AlignJob]) -> Callable[[], list[Alignment]]:
-        """Queue one pass over `jobs`; returns what builds their results from the host copies."""
+    def _align_chunk(self, jobs: Sequence[AlignJob], graphed: bool) -> Callable[[], list[Alignment]]:
+        """Queue one pass over `jobs`, through their alignment graph if `graphed`; returns what builds their
+        results from the host copies."""
         eot = self.ids.eot
         sequences = [[*job.prompt, *job.text, eot] for job in jobs]
         chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
         raw = [i for i, job in enumerate(jobs) if job.frames is None]
         raw_scores: Tensor | None = None
         stacked: Tensor | None
-        if self._align_graphable(jobs):
+        if graphed:
             hidden, stacked = self._align_padded(jobs, sequences)
         else:
             width = max(len(seq) for seq in sequences)
@@ -596,10 +599,6 @@ class Runner:
 
         return build
 
-    def _align_graphable(self, jobs: Sequence[AlignJob]) -> bool:
-        """Whether an alignment graph takes this pass: few enough windows, each of which fits one."""
-        return len(jobs) <= self.align_graph_rows and all(self._align_fits(job) for job in jobs)
-
     def _align_fits(self, job: AlignJob) -> bool:
         """Whether an alignment graph can take this window: it has its frames (batched mode's; sequential mode's
         word timing reads the scores), the graphs' prompt length, and prompt + text + end-of-text fit its width."""
@@ -615,7 +614,7 @@ class Runner:
         and the cost matrices [n, max text + 1, max frames] (views of the graph's outputs, valid until its
         next replay, which the stream orders after the copies queued behind this pass)."""
         n, eot, full = len(jobs), self.ids.eot, ALIGN_GRAPH_WIDTH
-        rows = self._align_rows(n)
+        rows = _graph_rows(n, self.align_graph_rows)
         width = -(-max(len(seq) for seq in sequences) // ALIGN_WIDTH_STEP) * ALIGN_WIDTH_STEP
         packed = [
             [*seq, *[eot] * (full - len(seq)), job.slot, len(seq), cast(int, job.frames)]
@@ -628,10 +627,6 @@ class Runner:
         texts = max(len(job.text) for job in jobs)
         frames = max(cast(int, job.frames) for job in jobs)
         return hidden[:n], cost[:n, : texts + 1, :frames]
-
-    def _align_rows(self, n: int) -> int:
-        """Rows of the alignment graph that takes n windows: the next power of two, at most align_graph_rows."""
-        return min(1 << (n - 1).bit_length(), self.align_graph_rows)
 
     def _align_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
         """An alignment graph's work: hidden states [R, W, D] and cost matrices [R, W - prompt, A] float32."""
@@ -680,7 +675,7 @@ class Runner:
             for n in range(1, self.encoder_graph_batch + 1):
                 self.encoder_graphs.capture(n)
         if self.admit_graphs is not None:
-            for n in sorted({self._admit_rows(n) for n in range(1, self.admit_graph_batch + 1)}):
+            for n in _graph_row_buckets(self.admit_graph_batch):
                 for width in sorted(self.admission_widths):
                     self.admit_graphs.capture((n, width))
         if self.align_graphs is not None:
@@ -689,7 +684,7 @@ class Runner:
             # largest first, so that each later capture fits in blocks the earlier ones freed in the shared pool
             # (smallest first, with 8 rows and the normalisation out of place, turbo's pool held 5.5 GB; largest
             # first, 4 rows and in place, 0.93 GB: bench/gpu_align_graphs.py on an H100)
-            for n in sorted({self._align_rows(n) for n in range(1, self.align_graph_rows + 1)}, reverse=True):
+            for n in reversed(_graph_row_buckets(self.align_graph_rows)):
                 for width in range(ALIGN_GRAPH_WIDTH, 0, -ALIGN_WIDTH_STEP):
                     self.align_graphs.capture((n, width))
         graphs = (self.graphs, self.encoder_graphs, self.admit_graphs, self.align_graphs)
@@ -729,6 +724,16 @@ class Runner:
         assert isinstance(saved, list)
         for tensor, value in zip(self.state.tensors(), saved, strict=False):
             tensor.copy_(value)
+
+
+def _graph_rows(n: int, limit: int) -> int:
+    """Rows of the graph that takes n rows: the next power of two, at most `limit` (the rest repeat the last)."""
+    return min(1 << (n - 1).bit_length(), limit)
+
+
+def _graph_row_buckets(limit: int) -> list[int]:
+    """Every row count `_graph_rows` gives for 1..limit rows, ascending: the graphs to capture."""
+    return sorted({_graph_rows(n, limit) for n in range(1, limit + 1)})
 
 
 def _no_snapshot() -> None:
