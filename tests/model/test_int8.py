@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jiwer
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from whisper.normalizers import EnglishTextNormalizer
 
-from halkspeech.audio import decode_audio
+from halkspeech.audio import decode_audio, pad_or_trim
+from halkspeech.audio.features import log_mel_windows
 from halkspeech.config import EngineSettings
 from halkspeech.engine.factory import resolve_dtype, start_engine
 from halkspeech.model.int8 import Int8Linear
@@ -36,6 +38,33 @@ def test_int8_linear_is_close_to_float(rows: int, bias: bool) -> None:
     assert approx.dtype == torch.float32 and approx.shape == exact.shape
     error = (approx - exact).norm() / exact.norm()
     assert error < 0.03, error  # 8-bit weights per row and 7-bit activations: ~1.5% measured
+
+
+def test_int8_linear_rows_do_not_depend_on_the_rows_beside_them() -> None:
+    torch.manual_seed(2)
+    linear = Int8Linear.of(nn.Linear(384, 1536))
+    gelu = torch.nn.functional.gelu(torch.randn(4, 384) * 3)  # one-sided rows, as the MLP's second projection sees
+    batch = torch.cat([gelu, -gelu, torch.randn(3, 384)])
+    together = linear(batch)
+    for i in range(batch.shape[0]):  # each row alone: what a single sequence's decode step runs
+        assert torch.equal(linear(batch[i : i + 1]), together[i : i + 1]), i
+    assert torch.equal(linear(batch[:4]), together[:4])  # the one-sided rows without the others
+
+
+def test_an_int8_window_encodes_the_same_whatever_is_batched_with_it(
+    tiny_en_weights: LoadedWeights, jfk_path: Path
+) -> None:
+    """The engine encodes the windows of every request together: the others moved a window's encoding (by up
+    to 3.4 here) and its transcript with it, where float32's stays exact."""
+    w = tiny_en_weights
+    model = Whisper.from_openai_state_dict(w.dims, w.state_dict)
+    model.quantize_int8()
+    audio = [decode_audio(jfk_path.with_name(name)) for name in ("jfk.flac", "LJ001-0002.wav", "test_de.wav")]
+    mels = torch.stack([log_mel_windows(pad_or_trim(torch.from_numpy(a))[None], w.dims.n_mels)[0] for a in audio])
+    with torch.no_grad():
+        together = model.encoder(mels)
+        for i in range(len(audio)):
+            assert torch.equal(model.encoder(mels[i : i + 1]), together[i : i + 1]), i
 
 
 def test_quantize_swaps_every_projection_and_the_logits(tiny_en_weights: LoadedWeights) -> None:

@@ -49,21 +49,29 @@ class Int8Linear(nn.Module):
             raise ModelLoadError(f"int8 weights are not supported by this PyTorch ({e}); use float32") from e
         self._reduce = _reduce_range()
         self.bias = None if bias is None else bias.detach().float()  # added after the row scales: [out]
+        self._range_row = torch.zeros(1, self.in_features)  # [1, in]: 1 and -1, appended to every input (forward)
+        self._range_row[0, 0], self._range_row[0, -1] = 1.0, -1.0
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # fbgemm quantizes its whole input with one scale. Each row (a sequence of a batched decode step, an
-        # encoder frame) is scaled to a maximum of 1 first and back after (W·(x/s))·s = W·x, so each gets its
-        # 8 bits, as CTranslate2's int8 does. With one scale, base looped on the Korean dev clip (CER 12.9
-        # against float32's 0.21) and lost 0.1 CER on Spanish and Italian.
-        if x.numel() == x.shape[-1]:  # one row (a single sequence's decode step): its own scale already
-            y = torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce)
-            return y if self.bias is None else y.add_(self.bias)
+        # fbgemm quantizes its whole input with one range, from its minimum to its maximum. Each row (a sequence
+        # of a batched decode step, an encoder frame) is scaled to a maximum |x| of 1 first and back after
+        # (W·(x/s))·s = W·x, so each gets the whole range, as CTranslate2's int8 does. With one scale, base looped
+        # on the Korean dev clip (CER 12.9 against float32's 0.21) and lost 0.1 CER on Spanish and Italian.
+        # A last row of 1 and -1 pins that range to [-1, 1] in every call, one row or many. Without it a row's
+        # quantization depended on the rows beside it, and so a transcript on what else the engine ran: the
+        # encoder's output for a test clip's window moved by up to 3.4 (tiny.en; 8.8 for base) with two other
+        # windows batched with it, and of the 23 English dev clips and the long-form file, 12 (tiny.en) and 15
+        # (base) decoded other tokens alone than all at once (3 now; float32: none). It costs a single row
+        # ~17 us a projection and 0.12 ms for base's logits (2 cores; the long-form file's time moved within noise).
         scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [..., 1]
-        y = torch.ops.quantized.linear_dynamic(x / scale, self._packed, self._reduce)  # [..., out]
+        rows = torch.cat((x.reshape(-1, self.in_features), self._range_row))  # [rows + 1, in]: x's one copy
+        rows[:-1].div_(scale.reshape(-1, 1))
+        y = torch.ops.quantized.linear_dynamic(rows, self._packed, self._reduce)[:-1]  # [rows, out]
+        y = y.view(*x.shape[:-1], self.out_features)
         return y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def extra_repr(self) -> str:
