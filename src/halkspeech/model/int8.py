@@ -1,8 +1,8 @@
 """int8 weights for the CPU: dynamic quantization of the projections and of the logits' token embedding.
 
 Each weight [out, in] is stored once as int8 with one float scale per output row (symmetric, per channel);
-each call quantizes its activations [rows, in] to 8 bits, each row with a scale of its own, and runs
-PyTorch's int8 GEMM (fbgemm on x86, qnnpack on ARM), accumulating in int32 and returning float32. Decoding
+each call quantizes its activations [rows, in] to 7 bits on x86 (8 on ARM), each row with a scale of its own,
+and runs PyTorch's int8 GEMM (fbgemm on x86, qnnpack on ARM), accumulating in int32 and returning float32. Decoding
 on a CPU reads the decoder's weights once per step, so a quarter of the bytes is most of the gain. The
 encoder's GEMMs are compute-bound there, and int8 arithmetic is still faster than float32's.
 
