@@ -46,6 +46,16 @@ def test_legacy_variables_land_where_their_names_say(
         assert {k: got[k] for k in values} == values  # nothing else moved
 
 
+def test_an_unknown_compute_type_names_its_variable_and_the_types_it_takes() -> None:
+    """engine.dtype's own error named only that setting and listed float32 ... int8, not int8_float16 and the
+    other compute types the variable takes."""
+    with pytest.raises(InvalidRequest, match=r"WHISPER__COMPUTE_TYPE='int8float16' is no compute type; use one of "
+                       r"default, auto, .*int8_float16, int8_bfloat16, int8_float32, int16$"):  # fmt: skip
+        load_settings({"WHISPER__COMPUTE_TYPE": "int8float16"})
+    # as for every legacy name, HALKSPEECH_ENGINE__DTYPE wins, and the legacy value is then not read
+    assert load_settings({"WHISPER__COMPUTE_TYPE": "x", "HALKSPEECH_ENGINE__DTYPE": "int8"}).engine.dtype == "int8"
+
+
 def test_preload_true_means_the_default_model() -> None:
     assert load_settings({"WHISPER__PRELOAD_MODEL": "true", "WHISPER__MODEL": "base"}).server.preload == ["base"]
     assert load_settings({"WHISPER__PRELOAD_MODEL": "false"}).server.preload == []

@@ -315,14 +315,24 @@ _COMPUTE_TYPES = {
 }
 
 
+def _compute_type(value: str) -> str:
+    """A CTranslate2 compute type as `engine.dtype`. One that is none stops the start naming this variable and
+    the types it takes: engine.dtype's own error named only that setting and listed its names, not these."""
+    dtype = _COMPUTE_TYPES.get(value.strip().lower())
+    if dtype is None:
+        types = ", ".join(_COMPUTE_TYPES)
+        raise InvalidRequest(f"WHISPER__COMPUTE_TYPE={value!r} is no compute type; use one of {types}")
+    return dtype
+
+
 def _legacy_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for name, (section, key) in _LEGACY_ENV.items():
-        if name not in environ:
-            continue
+        if name not in environ or f"HALKSPEECH_{section.upper()}__{key.upper()}" in environ:
+            continue  # HALKSPEECH_* wins over a legacy name for the same setting
         value: Any = environ[name]
         if name == "WHISPER__COMPUTE_TYPE":
-            value = _COMPUTE_TYPES.get(value.strip().lower(), value)
+            value = _compute_type(value)
         elif name == "WHISPER__INFERENCE_DEVICE":
             value = value.strip().lower()
         overrides.setdefault(section, {})[key] = value
@@ -344,10 +354,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **cli_overrides: Any
         if "PIP_INDEX_URL" in env:
             data["model"]["pypi_index"] = env["PIP_INDEX_URL"]
         for section, values in _legacy_overrides(env).items():
-            # HALKSPEECH_* wins over a legacy name for the same setting.
-            for key, value in values.items():
-                if f"HALKSPEECH_{section.upper()}__{key.upper()}" not in env:
-                    data[section][key] = value
+            data[section].update(values)
         for dotted, value in cli_overrides.items():
             if value is None:
                 continue
