@@ -23,7 +23,8 @@ from halkspeech.errors import InvalidRequest
         ("WHISPER__MODEL_TTL", "-1", "server", "model_ttl_s", -1.0),
         ("WHISPER__PRELOAD_MODEL", "tiny.en, base", "server", "preload", ["tiny.en", "base"]),
         ("WHISPER__COMPUTE_TYPE", "float16", "engine", "dtype", "float16"),
-        ("WHISPER__COMPUTE_TYPE", "int8_float16", "engine", "dtype", "float16"),
+        ("WHISPER__COMPUTE_TYPE", "int8_float16", "engine", "dtype", "int8"),  # int8 on a CPU, as CTranslate2
+        ("WHISPER__COMPUTE_TYPE", "int8_bfloat16", "engine", "dtype", "int8"),
         ("WHISPER__COMPUTE_TYPE", "int8", "engine", "dtype", "int8"),
         ("WHISPER__COMPUTE_TYPE", "int8_float32", "engine", "dtype", "int8"),
         ("WHISPER__COMPUTE_TYPE", "BFLOAT16", "engine", "dtype", "bfloat16"),

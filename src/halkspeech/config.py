@@ -300,7 +300,9 @@ _LEGACY_ENV: dict[str, tuple[str, str]] = {
     "WHISPER__MODEL": ("model", "default"),
 }
 
-# CTranslate2 compute types map onto torch dtypes; quantised types fall back to the nearest float type.
+# CTranslate2 compute types map onto engine.dtype. Every int8_* type is "int8" (int8 weights on a CPU, float16
+# on a GPU): CTranslate2 runs int8_float16 and int8_bfloat16 as int8 on a CPU, so a CPU deployment that set one
+# of them got float32 here before; on a GPU the engine has no int8 kernels and logs that it uses float16.
 _COMPUTE_TYPES = {
     "default": "auto",
     "auto": "auto",
@@ -308,8 +310,8 @@ _COMPUTE_TYPES = {
     "float16": "float16",
     "bfloat16": "bfloat16",
     "int8": "int8",
-    "int8_float16": "float16",
-    "int8_bfloat16": "bfloat16",
+    "int8_float16": "int8",
+    "int8_bfloat16": "int8",
     "int8_float32": "int8",
     "int16": "float32",
 }
