@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,31 @@ def test_int8_linear_is_close_to_float(rows: int, bias: bool) -> None:
     exact, approx = linear(x), Int8Linear.of(linear)(x)
     assert approx.dtype == torch.float32 and approx.shape == exact.shape
     error = (approx - exact).norm() / exact.norm()
-    assert error < 0.03, error  # 8-bit weights per row and 7-bit activations: ~1.5% measured
+    assert error < 0.03, error  # 8-bit weights per row, 8-bit activations (7 without VNNI): 0.8-1.5% measured
+
+
+def test_int8_linear_never_overflows_on_extreme_rows() -> None:
+    """Rows that quantize to the ends of the range, against weights at ±127: where the kernel sums pairs of
+    products in int16 (no VNNI), 8-bit activations would overflow; whichever width `_reduce_range` chose on this
+    CPU must give the exact product to quantization error."""
+    weight = torch.ones(4, 256)
+    weight[1::2] = -1.0
+    linear = nn.Linear(256, 4, bias=False)
+    linear.weight.data = weight
+    x = torch.cat([torch.ones(1, 256), -torch.ones(1, 256), torch.randn(2, 256)])
+    assert torch.allclose(Int8Linear.of(linear)(x), x @ weight.T, rtol=0.02, atol=0.5)
+
+
+@pytest.mark.parametrize(("instructions", "reduce"), [("AVX2", True), ("AVX512", True)])
+def test_activations_take_7_bits_where_fbgemm_sums_pairs_in_int16(instructions: str, reduce: bool) -> None:
+    """fbgemm's kernels of an older CPU, forced by its FBGEMM_ENABLE_INSTRUCTIONS: the overflow probe sees them
+    and `_reduce_range` falls back to 7 bits (in a fresh process: the choice is made once a process)."""
+    if torch.backends.quantized.engine not in ("fbgemm", "x86"):
+        pytest.skip("fbgemm is not this build's quantized engine")
+    code = "from halkspeech.model.int8 import _reduce_range; print(_reduce_range())"
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": instructions}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(reduce)
 
 
 def test_int8_linear_rows_do_not_depend_on_the_rows_beside_them() -> None:
