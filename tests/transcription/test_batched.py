@@ -262,3 +262,20 @@ def test_speech_after_a_window_the_model_closed_early_is_decoded(tiny_en_engine:
     later = [s for s in transcript.segments if "americans" in s.text.lower()]
     assert later and later[0].start > len(first) / 16_000 + 2.0  # not at the end of the first sentence
     assert_ordered_inside(transcript)
+
+
+def test_speech_a_segment_swallowed_after_a_pause_is_decoded(tiny_en_engine: ModelEngine) -> None:
+    """LJ001-0002, 5 s of silence, then jfk.flac, in one VAD chunk: tiny.en wrote one segment,
+    `<|0.00|> in being comparatively modern.<|17.52|>`, whose end covers the pause and all of jfk, and the
+    11 s were lost (`_unheard` looks only past the last segment's end). The probe from where jfk begins hears
+    new words, so the segment ends at the pause and jfk is decoded with its own times (swallowed.py)."""
+    first = decode_audio(TEST_DATA / "LJ001-0002.wav")  # in being comparatively modern. (1.9 s)
+    audio = np.concatenate([first, np.zeros(80_000, np.float32), decode_audio(TEST_DATA / "jfk.flac")])
+    transcript = asyncio.run(Transcriber(tiny_en_engine).transcribe(audio, TranscribeOptions(mode="batched")))
+    text = normalise(transcript.text)
+    assert text.startswith("in being comparatively modern")
+    assert text.endswith("ask not what your country can do for you ask what you can do for your country")
+    later = [s for s in transcript.segments if "americans" in s.text.lower()]
+    assert later and later[0].start > len(first) / 16_000 + 4.0  # at jfk, not at the first sentence's end
+    assert transcript.segments[0].end < len(first) / 16_000 + 1.0  # the first no longer spans the pause
+    assert_ordered_inside(transcript)

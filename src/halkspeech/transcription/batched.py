@@ -5,12 +5,15 @@ in about the time of its slowest chunk (faster-whisper's BatchedInferencePipelin
 Chunks are decoded without the previous text (it is not known yet; an initial prompt conditions every chunk),
 each with its own temperature fallback, no-speech skip and per-segment repetition guard. When the model stops
 at an unfinished segment with speech left in the chunk, the rest is decoded again from there (as the seek loop
-does). Segments come back in order with absolute times, monotonic and inside the chunk.
+does); so is speech the VAD heard after a pause that a segment's time span swallowed (swallowed.py) or that
+came after the window's last segment. Segments come back in order with absolute times, monotonic and inside
+the chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +40,7 @@ from halkspeech.transcription.chunking import Chunk, make_chunks
 from halkspeech.transcription.guards import is_repetitive
 from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.stitching import Stitcher
+from halkspeech.transcription.swallowed import cut_at_pause, find_suspect, heard_anew
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript, Word
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
 from halkspeech.transcription.word_workers import WindowWords, time_window_words, word_executor
@@ -94,6 +98,7 @@ class BatchedTranscription:
         self.max_in_flight = max(1, model.engine.scheduler.max_queue // 4)
         self.in_flight = 0
         self.probs = np.zeros(0, dtype=np.float32)  # VAD probability per 32 ms frame
+        self.regions: list[tuple[float, float]] = []  # the VAD's speech regions (padded), seconds
         self.device_audio: torch.Tensor | None = None
         self.chunks: list[Chunk] = []  # set by run(), for callers that report on them
 
@@ -123,9 +128,9 @@ class BatchedTranscription:
         """Speech probabilities on the model's device (in a worker thread: the event loop stays free)."""
         started = time.perf_counter()
         self.probs = await asyncio.to_thread(self._probabilities)
-        regions = speech_regions(self.probs, self.duration, self.vad)
+        self.regions = speech_regions(self.probs, self.duration, self.vad)
         self.stages.vad = (time.perf_counter() - started) * 1000
-        return make_chunks(regions, self.probs)
+        return make_chunks(self.regions, self.probs)
 
     def _probabilities(self) -> np.ndarray:
         """Speech probabilities of the audio raised for the VAD if quiet (a copy only then, freed after)."""
@@ -175,20 +180,29 @@ class BatchedTranscription:
     ) -> None:
         """Decode the chunk; when the model stops at an unfinished segment (a timestamp pair, then nothing)
         with speech left after it, decode the rest of the chunk again from there, as the seek loop would; and
-        likewise when it ended the window early, before speech the VAD heard (`_unheard`)."""
+        likewise when a segment's span swallowed a pause and the speech after it (`_swallowed`), or the model
+        ended the window early, before speech the VAD heard (`_unheard`)."""
         segments: list[Segment] = []
         start, last_speech = chunk.start, previous_end
+        probe: WindowResult | None = None  # the next window, when `_swallowed` already decoded it
         for round_ in range(MAX_ROUNDS):
-            async with gate:
-                window = await self._decode(chunk, mel, start)
+            if probe is None:
+                async with gate:
+                    window = await self._decode(chunk, mel, start)
+            else:
+                window, probe = probe, None
             forced = bool(self.options.force_tokens_per_second)
             if self.decoder.is_silence(window) and not forced:
                 break  # the no-speech skip
             raw, resume = self._split(window, start, chunk.end, final=forced or round_ == MAX_ROUNDS - 1)
             if resume is not None and not self._has_speech(resume, chunk.end):
                 raw, resume = self._split(window, start, chunk.end, final=True)
-            if resume is None and not forced and round_ < MAX_ROUNDS - 1:
-                resume = self._unheard(raw, chunk.end)
+            if not forced and round_ < MAX_ROUNDS - 1:
+                cut = await self._swallowed(chunk, raw, gate)
+                if cut is not None:
+                    raw, resume, probe = cut
+                elif resume is None:
+                    resume = self._unheard(raw, chunk.end)
             timed = await self._time_words(chunk, raw, window, start, last_speech)
             fresh = self._segments(chunk, raw, window, timed)
             segments.extend(fresh)
@@ -196,7 +210,8 @@ class BatchedTranscription:
             if resume is None:
                 break
             start = resume
-            mel = (await asyncio.to_thread(self._log_mel, [(start, chunk.end)]))[0]
+            if probe is None:
+                mel = (await asyncio.to_thread(self._log_mel, [(start, chunk.end)]))[0]
         stitcher.finish(chunk.index, segments)
 
     async def _decode(self, chunk: Chunk, mel: torch.Tensor, start: float) -> WindowResult:
@@ -257,6 +272,35 @@ class BatchedTranscription:
         frames = self.probs[int(start / FRAME_S) : int(end / FRAME_S) + 1]
         return int((frames >= self.vad.threshold).sum()) * FRAME_S >= at_least_s
 
+    async def _swallowed(
+        self, chunk: Chunk, raw: list[RawSegment], gate: asyncio.Semaphore
+    ) -> tuple[list[RawSegment], float, WindowResult] | None:
+        """When a segment's span holds a pause and then speech the VAD heard, and a probe window decoded from
+        that speech finds words the window did not say (swallowed.py): the segments up to that one, ending at
+        the pause; where to resume; and the probe, which is the next window. None: nothing swallowed."""
+        first = bisect.bisect_right(self.regions, chunk.start, key=lambda r: r[1])
+        regions = self.regions[first : bisect.bisect_left(self.regions, chunk.end, key=lambda r: r[0])]
+        suspect = find_suspect(raw, regions, self._has_speech, UNHEARD_MIN_S)
+        if suspect is None:
+            return None
+        mel = (await asyncio.to_thread(self._log_mel, [(suspect.resume, chunk.end)]))[0]
+        async with gate:
+            probe = await self._decode(chunk, mel, suspect.resume)
+        if self.decoder.is_silence(probe):
+            return None
+        # the words the window gave the audio the probe decodes again (the suspect's and those after it, up to
+        # the window's last segment's end) against the probe's words for that audio
+        tail = raw[suspect.index :]
+        heard, _ = self._split(probe, suspect.resume, chunk.end, final=True)
+        said = "".join(self._text(r) for r in tail)
+        probed = "".join(self._text(r) for r in heard if r.start < tail[-1].end)
+        if not heard_anew(self.tokenizer, said, probed):
+            return None
+        return cut_at_pause(raw, suspect), suspect.resume, probe
+
+    def _text(self, piece: RawSegment) -> str:
+        return self.tokenizer.decode([t for t in piece.tokens if t < self.tokenizer.eot])
+
     def _unheard(self, raw: list[RawSegment], end: float) -> float | None:
         """Where to decode a finished window again when the VAD heard over a second of speech after its last
         segment (a sentence, 3 s of silence, then 11 s of speech in one chunk: tiny.en wrote the first
@@ -303,7 +347,7 @@ class BatchedTranscription:
         looping = self._looping(raw)
         out = []
         for i, piece in enumerate(raw):
-            text = self.tokenizer.decode([t for t in piece.tokens if t < self.tokenizer.eot])
+            text = self._text(piece)
             if i in looping or not text.strip():
                 continue  # a repetition loop that survived every temperature is dropped
             times = (timed[i].start, timed[i].end) if timed else (piece.start, piece.end)
