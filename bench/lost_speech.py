@@ -265,9 +265,10 @@ def print_diff(before: Path, after: Path) -> None:
         print_dev_diff(before, after)
         return
     old = {(o["case"], o["model"], o["mode"]): o for o in json.loads(before.read_text())}
-    changed = 0
+    changed = compared = 0
     for o in json.loads(after.read_text()):
         b = old.get((o["case"], o["model"], o["mode"]))
+        compared += b is not None
         if b is None or b["text"] == o["text"]:
             continue
         changed += 1
@@ -277,7 +278,7 @@ def print_diff(before: Path, after: Path) -> None:
         )
         print(f"    before: {b['text'].strip()}")
         print(f"    after:  {o['text'].strip()}")
-    print(f"{changed} of {len(old)} runs changed")
+    print(f"{changed} of {compared} runs in both files changed")
 
 
 def print_dev_diff(before: Path, after: Path) -> None:
