@@ -27,6 +27,16 @@ from torch import Tensor, nn
 from halkspeech.errors import ModelLoadError
 
 
+def _pack(weight: Tensor) -> torch.ScriptObject:
+    """A float32 weight [out, in] as fbgemm's packed int8 weight, with one symmetric scale per output row."""
+    out = weight.shape[0]
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [out]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+        q = torch.quantize_per_channel(weight, scales, torch.zeros(out, dtype=torch.long), axis=0, dtype=torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
 @functools.cache
 def _reduce_range() -> bool:
     """Whether activations must be quantized to 7 bits instead of 8. fbgemm's AVX2 and plain AVX-512 kernels sum
@@ -39,11 +49,7 @@ def _reduce_range() -> bool:
     k = 64
     weight = torch.ones(2, k)  # row 0 all +1, row 1 all -1: every product of a pair at the int8 extreme
     weight[1] = -1.0
-    ones = torch.ones(2, dtype=torch.double) / 127
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
-        q = torch.quantize_per_channel(weight, ones, torch.zeros(2, dtype=torch.long), axis=0, dtype=torch.qint8)
-    packed = torch.ops.quantized.linear_prepack(q, None)
+    packed = _pack(weight)
     x = torch.ones(2, k)  # [1, ..., 1] quantizes to 255 over the range [-1, 1]: 2 × 255 × 127 > 32767
     x[1] = -1.0
     y = torch.ops.quantized.linear_dynamic(x, packed, False)  # exact: [[64, -64], [-64, 64]]
@@ -57,13 +63,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [out]
-        zeros = torch.zeros(self.out_features, dtype=torch.long)
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
-                q = torch.quantize_per_channel(weight, scales, zeros, axis=0, dtype=torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(q, None)
+            self._packed = _pack(weight)
         except (AttributeError, RuntimeError) as e:  # no quantized engine in this build, or the ops removed
             raise ModelLoadError(f"int8 weights are not supported by this PyTorch ({e}); use float32") from e
         self._reduce = _reduce_range()
