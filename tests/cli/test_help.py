@@ -30,3 +30,10 @@ def help_of(capsys: pytest.CaptureFixture[str], *command: str) -> str:
 )
 def test_help_gives_defaults(capsys: pytest.CaptureFixture[str], command: list[str], says: str) -> None:
     assert says in help_of(capsys, *command)
+
+
+def test_off_switch_has_no_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """A store_false flag's default is True, the setting it turns off: "--no-x (default: True)" read as "on"."""
+    text = help_of(capsys, "transcribe")
+    assert "before it (fewer repetition loops, less context; batched mode never does) --word-timestamps" in text
+    assert "(default: True)" not in text

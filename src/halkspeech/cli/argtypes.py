@@ -38,6 +38,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 def _default_text(action: argparse.Action) -> str:
     if not action.option_strings or action.default is None or action.default is False:  # 0 is a default
         return ""
+    if action.nargs == 0 and action.const is False:  # a store_false flag: "(default: True)" reads as "on"
+        return ""
     if isinstance(action.default, str) and action.default == argparse.SUPPRESS:
         return ""
     value = ",".join(map(str, action.default)) if isinstance(action.default, list | tuple) else action.default
