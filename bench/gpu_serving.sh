@@ -9,6 +9,7 @@
 #   bench/gpu_serving.sh gil OUT_DIR                the server's GPU timeline; switch interval 0.1 against 0.5 ms
 #   bench/gpu_serving.sh ab OUT_DIR OLD_SRC         the server on this tree and on OLD_SRC (an older src/), A/B/A/B
 #   bench/gpu_serving.sh cuda-tests OUT_DIR         the tests that need a GPU, without pytest's model downloads
+#   bench/gpu_serving.sh two-gpus OUT_DIR           the CUDA tests; the HTTP server on one GPU, then on two
 #   bench/gpu_serving.sh pipelined OUT_DIR          the CUDA tests; the server twice; continuous against static
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
 #   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
@@ -28,8 +29,9 @@ server_bench() {  # OUT_JSON [more flags]: the HTTP server at 256 clients agains
 case "${1:?what}" in
 cuda-tests)  # the tests that need a GPU (pytest's session fixtures fetch models: no network here)
   timeout 120 $py -c "
-import traceback, tests.engine.test_runner_cuda as r, tests.engine.test_transfer as t
-for m in (r, t):
+import torch, traceback, tests.engine.test_runner_cuda as r, tests.engine.test_transfer as t
+import tests.engine.test_replicas_cuda as g
+for m in (r, t, *([g] if torch.cuda.device_count() > 1 else [])):
     for name in dir(m):
         if name.startswith('test_') and 'cpu' not in name:
             try:
@@ -56,6 +58,12 @@ ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded a
   PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json" --audio "$PWD/tests/data/jfk.flac"
   server_bench "$out/server_new_2.json"
   PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json" --audio "$PWD/tests/data/jfk.flac"
+  ;;
+two-gpus)  # the CUDA tests (two GPUs: the replicas test too); the server on GPU 0, then on GPUs 0 and 1
+  bash "$0" cuda-tests "$out"
+  HALKSPEECH_ENGINE__DEVICE_INDEX=0 server_bench "$out/server_1gpu.json"
+  HALKSPEECH_ENGINE__DEVICE_INDEX=0,1 server_bench "$out/server_2gpu_256.json"
+  HALKSPEECH_ENGINE__DEVICE_INDEX=0,1 server_bench "$out/server_2gpu_512.json" --concurrency 512 --requests 2048
   ;;
 pipelined)  # the CUDA tests; the server twice; continuous against static batching
   bash "$0" cuda-tests "$out"

@@ -30,7 +30,9 @@ from halkspeech.errors import InvalidRequest
         ("WHISPER__COMPUTE_TYPE", "BFLOAT16", "engine", "dtype", "bfloat16"),
         ("WHISPER__INFERENCE_DEVICE", "cuda", "engine", "device", "cuda"),
         ("WHISPER__INFERENCE_DEVICE", "CPU", "engine", "device", "cpu"),
-        ("WHISPER__DEVICE_INDEX", "3", "engine", "device_index", 3),
+        ("WHISPER__DEVICE_INDEX", "3", "engine", "device_index", (3,)),
+        ("WHISPER__DEVICE_INDEX", "[0, 1]", "engine", "device_index", (0, 1)),  # faster-whisper-server's list
+        ("WHISPER__DEVICE_INDEX", "2,3", "engine", "device_index", (2, 3)),
         ("WHISPER__MODEL", "tiny.en", "model", "default", "tiny.en"),
     ],
 )
@@ -168,6 +170,9 @@ def test_log_level_is_any_case() -> None:
         ({"HALKSPEECH_ENGINE__MAX_SLOTS": "-3"}, "invalid setting engine.max_slots"),
         ({"HALKSPEECH_ENGINE__ADMIT_BATCH": "0"}, "invalid setting engine.admit_batch"),
         ({"WHISPER__DEVICE_INDEX": "-1"}, "invalid setting engine.device_index"),
+        ({"WHISPER__DEVICE_INDEX": "0,0"}, "a GPU index appears twice"),
+        ({"WHISPER__DEVICE_INDEX": "[]"}, "give at least one GPU index"),
+        ({"WHISPER__DEVICE_INDEX": "[0, 1"}, "invalid setting engine.device_index"),
         ({"WHISPER__MODEL_TTL": "-5"}, "invalid setting server.model_ttl_s"),
         ({"HALKSPEECH_SERVER__WS_MAX_TURN_S": "0"}, "invalid setting server.ws_max_turn_s"),
         # infinities and NaN parse as floats; each would fail later, deep in the server (a frame size, a timeout)

@@ -66,6 +66,29 @@ def _split_keys(value: Any) -> Any:
 KeyList = Annotated[list[str], NoDecode, BeforeValidator(_split_keys)]
 
 
+def _split_indexes(value: Any) -> Any:
+    """`1`, `"0,1"` or `"[0, 1]"` → a list of GPU indexes (faster-whisper-server's WHISPER__DEVICE_INDEX takes an
+    int or a list)."""
+    return [value] if isinstance(value, int) else _split_list(value)
+
+
+def _distinct_indexes(value: tuple[int, ...]) -> tuple[int, ...]:
+    if not value:
+        raise ValueError("give at least one GPU index")
+    if len(set(value)) != len(value):
+        raise ValueError(f"a GPU index appears twice in {list(value)}: one engine per GPU")
+    return value
+
+
+#: GPU indexes: one engine per GPU, each request served by the least loaded one.
+DeviceIndexes = Annotated[
+    tuple[Annotated[int, Field(ge=0)], ...],
+    NoDecode,
+    BeforeValidator(_split_indexes),
+    AfterValidator(_distinct_indexes),
+]
+
+
 def _default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "halkspeech" / "models"
@@ -115,7 +138,9 @@ class EngineSettings(BaseModel):
     model_config = _SECTION
 
     device: Device = "auto"
-    device_index: int = Field(default=0, ge=0)
+    #: GPUs to serve on (`0`, `"0,1"`): one engine each, with the weights on each; a request (a file, a
+    #: WebSocket turn) runs on the one with the least work per slot. A CPU runs one engine whatever it says.
+    device_index: DeviceIndexes = (0,)
     #: auto: float16 on a GPU, float32 on a CPU. int8: int8 weights on a CPU (dynamic quantization, faster;
     #: model/int8.py), float16 on a GPU.
     dtype: DType = "auto"

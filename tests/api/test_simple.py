@@ -123,6 +123,7 @@ def test_transcribe_url(server: LiveServer, file_server: str) -> None:
 def test_health(server: LiveServer) -> None:
     body = httpx.get(f"{server.url}/health", timeout=30).json()
     assert body["status"] == "ok" and body["device"] == "cpu" and body["gpu"] is None
+    assert body["devices"] == ["cpu"] and body["gpus"] == []
     assert body["default_model"] == "tiny.en"
     assert [m["name"] for m in body["models"]] == ["tiny.en"] and body["models"][0]["alive"] is True
     head = httpx.head(f"{server.url}/health", timeout=30)  # as load balancers probe

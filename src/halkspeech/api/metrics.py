@@ -85,51 +85,52 @@ class EngineCollector(Collector):
         loaded = self.pool.loaded()
         yield _gauge("halkspeech_models_loaded", "Models loaded now.", [((), len(loaded))])
         queue = GaugeMetricFamily(
-            "halkspeech_engine_queue_depth", "Windows waiting for a decoder slot.", labels=["model"]
+            "halkspeech_engine_queue_depth", "Windows waiting for a decoder slot.", labels=["model", "device"]
         )
         running = GaugeMetricFamily(
-            "halkspeech_engine_running_sequences", "Sequences in decoder slots.", labels=["model"]
+            "halkspeech_engine_running_sequences", "Sequences in decoder slots.", labels=["model", "device"]
         )
-        steps = CounterMetricFamily("halkspeech_engine_steps", "Decode steps run.", labels=["model"])
+        steps = CounterMetricFamily("halkspeech_engine_steps", "Decode steps run.", labels=["model", "device"])
         tokens = CounterMetricFamily(
-            "halkspeech_engine_tokens", "Tokens decoded (rate() is tokens/s).", labels=["model"]
+            "halkspeech_engine_tokens", "Tokens decoded (rate() is tokens/s).", labels=["model", "device"]
         )
         busy = CounterMetricFamily(
-            "halkspeech_engine_busy_seconds", "Seconds the engine loop worked.", labels=["model"]
+            "halkspeech_engine_busy_seconds", "Seconds the engine loop worked.", labels=["model", "device"]
         )
         windows = CounterMetricFamily(
             "halkspeech_engine_windows",
             "Windows by outcome (admitted, completed, cancelled, failed; rejected: refused with 429, the decode "
             "queue full).",
-            labels=["model", "outcome"],
+            labels=["model", "device", "outcome"],
         )
         phases = CounterMetricFamily(
             "halkspeech_engine_phase_seconds",
             "Seconds of the engine loop by phase (encode: encoder time on the device; admit, step, align: the "
             "loop's clock, including device work they waited for).",
-            labels=["model", "phase"],
+            labels=["model", "device", "phase"],
         )
         encoder = HistogramMetricFamily(
-            "halkspeech_engine_encoder_batch_size", "Windows per encoder call.", labels=["model"]
+            "halkspeech_engine_encoder_batch_size", "Windows per encoder call.", labels=["model", "device"]
         )
         decoder = HistogramMetricFamily(
-            "halkspeech_engine_decode_batch_size", "Active sequences per decode step.", labels=["model"]
+            "halkspeech_engine_decode_batch_size", "Active sequences per decode step.", labels=["model", "device"]
         )
         for item in loaded:
-            engine, labels = item.model.engine, [item.name]
-            stats = engine.stats
-            queue.add_metric(labels, engine.queue_depth)
-            running.add_metric(labels, engine.running)
-            steps.add_metric(labels, stats.steps)
-            tokens.add_metric(labels, stats.tokens)
-            busy.add_metric(labels, stats.busy_s)
-            for phase, seconds in stats.phases().items():
-                if phase != "busy_s":
-                    phases.add_metric([item.name, phase.removesuffix("_s")], seconds)
-            for outcome in ("admitted", "completed", "cancelled", "failed", "rejected"):
-                windows.add_metric([item.name, outcome], getattr(stats, outcome))
-            encoder.add_metric(labels, *_histogram(stats.encoder_batches))
-            decoder.add_metric(labels, *_histogram(stats.decode_batches))
+            for model in item.replicas.models:
+                engine, labels = model.engine, [item.name, str(model.device)]
+                stats = engine.stats
+                queue.add_metric(labels, engine.queue_depth)
+                running.add_metric(labels, engine.running)
+                steps.add_metric(labels, stats.steps)
+                tokens.add_metric(labels, stats.tokens)
+                busy.add_metric(labels, stats.busy_s)
+                for phase, seconds in stats.phases().items():
+                    if phase != "busy_s":
+                        phases.add_metric([*labels, phase.removesuffix("_s")], seconds)
+                for outcome in ("admitted", "completed", "cancelled", "failed", "rejected"):
+                    windows.add_metric([*labels, outcome], getattr(stats, outcome))
+                encoder.add_metric(labels, *_histogram(stats.encoder_batches))
+                decoder.add_metric(labels, *_histogram(stats.decode_batches))
         yield from (queue, running, steps, tokens, busy, phases, windows, encoder, decoder)
         gate = self.gate
         yield _gauge("halkspeech_admission_active", "Requests holding a transcription slot.", [((), gate.active)])

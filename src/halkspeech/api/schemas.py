@@ -226,6 +226,7 @@ class TranscribeURLRequest(SimpleOptions):
 
 # --- health -------------------------------------------------------------------------------------------------
 class GPUInfo(BaseModel):
+    index: int
     name: str
     memory_total_mb: float
     memory_free_mb: float
@@ -254,8 +255,10 @@ class AdmissionOut(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
-    device: str
-    gpu: GPUInfo | None
+    device: str = Field(description="the first engine device (engine.device, engine.device_index)")
+    devices: list[str] = Field(description="every engine device: one engine per GPU of engine.device_index")
+    gpu: GPUInfo | None = Field(description="the first GPU of engine.device_index; null on a CPU")
+    gpus: list[GPUInfo] = Field(description="each GPU of engine.device_index")
     default_model: str
-    models: list[HealthModel]
+    models: list[HealthModel] = Field(description="each loaded model's engines, one row per device")
     admission: AdmissionOut

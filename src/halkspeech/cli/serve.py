@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    engine.add_argument("--device-index", type=int)
+    engine.add_argument(
+        "--device-index", metavar="I[,I...]", help="GPU index, or several (0,1): one engine on each, sharing the work"
+    )
     engine.add_argument(
         "--dtype", choices=get_args(DType), help="auto: float16 on cuda, float32 on cpu; int8: int8 weights on cpu"
     )
@@ -127,7 +129,7 @@ def _name_settings(parser: argparse.ArgumentParser) -> None:
         if setting is not None:
             section, key = setting.split(".")
             value = getattr(getattr(defaults, section), key)
-            shown = ",".join(value) if isinstance(value, list) else value
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
             said = f"{setting}; default {shown}" if shown not in (None, "", []) else setting
             action.help = f"{action.help or ''} ({said.replace('%', '%%')})".strip()
 

@@ -24,7 +24,7 @@ from halkspeech.audio import decode_audio
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.cli.transcribe_output import Output
 from halkspeech.config import DType, load_settings
-from halkspeech.engine.factory import ModelEngine, start_engine
+from halkspeech.engine.factory import ModelEngine, Replicas, start_engines
 from halkspeech.errors import HalkSpeechError, InvalidRequest
 from halkspeech.model.dims import SAMPLE_RATE, ModelDims
 from halkspeech.model.languages import normalize_language
@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "base unless HALKSPEECH_MODEL__DEFAULT or WHISPER__MODEL says otherwise)",
     )
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: cuda if present")
+    model.add_argument(
+        "--device-index",
+        metavar="I[,I...]",
+        help="GPU index, or several (0,1): one engine on each, every file on the least loaded (default: 0)",
+    )
     model.add_argument(
         "--dtype",
         choices=get_args(DType),
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)  # option errors before any model is loaded
     settings = load_settings(
         engine__device=args.device,
+        engine__device_index=args.device_index,
         engine__dtype=args.dtype,
         model__allow_download=False if args.offline else None,
     )
@@ -153,13 +159,13 @@ def run(args: argparse.Namespace) -> int:
     _check_language(options, weights.dims, weights.name)
     if not weights.dims.is_multilingual:
         output.task = "transcribe"  # what an English-only model did (verbose_json's "task")
-    model = start_engine(weights, settings.engine)
+    engines = start_engines(weights, settings.engine)
     try:
-        _check_group_size(model, options)
+        _check_group_size(engines.first, options)
         jobs = min(args.jobs, settings.engine.max_queue)
-        return asyncio.run(_transcribe_all(model, args.audio, names, options, output, jobs, _show_progress(args)))
+        return asyncio.run(_transcribe_all(engines, args.audio, names, options, output, jobs, _show_progress(args)))
     finally:
-        model.close()
+        engines.close()
 
 
 def _options(args: argparse.Namespace) -> TranscribeOptions:
@@ -227,7 +233,7 @@ class Outcome:
 
 
 async def _transcribe_all(
-    model: ModelEngine,
+    engines: Replicas,
     paths: Sequence[str],
     names: Sequence[str],
     options: TranscribeOptions,
@@ -235,11 +241,11 @@ async def _transcribe_all(
     jobs: int,
     progress: bool,
 ) -> int:
-    """Run every file at once (at most `jobs` in flight) and emit results in input order; 1 if any failed."""
-    transcriber = Transcriber(model)
+    """Run every file at once (at most `jobs` in flight) and emit results in input order; 1 if any failed. Each
+    file runs on the least loaded engine (one per GPU) when its audio is decoded."""
     limit = asyncio.Semaphore(jobs)
     with _ProgressBar(progress) as bar:
-        tasks = [asyncio.create_task(_transcribe_one(transcriber, path, options, limit, bar)) for path in paths]
+        tasks = [asyncio.create_task(_transcribe_one(engines, path, options, limit, bar)) for path in paths]
         try:
             failed = False
             for task, name in zip(tasks, names, strict=True):
@@ -254,13 +260,17 @@ async def _transcribe_all(
 
 
 async def _transcribe_one(
-    transcriber: Transcriber, path: str, options: TranscribeOptions, limit: asyncio.Semaphore, bar: _ProgressBar
+    engines: Replicas, path: str, options: TranscribeOptions, limit: asyncio.Semaphore, bar: _ProgressBar
 ) -> Outcome:
     async with limit:
         try:
             audio = await asyncio.to_thread(_read, path)
-            with bar.file(audio.size / SAMPLE_RATE) as progress:
-                transcript = await transcriber.transcribe(audio, options, progress=progress)
+            model = engines.take()
+            try:
+                with bar.file(audio.size / SAMPLE_RATE) as progress:
+                    transcript = await Transcriber(model).transcribe(audio, options, progress=progress)
+            finally:
+                engines.release(model)
             return Outcome(path, transcript=transcript)
         except HalkSpeechError as exc:
             return Outcome(path, error=str(exc))

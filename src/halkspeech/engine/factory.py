@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,85 @@ class ModelEngine:
 
     def close(self) -> None:
         self.engine.stop()
+
+
+class Replicas:
+    """One model's engines, one per GPU (engine.device_index). A request (a file, a WebSocket connection) takes
+    one with `take` and runs all its windows there, so its audio, VAD and log-mel stay on that GPU: the one with
+    the least work per decoder slot, counting requests that hold it and have not yet submitted their windows."""
+
+    def __init__(self, models: Sequence[ModelEngine]) -> None:
+        if not models:
+            raise ValueError("no engines")
+        self.models = tuple(models)
+        self._holders = dict.fromkeys(range(len(self.models)), 0)  # requests holding each engine
+        self._lock = threading.Lock()  # the CLI's and the server's event loops, and the pool's worker threads
+
+    @property
+    def first(self) -> ModelEngine:
+        """The engine that speaks for all in /health and the logs: the same model, tokenizer and precision."""
+        return self.models[0]
+
+    @property
+    def alive(self) -> bool:
+        return all(m.engine.alive for m in self.models)
+
+    @property
+    def busy(self) -> bool:
+        return any(self._holders.values()) or any(m.engine.running or m.engine.queue_depth for m in self.models)
+
+    def pick(self) -> ModelEngine:
+        """The least loaded live engine (the first on a tie), without holding it."""
+        with self._lock:
+            return self.models[self._least_loaded()]
+
+    def take(self) -> ModelEngine:
+        """The least loaded live engine, held until `release`: requests that start together spread out."""
+        with self._lock:
+            index = self._least_loaded()
+            self._holders[index] += 1
+            return self.models[index]
+
+    def release(self, model: ModelEngine) -> None:
+        with self._lock:
+            index = self._index(model)
+            self._holders[index] = max(0, self._holders[index] - 1)
+
+    def __contains__(self, model: object) -> bool:
+        return any(m is model for m in self.models)
+
+    def _index(self, model: ModelEngine) -> int:
+        return next(i for i, m in enumerate(self.models) if m is model)  # by identity: one engine each
+
+    def _least_loaded(self) -> int:
+        live = [i for i, m in enumerate(self.models) if m.engine.alive] or list(range(len(self.models)))
+        return min(live, key=self._load)
+
+    def _load(self, index: int) -> float:
+        engine = self.models[index].engine
+        return (engine.running + engine.queue_depth + self._holders[index]) / engine.runner.slots
+
+    def close(self) -> None:
+        for model in self.models:
+            model.close()
+
+
+def resolve_devices(setting: str, indexes: Sequence[int] = (0,)) -> tuple[torch.device, ...]:
+    """The devices to run engines on: each GPU index asked for, or the one CPU. InvalidRequest names an index
+    this machine does not have (torch would fail later, at the first copy, with less to say)."""
+    first = resolve_device(setting, indexes[0])
+    if first.type != "cuda":
+        if len(indexes) > 1:
+            log.info("engine.device_index %s: the CPU runs one engine", list(indexes))
+        return (first,)
+    count = torch.cuda.device_count()
+    missing = [i for i in indexes if i >= count]
+    if missing:
+        raise InvalidRequest(
+            f"engine.device_index asks for GPU {missing[0]}, but this machine has {count} "
+            f"(indexes 0 to {count - 1}; CUDA_VISIBLE_DEVICES decides which are seen)"
+        )
+    return tuple(torch.device("cuda", i) for i in indexes)
 
 
 def resolve_device(setting: str, index: int = 0) -> torch.device:
@@ -145,16 +227,45 @@ def plan_slots(
     return fitting[-1] if fitting else slots
 
 
+def start_engines(weights: LoadedWeights, settings: EngineSettings) -> Replicas:
+    """An engine on each device of `engine.device`/`device_index` (started one after another, as each plans its
+    slots from the memory left); if one fails, those already started stop."""
+    started: list[ModelEngine] = []
+    try:
+        for device in resolve_devices(settings.device, settings.device_index):
+            started.append(start_engine(weights, settings, device=device))
+    except BaseException:
+        for model in started:
+            model.close()
+        raise
+    return Replicas(started)
+
+
 def start_engine(
-    weights: LoadedWeights, settings: EngineSettings, *, static: bool = False, padded: bool = False
+    weights: LoadedWeights,
+    settings: EngineSettings,
+    *,
+    device: torch.device | None = None,
+    static: bool = False,
+    padded: bool = False,
 ) -> ModelEngine:
-    """Load the weights onto the device, size the caches, start the engine thread.
+    """Load the weights onto the device (default: the first of engine.device_index), size the caches, start
+    the engine thread.
 
     `static` (benchmarks only) turns continuous batching off: a batch runs to its end before the next; with
     `padded`, its finished rows keep running too (textbook static batching, as a padded batch)."""
     if settings.gil_switch_ms:
         sys.setswitchinterval(settings.gil_switch_ms / 1000)
-    device = resolve_device(settings.device, settings.device_index)
+    device = device or resolve_device(settings.device, settings.device_index[0])
+    # the current device while the model loads and its graphs are captured: streams, graph pools and Triton's
+    # launches without an explicit device go to it (the engine thread sets it too: Runner.stream_context)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        return _start_engine(weights, settings, device, static=static, padded=padded)
+
+
+def _start_engine(
+    weights: LoadedWeights, settings: EngineSettings, device: torch.device, *, static: bool, padded: bool
+) -> ModelEngine:
     dtype = resolve_dtype(settings.dtype, device)
     model = Whisper.from_openai_state_dict(weights.dims, weights.state_dict, dtype=dtype, device=device)
     if settings.dtype == "int8" and device.type == "cpu":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from halkspeech.config import Settings
-from halkspeech.engine.factory import ModelEngine, resolve_device, resolve_dtype, start_engine
+from halkspeech.engine.factory import ModelEngine, Replicas, resolve_device, resolve_dtype, start_engines
 from halkspeech.errors import EngineStopped, HalkSpeechError, ModelInUse, ModelLoadError, ModelNotFound
 from halkspeech.model.dims import KNOWN_DIMS, canonical_name
 from halkspeech.model.registry import ModelRegistry, shown_name
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ALIASES = frozenset({"", "default", "whisper-1"})
 RANDOM_PREFIX = "random:"
 
-Loader = Callable[[str], ModelEngine]  # pool key -> a started engine (runs in a worker thread)
+Loader = Callable[[str], ModelEngine | Replicas]  # pool key -> started engine(s) (runs in a worker thread)
 
 
 @dataclass(frozen=True)
@@ -39,23 +39,27 @@ class LoadedModel:
     """A snapshot of one loaded model, for /health and /v1/models."""
 
     name: str
-    model: ModelEngine
+    replicas: Replicas  # one engine per GPU
     loaded_at: float  # time.time() when it finished loading
     idle_s: float  # seconds since it was last used
     users: int  # requests holding it now
 
+    @property
+    def model(self) -> ModelEngine:
+        """The first engine: what every replica shares (name, tokenizer, precision) is read from it."""
+        return self.replicas.first
+
 
 @dataclass
 class _Entry:
-    model: ModelEngine
+    replicas: Replicas
     loaded_at: float
     last_used: float  # monotonic
     users: int = 0
 
     @property
     def busy(self) -> bool:
-        engine = self.model.engine
-        return self.users > 0 or engine.running > 0 or engine.queue_depth > 0
+        return self.users > 0 or self.replicas.busy
 
 
 class ModelPool:
@@ -138,9 +142,9 @@ class ModelPool:
             raise EngineStopped("the server is shutting down")
         key = self.key(name)
         entry = self._entries.get(key)
-        if entry is not None and entry.model.engine.alive:
+        if entry is not None and entry.replicas.alive:
             entry.last_used = time.monotonic()
-            return entry.model
+            return entry.replicas.pick()
         if entry is not None:  # its engine loop died: replace it
             log.warning("engine of model %s is not running; loading it again", key)
             await self.unload(key, force=True)
@@ -158,15 +162,17 @@ class ModelPool:
         key = self.key(name)
         model = await self.get(name)
         entry = self._entries.get(key)
-        if entry is None or entry.model is not model:  # unloaded while its load finished: load it again
+        if entry is None or model not in entry.replicas:  # unloaded while its load finished: load it again
             model = await self.get(name)
             entry = self._entries.get(key)
         if entry is not None:
+            model = entry.replicas.take()  # the least loaded GPU, counted as this request's until it ends
             entry.users += 1
         try:
             yield model
         finally:
             if entry is not None:
+                entry.replicas.release(model)
                 entry.users -= 1
                 entry.last_used = time.monotonic()
 
@@ -181,30 +187,32 @@ class ModelPool:
     async def _load(self, key: str) -> ModelEngine:
         started = time.perf_counter()
         try:
-            model = await asyncio.to_thread(self._load_blocking, key)
+            replicas = await asyncio.to_thread(self._load_blocking, key)
         except HalkSpeechError as exc:  # its message goes to a client: no paths of this machine's cache
             exc.args = (_without_cache_dir(str(exc), self.settings.model.cache_dir),)
             raise
         if self._closed:
-            await asyncio.to_thread(model.close)
+            await asyncio.to_thread(replicas.close)
             raise EngineStopped("the server is shutting down")
-        self._entries[key] = _Entry(model, time.time(), time.monotonic())
-        log.info("loaded model %s on %s in %.1f s", key, model.device, time.perf_counter() - started)
-        return model
+        self._entries[key] = _Entry(replicas, time.time(), time.monotonic())
+        devices = ", ".join(str(m.device) for m in replicas.models)
+        log.info("loaded model %s on %s in %.1f s", key, devices, time.perf_counter() - started)
+        return replicas.pick()
 
-    def _load_blocking(self, key: str) -> ModelEngine:
+    def _load_blocking(self, key: str) -> Replicas:
         try:
-            return self._loader(key)
+            loaded = self._loader(key)
+            return loaded if isinstance(loaded, Replicas) else Replicas([loaded])
         except HalkSpeechError:
             raise
         except Exception as exc:  # out of memory, a CUDA error ...: say which model and why, one line
             raise ModelLoadError(f"loading model {key!r} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _load_weights_and_start(self, key: str) -> ModelEngine:
+    def _load_weights_and_start(self, key: str) -> Replicas:
         engine = self.settings.engine
-        device = resolve_device(engine.device, engine.device_index)
+        device = resolve_device(engine.device, engine.device_index[0])
         weights = self.registry.load(key, dtype=resolve_dtype(engine.dtype, device), device=device)
-        return start_engine(weights, engine)
+        return start_engines(weights, engine)
 
     def load_now(self, name: str | None = None) -> ModelEngine:
         """Load synchronously, before the event loop runs (the CLI's preload: errors before serving)."""
@@ -212,7 +220,7 @@ class ModelPool:
         if key not in self._entries:
             self._check(name, key, fetch=True)
             self._entries[key] = _Entry(self._load_blocking(key), time.time(), time.monotonic())
-        return self._entries[key].model
+        return self._entries[key].replicas.first
 
     async def preload(self) -> None:
         for name in self.settings.server.preload:
@@ -221,7 +229,7 @@ class ModelPool:
     # --- listing and unloading -------------------------------------------------------------------------
     def loaded(self) -> list[LoadedModel]:
         now = time.monotonic()
-        return [LoadedModel(k, e.model, e.loaded_at, now - e.last_used, e.users) for k, e in self._entries.items()]
+        return [LoadedModel(k, e.replicas, e.loaded_at, now - e.last_used, e.users) for k, e in self._entries.items()]
 
     def is_loaded(self, name: str | None) -> bool:
         return self.key(name) in self._entries
@@ -242,13 +250,13 @@ class ModelPool:
                 f"model {key} is in use by {entry.users} request{'s' if entry.users > 1 else ''}; retry when it is idle"
             )
         del self._entries[key]
-        await asyncio.to_thread(self._close, entry.model)
-        log.info("unloaded model %s", entry.model.name)
+        await asyncio.to_thread(self._close, entry.replicas)
+        log.info("unloaded model %s", entry.replicas.first.name)
         return True
 
     @staticmethod
-    def _close(model: ModelEngine) -> None:
-        model.close()
+    def _close(replicas: Replicas) -> None:
+        replicas.close()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -299,7 +307,7 @@ class ModelPool:
         """`close` without an event loop (after the server stopped, or when it never started)."""
         self._closed = True
         for entry in self._entries.values():
-            self._close(entry.model)
+            self._close(entry.replicas)
         self._entries.clear()
 
 

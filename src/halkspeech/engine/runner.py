@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import cast
 
@@ -230,8 +230,14 @@ class Runner:
 
     def stream_context(self) -> AbstractContextManager[object]:
         """Run the engine thread's work on a high-priority stream: when encoder kernels (low priority) and
-        decode kernels wait for the same multiprocessors, the decode step goes first."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        decode kernels wait for the same multiprocessors, the decode step goes first. The thread's current device
+        is this engine's, for what launches without naming one (graph captures' streams, Triton kernels)."""
+        if self.stream is None:
+            return nullcontext()
+        context = ExitStack()
+        context.enter_context(torch.cuda.device(self.device))
+        context.enter_context(torch.cuda.stream(self.stream))
+        return context
 
     # --- encoding --------------------------------------------------------------------------------------
     @torch.inference_mode()
