@@ -65,8 +65,10 @@ async def _transcribe_while_picking(busy: ModelEngine, engines: Replicas, path: 
 
 def test_a_stopped_engine_gets_no_requests(two: Replicas) -> None:
     two.first.engine.stop()
-    assert not two.alive  # the pool loads the model again on the next request
+    assert two.alive  # the other serves on: reloading the model would fail what it is decoding
     assert two.take() is two.models[1] and two.take() is two.models[1]
+    two.models[1].engine.stop()
+    assert not two.alive  # now the pool loads the model again on the next request
 
 
 def test_the_pool_holds_one_engine_per_request_and_lists_every_engine(two: Replicas, jfk_path: Path) -> None:
@@ -129,3 +131,20 @@ def test_engines_already_started_stop_when_a_later_one_fails(
     with pytest.raises(torch.OutOfMemoryError):
         start_engines(tiny_en_weights, EngineSettings(device="cpu"))
     assert len(started) == 1 and not started[0].engine.alive
+
+
+def test_the_pool_serves_on_when_one_engine_stops(two: Replicas) -> None:
+    settings = Settings(model=ModelSettings(default="tiny.en", allow_download=False))
+    loads: list[str] = []
+    pool = ModelPool(settings, ModelRegistry(settings.model), loader=lambda key: loads.append(key) or two)
+
+    async def run() -> None:
+        async with pool.use("tiny.en"):
+            pass
+        two.first.engine.stop()
+        for _ in range(2):
+            async with pool.use("tiny.en") as model:
+                assert model is two.models[1]
+        assert loads == ["tiny.en"]  # no reload: it would have stopped the engine that still works
+
+    asyncio.run(run())

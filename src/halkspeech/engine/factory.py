@@ -60,7 +60,7 @@ class ModelEngine:
 
 
 class Replicas:
-    """One model's engines, one per GPU (engine.device_index). A request (a file, a WebSocket connection) takes
+    """One model's engines, one per GPU (engine.device_index). A request (a file, a WebSocket turn) takes
     one with `take` and runs all its windows there, so its audio, VAD and log-mel stay on that GPU: the one with
     the least work per decoder slot, counting requests that hold it and have not yet submitted their windows."""
 
@@ -78,7 +78,9 @@ class Replicas:
 
     @property
     def alive(self) -> bool:
-        return all(m.engine.alive for m in self.models)
+        """Any engine running: requests go to the live ones, and /health says "degraded" while one is down
+        (reloading the model would fail what the live engines are decoding)."""
+        return any(m.engine.alive for m in self.models)
 
     @property
     def busy(self) -> bool:
