@@ -127,8 +127,6 @@ def resolve_devices(setting: str, indexes: Sequence[int] = (0,)) -> tuple[torch.
     this machine does not have (torch would fail later, at the first copy, with less to say)."""
     first = resolve_device(setting, indexes[0])
     if first.type != "cuda":
-        if len(indexes) > 1:
-            log.info("engine.device_index %s: the CPU runs one engine", list(indexes))
         return (first,)
     count = torch.cuda.device_count()
     missing = [i for i in indexes if i >= count]
@@ -233,8 +231,11 @@ def start_engines(weights: LoadedWeights, settings: EngineSettings) -> Replicas:
     """An engine on each device of `engine.device`/`device_index` (started one after another, as each plans its
     slots from the memory left); if one fails, those already started stop."""
     started: list[ModelEngine] = []
+    devices = resolve_devices(settings.device, settings.device_index)
+    if len(devices) < len(settings.device_index):
+        log.info("engine.device_index %s: the CPU runs one engine", list(settings.device_index))
     try:
-        for device in resolve_devices(settings.device, settings.device_index):
+        for device in devices:
             started.append(start_engine(weights, settings, device=device))
     except BaseException:
         for model in started:
