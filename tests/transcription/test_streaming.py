@@ -266,6 +266,27 @@ def test_partials_stable_text_only_grows(tiny_en_engine: ModelEngine, jfk_audio:
     run(main)
 
 
+def test_a_partial_keeps_the_speech_after_a_pause(tiny_en_engine: ModelEngine, dev_clips: list[dict[str, Any]]) -> None:
+    """Two LibriSpeech sentences with 1 s of silence between them, 24 s in all: decoded without timestamps, the
+    partial stopped after the first sentence (end of text at the pause) and never showed the second, 10 s of
+    speech, until the final did. With timestamps, as the final decodes, the window goes on after the pause."""
+    clips = {c["id"]: c["path"] for c in dev_clips}
+    first = decode_audio(clips["ls_1221-135766-0001_triton"])  # GOD AS A DIRECT CONSEQUENCE … SOUL IN HEAVEN
+    second = decode_audio(clips["ls_1089-134686-0000"])  # HE HOPED THERE WOULD BE STEW FOR DINNER …
+    audio = np.concatenate([first, np.zeros(16_000, np.float32), second])[: 24 * 16_000]
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions(language="en", partials=True))
+        session.feed(pcm16(audio))  # one frame: one partial of all 24 s
+        (partial,) = await recorder.wait_for(Partial)
+        assert "blessed soul in heaven" in partial.text.lower()
+        assert "stew for dinner" in partial.text.lower()
+        await session.close()
+
+    run(main)
+
+
 def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: StreamingVAD) -> None:
     first = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER
     second = decode_audio(TEST_DATA / "LJ001-0002.wav")  # in being comparatively modern.

@@ -6,7 +6,7 @@ final is computed). A `LiveTurn` is one press of the key:
     start ─▶ feed(pcm) … ─▶ end ─▶ Final       (Partial and SegmentReady events may come in between)
 
 It buffers the audio (int16, 16 kHz, at most `max_turn_s`), feeds the streaming VAD when segments or VAD
-gating are asked for, re-transcribes the growing audio for partials (greedy, no timestamps, one in flight,
+gating are asked for, re-transcribes the growing audio for partials (greedy, one in flight,
 cancelled at `end` so it never delays the final), transcribes each segment as soon as its pause is heard,
 and at `end` transcribes only what is left. Finals and segments run at engine priority -1 (before file work,
 without the admission wait). Events go out through an async `emit`; nothing here knows about WebSockets.
@@ -75,7 +75,9 @@ class TurnActive(InvalidRequest):
 def _transcribe_options(
     language: str | None, options: StreamOptions, limits: StreamLimits
 ) -> tuple[TranscribeOptions, TranscribeOptions]:
-    """(finals and segments: the file defaults; partials: greedy, one temperature, no timestamps)."""
+    """(finals and segments: the file defaults; partials: greedy, one temperature, with timestamps as the final,
+    so that a window goes on after a pause: decoded without them, tiny.en ended a partial at the first pause
+    in 24 s of speech and never showed the 10 s after it)."""
     forced = limits.force_decode_tokens
     final = TranscribeOptions(
         language=language,
@@ -88,7 +90,7 @@ def _transcribe_options(
         language=language,
         task=options.task,
         temperatures=(0.0,),
-        without_timestamps=True,
+        without_timestamps=forced is not None,
         condition_on_previous_text=False,
         priority=PARTIAL_PRIORITY,
         force_decode_tokens=forced,
