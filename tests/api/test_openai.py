@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from api.conftest import LiveServer, api_settings, live_server
-from conftest import JFK_TEXT, TEST_DATA
+from conftest import DEV_DIR, JFK_TEXT, TEST_DATA
 from halkspeech.engine.factory import ModelEngine
 
 LJ = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
@@ -107,6 +107,16 @@ def test_translation_german_to_english(client: openai.OpenAI) -> None:
     found = set(words_of(result.text))
     assert not found & {"der", "diesem", "liegenden", "raum", "wurde", "als", "genutzt"}, result.text
     assert found & {"the", "this", "was", "is", "used", "as", "room", "hall"}, result.text
+
+
+def test_faster_whisper_hotwords(client: openai.OpenAI) -> None:
+    clip = DEV_DIR / "faster-whisper-tests" / "hotwords.mp3"  # faster-whisper's own hotwords test clip
+    if not clip.exists():
+        pytest.skip("../shared/data/dev is not beside this checkout")
+    result = client.audio.transcriptions.create(
+        model="tiny.en", file=clip.open("rb"), extra_body={"hotwords": "ComfyUI"}
+    )
+    assert "ComfyUI" in result.text, result.text  # without: "comfy eye" (tests/transcription/test_window.py)
 
 
 def test_models_list_retrieve_load_unload(client: openai.OpenAI, server: LiveServer) -> None:

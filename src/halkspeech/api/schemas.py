@@ -109,6 +109,11 @@ class TranscriptionForm(BaseModel):
         "the text before it (condition_on_previous_text has no effect; a prompt conditions every chunk)",
     )
     vad_filter: bool = Field(default=False, description="accepted for compatibility; batched mode always uses VAD")
+    hotwords: str | None = Field(
+        default=None,
+        description="words or phrases to favour, such as names and terms (faster-whisper's hotwords): they lead "
+        "every window's prompt, in batched mode too",
+    )
 
 
 class WordOut(BaseModel):

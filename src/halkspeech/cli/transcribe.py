@@ -90,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--initial-prompt", default=None, help="text that conditions the first window (batched: every chunk)"
     )
     decoding.add_argument(
+        "--hotwords",
+        metavar="TEXT",
+        help="words or phrases to favour, such as names and terms: they lead every window's prompt",
+    )
+    decoding.add_argument(
         "--no-condition-on-previous-text",
         dest="condition_on_previous_text",
         action="store_false",
@@ -177,6 +182,7 @@ def _options(args: argparse.Namespace) -> TranscribeOptions:
         best_of=args.best_of,
         patience=args.patience,
         initial_prompt=args.initial_prompt,
+        hotwords=args.hotwords,
         condition_on_previous_text=args.condition_on_previous_text,
         word_timestamps=args.word_timestamps,
         mode=args.mode,

@@ -29,6 +29,9 @@ class TranscribeOptions:
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
     initial_prompt: str | None = None
+    #: Words or phrases to favour (faster-whisper's `hotwords`): they lead every window's prompt, before the
+    #: text so far; ignored with a `prefix`, as there.
+    hotwords: str | None = None
     prefix: str | None = None
     suppress_tokens: tuple[int, ...] = (-1,)
     suppress_blank: bool = True

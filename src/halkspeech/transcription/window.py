@@ -120,6 +120,7 @@ class WindowDecoder:
         DecodeRequest.alignment_frames), for callers that time the whole text."""
         o, tokenizer = self.options, self.model.tokenizer
         prefix = tokenizer.encode(" " + o.prefix.strip()) if o.prefix else []
+        previous = self.with_hotwords(previous) if o.hotwords and not prefix else previous
         probs = None
         if detect and o.word_timestamps and tokenizer.multilingual:
             # the alignment prompt names the language, so it must be known before the request is built
@@ -158,6 +159,13 @@ class WindowDecoder:
                 break
         assert chosen is not None
         return chosen
+
+    def with_hotwords(self, previous: list[int]) -> list[int]:
+        """The prompt's text part with the hotwords first: `hotwords… previous…`, within the n_text_ctx/2 - 1
+        tokens a prompt may hold (hotwords keep at most that; the text so far, its latest tokens in the rest)."""
+        room = self.model.dims.n_text_ctx // 2 - 1
+        hot = self.model.tokenizer.encode(" " + (self.options.hotwords or "").strip())[:room]
+        return hot + (previous[-(room - len(hot)) :] if room > len(hot) else [])
 
     def _needs_fallback(self, w: WindowResult) -> bool:
         o = self.options

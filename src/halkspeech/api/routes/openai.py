@@ -60,6 +60,7 @@ def options_from(form: TranscriptionForm, task: Task) -> TranscribeOptions:
         beam_size=form.beam_size,
         best_of=form.best_of,
         initial_prompt=form.prompt or None,
+        hotwords=form.hotwords or None,
         condition_on_previous_text=form.condition_on_previous_text,
         without_timestamps=form.without_timestamps,
         word_timestamps=words,
