@@ -23,7 +23,7 @@ import websockets
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import TEST_DATA
+from conftest import DEV_DIR, TEST_DATA
 from halkspeech.api.app import create_app
 from halkspeech.api.routes import ws as ws_route
 from halkspeech.api.server import Server, uvicorn_config
@@ -129,6 +129,23 @@ def test_streamed_turn_gives_the_file_transcript(client: TestClient, tiny_en_eng
     assert set(final["timings_ms"]) >= {"queue", "encoder", "decoder", "end_to_final"}
 
 
+def test_hotwords_reach_partials_and_the_final(client: TestClient) -> None:
+    clip = DEV_DIR / "faster-whisper-tests" / "hotwords.mp3"  # faster-whisper's own hotwords test clip
+    if not clip.exists():
+        pytest.skip("../shared/data/dev is not beside this checkout")
+    audio = decode_audio(clip)
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(START | {"hotwords": "ComfyUI", "partials": True})
+        for chunk in frames(pcm16(audio)):
+            ws.send_bytes(chunk)
+            time.sleep(0.01)  # half real time: partials run before the end
+        ws.send_json(END)
+        events = receive_until(ws, "final")
+    partials = [e["text"] for e in events if e["type"] == "partial" and e["text"]]
+    assert "ComfyUI" in events[-1]["text"], events[-1]  # without hotwords: "comfy eye"
+    assert partials and all("comfy eye" not in p.lower() for p in partials), partials
+
+
 def test_live_turns_are_counted_in_the_metrics(tiny_en_engine: ModelEngine, lj_audio: np.ndarray) -> None:
     """Open sessions, turns started, finals and their audio seconds (the audio counter had HTTP only)."""
     app = make_app(tiny_en_engine, metrics_open=True)
@@ -181,6 +198,8 @@ def test_bad_input_gets_errors_and_the_connection_stays_usable(client: TestClien
         (START | {"partials": "yes"}, "invalid_message"),
         (START | {"vad": 1}, "invalid_message"),
         (START | {"segment_silence_ms": True}, "invalid_message"),
+        (START | {"hotwords": 5}, "invalid_message"),
+        (START | {"hotwords": "x" * 2001}, "invalid_message"),  # more than a prompt could hold
         (START | {"language": "xx"}, "invalid_request"),
         (START | {"model": "no-such-model"}, "model_not_found"),
         ({"type": "end"}, None),
@@ -508,7 +527,23 @@ def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(
 
 
 def test_ws_client_prints_the_final(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ws-client", str(LJ_CLIP), "--url", server_url, "--speed", "0", "--partials", "--json"]) == 0
+    assert (
+        main(
+            [
+                "ws-client",
+                str(LJ_CLIP),
+                "--url",
+                server_url,
+                "--speed",
+                "0",
+                "--partials",
+                "--json",
+                "--hotwords",
+                "Gutenberg",
+            ]
+        )
+        == 0
+    )
     messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert messages[0]["type"] == "started" and messages[-1]["type"] == "final"
     assert "comparatively modern" in messages[-1]["text"].lower()

@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--partials", action="store_true", help="ask for partial results while speaking")
     parser.add_argument("--segment-silence-ms", type=int, default=None, help="server cuts segments at such pauses")
     parser.add_argument("--server-vad", action="store_true", help="server skips audio without speech")
+    parser.add_argument("--hotwords", metavar="TEXT", help="names and terms the server should favour")
     parser.add_argument("--vad", action="store_true", help="client-side energy gate: do not send silence")
     parser.add_argument("--vad-threshold-db", type=finite_float, default=-45.0, help="gate threshold in dBFS")
     parser.add_argument("--speed", type=finite_float, default=1.0, help="file pace: × real time; 0 = all at once")
@@ -140,6 +141,7 @@ def _start(args: argparse.Namespace) -> str:
         segment_silence_ms=args.segment_silence_ms,
         vad=args.server_vad,
         task=args.task,
+        hotwords=args.hotwords,
     )
 
 

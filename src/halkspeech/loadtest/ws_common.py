@@ -132,6 +132,7 @@ def start_message(
     vad: bool = False,
     task: str = "transcribe",
     sample_rate: int = SAMPLE_RATE,
+    hotwords: str | None = None,
 ) -> str:
     message: dict[str, Any] = {"type": "start", "task": task, "sample_rate": sample_rate, "partials": partials}
     if language:
@@ -142,6 +143,8 @@ def start_message(
         message["segment_silence_ms"] = segment_silence_ms
     if vad:
         message["vad"] = True
+    if hotwords:
+        message["hotwords"] = hotwords
     return json.dumps(message)
 
 

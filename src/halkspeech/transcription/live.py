@@ -29,6 +29,8 @@ class StreamOptions:
     segment_silence_ms: int | None = None
     #: Skip audio the VAD finds no speech in (segmented turns always do).
     vad: bool = False
+    #: Names and terms to favour in partials, segments and the final (TranscribeOptions.hotwords).
+    hotwords: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in ("transcribe", "translate"):

@@ -85,6 +85,7 @@ def _transcribe_options(
         priority=FINAL_PRIORITY,
         force_decode_tokens=forced,
         without_timestamps=forced is not None,  # benchmarks: as the server's file requests then do
+        hotwords=options.hotwords,
     )
     partial = TranscribeOptions(
         language=language,
@@ -94,6 +95,7 @@ def _transcribe_options(
         condition_on_previous_text=False,
         priority=PARTIAL_PRIORITY,
         force_decode_tokens=forced,
+        hotwords=options.hotwords,
     )
     return final, partial
 

@@ -39,6 +39,8 @@ CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 
 #: Text messages are control messages of a few hundred bytes; a cap keeps a hostile one from costing the JSON
 #: parser (and the event loop) seconds. Audio goes in binary frames, whose size `max_frame_bytes` bounds.
 MAX_TEXT_CHARS = 64 * 1024
+#: A turn's hotwords: a prompt holds ~220 tokens, which this many characters already exceed.
+MAX_HOTWORDS_CHARS = 2000
 #: Room above a whole turn's PCM in one frame, so a client that sends a turn as one frame is not cut at a
 #: round number by a few bytes.
 FRAME_MARGIN_BYTES = 1 << 20
@@ -69,6 +71,7 @@ class StartMessage(BaseModel):
     partials: bool = False
     segment_silence_ms: int | None = None
     vad: bool = False
+    hotwords: str | None = Field(None, max_length=MAX_HOTWORDS_CHARS)
 
     def options(self) -> StreamOptions:
         return StreamOptions(
@@ -78,6 +81,7 @@ class StartMessage(BaseModel):
             partials=self.partials,
             segment_silence_ms=self.segment_silence_ms,
             vad=self.vad,
+            hotwords=self.hotwords or None,
         )
 
 
@@ -395,6 +399,7 @@ PROTOCOL: dict[str, Any] = {
             "partials": "bool: send partial results while audio arrives",
             "segment_silence_ms": "int 100-30000 or null: a pause this long ends a segment (server VAD)",
             "vad": "bool: skip audio without speech (server VAD)",
+            "hotwords": "string or null: names and terms to favour (faster-whisper's hotwords)",
         },
         "binary frames": "16-bit little-endian mono PCM at sample_rate, any even length up to a whole turn at "
         "48 kHz (20 ms is typical)",
