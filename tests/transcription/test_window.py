@@ -13,6 +13,7 @@ from conftest import DEV_DIR
 from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.engine.request import DecodeRequest
+from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import TranscribeOptions
 from halkspeech.transcription.window import WindowDecoder
@@ -62,3 +63,18 @@ def test_hotwords_spell_a_term_the_model_does_not_know(tiny_en_engine: ModelEngi
     )
     assert "comfyui" not in plain.lower()  # tiny.en hears "comfy eye"
     assert hinted.lower().count("comfyui") == 2, hinted  # "into your ComfyUI folder again in the ComfyUI"
+
+
+def test_hotwords_are_tokenized_once_per_transcription(
+    tiny_en_engine: ModelEngine, jfk_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not once per window: a window's decode runs on the event loop, and 1 MB of hotwords took 0.1-0.25 s
+    to tokenize, every window of a long file."""
+    calls: list[str] = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: calls.append(text) or encode(self, text))
+    mel = pad_or_trim(log_mel_spectrogram(decode_audio(jfk_path), 80, padding=480_000)[:, :3000], 3000)
+    decoder = WindowDecoder(tiny_en_engine, TranscribeOptions(hotwords="Kennedy", temperatures=(0.0,)))
+    for _ in range(2):
+        asyncio.run(decoder.decode(mel, "en", []))
+    assert calls.count(" Kennedy") == 1, calls

@@ -72,6 +72,11 @@ MODEL_ERRORS = error_responses(  # /v1/models/{id}
 )
 
 
+#: Hotwords (the OpenAI form's, a WebSocket turn's): a prompt holds ~220 tokens, which this many characters
+#: already exceed; they are tokenized on the event loop, where 1 MB (the form's field limit) took ~0.25 s.
+MAX_HOTWORDS_CHARS = 2000
+
+
 # --- OpenAI audio API ---------------------------------------------------------------------------------------
 class TranscriptionForm(BaseModel):
     """The multipart form of /v1/audio/transcriptions and /v1/audio/translations.
@@ -111,8 +116,9 @@ class TranscriptionForm(BaseModel):
     vad_filter: bool = Field(default=False, description="accepted for compatibility; batched mode always uses VAD")
     hotwords: str | None = Field(
         default=None,
+        max_length=MAX_HOTWORDS_CHARS,
         description="words or phrases to favour, such as names and terms (faster-whisper's hotwords): they lead "
-        "every window's prompt, in batched mode too",
+        f"every window's prompt, in batched mode too; at most {MAX_HOTWORDS_CHARS} characters",
     )
 
 

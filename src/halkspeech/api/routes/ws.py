@@ -24,6 +24,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from halkspeech.api.deps import api_key_valid, bearer_token, get_state
 from halkspeech.api.jobs import check_options
 from halkspeech.api.metrics import Metrics
+from halkspeech.api.schemas import MAX_HOTWORDS_CHARS
 from halkspeech.audio.streaming import StreamingVAD
 from halkspeech.config import ServerSettings
 from halkspeech.errors import HalkSpeechError
@@ -39,8 +40,6 @@ CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 
 #: Text messages are control messages of a few hundred bytes; a cap keeps a hostile one from costing the JSON
 #: parser (and the event loop) seconds. Audio goes in binary frames, whose size `max_frame_bytes` bounds.
 MAX_TEXT_CHARS = 64 * 1024
-#: A turn's hotwords: a prompt holds ~220 tokens, which this many characters already exceed.
-MAX_HOTWORDS_CHARS = 2000
 #: Room above a whole turn's PCM in one frame, so a client that sends a turn as one frame is not cut at a
 #: round number by a few bytes.
 FRAME_MARGIN_BYTES = 1 << 20
@@ -399,7 +398,8 @@ PROTOCOL: dict[str, Any] = {
             "partials": "bool: send partial results while audio arrives",
             "segment_silence_ms": "int 100-30000 or null: a pause this long ends a segment (server VAD)",
             "vad": "bool: skip audio without speech (server VAD)",
-            "hotwords": "string or null: names and terms to favour (faster-whisper's hotwords)",
+            "hotwords": f"string of at most {MAX_HOTWORDS_CHARS} characters or null: names and terms to favour "
+            "(faster-whisper's hotwords)",
         },
         "binary frames": "16-bit little-endian mono PCM at sample_rate, any even length up to a whole turn at "
         "48 kHz (20 ms is typical)",
