@@ -14,11 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from api.conftest import LiveServer, api_settings, live_server
 from conftest import JFK_TEXT, TEST_DATA
-from halkspeech.engine.factory import ModelEngine
+from halkspeech.api.app import create_app
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import ModelEngine, Replicas, start_engine
+from halkspeech.engine.pool import ModelPool
 from halkspeech.loadtest.http import HttpLoadConfig, run_http_load
+from halkspeech.model.registry import ModelRegistry
+from halkspeech.model.weights import LoadedWeights
 
 LJ = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
 
@@ -134,6 +140,26 @@ def test_health(server: LiveServer) -> None:
     assert {"/v1/audio/transcriptions", "/v1/audio/translations", "/transcribe", "/transcribe/url"} <= set(
         schema["paths"]
     )
+
+
+def test_health_and_metrics_have_a_row_per_engine(tiny_en_weights: LoadedWeights) -> None:
+    """One engine per GPU: /health lists each (degraded while one is down) and /metrics labels each engine's
+    series by device. Two CPU engines of tiny.en stand in for two GPUs (a CPU runs one engine in production)."""
+    two = Replicas([start_engine(tiny_en_weights, EngineSettings(device="cpu", max_slots=4)) for _ in range(2)])
+    try:
+        settings = api_settings(metrics_open=True)
+        pool = ModelPool(settings, ModelRegistry(settings.model), loader=lambda key: two)
+        client = TestClient(create_app(settings, pool))
+        assert client.post("/v1/models/tiny.en").status_code == 200
+        body = client.get("/health").json()
+        assert body["status"] == "ok" and [m["slots"] for m in body["models"]] == [4, 4]
+        metrics = client.get("/metrics").text
+        assert len(re.findall(r'^halkspeech_engine_steps_total\{device="cpu",model="tiny.en"\}', metrics, re.M)) == 2
+        two.models[1].engine.stop()
+        body = client.get("/health").json()
+        assert body["status"] == "degraded" and [m["alive"] for m in body["models"]] == [True, False]
+    finally:
+        two.close()
 
 
 def test_http_load_tester(server: LiveServer, tmp_path: Path) -> None:

@@ -148,3 +148,33 @@ def test_the_pool_serves_on_when_one_engine_stops(two: Replicas) -> None:
         assert loads == ["tiny.en"]  # no reload: it would have stopped the engine that still works
 
     asyncio.run(run())
+
+
+def test_a_cancelled_or_timed_out_request_gives_its_engine_back(two: Replicas, jfk_path: Path) -> None:
+    """The hold ends with the request however it ends: a client that left (cancelled) or a request timeout."""
+    settings = Settings(model=ModelSettings(default="tiny.en", allow_download=False))
+    pool = ModelPool(settings, ModelRegistry(settings.model), loader=lambda key: two)
+    audio = decode_audio(jfk_path)
+
+    async def transcribe() -> None:
+        async with pool.use("tiny.en") as model:
+            await Transcriber(model).transcribe(audio, TranscribeOptions(language="en"))
+
+    async def run() -> None:
+        task = asyncio.create_task(transcribe())
+        while not any(m.engine.running + m.engine.queue_depth for m in two.models):
+            await asyncio.sleep(0.001)
+        assert two.busy
+        task.cancel()
+        await asyncio.wait({task})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await transcribe()
+        for _ in range(2000):  # the engines drop the cancelled windows at their next step
+            if not any(m.engine.running + m.engine.queue_depth for m in two.models):
+                break
+            await asyncio.sleep(0.005)
+        (loaded,) = pool.loaded()
+        assert loaded.users == 0 and not two.busy  # busy counts the holds too
+
+    asyncio.run(run())
