@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from api.conftest import LiveServer, api_settings, live_server
@@ -160,6 +161,26 @@ def test_health_and_metrics_have_a_row_per_engine(tiny_en_weights: LoadedWeights
         assert body["status"] == "degraded" and [m["alive"] for m in body["models"]] == [True, False]
     finally:
         two.close()
+
+
+def test_gpu_memory_is_read_for_the_configured_gpus_only(
+    tiny_en_engine: ModelEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mem_get_info makes a CUDA context (hundreds of MB) on a GPU this process did not use yet: /metrics read
+    every visible GPU, so a server on GPUs 0,1 of a shared 8-GPU host took memory on all 8. As /health: those of
+    engine.device_index."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: asked.append(index) or (1, 2))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 0)
+    settings = api_settings(metrics_open=True)
+    settings = settings.model_copy(update={"engine": EngineSettings(device="cpu", device_index=(2, 5))})
+    pool = ModelPool(settings, ModelRegistry(settings.model), loader=lambda key: tiny_en_engine)
+    metrics = TestClient(create_app(settings, pool)).get("/metrics").text
+    assert set(asked) == {2, 5}
+    assert set(re.findall(r'halkspeech_gpu_memory_bytes\{device="(cuda:\d)"', metrics)) == {"cuda:2", "cuda:5"}
 
 
 def test_http_load_tester(server: LiveServer, tmp_path: Path) -> None:

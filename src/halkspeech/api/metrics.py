@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as TallyCounter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from prometheus_client import (
@@ -142,7 +142,7 @@ class EngineCollector(Collector):
         )
         rejected.add_metric([], gate.rejected)
         yield rejected
-        yield from _gpu_memory()
+        yield from _gpu_memory(self.pool.settings.engine.device_index)
 
 
 def _gauge(name: str, doc: str, values: list[tuple[tuple[str, ...], float]]) -> GaugeMetricFamily:
@@ -170,13 +170,16 @@ def _histogram(tally: TallyCounter[int]) -> tuple[list[tuple[str, float]], float
     return buckets, float(sum(size * count for size, count in items))
 
 
-def _gpu_memory() -> Iterator[Metric]:
+def _gpu_memory(indexes: Sequence[int]) -> Iterator[Metric]:
+    """The memory of the GPUs of engine.device_index (as /health): mem_get_info makes a CUDA context, hundreds
+    of MB, on a GPU this process has not used, and the others of a shared host are not this server's."""
     if not torch.cuda.is_available():
         return
     family = GaugeMetricFamily(
         "halkspeech_gpu_memory_bytes", "GPU memory by device and kind.", labels=["device", "kind"]
     )
-    for index in range(torch.cuda.device_count()):
+    count = torch.cuda.device_count()
+    for index in (i for i in indexes if i < count):
         free, total = torch.cuda.mem_get_info(index)
         device = f"cuda:{index}"
         family.add_metric([device, "allocated"], torch.cuda.memory_allocated(index))
