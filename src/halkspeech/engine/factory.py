@@ -62,7 +62,8 @@ class ModelEngine:
 class Replicas:
     """One model's engines, one per GPU (engine.device_index). A request (a file, a WebSocket turn) takes
     one with `take` and runs all its windows there, so its audio, VAD and log-mel stay on that GPU: the one with
-    the least work per decoder slot, counting requests that hold it and have not yet submitted their windows."""
+    the least work per decoder slot, its windows running or queued plus one for each request holding it (so
+    requests that have not yet submitted their windows count too)."""
 
     def __init__(self, models: Sequence[ModelEngine]) -> None:
         if not models:
