@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         output.task = "transcribe"  # what an English-only model did (verbose_json's "task")
     engines = start_engines(weights, settings.engine)
     try:
-        _check_group_size(engines.first, options)
+        for model in engines.models:  # each may have planned other slots (the memory its GPU had free)
+            _check_group_size(model, options)
         jobs = min(args.jobs, settings.engine.max_queue)
         return asyncio.run(_transcribe_all(engines, args.audio, names, options, output, jobs, _show_progress(args)))
     finally:

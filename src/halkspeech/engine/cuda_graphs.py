@@ -11,6 +11,7 @@ it back from the request threads, so eager runs are launched slower than the GPU
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -18,6 +19,10 @@ import torch
 
 log = logging.getLogger(__name__)
 Out = TypeVar("Out")
+#: One capture at a time in the process: with one engine per GPU, two engine threads may capture at once
+#: (graphs not captured at start, such as a sampling step's), and PyTorch's torch.cuda.graph empties every
+#: device's allocator cache on entry and expects one capture underway per process.
+_CAPTURING = threading.Lock()
 
 
 class GraphCache(Generic[Out]):
@@ -60,6 +65,10 @@ class GraphCache(Generic[Out]):
         return outputs
 
     def _capture(self, key: Hashable) -> tuple[torch.cuda.CUDAGraph, Out]:
+        with _CAPTURING:
+            return self._capture_alone(key)
+
+    def _capture_alone(self, key: Hashable) -> tuple[torch.cuda.CUDAGraph, Out]:
         log.debug("capturing graph %s", key)
         saved = self.snapshot()
         side = torch.cuda.Stream()
