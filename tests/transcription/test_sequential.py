@@ -1,5 +1,5 @@
 """Sequential mode: silent windows are skipped undecoded, so silence never becomes invented words (and quiet
-speech is not silence, in either mode)."""
+speech is not silence, in either mode); speech after a pause that the seek rule would skip is decoded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from whisper.normalizers import EnglishTextNormalizer
 
+from conftest import TEST_DATA
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.transcription.pipeline import Transcriber
@@ -74,3 +76,19 @@ def test_times_end_at_the_audio_end(tiny_en_engine: ModelEngine, jfk_path: Path)
                 assert result.segments, (cut, mode)
                 spans = [(s.start, s.end) for s in result.segments] + [(w.start, w.end) for w in result.words]
                 assert all(0 <= a <= b <= result.duration for a, b in spans), (cut, mode, words, spans)
+
+
+def test_speech_after_a_pause_the_seek_rule_skipped_is_decoded(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    """HE COULD WAIT NO LONGER, 1 s of digital silence, then jfk.flac (14.1 s, one window): tiny.en wrote
+    `<|0.00|> He could wait no longer.<|2.00|>` and ended; the reference's seek rule then takes the whole
+    window, and jfk's 11 s were never decoded. The VAD hears them after the segment's end: the seek goes there."""
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # 2.1 s
+    audio = np.concatenate([first, np.zeros(16_000, np.float32), decode_audio(jfk_path)])
+    transcript = asyncio.run(Transcriber(tiny_en_engine).transcribe(audio, TranscribeOptions()))
+    text = EnglishTextNormalizer()(transcript.text)
+    assert text.startswith("he could wait no longer")
+    assert text.endswith("ask not what your country can do for you ask what you can do for your country")
+    later = [s for s in transcript.segments if "americans" in s.text.lower()]
+    assert later and later[0].start > len(first) / 16_000 + 0.5  # at jfk, not at the first sentence's end
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts) and all(0 <= s.start <= s.end <= transcript.duration for s in transcript.segments)
