@@ -13,7 +13,6 @@ the chunk.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import math
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from halkspeech.audio.features import log_mel_windows
-from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, raised_for_vad, speech_regions
+from halkspeech.audio.vad import SpeechDetector, VadOptions, raised_for_vad, speech_regions
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import Overloaded
 from halkspeech.model.dims import (
@@ -40,7 +39,14 @@ from halkspeech.transcription.chunking import Chunk, make_chunks
 from halkspeech.transcription.guards import is_repetitive
 from halkspeech.transcription.segments import RawSegment, split_window
 from halkspeech.transcription.stitching import Stitcher
-from halkspeech.transcription.swallowed import cut_at_pause, find_suspect, heard_anew
+from halkspeech.transcription.swallowed import (
+    UNHEARD_MIN_S,
+    Heard,
+    cut_at_pause,
+    find_suspect,
+    heard_anew,
+    unheard,
+)
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript, Word
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
 from halkspeech.transcription.word_workers import WindowWords, time_window_words, word_executor
@@ -48,9 +54,6 @@ from halkspeech.transcription.word_workers import WindowWords, time_window_words
 MEL_BATCH = 32  # chunks per log-mel call: bounds the STFT's memory (~150 MB of complex64 per 32 chunks)
 RETRY_S = 0.02  # wait before resubmitting a chunk the full engine queue refused
 MAX_ROUNDS = 4  # windows per chunk at most: the first, then resumed after unfinished segments
-#: A window that ended (a closing timestamp) with this much speech heard after it, this far past its last
-#: segment, is decoded again from there: Whisper can stop at a pause inside a chunk and drop what follows.
-UNHEARD_MIN_S, UNHEARD_MARGIN_S = 1.0, 0.5
 
 
 @dataclass
@@ -99,6 +102,7 @@ class BatchedTranscription:
         self.in_flight = 0
         self.probs = np.zeros(0, dtype=np.float32)  # VAD probability per 32 ms frame
         self.regions: list[tuple[float, float]] = []  # the VAD's speech regions (padded), seconds
+        self.heard = Heard(self.probs, self.regions, self.vad.threshold, self.vad.pad_s)
         self.device_audio: torch.Tensor | None = None
         self.chunks: list[Chunk] = []  # set by run(), for callers that report on them
 
@@ -129,6 +133,7 @@ class BatchedTranscription:
         started = time.perf_counter()
         self.probs = await asyncio.to_thread(self._probabilities)
         self.regions = speech_regions(self.probs, self.duration, self.vad)
+        self.heard = Heard(self.probs, self.regions, self.vad.threshold, self.vad.pad_s)
         self.stages.vad = (time.perf_counter() - started) * 1000
         return make_chunks(self.regions, self.probs)
 
@@ -269,8 +274,7 @@ class BatchedTranscription:
 
     def _has_speech(self, start: float, end: float, at_least_s: float = 0.1) -> bool:
         """Whether the VAD heard speech in [start, end) (at least `at_least_s` of it)."""
-        frames = self.probs[int(start / FRAME_S) : int(end / FRAME_S) + 1]
-        return int((frames >= self.vad.threshold).sum()) * FRAME_S >= at_least_s
+        return self.heard.has_speech(start, end, at_least_s)
 
     async def _swallowed(
         self, chunk: Chunk, raw: list[RawSegment], gate: asyncio.Semaphore
@@ -278,8 +282,7 @@ class BatchedTranscription:
         """When a segment's span holds a pause and then speech the VAD heard, and a probe window decoded from
         that speech finds words the window did not say (swallowed.py): the segments up to that one, ending at
         the pause; where to resume; and the probe, which is the next window. None: nothing swallowed."""
-        first = bisect.bisect_right(self.regions, chunk.start, key=lambda r: r[1])
-        regions = self.regions[first : bisect.bisect_left(self.regions, chunk.end, key=lambda r: r[0])]
+        regions = self.heard.regions_in(chunk.start, chunk.end)
         suspect = find_suspect(raw, regions, self._has_speech, UNHEARD_MIN_S)
         if suspect is None:
             return None
@@ -303,14 +306,8 @@ class BatchedTranscription:
 
     def _unheard(self, raw: list[RawSegment], end: float) -> float | None:
         """Where to decode a finished window again when the VAD heard over a second of speech after its last
-        segment (a sentence, 3 s of silence, then 11 s of speech in one chunk: tiny.en wrote the first
-        sentence, closed the window, and the 11 s were lost; sequential mode had them): where that speech
-        begins, less the VAD's padding, so that the new window's timestamps start at the speech."""
-        if not raw or not self._has_speech(raw[-1].end + UNHEARD_MARGIN_S, end, UNHEARD_MIN_S):
-            return None
-        first = int((raw[-1].end + UNHEARD_MARGIN_S) / FRAME_S)
-        heard = first + int(np.argmax(self.probs[first:] >= self.vad.threshold))
-        return max(raw[-1].end, heard * FRAME_S - self.vad.pad_s)
+        segment (swallowed.unheard). None: no such speech, or no segment."""
+        return unheard(self.heard, raw[-1].end, end) if raw else None
 
     def _looping(self, raw: list[RawSegment]) -> set[int]:
         """Indexes of the segments caught by the repetition guard."""

@@ -14,16 +14,24 @@ base put "stuffed it into you." at 16.78-20.26 s, from the end of one sentence o
 next), the probe says the same words again, the window is kept as it was and the probe's decode is spent for
 nothing: 6 times in bench/lost_speech.py's 208 cases with base (9 more probes found lost speech), never on
 the dev set with tiny.en or base.
+
+Speech after a window's last segment is simpler (`unheard`): the window said nothing there, so it is decoded
+again from where the VAD heard it begin, unprobed. Both modes judge with these (batched.py over its chunks,
+seek_guard.py where the sequential seek rule would skip audio).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from itertools import pairwise
 
+import numpy as np
+
+from halkspeech.audio.vad import FRAME_S
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.transcription.segments import RawSegment
 
@@ -33,7 +41,44 @@ SWALLOW_GAP_S = 1.0
 #: A probe with fewer than this share of its words in what the window said for the same audio heard new speech.
 SAID_ALREADY = 0.5
 
+#: A window that ended (a closing timestamp) with this much speech heard after it, this far past its last
+#: segment, is decoded again from there: Whisper can stop at a pause inside a chunk and drop what follows.
+UNHEARD_MIN_S, UNHEARD_MARGIN_S = 1.0, 0.5
+
 HasSpeech = Callable[[float, float, float], bool]  # (start, end, at least seconds) → whether the VAD heard it
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What the VAD heard in a file: speech probability per 32 ms frame from the file's start, and the padded
+    speech regions (seconds, sorted) made of them."""
+
+    probs: np.ndarray
+    regions: list[tuple[float, float]]
+    threshold: float  # a frame at or above this is speech
+    pad_s: float  # the regions' padding
+
+    def has_speech(self, start: float, end: float, at_least_s: float = 0.1) -> bool:
+        """Whether the VAD heard speech in [start, end) (at least `at_least_s` of it)."""
+        frames = self.probs[int(start / FRAME_S) : int(end / FRAME_S) + 1]
+        return int((frames >= self.threshold).sum()) * FRAME_S >= at_least_s
+
+    def regions_in(self, start: float, end: float) -> list[tuple[float, float]]:
+        """The regions that overlap [start, end)."""
+        first = bisect.bisect_right(self.regions, start, key=lambda r: r[1])
+        return self.regions[first : bisect.bisect_left(self.regions, end, key=lambda r: r[0])]
+
+
+def unheard(heard: Heard, last_end: float, end: float) -> float | None:
+    """Where to decode again when the VAD heard over UNHEARD_MIN_S of speech between a window's last segment
+    (ending at `last_end`) and `end` (a sentence, 3 s of silence, then 11 s of speech in one chunk: tiny.en
+    wrote the first sentence, closed the window, and the 11 s were lost): where that speech begins, less the
+    VAD's padding, so that the new window's timestamps start at the speech. None: no such speech."""
+    if not heard.has_speech(last_end + UNHEARD_MARGIN_S, end, UNHEARD_MIN_S):
+        return None
+    first = int((last_end + UNHEARD_MARGIN_S) / FRAME_S)
+    at = first + int(np.argmax(heard.probs[first:] >= heard.threshold))
+    return max(last_end, at * FRAME_S - heard.pad_s)
 
 
 @dataclass(frozen=True)
