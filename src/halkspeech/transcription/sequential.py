@@ -1,5 +1,6 @@
 """Sequential long-form transcription: seek through the audio one 30 s window at a time, each window
-conditioned on the text before it (the reference implementation's `transcribe`, through the engine).
+conditioned on the text before it (the reference implementation's `transcribe`, through the engine), except
+that the seek does not skip speech the VAD heard after a pause (seek_guard.py).
 
 Windows of one file run one after another, but many files (and requests) run at once and share every
 engine step; batched.py is the mode that also parallelises within a file.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +19,9 @@ from halkspeech.audio.features import log_mel_spectrogram, pad_or_trim
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.model.dims import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from halkspeech.transcription.alignment import TimedSpan, last_end, time_words
+from halkspeech.transcription.seek_guard import SeekGuard, guarded, text_before
 from halkspeech.transcription.segments import RawSegment, split_window
+from halkspeech.transcription.swallowed import cut_at_pause, heard_anew
 from halkspeech.transcription.types import Segment, Timings, TranscribeOptions, Transcript
 from halkspeech.transcription.window import Progress, WindowDecoder, WindowResult
 
@@ -26,6 +30,15 @@ from halkspeech.transcription.window import Progress, WindowDecoder, WindowResul
 SILENCE_PEAK = 2e-4
 
 __all__ = ["Progress", "SequentialTranscription", "WindowDecoder", "WindowResult"]
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A window the seek guard decoded at `seek` with `prompt`: the loop's next window when both match."""
+
+    seek: int
+    prompt: list[int]
+    window: WindowResult
 
 
 class SequentialTranscription:
@@ -51,6 +64,7 @@ class SequentialTranscription:
         self.content_frames = self.mel.shape[-1] - N_FRAMES
         self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
         self.language = self.decoder.language()
+        self.guard = SeekGuard(audio, model.device) if guarded(options) else None
 
     def _silent(self, seek: int, size: int) -> bool:
         """The window's audio never reaches -74 dBFS: digital silence or dither. Whisper would decode it to an
@@ -78,6 +92,7 @@ class SequentialTranscription:
         language_probs = None
         last_speech = 0.0  # end of the last word so far (word timings' pause heuristics)
         seek = 0
+        probe: _Probe | None = None  # the next window, when the seek guard decoded it already
         while seek < self.content_frames:
             mel, size = self._window(seek)
             if self._silent(seek, size):
@@ -92,7 +107,12 @@ class SequentialTranscription:
                 full = self.mel[:, seek : seek + N_FRAMES]
                 self.language, language_probs = await self.decoder.detect_language(full)
                 detect = False
-            window = await self.decoder.decode(mel, self.language, all_tokens[prompt_reset:], detect=detect)
+            prompt = all_tokens[prompt_reset:]
+            if probe is not None and (probe.seek, probe.prompt) == (seek, prompt) and not detect:
+                window = probe.window
+            else:
+                window = await self.decoder.decode(mel, self.language, prompt, detect=detect)
+            probe = None
             if detect:
                 language_probs = window.language_probs
                 self.language = window.language or "en"
@@ -106,11 +126,14 @@ class SequentialTranscription:
                     tokens, timestamp_begin=tok.timestamp_begin, time_offset=time_offset, segment_frames=size
                 )
                 seek += advance
+                rule_seek = seek
+                if self.guard is not None:
+                    raw, seek, probe = await self._guard(raw, window, previous_seek, seek, all_tokens, prompt_reset)
                 timed = self._words(raw, window, size, time_offset, last_speech) if o.word_timestamps else None
                 if timed is not None:
                     last_speech = last_end(timed) or last_speech
                     single_ending = [t >= tok.timestamp_begin for t in tokens[-2:]] == [False, True]
-                    if not single_ending and last_speech > time_offset:
+                    if not single_ending and last_speech > time_offset and seek == rule_seek:
                         seek = round(last_speech * FRAMES_PER_SECOND)  # the reference: resume after the last word
                 for i, piece in enumerate(raw):
                     segment = self._segment(len(segments), previous_seek, piece, window, timed[i] if timed else None)
@@ -122,6 +145,50 @@ class SequentialTranscription:
                     prompt_reset = len(all_tokens)
             self._report(seek)
         return self._transcript(segments, all_tokens[len(initial) :], language_probs, started)
+
+    async def _guard(
+        self,
+        raw: list[RawSegment],
+        window: WindowResult,
+        start: int,
+        seek: int,
+        all_tokens: list[int],
+        prompt_reset: int,
+    ) -> tuple[list[RawSegment], int, _Probe | None]:
+        """The window's segments and the next seek (frames) as the seek rule gave them, unless it skips speech
+        the VAD heard (seek_guard.py): a segment that swallowed a pause and the speech after it ends at the
+        pause, and the seek goes to that speech (the probe decoded from it is the next window); or the seek
+        goes to speech heard after the last segment, which the rule would have moved past."""
+        assert self.guard is not None
+        suspect = await self.guard.suspect(raw)
+        if suspect is not None:
+            kept = cut_at_pause(raw, suspect)
+            resume = round(suspect.resume * FRAMES_PER_SECOND)
+            if start < resume < seek:
+                probe = await self._probe(resume, self._prompt_after(kept, window, all_tokens, prompt_reset))
+                said = "".join(
+                    self.tokenizer.decode([t for t in r.tokens if t < self.tokenizer.eot]) for r in raw[suspect.index :]
+                )
+                heard = text_before(self.tokenizer, probe.window.result.tokens, suspect.resume, raw[-1].end)
+                if not self.decoder.is_silence(probe.window) and heard_anew(self.tokenizer, said, heard):
+                    return kept, resume, probe
+        after = await self.guard.after_end(raw, seek / FRAMES_PER_SECOND)
+        if after is not None and start < round(after * FRAMES_PER_SECOND) < seek:
+            return raw, round(after * FRAMES_PER_SECOND), None
+        return raw, seek, None
+
+    def _prompt_after(
+        self, kept: list[RawSegment], window: WindowResult, all_tokens: list[int], prompt_reset: int
+    ) -> list[int]:
+        """The prompt the loop gives the window after this one when it keeps `kept` (as run() extends it)."""
+        tokens = all_tokens + [t for r in kept for t in self._segment(0, 0, r, window).tokens]
+        if not self.options.condition_on_previous_text or window.result.temperature > 0.5:
+            return []
+        return tokens[prompt_reset:]
+
+    async def _probe(self, seek: int, prompt: list[int]) -> _Probe:
+        mel, _ = self._window(seek)
+        return _Probe(seek, prompt, await self.decoder.decode(mel, self.language, prompt))
 
     def _words(
         self, raw: list[RawSegment], window: WindowResult, size: int, time_offset: float, last_speech: float
@@ -184,6 +251,12 @@ class SequentialTranscription:
             duration=self.duration,
             segments=tuple(s for s in segments if s.text),
             language_probs=language_probs,
-            timings=Timings(t.queue, t.encoder, t.decoder, (time.perf_counter() - started) * 1000),
+            timings=Timings(
+                t.queue,
+                t.encoder,
+                t.decoder,
+                (time.perf_counter() - started) * 1000,
+                vad=self.guard.vad_ms if self.guard else 0.0,
+            ),
             tokens=tuple(tokens),
         )

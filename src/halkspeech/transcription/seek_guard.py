@@ -1,0 +1,104 @@
+"""Speech the sequential seek rule would skip, and where the seek goes instead.
+
+The reference's seek rule moves to the window's end when the window ends with a single timestamp (or with no
+timestamp pair), and past a segment's end timestamp however far that runs. tiny.en on HE COULD WAIT NO LONGER,
+1 s of silence and jfk.flac wrote `<|0.00|> He could wait no longer.<|2.00|>` and stopped: the seek went to
+the window's end (the file's) and jfk's 11 s were never decoded; bench/lost_speech.py lost 8 (tiny.en) and 6
+(base) of its 208 cases this way, each a segment ending before the pause and the window closed after it.
+
+So where the rule would skip speech the VAD heard, the seek stops there, with batched mode's judgement
+(swallowed.py): over UNHEARD_MIN_S of speech between the last segment's end and where the rule moves
+(`after_end`: the seek goes to where that speech begins); or a segment spanning a pause of SWALLOW_GAP_S and
+the speech after it (`suspect`: the window from that speech on is decoded as a probe, and the segment is cut
+at the pause only where the probe hears words the window did not say). Everything else is the reference's.
+
+The VAD (silero, the whole file at once, ~45 ms for 52 s on 2 CPU cores) runs lazily, at the first window
+where the rule would skip UNHEARD_MARGIN_S + UNHEARD_MIN_S of audio after the last segment or a segment is
+long enough to hold a pause and a second of speech; files where neither happens never run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+
+from halkspeech.audio.vad import SpeechDetector, VadOptions, raised_for_vad, speech_regions
+from halkspeech.model.dims import SAMPLE_RATE, TIME_PRECISION
+from halkspeech.model.tokenizer import Tokenizer
+from halkspeech.transcription.segments import RawSegment
+from halkspeech.transcription.swallowed import (
+    SWALLOW_GAP_S,
+    UNHEARD_MARGIN_S,
+    UNHEARD_MIN_S,
+    Heard,
+    Suspect,
+    find_suspect,
+    unheard,
+)
+from halkspeech.transcription.types import TranscribeOptions
+
+
+def guarded(options: TranscribeOptions) -> bool:
+    """Whether the guard applies: not under forced decoding (benchmarks: fixed lengths, as batched mode), nor
+    without timestamps (a window is then one segment to its end; the rule skips nothing)."""
+    forced = options.force_decode_tokens is not None or options.force_tokens_per_second is not None
+    return not (forced or options.without_timestamps)
+
+
+class SeekGuard:
+    """The VAD's word on one file's windows before the seek loop moves past them."""
+
+    def __init__(
+        self,
+        audio: np.ndarray,
+        device: torch.device,
+        vad: VadOptions = VadOptions(),
+        detector: SpeechDetector | None = None,
+    ) -> None:
+        self.audio, self.device, self.vad = audio, device, vad
+        self.detector = detector or SpeechDetector()  # cheap: the network is loaded once per device
+        self._heard: Heard | None = None
+        self.vad_ms = 0.0  # wall time of the VAD pass (0 when it never ran)
+
+    async def heard(self) -> Heard:
+        """The whole file's VAD, computed on the first call (in a worker thread: the event loop stays free)."""
+        if self._heard is None:
+            started = time.perf_counter()
+            self._heard = await asyncio.to_thread(self._detect)
+            self.vad_ms = (time.perf_counter() - started) * 1000
+        return self._heard
+
+    def _detect(self) -> Heard:
+        probs = self.detector.probabilities(raised_for_vad(self.audio), self.device)
+        regions = speech_regions(probs, len(self.audio) / SAMPLE_RATE, self.vad)
+        return Heard(probs, regions, self.vad.threshold, self.vad.pad_s)
+
+    async def after_end(self, raw: list[RawSegment], target: float) -> float | None:
+        """Where the speech the VAD heard between the last segment's end and `target` (where the seek rule
+        moves, seconds) begins, when the rule would skip over UNHEARD_MIN_S of it. None: it skips none."""
+        if not raw or target - raw[-1].end < UNHEARD_MARGIN_S + UNHEARD_MIN_S:
+            return None  # too little audio skipped to hold that much speech: no VAD
+        return unheard(await self.heard(), raw[-1].end, target)
+
+    async def suspect(self, raw: list[RawSegment]) -> Suspect | None:
+        """A segment whose span holds a pause and then speech the VAD heard (swallowed.find_suspect)."""
+        if not any(r.end - r.start >= SWALLOW_GAP_S + UNHEARD_MIN_S for r in raw):
+            return None  # no segment long enough to hold a pause and a second of speech: no VAD
+        heard = await self.heard()
+        return find_suspect(raw, heard.regions_in(raw[0].start, raw[-1].end), heard.has_speech, UNHEARD_MIN_S)
+
+
+def text_before(tokenizer: Tokenizer, tokens: tuple[int, ...], offset: float, until: float) -> str:
+    """A window's text (decoded from `offset`, seconds) up to its first timestamp at or past `until`: what a
+    probe says for the audio the window it probes had already given segments to."""
+    kept: list[int] = []
+    for t in tokens:
+        if t >= tokenizer.timestamp_begin:
+            if offset + (t - tokenizer.timestamp_begin) * TIME_PRECISION >= until:
+                break
+        elif t < tokenizer.eot:
+            kept.append(t)
+    return tokenizer.decode(kept)
