@@ -146,6 +146,17 @@ def test_hotwords_reach_partials_and_the_final(client: TestClient) -> None:
     assert partials and all("comfy eye" not in p.lower() for p in partials), partials
 
 
+def test_a_final_keeps_the_speech_after_a_pause(client: TestClient, jfk_audio: np.ndarray) -> None:
+    """A final is sequential mode over the turn's audio: HE COULD WAIT NO LONGER, 1 s of silence, then jfk gave
+    only the first sentence while the seek rule skipped the rest (tests/transcription/test_sequential.py)."""
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")
+    with client.websocket_connect("/ws") as ws:
+        final = speak(ws, np.concatenate([first, np.zeros(16_000, np.float32), jfk_audio]))
+    text = final["text"].lower()
+    assert text.startswith("he could wait no longer")
+    assert "ask not what your country can do for you" in text and final["segments"][-1]["start"] > 3.0
+
+
 def test_live_turns_are_counted_in_the_metrics(tiny_en_engine: ModelEngine, lj_audio: np.ndarray) -> None:
     """Open sessions, turns started, finals and their audio seconds (the audio counter had HTTP only)."""
     app = make_app(tiny_en_engine, metrics_open=True)
