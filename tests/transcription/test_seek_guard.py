@@ -110,3 +110,13 @@ def test_text_before_stops_at_the_first_timestamp_past_the_time() -> None:
     assert text_before(TOKENIZER, tokens, 10.0, 11.5) == " hello world"
     assert text_before(TOKENIZER, tokens, 10.0, 10.9) == " hello"  # the first ends at 11.0, past it: the end
     assert text_before(TOKENIZER, tokens, 10.0, 10.0) == ""
+
+
+def test_a_segment_that_starts_in_the_padding_before_a_pause_is_no_suspect() -> None:
+    # tiny.en: `<|10.20|> He could wait no longer.<|13.20|>`, the speech before the pause ending at 10.21 s: the
+    # segment's start came early and it says the sentence after the pause; probing it found nothing, 34 times
+    g, _ = guard(27.0, [(0.6, 10.21), (12.0, 13.2), (15.6, 26.1)])
+    assert asyncio.run(g.suspect([segment(7.56, 10.2), segment(10.2, 13.2)])) is None
+    # with half a second of the segment's own speech before the pause it is one
+    suspect = asyncio.run(g.suspect([segment(7.56, 9.0), segment(9.0, 13.2)]))
+    assert suspect is not None and suspect.index == 1

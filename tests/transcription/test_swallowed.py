@@ -63,3 +63,17 @@ def test_the_probe_hears_new_words_only_when_most_are_not_said() -> None:
 def test_the_cut_ends_the_suspect_at_the_pause_and_drops_what_followed() -> None:
     raw = [segment(0.0, 1.0), RawSegment(1.2, 14.4, (7, 8)), segment(14.4, 20.0)]
     assert cut_at_pause(raw, Suspect(1, 3.0, 10.0)) == [raw[0], RawSegment(1.2, 3.0, (7, 8))]
+
+
+def test_speech_before_the_pause_can_be_required() -> None:
+    # batched mode asks for none (0); sequential mode's seek guard for SPOKEN_BEFORE_S of it
+    regions = [(0.0, 10.41), (11.8, 13.42)]
+    heard = [(0.2, 10.21), (12.0, 13.22)]  # the VAD's frames at or above its threshold
+
+    def has_speech(start: float, end: float, at_least: float) -> bool:
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in heard) >= at_least
+
+    raw = [segment(10.2, 13.2)]
+    assert find_suspect(raw, regions, has_speech, 1.0) == Suspect(0, 10.41, 11.8)
+    assert find_suspect(raw, regions, has_speech, 1.0, spoken_s=0.5) is None
+    assert find_suspect([segment(9.0, 13.2)], regions, has_speech, 1.0, spoken_s=0.5) == Suspect(0, 10.41, 11.8)

@@ -8,9 +8,11 @@ engine step; batched.py is the mode that also parallelises within a file.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ from halkspeech.transcription.window import Progress, WindowDecoder, WindowResul
 # -74 dBFS: above a digital zero and dither (a few 16-bit steps, 3e-5 each); far below speech, which Whisper's
 # log-mel (normalised to the loudest part) hears even at -60 dBFS: a gate at 1e-3 dropped such speech whole.
 SILENCE_PEAK = 2e-4
+
+Verdict = Literal["new", "said"]  # a probe's (seek guard): new words heard, or all of them said already
 
 __all__ = ["Progress", "SequentialTranscription", "WindowDecoder", "WindowResult"]
 
@@ -161,21 +165,32 @@ class SequentialTranscription:
         goes to speech heard after the last segment, which the rule would have moved past."""
         assert self.guard is not None
         suspect = await self.guard.suspect(raw)
-        if suspect is not None:
+        resume = round(suspect.resume * FRAMES_PER_SECOND) if suspect else 0
+        if suspect is not None and start < resume < seek:
             kept = cut_at_pause(raw, suspect)
-            resume = round(suspect.resume * FRAMES_PER_SECOND)
-            if start < resume < seek:
-                probe = await self._probe(resume, self._prompt_after(kept, window, all_tokens, prompt_reset))
-                said = "".join(
-                    self.tokenizer.decode([t for t in r.tokens if t < self.tokenizer.eot]) for r in raw[suspect.index :]
-                )
-                heard = text_before(self.tokenizer, probe.window.result.tokens, suspect.resume, raw[-1].end)
-                if not self.decoder.is_silence(probe.window) and heard_anew(self.tokenizer, said, heard):
-                    return kept, resume, probe
+            probe = await self._probe(resume, self._prompt_after(kept, window, all_tokens, prompt_reset))
+            verdict = self._verdict(raw[suspect.index :], probe, suspect.resume, raw[-1].end)
+            if verdict == "new":
+                return kept, resume, probe
+            if verdict == "said":
+                return raw, seek, None
         after = await self.guard.after_end(raw, seek / FRAMES_PER_SECOND)
         if after is not None and start < round(after * FRAMES_PER_SECOND) < seek:
             return raw, round(after * FRAMES_PER_SECOND), None
         return raw, seek, None
+
+    def _verdict(self, tail: list[RawSegment], probe: _Probe, at: float, until: float) -> Verdict | None:
+        """The probe (decoded from `at`) against the window's segments from the suspect on (`tail`, to `until`):
+        "new" when it heard other words for their audio (swallowed.heard_anew); "said" when the window said all
+        it heard, to its end: the window's text ran past its timestamps (tiny.en wrote a sentence spoken at
+        5-11 s at 0-7 s), and decoding the speech after its last segment again would write it twice."""
+        if self.decoder.is_silence(probe.window):
+            return None
+        tok, tokens = self.tokenizer, probe.window.result.tokens
+        said = "".join(tok.decode([t for t in r.tokens if t < tok.eot]) for r in tail)
+        if heard_anew(tok, said, text_before(tok, tokens, at, until)):
+            return "new"
+        return None if heard_anew(tok, said, text_before(tok, tokens, at, math.inf)) else "said"
 
     def _prompt_after(
         self, kept: list[RawSegment], window: WindowResult, all_tokens: list[int], prompt_reset: int

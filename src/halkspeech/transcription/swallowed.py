@@ -95,13 +95,17 @@ def find_suspect(
     regions: list[tuple[float, float]],
     has_speech: HasSpeech,
     min_speech_s: float,
+    spoken_s: float = 0.0,
 ) -> Suspect | None:
     """The first segment whose span holds a pause of SWALLOW_GAP_S between speech regions, followed by at
-    least `min_speech_s` of speech the VAD heard before the segment's end. `regions`: sorted, padded."""
+    least `min_speech_s` of speech the VAD heard before the segment's end, and preceded by at least `spoken_s`
+    heard inside the segment (0: any region overlapping its start will do). `regions`: sorted, padded."""
     for index, segment in enumerate(raw):
         inside = [(a, b) for a, b in regions if b > segment.start and a < segment.end]
         for before, after in pairwise(inside):
-            if after[0] - before[1] >= SWALLOW_GAP_S and has_speech(after[0], segment.end, min_speech_s):
+            if after[0] - before[1] < SWALLOW_GAP_S or not has_speech(after[0], segment.end, min_speech_s):
+                continue
+            if spoken_s <= 0 or has_speech(max(segment.start, before[0]), before[1], spoken_s):
                 return Suspect(index, before[1], after[0])
     return None
 
