@@ -67,6 +67,7 @@ def test_no_speech_skipped_keeps_the_rule(speech: list[tuple[float, float]], las
 
 def test_the_vad_runs_only_where_the_rule_could_skip_a_second_of_speech() -> None:
     g, detector = guard(30.0, [(0.0, 30.0)])
+    assert not SeekGuard.skips([segment(0.0, 5.0)], 6.49) and SeekGuard.skips([segment(0.0, 5.0)], 6.5)
     # the rule moves to the last segment's end (an unfinished segment follows) or 1.4 s past it: no VAD
     assert asyncio.run(g.after_end([segment(0.0, 5.0)], 5.0)) is None
     assert asyncio.run(g.after_end([segment(0.0, 5.0)], 6.4)) is None

@@ -164,6 +164,8 @@ class SequentialTranscription:
         pause, and the seek goes to that speech (the probe decoded from it is the next window); or the seek
         goes to speech heard after the last segment, which the rule would have moved past."""
         assert self.guard is not None
+        if not self.guard.skips(raw, seek / FRAMES_PER_SECOND):
+            return raw, seek, None  # the rule skips too little after the last segment: no VAD (seek_guard.py)
         suspect = await self.guard.suspect(raw)
         resume = round(suspect.resume * FRAMES_PER_SECOND) if suspect else 0
         if suspect is not None and start < resume < seek:
