@@ -3,8 +3,9 @@
 The reference's seek rule moves to the window's end when the window ends with a single timestamp (or with no
 timestamp pair), and past a segment's end timestamp however far that runs. tiny.en on HE COULD WAIT NO LONGER,
 1 s of silence and jfk.flac wrote `<|0.00|> He could wait no longer.<|2.00|>` and stopped: the seek went to
-the window's end (the file's) and jfk's 11 s were never decoded; bench/lost_speech.py lost 8 (tiny.en) and 6
-(base) of its 208 cases this way, each a segment ending before the pause and the window closed after it.
+the window's end (the file's) and jfk's 11 s were never decoded (openai-whisper too). bench/lost_speech.py
+lost 8 (tiny.en) and 6 (base) of its 208 cases; in all but one the window was one segment ending before (or
+just into) the pause, then nothing (in the other, tiny.en wrote the second sentence at the first one's time).
 
 So where the rule would skip speech the VAD heard, the seek stops there, with batched mode's judgement
 (swallowed.py): over UNHEARD_MIN_S of speech between the last segment's end and where the rule moves
