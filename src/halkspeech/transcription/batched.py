@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from halkspeech.audio.features import log_mel_windows
-from halkspeech.audio.vad import SpeechDetector, VadOptions, raised_for_vad, speech_regions
+from halkspeech.audio.vad import SpeechDetector, VadOptions
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import Overloaded
 from halkspeech.model.dims import (
@@ -44,6 +44,7 @@ from halkspeech.transcription.swallowed import (
     Heard,
     cut_at_pause,
     find_suspect,
+    hear,
     heard_anew,
     unheard,
 )
@@ -100,9 +101,8 @@ class BatchedTranscription:
         # chunks of one file in flight at once: a long file must not fill the whole engine queue by itself
         self.max_in_flight = max(1, model.engine.scheduler.max_queue // 4)
         self.in_flight = 0
-        self.probs = np.zeros(0, dtype=np.float32)  # VAD probability per 32 ms frame
-        self.regions: list[tuple[float, float]] = []  # the VAD's speech regions (padded), seconds
-        self.heard = Heard(self.probs, self.regions, self.vad.threshold, self.vad.pad_s)
+        # the VAD's probabilities and speech regions (set by _chunks)
+        self.heard = Heard(np.zeros(0, dtype=np.float32), [], self.vad.threshold, self.vad.pad_s)
         self.device_audio: torch.Tensor | None = None
         self.chunks: list[Chunk] = []  # set by run(), for callers that report on them
 
@@ -131,15 +131,9 @@ class BatchedTranscription:
     async def _chunks(self) -> list[Chunk]:
         """Speech probabilities on the model's device (in a worker thread: the event loop stays free)."""
         started = time.perf_counter()
-        self.probs = await asyncio.to_thread(self._probabilities)
-        self.regions = speech_regions(self.probs, self.duration, self.vad)
-        self.heard = Heard(self.probs, self.regions, self.vad.threshold, self.vad.pad_s)
+        self.heard = await asyncio.to_thread(hear, self.audio, self.model.device, self.vad, self.detector)
         self.stages.vad = (time.perf_counter() - started) * 1000
-        return make_chunks(self.regions, self.probs)
-
-    def _probabilities(self) -> np.ndarray:
-        """Speech probabilities of the audio raised for the VAD if quiet (a copy only then, freed after)."""
-        return self.detector.probabilities(raised_for_vad(self.audio), self.model.device)
+        return make_chunks(self.heard.regions, self.heard.probs)
 
     async def _features(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         started = time.perf_counter()
@@ -295,14 +289,11 @@ class BatchedTranscription:
         # the window's last segment's end) against the probe's words for that audio
         tail = raw[suspect.index :]
         heard, _ = self._split(probe, suspect.resume, chunk.end, final=True)
-        said = "".join(self._text(r) for r in tail)
-        probed = "".join(self._text(r) for r in heard if r.start < tail[-1].end)
+        said = "".join(r.text(self.tokenizer) for r in tail)
+        probed = "".join(r.text(self.tokenizer) for r in heard if r.start < tail[-1].end)
         if not heard_anew(self.tokenizer, said, probed):
             return None
         return cut_at_pause(raw, suspect), suspect.resume, probe
-
-    def _text(self, piece: RawSegment) -> str:
-        return self.tokenizer.decode([t for t in piece.tokens if t < self.tokenizer.eot])
 
     def _unheard(self, raw: list[RawSegment], end: float) -> float | None:
         """Where to decode a finished window again when the VAD heard over a second of speech after its last
@@ -344,7 +335,7 @@ class BatchedTranscription:
         looping = self._looping(raw)
         out = []
         for i, piece in enumerate(raw):
-            text = self._text(piece)
+            text = piece.text(self.tokenizer)
             if i in looping or not text.strip():
                 continue  # a repetition loop that survived every temperature is dropped
             times = (timed[i].start, timed[i].end) if timed else (piece.start, piece.end)

@@ -32,8 +32,8 @@ import time
 import numpy as np
 import torch
 
-from halkspeech.audio.vad import SpeechDetector, VadOptions, raised_for_vad, speech_regions
-from halkspeech.model.dims import SAMPLE_RATE, TIME_PRECISION
+from halkspeech.audio.vad import SpeechDetector, VadOptions
+from halkspeech.model.dims import TIME_PRECISION
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.transcription.segments import RawSegment
 from halkspeech.transcription.swallowed import (
@@ -43,6 +43,7 @@ from halkspeech.transcription.swallowed import (
     Heard,
     Suspect,
     find_suspect,
+    hear,
     unheard,
 )
 from halkspeech.transcription.types import TranscribeOptions
@@ -82,14 +83,9 @@ class SeekGuard:
         """The whole file's VAD, computed on the first call (in a worker thread: the event loop stays free)."""
         if self._heard is None:
             started = time.perf_counter()
-            self._heard = await asyncio.to_thread(self._detect)
+            self._heard = await asyncio.to_thread(hear, self.audio, self.device, self.vad, self.detector)
             self.vad_ms = (time.perf_counter() - started) * 1000
         return self._heard
-
-    def _detect(self) -> Heard:
-        probs = self.detector.probabilities(raised_for_vad(self.audio), self.device)
-        regions = speech_regions(probs, len(self.audio) / SAMPLE_RATE, self.vad)
-        return Heard(probs, regions, self.vad.threshold, self.vad.pad_s)
 
     @staticmethod
     def skips(raw: list[RawSegment], target: float) -> bool:

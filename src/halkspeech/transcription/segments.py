@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from halkspeech.model.dims import HOP_LENGTH, INPUT_STRIDE, SAMPLE_RATE, TIME_PRECISION
+
+if TYPE_CHECKING:
+    from halkspeech.model.tokenizer import Tokenizer
 
 
 def compression_ratio(text: str) -> float:
@@ -19,6 +23,10 @@ class RawSegment:
     start: float  # seconds, absolute
     end: float
     tokens: tuple[int, ...]  # including the timestamp tokens that delimit it
+
+    def text(self, tokenizer: Tokenizer) -> str:
+        """The segment's words (its timestamps and any end-of-text left out)."""
+        return tokenizer.decode([t for t in self.tokens if t < tokenizer.eot])
 
 
 def split_window(

@@ -189,7 +189,7 @@ class SequentialTranscription:
         if self.decoder.is_silence(probe.window):
             return None
         tok, tokens = self.tokenizer, probe.window.result.tokens
-        said = "".join(tok.decode([t for t in r.tokens if t < tok.eot]) for r in tail)
+        said = "".join(r.text(tok) for r in tail)
         if heard_anew(tok, said, text_before(tok, tokens, at, until)):
             return "new"
         return None if heard_anew(tok, said, text_before(tok, tokens, at, math.inf)) else "said"

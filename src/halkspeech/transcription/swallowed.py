@@ -30,8 +30,10 @@ from difflib import SequenceMatcher
 from itertools import pairwise
 
 import numpy as np
+import torch
 
-from halkspeech.audio.vad import FRAME_S
+from halkspeech.audio.vad import FRAME_S, SpeechDetector, VadOptions, raised_for_vad, speech_regions
+from halkspeech.model.dims import SAMPLE_RATE
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.transcription.segments import RawSegment
 
@@ -67,6 +69,13 @@ class Heard:
         """The regions that overlap [start, end)."""
         first = bisect.bisect_right(self.regions, start, key=lambda r: r[1])
         return self.regions[first : bisect.bisect_left(self.regions, end, key=lambda r: r[0])]
+
+
+def hear(audio: np.ndarray, device: torch.device, vad: VadOptions, detector: SpeechDetector) -> Heard:
+    """The VAD over a whole file of 16 kHz samples (raised for it if quiet; a copy only then), on `device`.
+    Blocking: call it in a worker thread."""
+    probs = detector.probabilities(raised_for_vad(audio), device)
+    return Heard(probs, speech_regions(probs, len(audio) / SAMPLE_RATE, vad), vad.threshold, vad.pad_s)
 
 
 def unheard(heard: Heard, last_end: float, end: float) -> float | None:
