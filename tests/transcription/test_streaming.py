@@ -37,7 +37,14 @@ from halkspeech.transcription.live import (
     TurnStarted,
 )
 from halkspeech.transcription.pipeline import Transcriber
-from halkspeech.transcription.streaming import LiveSession, LiveTurn, NoTurn, TurnActive
+from halkspeech.transcription.streaming import (
+    PARTIAL_PRIORITY,
+    PIN_LANGUAGE_S,
+    LiveSession,
+    LiveTurn,
+    NoTurn,
+    TurnActive,
+)
 from halkspeech.transcription.types import TranscribeOptions
 
 FRAME_BYTES = 640  # 20 ms of 16-bit mono at 16 kHz
@@ -264,6 +271,41 @@ def test_partials_stable_text_only_grows(tiny_en_engine: ModelEngine, jfk_audio:
         await session.close()
 
     run(main)
+
+
+def test_partials_keep_the_language_one_detected_and_the_final_detects_its_own(
+    base_engine: ModelEngine, jfk_audio: np.ndarray
+) -> None:
+    """Without a language, partials detect it until one is sure from ≥ 3 s of audio; later partials decode in
+    it without detecting again. The final still detects from the whole turn, as file transcription does."""
+    calls: list[tuple[int, str | None, float]] = []  # (priority, language asked for, seconds of audio)
+
+    async def main() -> None:
+        session, recorder = session_for(base_engine)
+        await session.start(StreamOptions(partials=True))
+        transcribe = session.turn.transcriber.transcribe
+
+        async def recording(audio: np.ndarray, options: TranscribeOptions) -> Any:
+            calls.append((options.priority, options.language, len(audio) / 16_000))
+            return await transcribe(audio, options)
+
+        session.turn.transcriber.transcribe = recording  # type: ignore[method-assign]
+        for i, chunk in enumerate(frames(pcm16(jfk_audio), 32_000)):  # 1 s at a time, each partial awaited
+            session.feed(chunk)
+            await recorder.wait_for(Partial, count=i + 1)
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        assert final.language == "en" and "ask not what your country" in final.text.lower()
+        await session.close()
+
+    run(main)
+    partials = [(language, seconds) for priority, language, seconds in calls if priority == PARTIAL_PRIORITY]
+    finals = [language for priority, language, _ in calls if priority != PARTIAL_PRIORITY]
+    detected = [seconds for language, seconds in partials if language is None]
+    assert detected[0] < PIN_LANGUAGE_S <= detected[-1]  # short partials detected each time, then one at 3 s
+    pinned = partials[len(detected) :]
+    assert len(pinned) >= 5 and {language for language, _ in pinned} == {"en"}
+    assert finals == [None]
 
 
 def test_a_partial_keeps_the_speech_after_a_pause(tiny_en_engine: ModelEngine, dev_clips: list[dict[str, Any]]) -> None:
