@@ -118,6 +118,19 @@ def test_stable_prefix_of_text_without_spaces_grows_by_characters() -> None:
     assert [turkish.update(h, "tr")[1] for h in ("BUGÜN İYİ", "bugün iyi hava")] == ["", "bugün iyi"]
 
 
+def test_a_revision_that_splits_or_joins_a_committed_word_repeats_and_drops_nothing() -> None:
+    split = StablePrefix()
+    for hypothesis in ("And so my fellow", "And so my fellow Americans"):
+        split.update(hypothesis)
+    assert split.stable == ["And", "so", "my", "fellow"]
+    assert split.update("And so my fel low Americans ask")[0] == "And so my fellow Americans ask"  # not "… low …"
+    joined = StablePrefix()
+    for hypothesis in ("any more of", "any more of this"):
+        joined.update(hypothesis)
+    assert joined.stable == ["any", "more", "of"]
+    assert joined.update("anymore of this is")[0] == "any more of this is"  # not "any more of is"
+
+
 def test_stable_prefix_only_grows_and_prefixes_text() -> None:
     prefix = StablePrefix()
     hypotheses = [

@@ -3,8 +3,10 @@ segmentation from VAD probabilities, and the stable prefix of partial results. `
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
 from typing import Any, Literal
 
 import numpy as np
@@ -282,7 +284,7 @@ class StablePrefix:
         spaced = language not in NO_SPACE_LANGUAGES
         units = hypothesis.split() if spaced else list(hypothesis.strip())
         n = len(self.stable)
-        words = self.stable + units[n:]  # a revised committed part is replaced by ours, unit for unit
+        words = self.stable + units[_covered(units, self.stable) if spaced else n :]  # ours replace a revision
         agreed = n
         limit = min(len(self._previous), len(words) - 1)
         while agreed < limit and _agree(self._previous[agreed], words[agreed], spaced):
@@ -291,6 +293,35 @@ class StablePrefix:
         self._previous = words
         joiner = " " if spaced else ""
         return joiner.join(words), joiner.join(self.stable)
+
+
+ALIGN_MAX_LETTERS = 600  # a revision from further back than this is cut by word count
+
+
+def _covered(units: list[str], stable: list[str]) -> int:
+    """How many of a hypothesis's words stand for the committed words. Their letters are aligned with the
+    committed ones (matches of 3 or more letters, so that a stray letter far on does not count): the cut is the
+    word boundary nearest to where the committed letters end. Cut by word count instead, a revision that split,
+    joined or reworded a committed word ("stuffered into you" for "stuff it into you") repeated or dropped the
+    words after it. With no such match, the count. Words equal from the start are matched first, so that the
+    alignment (quadratic) sees only the revised end: 22 ms for 400 words on the event loop otherwise."""
+    same = next((i for i, (w, u) in enumerate(zip(stable, units, strict=False)) if _norm(w) != _norm(u)), None)
+    if same is None:
+        return len(stable)
+    if same:
+        return same + _covered(units[same:], stable[same:])
+    n = len(stable)
+    said = "".join(_norm(w) for w in stable)
+    heard = "".join(_norm(u) for u in units)
+    if len(said) > ALIGN_MAX_LETTERS:
+        return n
+    blocks = [b for b in SequenceMatcher(None, said, heard, autojunk=False).get_matching_blocks() if b.size >= 3]
+    if not blocks:
+        return n
+    last = blocks[-1]
+    end = last.b + len(said) - last.a  # the committed letters after the last match follow it in the hypothesis
+    lengths = [0, *itertools.accumulate(len(_norm(u)) for u in units)]
+    return min(range(len(lengths)), key=lambda k: (abs(lengths[k] - end), abs(k - n)))
 
 
 def _agree(before: str, now: str, spaced: bool) -> bool:
