@@ -39,6 +39,9 @@ class TranscribeOptions:
     max_initial_timestamp: float | None = 1.0
     word_timestamps: bool = False
     mode: Mode = "sequential"
+    #: faster-whisper's `vad_filter`: transcribe only the speech the VAD hears (its regions joined end to end),
+    #: times mapped back to the file's (vad_filter.py). Sequential mode only: batched mode always uses the VAD.
+    vad_filter: bool = False
     #: Benchmarking only: decode exactly this many tokens per window, never stopping at end-of-text.
     force_decode_tokens: int | None = None
     #: Benchmarking only (batched mode): each chunk decodes exactly ceil(speech seconds × this) tokens, ≤ 224.
