@@ -8,12 +8,15 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import io
 import json
 import logging
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +78,28 @@ def jfk_path() -> Path:
 
 
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+JFK_CUT_S = 2.77  # jfk.flac's pause after "And so my fellow Americans" (silero: speech to 2.44 s, again from 3.1 s)
+
+
+def jfk_with_pauses() -> np.ndarray:
+    """10 s of silence, jfk.flac to 2.77 s, 8 s of silence, the rest of jfk.flac: 29 s of 16 kHz samples,
+    speech at 10-12.77 s and 20.77-29 s (vad_filter's tests)."""
+    from halkspeech.audio import decode_audio
+
+    jfk = decode_audio(TEST_DATA / "jfk.flac")
+    cut, second = int(JFK_CUT_S * 16_000), np.zeros(16_000, np.float32)
+    return np.concatenate([np.tile(second, 10), jfk[:cut], np.tile(second, 8), jfk[cut:]])
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """Mono 16-bit 16 kHz WAV of float samples in [-1, 1]."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
 
 
 def dev_manifest() -> list[dict[str, Any]]:

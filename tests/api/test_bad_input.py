@@ -76,6 +76,7 @@ def test_not_audio(server: LiveServer, data: bytes, status: int, says: str) -> N
         ({"timestamp_granularities[]": "char"}, 400, "timestamp_granularities[]", "'segment' or 'word'"),
         ({"timestamp_granularities[]": "word"}, 400, "timestamp_granularities[]", "needs response_format=verbose_json"),
         ({"mode": "turbo"}, 400, "mode", "'sequential' or 'batched'"),
+        ({"vad_filter": "sometimes"}, 400, "vad_filter", "valid boolean"),
         ({"prompt": "x" * (2 << 20)}, 400, None, "a text field of the form (such as 'prompt') is too long"),
         # tokenized for every window on the event loop: 1 MB stalled it ~0.25 s a window (the WebSocket's cap)
         ({"hotwords": "x" * 2001}, 400, "hotwords", "at most 2000 characters"),
@@ -137,6 +138,7 @@ def test_bad_simple_options(server: LiveServer) -> None:
         ({"timings": "perhaps"}, "'timings'"),
         ({"task": "dance"}, "'transcribe' or 'translate'"),
         ({"language": "klingon"}, "unsupported language"),
+        ({"vad_filter": "sometimes"}, "'vad_filter'"),
     ):
         response = httpx.post(url, params=params, files={"file": LJ.open("rb")}, timeout=60)
         assert 400 <= response.status_code < 500 and says in response.json()["detail"], response.text

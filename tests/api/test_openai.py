@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from api.conftest import LiveServer, api_settings, live_server
-from conftest import DEV_DIR, JFK_TEXT, TEST_DATA
+from conftest import DEV_DIR, JFK_TEXT, TEST_DATA, jfk_with_pauses, wav_bytes
 from halkspeech.engine.factory import ModelEngine
 
 LJ = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
@@ -117,6 +117,24 @@ def test_faster_whisper_hotwords(client: openai.OpenAI) -> None:
         model="tiny.en", file=clip.open("rb"), extra_body={"hotwords": "ComfyUI"}
     )
     assert "ComfyUI" in result.text, result.text  # without: "comfy eye" (tests/transcription/test_window.py)
+
+
+def test_faster_whisper_vad_filter(client: openai.OpenAI) -> None:
+    """vad_filter=true: only the speech is transcribed (tiny.en writes "And so am I fellow" over the whole
+    file), at the file's times; the duration stays the file's."""
+    audio = wav_bytes(jfk_with_pauses())  # speech at 10-12.77 s and 20.77-29 s
+    result = client.audio.transcriptions.create(
+        model="tiny.en",
+        file=("pauses.wav", audio),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        extra_body={"vad_filter": "true"},
+    )
+    assert words_of(result.text) == words_of(JFK_TEXT) and result.duration == pytest.approx(29.0)
+    assert result.segments and result.segments[0].start >= 9.5 and result.segments[-1].end <= 29.0
+    assert result.words and result.words[0].start >= 9.5
+    ask = next(w for w in result.words if w.word.lower() == "ask")
+    assert ask.start >= 20.3  # after the 8 s pause
 
 
 def test_models_list_retrieve_load_unload(client: openai.OpenAI, server: LiveServer) -> None:

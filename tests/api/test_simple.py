@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from api.conftest import LiveServer, api_settings, live_server
-from conftest import JFK_TEXT, TEST_DATA
+from conftest import JFK_TEXT, TEST_DATA, jfk_with_pauses, wav_bytes
 from halkspeech.api.app import create_app
 from halkspeech.config import EngineSettings
 from halkspeech.engine.factory import ModelEngine, Replicas, start_engine
@@ -115,6 +115,16 @@ def test_stream(server: LiveServer, jfk_path: Path) -> None:
     done = events[-1]
     assert done["type"] == "transcript.text.done" and "".join(e["delta"] for e in events[:-1]) == done["text"]
     assert words_of(done["text"]) == words_of(JFK_TEXT) and done["duration"] == pytest.approx(11.0, abs=0.05)
+
+
+def test_vad_filter_keeps_the_files_times(server: LiveServer) -> None:
+    params = {"vad_filter": "true", "timestamps": "true"}
+    audio = wav_bytes(jfk_with_pauses())  # speech at 10-12.77 s and 20.77-29 s
+    response = httpx.post(f"{server.url}/transcribe", params=params, files={"file": audio}, timeout=300)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert words_of(body["text"]) == words_of(JFK_TEXT) and body["duration"] == 29.0
+    assert body["segments"][0]["start"] >= 9.5 and body["segments"][-1]["end"] <= 29.0
 
 
 def test_transcribe_url(server: LiveServer, file_server: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from whisper.normalizers import EnglishTextNormalizer
 
-from conftest import JFK_TEXT, TEST_DATA
+from conftest import JFK_TEXT, TEST_DATA, jfk_with_pauses
 from halkspeech.cli import main
 
 JFK = TEST_DATA / "jfk.flac"  # 11 s, two segments with tiny.en
@@ -98,6 +98,19 @@ def test_word_timestamps_and_batched_mode_are_wired(capsys: pytest.CaptureFixtur
     assert all(0 <= w["start"] <= w["end"] <= 11.0 for w in words)
     assert [w["start"] for w in words] == sorted(w["start"] for w in words)
     assert all("words" in s for s in data["segments"])
+
+
+def test_vad_filter_transcribes_the_speech_at_the_files_times(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pauses = write_wav(tmp_path / "pauses.wav", jfk_with_pauses())  # speech at 10-12.77 s and 20.77-29 s
+    silence = write_wav(tmp_path / "silence.wav", np.zeros(5 * 16_000, np.float32))
+    status, out, err = transcribe(capsys, pauses, silence, "-f", "verbose_json", "--vad-filter", "--no-progress")
+    assert (status, err) == (0, "")
+    spoken, nothing = (json.loads(line) for line in out.splitlines())
+    assert normalize(spoken["text"]) == normalize(JFK_TEXT) and spoken["duration"] == pytest.approx(29.0)
+    assert spoken["segments"][0]["start"] >= 9.5 and spoken["segments"][-1]["end"] <= 29.0
+    assert (nothing["text"], nothing["segments"], nothing["duration"]) == ("", [], 5.0)
 
 
 SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)\n(.+(?:\n.+)*)")

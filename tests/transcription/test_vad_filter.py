@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import JFK_TEXT, TEST_DATA
+from conftest import JFK_CUT_S, JFK_TEXT, TEST_DATA, jfk_with_pauses
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.transcription.pipeline import Transcriber
@@ -84,16 +84,10 @@ def test_filter_options_are_faster_whispers_defaults() -> None:
 
 # --- the real model -----------------------------------------------------------------------------------------
 
-CUT_S = 2.77  # jfk.flac's pause after "And so my fellow Americans" (silero: speech to 2.44 s, again from 3.1 s)
-
 
 @pytest.fixture(scope="module")
 def spaced() -> np.ndarray:
-    """10 s of silence, jfk.flac to 2.77 s, 8 s of silence, the rest of jfk.flac: 29 s, speech at 10-12.77 s
-    and 20.77-29 s."""
-    jfk = decode_audio(TEST_DATA / "jfk.flac")
-    cut = int(CUT_S * SR)
-    return np.concatenate([np.zeros(10 * SR, np.float32), jfk[:cut], np.zeros(8 * SR, np.float32), jfk[cut:]])
+    return jfk_with_pauses()  # speech at 10-12.77 s and 20.77-29 s
 
 
 def run(
@@ -123,7 +117,7 @@ def test_times_are_the_files_and_fall_in_its_speech(
     assert words_of(result.text) == words_of(JFK_TEXT)  # without the filter tiny.en writes "And so am I fellow"
     assert result.duration == 29.0 and result.language == "en"
     pad = FILTER_VAD.pad_s  # the VAD's regions reach this far into the silence beside the speech
-    speech = [(10 - pad, 10 + CUT_S + pad), (18 + CUT_S - pad, 29.0)]
+    speech = [(10 - pad, 10 + JFK_CUT_S + pad), (18 + JFK_CUT_S - pad, 29.0)]
     spans = [(s.start, s.end) for s in result.segments] + [(w.start, w.end) for w in result.words]
     assert result.segments[0].start >= 9.5
     assert all(a <= b for a, b in spans)
@@ -132,7 +126,7 @@ def test_times_are_the_files_and_fall_in_its_speech(
     assert result.segments[0].seek >= 950  # the window's start, in the file's 10 ms frames
     if word_timestamps:
         ask = next(w for w in result.words if w.word.strip().lower() == "ask")
-        assert ask.start >= 18 + CUT_S - pad  # the second half's first word, after the 8 s pause
+        assert ask.start >= 18 + JFK_CUT_S - pad  # the second half's first word, after the 8 s pause
         assert [w.start for w in result.words] == sorted(w.start for w in result.words)
     assert seen == list(result.segments)  # streaming listeners see the mapped segments
     assert reports and reports[-1] == (29.0, 29.0)

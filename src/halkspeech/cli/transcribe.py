@@ -110,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "finds, in chunks of up to 30 s decoded at once, each without the text before it (audio the VAD hears "
         "no speech in, such as music, is not transcribed)",
     )
+    decoding.add_argument(
+        "--vad-filter",
+        action="store_true",
+        help="transcribe only the speech silero-vad hears (faster-whisper's vad_filter: pauses of 2 s or more are "
+        "cut), times still the file's; sequential mode (batched mode decodes only the VAD's speech anyway)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--output-format", "-f", choices=FORMATS, default="text")
     output.add_argument("--output-dir", "-o", type=Path, default=None, help="write NAME.txt/.json/.srt/.vtt here")
@@ -187,6 +193,7 @@ def _options(args: argparse.Namespace) -> TranscribeOptions:
         condition_on_previous_text=args.condition_on_previous_text,
         word_timestamps=args.word_timestamps,
         mode=args.mode,
+        vad_filter=args.vad_filter,
     )
 
 

@@ -65,6 +65,7 @@ def options_from(form: TranscriptionForm, task: Task) -> TranscribeOptions:
         without_timestamps=form.without_timestamps,
         word_timestamps=words,
         mode=form.mode,
+        vad_filter=form.vad_filter,
     )
 
 

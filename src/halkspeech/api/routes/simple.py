@@ -53,6 +53,7 @@ def _options(query: SimpleOptions, state: StateDep) -> TranscribeOptions:
         without_timestamps=not (query.timestamps or query.word_timestamps),
         word_timestamps=query.word_timestamps,
         mode=query.mode,
+        vad_filter=query.vad_filter,
     )
     return with_server_policy(options, state.settings.server)
 
