@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from halkspeech.api.routes.ws import cut_live, max_frame_bytes, shut_down_live
+from halkspeech.api.live import cut_live, max_frame_bytes, shut_down_live
 from halkspeech.config import ServerSettings
 
 log = logging.getLogger(__name__)
