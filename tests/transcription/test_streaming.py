@@ -30,6 +30,8 @@ from halkspeech.transcription.live import (
     Piece,
     Segmenter,
     SegmentReady,
+    SpeechStarted,
+    SpeechStopped,
     StablePrefix,
     StreamError,
     StreamLimits,
@@ -44,6 +46,7 @@ from halkspeech.transcription.streaming import (
     LiveTurn,
     NoTurn,
     TurnActive,
+    _transcribe_options,
 )
 from halkspeech.transcription.types import TranscribeOptions
 
@@ -364,6 +367,43 @@ def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: Strea
         starts = [s["start"] for s in final.as_message()["segments"]]
         assert starts == sorted(starts) and starts[-1] > len(first) / 16_000 + 1.0  # times from the turn start
         await session.close()
+
+    run(main)
+
+
+def test_a_prompt_leads_partials_segments_and_finals() -> None:
+    final, partial = _transcribe_options("en", StreamOptions(prompt="Project Gutenberg"), StreamLimits())
+    assert final.initial_prompt == partial.initial_prompt == "Project Gutenberg"
+
+
+def test_speech_events_announce_each_piece_before_its_text(tiny_en_engine: ModelEngine, vad: StreamingVAD) -> None:
+    """With speech_events: SpeechStarted (prefix padding included), SpeechStopped at the cut, then the piece's
+    SegmentReady, for each piece. Ending with drop_rest transcribes
+    nothing after the last cut (the second sentence, still being spoken, is dropped)."""
+    first = decode_audio(TEST_DATA / "1089-134691-0000.flac")  # HE COULD WAIT NO LONGER
+    second = decode_audio(TEST_DATA / "LJ001-0002.wav")  # in being comparatively modern.
+    lead = 8000  # 0.5 s of silence first: the padding shows in SpeechStarted
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        options = StreamOptions(segment_silence_ms=700, speech_events=True, preroll_ms=100)
+        await session.start(options)
+        audio = np.concatenate([np.zeros(lead, np.float32), first, np.zeros(24_000, np.float32), second])
+        for chunk in frames(pcm16(audio)):
+            session.feed(chunk)
+            await asyncio.sleep(0)
+        await recorder.wait_for(SpeechStarted, 2)
+        session.end(drop_rest=True)
+        (final,) = await recorder.wait_for(Final)
+        await session.close()
+        named = {SpeechStarted: "started", SpeechStopped: "stopped", SegmentReady: "ready"}
+        seen = [(named[type(e)], e.index if isinstance(e, SegmentReady) else e.piece) for e in recorder.events
+                if type(e) in named]  # fmt: skip
+        assert sorted(seen, key=lambda k: k[1]) == [("started", 0), ("stopped", 0), ("ready", 0), ("started", 1)]
+        started, stopped = recorder.of(SpeechStarted)[0], recorder.of(SpeechStopped)[0]
+        assert started.at_s >= lead / 16_000 and (round(started.at_s * 16_000) + 1600) % 512 == 0  # a frame - 0.1 s
+        assert stopped.at_s == pytest.approx(recorder.of(SegmentReady)[0].piece.end)
+        assert "wait no longer" in final.text.lower() and "modern" not in final.text.lower()
 
     run(main)
 

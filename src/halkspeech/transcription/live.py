@@ -33,6 +33,15 @@ class StreamOptions:
     vad: bool = False
     #: Names and terms to favour in partials, segments and the final (TranscribeOptions.hotwords).
     hotwords: str | None = None
+    #: Text that precedes the audio, for every partial, segment and final (TranscribeOptions.initial_prompt).
+    prompt: str | None = None
+    #: Speech probability at which the VAD hears speech start (None: silero's 0.5); it goes on while frames stay
+    #: above this less 0.15, silero's own hysteresis.
+    vad_threshold: float | None = None
+    #: Audio kept before the VAD's speech start (None: StreamLimits.preroll_s).
+    preroll_ms: int | None = None
+    #: Emit SpeechStarted and SpeechStopped as the VAD hears them (the OpenAI Realtime adapter's speech events).
+    speech_events: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in ("transcribe", "translate"):
@@ -41,6 +50,10 @@ class StreamOptions:
             raise InvalidRequest(f"sample_rate must be {MIN_RATE} to {MAX_RATE} Hz, got {self.sample_rate}")
         if self.segment_silence_ms is not None and not 100 <= self.segment_silence_ms <= 30_000:
             raise InvalidRequest(f"segment_silence_ms must be 100 to 30000, got {self.segment_silence_ms}")
+        if self.vad_threshold is not None and not 0.0 <= self.vad_threshold <= 1.0:
+            raise InvalidRequest(f"the VAD threshold must be 0.0 to 1.0, got {self.vad_threshold}")
+        if self.preroll_ms is not None and not 0 <= self.preroll_ms <= 30_000:
+            raise InvalidRequest(f"the VAD's prefix padding must be 0 to 30000 ms, got {self.preroll_ms}")
 
     @property
     def uses_vad(self) -> bool:
@@ -93,6 +106,7 @@ class Partial:
     text: str
     stable_text: str  # only grows within a piece of the turn (see StablePrefix)
     audio_s: float  # the partial covers the turn's audio up to here (seconds from the turn's start)
+    piece: int = 0  # the piece it describes: 0, then one more after each segment cut (not in the /ws message)
 
     def as_message(self) -> dict[str, Any]:
         return {
@@ -177,10 +191,37 @@ class Final:
 
 
 @dataclass(frozen=True)
+class SpeechStarted:
+    """The VAD heard speech start: piece `piece` of the turn begins `at_s` seconds into it (prefix padding
+    included). Only with StreamOptions.speech_events."""
+
+    turn: int
+    piece: int
+    at_s: float
+
+    def as_message(self) -> dict[str, Any]:
+        return {"type": "speech_started", "turn": self.turn, "piece": self.piece, "at_s": round(self.at_s, 3)}
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """The VAD heard a pause long enough to cut piece `piece` at `at_s` seconds; its SegmentReady follows once
+    transcribed. Only with StreamOptions.speech_events and segment_silence_ms."""
+
+    turn: int
+    piece: int
+    at_s: float
+
+    def as_message(self) -> dict[str, Any]:
+        return {"type": "speech_stopped", "turn": self.turn, "piece": self.piece, "at_s": round(self.at_s, 3)}
+
+
+@dataclass(frozen=True)
 class StreamError:
     code: str
     message: str
     turn: int | None = None
+    ends_turn: bool = False  # sent in place of the turn's Final: nothing more comes for `turn`
 
     def as_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
@@ -189,7 +230,7 @@ class StreamError:
         return message
 
 
-LiveEvent = TurnStarted | Partial | SegmentReady | Final | StreamError
+LiveEvent = TurnStarted | Partial | SpeechStarted | SpeechStopped | SegmentReady | Final | StreamError
 
 
 # -- audio buffer ---------------------------------------------------------------------------------------
@@ -236,6 +277,14 @@ class Segmenter:
     pause_frames: int | None  # None: speech never ends (VAD gating only tracks where the speech was)
     threshold: float = 0.5
     neg_threshold: float = 0.35
+
+    @classmethod
+    def at(cls, pause_frames: int | None, threshold: float | None) -> Segmenter:
+        """With a start threshold (None: 0.5) and silero's hysteresis below it (threshold - 0.15)."""
+        if threshold is None:
+            return cls(pause_frames)
+        return cls(pause_frames, threshold, max(0.0, threshold - 0.15))
+
     in_speech: bool = False
     heard: bool = False  # any speech so far
     voiced_end: int = 0  # sample just after the last voiced frame
@@ -328,3 +377,43 @@ def _agree(before: str, now: str, spaced: bool) -> bool:
     """Two hypotheses' units at one place agree: words by their letters (case and punctuation aside), characters
     as they are."""
     return _norm(before) == _norm(now) != "" if spaced else before == now
+
+
+# -- append-only text (the OpenAI Realtime adapter's transcription deltas) -------------------------------
+
+
+class AppendOnlyText:
+    """One piece's text streamed as appended fragments, none ever taken back: `grow` gives what a partial's
+    stable_text adds, `finish` the rest of the final and the whole text, which starts with every fragment sent.
+
+    stable_text only grows, so the fragments before the final are its growth. The final (decoded with
+    temperature fallback from all the audio) usually starts with them too; where it does not (it revised a word
+    two partials agreed on, or put a comma inside the streamed words), the whole text keeps what was sent and
+    goes on with the final's words after the ones that stand for it, found as StablePrefix finds a revision's."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+
+    def grow(self, stable_text: str) -> str:
+        """The part of `stable_text` not sent yet ("" when it adds nothing)."""
+        if len(stable_text) <= len(self.sent) or not stable_text.startswith(self.sent):
+            return ""
+        fragment = stable_text[len(self.sent) :]
+        self.sent = stable_text
+        return fragment
+
+    def finish(self, final: str, language: str | None = None) -> tuple[str, str]:
+        """(the last fragment, the whole text) for the piece's final text."""
+        whole = final if final.startswith(self.sent) else _continued(self.sent, final, language)
+        fragment, self.sent = whole[len(self.sent) :], whole
+        return fragment, whole
+
+
+def _continued(sent: str, final: str, language: str | None) -> str:
+    """`sent` followed by the words of `final` after those that stand for it (characters, in a language
+    written without spaces)."""
+    if language in NO_SPACE_LANGUAGES:
+        return sent + final.strip()[len(sent) :]
+    units = final.split()
+    rest = units[_covered(units, sent.split()) :]
+    return " ".join([sent, *rest]) if rest and sent else sent or " ".join(rest)

@@ -36,6 +36,8 @@ from halkspeech.transcription.live import (
     Piece,
     Segmenter,
     SegmentReady,
+    SpeechStarted,
+    SpeechStopped,
     StablePrefix,
     StreamError,
     StreamLimits,
@@ -96,6 +98,7 @@ def _transcribe_options(
         force_decode_tokens=forced,
         without_timestamps=forced is not None,  # benchmarks: as the server's file requests then do
         hotwords=options.hotwords,
+        initial_prompt=options.prompt,
     )
     partial = TranscribeOptions(
         language=language,
@@ -106,6 +109,7 @@ def _transcribe_options(
         priority=PARTIAL_PRIORITY,
         force_decode_tokens=forced,
         hotwords=options.hotwords,
+        initial_prompt=options.prompt,
     )
     return final, partial
 
@@ -143,6 +147,7 @@ class LiveTurn:
         self._stable = StablePrefix()
         self._generation = 0  # bumped at each cut: partials of an earlier piece are dropped
         self._finishing = False
+        self._drop_rest = False  # finish(drop_rest=True): the audio after the last segment is not transcribed
         self._vad = vad
         self._vad_state = VADStream()
         self._vad_tail = np.zeros(0, dtype=np.float32)  # samples short of a whole VAD frame
@@ -150,13 +155,20 @@ class LiveTurn:
         self._vad_queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
         silence = options.segment_silence_ms
         pause_frames = None if silence is None else max(1, round(silence * SAMPLE_RATE / 1000 / FRAME))
-        self.segmenter = Segmenter(pause_frames)
+        self.segmenter = Segmenter.at(pause_frames, options.vad_threshold)
+        preroll_s = limits.preroll_s if options.preroll_ms is None else options.preroll_ms / 1000
+        self._preroll = int(preroll_s * SAMPLE_RATE)
         self._hangover = int(min(limits.hangover_s, (silence or 1e9) / 2000) * SAMPLE_RATE)
         self._vad_task = asyncio.create_task(self._run_vad()) if options.uses_vad else None
 
     @property
     def duration(self) -> float:
         return self.buffer.size / SAMPLE_RATE
+
+    @property
+    def in_speech(self) -> bool:
+        """A piece is being spoken: with the VAD on, speech started and no pause has cut it yet."""
+        return self.piece_start is not None
 
     # --- audio in --------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -193,23 +205,30 @@ class LiveTurn:
         while (frames := await self._vad_queue.get()) is not None:
             probs = await self._vad.probabilities(self._vad_state, frames)
             for event in self.segmenter.push(probs):
-                self._on_vad(event)
+                await self._on_vad(event)
 
-    def _on_vad(self, event: VadEvent) -> None:
-        preroll = int(self.limits.preroll_s * SAMPLE_RATE)
+    async def _on_vad(self, event: VadEvent) -> None:
+        """A speech start opens a piece; a pause cuts it and starts its transcription. The state changes before
+        the speech events are emitted (feed() may run meanwhile), and a cut piece's task is made after its
+        SpeechStopped is out, so SpeechStopped always precedes its SegmentReady."""
+        announce = self.options.speech_events
         if event.kind == "speech":
             if self.piece_start is None:
-                self.piece_start = max(self.last_cut, event.sample - preroll)
+                self.piece_start = max(self.last_cut, event.sample - self._preroll)
                 self._partial_mark = self.piece_start
+                if announce:
+                    await self.emit(SpeechStarted(self.turn, self._generation, self.piece_start / SAMPLE_RATE))
             return
         if self.options.segment_silence_ms is None or self.piece_start is None or self._finishing:
             return
         cut = min(self.buffer.size, event.sample + self._hangover)
-        previous = self.pieces[-1] if self.pieces else None
-        task = asyncio.create_task(self._segment(len(self.pieces), self.piece_start, cut, previous))
-        self.pieces.append(task)
+        index, start = self._generation, self.piece_start
         self.piece_start, self.last_cut = None, cut
         self._new_piece()
+        if announce:
+            await self.emit(SpeechStopped(self.turn, index, cut / SAMPLE_RATE))
+        previous = self.pieces[-1] if self.pieces else None
+        self.pieces.append(asyncio.create_task(self._segment(index, start, cut, previous)))
 
     async def _segment(self, index: int, start: int, stop: int, previous: asyncio.Task[Piece] | None) -> Piece:
         piece = await self._transcribe(start, stop)
@@ -252,7 +271,7 @@ class LiveTurn:
         if generation != self._generation or self._finishing or not transcript.text.strip():
             return  # a stale piece, the turn is ending, or nothing heard yet (not worth a message)
         text, stable = self._stable.update(transcript.text, transcript.language)
-        await self.emit(Partial(self.turn, text, stable, stop / SAMPLE_RATE))
+        await self.emit(Partial(self.turn, text, stable, stop / SAMPLE_RATE, generation))
 
     def _pin_language(self, transcript: Transcript, seconds: float) -> None:
         """Later partials decode in the language this one detected, when it was sure enough (PIN_LANGUAGE_*)."""
@@ -270,20 +289,21 @@ class LiveTurn:
             self._partial = None
 
     # --- the end ---------------------------------------------------------------------------------------
-    async def finish(self, ended: float | None = None) -> None:
-        """Transcribe what is left and emit the Final (or one StreamError for the turn)."""
+    async def finish(self, ended: float | None = None, *, drop_rest: bool = False) -> None:
+        """Transcribe what is left and emit the Final (or one StreamError for the turn). `drop_rest`: the audio
+        after the last segment is dropped, not transcribed (OpenAI's input_audio_buffer.clear)."""
         ended = time.perf_counter() if ended is None else ended
-        self._finishing = True
+        self._finishing, self._drop_rest = True, drop_rest
         if self._partial is not None:
             self._partial.cancel()  # frees its engine slot now; the final must not wait behind it
         try:
             final = await self._final(ended)
         except HalkSpeechError as exc:
-            await self.emit(StreamError(exc.code, str(exc), self.turn))
+            await self.emit(StreamError(exc.code, str(exc), self.turn, ends_turn=True))
             return
         except Exception:  # a bug must not leave the client waiting for this turn forever
             log.exception("live turn %d failed", self.turn)
-            await self.emit(StreamError("internal_error", "the turn could not be transcribed", self.turn))
+            await self.emit(StreamError("internal_error", "the turn could not be transcribed", self.turn, True))
             return
         finally:
             await self.cancel()
@@ -315,7 +335,7 @@ class LiveTurn:
 
     def _unsegmented(self) -> tuple[int, int]:
         """The audio after the last segment that still needs transcribing: [start, stop) samples."""
-        if self.piece_start is None:
+        if self.piece_start is None or self._drop_rest:
             return 0, 0  # VAD on, and no speech since the last cut
         stop = self.buffer.size
         if self.options.uses_vad:
@@ -411,15 +431,15 @@ class LiveSession:
             self._discarding = True
             raise
 
-    def end(self) -> None:
-        """Close the open turn; its final is computed in the background."""
+    def end(self, *, drop_rest: bool = False) -> None:
+        """Close the open turn; its final is computed in the background (`drop_rest`: see LiveTurn.finish)."""
         if self.turn is None:
             if self._discarding:
                 self._discarding = False
                 return
             raise NoTurn("end arrived with no open turn")
         turn, self.turn = self.turn, None
-        task = asyncio.create_task(turn.finish(time.perf_counter()))
+        task = asyncio.create_task(turn.finish(time.perf_counter(), drop_rest=drop_rest))
         self.finishing[task] = turn.turn
         task.add_done_callback(lambda done: self.finishing.pop(done, None))
 
@@ -447,7 +467,7 @@ class LiveSession:
         turns = sorted({*self.finishing.values(), *([self.turn.turn] if self.turn is not None else [])})
         await self.close()
         for turn in turns:
-            await self.emit(StreamError("engine_stopped", message, turn))
+            await self.emit(StreamError("engine_stopped", message, turn, ends_turn=True))
 
     async def close(self) -> None:
         """The client is gone: cancel the open turn and every final in progress, freeing engine slots."""
