@@ -19,7 +19,7 @@ from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware
 from halkspeech.api.logging import RequestContextMiddleware
 from halkspeech.api.metrics import Metrics, MetricsMiddleware
-from halkspeech.api.routes import health, metrics, models, openai, simple, ws
+from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, ws
 from halkspeech.config import Settings
 from halkspeech.engine.pool import ModelPool
 from halkspeech.transcription.word_workers import word_executor
@@ -31,8 +31,9 @@ _DESCRIPTION = """Fast self-hosted Whisper: the OpenAI audio API (`/v1/audio/tra
 `/v1/models`), the simple `/transcribe` API, Prometheus `/metrics` and `/health`. Requests from every client share
 the GPU's batches. Send `Authorization: Bearer <key>` when the server has API keys.
 
-Live speech: a WebSocket push-to-talk protocol at `/ws` (partial results, pause segments, finals at once); OpenAPI
-cannot describe WebSockets, so `GET /ws` (tag *live*) explains it."""
+Live speech: a WebSocket push-to-talk protocol at `/ws` (partial results, pause segments, finals at once), and OpenAI's
+Realtime API for transcription at `/v1/realtime`; OpenAPI cannot describe WebSockets, so `GET /ws` and
+`GET /v1/realtime` (tag *live*) explain them."""
 
 
 def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
@@ -62,6 +63,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(metrics.router)
     # --- WebSocket push-to-talk (api/routes/ws.py): `app.include_router(ws.router)` goes on the next line ---
     app.include_router(ws.router)  # checks API keys itself (header or ?token=); GET /ws, the protocol, is open
+    app.include_router(realtime.router)  # likewise (OpenAI's Realtime API for transcription at /v1/realtime)
 
     # API keys guard these routers' routes (not /health, /docs, /openapi.json, /ws), checked before the body is read.
     protected = [openai.router, simple.router, models.router, *([] if server.metrics_open else [metrics.router])]

@@ -170,6 +170,16 @@ class LiveTurn:
         """A piece is being spoken: with the VAD on, speech started and no pause has cut it yet."""
         return self.piece_start is not None
 
+    @property
+    def piece(self) -> int:
+        """The index of the piece being spoken, or of the next one: how many segments were cut so far."""
+        return self._generation
+
+    @property
+    def uncut_s(self) -> float:
+        """Seconds of the turn's audio after the last segment cut."""
+        return (self.buffer.size - self.last_cut) / SAMPLE_RATE
+
     # --- audio in --------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """One binary frame of 16-bit PCM. Raises AudioDecodeError (odd length: the frame is refused whole) or
@@ -203,9 +213,21 @@ class LiveTurn:
     async def _run_vad(self) -> None:
         assert self._vad is not None
         while (frames := await self._vad_queue.get()) is not None:
-            probs = await self._vad.probabilities(self._vad_state, frames)
-            for event in self.segmenter.push(probs):
-                await self._on_vad(event)
+            try:
+                probs = await self._vad.probabilities(self._vad_state, frames)
+                for event in self.segmenter.push(probs):
+                    await self._on_vad(event)
+            finally:
+                self._vad_queue.task_done()  # heard_all() waits for every put to be done
+
+    async def heard_all(self) -> None:
+        """Wait until the VAD has heard every whole frame fed so far, so that in_speech is up to date (it lags
+        the audio by the VAD's queue: a client sending faster than real time is ahead of it)."""
+        if self._vad_task is None or self._vad_task.done():
+            return
+        heard = asyncio.ensure_future(self._vad_queue.join())
+        await asyncio.wait([heard, self._vad_task], return_when=asyncio.FIRST_COMPLETED)  # not if the VAD died
+        heard.cancel()
 
     async def _on_vad(self, event: VadEvent) -> None:
         """A speech start opens a piece; a pause cuts it and starts its transcription. The state changes before
@@ -293,7 +315,7 @@ class LiveTurn:
         """Transcribe what is left and emit the Final (or one StreamError for the turn). `drop_rest`: the audio
         after the last segment is dropped, not transcribed (OpenAI's input_audio_buffer.clear)."""
         ended = time.perf_counter() if ended is None else ended
-        self._finishing, self._drop_rest = True, drop_rest
+        self.close_input(drop_rest)
         if self._partial is not None:
             self._partial.cancel()  # frees its engine slot now; the final must not wait behind it
         try:
@@ -308,6 +330,12 @@ class LiveTurn:
         finally:
             await self.cancel()
         await self.emit(final)
+
+    def close_input(self, drop_rest: bool = False) -> None:
+        """No more pieces are cut (finish() does this first; LiveSession.end at once, so that no pause the VAD
+        hears before finish() runs cuts a piece after the client's end)."""
+        self._finishing = True
+        self._drop_rest = self._drop_rest or drop_rest
 
     async def _final(self, ended: float) -> Final:
         self.buffer.append(self.pcm.flush())
@@ -439,6 +467,7 @@ class LiveSession:
                 return
             raise NoTurn("end arrived with no open turn")
         turn, self.turn = self.turn, None
+        turn.close_input(drop_rest)
         task = asyncio.create_task(turn.finish(time.perf_counter(), drop_rest=drop_rest))
         self.finishing[task] = turn.turn
         task.add_done_callback(lambda done: self.finishing.pop(done, None))
