@@ -19,7 +19,7 @@ from openai import AsyncOpenAI
 from starlette.websockets import WebSocketDisconnect
 
 from api.conftest import LiveServer, api_settings
-from conftest import TEST_DATA
+from conftest import DEV_DIR, TEST_DATA
 from halkspeech.api.app import create_app
 from halkspeech.audio import decode_audio
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
@@ -291,6 +291,27 @@ def test_session_updates_in_either_form_show_the_effective_settings(client: Test
         shown = update(ws, beta, "transcription_session.update")
         assert shown["input_audio_transcription"]["model"] == "tiny.en" and shown["turn_detection"] is None
         assert update(ws, {"type": "transcription"})["audio"]["input"]["format"]["rate"] == 16_000  # unchanged
+
+
+def test_keywords_are_favoured(client: TestClient) -> None:
+    """`transcription.keywords` are the turn's hotwords (faster-whisper's own hotwords test clip)."""
+    clip = DEV_DIR / "faster-whisper-tests" / "hotwords.mp3"
+    if not clip.exists():
+        pytest.skip("../shared/data/dev is not beside this checkout")
+    audio = decode_audio(clip, sample_rate=RATE)
+    pcm = (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+    with client.websocket_connect(URL) as ws:
+        ws.receive_json()
+        transcription = {"model": "whisper-1", "keywords": ["ComfyUI"]}
+        shown = update(
+            ws, {"type": "transcription", "audio": {"input": {"turn_detection": None, "transcription": transcription}}}
+        )
+        assert shown["audio"]["input"]["transcription"]["keywords"] == ["ComfyUI"]
+        for append in appends(pcm):
+            ws.send_json(append)
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        completed = receive_until(ws, COMPLETED)[-1]
+    assert "ComfyUI" in completed["transcript"]  # without: "comfy eye"
 
 
 def test_bad_events_get_errors_and_the_session_goes_on(client: TestClient) -> None:

@@ -69,6 +69,7 @@ class SessionConfig:
     model: str | None = None  # as the client named it; None: the server's default
     language: str | None = None  # None: detect
     prompt: str | None = None
+    keywords: tuple[str, ...] = ()  # names and terms to favour: the turn's hotwords
     rate: int = OPENAI_RATE  # Hz of the PCM appended (HalkSpeech also takes 8000-192000 in GA's format.rate)
     turn_detection: ServerVad | None = ServerVad()  # None: the client commits each item
 
@@ -86,6 +87,7 @@ class SessionConfig:
             partials=self.model != NON_STREAMING_MODEL,
             segment_silence_ms=None if vad is None else vad.silence_duration_ms,
             prompt=self.prompt,
+            hotwords=", ".join(self.keywords) or None,
             vad_threshold=None if vad is None else vad.threshold,
             preroll_ms=None if vad is None else vad.prefix_padding_ms,
             speech_events=vad is not None,
@@ -106,6 +108,7 @@ class _Transcription(_Fields):
     model: str | None = Field(default=None, max_length=200)
     language: str | None = Field(default=None, max_length=64)
     prompt: str | None = Field(default=None, max_length=MAX_HOTWORDS_CHARS)
+    keywords: list[str] | None = None
 
 
 class _TurnDetection(_Fields):
@@ -177,7 +180,12 @@ def updated(config: SessionConfig, session: Any, form: Form) -> SessionConfig:
         new = replace(new, rate=_rate(given.format, f"{where}.{fmt}"))
     if transcription in raw:
         t = given.transcription or _Transcription()
-        new = replace(new, model=t.model or None, language=t.language or None, prompt=t.prompt or None)
+        keywords = tuple(k.strip() for k in t.keywords or () if k.strip())
+        if len(", ".join(keywords)) > MAX_HOTWORDS_CHARS:
+            message = f"keywords may have at most {MAX_HOTWORDS_CHARS} characters in all"
+            raise RealtimeError("invalid_value", message, param=f"{where}.{transcription}.keywords")
+        language, prompt = t.language or None, t.prompt or None
+        new = replace(new, model=t.model or None, language=language, prompt=prompt, keywords=keywords)
         _check_language(new.language, f"{where}.{transcription}.language")
     if detection in raw:
         new = replace(new, turn_detection=_turn_detection(given.turn_detection, f"{where}.{detection}"))
@@ -277,7 +285,13 @@ def session_object(config: SessionConfig, session_id: str, form: Form, default_m
     effective settings; noise reduction and logprobs are always off here."""
     vad = config.turn_detection
     detection = None if vad is None else {"type": "server_vad", **vars(vad)}
-    transcription = {"model": config.model or default_model, "language": config.language, "prompt": config.prompt or ""}
+    transcription: dict[str, Any] = {
+        "model": config.model or default_model,
+        "language": config.language,
+        "prompt": config.prompt or "",
+    }
+    if config.keywords:
+        transcription["keywords"] = list(config.keywords)
     if form == "beta":
         return {
             "id": session_id,

@@ -302,12 +302,13 @@ class RealtimeConnection(LiveConnection):
 
     def _final(self, final: Final, state: TurnState) -> list[dict[str, Any]]:
         """The rest after the last segment is the last item; then every item of the turn still open ends:
-        committed ones with an empty transcript (a commit of silence), the others (cleared) as failed."""
+        committed ones with an empty transcript (a commit of silence), the others (cleared: named by speech_started
+        or a delta) as failed."""
         out: list[dict[str, Any]] = []
         for index, piece in enumerate(final.pieces[state.segments :], start=state.segments):
             out += self._completed(final.turn, index, piece)
         for index, item in sorted(state.items.items()):
-            if item.done:
+            if item.done or not (item.committed or item.started or item.text.sent):  # never named: nothing to end
                 continue
             if item.committed:
                 out += self._completed(final.turn, index, None)
