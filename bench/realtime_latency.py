@@ -1,0 +1,133 @@
+"""Commit → `completed` on /v1/realtime against end → `final` on /ws, for the same audio on the same server: the
+adapter's cost over the live session it wraps. One `halkspeech serve` (a subprocess), the clip sent as 24 kHz
+PCM16 as fast as the socket takes it, then the clock starts at the commit (or `end`) and stops when the
+transcript arrives, measured by the client. Alternating runs after one warm-up each; medians.
+
+Without turn detection and with `whisper-1` (no partials), the realtime turn is the /ws turn; `gpt-4o-transcribe`
+adds partials (deltas), cancelled at the commit as /ws cancels its partials at `end`: compared with /ws with
+partials on.
+
+  PYTHONPATH=src python bench/realtime_latency.py [--model tiny.en] [--audio tests/data/jfk.flac] [--runs 5]
+      [--port 8871] [--json bench/results/realtime_latency_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import websockets
+
+from halkspeech.audio import decode_audio
+from halkspeech.bench.subprocess_server import serve
+
+RATE = 24_000
+
+
+def pcm24(path: str) -> bytes:
+    audio = decode_audio(path, sample_rate=RATE)
+    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def ws_turn(partials: bool) -> Callable[[str, bytes], Awaitable[float]]:
+    async def turn(url: str, pcm: bytes) -> float:
+        """/ws: start, 100 ms frames, end → final; seconds from `end` to the final."""
+        async with websockets.connect(f"{url}/ws", max_size=None) as ws:
+            start = {"type": "start", "sample_rate": RATE, "language": "en", "partials": partials}
+            await ws.send(json.dumps(start))
+            step = RATE // 10 * 2
+            for i in range(0, len(pcm), step):
+                await ws.send(pcm[i : i + step])
+            started = time.perf_counter()
+            await ws.send(json.dumps({"type": "end"}))
+            async for message in ws:
+                if json.loads(message)["type"] == "final":
+                    return time.perf_counter() - started
+        raise RuntimeError("no final")
+
+    return turn
+
+
+def realtime_turn(model: str) -> Callable[[str, bytes], Awaitable[float]]:
+    async def turn(url: str, pcm: bytes) -> float:
+        """/v1/realtime: a manual session, 100 ms appends, commit → completed; seconds from the commit."""
+        async with websockets.connect(f"{url}/v1/realtime?intent=transcription", max_size=None) as ws:
+            await ws.recv()  # session.created
+            transcription = {"model": model, "language": "en"}
+            manual = {"transcription": transcription, "turn_detection": None}
+            session = {"type": "transcription", "audio": {"input": manual}}
+            await ws.send(json.dumps({"type": "session.update", "session": session}))
+            await ws.recv()  # session.updated
+            step = RATE // 10 * 2
+            for i in range(0, len(pcm), step):
+                chunk = base64.b64encode(pcm[i : i + step]).decode()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            started = time.perf_counter()
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            async for message in ws:
+                event = json.loads(message)
+                if event["type"] == "conversation.item.input_audio_transcription.completed":
+                    return time.perf_counter() - started
+                if event["type"] == "error":
+                    raise RuntimeError(event["error"])
+        raise RuntimeError("no completed")
+
+    return turn
+
+
+async def measure(url: str, pcm: bytes, runs: int) -> dict[str, list[float]]:
+    ways: dict[str, Callable[[str, bytes], Awaitable[float]]] = {
+        "/ws end → final": ws_turn(partials=False),
+        "/v1/realtime commit → completed (whisper-1)": realtime_turn("whisper-1"),
+        "/ws end → final (partials)": ws_turn(partials=True),
+        "/v1/realtime commit → completed (gpt-4o-transcribe: deltas)": realtime_turn("gpt-4o-transcribe"),
+    }
+    for way in ways.values():  # warm-up: the first turn pays for first calls
+        await way(url, pcm)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(runs):
+        for name, way in ways.items():
+            times[name].append(await way(url, pcm))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--audio", default="tests/data/jfk.flac")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--port", type=int, default=8871)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    pcm = pcm24(args.audio)
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        server_args = ["--model", args.model, "--device", args.device, "--preload"]
+        with serve(server_args, port=args.port, env=env, log_path=Path(tmp) / "server.log", startup_timeout_s=300) as s:
+            url = s.url.replace("http://", "ws://")
+            times = asyncio.run(measure(url, pcm, args.runs))
+    rows: dict[str, Any] = {
+        name: {"median_ms": round(statistics.median(ts) * 1000, 1), "runs_ms": [round(t * 1000, 1) for t in ts]}
+        for name, ts in times.items()
+    }
+    print(f"{args.audio} ({len(pcm) / 2 / RATE:.1f} s at 24 kHz), {args.model} on {args.device}, {args.runs} runs each")
+    for name, row in rows.items():
+        print(f"  {name:<60} median {row['median_ms']:>7.1f} ms   runs {row['runs_ms']}")
+    if args.json:
+        result = {"model": args.model, "device": args.device, "audio": args.audio, "runs": args.runs, "results": rows}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
