@@ -383,6 +383,20 @@ def test_bad_events_get_errors_and_the_session_goes_on(client: TestClient) -> No
     assert completed["usage"]["seconds"] == pytest.approx(len(pcm) / 2 / RATE, abs=0.02)  # nothing was lost
 
 
+def test_an_event_over_the_frame_limit_is_refused_and_the_session_goes_on(tiny_en_engine: ModelEngine) -> None:
+    """Appends may be as large as the server's frame limit allows (15 MiB at most, as at OpenAI): with a 1 s
+    turn limit that is 1.14 MB; a larger event gets one error, parsed or not."""
+    client = TestClient(make_app(tiny_en_engine, ws_max_turn_s=1.0))
+    big = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 1_200_000})
+    with client.websocket_connect(URL) as ws:
+        ws.receive_json()
+        ws.send_text(big)
+        error = ws.receive_json()["error"]
+        assert error["code"] == "invalid_event" and "at most 1144576 characters" in error["message"]
+        ws.send_json({"type": "input_audio_buffer.clear"})
+        assert ws.receive_json()["type"] == "input_audio_buffer.cleared"
+
+
 def test_clear_drops_the_buffer(client: TestClient, jfk24: bytes) -> None:
     with client.websocket_connect(URL) as ws:
         ws.receive_json()

@@ -108,7 +108,7 @@ class _Transcription(_Fields):
     model: str | None = Field(default=None, max_length=200)
     language: str | None = Field(default=None, max_length=64)
     prompt: str | None = Field(default=None, max_length=MAX_HOTWORDS_CHARS)
-    keywords: list[str] | None = None
+    keywords: list[str] | None = Field(default=None, max_length=500)  # a bound before the characters' bound
 
 
 class _TurnDetection(_Fields):
