@@ -397,6 +397,25 @@ def test_an_event_over_the_frame_limit_is_refused_and_the_session_goes_on(tiny_e
         assert ws.receive_json()["type"] == "input_audio_buffer.cleared"
 
 
+def test_a_full_buffer_is_committed(tiny_en_engine: ModelEngine) -> None:
+    """Without turn detection, a buffer that reaches ws_max_turn_s is committed with what fitted, and the next
+    append opens the next item."""
+    client = TestClient(make_app(tiny_en_engine, ws_max_turn_s=1.0))
+    pcm = pcm24("LJ001-0002.wav")  # 1.9 s
+    with client.websocket_connect(URL) as ws:
+        ws.receive_json()
+        update(ws, MANUAL)
+        ws.send_json(next(appends(pcm, chunk_s=10.0)))
+        events = receive_until(ws, COMPLETED)
+        for append in list(appends(pcm))[:5]:
+            ws.send_json(append)
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        after = receive_until(ws, COMPLETED)
+    assert [e["type"] for e in events if e["type"] != DELTA] == ["error", "input_audio_buffer.committed", COMPLETED]
+    assert events[0]["error"]["code"] == "audio_too_long" and events[-1]["usage"]["seconds"] == 1.0
+    assert after[0]["previous_item_id"] == events[-1]["item_id"] and after[-1]["usage"]["seconds"] == 0.5
+
+
 def test_clear_drops_the_buffer(client: TestClient, jfk24: bytes) -> None:
     with client.websocket_connect(URL) as ws:
         ws.receive_json()

@@ -207,13 +207,13 @@ class RealtimeConnection(LiveConnection):
         if self.session.turn is None:
             await self._open_turn()
         try:
-            self.session.feed(pcm)
+            self.session.feed(pcm)  # AudioDecodeError (an odd length): refused whole, not counted below
         except AudioTooLong:  # what fitted was kept; the turn was ended and its final follows
+            self.appended_s += seconds
             limit = self.server.ws_max_turn_s
             message = f"the buffer reached the limit of {limit:g} s; it was committed"
             raise RealtimeError("audio_too_long", message) from None
-        finally:
-            self.appended_s += seconds
+        self.appended_s += seconds
 
     async def _renewable(self, turn: LiveTurn, seconds: float) -> bool:
         """A server_vad turn is ended (and the next append opens a fresh one) before it would hold more than
