@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import re
 import time
-import wave
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 
 from api.conftest import LiveServer, api_settings, live_server, wait_until
-from conftest import JFK_TEXT, TEST_DATA
+from conftest import JFK_TEXT, TEST_DATA, wav_bytes
 from halkspeech.audio import decode_audio
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.factory import ModelEngine
@@ -40,13 +38,7 @@ def long_wav(path: Path, seconds: float, *, lead: Path | None = None) -> bytes:
     samples = np.tile(audio, int(np.ceil(seconds * 16000 / len(audio))))[: int(seconds * 16000)]
     if lead is not None:
         samples = np.concatenate([decode_audio(lead), np.zeros(20 * 16000, np.float32), samples])
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return wav_bytes(samples)
 
 
 @pytest.fixture(scope="module")
