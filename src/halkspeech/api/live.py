@@ -57,6 +57,10 @@ class ProtocolError(HalkSpeechError):
     code = "invalid_message"
 
 
+class MalformedJSON(ProtocolError):
+    """A text message that is not JSON, or nested too deeply to parse (OpenAI's protocol tells it apart)."""
+
+
 @dataclass
 class LiveHub:
     """What every live connection of one app shares: the open connections and the batched streaming VAD."""
@@ -330,9 +334,9 @@ def parse_object(text: str, max_chars: int, example: str, hint: str = "") -> dic
     try:
         data = json.loads(text)
     except RecursionError:  # the parser recurses once per level: hostile nesting must not kill the reader
-        raise ProtocolError("the message's JSON is nested too deeply") from None
+        raise MalformedJSON("the message's JSON is nested too deeply") from None
     except ValueError:
-        raise ProtocolError(f"text messages must be JSON objects such as {example}") from None
+        raise MalformedJSON(f"text messages must be JSON objects such as {example}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"a message must be a JSON object such as {example}, got {json_kind(data)}")
     return data

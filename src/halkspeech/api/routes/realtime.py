@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
+import functools
 import logging
 import math
 import time
@@ -26,7 +26,17 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 
 from halkspeech.api.deps import AppState, bearer_token
-from halkspeech.api.live import LiveConnection, LiveHub, admit, described, json_kind, max_frame_bytes
+from halkspeech.api.live import (
+    LiveConnection,
+    LiveHub,
+    MalformedJSON,
+    ProtocolError,
+    admit,
+    described,
+    json_kind,
+    max_frame_bytes,
+    parse_object,
+)
 from halkspeech.api.realtime_protocol import (
     Form,
     RealtimeError,
@@ -383,19 +393,15 @@ class RealtimeConnection(LiveConnection):
 
 
 async def _parsed(text: str, max_chars: int) -> dict[str, Any]:
-    """A client event as a JSON object (a long one parsed on a worker thread), or RealtimeError."""
-    if len(text) > max_chars:
-        message = f"an event may have at most {max_chars} characters, got {len(text)}: append audio in smaller pieces"
-        raise RealtimeError("invalid_event", message)
+    """A client event as a JSON object (`parse_object`; a long one parsed on a worker thread), or RealtimeError
+    with OpenAI's codes: `invalid_json` for what is not JSON, `invalid_event` for the rest."""
+    parse = functools.partial(parse_object, text, max_chars, EXAMPLE, ": append audio in smaller pieces")
     try:
-        data = await asyncio.to_thread(json.loads, text) if len(text) > OFF_LOOP_CHARS else json.loads(text)
-    except RecursionError:  # the parser recurses once per level: hostile nesting must not kill the reader
-        raise RealtimeError("invalid_json", "the event's JSON is nested too deeply") from None
-    except ValueError:
-        raise RealtimeError("invalid_json", f"events must be JSON objects such as {EXAMPLE}") from None
-    if not isinstance(data, dict):
-        raise RealtimeError("invalid_event", f"an event must be a JSON object such as {EXAMPLE}, got {json_kind(data)}")
-    return data
+        return await asyncio.to_thread(parse) if OFF_LOOP_CHARS < len(text) <= max_chars else parse()
+    except MalformedJSON as exc:
+        raise RealtimeError("invalid_json", str(exc)) from None
+    except ProtocolError as exc:
+        raise RealtimeError("invalid_event", str(exc)) from None
 
 
 async def _decoded(audio: str) -> bytes:
