@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from conftest import DEV_DIR, TEST_DATA
 from halkspeech.api.app import create_app
+from halkspeech.api.live import max_frame_bytes
 from halkspeech.api.routes import ws as ws_route
 from halkspeech.api.server import Server, uvicorn_config
 from halkspeech.audio import decode_audio
@@ -503,9 +504,9 @@ def test_serve_sizes_frames_for_a_whole_turn(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("halkspeech.api.logging.configure_logging", lambda *args: None)  # the test's logging stays
     monkeypatch.setenv("HALKSPEECH_SERVER__WS_MAX_TURN_S", "50")
     assert main(["serve", "--host", "127.0.0.1", "--port", "0", "--model", "tiny.en"]) == 0
-    assert configs[0].ws_max_size == ws_route.max_frame_bytes(ServerSettings(ws_max_turn_s=50))
+    assert configs[0].ws_max_size == max_frame_bytes(ServerSettings(ws_max_turn_s=50))
     assert configs[0].ws_max_size == 50 * 48_000 * 2 + 2**20
-    assert ws_route.max_frame_bytes(ServerSettings()) > 300 * 48_000 * 2  # the default: 29.8 MB
+    assert max_frame_bytes(ServerSettings()) > 300 * 48_000 * 2  # the default: 29.8 MB
 
 
 def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(

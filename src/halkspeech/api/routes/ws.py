@@ -21,18 +21,12 @@ from halkspeech.api.live import (
     LiveHub,
     ProtocolError,
     admit,
-    cut_live,
     described,
-    live_hub,
-    max_frame_bytes,
     parse_object,
-    shut_down_live,
 )
 from halkspeech.api.schemas import MAX_HOTWORDS_CHARS
 from halkspeech.errors import HalkSpeechError
 from halkspeech.transcription.live import LiveEvent, StreamError, StreamOptions
-
-__all__ = ["Connection", "cut_live", "live_hub", "max_frame_bytes", "router", "shut_down_live"]
 
 log = logging.getLogger(__name__)
 
