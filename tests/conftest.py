@@ -91,6 +91,11 @@ def jfk_with_pauses() -> np.ndarray:
     return np.concatenate([np.tile(second, 10), jfk[:cut], np.tile(second, 8), jfk[cut:]])
 
 
+def pcm16(audio: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM (a live client's frames)."""
+    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+
+
 def wav_bytes(samples: np.ndarray) -> bytes:
     """Mono 16-bit 16 kHz WAV of float samples in [-1, 1]."""
     buffer = io.BytesIO()

@@ -19,7 +19,7 @@ from openai import AsyncOpenAI
 from starlette.websockets import WebSocketDisconnect
 
 from api.conftest import LiveServer, api_settings
-from conftest import DEV_DIR, TEST_DATA
+from conftest import DEV_DIR, TEST_DATA, pcm16
 from halkspeech.api.app import create_app
 from halkspeech.audio import decode_audio
 from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
@@ -47,7 +47,7 @@ def make_app(engine: ModelEngine, **server: Any) -> Any:
 def pcm24(name: str, silence_s: float = 0.0) -> bytes:
     """A test recording as OpenAI's audio: 16-bit little-endian mono PCM at 24 kHz, then `silence_s` of silence."""
     audio = np.concatenate([decode_audio(TEST_DATA / name, sample_rate=RATE), np.zeros(int(silence_s * RATE))])
-    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+    return pcm16(audio)
 
 
 def appends(pcm: bytes, chunk_s: float = 0.1) -> Iterator[dict[str, Any]]:
@@ -300,7 +300,7 @@ def test_keywords_are_favoured(client: TestClient) -> None:
     if not clip.exists():
         pytest.skip("../shared/data/dev is not beside this checkout")
     audio = decode_audio(clip, sample_rate=RATE)
-    pcm = (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+    pcm = pcm16(audio)
     with client.websocket_connect(URL) as ws:
         ws.receive_json()
         transcription = {"model": "whisper-1", "keywords": ["ComfyUI"]}

@@ -23,7 +23,7 @@ import websockets
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import DEV_DIR, TEST_DATA
+from conftest import DEV_DIR, TEST_DATA, pcm16
 from halkspeech.api.app import create_app
 from halkspeech.api.live import max_frame_bytes
 from halkspeech.api.routes import ws as ws_route
@@ -43,10 +43,6 @@ from halkspeech.transcription.types import TranscribeOptions
 START = {"type": "start", "language": "en"}
 END = {"type": "end"}
 LJ_CLIP = TEST_DATA / "LJ001-0002.wav"  # "in being comparatively modern."
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
 
 
 def frames(data: bytes, size: int = 640) -> list[bytes]:  # 640 bytes: 20 ms at 16 kHz

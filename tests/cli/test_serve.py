@@ -22,6 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from conftest import pcm16
 from halkspeech.audio import decode_audio
 from halkspeech.cli import build_parser, main
 from halkspeech.cli.serve import _overrides
@@ -30,10 +31,6 @@ from halkspeech.config import load_settings
 REPO = Path(__file__).resolve().parents[2]
 KEY = "k-secret-7"
 LJ = REPO / "tests" / "data" / "LJ001-0002.wav"
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
 
 
 def free_port() -> int:

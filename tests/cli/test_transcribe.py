@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import wave
 from itertools import pairwise
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from whisper.normalizers import EnglishTextNormalizer
 
-from conftest import JFK_TEXT, TEST_DATA, jfk_with_pauses
+from conftest import JFK_TEXT, TEST_DATA, jfk_with_pauses, wav_bytes
 from halkspeech.cli import main
 
 JFK = TEST_DATA / "jfk.flac"  # 11 s, two segments with tiny.en
@@ -44,11 +43,7 @@ def assert_one_error_line(err: str, path: str | Path | None = None) -> None:
 
 def write_wav(path: Path, samples: np.ndarray) -> Path:
     """Mono 16-bit 16 kHz WAV of float samples in [-1, 1]."""
-    with wave.open(str(path), "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(16_000)
-        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    path.write_bytes(wav_bytes(samples))
     return path
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, pcm16
 from halkspeech.api.jobs import check_options
 from halkspeech.audio import decode_audio, decode_pcm16
 from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
@@ -51,10 +51,6 @@ from halkspeech.transcription.streaming import (
 from halkspeech.transcription.types import TranscribeOptions
 
 FRAME_BYTES = 640  # 20 ms of 16-bit mono at 16 kHz
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
 
 
 def frames(data: bytes, size: int = FRAME_BYTES) -> list[bytes]:
