@@ -5,10 +5,13 @@ transcript arrives, measured by the client. Alternating runs after one warm-up e
 
 Without turn detection and with `whisper-1` (no partials), the realtime turn is the /ws turn; `gpt-4o-transcribe`
 adds partials (deltas), cancelled at the commit as /ws cancels its partials at `end`: compared with /ws with
-partials on.
+partials on. Every turn's transcript is kept, and the table says whether all four ways gave the same text.
 
   PYTHONPATH=src python bench/realtime_latency.py [--model tiny.en] [--audio tests/data/jfk.flac] [--runs 5]
-      [--port 8871] [--json bench/results/realtime_latency_cpu.json]
+      [--device cpu] [--force-decode-tokens N] [--port 8871] [--json bench/results/realtime_latency_cpu.json]
+
+`--force-decode-tokens` (benchmarking only: random weights never end a window) is passed to the server, as in
+`halkspeech bench ws --tokens`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def pcm24(path: str) -> bytes:
     return (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
 
 
-def ws_turn(partials: bool) -> Callable[[str, bytes], Awaitable[float]]:
-    async def turn(url: str, pcm: bytes) -> float:
+Turn = Callable[[str, bytes], Awaitable[tuple[float, str]]]
+
+
+def ws_turn(partials: bool) -> Turn:
+    async def turn(url: str, pcm: bytes) -> tuple[float, str]:
         """/ws: start, 100 ms frames, end → final; seconds from `end` to the final."""
         async with websockets.connect(f"{url}/ws", max_size=None) as ws:
             start = {"type": "start", "sample_rate": RATE, "language": "en", "partials": partials}
@@ -51,15 +57,16 @@ def ws_turn(partials: bool) -> Callable[[str, bytes], Awaitable[float]]:
             started = time.perf_counter()
             await ws.send(json.dumps({"type": "end"}))
             async for message in ws:
-                if json.loads(message)["type"] == "final":
-                    return time.perf_counter() - started
+                event = json.loads(message)
+                if event["type"] == "final":
+                    return time.perf_counter() - started, event["text"]
         raise RuntimeError("no final")
 
     return turn
 
 
-def realtime_turn(model: str) -> Callable[[str, bytes], Awaitable[float]]:
-    async def turn(url: str, pcm: bytes) -> float:
+def realtime_turn(model: str) -> Turn:
+    async def turn(url: str, pcm: bytes) -> tuple[float, str]:
         """/v1/realtime: a manual session, 100 ms appends, commit → completed; seconds from the commit."""
         async with websockets.connect(f"{url}/v1/realtime?intent=transcription", max_size=None) as ws:
             await ws.recv()  # session.created
@@ -77,7 +84,7 @@ def realtime_turn(model: str) -> Callable[[str, bytes], Awaitable[float]]:
             async for message in ws:
                 event = json.loads(message)
                 if event["type"] == "conversation.item.input_audio_transcription.completed":
-                    return time.perf_counter() - started
+                    return time.perf_counter() - started, event["transcript"]
                 if event["type"] == "error":
                     raise RuntimeError(event["error"])
         raise RuntimeError("no completed")
@@ -85,8 +92,8 @@ def realtime_turn(model: str) -> Callable[[str, bytes], Awaitable[float]]:
     return turn
 
 
-async def measure(url: str, pcm: bytes, runs: int) -> dict[str, list[float]]:
-    ways: dict[str, Callable[[str, bytes], Awaitable[float]]] = {
+async def measure(url: str, pcm: bytes, runs: int) -> tuple[dict[str, list[float]], dict[str, set[str]]]:
+    ways: dict[str, Turn] = {
         "/ws end → final": ws_turn(partials=False),
         "/v1/realtime commit → completed (whisper-1)": realtime_turn("whisper-1"),
         "/ws end → final (partials)": ws_turn(partials=True),
@@ -95,10 +102,13 @@ async def measure(url: str, pcm: bytes, runs: int) -> dict[str, list[float]]:
     for way in ways.values():  # warm-up: the first turn pays for first calls
         await way(url, pcm)
     times: dict[str, list[float]] = {name: [] for name in ways}
+    texts: dict[str, set[str]] = {name: set() for name in ways}
     for _ in range(runs):
         for name, way in ways.items():
-            times[name].append(await way(url, pcm))
-    return times
+            seconds, text = await way(url, pcm)
+            times[name].append(seconds)
+            texts[name].add(text.strip())
+    return times, texts
 
 
 def main() -> None:
@@ -108,24 +118,31 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--port", type=int, default=8871)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force-decode-tokens", type=int, default=None, help="benchmarking only (random weights)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     pcm = pcm24(args.audio)
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         server_args = ["--model", args.model, "--device", args.device, "--preload"]
+        if args.force_decode_tokens:
+            server_args += ["--force-decode-tokens", str(args.force_decode_tokens)]
         with serve(server_args, port=args.port, env=env, log_path=Path(tmp) / "server.log", startup_timeout_s=300) as s:
             url = s.url.replace("http://", "ws://")
-            times = asyncio.run(measure(url, pcm, args.runs))
+            times, texts = asyncio.run(measure(url, pcm, args.runs))
     rows: dict[str, Any] = {
         name: {"median_ms": round(statistics.median(ts) * 1000, 1), "runs_ms": [round(t * 1000, 1) for t in ts]}
         for name, ts in times.items()
     }
+    same_text = len(set().union(*texts.values())) == 1
     print(f"{args.audio} ({len(pcm) / 2 / RATE:.1f} s at 24 kHz), {args.model} on {args.device}, {args.runs} runs each")
     for name, row in rows.items():
         print(f"  {name:<60} median {row['median_ms']:>7.1f} ms   runs {row['runs_ms']}")
+    print(f"  the same transcript from every turn of every way: {same_text}")
     if args.json:
-        result = {"model": args.model, "device": args.device, "audio": args.audio, "runs": args.runs, "results": rows}
+        result = {"model": args.model, "device": args.device, "audio": args.audio, "runs": args.runs}
+        result |= {"force_decode_tokens": args.force_decode_tokens, "same_text": same_text, "results": rows}
+        result["texts"] = {name: sorted(t) for name, t in texts.items()}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
