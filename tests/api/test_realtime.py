@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from openai import AsyncOpenAI
 from starlette.websockets import WebSocketDisconnect
+from websockets.sync.client import connect as ws_connect
 
 from api.conftest import LiveServer, api_settings
 from conftest import DEV_DIR, TEST_DATA, pcm16
@@ -508,3 +509,30 @@ def test_the_openai_sdk_realtime_clients_transcribe(server: LiveServer, jfk24: b
             else ["session.created", "session.updated"]
         )
         assert "ask not what your country can do for you" in events[-1].transcript, beta
+
+
+def test_lone_surrogates_are_refused_as_invalid_json(server: LiveServer) -> None:
+    """JSON may escape a lone surrogate (`\\ud800`), which no UTF-8 text frame can carry back: an event holding
+    one is refused whole (invalid_json) before anything echoes it or keeps it. Echoed (an event_id in an error,
+    keywords in session.updated), it failed to send as an internal_error, and the keywords stayed in the session
+    all the same. An escaped surrogate pair (an emoji) is valid text and passes."""
+    url = server.url.replace("http://", "ws://") + URL
+    lone = [
+        json.dumps({"type": "input_audio_buffer.flush", "event_id": "\ud800"}),
+        json.dumps(
+            {"type": "session.update", "session": {"audio": {"input": {"transcription": {"keywords": ["\udfff"]}}}}}
+        ),
+        '{"type": "session.update", "session": {"\\ud800": 1}}',  # a key, too
+    ]
+    with ws_connect(url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        for text in lone:
+            ws.send(text)
+            error = json.loads(ws.recv())["error"]
+            assert (error["code"], error["event_id"]) == ("invalid_json", None), (text, error)
+            assert "surrogate" in error["message"]
+        emoji = {"transcription": {"keywords": ["ComfyUI \U0001f600"]}}
+        ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": emoji}}}))  # ensure_ascii: a pair
+        shown = json.loads(ws.recv())
+    assert shown["type"] == "session.updated"
+    assert shown["session"]["audio"]["input"]["transcription"]["keywords"] == ["ComfyUI \U0001f600"]

@@ -251,6 +251,7 @@ def test_hostile_json_is_refused_and_the_open_turn_goes_on(client: TestClient, l
         ("null", "must be a JSON object"),
         ('{"type": ' + "[" * 500 + "]" * 500 + "}", "'type' is an array"),  # not echoed back
         ('{"type": {"a": 1}}', "'type' is an object"),
+        ('{"type": "start", "language": "\\udc00"}', "lone surrogate"),  # no UTF-8 text frame could echo it
         (json.dumps(START | {"language": "x" * 1000}), "at most 64 characters"),
         (json.dumps({"type": "x" * 70_000}), "at most 65536 characters"),
     ]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -325,6 +326,10 @@ async def _stop(*tasks: asyncio.Task[Any]) -> None:
 
 # --- JSON messages ---------------------------------------------------------------------------------------
 
+#: Where a decoded string could hold a surrogate: JSON escapes one as \uD800-\uDFFF, and a WebSocket text
+#: frame (UTF-8, checked by the server) holds none otherwise. Only then are the strings walked.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
 
 def parse_object(text: str, max_chars: int, example: str, hint: str = "") -> dict[str, Any]:
     """A text message as a JSON object, or ProtocolError: longer than `max_chars` (the error ends with `hint`),
@@ -337,9 +342,34 @@ def parse_object(text: str, max_chars: int, example: str, hint: str = "") -> dic
         raise MalformedJSON("the message's JSON is nested too deeply") from None
     except ValueError:
         raise MalformedJSON(f"text messages must be JSON objects such as {example}") from None
+    if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(data):
+        # Python decodes one, but it cannot be encoded as UTF-8: echoed back in any message (an error naming
+        # the client's event_id, the session's settings), it made the send fail.
+        raise MalformedJSON(
+            "the message's JSON has a lone surrogate escape (\\ud800-\\udfff): strings must be valid Unicode"
+        )
     if not isinstance(data, dict):
         raise ProtocolError(f"a message must be a JSON object such as {example}, got {json_kind(data)}")
     return data
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Any string (key or value) in a parsed JSON value that UTF-8 cannot encode. Iterative: the value may be
+    nested nearly as deep as the parser allows."""
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def json_kind(value: Any) -> str:
