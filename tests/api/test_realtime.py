@@ -348,6 +348,11 @@ def test_bad_events_get_errors_and_the_session_goes_on(client: TestClient) -> No
             "session.audio.input.format.type",
         ),
         (
+            {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 1000}}}}},
+            "invalid_value",
+            "session.audio.input.format.rate",
+        ),
+        (
             {"type": "transcription_session.update", "session": {"input_audio_transcription": {"language": "xx"}}},
             "invalid_value",
             "session.input_audio_transcription.language",

@@ -199,7 +199,8 @@ def _rate(given: _Format | None, param: str) -> int:
         raise _unsupported_format(given.type, f"{param}.type", "audio/pcm")
     rate = OPENAI_RATE if given.rate is None else given.rate
     if not MIN_RATE <= rate <= MAX_RATE:
-        raise RealtimeError("invalid_value", f"rate must be {MIN_RATE} to {MAX_RATE} Hz, got {rate}", param=param)
+        message = f"rate must be {MIN_RATE} to {MAX_RATE} Hz, got {rate}"
+        raise RealtimeError("invalid_value", message, param=f"{param}.rate")
     return rate
 
 
