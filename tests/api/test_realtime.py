@@ -295,6 +295,27 @@ def test_session_updates_in_either_form_show_the_effective_settings(client: Test
         assert update(ws, {"type": "transcription"})["audio"]["input"]["format"]["rate"] == 16_000  # unchanged
 
 
+def test_the_session_clock_counts_audio_at_the_rate_it_was_read(client: TestClient) -> None:
+    """A rate update leaves the open manual buffer at its own rate (docs/realtime.md): its audio is read, and
+    counted on the session's clock, at that rate. Counted at the new one, the next items' audio_*_ms were off."""
+    second = b"\0\0" * RATE  # 1 s at 24 kHz
+    half_rate = {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE // 2}}}}
+    with client.websocket_connect(URL) as ws:
+        ws.receive_json()
+        update(ws, MANUAL)
+        ws.send_json(next(appends(second, chunk_s=1.0)))
+        update(ws, half_rate)  # the open buffer stays at 24 kHz
+        ws.send_json(next(appends(second, chunk_s=1.0)))
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        assert receive_until(ws, COMPLETED)[-1]["usage"]["seconds"] == 2.0
+        update(ws, VAD)  # 12 kHz from here
+        speech = pcm16(decode_audio(TEST_DATA / "LJ001-0002.wav", sample_rate=RATE // 2))
+        for append in appends(speech + bytes(RATE), chunk_s=0.1):
+            ws.send_json(append)
+        started = receive_until(ws, "input_audio_buffer.speech_started")[-1]
+    assert 1500 <= started["audio_start_ms"] < 2500  # after the 2 s before it (less the prefix padding)
+
+
 def test_keywords_are_favoured(client: TestClient) -> None:
     """`transcription.keywords` are the turn's hotwords (faster-whisper's own hotwords test clip)."""
     clip = DEV_DIR / "faster-whisper-tests" / "hotwords.mp3"

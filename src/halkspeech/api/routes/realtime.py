@@ -210,12 +210,14 @@ class RealtimeConnection(LiveConnection):
         pcm = await _decoded(audio)
         if not pcm or time.monotonic() < self.refused_until:
             return
-        seconds = len(pcm) / 2 / self.config.rate
         turn = self.session.turn
-        if turn is not None and await self._renewable(turn, seconds):
+        if turn is not None and await self._renewable(turn, len(pcm) / 2 / turn.options.sample_rate):
             await self._end_turn()
         if self.session.turn is None:
             await self._open_turn()
+        # At the buffer's own rate: a manual buffer keeps the one it was opened with through a rate update.
+        opened = self.session.turn
+        seconds = len(pcm) / 2 / (opened.options.sample_rate if opened is not None else self.config.rate)
         try:
             self.session.feed(pcm)  # AudioDecodeError (an odd length): refused whole, not counted below
         except AudioTooLong:  # what fitted was kept; the turn was ended and its final follows
