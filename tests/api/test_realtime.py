@@ -444,6 +444,19 @@ def test_a_full_buffer_is_committed(tiny_en_engine: ModelEngine) -> None:
     assert after[0]["previous_item_id"] == events[-1]["item_id"] and after[-1]["usage"]["seconds"] == 0.5
 
 
+def test_a_commit_of_exactly_100_ms_is_taken(client: TestClient) -> None:
+    """OpenAI's least commit is 100 ms, inclusive. The resampler (24 → 16 kHz) holds back 16 samples until the
+    end: counted without them, 100 ms appended was 99 ms and the commit was refused as empty."""
+    with client.websocket_connect(URL) as ws:
+        ws.receive_json()
+        update(ws, MANUAL)
+        ws.send_json(next(appends(pcm24("LJ001-0002.wav")[: RATE // 10 * 2], chunk_s=0.1)))  # 2,400 samples
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        events = receive_until(ws, COMPLETED)
+    assert events[0]["type"] == "input_audio_buffer.committed", events[0]
+    assert events[-1]["usage"]["seconds"] == 0.1
+
+
 def test_clear_drops_the_buffer(client: TestClient, jfk24: bytes) -> None:
     with client.websocket_connect(URL) as ws:
         ws.receive_json()

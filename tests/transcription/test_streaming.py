@@ -228,7 +228,9 @@ def test_pcm_stream_resamples_across_chunks(jfk_audio: np.ndarray) -> None:
     at_8k = pcm16(audio[::2])  # 8 kHz PCM (crude decimation is fine for a length and shape check)
     stream = PCMStream(8_000)
     pieces = [stream.push(chunk) for chunk in frames(at_8k, 322)]  # odd sample counts per chunk
+    held = stream.held  # what the resampler holds back until the end: the flush gives it
     out = np.concatenate([*pieces, stream.flush()])
+    assert 0 < held == len(out) - sum(len(p) for p in pieces) and stream.held == 0
     assert abs(len(out) - 32_000) <= 16
     whole = decode_pcm16(at_8k, sample_rate=8_000)
     n = min(len(out), len(whole))

@@ -46,7 +46,14 @@ class PCMStream:
         self._resampler = (
             None if sample_rate == SAMPLE_RATE else av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         )
-        self._pts = 0
+        self._pts = 0  # samples in, at sample_rate
+        self._out = 0  # samples out, at 16 kHz
+
+    @property
+    def held(self) -> int:
+        """Samples at 16 kHz the resampler holds back until more audio or `flush` (its filter's delay: 16 of
+        24 kHz audio)."""
+        return max(0, round(self._pts * SAMPLE_RATE / self.sample_rate) - self._out) if self._resampler else 0
 
     def push(self, data: bytes) -> np.ndarray:
         """One chunk → int16 samples at 16 kHz [n] (a resampler holds back a few samples until `flush`)."""
@@ -59,18 +66,19 @@ class PCMStream:
         frame.sample_rate = self.sample_rate
         frame.pts = self._pts
         self._pts += pcm.size
-        return self._collect(self._resampler.resample(frame))
+        return self._count(self._resampler.resample(frame))
 
     def flush(self) -> np.ndarray:
         """The samples the resampler still holds: [n] int16."""
         if self._resampler is None:
             return np.zeros(0, dtype=np.int16)
-        return self._collect(self._resampler.resample(None))
+        return self._count(self._resampler.resample(None))
 
-    @staticmethod
-    def _collect(frames: list[av.AudioFrame]) -> np.ndarray:
+    def _count(self, frames: list[av.AudioFrame]) -> np.ndarray:
         parts = [f.to_ndarray().reshape(-1) for f in frames]
-        return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, dtype=np.int16)
+        samples = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, dtype=np.int16)
+        self._out += samples.size
+        return samples
 
 
 def pcm16_to_float(samples: np.ndarray) -> np.ndarray:

@@ -177,8 +177,9 @@ class LiveTurn:
 
     @property
     def uncut_s(self) -> float:
-        """Seconds of the turn's audio after the last segment cut."""
-        return (self.buffer.size - self.last_cut) / SAMPLE_RATE
+        """Seconds of the turn's audio after the last segment cut, with the few samples the resampler holds
+        back until the end (100 ms of 24 kHz audio is 100 ms, not 99)."""
+        return (self.buffer.size + self.pcm.held - self.last_cut) / SAMPLE_RATE
 
     # --- audio in --------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
