@@ -57,7 +57,9 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
-        self.ws_sessions = Gauge("halkspeech_ws_sessions", "Open /ws connections.", registry=self.registry)
+        self.ws_sessions = Gauge(
+            "halkspeech_ws_sessions", "Open live connections (/ws and /v1/realtime).", registry=self.registry
+        )
         self.ws_turns = Counter(
             "halkspeech_ws_turns", "Live turns started, by model.", ("model",), registry=self.registry
         )

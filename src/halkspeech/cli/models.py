@@ -13,7 +13,11 @@ from halkspeech.model.registry import ModelInfo, ModelRegistry
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("models", help="list the known and cached models, or fetch them")
+    parser = subparsers.add_parser(
+        "models",
+        help="list the known and cached models, or fetch them",
+        description="List the catalog and cached models, or fetch models into the cache.",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: settings)")
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION", required=True)
     actions.add_parser(
@@ -22,7 +26,11 @@ def register(subparsers: Any) -> None:
         description="Every catalog model and anything else in the cache: whether it is cached, its size on disk "
         "and where it would be fetched from.",
     )
-    pull = actions.add_parser("pull", help="fetch models into the cache (re-fetches a corrupt copy)")
+    pull = actions.add_parser(
+        "pull",
+        help="fetch models into the cache (re-fetches a corrupt copy)",
+        description="Fetch models into the cache (re-fetches a corrupt copy).",
+    )
     pull.add_argument("names", nargs="+", metavar="NAME", help="catalog name (tiny.en, base ...) or owner/repo")
     pull.add_argument("--force", action="store_true", help="download even if an intact copy is cached")
     pull.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

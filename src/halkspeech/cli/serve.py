@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="model to serve (repeatable; the first is the default): a catalog name, owner/repo, a path, or "
         "random:<catalog name> for benchmarks",
     )
-    models.add_argument("--preload", action="store_true", help="load the --model models (or the default) at start")
+    models.add_argument(
+        "--preload", action="store_true", help="load the --model models (or the default) at start (server.preload)"
+    )
     models.add_argument(
         "--only-configured-models",
         action="store_true",
@@ -55,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     models.add_argument("--cache-dir", type=Path, help="model cache directory")
 
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    engine.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="where the engines run (auto: cuda if present)"
+    )
     engine.add_argument(
         "--device-index", metavar="I[,I...]", help="GPU index, or several (0,1): one engine on each, sharing the work"
     )
@@ -66,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     engine.add_argument("--encoder-batch", type=int, help="windows per encoder call at most")
 
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-concurrent-requests", type=int)
+    limits.add_argument(
+        "--max-concurrent-requests", type=int, help="transcriptions running at once; more wait in the queue"
+    )
     limits.add_argument("--max-queue-size", type=int, help="requests waiting for a turn before 429s")
     limits.add_argument("--request-timeout", type=finite_float, help="seconds per request before a 504")
     limits.add_argument(
@@ -74,14 +80,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=finite_float,
         help="seconds from SIGTERM within which everything in flight is answered (finished, or 503)",
     )
-    limits.add_argument("--max-upload-mb", type=finite_float)
+    limits.add_argument(
+        "--max-upload-mb", type=finite_float, help="largest request body (upload or fetched URL), in MB"
+    )
     limits.add_argument("--max-audio-s", type=finite_float, help="longest audio accepted, in seconds")
     limits.add_argument("--allow-private-urls", action="store_true", default=None, help="/transcribe/url may fetch "
                         "private and loopback addresses (only on trusted networks)")  # fmt: skip
 
     logs = parser.add_argument_group("logging")
-    logs.add_argument("--log-format", choices=("json", "text"))
-    logs.add_argument("--no-access-log", action="store_true", help="no line per request")
+    logs.add_argument("--log-format", choices=("json", "text"), help="log lines as JSON objects or key=value pairs")
+    logs.add_argument("--no-access-log", action="store_true", help="no line per request (server.access_log false)")
 
     parser.add_argument(
         "--force-decode-tokens",

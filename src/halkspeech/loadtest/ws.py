@@ -319,21 +319,23 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="push-to-talk users over /ws: end→final latency, partial lag, throughput",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    parser.add_argument("--url", default="ws://localhost:8000/ws")
+    parser.add_argument("--url", default="ws://localhost:8000/ws", help="the server's /ws URL")
     parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
-    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--users", type=int, default=10, help="users, each with one connection at a time")
     parser.add_argument("--ramp-s", type=finite_float, default=0.0, help="spread user starts over this many seconds")
     parser.add_argument("--sessions-per-user", type=int, default=1, help="connections each user opens in turn")
-    parser.add_argument("--turns-per-session", type=int, default=3)
+    parser.add_argument("--turns-per-session", type=int, default=3, help="turns on each connection")
     parser.add_argument("--speed", type=finite_float, default=1.0, help="× real time; 0 = as fast as possible")
-    parser.add_argument("--frame-ms", type=finite_float, default=20.0)
+    parser.add_argument("--frame-ms", type=finite_float, default=20.0, help="PCM frame length")
     parser.add_argument("--think-s", type=finite_float, default=0.5, help="pause between turns")
-    parser.add_argument("--partials", action="store_true")
+    parser.add_argument("--partials", action="store_true", help="ask for partial results while speaking")
     parser.add_argument("--language", default="en")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--turn-timeout-s", type=finite_float, default=60.0)
-    parser.add_argument("--max-duration-s", type=finite_float, default=900.0)
+    parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
+    parser.add_argument(
+        "--turn-timeout-s", type=finite_float, default=60.0, help="wait for a final at most this long after end"
+    )
+    parser.add_argument("--max-duration-s", type=finite_float, default=900.0, help="the whole run stops after this")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
     parser.set_defaults(func=_run)
 
