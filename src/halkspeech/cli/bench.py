@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--max-tokens", type=int, default=150)
     mixed.add_argument("--rate", type=finite_float, default=0.0, help="arrivals per second (0: saturating)")
     mixed.add_argument("--slots", type=int, default=64)
-    mixed.add_argument("--admit-batch", type=int, default=None, help="windows admitted together while decoding")
+    mixed.add_argument(
+        "--admit-batch", type=int, default=None, help="windows admitted together while decoding (default: the engine's)"
+    )
     mixed.add_argument(
         "--modes",
         type=_csv(str),
@@ -94,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--tokens", type=int, default=80, help="forced decoded tokens per window")
     server.add_argument("--concurrency", type=int, default=256, help="HTTP clients posting at once")
     server.add_argument("--requests", type=int, default=1024, help="timed requests (after the warm-up)")
-    server.add_argument("--warmup-requests", type=int, default=512)
+    server.add_argument("--warmup-requests", type=int, default=512, help="untimed requests first")
     server.add_argument("--client-processes", type=int, default=4, help="processes the clients are spread over")
     server.add_argument("--slots", type=int, default=256, help="the server's decoder slots")
     server.add_argument("--encoder-batch", type=int, default=64)
@@ -104,7 +106,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--admit-batch", type=int, default=None, help="server engine: windows encoded together "
                         "while decoding (default: the engine's)")  # fmt: skip
     server.add_argument(
-        "--admit-wait-ms", type=finite_float, default=None, help="server engine: wait for --admit-batch"
+        "--admit-wait-ms",
+        type=finite_float,
+        default=None,
+        help="server engine: ms to wait for --admit-batch (default: the engine's)",
     )
     server.add_argument("--clip-s", type=finite_float, default=30.0)
     server.add_argument("--profile-s", type=finite_float, default=0.0, help="after the timed run, record this many "
@@ -285,7 +290,7 @@ def _register_longform(kinds: argparse._SubParsersAction[argparse.ArgumentParser
         "--gil-switch-ms",
         type=finite_float,
         default=EngineSettings().gil_switch_ms,
-        help="Python's thread switch interval while the engine runs (0: Python's default)",
+        help="Python's thread switch interval while the engine runs, ms (0: Python's 5 ms)",
     )
     _device_args(longform)
     longform.set_defaults(func=_run_longform)
