@@ -50,7 +50,7 @@ async def hypotheses(model_name: str) -> dict[str, list[str]]:
 def replay(hyps: dict[str, list[str]], by_count: bool) -> dict[str, Any]:
     aligned = live._covered
     if by_count:
-        live._covered = lambda units, stable: len(stable)  # type: ignore[assignment]
+        live._covered = lambda units, stable: (len(stable), "")  # type: ignore[assignment]
     try:
         shown, heard, repeated = [], [], 0
         for clip in hyps.values():

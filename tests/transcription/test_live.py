@@ -23,6 +23,7 @@ def test_a_final_that_revised_streamed_words_goes_on_after_them() -> None:
     for sent, final, whole in [
         ("And so my fellow", "And so, my fellow Americans.", "And so my fellow Americans."),
         ("stuff it into", "stuffered into you", "stuff it into you"),
+        ("thick peppered flower", "thick peppered flower-fattened sauce.", "thick peppered flower-fattened sauce."),
         ("Hello", "", "Hello"),
     ]:
         text = AppendOnlyText()

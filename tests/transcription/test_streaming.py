@@ -130,6 +130,23 @@ def test_a_revision_that_splits_or_joins_a_committed_word_repeats_and_drops_noth
     assert joined.update("anymore of this is")[0] == "any more of this is"  # not "any more of is"
 
 
+def test_a_revision_that_joins_the_last_committed_word_to_the_next_grows_it_in_place() -> None:
+    """tiny.en's partials of a dev clip: "flower" was committed, then the hypothesis said "flower-fattened". Cut
+    before that word, the text read "flower flower-fattened"; cut after it, "-fattened" was lost."""
+    prefix = StablePrefix()
+    for hypothesis in ("and thick peppered flower fat.", "and thick peppered flower fattens."):
+        prefix.update(hypothesis)
+    assert prefix.stable[-1] == "flower"
+    text, stable = prefix.update("and thick peppered flower-fattened sauce.")
+    assert text == "and thick peppered flower-fattened sauce."
+    assert stable == "and thick peppered flower-fattened"  # grown in place: the stable text only grows
+    assert prefix.update("and thick peppered flower-fattened sauce.")[1] == stable
+    the = StablePrefix()  # a next word that merely starts with the committed one's letters is not glued
+    for hypothesis in ("in the", "in the", "in the theory"):
+        text, _ = the.update(hypothesis)
+    assert text == "in the theory"
+
+
 def test_stable_prefix_only_grows_and_prefixes_text() -> None:
     prefix = StablePrefix()
     hypotheses = [
