@@ -47,6 +47,11 @@ async def hypotheses(model_name: str) -> dict[str, list[str]]:
     return out
 
 
+def timed(clip: list[str]) -> list[tuple[float, str]]:
+    """A clip's non-empty hypotheses with the seconds of audio each heard (1 s, then 0.4 s more each)."""
+    return [(1.0 + i * STEP / 16_000, h) for i, h in enumerate(clip) if h]
+
+
 def replay(hyps: dict[str, list[str]], by_count: bool) -> dict[str, Any]:
     aligned = live._covered
     if by_count:
@@ -55,8 +60,8 @@ def replay(hyps: dict[str, list[str]], by_count: bool) -> dict[str, Any]:
         shown, heard, repeated = [], [], 0
         for clip in hyps.values():
             prefix = live.StablePrefix()
-            for hypothesis in filter(None, clip):
-                text, _ = prefix.update(hypothesis, "en")
+            for audio_s, hypothesis in timed(clip):
+                text, _ = prefix.update(hypothesis, "en", audio_s)
                 words = [live._norm(w) for w in text.split()]
                 repeated += any(a == b != "" for a, b in itertools.pairwise(words))
                 shown.append(" ".join(words))

@@ -24,6 +24,7 @@ from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import AudioDecodeError, AudioTooLong, InvalidRequest, Overloaded
 from halkspeech.transcription.live import (
+    AGREE_SPAN_S,
     Final,
     LiveEvent,
     Partial,
@@ -145,6 +146,22 @@ def test_a_revision_that_joins_the_last_committed_word_to_the_next_grows_it_in_p
     for hypothesis in ("in the", "in the", "in the theory"):
         text, _ = the.update(hypothesis)
     assert text == "in the theory"
+
+
+def test_words_are_committed_once_hypotheses_over_0_8_s_of_audio_agree() -> None:
+    """base's partials of a dev clip: "How do you marry" from 1.4 and 1.8 s of audio agreed, was committed and
+    streamed, and the final's "Had he married a" could not take it back. A word now needs every hypothesis of
+    the last AGREE_SPAN_S (0.8 s) of audio growth: three partials 0.4 s apart, or two 0.8 s apart."""
+    assert AGREE_SPAN_S == 0.8
+    hypotheses = ["How do you", "How do you marry", "Had he married a more", "Had he married a more amiable"]
+    hypotheses.append("Had he married a more amiable woman")
+    close = StablePrefix()
+    stables = [close.update(h, "en", 1.0 + 0.4 * i)[1] for i, h in enumerate(hypotheses)]
+    assert stables == ["", "", "", "", "Had he married a more"]  # 1.0 and 1.4 s agreed on "How do you", 1.8 s not
+    apart = StablePrefix()
+    assert [apart.update(h, "en", 1.0 + 0.8 * i)[1] for i, h in enumerate(hypotheses[:2])] == ["", "How do you"]
+    untimed = StablePrefix()  # without audio times: the previous hypothesis (LocalAgreement-2)
+    assert [untimed.update(h)[1] for h in hypotheses[:2]] == ["", "How do you"]
 
 
 def test_stable_prefix_only_grows_and_prefixes_text() -> None:

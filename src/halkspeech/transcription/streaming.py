@@ -293,7 +293,7 @@ class LiveTurn:
         self._pin_language(transcript, (stop - start) / SAMPLE_RATE)
         if generation != self._generation or self._finishing or not transcript.text.strip():
             return  # a stale piece, the turn is ending, or nothing heard yet (not worth a message)
-        text, stable = self._stable.update(transcript.text, transcript.language)
+        text, stable = self._stable.update(transcript.text, transcript.language, stop / SAMPLE_RATE)
         await self.emit(Partial(self.turn, text, stable, stop / SAMPLE_RATE, generation))
 
     def _pin_language(self, transcript: Transcript, seconds: float) -> None:
