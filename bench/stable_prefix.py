@@ -5,7 +5,7 @@ the committed words found in a new hypothesis by aligning letters (the code) and
 Counts partials with a word repeated next to itself, and the word errors of the text shown against the
 hypothesis it came from (a perfect rule would differ only where the hypothesis revised a committed word).
 
-  PYTHONPATH=src python bench/stable_prefix.py [--model tiny.en] [--json OUT.json]
+  PYTHONPATH=src python bench/stable_prefix.py [--model tiny.en] [--json OUT.json] [--hypotheses DELTAS.json]
 """
 
 from __future__ import annotations
@@ -83,8 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--hypotheses", type=Path, help="bench/realtime_deltas.py's JSON: its hypotheses, not decoded")
     args = parser.parse_args()
-    hyps = asyncio.run(hypotheses(args.model))
+    if args.hypotheses:
+        saved = json.loads(args.hypotheses.read_text())
+        hyps, args.model = saved["hypotheses"], saved["model"]
+    else:
+        hyps = asyncio.run(hypotheses(args.model))
     rows = {"by letters (now)": replay(hyps, by_count=False), "by word count (before)": replay(hyps, by_count=True)}
     print(f"{'rule':>24} | partials | repeated word | WER vs hypothesis | dropped | replaced | added")
     for name, r in rows.items():
