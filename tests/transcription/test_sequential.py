@@ -1,5 +1,6 @@
 """Sequential mode: silent windows are skipped undecoded, so silence never becomes invented words (and quiet
-speech is not silence, in either mode); speech after a pause that the seek rule would skip is decoded."""
+speech is not silence, in either mode); speech after a pause that the seek rule would skip is decoded; word
+timings without timestamps add no text."""
 
 from __future__ import annotations
 
@@ -46,6 +47,23 @@ def test_speech_followed_by_silence_has_no_invented_tail(tiny_en_engine: ModelEn
     text = transcribe(tiny_en_engine, np.concatenate([speech, np.zeros(40 * 16_000, np.float32)]))
     # the last window is 30 s of zeros: skipped, so the text ends where the speech does (no " you")
     assert text.rstrip(" .").endswith("what you can do for your country")
+
+
+def test_word_timestamps_without_timestamps_add_no_text(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:
+    """Without timestamps a window is one segment, taken whole; word timings must not move the seek back to the
+    last word's end. openai-whisper and faster-whisper do (their rule for an unfinished last segment: no
+    timestamp ends the window, which is always so without them): tiny.en then decoded jfk.flac's last 0.5 s
+    again and wrote " Thank you. Thank you. Yeah. Yeah." after it (in both), and " So, this" after
+    LJ001-0002.wav (as openai-whisper)."""
+    for path, last in ((jfk_path, " country."), (TEST_DATA / "LJ001-0002.wav", " modern.")):
+        speech = decode_audio(path)
+        plain = TranscribeOptions(without_timestamps=True)
+        words = TranscribeOptions(without_timestamps=True, word_timestamps=True)
+        expected = asyncio.run(Transcriber(tiny_en_engine).transcribe(speech, plain)).text
+        result = asyncio.run(Transcriber(tiny_en_engine).transcribe(speech, words))
+        assert result.text == expected, path.name
+        assert result.words and result.words[-1].word == last, (path.name, result.words[-3:])
+        assert 0 < result.words[-1].end <= result.duration, (path.name, result.words[-1])
 
 
 def test_prompts_that_spell_special_tokens_are_plain_text(tiny_en_engine: ModelEngine, jfk_path: Path) -> None:

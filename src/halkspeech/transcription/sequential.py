@@ -136,8 +136,7 @@ class SequentialTranscription:
                 timed = self._words(raw, window, size, time_offset, last_speech) if o.word_timestamps else None
                 if timed is not None:
                     last_speech = last_end(timed) or last_speech
-                    single_ending = [t >= tok.timestamp_begin for t in tokens[-2:]] == [False, True]
-                    if not single_ending and last_speech > time_offset and seek == rule_seek:
+                    if self._unfinished(tokens) and last_speech > time_offset and seek == rule_seek:
                         seek = round(last_speech * FRAMES_PER_SECOND)  # the reference: resume after the last word
                 for i, piece in enumerate(raw):
                     segment = self._segment(len(segments), previous_seek, piece, window, timed[i] if timed else None)
@@ -149,6 +148,17 @@ class SequentialTranscription:
                     prompt_reset = len(all_tokens)
             self._report(seek)
         return self._transcript(segments, all_tokens[len(initial) :], language_probs, started)
+
+    def _unfinished(self, tokens: tuple[int, ...]) -> bool:
+        """Whether the window's last segment may run on past it (no single timestamp ends the window), where
+        word timings resume at its last word (the reference's rule). Not without timestamps: no timestamp ever
+        ends such a window, which is one segment taken whole (split_window), yet openai-whisper and
+        faster-whisper resume there too, and decode the rest again: tiny.en added " Thank you. Thank you. Yeah.
+        Yeah." to jfk.flac from its last 0.5 s, base repeated a whole 16 s sentence; word timings must not change
+        the text."""
+        if self.options.without_timestamps:
+            return False
+        return [t >= self.tokenizer.timestamp_begin for t in tokens[-2:]] != [False, True]
 
     async def _guard(
         self,
