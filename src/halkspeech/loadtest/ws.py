@@ -1,10 +1,16 @@
-"""`halkspeech loadtest ws`: many simulated users doing push-to-talk turns against a running server's /ws.
+"""`halkspeech loadtest ws`: many simulated users doing push-to-talk turns against a running server's /ws, or
+(`--protocol realtime`) its OpenAI Realtime transcription endpoint /v1/realtime.
 
 Each user opens `sessions_per_user` connections one after another and speaks `turns_per_session` turns on
 each: it streams a clip as 20 ms PCM frames at `speed` × real time, sends `end`, and waits for the final.
 Users start spread over `ramp_s`. Reported: latency from `end` to the final (p50/p95/p99), how far partials
 lag behind the audio they cover, turns and audio per second, errors and dropped connections. Every loop is
 bounded: by the counts, by `turn_timeout_s` per turn and by `max_duration_s` overall.
+
+Over /v1/realtime a session is set up once per connection (`session.update`: PCM16, no turn detection); each
+turn is base64 `input_audio_buffer.append` events paced the same way, then `input_audio_buffer.commit`, timed
+to `...transcription.completed`; `error` and `...transcription.failed` events count as errors by their code.
+Deltas carry no audio position, so only the first one is timed (first audio → first partial).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection
@@ -26,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from halkspeech.audio import decode_audio
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import HalkSpeechError, InvalidRequest
+from halkspeech.loadtest import realtime_common as realtime
 from halkspeech.loadtest.ws_common import (
     END_MESSAGE,
     SAMPLE_RATE,
@@ -39,6 +46,10 @@ from halkspeech.loadtest.ws_common import (
     to_pcm16,
     ws_url,
 )
+
+LiveProtocol = Literal["ws", "realtime"]
+PROTOCOLS: tuple[LiveProtocol, ...] = ("ws", "realtime")
+TITLES = {"ws": "WebSocket push-to-talk load", "realtime": "Realtime API (/v1/realtime) load"}
 
 
 @dataclass(frozen=True)
@@ -59,11 +70,14 @@ class WsLoadConfig:
     turn_timeout_s: float = 60.0  # wait for a final at most this long after `end`
     max_duration_s: float = 900.0  # the whole run stops after this
     json_path: str | None = None
+    protocol: LiveProtocol = "ws"  # realtime: /v1/realtime, where `model` is the session's transcription model
 
     def __post_init__(self) -> None:
         from halkspeech.bench.common import check_output  # as write_json below: imported when used
 
         check_output(self.json_path)
+        if self.protocol not in PROTOCOLS:
+            raise InvalidRequest(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.users < 1 or self.sessions_per_user < 1 or self.turns_per_session < 1:
             raise InvalidRequest("--users, --sessions-per-user and --turns-per-session must be at least 1")
         if self.speed < 0 or self.ramp_s < 0 or not 5 <= self.frame_ms <= 1000:
@@ -85,6 +99,7 @@ class Tally:
     partial_lag_ms: list[float] = field(default_factory=list)  # receipt − when its last audio was sent
     first_partial_ms: list[float] = field(default_factory=list)  # first audio frame → first partial
     server_end_to_final_ms: list[float] = field(default_factory=list)  # as the server measured it
+    partials: int = 0  # partials (deltas over /v1/realtime) received
     turns_ok: int = 0
     turns_failed: int = 0
     audio_s: float = 0.0  # audio of the successful turns
@@ -108,9 +123,12 @@ class _Turn:
 
 
 class _User:
+    """One simulated /ws user; `_RealtimeUser` overrides what /v1/realtime says differently."""
+
     def __init__(self, index: int, cfg: WsLoadConfig, clips: list[list[bytes]], tally: Tally, deadline: float):
         self.index, self.cfg, self.clips, self.tally, self.deadline = index, cfg, clips, tally, deadline
         self.turn: _Turn | None = None
+        self.url = cfg.url
 
     async def run(self) -> None:
         await asyncio.sleep(self.cfg.ramp_s * self.index / max(1, self.cfg.users))
@@ -118,7 +136,7 @@ class _User:
             if time.perf_counter() >= self.deadline:
                 return
             try:
-                ws = await open_ws(self.cfg.url, self.cfg.api_key)
+                ws = await open_ws(self.url, self.cfg.api_key)
             except HalkSpeechError:
                 self.tally.connect_failures += 1
                 continue
@@ -127,6 +145,8 @@ class _User:
     async def _session(self, ws: ClientConnection, session: int) -> None:
         receiver = asyncio.create_task(self._receive(ws))
         try:
+            if not await self._opened(ws, receiver):
+                return
             for turn in range(self.cfg.turns_per_session):
                 if time.perf_counter() >= self.deadline or receiver.done():
                     break
@@ -144,20 +164,38 @@ class _User:
             with contextlib.suppress(asyncio.CancelledError):
                 await receiver
 
+    async def _opened(self, ws: ClientConnection, receiver: asyncio.Task[None]) -> bool:
+        """Set the connection up before its first turn; False when it cannot be used (counted). /ws: nothing."""
+        return True
+
+    async def _begin(self, ws: ClientConnection) -> None:
+        """What opens a turn."""
+        await ws.send(start_message(language=self.cfg.language, model=self.cfg.model, partials=self.cfg.partials))
+
+    def _audio(self, frame: bytes) -> str | bytes:
+        return frame
+
+    async def _end(self, ws: ClientConnection, turn: _Turn) -> None:
+        await ws.send(END_MESSAGE)
+
+    def _parse(self, raw: str | bytes) -> dict[str, Any]:
+        """A server message in /ws's words."""
+        return parse(raw)
+
     async def _turn(self, ws: ClientConnection, clip: list[bytes]) -> bool:
         """One turn; False when the connection is unusable afterwards."""
         result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         turn = self.turn = _Turn(result=result)
-        await ws.send(start_message(language=self.cfg.language, model=self.cfg.model, partials=self.cfg.partials))
+        await self._begin(ws)
         total = 0
         async for _, frame in paced(clip, self.cfg.speed, self.cfg.frame_ms / 1000):
             if turn.ended_by_server or result.done():
                 break  # the server would drop the rest
-            await ws.send(frame)
+            await ws.send(self._audio(frame))
             total += len(frame) // 2
             turn.sent_at.append(time.perf_counter())
             turn.samples.append(total)
-        await ws.send(END_MESSAGE)
+        await self._end(ws, turn)
         turn.ended = time.perf_counter()
         try:
             async with asyncio.timeout(min(self.cfg.turn_timeout_s, max(0.0, self.deadline - turn.ended) + 1)):
@@ -185,7 +223,7 @@ class _User:
     async def _receive(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
-                self._on_message(parse(raw), time.perf_counter())
+                self._on_message(self._parse(raw), time.perf_counter())
         except ConnectionClosed:
             pass
         turn = self.turn
@@ -213,15 +251,61 @@ class _User:
             turn.result.set_result(message | {"_at": at})  # the start was refused, or the turn failed
 
     def _partial(self, turn: _Turn, message: dict[str, Any], at: float) -> None:
-        covered = message.get("audio_s")
-        if not isinstance(covered, int | float) or not turn.samples:
+        self.tally.partials += 1
+        if not turn.samples:
             return
-        index = int(np.searchsorted(turn.samples, covered * SAMPLE_RATE - 1))  # the frame that completed it
-        if index < len(turn.sent_at):
-            self.tally.partial_lag_ms.append((at - turn.sent_at[index]) * 1000)
         if turn.first_partial:
             turn.first_partial = False
             self.tally.first_partial_ms.append((at - turn.sent_at[0]) * 1000)
+        covered = message.get("audio_s")  # /ws only: a realtime delta does not say what audio it covers
+        if isinstance(covered, int | float):
+            index = int(np.searchsorted(turn.samples, covered * SAMPLE_RATE - 1))  # the frame that completed it
+            if index < len(turn.sent_at):
+                self.tally.partial_lag_ms.append((at - turn.sent_at[index]) * 1000)
+
+
+class _RealtimeUser(_User):
+    """A /v1/realtime user: one `session.update` per connection, appends and a commit per turn."""
+
+    def __init__(self, index: int, cfg: WsLoadConfig, clips: list[list[bytes]], tally: Tally, deadline: float):
+        super().__init__(index, cfg, clips, tally, deadline)
+        self.url = realtime.realtime_url(cfg.url)
+        self.model = realtime.transcription_model(cfg.model, cfg.partials)
+        self.ready: asyncio.Future[bool] | None = None  # the session update: taken (True) or refused
+
+    async def _opened(self, ws: ClientConnection, receiver: asyncio.Task[None]) -> bool:
+        """Send the session's settings and wait for `session.updated`. Refused (a model the server does not
+        offer, a wrong key: their `error` is counted), closed or unanswered: the session's turns fail."""
+        ready = self.ready = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(ConnectionClosed):  # refused at once (a wrong key): its error is read below
+            await ws.send(realtime.session_update(model=self.model, language=self.cfg.language))
+        await asyncio.wait({ready, receiver}, timeout=self.cfg.turn_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.result():
+            return True
+        self.tally.turns_failed += self.cfg.turns_per_session
+        if receiver.done() and not ready.done():
+            self.tally.dropped += 1
+        elif not ready.done():
+            self.tally.errors["no_session_in_time"] += 1
+        return False
+
+    async def _begin(self, ws: ClientConnection) -> None:
+        pass  # the buffer opens with the first append
+
+    def _audio(self, frame: bytes) -> str | bytes:
+        return realtime.append(frame)
+
+    async def _end(self, ws: ClientConnection, turn: _Turn) -> None:
+        if not turn.ended_by_server:  # else the server committed the buffer itself: a commit would find it empty
+            await ws.send(realtime.COMMIT)
+
+    def _parse(self, raw: str | bytes) -> dict[str, Any]:
+        return realtime.as_ws_message(parse(raw), deltas=self.model != realtime.NON_STREAMING_MODEL)
+
+    def _on_message(self, message: dict[str, Any], at: float) -> None:
+        if self.ready is not None and not self.ready.done() and message["type"] in ("session.updated", "error"):
+            self.ready.set_result(message["type"] == "session.updated")
+        super()._on_message(message, at)
 
 
 async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
@@ -230,7 +314,8 @@ async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
     tally = Tally()
     started = time.perf_counter()
     deadline = started + cfg.max_duration_s
-    users = [_User(i, cfg, clips, tally, deadline) for i in range(cfg.users)]
+    user = _RealtimeUser if cfg.protocol == "realtime" else _User
+    users = [user(i, cfg, clips, tally, deadline) for i in range(cfg.users)]
     tasks = [asyncio.create_task(u.run()) for u in users]
     _, late = await asyncio.wait(tasks, timeout=cfg.max_duration_s + cfg.turn_timeout_s + 10)
     for task in late:
@@ -283,6 +368,7 @@ def summarize(cfg: WsLoadConfig, tally: Tally, wall_s: float) -> dict[str, Any]:
         "dropped_connections": tally.dropped,
         "connect_failures": tally.connect_failures,
         "users_failed": tally.users_failed,
+        "partials": tally.partials,
         "end_to_final_ms": _stats(tally.end_to_final_ms),
         "server_end_to_final_ms": _stats(tally.server_end_to_final_ms),
         "partial_lag_ms": _stats(tally.partial_lag_ms),
@@ -290,16 +376,20 @@ def summarize(cfg: WsLoadConfig, tally: Tally, wall_s: float) -> dict[str, Any]:
     }
 
 
-def print_results(results: dict[str, Any], title: str = "WebSocket push-to-talk load") -> None:
+def print_results(results: dict[str, Any], title: str | None = None) -> None:
+    """The latency table and a line of counts; the title says the protocol unless one is given."""
     from halkspeech.bench.common import print_table
 
+    title = title or TITLES[results["config"].get("protocol", "ws")]
+    protocol = results["config"].get("protocol", "ws")
+    end, final, partial = ("commit", "completed", "delta") if protocol == "realtime" else ("end", "final", "partial")
     rows = [
         {"metric": label} | results[key]
         for key, label in (
-            ("end_to_final_ms", "end → final (client), ms"),
-            ("server_end_to_final_ms", "end → final (server), ms"),
+            ("end_to_final_ms", f"{end} → {final} (client), ms"),
+            ("server_end_to_final_ms", f"{end} → {final} (server), ms"),
             ("partial_lag_ms", "partial lag behind audio, ms"),
-            ("first_partial_ms", "first audio → first partial, ms"),
+            ("first_partial_ms", f"first audio → first {partial}, ms"),
         )
     ]
     columns = [("metric", "metric"), *((k, k) for k in ("count", "p50", "p95", "p99", "mean", "max"))]
@@ -316,10 +406,20 @@ def print_results(results: dict[str, Any], title: str = "WebSocket push-to-talk 
 def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = kinds.add_parser(
         "ws",
-        help="push-to-talk users over /ws: end→final latency, partial lag, throughput",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        help="push-to-talk users over /ws or /v1/realtime: end→final latency, partial lag, throughput",
+        description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
     )
-    parser.add_argument("--url", default="ws://localhost:8000/ws", help="the server's /ws URL")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="ws",
+        help="ws: /ws push-to-talk; realtime: OpenAI's Realtime transcription API at /v1/realtime",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="the server's /ws or /v1/realtime URL (default: ws://localhost:8000 and the protocol's path)",
+    )
     parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
     parser.add_argument("--users", type=int, default=10, help="users, each with one connection at a time")
     parser.add_argument("--ramp-s", type=finite_float, default=0.0, help="spread user starts over this many seconds")
@@ -328,9 +428,17 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--speed", type=finite_float, default=1.0, help="× real time; 0 = as fast as possible")
     parser.add_argument("--frame-ms", type=finite_float, default=20.0, help="PCM frame length")
     parser.add_argument("--think-s", type=finite_float, default=0.5, help="pause between turns")
-    parser.add_argument("--partials", action="store_true", help="ask for partial results while speaking")
+    parser.add_argument(
+        "--partials",
+        action="store_true",
+        help="ask for partial results while speaking (realtime: session model gpt-4o-transcribe, else whisper-1)",
+    )
     parser.add_argument("--language", default="en")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name (default: the server's); realtime: the session's model, and any but whisper-1 streams deltas",
+    )
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
     parser.add_argument(
         "--turn-timeout-s", type=finite_float, default=60.0, help="wait for a final at most this long after end"
@@ -344,8 +452,9 @@ def _run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.audio if not p.is_file()]
     if missing:
         raise InvalidRequest(f"no such file: {', '.join(missing)}")
+    path = realtime.PATH if args.protocol == "realtime" else "/ws"
     cfg = WsLoadConfig(
-        url=args.url,
+        url=args.url or f"ws://localhost:8000{path}",
         audio=tuple(args.audio),
         users=args.users,
         ramp_s=args.ramp_s,
@@ -361,6 +470,7 @@ def _run(args: argparse.Namespace) -> int:
         turn_timeout_s=args.turn_timeout_s,
         max_duration_s=args.max_duration_s,
         json_path=args.json_path,
+        protocol=args.protocol,
     )
     results = run_ws_load(cfg)
     return 0 if results["turns_ok"] and not failures(results) else 1

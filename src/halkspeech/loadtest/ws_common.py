@@ -32,8 +32,8 @@ class ConnectionFailed(HalkSpeechError):
     code = "connection_failed"
 
 
-def ws_url(url: str) -> str:
-    """Accept http(s):// and bare host:port too; add /ws when no path is given."""
+def ws_url(url: str, path: str = "/ws") -> str:
+    """Accept http(s):// and bare host:port too; add `path` when none is given."""
     if "://" not in url:
         url = "ws://" + url
     scheme, _, rest = url.partition("://")
@@ -49,7 +49,7 @@ def ws_url(url: str) -> str:
     if not parts.hostname:
         raise ConnectionFailed(f"the URL has no host: {url!r}")
     if parts.path in ("", "/"):
-        url = url.rstrip("/") + "/ws"
+        url = url.rstrip("/") + path
     return url
 
 
