@@ -118,3 +118,14 @@ def test_server_load_is_split_without_extra_requests(concurrency: int, requests:
     parts = split_load(cfg, processes)
     assert sum(p.requests for p in parts) == requests and sum(p.concurrency for p in parts) == concurrency
     assert all(p.requests >= 1 and p.concurrency >= 1 for p in parts) and len(parts) <= processes
+
+
+def test_ws_bench_drives_the_protocol_asked_for() -> None:
+    """`bench ws --protocol realtime` runs its scenarios through the load tester's realtime users (the run itself,
+    a server in a subprocess, is too slow for a test: see README for the command)."""
+    from halkspeech.bench.ws_bench import WsBenchConfig, _load
+
+    for protocol in ("ws", "realtime"):
+        cfg = WsBenchConfig(device="cpu", dtype="float32", protocol=protocol)  # type: ignore[arg-type]
+        load = _load(cfg, "ws://127.0.0.1:1", TEST_DATA / "jfk.flac", users=2, turns=1, partials=True)
+        assert load.protocol == protocol and load.partials

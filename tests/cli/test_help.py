@@ -23,6 +23,8 @@ def help_of(capsys: pytest.CaptureFixture[str], *command: str) -> str:
         (["bench", "engine"], "--batches BATCHES default: 1,16,64,256"),
         (["bench", "engine"], "--device {cuda,cpu} default: cuda"),
         (["loadtest", "ws"], "--language LANGUAGE default: en"),
+        (["loadtest", "ws"], "--protocol {ws,realtime} ws: /ws push-to-talk; realtime: OpenAI's Realtime"),
+        (["bench", "ws"], "--protocol {ws,realtime} ws: /ws push-to-talk; realtime: /v1/realtime"),
         (["loadtest", "ws"], "--ramp-s RAMP_S spread user starts over this many seconds (default: 0.0)"),
         (["ws-client"], "--frame-ms FRAME_MS PCM frame length (default: 20)"),  # said once, by the help itself
         (["models", "list"], "Every catalog model and anything else in the cache"),

@@ -1,7 +1,8 @@
 """Live push-to-talk latency through the real server: `halkspeech bench ws`.
 
 Starts `halkspeech serve` in a subprocess (random weights of a released shape with a forced decode length, or
-real weights), then drives it with the `/ws` load tester:
+real weights), then drives it with the `/ws` load tester, over `/ws` or (`protocol="realtime"`) over
+`/v1/realtime`, where end → final is commit → `...transcription.completed`:
 
   (a) one user, `turn_s` turns: p50 end → final (target on one H100/H200: ≤ 60 ms for 5 s turns);
   (b) `users` concurrent users while background clients post `file_s` files to /v1/audio/transcriptions
@@ -38,7 +39,8 @@ from halkspeech.bench.common import (
     write_json,
 )
 from halkspeech.bench.subprocess_server import free_port, serve
-from halkspeech.loadtest.ws import WsLoadConfig, failures, print_results, run_ws_load_async
+from halkspeech.loadtest.realtime_common import PATH as REALTIME_PATH
+from halkspeech.loadtest.ws import LiveProtocol, WsLoadConfig, failures, print_results, run_ws_load_async
 
 SAMPLE_RATE = 16_000
 REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
@@ -65,6 +67,7 @@ class WsBenchConfig:
     startup_timeout_s: float = 900.0
     max_scenario_s: float = 600.0
     json_path: str | None = None
+    protocol: LiveProtocol = "ws"  # realtime: the same scenarios over /v1/realtime
 
     def __post_init__(self) -> None:
         check_output(self.json_path)
@@ -176,6 +179,7 @@ def _load(cfg: WsBenchConfig, ws_url: str, clip: Path, *, users: int, turns: int
         partials=partials,
         language=cfg.language,
         max_duration_s=cfg.max_scenario_s,
+        protocol=cfg.protocol,
     )
 
 
@@ -192,7 +196,7 @@ async def _scenario(name: str, load: WsLoadConfig, url: str, files: bytes | None
 
 
 async def _run(cfg: WsBenchConfig, url: str, clip: Path, files: bytes) -> list[dict[str, Any]]:
-    ws_url = url.replace("http://", "ws://") + "/ws"
+    ws_url = url.replace("http://", "ws://") + (REALTIME_PATH if cfg.protocol == "realtime" else "/ws")
     await run_ws_load_async(_load(cfg, ws_url, clip, users=2, turns=2, partials=True))  # warm-up, not reported
     runs = [("a", 1, cfg.single_turns, False, None), ("b", cfg.users, cfg.turns_per_user, False, files)]
     if cfg.partials:
@@ -257,9 +261,11 @@ def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
         ("target", "target"),
         ("met", "met"),
     ]
-    title = f"WebSocket push-to-talk, {cfg.model}" + (f", {cfg.tokens} forced tokens" if cfg.tokens else "")
+    title = "Realtime API (/v1/realtime)" if cfg.protocol == "realtime" else "WebSocket push-to-talk"
+    title += f", {cfg.model}" + (f", {cfg.tokens} forced tokens" if cfg.tokens else "")
     print_table(rows, columns, title=f"{title}, {cfg.turn_s:g} s turns, {cfg.device}")
-    payload: dict[str, Any] = {"config": asdict(cfg) | {"audio": str(cfg.audio) if cfg.audio else None}}
+    payload: dict[str, Any] = {"protocol": cfg.protocol}
+    payload |= {"config": asdict(cfg) | {"audio": str(cfg.audio) if cfg.audio else None}}
     payload |= {"device": device, "server_health": health}
     payload |= {"rows": rows, "results": results}
     write_json(cfg.json_path, payload)

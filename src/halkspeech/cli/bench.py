@@ -117,7 +117,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _device_args(server)
     server.set_defaults(func=_run_server)
 
-    ws = _kind(kinds, "ws", "push-to-talk end→final latency through the real server, with file traffic")
+    ws = _kind(
+        kinds, "ws", "push-to-talk end→final latency through the real server (/ws or /v1/realtime), with file traffic"
+    )
+    ws.add_argument(
+        "--protocol",
+        choices=("ws", "realtime"),
+        default="ws",
+        help="ws: /ws push-to-talk; realtime: /v1/realtime (commit → completed; partials: gpt-4o-transcribe deltas)",
+    )
     ws.add_argument("--model", default="random:large-v3-turbo", help="served model (random:<shape> or real)")
     ws.add_argument("--tokens", type=int, default=20, help="forced decoded tokens per window (0: real decoding)")
     ws.add_argument("--turn-s", type=finite_float, default=5.0, help="seconds of audio per turn")
@@ -228,6 +236,7 @@ def _run_ws(args: argparse.Namespace) -> int:
             audio=Path(args.audio) if args.audio else None,
             port=args.port,
             json_path=args.json_path,
+            protocol=args.protocol,
         )
     )
     return 0 if all(row["turns"] and not row["failed"] for row in payload["rows"]) else 1  # targets: the table
