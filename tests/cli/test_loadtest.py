@@ -74,7 +74,7 @@ def test_realtime_urls_and_events_in_ws_words() -> None:
     assert realtime.transcription_model(None, partials=True) == "gpt-4o-transcribe"
     update = json.loads(realtime.session_update(model="whisper-1", language="en"))
     assert update["session"]["audio"]["input"] == {
-        "format": {"type": "audio/pcm", "rate": 16000},
+        "format": {"type": "audio/pcm", "rate": 24000},  # what OpenAI's clients send
         "transcription": {"model": "whisper-1", "language": "en"},
         "turn_detection": None,
     }

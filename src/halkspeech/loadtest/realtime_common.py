@@ -8,9 +8,12 @@ import base64
 import json
 from typing import Any
 
-from halkspeech.loadtest.ws_common import SAMPLE_RATE, ws_url
+from halkspeech.loadtest.ws_common import ws_url
 
 PATH = "/v1/realtime"
+#: What OpenAI's realtime clients send (the protocol's default): the server resamples it to 16 kHz, and that is
+#: part of the load, so the simulated users send it too.
+SAMPLE_RATE = 24_000
 #: OpenAI's non-streaming name: the server sends no deltas while the user speaks, only the whole transcript
 #: at the end (one delta, then `completed`). Any other name streams deltas from partial results.
 NON_STREAMING_MODEL = "whisper-1"

@@ -7,7 +7,8 @@ Users start spread over `ramp_s`. Reported: latency from `end` to the final (p50
 lag behind the audio they cover, turns and audio per second, errors and dropped connections. Every loop is
 bounded: by the counts, by `turn_timeout_s` per turn and by `max_duration_s` overall.
 
-Over /v1/realtime a session is set up once per connection (`session.update`: PCM16, no turn detection); each
+Over /v1/realtime a session is set up once per connection (`session.update`: PCM16 at 24 kHz as OpenAI's
+clients send it, no turn detection); each
 turn is base64 `input_audio_buffer.append` events paced the same way, then `input_audio_buffer.commit`, timed
 to `...transcription.completed`; `error` and `...transcription.failed` events count as errors by their code.
 Deltas carry no audio position, so only the first one is timed (first audio → first partial).
@@ -129,6 +130,7 @@ class _User:
         self.index, self.cfg, self.clips, self.tally, self.deadline = index, cfg, clips, tally, deadline
         self.turn: _Turn | None = None
         self.url = cfg.url
+        self.sample_rate = sample_rate(cfg.protocol)  # of the clips' frames
 
     async def run(self) -> None:
         await asyncio.sleep(self.cfg.ramp_s * self.index / max(1, self.cfg.users))
@@ -207,7 +209,7 @@ class _User:
         if message["type"] == "final":
             self.tally.turns_ok += 1
             duration = message.get("duration")
-            self.tally.audio_s += duration if isinstance(duration, int | float) else total / SAMPLE_RATE
+            self.tally.audio_s += duration if isinstance(duration, int | float) else total / self.sample_rate
             if not turn.ended_by_server:  # else our `end` did not end it: no end → final to time
                 self.tally.end_to_final_ms.append((message["_at"] - turn.ended) * 1000)
                 server = message.get("timings_ms", {}).get("end_to_final")
@@ -259,7 +261,7 @@ class _User:
             self.tally.first_partial_ms.append((at - turn.sent_at[0]) * 1000)
         covered = message.get("audio_s")  # /ws only: a realtime delta does not say what audio it covers
         if isinstance(covered, int | float):
-            index = int(np.searchsorted(turn.samples, covered * SAMPLE_RATE - 1))  # the frame that completed it
+            index = int(np.searchsorted(turn.samples, covered * self.sample_rate - 1))  # the frame that completed it
             if index < len(turn.sent_at):
                 self.tally.partial_lag_ms.append((at - turn.sent_at[index]) * 1000)
 
@@ -278,7 +280,8 @@ class _RealtimeUser(_User):
         offer, a wrong key: their `error` is counted), closed or unanswered: the session's turns fail."""
         ready = self.ready = asyncio.get_running_loop().create_future()
         with contextlib.suppress(ConnectionClosed):  # refused at once (a wrong key): its error is read below
-            await ws.send(realtime.session_update(model=self.model, language=self.cfg.language))
+            update = realtime.session_update(model=self.model, language=self.cfg.language, sample_rate=self.sample_rate)
+            await ws.send(update)
         await asyncio.wait({ready, receiver}, timeout=self.cfg.turn_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if ready.done() and ready.result():
             return True
@@ -308,9 +311,15 @@ class _RealtimeUser(_User):
         super()._on_message(message, at)
 
 
+def sample_rate(protocol: LiveProtocol) -> int:
+    """The PCM the simulated users send: /ws's 16 kHz, or the 24 kHz of OpenAI's realtime clients."""
+    return realtime.SAMPLE_RATE if protocol == "realtime" else SAMPLE_RATE
+
+
 async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
     """Run the load; returns the results (also printed as a table and written as JSON when asked)."""
-    clips = [pcm_frames(to_pcm16(decode_audio(path)), cfg.frame_ms) for path in cfg.audio]
+    rate = sample_rate(cfg.protocol)
+    clips = [pcm_frames(to_pcm16(decode_audio(path, sample_rate=rate)), cfg.frame_ms, rate) for path in cfg.audio]
     tally = Tally()
     started = time.perf_counter()
     deadline = started + cfg.max_duration_s

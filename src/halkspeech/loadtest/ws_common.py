@@ -74,9 +74,9 @@ def to_pcm16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(audio, -1.0, 1.0 - 1 / 32768) * 32768).astype("<i2")
 
 
-def pcm_frames(pcm: np.ndarray, frame_ms: float = 20.0) -> list[bytes]:
-    """int16 [n] → frames of `frame_ms` as little-endian bytes (the last may be shorter)."""
-    step = max(1, int(SAMPLE_RATE * frame_ms / 1000))
+def pcm_frames(pcm: np.ndarray, frame_ms: float = 20.0, sample_rate: int = SAMPLE_RATE) -> list[bytes]:
+    """int16 [n] at `sample_rate` → frames of `frame_ms` as little-endian bytes (the last may be shorter)."""
+    step = max(1, int(sample_rate * frame_ms / 1000))
     return [pcm[i : i + step].astype("<i2").tobytes() for i in range(0, len(pcm), step)]
 
 
