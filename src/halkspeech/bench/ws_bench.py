@@ -117,8 +117,9 @@ def _wav(audio: np.ndarray) -> bytes:
 
 
 @contextlib.contextmanager
-def server(cfg: WsBenchConfig, port: int) -> Iterator[str]:
-    """`halkspeech serve` in a subprocess (its flags, plus HALKSPEECH_* for what has no flag); yields its URL."""
+def server(cfg: WsBenchConfig, port: int, log: Path) -> Iterator[str]:
+    """`halkspeech serve` in a subprocess (its flags, plus HALKSPEECH_* for what has no flag), logging warnings
+    and errors to `log`; yields its URL."""
     env = dict(os.environ)
     env["HALKSPEECH_SERVER__WS_MAX_SESSIONS"] = str(max(1000, 2 * cfg.users))
     command = ["--model", cfg.model, "--preload", "--no-access-log"]
@@ -126,7 +127,6 @@ def server(cfg: WsBenchConfig, port: int) -> Iterator[str]:
     command += ["--max-concurrent-requests", str(max(256, 2 * cfg.file_clients))]
     if cfg.tokens:
         command += ["--force-decode-tokens", str(cfg.tokens)]
-    log = Path(tempfile.mkdtemp(prefix="halkspeech-bench-ws-")) / "server.log"
     with serve(command, port=port, env=env, log_path=log, startup_timeout_s=cfg.startup_timeout_s) as served:
         yield served.url
 
@@ -234,6 +234,9 @@ def _row(result: dict[str, Any], cfg: WsBenchConfig) -> dict[str, Any]:
     }
 
 
+SERVER_LOG_CHARS = 20_000  # of the server's log kept in the JSON: a failed turn's traceback is in it
+
+
 def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
     speech = _speech(cfg)
     with tempfile.TemporaryDirectory(prefix="halkspeech-bench-ws-") as tmp:
@@ -241,10 +244,12 @@ def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
         clip.write_bytes(_wav(_looped(speech, cfg.turn_s)))
         files = _wav(_looped(speech, cfg.file_s))
         port = cfg.port or free_port()
-        with server(cfg, port) as url:
+        log = Path(tmp) / "server.log"
+        with server(cfg, port, log) as url:
             health = httpx.get(f"{url}/health", timeout=10).json()
             device = device_info(torch.device(cfg.device))  # after the server planned its memory
             results = asyncio.run(_run(cfg, url, clip, files))
+        server_log = log.read_text(errors="replace")[-SERVER_LOG_CHARS:]  # its warnings and errors, tracebacks
     rows = [_row(r, cfg) for r in results]
     columns = [
         ("scenario", "scenario"),
@@ -267,6 +272,8 @@ def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
     payload: dict[str, Any] = {"protocol": cfg.protocol}
     payload |= {"config": asdict(cfg) | {"audio": str(cfg.audio) if cfg.audio else None}}
     payload |= {"device": device, "server_health": health}
-    payload |= {"rows": rows, "results": results}
+    payload |= {"rows": rows, "results": results, "server_log_tail": server_log}
+    if server_log.strip():
+        print(f"the server logged (the end of it is in the JSON's server_log_tail):\n{server_log[-1500:]}")
     write_json(cfg.json_path, payload)
     return payload

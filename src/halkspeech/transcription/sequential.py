@@ -8,6 +8,7 @@ engine step; batched.py is the mode that also parallelises within a file.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -63,9 +64,8 @@ class SequentialTranscription:
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         self.audio = audio
-        # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference).
-        self.mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
-        self.content_frames = self.mel.shape[-1] - N_FRAMES
+        self.mel = torch.empty(0)  # the whole file's log-mel [n_mels, frames]: made by run(), off the event loop
+        self.content_frames = 0
         self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
         self.language = self.decoder.language()
         self.guard = SeekGuard(audio, model.device) if guarded(options) else None
@@ -88,6 +88,13 @@ class SequentialTranscription:
 
     async def run(self) -> Transcript:
         started = time.perf_counter()
+        # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference). On
+        # a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held up
+        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy).
+        self.mel = await asyncio.to_thread(
+            log_mel_spectrogram, self.audio, self.model.dims.n_mels, padding=N_SAMPLES, device=self.model.device
+        )
+        self.content_frames = self.mel.shape[-1] - N_FRAMES
         o, tok = self.options, self.tokenizer
         initial = tok.encode(" " + o.initial_prompt.strip()) if o.initial_prompt else []
         all_tokens: list[int] = list(initial)
