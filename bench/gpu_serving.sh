@@ -14,7 +14,7 @@
 #   bench/gpu_serving.sh mixed-and-server OUT_DIR   continuous vs static batching; the HTTP server at 256 clients
 #   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
 #   bench/gpu_serving.sh ws OUT_DIR                 WebSocket turns (1 and 200 users) with file requests alongside
-#   bench/gpu_serving.sh ws-protocols OUT_DIR       the same over /v1/realtime, then over /ws
+#   bench/gpu_serving.sh ws-protocols OUT_DIR       the same over /v1/realtime (20 and 100 ms appends), then /ws
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
@@ -132,10 +132,11 @@ server-and-ws)
   timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
     --turns-per-user 2 --file-clients 4 --json "$out/ws.json" 2>&1 | tail -6
   ;;
-ws-protocols)  # WebSocket turns over /v1/realtime, then over /ws, in one lease (1 and 200 users, files alongside)
-  for protocol in realtime ws; do
-    timeout 290 $py -m halkspeech bench ws --protocol $protocol --model random:large-v3-turbo --tokens 20 \
-      --users 200 --turns-per-user 3 --file-clients 4 --json "$out/ws_$protocol.json" 2>&1 | tail -6
+ws-protocols)  # WebSocket turns over /v1/realtime (20 and 100 ms appends), then over /ws, in one lease
+  for run in "realtime 20" "realtime 100" "ws 20"; do
+    set -- $run
+    timeout 190 $py -m halkspeech bench ws --protocol $1 --frame-ms $2 --model random:large-v3-turbo --tokens 20 \
+      --single-turns 5 --users 200 --turns-per-user 3 --file-clients 4 --json "$out/ws_$1_$2ms.json" 2>&1 | tail -4
   done
   ;;
 ws-only)

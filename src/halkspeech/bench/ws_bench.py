@@ -68,6 +68,7 @@ class WsBenchConfig:
     max_scenario_s: float = 600.0
     json_path: str | None = None
     protocol: LiveProtocol = "ws"  # realtime: the same scenarios over /v1/realtime
+    frame_ms: float = 20.0  # audio per message (realtime clients often send 100 ms appends)
 
     def __post_init__(self) -> None:
         check_output(self.json_path)
@@ -81,6 +82,7 @@ class WsBenchConfig:
             file_clients=(self.file_clients, 0, 1024),
             file_s=(self.file_s, 1, 3600),
             port=(self.port, 0, 65535),
+            frame_ms=(self.frame_ms, 5, 1000),
         )
 
 
@@ -180,6 +182,7 @@ def _load(cfg: WsBenchConfig, ws_url: str, clip: Path, *, users: int, turns: int
         language=cfg.language,
         max_duration_s=cfg.max_scenario_s,
         protocol=cfg.protocol,
+        frame_ms=cfg.frame_ms,
     )
 
 
@@ -268,7 +271,7 @@ def run_ws_bench(cfg: WsBenchConfig) -> dict[str, Any]:
     ]
     title = "Realtime API (/v1/realtime)" if cfg.protocol == "realtime" else "WebSocket push-to-talk"
     title += f", {cfg.model}" + (f", {cfg.tokens} forced tokens" if cfg.tokens else "")
-    print_table(rows, columns, title=f"{title}, {cfg.turn_s:g} s turns, {cfg.device}")
+    print_table(rows, columns, title=f"{title}, {cfg.turn_s:g} s turns of {cfg.frame_ms:g} ms messages, {cfg.device}")
     payload: dict[str, Any] = {"protocol": cfg.protocol}
     payload |= {"config": asdict(cfg) | {"audio": str(cfg.audio) if cfg.audio else None}}
     payload |= {"device": device, "server_health": health}

@@ -129,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ws.add_argument("--model", default="random:large-v3-turbo", help="served model (random:<shape> or real)")
     ws.add_argument("--tokens", type=int, default=20, help="forced decoded tokens per window (0: real decoding)")
     ws.add_argument("--turn-s", type=finite_float, default=5.0, help="seconds of audio per turn")
+    ws.add_argument("--frame-ms", type=finite_float, default=20.0, help="audio per message (binary frame or append)")
     ws.add_argument("--single-turns", type=int, default=10, help="turns of the one-user scenario")
     ws.add_argument("--users", type=int, default=200, help="users of the concurrent scenario")
     ws.add_argument("--ramp-s", type=finite_float, default=10.0)
@@ -237,6 +238,7 @@ def _run_ws(args: argparse.Namespace) -> int:
             port=args.port,
             json_path=args.json_path,
             protocol=args.protocol,
+            frame_ms=args.frame_ms,
         )
     )
     return 0 if all(row["turns"] and not row["failed"] for row in payload["rows"]) else 1  # targets: the table

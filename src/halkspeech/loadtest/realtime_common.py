@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from typing import Any
 
@@ -44,6 +45,7 @@ def session_update(*, model: str, language: str | None, sample_rate: int = SAMPL
     return json.dumps({"type": "session.update", "session": session})
 
 
+@functools.cache  # every user sends the same clips' frames: each is encoded once (bytes keep their hash)
 def append(frame: bytes) -> str:
     """`input_audio_buffer.append` of one PCM16 frame."""
     return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(frame).decode()})
