@@ -163,7 +163,8 @@ class LiveTurn:
 
     @property
     def duration(self) -> float:
-        return self.buffer.size / SAMPLE_RATE
+        """Seconds of audio fed, with what the resampler has yet to give out (PCMStream.held)."""
+        return (self.buffer.size + self.pcm.held) / SAMPLE_RATE
 
     @property
     def in_speech(self) -> bool:
@@ -177,8 +178,8 @@ class LiveTurn:
 
     @property
     def uncut_s(self) -> float:
-        """Seconds of the turn's audio after the last segment cut, with the few samples the resampler holds
-        back until the end (100 ms of 24 kHz audio is 100 ms, not 99)."""
+        """Seconds of the turn's audio after the last segment cut, with what the resampler has yet to give out
+        (up to RESAMPLE_BLOCK_S, and its filter's delay: 100 ms of 24 kHz audio is 100 ms, not 99)."""
         return (self.buffer.size + self.pcm.held - self.last_cut) / SAMPLE_RATE
 
     # --- audio in --------------------------------------------------------------------------------------
