@@ -506,6 +506,20 @@ def test_serve_sizes_frames_for_a_whole_turn(monkeypatch: pytest.MonkeyPatch) ->
     assert max_frame_bytes(ServerSettings()) > 300 * 48_000 * 2  # the default: 29.8 MB
 
 
+def test_live_connections_take_no_compression_unless_configured(tiny_en_engine: ModelEngine) -> None:
+    """websockets' client offers permessage-deflate, as the OpenAI SDK's does: audio barely compresses and
+    inflating every frame costs the event loop, so the server declines it unless server.ws_compression is on."""
+
+    async def extensions(url: str) -> list[str]:
+        async with websockets.connect(url) as ws:  # offers permessage-deflate by default
+            return [extension.name for extension in ws.protocol.extensions]
+
+    for compression, expected in ((False, []), (True, ["permessage-deflate"])):
+        with serving(tiny_en_engine, ws_compression=compression) as url:
+            assert asyncio.run(extensions(url)) == expected
+            assert asyncio.run(extensions(url.replace("/ws", "/v1/realtime"))) == expected
+
+
 def test_a_frame_over_16_mib_is_read_and_a_full_turn_ends_with_its_final(
     tiny_en_engine: ModelEngine, lj_audio: np.ndarray
 ) -> None:

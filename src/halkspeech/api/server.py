@@ -89,6 +89,7 @@ def uvicorn_config(app: Any, server: ServerSettings, **options: Any) -> uvicorn.
         "log_config": None,
         "access_log": False,  # our middleware writes one structured line per request
         "ws_max_size": max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
+        "ws_per_message_deflate": server.ws_compression,
         "timeout_graceful_shutdown": server.shutdown_timeout_s,  # for the work in flight when asked to stop
         **options,
     }
