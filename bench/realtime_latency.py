@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import statistics
@@ -33,6 +32,8 @@ import websockets
 
 from halkspeech.audio import decode_audio
 from halkspeech.bench.subprocess_server import serve
+from halkspeech.loadtest import realtime_common as realtime
+from halkspeech.loadtest.ws_common import END_MESSAGE, start_message
 
 RATE = 24_000
 
@@ -43,24 +44,33 @@ def pcm24(path: str) -> bytes:
 
 
 Turn = Callable[[str, bytes], Awaitable[tuple[float, str]]]
+STEP = RATE // 10 * 2  # 100 ms of PCM16
+
+
+async def _until(
+    ws: websockets.ClientConnection, started: float, kind: str, text: str, fatal: bool
+) -> tuple[float, str]:
+    """Seconds from `started` until the event `kind` arrives, and its `text` field; with `fatal`, an `error`
+    event raises (a realtime error ends the item; on /ws the turn goes on to its final)."""
+    async for message in ws:
+        event = json.loads(message)
+        if event["type"] == kind:
+            return time.perf_counter() - started, event[text]
+        if fatal and event["type"] == "error":
+            raise RuntimeError(event["error"])
+    raise RuntimeError(f"no {kind}")
 
 
 def ws_turn(partials: bool) -> Turn:
     async def turn(url: str, pcm: bytes) -> tuple[float, str]:
         """/ws: start, 100 ms frames, end → final; seconds from `end` to the final."""
         async with websockets.connect(f"{url}/ws", max_size=None) as ws:
-            start = {"type": "start", "sample_rate": RATE, "language": "en", "partials": partials}
-            await ws.send(json.dumps(start))
-            step = RATE // 10 * 2
-            for i in range(0, len(pcm), step):
-                await ws.send(pcm[i : i + step])
+            await ws.send(start_message(sample_rate=RATE, language="en", partials=partials))
+            for i in range(0, len(pcm), STEP):
+                await ws.send(pcm[i : i + STEP])
             started = time.perf_counter()
-            await ws.send(json.dumps({"type": "end"}))
-            async for message in ws:
-                event = json.loads(message)
-                if event["type"] == "final":
-                    return time.perf_counter() - started, event["text"]
-        raise RuntimeError("no final")
+            await ws.send(END_MESSAGE)
+            return await _until(ws, started, "final", "text", fatal=False)
 
     return turn
 
@@ -68,26 +78,15 @@ def ws_turn(partials: bool) -> Turn:
 def realtime_turn(model: str) -> Turn:
     async def turn(url: str, pcm: bytes) -> tuple[float, str]:
         """/v1/realtime: a manual session, 100 ms appends, commit → completed; seconds from the commit."""
-        async with websockets.connect(f"{url}/v1/realtime?intent=transcription", max_size=None) as ws:
+        async with websockets.connect(realtime.realtime_url(url), max_size=None) as ws:
             await ws.recv()  # session.created
-            transcription = {"model": model, "language": "en"}
-            manual = {"transcription": transcription, "turn_detection": None}
-            session = {"type": "transcription", "audio": {"input": manual}}
-            await ws.send(json.dumps({"type": "session.update", "session": session}))
+            await ws.send(realtime.session_update(model=model, language="en", sample_rate=RATE))
             await ws.recv()  # session.updated
-            step = RATE // 10 * 2
-            for i in range(0, len(pcm), step):
-                chunk = base64.b64encode(pcm[i : i + step]).decode()
-                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            for i in range(0, len(pcm), STEP):
+                await ws.send(realtime.append(pcm[i : i + STEP]))
             started = time.perf_counter()
-            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            async for message in ws:
-                event = json.loads(message)
-                if event["type"] == "conversation.item.input_audio_transcription.completed":
-                    return time.perf_counter() - started, event["transcript"]
-                if event["type"] == "error":
-                    raise RuntimeError(event["error"])
-        raise RuntimeError("no completed")
+            await ws.send(realtime.COMMIT)
+            return await _until(ws, started, realtime.PREFIX + "completed", "transcript", fatal=True)
 
     return turn
 

@@ -64,11 +64,15 @@ class SequentialTranscription:
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         self.audio = audio
-        self.mel = torch.empty(0)  # the whole file's log-mel [n_mels, frames]: made by run(), off the event loop
-        self.content_frames = 0
+        self.mel = torch.zeros(0, N_FRAMES)  # the whole file's log-mel [n_mels, frames]: made by run(), off the loop
         self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
         self.language = self.decoder.language()
         self.guard = SeekGuard(audio, model.device) if guarded(options) else None
+
+    @property
+    def content_frames(self) -> int:
+        """Mel frames of the audio itself (without the 30 s of silence appended); 0 before run()."""
+        return self.mel.shape[-1] - N_FRAMES
 
     def _silent(self, seek: int, size: int) -> bool:
         """The window's audio never reaches -74 dBFS: digital silence or dither. Whisper would decode it to an
@@ -94,7 +98,6 @@ class SequentialTranscription:
         self.mel = await asyncio.to_thread(
             log_mel_spectrogram, self.audio, self.model.dims.n_mels, padding=N_SAMPLES, device=self.model.device
         )
-        self.content_frames = self.mel.shape[-1] - N_FRAMES
         o, tok = self.options, self.tokenizer
         initial = tok.encode(" " + o.initial_prompt.strip()) if o.initial_prompt else []
         all_tokens: list[int] = list(initial)

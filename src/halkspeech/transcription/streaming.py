@@ -180,7 +180,7 @@ class LiveTurn:
     def uncut_s(self) -> float:
         """Seconds of the turn's audio after the last segment cut, with what the resampler has yet to give out
         (up to RESAMPLE_BLOCK_S, and its filter's delay: 100 ms of 24 kHz audio is 100 ms, not 99)."""
-        return (self.buffer.size + self.pcm.held - self.last_cut) / SAMPLE_RATE
+        return self.duration - self.last_cut / SAMPLE_RATE
 
     # --- audio in --------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
