@@ -41,6 +41,7 @@ from halkspeech.transcription.live import (
 )
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.streaming import (
+    OFF_LOOP_BYTES,
     PARTIAL_PRIORITY,
     PIN_LANGUAGE_S,
     LiveSession,
@@ -282,7 +283,7 @@ def test_final_equals_file_transcription(tiny_en_engine: ModelEngine, jfk_audio:
         session, recorder = session_for(tiny_en_engine)
         await session.start(StreamOptions())
         for chunk in frames(pcm16(jfk_audio)):
-            session.feed(chunk)
+            await session.feed(chunk)
         session.end()
         (final,) = await recorder.wait_for(Final)
         assert isinstance(recorder.events[0], TurnStarted)
@@ -295,6 +296,54 @@ def test_final_equals_file_transcription(tiny_en_engine: ModelEngine, jfk_audio:
     run(main)
 
 
+def test_a_long_message_is_resampled_off_the_event_loop_and_kept_if_its_reader_is_cancelled(
+    tiny_en_engine: ModelEngine, jfk_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """11 s of 24 kHz PCM in one message (516 KiB, over OFF_LOOP_BYTES) is resampled on a worker thread and
+    gives the final of the same audio in 20 ms frames; a reader cancelled mid-message (the client left, the
+    server stops) still leaves the whole message in the turn."""
+    at_24k = pcm16(np.interp(np.arange(len(jfk_audio) * 3 // 2) / 1.5, np.arange(len(jfk_audio)), jfk_audio))
+    assert len(at_24k) > OFF_LOOP_BYTES
+    threads: list[str] = []
+    push = PCMStream.push
+
+    def recorded(stream: PCMStream, data: bytes) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return push(stream, data)
+
+    monkeypatch.setattr(PCMStream, "push", recorded)
+
+    async def final_of(messages: list[bytes], cancel_reader: bool = False) -> Final:
+        session, recorder = session_for(tiny_en_engine)
+        await session.start(StreamOptions(sample_rate=24_000))
+        threads.clear()
+        for message in messages:
+            reader = asyncio.ensure_future(session.feed(message))
+            if cancel_reader:
+                await asyncio.sleep(0)  # the message is with the worker
+                reader.cancel()
+                await asyncio.wait([reader])
+                assert reader.cancelled()
+            else:
+                await reader
+        await session.end_all()  # the final (as when the server winds a connection down)
+        (final,) = await recorder.wait_for(Final)
+        await session.close()
+        return final
+
+    async def main() -> None:
+        framed = await final_of(frames(at_24k, 960))
+        assert set(threads) == {threading.main_thread().name}
+        whole = await final_of([at_24k])
+        assert len(threads) == 1 and threads[0] != threading.main_thread().name
+        assert whole.text == framed.text and "ask not what your country" in whole.text.lower()
+        assert whole.duration == pytest.approx(framed.duration, abs=0.002)
+        cancelled = await final_of([at_24k], cancel_reader=True)
+        assert cancelled.text == whole.text and cancelled.duration == whole.duration
+
+    run(main)
+
+
 def test_partials_stable_text_only_grows(tiny_en_engine: ModelEngine, jfk_audio: np.ndarray) -> None:
     """1.5 s at a time, each time waiting for the partial it triggers (no wall-clock dependence)."""
 
@@ -303,7 +352,7 @@ def test_partials_stable_text_only_grows(tiny_en_engine: ModelEngine, jfk_audio:
         await session.start(StreamOptions(partials=True))
         chunks = frames(pcm16(jfk_audio), 48_000)  # 1.5 s
         for i, chunk in enumerate(chunks):
-            session.feed(chunk)
+            await session.feed(chunk)
             await recorder.wait_for(Partial, count=i + 1)  # the partial this chunk started
         session.end()
         await recorder.wait_for(Final)
@@ -339,7 +388,7 @@ def test_partials_keep_the_language_one_detected_and_the_final_detects_its_own(
 
         session.turn.transcriber.transcribe = recording  # type: ignore[method-assign]
         for i, chunk in enumerate(frames(pcm16(jfk_audio), 32_000)):  # 1 s at a time, each partial awaited
-            session.feed(chunk)
+            await session.feed(chunk)
             await recorder.wait_for(Partial, count=i + 1)
         session.end()
         (final,) = await recorder.wait_for(Final)
@@ -368,7 +417,7 @@ def test_a_partial_keeps_the_speech_after_a_pause(tiny_en_engine: ModelEngine, d
     async def main() -> None:
         session, recorder = session_for(tiny_en_engine)
         await session.start(StreamOptions(language="en", partials=True))
-        session.feed(pcm16(audio))  # one frame: one partial of all 24 s
+        await session.feed(pcm16(audio))  # one frame: one partial of all 24 s
         (partial,) = await recorder.wait_for(Partial)
         assert "blessed soul in heaven" in partial.text.lower()
         assert "stew for dinner" in partial.text.lower()
@@ -385,13 +434,13 @@ def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: Strea
         session, recorder = session_for(tiny_en_engine, vad=vad)
         await session.start(StreamOptions(segment_silence_ms=700))
         for chunk in frames(pcm16(np.concatenate([first, np.zeros(24_000, np.float32)]))):  # + 1.5 s silence
-            session.feed(chunk)
+            await session.feed(chunk)
             await asyncio.sleep(0)  # let the VAD task keep up, as with a real client
         (segment,) = await recorder.wait_for(SegmentReady)  # before `end`: cut at the pause
         assert "wait no longer" in segment.piece.text.lower()
         assert segment.piece.end < len(first) / 16_000 + 0.75
         for chunk in frames(pcm16(second)):
-            session.feed(chunk)
+            await session.feed(chunk)
         session.end()
         (final,) = await recorder.wait_for(Final)
         assert "wait no longer" in final.text.lower() and "comparatively modern" in final.text.lower()
@@ -422,7 +471,7 @@ def test_speech_events_announce_each_piece_before_its_text(tiny_en_engine: Model
         await session.start(options)
         audio = np.concatenate([np.zeros(lead, np.float32), first, np.zeros(24_000, np.float32), second])
         for chunk in frames(pcm16(audio)):
-            session.feed(chunk)
+            await session.feed(chunk)
             await asyncio.sleep(0)
         await recorder.wait_for(SpeechStarted, 2)
         session.end(drop_rest=True)
@@ -454,7 +503,7 @@ def test_a_quiet_microphone_is_heard_by_the_vad(tiny_en_engine: ModelEngine, vad
         session, recorder = session_for(tiny_en_engine, vad=vad)
         await session.start(StreamOptions(segment_silence_ms=700))
         for chunk in frames(pcm16(quiet.astype(np.float32))):
-            session.feed(chunk)
+            await session.feed(chunk)
             await asyncio.sleep(0)
         session.end()
         (final,) = await recorder.wait_for(Final)
@@ -471,7 +520,7 @@ def test_closing_mid_turn_frees_the_engine(tiny_en_engine: ModelEngine, jfk_audi
         session, recorder = session_for(tiny_en_engine)
         await session.start(StreamOptions(partials=True))
         for chunk in frames(pcm16(jfk_audio)):
-            session.feed(chunk)
+            await session.feed(chunk)
         session.end()  # the final's work is submitted…
         for _ in range(500):
             if engine.running or engine.queue_depth:
@@ -497,7 +546,7 @@ def test_turn_limit_ends_the_turn_and_keeps_what_fitted(tiny_en_engine: ModelEng
         errors = 0
         for chunk in frames(pcm16(jfk_audio[:48_000])):  # 3 s
             try:
-                session.feed(chunk)
+                await session.feed(chunk)
             except AudioTooLong:
                 errors += 1
         session.end()  # acknowledged quietly: the turn was already ended
@@ -515,12 +564,12 @@ def test_turn_open_too_long_is_ended(tiny_en_engine: ModelEngine, jfk_audio: np.
         session, recorder = session_for(tiny_en_engine, StreamLimits(max_turn_s=10.0))
         await session.start(StreamOptions())
         for chunk in frames(pcm16(jfk_audio[:16_000])):
-            session.feed(chunk)
+            await session.feed(chunk)
         await session.expire(time.monotonic() + 5)  # not yet
         assert session.turn is not None
         await session.expire(time.monotonic() + 11)
         assert session.turn is None
-        session.feed(b"\0\0" * 320)  # dropped quietly until the client's own end
+        await session.feed(b"\0\0" * 320)  # dropped quietly until the client's own end
         session.end()
         (final,) = await recorder.wait_for(Final)
         (error,) = recorder.of(StreamError)
@@ -535,8 +584,8 @@ def test_protocol_state_errors(tiny_en_engine: ModelEngine) -> None:
     async def main() -> None:
         session, recorder = session_for(tiny_en_engine)
         with pytest.raises(NoTurn):
-            session.feed(b"\0\0" * 320)
-        session.feed(b"\0\0" * 320)  # one error, not one per frame
+            await session.feed(b"\0\0" * 320)
+        await session.feed(b"\0\0" * 320)  # one error, not one per frame
         session.end()  # closes the discarding state quietly
         with pytest.raises(NoTurn):
             session.end()
@@ -544,8 +593,8 @@ def test_protocol_state_errors(tiny_en_engine: ModelEngine) -> None:
         with pytest.raises(TurnActive):
             await session.start(StreamOptions())
         with pytest.raises(AudioDecodeError, match="even number"):
-            session.feed(b"\0\0\0")
-        session.feed(b"\0\0" * 320)
+            await session.feed(b"\0\0\0")
+        await session.feed(b"\0\0" * 320)
         session.end()
         (final,) = await recorder.wait_for(Final)
         assert final.duration == pytest.approx(0.02)
@@ -563,7 +612,7 @@ def test_options_check_refuses_before_the_turn_opens(tiny_en_engine: ModelEngine
         with pytest.raises(InvalidRequest, match="English-only and cannot translate"):
             await session.start(StreamOptions(task="translate"))
         assert session.turn is None and not recorder.events
-        session.feed(b"\0\0" * 320)  # dropped quietly after the refused start
+        await session.feed(b"\0\0" * 320)  # dropped quietly after the refused start
         session.end()
         await session.start(StreamOptions())
         assert recorder.events == [TurnStarted(1, tiny_en_engine.name, 16_000)]
@@ -580,7 +629,7 @@ def test_end_all_delivers_the_open_turn(tiny_en_engine: ModelEngine, jfk_audio: 
         session, recorder = session_for(tiny_en_engine)
         await session.start(StreamOptions())
         for chunk in frames(pcm16(jfk_audio[:32_000])):
-            session.feed(chunk)
+            await session.feed(chunk)
         await session.end_all()
         (final,) = recorder.of(Final)
         assert final.duration == pytest.approx(2.0) and final.text
@@ -592,11 +641,11 @@ def test_end_all_delivers_the_open_turn(tiny_en_engine: ModelEngine, jfk_audio: 
     run(main)
 
 
-def cut_then_speak(session: LiveSession, vad_pause_s: float = 1.5) -> None:
+async def cut_then_speak(session: LiveSession, vad_pause_s: float = 1.5) -> None:
     """Feed a spoken clip and a pause (the VAD cuts a segment there); the caller awaits the cut."""
     first = decode_audio(TEST_DATA / "1089-134691-0000.flac")
     for chunk in frames(pcm16(np.concatenate([first, np.zeros(int(vad_pause_s * 16_000), np.float32)]))):
-        session.feed(chunk)
+        await session.feed(chunk)
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -623,9 +672,9 @@ def test_closing_after_end_cancels_the_segments_and_the_rest(
     async def main() -> None:
         session, recorder = session_for(tiny_en_engine, vad=vad)
         await session.start(StreamOptions(segment_silence_ms=700))
-        cut_then_speak(session)
+        await cut_then_speak(session)
         await until(lambda: len(submitted) == 1, "the segment at the pause")
-        session.feed(pcm16(decode_audio(TEST_DATA / "LJ001-0002.wav")))
+        await session.feed(pcm16(decode_audio(TEST_DATA / "LJ001-0002.wav")))
         session.end()
         await until(lambda: len(submitted) == 2, "the rest after the segment")
         await session.close()
@@ -654,7 +703,7 @@ def test_a_segment_that_failed_before_the_client_left_is_not_an_unretrieved_erro
         await session.start(StreamOptions(segment_silence_ms=700))
         turn = session.turn
         assert turn is not None
-        cut_then_speak(session)
+        await cut_then_speak(session)
         await until(lambda: bool(turn.pieces) and turn.pieces[0].done(), "the segment's failure")
         await session.close()
         turn.pieces.clear()  # the failed segment's task is garbage now: asyncio would complain as it goes

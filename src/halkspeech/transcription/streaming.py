@@ -70,6 +70,11 @@ PIN_LANGUAGE_S = 3.0
 PIN_LANGUAGE_PROBABILITY = 0.9
 PARTIAL_PRIORITY = 0  # partials: like file work, so they never queue ahead of anyone's final
 LIVE_VAD_MAX_GAIN = 10.0  # +20 dB at most for a quiet microphone: -50 dBFS speech reaches -30, which silero hears
+# A message longer than this is resampled and cut into VAD frames on a worker thread. libswresample takes ~0.5 ms
+# a second of 24 kHz audio on one core, so a 15 MiB realtime append (11 MiB of PCM, 4 minutes) held the event
+# loop, and every other live connection, for 0.1-0.2 s (with the VAD's share). 256 KiB is 5.5 s at 24 kHz
+# (~3 ms), and a thread hand-off ~0.1 ms.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 class NoTurn(InvalidRequest):
@@ -115,7 +120,8 @@ def _transcribe_options(
 
 
 class LiveTurn:
-    """One push-to-talk turn: audio in, events out. Call `feed` from the event loop, then `finish` once."""
+    """One push-to-talk turn: audio in, events out. Await `feed` from the event loop (one message at a time), then
+    `finish` once."""
 
     def __init__(
         self,
@@ -147,6 +153,8 @@ class LiveTurn:
         self._stable = StablePrefix()
         self._generation = 0  # bumped at each cut: partials of an earlier piece are dropped
         self._finishing = False
+        self._cancelled = False
+        self._pushing: asyncio.Future[None] | None = None  # the last message converted on a worker thread
         self._drop_rest = False  # finish(drop_rest=True): the audio after the last segment is not transcribed
         self._vad = vad
         self._vad_state = VADStream()
@@ -183,31 +191,56 @@ class LiveTurn:
         return self.duration - self.last_cut / SAMPLE_RATE
 
     # --- audio in --------------------------------------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        """One binary frame of 16-bit PCM. Raises AudioDecodeError (odd length: the frame is refused whole) or
-        AudioTooLong (the turn is full; what fitted was kept)."""
+    async def feed(self, data: bytes) -> None:
+        """One message of 16-bit PCM. Raises AudioDecodeError (odd length: the message is refused whole) or
+        AudioTooLong (the turn is full; what fitted was kept). Over OFF_LOOP_BYTES, the resampling and the
+        VAD's share run on a worker thread."""
+        if len(data) <= OFF_LOOP_BYTES:
+            self._take(*self._convert(data))
+            return
+        # The worker owns the resampler and the VAD's tail and peaks until it returns: the final waits for it
+        # (`_final`). Shielded, so that a reader cancelled meanwhile (the client left, the server stops) loses
+        # none of the message's audio.
+        self._pushing = asyncio.ensure_future(self._convert_off_loop(data))
+        await asyncio.shield(self._pushing)
+
+    async def _convert_off_loop(self, data: bytes) -> None:
+        converted = await asyncio.to_thread(self._convert, data)
+        if not self._cancelled:
+            self._take(*converted)
+
+    def _convert(self, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+        """PCM bytes → (int16 samples at 16 kHz [n], the VAD's frames of those that fit the turn [f, FRAME] or
+        None). Touches only the resampler and the VAD's tail and peaks: the buffer does not change meanwhile
+        (feeds come one at a time, and the final waits for this one)."""
         samples = self.pcm.push(data)
+        return samples, self._vad_frames(samples[: self.buffer.limit - self.buffer.size])
+
+    def _take(self, samples: np.ndarray, vad_frames: np.ndarray | None) -> None:
+        """On the event loop: the samples into the buffer, their frames to the VAD, and a partial if one is due."""
         taken = self.buffer.append(samples)
-        self._to_vad(samples[:taken])
+        if vad_frames is not None:
+            self._vad_queue.put_nowait(vad_frames)
         if self.options.partials:
             self._maybe_partial()
         if taken < len(samples):
             raise AudioTooLong(f"the turn reached the limit of {self.limits.max_turn_s:g} s of audio; it was ended")
 
-    def _to_vad(self, samples: np.ndarray) -> None:
+    def _vad_frames(self, samples: np.ndarray) -> np.ndarray | None:
+        """The whole 32 ms frames the VAD can hear now, gained [f, FRAME] float32; None without a VAD or a frame."""
         if self._vad_task is None or samples.size == 0:
-            return
+            return None
         pending = np.concatenate([self._vad_tail, pcm16_to_float(samples)])
         whole = len(pending) // FRAME * FRAME
         self._vad_tail = pending[whole:]
-        if whole:
-            # A quiet microphone raised for the VAD by the gain of the loudest audio so far (at most +20 dB: it
-            # is set before the speech comes, and the background must stay below what silero calls speech),
-            # the loudest frame but one: a click or a bump early in the turn kept quiet speech after it unraised.
-            frames = pending[:whole].reshape(-1, FRAME)
-            self._vad_peaks = _two_loudest(self._vad_peaks, np.abs(frames).max(axis=1))
-            gain = np.float32(self._vad_gain())
-            self._vad_queue.put_nowait(frames * gain)
+        if not whole:
+            return None
+        # A quiet microphone raised for the VAD by the gain of the loudest audio so far (at most +20 dB: it is
+        # set before the speech comes, and the background must stay below what silero calls speech), the
+        # loudest frame but one: a click or a bump early in the turn kept quiet speech after it unraised.
+        frames = pending[:whole].reshape(-1, FRAME)
+        self._vad_peaks = _two_loudest(self._vad_peaks, np.abs(frames).max(axis=1))
+        return frames * np.float32(self._vad_gain())
 
     def _vad_gain(self) -> float:
         return vad_gain(self._vad_peaks[1], LIVE_VAD_MAX_GAIN)  # the second-loudest frame's peak
@@ -340,6 +373,8 @@ class LiveTurn:
         self._drop_rest = self._drop_rest or drop_rest
 
     async def _final(self, ended: float) -> Final:
+        if self._pushing is not None:  # the last message may still be with its worker: it belongs to the turn
+            await asyncio.wait([self._pushing])  # not awaited directly: its AudioTooLong is the feeder's to tell
         self.buffer.append(self.pcm.flush())
         await self._drain_vad()
         start, stop = self._unsegmented()
@@ -376,6 +411,7 @@ class LiveTurn:
         """Stop every task of the turn (their engine work is cancelled with them) and drop the audio."""
         tasks = [t for t in (self._partial, self._vad_task, self._rest, *self.pieces) if t is not None]
         running = [t for t in tasks if not t.done()]
+        self._cancelled = True  # a message still being resampled is dropped when its worker returns
         for task in running:
             task.cancel()  # a cancelled task cancels its engine requests as it unwinds, awaited or not
         self.buffer = TurnBuffer(0)
@@ -448,17 +484,20 @@ class LiveSession:
             final, _ = _transcribe_options(options.language, options, self.limits)
             self.check(engine, final)
 
-    def feed(self, data: bytes) -> None:
-        if self.turn is None:
+    async def feed(self, data: bytes) -> None:
+        """One message of audio for the open turn (one at a time: the caller awaits each)."""
+        turn = self.turn
+        if turn is None:
             if self._discarding:
                 return
             self._discarding = True  # one error, not one per 20 ms frame
             raise NoTurn("audio arrived before start: send a start message first")
         try:
-            self.turn.feed(data)
+            await turn.feed(data)
         except AudioTooLong:
-            self.end()
-            self._discarding = True
+            if self.turn is turn:  # not already ended meanwhile (expire)
+                self.end()
+                self._discarding = True
             raise
 
     def end(self, *, drop_rest: bool = False) -> None:

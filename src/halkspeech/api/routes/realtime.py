@@ -219,7 +219,7 @@ class RealtimeConnection(LiveConnection):
         opened = self.session.turn
         seconds = len(pcm) / 2 / (opened.options.sample_rate if opened is not None else self.config.rate)
         try:
-            self.session.feed(pcm)  # AudioDecodeError (an odd length): refused whole, not counted below
+            await self.session.feed(pcm)  # AudioDecodeError (an odd length): refused whole, not counted below
         except AudioTooLong:  # what fitted was kept; the turn was ended and its final follows
             self.appended_s += seconds
             limit = self.server.ws_max_turn_s

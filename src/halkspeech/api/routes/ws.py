@@ -92,7 +92,7 @@ class Connection(LiveConnection):
 
     async def handle(self, message: Message) -> None:
         if message.get("bytes") is not None:
-            self.session.feed(message["bytes"])
+            await self.session.feed(message["bytes"])
         elif message.get("text") is not None:
             await self._control(message["text"])
 
