@@ -80,8 +80,8 @@ def test_realtime_urls_and_events_in_ws_words() -> None:
     }
     completed = {"type": realtime.PREFIX + "completed", "transcript": "hi", "usage": {"seconds": 1.5}}
     assert realtime.as_ws_message(completed, deltas=True) == {"type": "final", "text": "hi", "duration": 1.5}
-    failed = {"type": realtime.PREFIX + "failed", "error": {"code": "overloaded"}}
-    assert realtime.as_ws_message(failed, deltas=True) == {"type": "error", "code": "overloaded"}
+    failed = {"type": realtime.PREFIX + "failed", "error": {"code": "overloaded", "message": "busy"}}
+    assert realtime.as_ws_message(failed, deltas=True) == {"type": "error", "code": "overloaded", "message": "busy"}
     delta = {"type": realtime.PREFIX + "delta", "delta": "h"}
     assert realtime.as_ws_message(delta, deltas=True)["type"] == "partial"
     assert realtime.as_ws_message(delta, deltas=False)["type"] == "delta"  # whisper-1's one delta: not a partial
@@ -123,6 +123,8 @@ def test_realtime_refusals_are_counted_by_code(keyed_server: LiveServer, options
     """A refused connection or session update fails that session's turns, counted under the server's code."""
     results = run_ws_load(realtime_load(keyed_server, **options))
     assert results["turns_ok"] == 0 and results["turns_failed"] == 4 and results["errors"] == {code: 2}
+    assert list(results["error_messages"]) == [code]  # the server's first message of each code, as it said it
+    assert len(results["error_messages"][code]) > 10 and results["error_messages"][code] != "None"
     assert results["users_failed"] == 0  # nothing crashed in the tester
 
 

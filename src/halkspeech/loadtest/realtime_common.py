@@ -59,8 +59,8 @@ def as_ws_message(message: dict[str, Any], *, deltas: bool) -> dict[str, Any]:
     kind = message["type"]
     if kind == "error" or kind == PREFIX + "failed":
         error = message.get("error")
-        code = error.get("code") if isinstance(error, dict) else None
-        return {"type": "error", "code": code or message.get("code") or "bad_server_message"}
+        code, text = (error.get("code"), error.get("message")) if isinstance(error, dict) else (None, None)
+        return {"type": "error", "code": code or message.get("code") or "bad_server_message", "message": text}
     if kind == PREFIX + "completed":
         usage = message.get("usage")
         seconds = usage.get("seconds") if isinstance(usage, dict) else None

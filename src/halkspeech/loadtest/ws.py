@@ -105,6 +105,7 @@ class Tally:
     turns_failed: int = 0
     audio_s: float = 0.0  # audio of the successful turns
     errors: Counter[str] = field(default_factory=Counter)  # error code → count
+    error_messages: dict[str, str] = field(default_factory=dict)  # error code → the first message with it
     dropped: int = 0  # connections closed by the server or the network in the middle of a session
     connect_failures: int = 0
     users_failed: int = 0  # simulated users stopped by an error in this tester, or by the overall deadline
@@ -236,6 +237,7 @@ class _User:
         turn, kind, code = self.turn, message["type"], message.get("code")
         if kind == "error":
             self.tally.errors[str(code)] += 1
+            self.tally.error_messages.setdefault(str(code), str(message.get("message")))
         if turn is None or turn.result is None or turn.result.done():
             return
         number = message.get("turn")
@@ -374,6 +376,7 @@ def summarize(cfg: WsLoadConfig, tally: Tally, wall_s: float) -> dict[str, Any]:
         "turns_per_s": round(tally.turns_ok / wall_s, 3) if wall_s else None,
         "audio_s_per_s": round(tally.audio_s / wall_s, 3) if wall_s else None,
         "errors": dict(tally.errors),
+        "error_messages": tally.error_messages,
         "dropped_connections": tally.dropped,
         "connect_failures": tally.connect_failures,
         "users_failed": tally.users_failed,
@@ -410,6 +413,8 @@ def print_results(results: dict[str, Any], title: str | None = None) -> None:
         f"users failed {results['users_failed']}",
         flush=True,
     )
+    for code, message in results.get("error_messages", {}).items():
+        print(f"  first {code}: {message}", flush=True)
 
 
 def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
