@@ -23,6 +23,7 @@ from halkspeech.audio import decode_audio, decode_pcm16
 from halkspeech.audio.streaming import PCMStream, StreamingVAD, VADStream
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import AudioDecodeError, AudioTooLong, InvalidRequest, Overloaded
+from halkspeech.transcription import streaming
 from halkspeech.transcription.live import (
     AGREE_SPAN_S,
     Final,
@@ -296,12 +297,19 @@ def test_final_equals_file_transcription(tiny_en_engine: ModelEngine, jfk_audio:
     run(main)
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["no-vad", "vad-segments"])
 def test_a_long_message_is_resampled_off_the_event_loop_and_kept_if_its_reader_is_cancelled(
-    tiny_en_engine: ModelEngine, jfk_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    tiny_en_engine: ModelEngine,
+    vad: StreamingVAD,
+    jfk_audio: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+    segments: bool,
 ) -> None:
-    """11 s of 24 kHz PCM in one message (516 KiB, over OFF_LOOP_BYTES) is resampled on a worker thread and
-    gives the final of the same audio in 20 ms frames; a reader cancelled mid-message (the client left, the
-    server stops) still leaves the whole message in the turn."""
+    """11 s of 24 kHz PCM in one message (516 KiB, over OFF_LOOP_BYTES) is resampled (and cut into VAD frames)
+    on a worker thread and gives the final the event loop gives the same message (and, without the VAD, the
+    same audio in 20 ms frames: the VAD's gain follows the loudest audio so far, so framing changes its input);
+    a reader cancelled mid-message (the client left, the server stops) still leaves the whole message in the
+    turn."""
     at_24k = pcm16(np.interp(np.arange(len(jfk_audio) * 3 // 2) / 1.5, np.arange(len(jfk_audio)), jfk_audio))
     assert len(at_24k) > OFF_LOOP_BYTES
     threads: list[str] = []
@@ -312,10 +320,11 @@ def test_a_long_message_is_resampled_off_the_event_loop_and_kept_if_its_reader_i
         return push(stream, data)
 
     monkeypatch.setattr(PCMStream, "push", recorded)
+    main_thread = threading.main_thread().name
 
     async def final_of(messages: list[bytes], cancel_reader: bool = False) -> Final:
-        session, recorder = session_for(tiny_en_engine)
-        await session.start(StreamOptions(sample_rate=24_000))
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(sample_rate=24_000, segment_silence_ms=500 if segments else None))
         threads.clear()
         for message in messages:
             reader = asyncio.ensure_future(session.feed(message))
@@ -326,20 +335,32 @@ def test_a_long_message_is_resampled_off_the_event_loop_and_kept_if_its_reader_i
                 assert reader.cancelled()
             else:
                 await reader
+        if not cancel_reader:  # the pauses the VAD hears cut segments (none are cut once the turn has ended)
+            await session.turn.heard_all()
         await session.end_all()  # the final (as when the server winds a connection down)
         (final,) = await recorder.wait_for(Final)
         await session.close()
         return final
 
+    def cuts(final: Final) -> list[tuple[float, float]]:
+        return [(p.start, p.end) for p in final.pieces]
+
     async def main() -> None:
-        framed = await final_of(frames(at_24k, 960))
-        assert set(threads) == {threading.main_thread().name}
         whole = await final_of([at_24k])
-        assert len(threads) == 1 and threads[0] != threading.main_thread().name
-        assert whole.text == framed.text and "ask not what your country" in whole.text.lower()
-        assert whole.duration == pytest.approx(framed.duration, abs=0.002)
+        assert len(threads) == 1 and threads[0] != main_thread
+        assert "your country can do for you" in whole.text.lower()
+        assert len(whole.pieces) > 1 if segments else len(whole.pieces) == 1  # cut at its pauses
+        with monkeypatch.context() as patch:
+            patch.setattr(streaming, "OFF_LOOP_BYTES", len(at_24k))
+            on_loop = await final_of([at_24k])
+        assert threads == [main_thread]
+        assert (on_loop.text, on_loop.duration, cuts(on_loop)) == (whole.text, whole.duration, cuts(whole))
+        if not segments:
+            framed = await final_of(frames(at_24k, 960))
+            assert set(threads) == {main_thread}
+            assert framed.text == whole.text and framed.duration == pytest.approx(whole.duration, abs=0.002)
         cancelled = await final_of([at_24k], cancel_reader=True)
-        assert cancelled.text == whole.text and cancelled.duration == whole.duration
+        assert cancelled.duration == whole.duration and "for your country" in cancelled.text.lower()
 
     run(main)
 
