@@ -19,7 +19,7 @@ from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware
 from halkspeech.api.logging import RequestContextMiddleware
 from halkspeech.api.metrics import Metrics, MetricsMiddleware
-from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, ws
+from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, triton, ws
 from halkspeech.config import Settings
 from halkspeech.engine.pool import ModelPool
 from halkspeech.transcription.word_workers import word_executor
@@ -28,8 +28,9 @@ from halkspeech.transcription.word_workers import word_executor
 _FORM_OVERHEAD = 64 * 1024
 
 _DESCRIPTION = """Fast self-hosted Whisper: the OpenAI audio API (`/v1/audio/transcriptions`, `/v1/audio/translations`,
-`/v1/models`), the simple `/transcribe` API, Prometheus `/metrics` and `/health`. Requests from every client share
-the GPU's batches. Send `Authorization: Bearer <key>` when the server has API keys.
+`/v1/models`), the simple `/transcribe` API, Triton's HTTP API (`/v2`, KServe v2) for TensorRT-LLM's Whisper
+clients, Prometheus `/metrics` and `/health`. Requests from every client share the GPU's batches. Send
+`Authorization: Bearer <key>` when the server has API keys.
 
 Live speech: a WebSocket push-to-talk protocol at `/ws` (partial results, pause segments, finals at once), and OpenAI's
 Realtime API for transcription at `/v1/realtime`; OpenAPI cannot describe WebSockets, so `GET /ws` and
@@ -61,12 +62,15 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(triton.router)  # Triton's HTTP API (KServe v2) for TensorRT-LLM's Whisper clients
+    app.include_router(triton.health_router)
     # --- WebSocket push-to-talk (api/routes/ws.py): `app.include_router(ws.router)` goes on the next line ---
     app.include_router(ws.router)  # checks API keys itself (header or ?token=); GET /ws, the protocol, is open
     app.include_router(realtime.router)  # likewise (OpenAI's Realtime API for transcription at /v1/realtime)
 
     # API keys guard these routers' routes (not /health, /docs, /openapi.json, /ws), checked before the body is read.
-    protected = [openai.router, simple.router, models.router, *([] if server.metrics_open else [metrics.router])]
+    protected = [openai.router, simple.router, models.router, triton.router]
+    protected += [] if server.metrics_open else [metrics.router]
 
     # Outermost last: the request id wraps everything, then the 500 for a bug (inside it, so it carries the
     # id), metrics, the API key, and the body limit.

@@ -82,6 +82,8 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):  # Triton's form, as tritonclient reads
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     body: dict[str, Any] = {"error": error_fields(status, message, code, param)}
     if not request.url.path.startswith("/v1/"):
         body["detail"] = message

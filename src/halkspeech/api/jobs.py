@@ -26,7 +26,8 @@ from halkspeech.audio.decode import AudioSource
 from halkspeech.audio.wav import decode_upload
 from halkspeech.config import ServerSettings
 from halkspeech.engine.factory import ModelEngine
-from halkspeech.errors import Cancelled, EngineStopped, InvalidRequest, RequestTimeout
+from halkspeech.errors import AudioTooLong, Cancelled, EngineStopped, InvalidRequest, RequestTimeout
+from halkspeech.model.dims import SAMPLE_RATE
 from halkspeech.model.languages import normalize_language
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import Segment, TranscribeOptions, Transcript
@@ -37,12 +38,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Job:
-    """What to transcribe (an upload, or a URL to fetch) with which model and options."""
+    """What to transcribe (an upload, a URL to fetch, or audio already decoded) with which model and options."""
 
     options: TranscribeOptions
     model: str | None = None
     audio: AudioSource | None = None
     url: str | None = None
+    samples: np.ndarray | None = None  # 16 kHz mono float32 [n], as the Triton API sends it
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,15 @@ async def run_job(
     try:
         async with asyncio.timeout(server.request_timeout_s), state.gate.admit():
             decode_started = time.perf_counter()
-            source = job.audio if job.url is None else (await state.fetcher.fetch(job.url)).data
-            if source is None:
-                raise InvalidRequest("no audio was given")
-            audio = await decode_in_thread(source, server.max_audio_s)
+            if job.samples is not None:
+                audio = job.samples
+                if len(audio) > server.max_audio_s * SAMPLE_RATE:
+                    raise AudioTooLong(f"the audio is longer than the limit of {server.max_audio_s:g} s")
+            else:
+                source = job.audio if job.url is None else (await state.fetcher.fetch(job.url)).data
+                if source is None:
+                    raise InvalidRequest("no audio was given")
+                audio = await decode_in_thread(source, server.max_audio_s)
             decode_ms = (time.perf_counter() - decode_started) * 1000
             async with state.pool.use(job.model) as model:
                 check_options(model, job.options)

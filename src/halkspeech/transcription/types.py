@@ -33,6 +33,8 @@ class TranscribeOptions:
     #: text so far; ignored with a `prefix`, as there.
     hotwords: str | None = None
     prefix: str | None = None
+    #: Tokens a window may decode at most (None: the model's n_text_ctx // 2, 224, as the reference).
+    max_new_tokens: int | None = None
     suppress_tokens: tuple[int, ...] = (-1,)
     suppress_blank: bool = True
     without_timestamps: bool = False
@@ -69,6 +71,8 @@ class TranscribeOptions:
                 raise InvalidRequest(f"{name} must be a finite number, got {value}")
         if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:  # as the engine's check, up front
             raise InvalidRequest(f"length_penalty must be between 0 and 1, got {self.length_penalty}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.max_initial_timestamp is not None and not 0 <= self.max_initial_timestamp <= 30:
             raise InvalidRequest(f"max_initial_timestamp must be 0 to 30 s, got {self.max_initial_timestamp}")
         if self.mode not in ("sequential", "batched"):

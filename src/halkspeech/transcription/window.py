@@ -62,13 +62,14 @@ class WindowDecoder:
         o, tokenizer = self.options, self.model.tokenizer
         greedy = temperature == 0
         forced = forced if forced is not None else o.force_decode_tokens
+        limit = self.model.dims.n_text_ctx // 2  # the reference's sample_len
         return SamplingOptions(
             temperature=temperature,
             beam_size=o.beam_size if greedy else 1,
             patience=o.patience if greedy else 1.0,
             best_of=1 if greedy else o.best_of,
             length_penalty=o.length_penalty,
-            max_new_tokens=forced if forced is not None else self.model.dims.n_text_ctx // 2,
+            max_new_tokens=forced if forced is not None else min(o.max_new_tokens or limit, limit),
             suppress_blank=o.suppress_blank,
             suppress_tokens=tokenizer.suppress_tokens(o.suppress_tokens) if o.suppress_tokens else (),
             timestamps=not o.without_timestamps,

@@ -1,0 +1,211 @@
+"""Triton's HTTP API (KServe v2) with the real `tritonclient.http`, as clients of TensorRT-LLM's Triton Whisper
+examples call it: binary and JSON tensors, a padded batch with WAV_LENS, the task tokens of TEXT_PREFIX; and
+bad requests answered in Triton's error form, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from api.conftest import LiveServer, api_settings, live_server
+from conftest import TEST_DATA
+from halkspeech.api.kserve import MAX_JSON_BYTES, parse_request
+from halkspeech.api.routes.triton import options_from_prefix
+from halkspeech.audio import decode_audio
+from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import InvalidRequest, PayloadTooLarge
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions
+
+PREFIX = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"  # the examples' English prompt
+
+
+@pytest.fixture(scope="module")
+def server(shared_tiny_en: ModelEngine) -> Iterator[LiveServer]:
+    with live_server(api_settings(api_keys=["k"]), shared_tiny_en) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(url=server.url.removeprefix("http://")) as c:
+        yield c
+
+
+HEADERS = {"Authorization": "Bearer k"}
+
+
+def key() -> dict[str, str]:
+    """The API key header, fresh each call: tritonclient writes its Inference-Header-Content-Length into the dict."""
+    return dict(HEADERS)
+
+
+JFK = decode_audio(TEST_DATA / "jfk.flac")
+LJ = decode_audio(TEST_DATA / "LJ001-0002.wav")
+
+
+def alone(engine: ModelEngine, audio: np.ndarray, **options: Any) -> str:
+    """The transcript of one clip straight through the engine, as the reference for the server's."""
+    opts = TranscribeOptions(language="en", without_timestamps=True, **options)
+    return asyncio.run(Transcriber(engine).transcribe(audio, opts)).text.strip()
+
+
+def request(rows: list[np.ndarray], prefix: str = PREFIX, *, binary: bool = True, lens: bool = True) -> list[Any]:
+    """WAV [rows, longest] (zero-padded), WAV_LENS and one TEXT_PREFIX per row, as the examples' client sends."""
+    longest = max(len(r) for r in rows)
+    wav = np.zeros((len(rows), longest), np.float32)
+    for i, row in enumerate(rows):
+        wav[i, : len(row)] = row
+    inputs = [
+        triton.InferInput("WAV", list(wav.shape), "FP32"),
+        triton.InferInput("TEXT_PREFIX", [len(rows), 1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(wav, binary_data=binary)
+    inputs[1].set_data_from_numpy(np.array([[prefix.encode()]] * len(rows), dtype=object), binary_data=binary)
+    if lens:
+        inputs.append(triton.InferInput("WAV_LENS", [len(rows), 1], "INT32"))
+        inputs[2].set_data_from_numpy(np.array([[len(r)] for r in rows], np.int32), binary_data=binary)
+    return inputs
+
+
+def transcripts(result: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("TRANSCRIPTS").reshape(-1)]
+
+
+def test_a_triton_client_finds_the_server_and_the_examples_model(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("whisper", headers=key()) and client.is_model_ready("infer_bls", headers=key())
+    metadata = client.get_model_metadata("whisper_bls", headers=key())
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["WAV"] == "FP32"
+    assert metadata["outputs"] == [{"name": "TRANSCRIPTS", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert not client.is_model_ready("no-such-model", headers=key())
+    assert client.get_server_metadata(headers=key())["name"] == "halkspeech"
+
+
+def test_binary_tensors_give_the_engines_transcript(
+    client: triton.InferenceServerClient, shared_tiny_en: ModelEngine
+) -> None:
+    result = client.infer("whisper", request([JFK]), headers=key())  # binary in and out, tritonclient's default
+    assert transcripts(result) == [alone(shared_tiny_en, JFK)]
+    assert "ask not what your country can do for you" in transcripts(result)[0].lower()
+
+
+def test_a_padded_batch_in_json_gives_each_row_its_own_transcript(
+    client: triton.InferenceServerClient, shared_tiny_en: ModelEngine
+) -> None:
+    outputs = [triton.InferRequestedOutput("TRANSCRIPTS", binary_data=False)]
+    result = client.infer("whisper", request([LJ, JFK], binary=False), outputs=outputs, headers=key(), request_id="r1")
+    assert transcripts(result) == [alone(shared_tiny_en, LJ), alone(shared_tiny_en, JFK)]
+    assert result.get_response()["id"] == "r1" and result.get_response()["model_name"] == "whisper"
+
+
+def test_max_new_tokens_caps_each_window(client: triton.InferenceServerClient, shared_tiny_en: ModelEngine) -> None:
+    inputs = request([JFK], lens=False)
+    inputs.append(triton.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"))
+    inputs[-1].set_data_from_numpy(np.array([[5]], np.int32))
+    (text,) = transcripts(client.infer("whisper", inputs, headers=key()))
+    assert text == alone(shared_tiny_en, JFK, max_new_tokens=5)
+    assert 0 < len(shared_tiny_en.tokenizer.encode(" " + text)) <= 5 and len(text) < len(alone(shared_tiny_en, JFK))
+
+
+def test_text_prefix_sets_language_task_timestamps_prompt_and_prefix() -> None:
+    options = options_from_prefix("<|startofprev|> Hester Prynne<|startoftranscript|><|tr|><|translate|> So")
+    assert (options.language, options.task, options.initial_prompt, options.prefix) == (
+        "tr",
+        "translate",
+        "Hester Prynne",
+        " So",
+    )
+    assert not options.without_timestamps and options_from_prefix(PREFIX).without_timestamps
+    assert options_from_prefix("").language is None  # no language token: detect
+    for bad in ("<|startoflm|>", PREFIX + " text <|en|>", "loose text<|startoftranscript|>"):
+        with pytest.raises(InvalidRequest, match="TEXT_PREFIX"):
+            options_from_prefix(bad)
+
+
+def test_the_codec_reads_binary_bytes_and_refuses_what_does_not_add_up() -> None:
+    header = {"inputs": [{"name": "T", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 11}}]}
+    head = json.dumps(header).encode()
+    parsed = parse_request(head + b"\x02\x00\x00\x00hi\x01\x00\x00\x00!", len(head))
+    assert list(parsed.inputs["T"]) == [b"hi", b"!"]
+    for body, length, says in [
+        (head + b"\x09\x00\x00\x00hi", len(head), "binary_data_size"),
+        (head + b"\x02\x00\x00\x00hi\x05\x00\x00\x00!!", len(head), "runs past"),
+        (b'{"inputs": [{"name": "W", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}', None, "holds 3"),
+        (b'{"inputs": [{"name": "W", "datatype": "FP99", "shape": [1], "data": [1]}]}', None, "datatype"),
+        (b'{"inputs": [{"name": "W", "datatype": "FP32", "shape": [-1], "data": []}]}', None, "shape"),
+        (b"[1]", None, "JSON object"),
+        (head, len(head) + 5, "Inference-Header-Content-Length"),
+    ]:
+        with pytest.raises(InvalidRequest, match=says):
+            parse_request(body, length)
+    with pytest.raises(PayloadTooLarge, match="binary data"):  # 413: JSON numbers take ~8× their text in memory
+        parse_request(b" " * (MAX_JSON_BYTES + 1), None)
+
+
+def infer_raw(server: LiveServer, body: Any, path: str = "/v2/models/whisper/infer", **headers: str) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers=HEADERS | headers, timeout=60)
+
+
+def wav_json(data: list[float], shape: list[int] | None = None) -> dict[str, Any]:
+    return {"name": "WAV", "datatype": "FP32", "shape": shape or [1, len(data)], "data": data}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"{", 400, "not valid JSON"),
+        ({"inputs": [{"name": "TEXT_PREFIX", "datatype": "BYTES", "shape": [1, 1], "data": [PREFIX]}]}, 400, "WAV"),
+        ({"inputs": [wav_json([0.0, float("nan")])]}, 400, "NaN"),
+        (
+            {"inputs": [wav_json([0.0] * 4), {"name": "WAV_LENS", "datatype": "INT32", "shape": [1, 1], "data": [9]}]},
+            400,
+            "WAV_LENS",
+        ),
+        (
+            {
+                "inputs": [
+                    wav_json([0.0] * 4),
+                    {"name": "MAX_NEW_TOKENS", "datatype": "INT32", "shape": [1, 1], "data": [0]},
+                ]
+            },
+            400,
+            "MAX_NEW_TOKENS",
+        ),
+        (
+            {"inputs": [wav_json([0.0] * 4), {"name": "EXTRA", "datatype": "FP32", "shape": [1], "data": [1]}]},
+            400,
+            "unknown input",
+        ),
+        ({"inputs": [{"name": "WAV", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}]}, 400, "must be FP32"),
+        ({"inputs": [wav_json([0.0] * 4)], "outputs": [{"name": "LOGITS"}]}, 400, "unknown output"),
+        ({"inputs": [wav_json([], [65, 0])]}, 400, "rows"),
+        ({"inputs": [wav_json([], [1, 0])]}, 400, "no samples"),
+    ],
+)
+def test_bad_requests_get_a_4xx_in_tritons_error_form(server: LiveServer, body: Any, status: int, says: str) -> None:
+    response = infer_raw(server, body)
+    assert response.status_code == status and says in response.json()["error"], response.text
+
+
+def test_names_versions_keys_and_encodings_are_checked(server: LiveServer) -> None:
+    body = {"inputs": [wav_json([0.0] * 1600)]}
+    assert infer_raw(server, body, "/v2/models/no-such-model/infer").status_code == 404
+    assert infer_raw(server, body, "/v2/models/whisper/versions/2/infer").status_code == 404
+    assert infer_raw(server, body, "/v2/models/whisper/versions/1/infer").status_code == 200
+    assert infer_raw(server, body, **{"Content-Encoding": "gzip"}).status_code == 400
+    refused = httpx.post(server.url + "/v2/models/whisper/infer", json=body, timeout=60)  # no key
+    assert refused.status_code == 401 and "error" in refused.json()
+    assert httpx.get(server.url + "/v2/health/ready").status_code == 200  # open, as /health
+    url = server.url.removeprefix("http://")
+    with triton.InferenceServerClient(url=url) as c, pytest.raises(InferenceServerException, match="no-such-model"):
+        c.infer("no-such-model", request([LJ]), headers=key())
