@@ -212,6 +212,9 @@ class ServerSettings(BaseModel):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
+    #: Triton's gRPC API (KServe v2) on this port as well, on the same host (Triton's is 8001; 0: any free
+    #: port); none by default. Needs the grpc extra (`pip install 'halkspeech[grpc]'`).
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
     api_keys: KeyList = Field(default_factory=list)
 

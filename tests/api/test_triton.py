@@ -1,6 +1,6 @@
-"""Triton's HTTP API (KServe v2) with the real `tritonclient.http`, as clients of TensorRT-LLM's Triton Whisper
-examples call it: binary and JSON tensors, a padded batch with WAV_LENS, the task tokens of TEXT_PREFIX; and
-bad requests answered in Triton's error form, never a 500."""
+"""Triton's HTTP and gRPC APIs (KServe v2) with the real `tritonclient.http` and `tritonclient.grpc`, as clients
+of TensorRT-LLM's Triton Whisper examples call them: binary and JSON tensors, a padded batch with WAV_LENS, the
+task tokens of TEXT_PREFIX; and bad requests answered in Triton's error form (a gRPC status), never a 500."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from api.conftest import LiveServer, api_settings, live_server
 from conftest import TEST_DATA
 from halkspeech.api.kserve import MAX_JSON_BYTES, parse_request
-from halkspeech.api.routes.triton import options_from_prefix
+from halkspeech.api.triton_model import options_from_prefix
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import InvalidRequest, PayloadTooLarge
@@ -30,7 +33,8 @@ PREFIX = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"  # the exam
 
 @pytest.fixture(scope="module")
 def server(shared_tiny_en: ModelEngine) -> Iterator[LiveServer]:
-    with live_server(api_settings(api_keys=["k"]), shared_tiny_en) as running:
+    # gRPC on any free port beside the HTTP one (server.grpc_port 0)
+    with live_server(api_settings(api_keys=["k"], grpc_port=0, host="127.0.0.1"), shared_tiny_en) as running:
         yield running
 
 
@@ -209,3 +213,74 @@ def test_names_versions_keys_and_encodings_are_checked(server: LiveServer) -> No
     url = server.url.removeprefix("http://")
     with triton.InferenceServerClient(url=url) as c, pytest.raises(InferenceServerException, match="no-such-model"):
         c.infer("no-such-model", request([LJ]), headers=key())
+
+
+# --- gRPC ---------------------------------------------------------------------------------------------------
+GRPC_KEY = {"authorization": "Bearer k"}  # gRPC metadata keys are lowercase
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server: LiveServer) -> Iterator[triton_grpc.InferenceServerClient]:
+    port = server._server.grpc.port  # type: ignore[attr-defined]
+    with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{port}") as c:
+        yield c
+
+
+def grpc_request(rows: list[np.ndarray], prefix: str = PREFIX) -> list[Any]:
+    """As `request`, in tritonclient.grpc's types (raw_input_contents, its only way)."""
+    longest = max(len(r) for r in rows)
+    wav = np.zeros((len(rows), longest), np.float32)
+    for i, row in enumerate(rows):
+        wav[i, : len(row)] = row
+    inputs = [
+        triton_grpc.InferInput("WAV", list(wav.shape), "FP32"),
+        triton_grpc.InferInput("TEXT_PREFIX", [len(rows), 1], "BYTES"),
+        triton_grpc.InferInput("WAV_LENS", [len(rows), 1], "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(wav)
+    inputs[1].set_data_from_numpy(np.array([[prefix.encode()]] * len(rows), dtype=object))
+    inputs[2].set_data_from_numpy(np.array([[len(r)] for r in rows], np.int32))
+    return inputs
+
+
+def test_grpc_clients_get_the_same_transcripts(
+    grpc_client: triton_grpc.InferenceServerClient, shared_tiny_en: ModelEngine
+) -> None:
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+    assert grpc_client.is_model_ready("whisper", headers=GRPC_KEY)
+    assert not grpc_client.is_model_ready("no-such-model", headers=GRPC_KEY)
+    metadata = grpc_client.get_model_metadata("whisper", headers=GRPC_KEY, as_json=True)
+    assert [o["name"] for o in metadata["outputs"]] == ["TRANSCRIPTS"]
+    result = grpc_client.infer("whisper", grpc_request([LJ, JFK]), headers=GRPC_KEY, request_id="g1")
+    assert transcripts(result) == [alone(shared_tiny_en, LJ), alone(shared_tiny_en, JFK)]
+    assert result.get_response().id == "g1"
+
+
+def test_grpc_typed_contents_are_read_too(server: LiveServer, shared_tiny_en: ModelEngine) -> None:
+    """Tensors in InferTensorContents (other KServe clients), not raw_input_contents."""
+    request = service_pb2.ModelInferRequest(model_name="whisper")
+    wav = request.inputs.add(name="WAV", datatype="FP32", shape=[1, len(LJ)])
+    wav.contents.fp32_contents.extend(LJ.tolist())
+    prefix = request.inputs.add(name="TEXT_PREFIX", datatype="BYTES", shape=[1, 1])
+    prefix.contents.bytes_contents.append(PREFIX.encode())
+    with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, metadata=[("authorization", "Bearer k")], timeout=60)
+    assert response.raw_output_contents[0][4:].decode() == alone(shared_tiny_en, LJ)
+
+
+@pytest.mark.parametrize(
+    ("model", "headers", "prefix", "status"),
+    [
+        ("no-such-model", GRPC_KEY, PREFIX, "NOT_FOUND"),
+        ("whisper", {}, PREFIX, "UNAUTHENTICATED"),
+        ("whisper", {"authorization": "Bearer wrong"}, PREFIX, "UNAUTHENTICATED"),
+        ("whisper", GRPC_KEY, "<|startoflm|>", "INVALID_ARGUMENT"),
+    ],
+)
+def test_grpc_errors_are_statuses_with_a_message(
+    grpc_client: triton_grpc.InferenceServerClient, model: str, headers: dict[str, str], prefix: str, status: str
+) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        grpc_client.infer(model, grpc_request([LJ], prefix), headers=dict(headers))
+    assert raised.value.status() == f"StatusCode.{status}" and raised.value.message()

@@ -192,6 +192,35 @@ def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path)
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
 
+def test_a_shutdown_answers_a_grpc_call_in_flight(tmp_path: Path) -> None:
+    """Triton's gRPC API (`--grpc-port`) in the real command: a call too long for the shutdown's time gets
+    UNAVAILABLE with the reason, not a dropped connection, and the server exits cleanly."""
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    grpc_port = free_port()
+    process, _url, log = start_server(tmp_path, "--grpc-port", str(grpc_port), "--shutdown-timeout", "3")
+    audio = np.tile(decode_audio(LJ), 100)[None]  # ~8 minutes: far longer than the shutdown on 2 CPU cores
+    wav = triton_grpc.InferInput("WAV", list(audio.shape), "FP32")
+    wav.set_data_from_numpy(audio)
+    try:
+        with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}") as client, ThreadPoolExecutor(1) as pool:
+            assert client.is_server_ready()
+            call = pool.submit(client.infer, "whisper", [wav], client_timeout=120)
+            time.sleep(2)  # running
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(InferenceServerException) as raised:
+                call.result(60)
+        code = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert raised.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in str(raised.value.message())
+    assert code == 0
+    text = log.read_text()
+    assert "Triton gRPC API on 127.0.0.1" in text and "Traceback" not in text, text[-3000:]
+
+
 def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -123,11 +123,7 @@ def _input(raw: Any, rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(rest) - offset:
             raise InvalidRequest(f"input {name}: binary_data_size {size!r} is not within the body", param=name)
-        data = rest[offset : offset + size]
-        array = (
-            _bytes_elements(data, count, name) if datatype == "BYTES" else _numeric_binary(data, datatype, count, name)
-        )
-        return name, array.reshape(shape), size
+        return name, raw_tensor(rest[offset : offset + size], datatype, shape, name), size
     if "data" not in tensor:
         raise InvalidRequest(f"input {name} has neither 'data' nor binary_data_size", param=name)
     flat = _flatten(tensor["data"], name)
@@ -167,6 +163,18 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return out
 
 
+def raw_tensor(data: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """A tensor's raw bytes (Triton's binary data, gRPC's raw_input_contents) → array of `shape`."""
+    if datatype != "BYTES" and datatype not in _NUMERIC:
+        raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
+    if len(shape) > MAX_DIMS or not all(_size(d) for d in shape):
+        raise InvalidRequest(f"input {name}: 'shape' must be a list of at most {MAX_DIMS} sizes ≥ 0", param=name)
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_elements(data, count, name).reshape(shape)
+    return _numeric_binary(data, datatype, count, name).reshape(shape)
+
+
 def _numeric_binary(data: bytes, datatype: str, count: int, name: str) -> np.ndarray:
     dtype = np.dtype(_NUMERIC[datatype])
     if len(data) != count * dtype.itemsize:
@@ -196,13 +204,18 @@ def _bytes_elements(data: bytes, count: int, name: str) -> np.ndarray:
     return np.array(elements, dtype=object)
 
 
+def serialize_bytes(values: list[str]) -> bytes:
+    """Strings → a BYTES tensor's raw data: each element's 4-byte little-endian length, then its UTF-8."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in (s.encode("utf-8") for s in values))
+
+
 def bytes_output(name: str, values: list[str], shape: list[int], binary: bool) -> tuple[dict[str, Any], bytes]:
     """One BYTES output: its JSON entry and (binary) its serialized data, else b""."""
     entry: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": shape}
     if not binary:
         entry["data"] = values
         return entry, b""
-    data = b"".join(struct.pack("<I", len(v)) + v for v in (s.encode("utf-8") for s in values))
+    data = serialize_bytes(values)
     entry["parameters"] = {"binary_data_size": len(data)}
     return entry, data
 

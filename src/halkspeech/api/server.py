@@ -108,6 +108,22 @@ class Server(uvicorn.Server):
     with an error event), live turns get engine_stopped instead of their final. Then uvicorn's own shutdown
     closes what is left. A second Ctrl-C skips the waiting, as uvicorn's does."""
 
+    grpc: Any = None  # Triton's gRPC API (api/triton_grpc.TritonGrpc), when server.grpc_port is set
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        state = getattr(getattr(self.config.app, "state", None), "halkspeech", None)
+        if state is None or state.settings.server.grpc_port is None or self.should_exit:
+            return
+        port = state.settings.server.grpc_port
+        from halkspeech.api import triton_grpc
+
+        try:
+            self.grpc = await triton_grpc.start(state, state.settings.server.host, port)
+        except (RuntimeError, OSError) as exc:  # no grpc extra, or the port is taken: stop, as for the HTTP port
+            log.error("cannot serve Triton's gRPC API on port %d: %s", port, exc)
+            self.should_exit = True
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         budget = float(self.config.timeout_graceful_shutdown or 0)
@@ -115,6 +131,8 @@ class Server(uvicorn.Server):
         deadline = loop.time() + budget
         for server in self.servers:
             server.close()
+        # gRPC takes no new call; the calls in flight get the same time (answered as HTTP's are, at the end)
+        grpc_stopped = asyncio.ensure_future(self.grpc.server.stop(budget)) if self.grpc is not None else None
         for connection in list(self.server_state.connections):
             if isinstance(connection, HeaderDeadline):  # HTTP; uvicorn's shutdown() of a WebSocket closes it (1012)
                 connection.shutdown()
@@ -129,6 +147,8 @@ class Server(uvicorn.Server):
             await self._drained(deadline)
         if not live.done():
             live.cancel()
+        if grpc_stopped is not None:
+            await asyncio.wait([grpc_stopped], timeout=max(0.1, deadline - loop.time()))
         # uvicorn's part: the connections left close, and the lifespan's shutdown closes the engines
         # (what still runs at the deadline uvicorn cancels: errors.UnexpectedErrorMiddleware answers it 503)
         left = max(0.1, deadline - loop.time())  # uvicorn types it int; its asyncio.timeout takes any number
@@ -142,9 +162,12 @@ class Server(uvicorn.Server):
     async def _drained(self, until: float) -> bool:
         """Wait until no request or live session is running (True), `until` passes or a second signal came."""
         loop = asyncio.get_running_loop()
-        while self.server_state.tasks and not self.force_exit and loop.time() < until:
+        while self._busy() and not self.force_exit and loop.time() < until:
             await asyncio.sleep(0.05)
-        return not self.server_state.tasks
+        return not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self.server_state.tasks) or (self.grpc is not None and self.grpc.busy)
 
 
 def _answer_now(app: object) -> None:

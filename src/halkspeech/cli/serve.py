@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     net = parser.add_argument_group("network")
     net.add_argument("--host", help="address to listen on")
     net.add_argument("--port", type=int, help="port")
+    net.add_argument("--grpc-port", type=int, help="also serve Triton's gRPC API here (Triton's: 8001)")
     net.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted key (repeatable)")
     net.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without a key")
 
@@ -106,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 _FLAG_SETTINGS = {
     "host": "server.host",
     "port": "server.port",
+    "grpc_port": "server.grpc_port",
     "api_keys": "server.api_keys",
     "metrics_open": "server.metrics_open",
     "model_ttl": "server.model_ttl_s",

@@ -1,0 +1,203 @@
+"""Triton Inference Server's gRPC API (KServe v2's `inference.GRPCInferenceService`) for the Whisper model of
+TensorRT-LLM's Triton examples, so that `tritonclient.grpc` clients work unchanged (Triton serves it on port
+8001). The model is api/triton_model.py's, as over HTTP; this module is the wire.
+
+It runs on the HTTP server's event loop (`api/server.py` starts and stops it with uvicorn) and shares its
+state: the same API keys (`authorization: Bearer <key>` or `x-api-key` metadata), admission limits, models and
+shutdown. The service definition is the one `tritonclient[grpc]` ships (`pip install 'halkspeech[grpc]'`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+
+from halkspeech import __version__
+from halkspeech.api import triton_model
+from halkspeech.api.deps import AppState, api_key_valid
+from halkspeech.api.errors import status_for
+from halkspeech.api.kserve import raw_tensor, serialize_bytes
+from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
+
+try:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+except ImportError:  # the optional extra: api/server.py says what to install when the port is set without it
+    grpc = None
+
+log = logging.getLogger(__name__)
+
+MAX_CONTENT_VALUES = 4_000_000  # values of one tensor in typed contents (4 minutes of 16 kHz audio)
+
+#: HTTP status of a domain error → the gRPC code Triton uses for it.
+_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED",
+          409: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+          503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}  # fmt: skip
+#: KServe datatype → the InferTensorContents field that carries it (when not sent as raw_input_contents).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}  # fmt: skip
+_DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+           "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+           "FP32": np.float32, "FP64": np.float64}  # fmt: skip
+
+
+def available() -> bool:
+    return grpc is not None
+
+
+@dataclass
+class TritonGrpc:
+    """The running gRPC server, the port it took, and its calls in flight (the shutdown waits for them)."""
+
+    server: Any
+    port: int
+    service: _Service
+
+    @property
+    def busy(self) -> bool:
+        return self.service.in_flight > 0
+
+
+async def start(state: AppState, host: str, port: int) -> TritonGrpc:
+    """A started gRPC server on host:port (0: any free port)."""
+    if grpc is None:
+        raise RuntimeError(
+            "server.grpc_port needs grpcio and Triton's service definition: pip install 'halkspeech[grpc]'"
+        )
+    limit = int(state.settings.server.max_upload_mb * 1e6)
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    server = grpc.aio.server(options=options)
+    service = _Service(state)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    taken = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("Triton gRPC API on %s:%d", host, taken)
+    return TritonGrpc(server, taken, service)
+
+
+class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None else object):  # type: ignore[misc]
+    """The KServe v2 calls a Whisper client makes; the rest answer UNIMPLEMENTED (the generated base class)."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.in_flight = 0  # ModelInfer calls running
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=triton_model.server_ready(self.state))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        return pb.ServerMetadataResponse(name="halkspeech", version=__version__, extensions=[])
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_model.resolve(self.state, request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_model.resolve(self.state, request.name, request.version)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        meta = triton_model.metadata(request.name)
+        tensors = [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]]
+        outputs = [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]]
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=tensors, outputs=outputs
+        )
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self.in_flight += 1
+        try:
+            return await self._infer(request, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _infer(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            model = triton_model.resolve(self.state, request.model_name, request.model_version)
+            triton_model.check_outputs({output.name for output in request.outputs})
+            inputs = _inputs(request)
+            texts = await triton_model.transcribe(self.state, model, inputs, _never_disconnects)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=triton_model.VERSION, id=request.id
+        )
+        output = response.outputs.add()
+        output.name, output.datatype = triton_model.OUTPUT, "BYTES"
+        output.shape.extend([len(texts), 1])
+        response.raw_output_contents.append(serialize_bytes(texts))
+        return response
+
+    async def _authorize(self, context: Any) -> None:
+        keys = self.state.settings.server.api_keys
+        if not keys:
+            return
+        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else str(metadata.get("x-api-key", "")).strip()
+        if not api_key_valid(presented or None, keys):
+            why = "missing API key: send 'authorization: Bearer <key>'" if not presented else "invalid API key"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+
+def _inputs(request: Any) -> dict[str, np.ndarray]:
+    """The request's tensors by name, from raw_input_contents (tritonclient's way) or typed contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, [int(d) for d in tensor.shape]
+        if name in inputs:
+            raise InvalidRequest(f"input {name!r} is given twice", param=name)
+        if raw:
+            inputs[name] = raw_tensor(raw[i], datatype, shape, name)
+            continue
+        field = _CONTENTS.get(datatype)
+        if field is None:
+            raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
+        contents = getattr(tensor.contents, field)
+        if len(contents) > MAX_CONTENT_VALUES:  # as Python objects, ~30× the bytes they came in
+            raise InvalidRequest(
+                f"input {name}: {len(contents)} values in typed contents, over {MAX_CONTENT_VALUES}: send "
+                "raw_input_contents (tritonclient's way)",
+                param=name,
+            )
+        values = list(contents)
+        if len(values) != int(np.prod(shape)) or any(d < 0 for d in shape):
+            raise InvalidRequest(f"input {name}: shape {shape} does not hold its {len(values)} values", param=name)
+        array = np.array(values, dtype=object) if datatype == "BYTES" else np.array(values, dtype=_DTYPES[datatype])
+        inputs[name] = array.reshape(shape)
+    return inputs
+
+
+async def _never_disconnects() -> dict[str, Any]:
+    """An ASGI `receive` that never reports a disconnect: a gRPC call that ends is cancelled by grpc itself."""
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+async def _abort(context: Any, exc: HalkSpeechError) -> NoReturn:
+    status = status_for(exc)
+    code = getattr(grpc.StatusCode, _CODES.get(status, "INTERNAL"))
+    if status >= 500:
+        log.warning("gRPC request failed: %s: %s", type(exc).__name__, exc)
+    await context.abort(code, str(exc))
+    raise AssertionError("context.abort raises")  # for the type checker: abort never returns
