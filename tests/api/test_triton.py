@@ -267,6 +267,13 @@ def test_grpc_typed_contents_are_read_too(server: LiveServer, shared_tiny_en: Mo
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         response = stub.ModelInfer(request, metadata=[("authorization", "Bearer k")], timeout=60)
     assert response.raw_output_contents[0][4:].decode() == alone(shared_tiny_en, LJ)
+    lens = request.inputs.add(name="WAV_LENS", datatype="INT32", shape=[1, 1])
+    lens.contents.int_contents.append(2**31 - 1)  # fits INT32, not the row
+    with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, metadata=[("authorization", "Bearer k")], timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "WAV_LENS" in refused.value.details()
 
 
 @pytest.mark.parametrize(

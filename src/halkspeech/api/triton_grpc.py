@@ -20,7 +20,7 @@ from halkspeech import __version__
 from halkspeech.api import triton_model
 from halkspeech.api.deps import AppState, api_key_valid
 from halkspeech.api.errors import status_for
-from halkspeech.api.kserve import raw_tensor, serialize_bytes
+from halkspeech.api.kserve import MAX_DIMS, raw_tensor, serialize_bytes
 from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 
 try:
@@ -46,10 +46,6 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 _DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
            "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
            "FP32": np.float32, "FP64": np.float64}  # fmt: skip
-
-
-def available() -> bool:
-    return grpc is not None
 
 
 @dataclass
@@ -181,9 +177,12 @@ def _inputs(request: Any) -> dict[str, np.ndarray]:
                 param=name,
             )
         values = list(contents)
-        if len(values) != int(np.prod(shape)) or any(d < 0 for d in shape):
+        if len(shape) > MAX_DIMS or any(d < 0 for d in shape) or len(values) != int(np.prod(shape)):
             raise InvalidRequest(f"input {name}: shape {shape} does not hold its {len(values)} values", param=name)
-        array = np.array(values, dtype=object) if datatype == "BYTES" else np.array(values, dtype=_DTYPES[datatype])
+        try:
+            array: np.ndarray = np.array(values, dtype=object if datatype == "BYTES" else _DTYPES[datatype])
+        except (OverflowError, ValueError):
+            raise InvalidRequest(f"input {name}: a value does not fit {datatype}", param=name) from None
         inputs[name] = array.reshape(shape)
     return inputs
 
