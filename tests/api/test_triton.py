@@ -5,6 +5,7 @@ task tokens of TEXT_PREFIX; and bad requests answered in Triton's error form (a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from halkspeech.api.triton_model import options_from_prefix
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import InvalidRequest, PayloadTooLarge
+from halkspeech.loadtest.http import HttpLoadConfig, run_http_load
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import TranscribeOptions
 
@@ -213,6 +215,21 @@ def test_names_versions_keys_and_encodings_are_checked(server: LiveServer) -> No
     url = server.url.removeprefix("http://")
     with triton.InferenceServerClient(url=url) as c, pytest.raises(InferenceServerException, match="no-such-model"):
         c.infer("no-such-model", request([LJ]), headers=key())
+
+
+def test_the_http_load_tester_drives_the_triton_api(server: LiveServer) -> None:
+    """`halkspeech loadtest http --api triton`: the same load against this server or a Triton + TensorRT-LLM one."""
+    clips = (TEST_DATA / "jfk.flac", TEST_DATA / "LJ001-0002.wav")
+    load = HttpLoadConfig(server.url, clips, concurrency=2, requests=4, api="triton", api_key="k", language="en")
+    results = run_http_load(load, quiet=True)
+    assert (
+        results["ok"] == 4
+        and not results["errors"]
+        and results["config"]["endpoint"].endswith("/v2/models/whisper/infer")
+    )
+    assert results["audio_s_per_s"] > 0
+    wrong = run_http_load(dataclasses.replace(load, model="no-such-model", requests=2), quiet=True)
+    assert wrong["ok"] == 0 and wrong["errors"] == {"404": 2}
 
 
 # --- gRPC ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import statistics
 import time
@@ -20,13 +21,15 @@ from typing import Any, Literal
 
 import httpx
 
+from halkspeech.api.kserve import serialize_bytes
 from halkspeech.audio import decode_audio
 from halkspeech.bench.common import check_output, percentile, print_table, write_json
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import InvalidRequest
 
 WINDOW_S = 30.0
-_PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe"}
+_PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe", "triton": "/v2/models/{model}/infer"}
+TRITON_MODEL = "whisper"  # the name TensorRT-LLM's Triton examples give the Whisper model
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class HttpLoadConfig:
     audio: tuple[Path, ...]
     concurrency: int = 16
     requests: int = 100
-    api: Literal["openai", "simple"] = "openai"
+    api: Literal["openai", "simple", "triton"] = "openai"
     model: str | None = None
     response_format: str = "json"
     language: str | None = None
@@ -65,14 +68,16 @@ class HttpLoadConfig:
     @property
     def endpoint(self) -> str:
         base = httpx.URL(self.url)
-        return str(base) if base.path not in ("", "/") else str(base.copy_with(path=_PATHS[self.api]))
+        path = _PATHS[self.api].format(model=self.model or TRITON_MODEL)
+        return str(base) if base.path not in ("", "/") else str(base.copy_with(path=path))
 
 
 @dataclass(frozen=True)
 class _Clip:
     name: str
-    data: bytes
+    data: bytes  # the file, as posted to the OpenAI and simple APIs
     seconds: float
+    samples: bytes  # 16 kHz float32, as Triton's WAV input
 
 
 @dataclass
@@ -92,7 +97,29 @@ def load_clips(paths: tuple[Path, ...]) -> list[_Clip]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise InvalidRequest(f"no such file: {', '.join(missing)}")
-    return [_Clip(p.name, p.read_bytes(), len(decode_audio(p)) / 16000) for p in paths]
+    clips = []
+    for path in paths:
+        audio = decode_audio(path)
+        clips.append(_Clip(path.name, path.read_bytes(), len(audio) / 16000, audio.astype("<f4").tobytes()))
+    return clips
+
+
+def triton_body(clip: _Clip, language: str | None) -> tuple[bytes, int]:
+    """A KServe v2 inference request for TensorRT-LLM's Whisper model in Triton's binary form, as
+    tritonclient.http sends it: (the body, its JSON header's length)."""
+    prefix = f"<|startoftranscript|>{f'<|{language}|>' if language else ''}<|transcribe|><|notimestamps|>"
+    prefix_data = serialize_bytes([prefix])
+    n = len(clip.samples) // 4
+    header = {
+        "inputs": [
+            {"name": "WAV", "datatype": "FP32", "shape": [1, n], "parameters": {"binary_data_size": n * 4}},
+            {"name": "TEXT_PREFIX", "datatype": "BYTES", "shape": [1, 1],
+             "parameters": {"binary_data_size": len(prefix_data)}},
+        ],
+        "outputs": [{"name": "TRANSCRIPTS", "parameters": {"binary_data": True}}],
+    }  # fmt: skip
+    head = json.dumps(header).encode()
+    return head + clip.samples + prefix_data, len(head)
 
 
 def run_http_load(cfg: HttpLoadConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -138,6 +165,10 @@ async def _one(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip, tall
             if cfg.language:
                 form["language"] = cfg.language
             response = await client.post(cfg.endpoint, files=files, data=form)
+        elif cfg.api == "triton":
+            body, head = triton_body(clip, cfg.language)
+            headers = {"Inference-Header-Content-Length": str(head), "Content-Type": "application/octet-stream"}
+            response = await client.post(cfg.endpoint, content=body, headers=headers)
         else:
             params = {k: v for k, v in (("language", cfg.language), ("model", cfg.model)) if v}
             response = await client.post(cfg.endpoint, files=files, params=params)
@@ -222,8 +253,13 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
     parser.add_argument("--concurrency", type=int, default=16, help="clients posting at once")
     parser.add_argument("--requests", type=int, default=100, help="requests in all")
-    parser.add_argument("--api", choices=("openai", "simple"), default="openai", help="endpoint to drive")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument(
+        "--api",
+        choices=("openai", "simple", "triton"),
+        default="openai",
+        help="endpoint to drive (triton: Triton's HTTP API, as TensorRT-LLM's Whisper examples serve it)",
+    )
+    parser.add_argument("--model", default=None, help="model name (default: the server's; triton: whisper)")
     parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
     parser.add_argument("--language", default=None, help="spoken language (default: detect)")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
