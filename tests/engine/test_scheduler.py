@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -433,3 +437,30 @@ def _admitted_and_planned() -> tuple[Scheduler, Group, list[Admission], DecodeSt
 
 def _result(a: Admission, token: int = 5) -> AdmitResult:
     return AdmitResult((token,) * len(a.slots), (-0.1,) * len(a.slots), (), 0.0, None)
+
+
+def test_running_can_be_read_while_the_engine_thread_changes_the_groups() -> None:
+    """Other threads read `running` (the metrics; which GPU a request takes) while the engine thread admits and
+    finishes groups. Iterating the dict itself raised 'dictionary changed size during iteration' there: a 500
+    under load on an H100 (session 23), the likely cause of session 22's lone /ws internal_error."""
+    s = scheduler(8)
+    stop = threading.Event()
+
+    def engine_thread() -> None:
+        rid = 0
+        while not stop.is_set():
+            s._running[rid] = SimpleNamespace(live=[0])  # type: ignore[assignment]
+            s._running.pop(rid - 20, None)
+            rid += 1
+
+    churn = threading.Thread(target=engine_thread)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # a thread switch between any two bytecodes of the reader, as under load
+    churn.start()
+    try:
+        counts = [s.running for _ in range(20_000)]
+    finally:
+        stop.set()
+        churn.join()
+        sys.setswitchinterval(interval)
+    assert max(counts) <= 21
