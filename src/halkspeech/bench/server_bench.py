@@ -61,6 +61,7 @@ class ServerBenchConfig:
     requests: int = 1024
     warmup_requests: int = 512
     client_processes: int = 4
+    api: Literal["openai", "triton"] = "openai"  # the endpoint the clients post to
     slots: int = 256
     encoder_batch: int = 64
     engine_batch: int | None = None  # the engine figure's batch (default: concurrency)
@@ -87,6 +88,7 @@ class ServerBenchConfig:
             requests=(self.requests, 1, 10_000_000),
             warmup_requests=(self.warmup_requests, 1, 10_000_000),  # also the profiled load's size
             client_processes=(self.client_processes, 1, 256),
+            engine_repeats=(self.engine_repeats, 1, 100),
             slots=(self.slots, 1, MAX_SLOTS),
             encoder_batch=(self.encoder_batch, 1, MAX_ENCODER_BATCH),
             engine_batch=(self.engine_batch, 1, MAX_SLOTS),
@@ -105,7 +107,9 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
         profile_path = Path(tmp) / "profile.json"
         with _server(cfg, Path(tmp) / "server.log", profile_path) as served:
             url = served.url
-            load = HttpLoadConfig(url=url, audio=(clip,), concurrency=cfg.concurrency, language="en", timeout_s=600.0)
+            load = HttpLoadConfig(
+                url=url, audio=(clip,), concurrency=cfg.concurrency, api=cfg.api, language="en", timeout_s=600.0
+            )
             _load(replace(load, requests=cfg.warmup_requests), cfg.client_processes)  # graphs, allocator, sockets
             before = _scrape(url)
             server = _load(replace(load, requests=cfg.requests), cfg.client_processes)

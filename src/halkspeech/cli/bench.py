@@ -98,6 +98,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--requests", type=int, default=1024, help="timed requests (after the warm-up)")
     server.add_argument("--warmup-requests", type=int, default=512, help="untimed requests first")
     server.add_argument("--client-processes", type=int, default=4, help="processes the clients are spread over")
+    server.add_argument(
+        "--api",
+        choices=("openai", "triton"),
+        default="openai",
+        help="the clients post to the OpenAI API or Triton's HTTP API (binary tensors, as tritonclient sends them)",
+    )
+    server.add_argument("--engine-repeats", type=int, default=3, help="runs of the engine figure (its best is used)")
     server.add_argument("--slots", type=int, default=256, help="the server's decoder slots")
     server.add_argument("--encoder-batch", type=int, default=64)
     server.add_argument("--engine-batch", type=int, default=None, help="batch of the engine figure (default: "
@@ -256,6 +263,8 @@ def _run_server(args: argparse.Namespace) -> int:
             requests=args.requests,
             warmup_requests=args.warmup_requests,
             client_processes=args.client_processes,
+            api=args.api,
+            engine_repeats=args.engine_repeats,
             slots=args.slots,
             encoder_batch=args.encoder_batch,
             engine_batch=args.engine_batch,
