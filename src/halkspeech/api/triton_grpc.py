@@ -10,6 +10,7 @@ shutdown. The service definition is the one `tritonclient[grpc]` ships (`pip ins
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -32,6 +33,7 @@ except ImportError:  # the optional extra: api/server.py says what to install wh
 
 log = logging.getLogger(__name__)
 
+OFF_LOOP_BYTES = 256 * 1024  # a request with more raw data is read on a worker thread, as over HTTP
 MAX_CONTENT_VALUES = 4_000_000  # values of one tensor in typed contents (4 minutes of 16 kHz audio)
 
 #: HTTP status of a domain error → the gRPC code Triton uses for it.
@@ -128,8 +130,10 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         try:
             model = triton_model.resolve(self.state, request.model_name, request.model_version)
             triton_model.check_outputs({output.name for output in request.outputs})
-            inputs = _inputs(request)
-            texts = await triton_model.transcribe(self.state, model, inputs, _never_disconnects)
+            size = sum(len(raw) for raw in request.raw_input_contents)
+            read = functools.partial(_rows, request)
+            rows = await asyncio.to_thread(read) if size > OFF_LOOP_BYTES else read()
+            texts = await triton_model.transcribe(self.state, model, rows, _never_disconnects)
         except HalkSpeechError as exc:
             await _abort(context, exc)
         response = pb.ModelInferResponse(
@@ -151,6 +155,10 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         if not api_key_valid(presented or None, keys):
             why = "missing API key: send 'authorization: Bearer <key>'" if not presented else "invalid API key"
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+
+def _rows(request: Any) -> list[triton_model.Row]:
+    return triton_model.rows(_inputs(request))
 
 
 def _inputs(request: Any) -> dict[str, np.ndarray]:

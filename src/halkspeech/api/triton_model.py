@@ -73,11 +73,15 @@ def check_outputs(names: set[str]) -> None:
         raise InvalidRequest(f"unknown output {sorted(unknown)[0]!r}: the model has only {OUTPUT}")
 
 
-async def transcribe(state: AppState, model: str | None, inputs: dict[str, np.ndarray], receive: Receive) -> list[str]:
+#: One row to transcribe: its 16 kHz float32 audio [n] and its options.
+Row = tuple[np.ndarray, TranscribeOptions]
+
+
+async def transcribe(state: AppState, model: str | None, rows: list[Row], receive: Receive) -> list[str]:
     """Every row's transcript, in order. Cancelled with the client (`receive`: its disconnect) or the server's
     shutdown, as every request is."""
     server = state.settings.server
-    jobs = [Job(with_server_policy(options, server), model, samples=audio) for audio, options in rows(inputs)]
+    jobs = [Job(with_server_policy(options, server), model, samples=audio) for audio, options in rows]
     outcomes = await until_disconnect(receive, _all(state, jobs), state.stopping)
     return [outcome.transcript.text.strip() for outcome in outcomes]
 
@@ -95,8 +99,9 @@ async def _all(state: AppState, jobs: list[Job]) -> list[Outcome]:
     return [task.result() for task in tasks]
 
 
-def rows(inputs: dict[str, np.ndarray]) -> list[tuple[np.ndarray, TranscribeOptions]]:
-    """The inputs' rows: (16 kHz float32 audio [n], options)."""
+def rows(inputs: dict[str, np.ndarray]) -> list[Row]:
+    """The inputs' rows, checked and copied out of the request (a worker thread's job for a large request: ~1 ms
+    a 30 s row, which the event loop of a busy server cannot spare)."""
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise InvalidRequest(f"unknown input {sorted(unknown)[0]!r}: the model takes {', '.join(INPUTS)}")

@@ -14,12 +14,12 @@ from fastapi import APIRouter, Request, Response
 from halkspeech import __version__
 from halkspeech.api import triton_model
 from halkspeech.api.deps import StateDep
-from halkspeech.api.kserve import bytes_output, encode_response, parse_request
+from halkspeech.api.kserve import InferRequest, bytes_output, encode_response, parse_request
 from halkspeech.errors import InvalidRequest
 
 router = APIRouter(prefix="/v2", tags=["Triton (KServe v2)"])
 health_router = APIRouter(prefix="/v2", tags=["Triton (KServe v2)"])  # open, as /health
-OFF_LOOP_BYTES = 256 * 1024  # a larger body is parsed on a worker thread (JSON: ~30 ms a MB), not on the loop
+OFF_LOOP_BYTES = 256 * 1024  # a larger body is read on a worker thread (JSON: ~30 ms a MB), not on the loop
 VERSION = triton_model.VERSION
 
 
@@ -63,10 +63,9 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
     if length is not None and not length.isdigit():
         raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length!r}")
     body = await request.body()
-    parse = functools.partial(parse_request, body, None if length is None else int(length))
-    parsed = await asyncio.to_thread(parse) if len(body) > OFF_LOOP_BYTES else parse()
-    triton_model.check_outputs(set(parsed.outputs))
-    texts = await triton_model.transcribe(state, name, parsed.inputs, request.receive)
+    read = functools.partial(_read, body, None if length is None else int(length))
+    parsed, rows = await asyncio.to_thread(read) if len(body) > OFF_LOOP_BYTES else read()
+    texts = await triton_model.transcribe(state, name, rows, request.receive)
     binary = parsed.outputs.get(triton_model.OUTPUT, parsed.binary_by_default)
     entry, data = bytes_output(triton_model.OUTPUT, texts, [len(texts), 1], binary)
     header: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": [entry]}
@@ -77,3 +76,10 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
         return Response(content, media_type="application/json")
     headers = {"Inference-Header-Content-Length": str(header_length)}
     return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+def _read(body: bytes, header_length: int | None) -> tuple[InferRequest, list[triton_model.Row]]:
+    """The request and its rows (on a worker thread for a large body)."""
+    parsed = parse_request(body, header_length)
+    triton_model.check_outputs(set(parsed.outputs))
+    return parsed, triton_model.rows(parsed.inputs)
