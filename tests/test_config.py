@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from halkspeech.config import Settings, load_settings
+from halkspeech.config import ServerSettings, Settings, load_settings
 from halkspeech.errors import InvalidRequest
 
 
@@ -186,3 +186,11 @@ def test_bad_values_are_one_line_errors(env: dict[str, str], says: str) -> None:
     with pytest.raises(InvalidRequest, match=says) as error:
         load_settings(env)
     assert "\n" not in str(error.value)
+
+
+def test_idle_kept_alive_connections_outlive_the_proxies_in_front() -> None:
+    """uvicorn's own 5 s closed connections that nginx or a load balancer (60 s idle) was about to reuse."""
+    from halkspeech.api.server import uvicorn_config
+
+    assert uvicorn_config(object(), ServerSettings()).timeout_keep_alive == 75 > 60
+    assert uvicorn_config(object(), ServerSettings(keep_alive_timeout_s=9)).timeout_keep_alive == 9

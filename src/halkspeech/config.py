@@ -239,6 +239,11 @@ class ServerSettings(BaseModel):
     #: first byte on a kept-alive connection); past it: 408 and the connection closes. Without it a client that
     #: sends nothing, or its headers a byte at a time, holds a socket forever (api/server.py).
     header_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Seconds an idle kept-alive connection stays open between requests (uvicorn's own default is 5). Longer
+    #: than the idle timeouts of the proxies and clients in front (nginx and AWS load balancers: 60 s): when
+    #: the server closes first, a request the client sends at that moment meets a closed socket (a 502 at the
+    #: proxy, a read error at the client).
+    keep_alive_timeout_s: int = Field(default=75, ge=1, le=3600)
     #: Seconds from SIGTERM/SIGINT within which everything in flight is answered: work that finishes in time as
     #: usual, the rest 503 engine_stopped (an SSE error event; on /ws, engine_stopped for each unfinished turn)
     #: one second before the end (a quarter of it under 4 s). The engines stop after it, in well under a

@@ -91,6 +91,7 @@ def uvicorn_config(app: Any, server: ServerSettings, **options: Any) -> uvicorn.
         "ws_max_size": max_frame_bytes(server),  # a whole /ws turn fits in one frame (uvicorn's default: 16 MiB)
         "ws_per_message_deflate": server.ws_compression,
         "timeout_graceful_shutdown": server.shutdown_timeout_s,  # for the work in flight when asked to stop
+        "timeout_keep_alive": server.keep_alive_timeout_s,
         **options,
     }
     return uvicorn.Config(app, **settings)
