@@ -64,21 +64,28 @@ def alone(engine: ModelEngine, audio: np.ndarray, **options: Any) -> str:
     return asyncio.run(Transcriber(engine).transcribe(audio, opts)).text.strip()
 
 
-def request(rows: list[np.ndarray], prefix: str = PREFIX, *, binary: bool = True, lens: bool = True) -> list[Any]:
-    """WAV [rows, longest] (zero-padded), WAV_LENS and one TEXT_PREFIX per row, as the examples' client sends."""
-    longest = max(len(r) for r in rows)
-    wav = np.zeros((len(rows), longest), np.float32)
+def padded(rows: list[np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WAV [rows, longest] (zero-padded), WAV_LENS [rows, 1] and TEXT_PREFIX [rows, 1], as the examples' client
+    builds them."""
+    wav = np.zeros((len(rows), max(len(r) for r in rows)), np.float32)
     for i, row in enumerate(rows):
         wav[i, : len(row)] = row
+    lens = np.array([[len(r)] for r in rows], np.int32)
+    return wav, lens, np.array([[prefix.encode()]] * len(rows), dtype=object)
+
+
+def request(rows: list[np.ndarray], prefix: str = PREFIX, *, binary: bool = True, lens: bool = True) -> list[Any]:
+    """The inputs in tritonclient.http's types, binary or JSON."""
+    wav, lengths, prefixes = padded(rows, prefix)
     inputs = [
         triton.InferInput("WAV", list(wav.shape), "FP32"),
         triton.InferInput("TEXT_PREFIX", [len(rows), 1], "BYTES"),
     ]
     inputs[0].set_data_from_numpy(wav, binary_data=binary)
-    inputs[1].set_data_from_numpy(np.array([[prefix.encode()]] * len(rows), dtype=object), binary_data=binary)
+    inputs[1].set_data_from_numpy(prefixes, binary_data=binary)
     if lens:
         inputs.append(triton.InferInput("WAV_LENS", [len(rows), 1], "INT32"))
-        inputs[2].set_data_from_numpy(np.array([[len(r)] for r in rows], np.int32), binary_data=binary)
+        inputs[2].set_data_from_numpy(lengths, binary_data=binary)
     return inputs
 
 
@@ -244,19 +251,15 @@ def grpc_client(server: LiveServer) -> Iterator[triton_grpc.InferenceServerClien
 
 
 def grpc_request(rows: list[np.ndarray], prefix: str = PREFIX) -> list[Any]:
-    """As `request`, in tritonclient.grpc's types (raw_input_contents, its only way)."""
-    longest = max(len(r) for r in rows)
-    wav = np.zeros((len(rows), longest), np.float32)
-    for i, row in enumerate(rows):
-        wav[i, : len(row)] = row
+    """The inputs in tritonclient.grpc's types (raw_input_contents, its only way)."""
+    wav, lengths, prefixes = padded(rows, prefix)
     inputs = [
         triton_grpc.InferInput("WAV", list(wav.shape), "FP32"),
         triton_grpc.InferInput("TEXT_PREFIX", [len(rows), 1], "BYTES"),
         triton_grpc.InferInput("WAV_LENS", [len(rows), 1], "INT32"),
     ]
-    inputs[0].set_data_from_numpy(wav)
-    inputs[1].set_data_from_numpy(np.array([[prefix.encode()]] * len(rows), dtype=object))
-    inputs[2].set_data_from_numpy(np.array([[len(r)] for r in rows], np.int32))
+    for tensor, values in zip(inputs, (wav, prefixes, lengths), strict=True):
+        tensor.set_data_from_numpy(values)
     return inputs
 
 
