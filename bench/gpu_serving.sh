@@ -15,6 +15,8 @@
 #   bench/gpu_serving.sh server-and-longform OUT_DIR  the HTTP server at 256 clients; one hour through the server
 #   bench/gpu_serving.sh ws OUT_DIR                 WebSocket turns (1 and 200 users) with file requests alongside
 #   bench/gpu_serving.sh ws-protocols OUT_DIR       the same over /v1/realtime (20 and 100 ms appends), then /ws
+#   bench/gpu_serving.sh triton OUT_DIR             the HTTP server at 256 clients over Triton's HTTP API and the
+#                                                   OpenAI API, alternating (engine figure from one run each)
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
@@ -137,6 +139,12 @@ ws-protocols)  # WebSocket turns over /v1/realtime (20 and 100 ms appends), then
     set -- $run
     timeout 190 $py -m halkspeech bench ws --protocol $1 --frame-ms $2 --model random:large-v3-turbo --tokens 20 \
       --single-turns 5 --users 200 --turns-per-user 3 --file-clients 4 --json "$out/ws_$1_$2ms.json" 2>&1 | tail -4
+  done
+  ;;
+triton)  # Triton's HTTP API against the OpenAI API through the same server and clients, alternating
+  for run in "triton 1" "openai 1" "triton 2"; do
+    set -- $run
+    server_bench "$out/server_$1_$2.json" --api $1 --engine-repeats 1
   done
   ;;
 ws-only)
