@@ -81,7 +81,8 @@ class LiveServer:
             self.pool.load_now()
         self._thread.start()
         deadline = time.monotonic() + 60
-        while not self._server.started:
+        grpc = self.settings.server.grpc_port is not None  # started after HTTP (api/server.py): wait for it too
+        while not self._server.started or (grpc and self._server.grpc is None):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)

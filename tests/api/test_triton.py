@@ -19,7 +19,7 @@ import tritonclient.http as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from api.conftest import LiveServer, api_settings, live_server
+from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import TEST_DATA
 from halkspeech.api.kserve import MAX_JSON_BYTES, parse_request
 from halkspeech.api.triton_model import options_from_prefix
@@ -311,3 +311,18 @@ def test_grpc_errors_are_statuses_with_a_message(
     with pytest.raises(InferenceServerException) as raised:
         grpc_client.infer(model, grpc_request([LJ], prefix), headers=dict(headers))
     assert raised.value.status() == f"StatusCode.{status}" and raised.value.message()
+
+
+def test_a_grpc_call_given_up_on_leaves_no_engine_work(
+    server: LiveServer, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """A client whose deadline passes mid-transcription (or that cancels) frees its engine work at once, as an
+    HTTP client that disconnects does: grpc cancels the call's task, and the cancellation reaches the engine."""
+    long = np.tile(LJ, 40)  # ~2 minutes: seconds of work for tiny.en on a CPU
+    engine = server.engine()
+    cancelled = engine.stats.cancelled
+    with pytest.raises(InferenceServerException) as raised:
+        grpc_client.infer("whisper", grpc_request([long]), headers=GRPC_KEY, client_timeout=1.0)
+    assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_until(lambda: engine.running == 0 and engine.queue_depth == 0, 30, "the engine to drop the call's work")
+    assert engine.stats.cancelled > cancelled  # its windows were cancelled, not decoded to the end
