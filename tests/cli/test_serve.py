@@ -231,6 +231,30 @@ def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> No
     assert err.startswith("halkspeech: error: cannot listen on 127.0.0.1") and "\n" not in err
 
 
+def test_grpc_port_problems_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--grpc-port without the grpc extra (or with tritonclient missing a part of it: its RuntimeError crashed
+    the start with a traceback on a GPU machine), and a gRPC port another process listens on: exit 2 and one
+    line, as for the HTTP port."""
+    from halkspeech.api import triton_grpc
+
+    monkeypatch.setenv("HALKSPEECH_MODEL__ALLOW_DOWNLOAD", "false")
+    command = ["serve", "--host", "127.0.0.1", "--port", "0", "--model", "tiny.en", "--device", "cpu"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main([*command, "--grpc-port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()  # the server had started logging: its last line says why it stopped
+    last = err.splitlines()[-1]
+    assert last.startswith("halkspeech: error: cannot serve Triton's gRPC API on port") and "Failed to bind" in last
+    assert "Traceback" not in err, err
+    monkeypatch.setattr(triton_grpc, "MISSING", "server.grpc_port needs grpcio: pip install 'halkspeech[grpc]'")
+    assert main([*command, "--grpc-port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "halkspeech: error: server.grpc_port needs grpcio: pip install 'halkspeech[grpc]'", err
+
+
 def test_a_model_that_cannot_load_is_a_one_line_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -110,6 +110,7 @@ class Server(uvicorn.Server):
     closes what is left. A second Ctrl-C skips the waiting, as uvicorn's does."""
 
     grpc: Any = None  # Triton's gRPC API (api/triton_grpc.TritonGrpc), when server.grpc_port is set
+    startup_error: str | None = None  # why the server stopped at once (the gRPC port could not be served)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -122,7 +123,8 @@ class Server(uvicorn.Server):
         try:
             self.grpc = await triton_grpc.start(state, state.settings.server.host, port)
         except (RuntimeError, OSError) as exc:  # no grpc extra, or the port is taken: stop, as for the HTTP port
-            log.error("cannot serve Triton's gRPC API on port %d: %s", port, exc)
+            self.startup_error = f"cannot serve Triton's gRPC API on port {port}: {exc}"
+            log.error("%s", self.startup_error)
             self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -24,12 +24,14 @@ from halkspeech.api.errors import status_for
 from halkspeech.api.kserve import MAX_DIMS, raw_tensor, serialize_bytes
 from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 
+MISSING: str | None = None  # why the gRPC API cannot run here (the optional extra is missing or incomplete)
 try:
     import grpc
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc
-except ImportError:  # the optional extra: api/server.py says what to install when the port is set without it
+except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when its grpc extra is incomplete
     grpc = None
+    MISSING = f"server.grpc_port needs grpcio and Triton's service definition: pip install 'halkspeech[grpc]' ({exc})"
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,20 @@ class TritonGrpc:
 async def start(state: AppState, host: str, port: int) -> TritonGrpc:
     """A started gRPC server on host:port (0: any free port)."""
     if grpc is None:
-        raise RuntimeError(
-            "server.grpc_port needs grpcio and Triton's service definition: pip install 'halkspeech[grpc]'"
-        )
+        raise RuntimeError(MISSING)
     limit = int(state.settings.server.max_upload_mb * 1e6)
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),  # a port another process listens on is an error, not a shared port
+    ]
     server = grpc.aio.server(options=options)
     service = _Service(state)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    taken = server.add_insecure_port(f"{host}:{port}")
+    try:
+        taken = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpc's "failed to bind"
+        raise OSError(str(exc)) from None
     await server.start()
     log.info("Triton gRPC API on %s:%d", host, taken)
     return TritonGrpc(server, taken, service)

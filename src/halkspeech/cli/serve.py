@@ -174,6 +174,13 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"halkspeech: error: cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
         return 2
+    if server.grpc_port is not None:
+        from halkspeech.api import triton_grpc
+
+        if triton_grpc.MISSING is not None:  # before any model loads
+            sock.close()
+            print(f"halkspeech: error: {triton_grpc.MISSING}", file=sys.stderr)
+            return 2
     pool = ModelPool(settings, ModelRegistry(settings.model))
     try:
         for name in server.preload:
@@ -181,10 +188,14 @@ def run(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port of --port 0
         config = uvicorn_config(create_app(settings, pool), server, backlog=_BACKLOG)
-        _serve_until_signalled(Server(config), sock)
+        serving = Server(config)
+        _serve_until_signalled(serving, sock)
     finally:
         pool.close_now()
         sock.close()
+    if serving.startup_error is not None:  # it stopped at once: say why, as for a busy HTTP port
+        print(f"halkspeech: error: {serving.startup_error}", file=sys.stderr)
+        return 2
     return 0
 
 
