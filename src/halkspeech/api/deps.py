@@ -59,23 +59,31 @@ def api_key_valid(presented: str | None, keys: list[str]) -> bool:
     return matched
 
 
-def bearer_token(connection: HTTPConnection) -> str | None:
-    """The key from `Authorization: Bearer <key>` (or `X-API-Key: <key>`), if any."""
-    header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def presented_key(authorization: str, x_api_key: str) -> str | None:
+    """The key from an `Authorization: Bearer <key>` value (or an `X-API-Key: <key>` one), if any: HTTP headers
+    and gRPC metadata alike."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return connection.headers.get("x-api-key", "").strip() or None
+    return x_api_key.strip() or None
+
+
+def bearer_token(connection: HTTPConnection) -> str | None:
+    """The key from `Authorization: Bearer <key>` (or `X-API-Key: <key>`), if any."""
+    return presented_key(connection.headers.get("authorization", ""), connection.headers.get("x-api-key", ""))
+
+
+def key_refusal(token: str | None, keys: list[str], send: str = "Authorization: Bearer <key>") -> str | None:
+    """Why a request with `token` may not pass (no key, a wrong key), or None: it carries a key, or the server
+    has none. `send`: how the client should send one."""
+    if not keys or api_key_valid(token, keys):
+        return None
+    return f"missing API key: send '{send}'" if token is None else "invalid API key"
 
 
 def api_key_refusal(connection: HTTPConnection, keys: list[str]) -> str | None:
     """Why the request may not pass (no key, a wrong key), or None: it carries a key, or the server has none."""
-    if not keys:
-        return None
-    token = bearer_token(connection)
-    if api_key_valid(token, keys):
-        return None
-    return "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
+    return key_refusal(bearer_token(connection), keys)
 
 
 class APIKeyMiddleware:

@@ -20,7 +20,7 @@ import numpy as np
 from halkspeech.errors import InvalidRequest, PayloadTooLarge
 
 #: KServe datatype → numpy dtype (little-endian) for the numeric types; BYTES is handled apart.
-_NUMERIC: dict[str, str] = {
+NUMERIC: dict[str, str] = {
     "BOOL": "?",
     "UINT8": "<u1",
     "UINT16": "<u2",
@@ -111,19 +111,17 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 def _input(raw: Any, rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
     """One entry of `inputs` → (name, array, bytes of `rest` it used)."""
     tensor = _object(raw, "inputs[]")
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    name, shape = tensor.get("name"), tensor.get("shape")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("each input needs a 'name'", param="inputs")
-    if datatype != "BYTES" and datatype not in _NUMERIC:
-        raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_size(d) for d in shape):
+    if not isinstance(shape, list):
         raise InvalidRequest(f"input {name}: 'shape' must be a list of at most {MAX_DIMS} sizes ≥ 0", param=name)
-    count = math.prod(shape)
+    datatype, count = checked(name, tensor.get("datatype"), shape)
     size = _object(tensor.get("parameters", {}), f"{name}.parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(rest) - offset:
             raise InvalidRequest(f"input {name}: binary_data_size {size!r} is not within the body", param=name)
-        return name, raw_tensor(rest[offset : offset + size], datatype, shape, name), size
+        return name, _raw(rest[offset : offset + size], datatype, shape, count, name), size
     if "data" not in tensor:
         raise InvalidRequest(f"input {name} has neither 'data' nor binary_data_size", param=name)
     flat = _flatten(tensor["data"], name)
@@ -140,10 +138,20 @@ def _input(raw: Any, rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
             f"input {name}: {datatype} data must be {'booleans' if datatype == 'BOOL' else 'numbers'}", param=name
         )
     try:
-        array = np.array(flat, dtype=_NUMERIC[datatype])
+        array = np.array(flat, dtype=NUMERIC[datatype])
     except (OverflowError, ValueError):
         raise InvalidRequest(f"input {name}: a value does not fit {datatype}", param=name) from None
     return name, array.reshape(shape), 0
+
+
+def checked(name: str, datatype: Any, shape: list[Any]) -> tuple[str, int]:
+    """A tensor's (datatype, element count) once both are valid (HTTP or gRPC), or InvalidRequest for an unknown
+    datatype or a shape that is not at most MAX_DIMS sizes ≥ 0."""
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in NUMERIC):
+        raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
+    if len(shape) > MAX_DIMS or not all(_size(d) for d in shape):
+        raise InvalidRequest(f"input {name}: 'shape' must be a list of at most {MAX_DIMS} sizes ≥ 0", param=name)
+    return datatype, math.prod(shape)
 
 
 def _size(value: Any) -> bool:
@@ -165,18 +173,17 @@ def _flatten(data: Any, name: str) -> list[Any]:
 
 def raw_tensor(data: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """A tensor's raw bytes (Triton's binary data, gRPC's raw_input_contents) → array of `shape`."""
-    if datatype != "BYTES" and datatype not in _NUMERIC:
-        raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
-    if len(shape) > MAX_DIMS or not all(_size(d) for d in shape):
-        raise InvalidRequest(f"input {name}: 'shape' must be a list of at most {MAX_DIMS} sizes ≥ 0", param=name)
-    count = math.prod(shape)
+    return _raw(data, datatype, shape, checked(name, datatype, shape)[1], name)
+
+
+def _raw(data: bytes, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
     if datatype == "BYTES":
         return _bytes_elements(data, count, name).reshape(shape)
     return _numeric_binary(data, datatype, count, name).reshape(shape)
 
 
 def _numeric_binary(data: bytes, datatype: str, count: int, name: str) -> np.ndarray:
-    dtype = np.dtype(_NUMERIC[datatype])
+    dtype = np.dtype(NUMERIC[datatype])
     if len(data) != count * dtype.itemsize:
         raise InvalidRequest(
             f"input {name}: {count} {datatype} elements need {count * dtype.itemsize} bytes, got {len(data)}",

@@ -19,9 +19,9 @@ import numpy as np
 
 from halkspeech import __version__
 from halkspeech.api import triton_model
-from halkspeech.api.deps import AppState, api_key_valid
+from halkspeech.api.deps import AppState, key_refusal, presented_key
 from halkspeech.api.errors import status_for
-from halkspeech.api.kserve import MAX_DIMS, raw_tensor, serialize_bytes
+from halkspeech.api.kserve import NUMERIC, checked, raw_tensor, serialize_bytes
 from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 
 MISSING: str | None = None  # why the gRPC API cannot run here (the optional extra is missing or incomplete)
@@ -47,9 +47,6 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}  # fmt: skip
-_DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-           "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-           "FP32": np.float32, "FP64": np.float64}  # fmt: skip
 
 
 @dataclass
@@ -153,14 +150,14 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         return response
 
     async def _authorize(self, context: Any) -> None:
+        """The HTTP API's keys, from the call's metadata (its keys are lowercase)."""
         keys = self.state.settings.server.api_keys
         if not keys:
             return
-        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        presented = token.strip() if scheme.lower() == "bearer" else str(metadata.get("x-api-key", "")).strip()
-        if not api_key_valid(presented or None, keys):
-            why = "missing API key: send 'authorization: Bearer <key>'" if not presented else "invalid API key"
+        metadata = {key.lower(): str(value) for key, value in (context.invocation_metadata() or ())}
+        token = presented_key(metadata.get("authorization", ""), metadata.get("x-api-key", ""))
+        why = key_refusal(token, keys, send="authorization: Bearer <key>")
+        if why is not None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
 
@@ -181,9 +178,10 @@ def _inputs(request: Any) -> dict[str, np.ndarray]:
         if raw:
             inputs[name] = raw_tensor(raw[i], datatype, shape, name)
             continue
+        datatype, count = checked(name, datatype, shape)
         field = _CONTENTS.get(datatype)
-        if field is None:
-            raise InvalidRequest(f"input {name}: unknown datatype {datatype!r}", param=name)
+        if field is None:  # a datatype with no typed field (FP16): raw_input_contents only
+            raise InvalidRequest(f"input {name}: {datatype} travels only as raw_input_contents", param=name)
         contents = getattr(tensor.contents, field)
         if len(contents) > MAX_CONTENT_VALUES:  # as Python objects, ~30× the bytes they came in
             raise InvalidRequest(
@@ -192,10 +190,10 @@ def _inputs(request: Any) -> dict[str, np.ndarray]:
                 param=name,
             )
         values = list(contents)
-        if len(shape) > MAX_DIMS or any(d < 0 for d in shape) or len(values) != int(np.prod(shape)):
+        if len(values) != count:
             raise InvalidRequest(f"input {name}: shape {shape} does not hold its {len(values)} values", param=name)
         try:
-            array: np.ndarray = np.array(values, dtype=object if datatype == "BYTES" else _DTYPES[datatype])
+            array: np.ndarray = np.array(values, dtype=object if datatype == "BYTES" else NUMERIC[datatype])
         except (OverflowError, ValueError):
             raise InvalidRequest(f"input {name}: a value does not fit {datatype}", param=name) from None
         inputs[name] = array.reshape(shape)
