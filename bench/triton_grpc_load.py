@@ -21,6 +21,7 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from halkspeech.audio import decode_audio
+from halkspeech.bench.common import percentile
 
 PREFIX = b"<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
@@ -57,11 +58,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         wall = time.perf_counter() - began
-    ms = sorted(x * 1000 for x in latencies)
+    ms = [x * 1000 for x in latencies]
     windows = len(ms) * max(1, math.ceil(len(audio) / 16000 / 30 - 1e-6))
 
     def pct(q: float) -> float | None:
-        return round(ms[min(len(ms) - 1, math.ceil(q / 100 * len(ms)) - 1)], 1) if ms else None
+        return round(percentile(ms, q), 1) if ms else None
 
     return {
         "url": args.url, "model": args.model, "concurrency": args.concurrency, "sent": sent, "ok": len(ms),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import statistics
@@ -104,6 +105,7 @@ def load_clips(paths: tuple[Path, ...]) -> list[_Clip]:
     return clips
 
 
+@functools.cache  # every request of a clip is the same: built once (the client's loop is what 256 clients load)
 def triton_body(clip: _Clip, language: str | None) -> tuple[bytes, int]:
     """A KServe v2 inference request for TensorRT-LLM's Whisper model in Triton's binary form, as
     tritonclient.http sends it: (the body, its JSON header's length)."""
