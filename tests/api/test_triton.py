@@ -326,3 +326,22 @@ def test_a_grpc_call_given_up_on_leaves_no_engine_work(
     assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     wait_until(lambda: engine.running == 0 and engine.queue_depth == 0, 30, "the engine to drop the call's work")
     assert engine.stats.cancelled > cancelled  # its windows were cancelled, not decoded to the end
+
+
+def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
+    """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status."""
+    port = server._server.grpc.port  # type: ignore[attr-defined]
+    clips = (TEST_DATA / "jfk.flac", TEST_DATA / "LJ001-0002.wav")
+    load = HttpLoadConfig(f"grpc://127.0.0.1:{port}", clips, concurrency=2, requests=4, api="triton-grpc",
+                          api_key="k", language="en")  # fmt: skip
+    results = run_http_load(load, quiet=True)
+    assert results["ok"] == 4 and not results["errors"] and results["config"]["endpoint"] == f"127.0.0.1:{port}"
+    assert results["windows_per_s"] > 0 and "api_key" not in results["config"]
+    refused = run_http_load(dataclasses.replace(load, api_key="wrong", requests=2), quiet=True)
+    assert refused["ok"] == 0 and refused["errors"] == {"UNAUTHENTICATED": 2}
+    wrong = run_http_load(dataclasses.replace(load, model="no-such-model", requests=2), quiet=True)
+    assert wrong["errors"] == {"NOT_FOUND": 2}
+    with pytest.raises(InvalidRequest, match="http://, https:// or grpc://"):
+        dataclasses.replace(load, url=f"ftp://127.0.0.1:{port}")
+    with pytest.raises(InvalidRequest, match="http:// or https:// URL"):  # grpc:// is for the gRPC API only
+        dataclasses.replace(load, api="triton")

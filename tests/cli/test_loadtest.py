@@ -40,6 +40,7 @@ LJ_CLIP = TEST_DATA / "LJ001-0002.wav"  # 1.9 s: "in being comparatively modern.
         (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", JFK, "--json", str(TEST_DATA)], "--json"),
         (["ws", "--protocol", "realtime", "--url", "http://127.0.0.1:1", "--audio", JFK], "must be a ws:// or wss://"),
         (["ws", "--protocol", "realtime", "--url", "ws://127.0.0.1:99999", "--audio", JFK], "not a valid URL"),
+        (["http", "--api", "triton-grpc", "--url", "ws://h:1", "--audio", JFK], "http://, https:// or grpc:// URL"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,6 +48,15 @@ def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pyt
     err = capsys.readouterr().err
     assert err.startswith("halkspeech: error: ") and err.count("\n") == 1, err
     assert says in err, err
+
+
+def test_the_grpc_load_goes_to_tritons_grpc_port_by_default(tmp_path: Path) -> None:
+    """No --url: Triton's gRPC port on this machine (none listens here: every call fails UNAVAILABLE, exit 1)."""
+    out = tmp_path / "grpc.json"
+    args = ["loadtest", "http", "--api", "triton-grpc", "--audio", JFK, "--requests", "2", "--json", str(out)]
+    assert main(args) == 1
+    results = json.loads(out.read_text())
+    assert results["config"]["endpoint"] == "localhost:8001" and results["errors"] == {"UNAVAILABLE": 2}
 
 
 def test_json_check_leaves_no_file(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@
 1. Engine: `bench engine`'s measurement for one batch (random weights of `model`'s shapes, `tokens` forced
    tokens per window, all windows submitted at once) → windows/s.
 2. Server: `halkspeech serve` in a subprocess on `random:<model>` with the same forced decode length
-   (`--force-decode-tokens`, no timestamps) and slots; `concurrency` HTTP clients (spread over
-   `client_processes` processes, so the clients' own Python is not the bottleneck) post a `clip_s`-second
-   16 kHz WAV (a real recording repeated) to /v1/audio/transcriptions in a closed loop → windows/s.
+   (`--force-decode-tokens`, no timestamps) and slots; `concurrency` clients (spread over `client_processes`
+   processes, so the clients' own Python is not the bottleneck) send a `clip_s`-second 16 kHz WAV (a real
+   recording repeated) in a closed loop → windows/s. `api` picks the endpoint: /v1/audio/transcriptions,
+   Triton's HTTP infer (binary tensors) or Triton's gRPC infer (the server started with `--grpc-port`).
 3. The ratio server / engine (the target is ≥ 0.8 at 256 clients), beside latency percentiles and errors.
 """
 
@@ -46,7 +47,7 @@ from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
 from halkspeech.errors import InvalidRequest
-from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
+from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize, tritonclient_grpc
 
 log = logging.getLogger(__name__)
 _REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
@@ -61,7 +62,7 @@ class ServerBenchConfig:
     requests: int = 1024
     warmup_requests: int = 512
     client_processes: int = 4
-    api: Literal["openai", "triton"] = "openai"  # the endpoint the clients post to
+    api: Literal["openai", "triton", "triton-grpc"] = "openai"  # the endpoint the clients send to
     slots: int = 256
     encoder_batch: int = 64
     engine_batch: int | None = None  # the engine figure's batch (default: concurrency)
@@ -97,6 +98,8 @@ class ServerBenchConfig:
             clip_s=(self.clip_s, 1, 30),  # one window
             profile_s=(self.profile_s, 0, 600),
         )
+        if self.api == "triton-grpc":
+            tritonclient_grpc()  # before the engine figure's minutes: the clients need it
 
 
 def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
@@ -105,10 +108,12 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
         profile_path = Path(tmp) / "profile.json"
-        with _server(cfg, Path(tmp) / "server.log", profile_path) as served:
+        grpc_port = free_port() if cfg.api == "triton-grpc" else None
+        with _server(cfg, Path(tmp) / "server.log", profile_path, grpc_port) as served:
             url = served.url
+            target = url if grpc_port is None else f"http://127.0.0.1:{grpc_port}"
             load = HttpLoadConfig(
-                url=url, audio=(clip,), concurrency=cfg.concurrency, api=cfg.api, language="en", timeout_s=600.0
+                url=target, audio=(clip,), concurrency=cfg.concurrency, api=cfg.api, language="en", timeout_s=600.0
             )
             _load(replace(load, requests=cfg.warmup_requests), cfg.client_processes)  # graphs, allocator, sockets
             before = _scrape(url)
@@ -169,7 +174,7 @@ def _write_clip(cfg: ServerBenchConfig, path: Path) -> Path:
 
 # --- the server ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _server(cfg: ServerBenchConfig, log_path: Path, profile_path: Path) -> Iterator[BenchServer]:
+def _server(cfg: ServerBenchConfig, log_path: Path, profile_path: Path, grpc_port: int | None) -> Iterator[BenchServer]:
     args = [
         "--model", f"random:{cfg.model}", "--preload",
         "--device", cfg.device, "--dtype", cfg.dtype,
@@ -178,6 +183,8 @@ def _server(cfg: ServerBenchConfig, log_path: Path, profile_path: Path) -> Itera
         "--max-concurrent-requests", str(max(2 * cfg.concurrency, 512)), "--max-queue-size", "8192",
         "--request-timeout", "900", "--no-access-log",
     ]  # fmt: skip
+    if grpc_port is not None:
+        args += ["--grpc-port", str(grpc_port)]
     env = dict(os.environ)
     if cfg.admit_batch is not None:
         env["HALKSPEECH_ENGINE__ADMIT_BATCH"] = str(cfg.admit_batch)
@@ -274,7 +281,7 @@ def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
     rows = [
         {"path": f"engine (batch {engine['batch']})", "windows_s": engine["windows_per_s"], "ratio": 1.0},
         {
-            "path": f"server ({cfg.concurrency} HTTP clients)",
+            "path": f"server ({cfg.concurrency} {cfg.api} clients)",
             "windows_s": server["windows_per_s"],
             "req_s": server["requests_per_s"],
             "p50_ms": server["latency_ms"]["p50"],

@@ -4,23 +4,30 @@
 `max_duration_s` has passed; each request may take `timeout_s` at most. Reported: requests/s, audio seconds/s,
 30 s windows/s, latency p50/p95/p99 of the successful requests, and errors by status (or by failure: timeout,
 connect_error ...), as a table and as JSON.
+
+The APIs: OpenAI's, the simple one, Triton's HTTP API and Triton's gRPC API (`triton-grpc`, through
+`tritonclient.grpc.aio` as TensorRT-LLM's Whisper client calls it; one HTTP/2 channel a client process), so the
+same load can be put on this server and on a Triton + TensorRT-LLM one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 
 from halkspeech.api.kserve import serialize_bytes
 from halkspeech.audio import decode_audio
@@ -31,6 +38,10 @@ from halkspeech.errors import InvalidRequest
 WINDOW_S = 30.0
 _PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe", "triton": "/v2/models/{model}/infer"}
 TRITON_MODEL = "whisper"  # the name TensorRT-LLM's Triton examples give the Whisper model
+GRPC_PORT = 8001  # Triton's gRPC port, when the URL names none
+Api = Literal["openai", "simple", "triton", "triton-grpc"]
+#: One request: its failure's name (an HTTP status, "timeout", a gRPC status ...), or None when it succeeded.
+Send = Callable[["_Clip"], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class HttpLoadConfig:
     audio: tuple[Path, ...]
     concurrency: int = 16
     requests: int = 100
-    api: Literal["openai", "simple", "triton"] = "openai"
+    api: Api = "openai"
     model: str | None = None
     response_format: str = "json"
     language: str | None = None
@@ -61,14 +72,18 @@ class HttpLoadConfig:
             port_ok = url.port is None or 0 < url.port < 65536
         except httpx.InvalidURL as exc:
             raise InvalidRequest(f"--url is not a valid URL: {self.url!r} ({exc})") from None
-        if url.scheme not in ("http", "https"):
-            raise InvalidRequest(f"--url must be an http:// or https:// URL: {self.url!r}")
+        schemes = ("http", "https", "grpc") if self.api == "triton-grpc" else ("http", "https")
+        if url.scheme not in schemes:
+            names = [f"{scheme}://" for scheme in schemes]
+            raise InvalidRequest(f"--url must be an {', '.join(names[:-1])} or {names[-1]} URL: {self.url!r}")
         if not url.host or not port_ok:
             raise InvalidRequest(f"--url needs a host and a port from 1 to 65535: {self.url!r}")
 
     @property
     def endpoint(self) -> str:
         base = httpx.URL(self.url)
+        if self.api == "triton-grpc":  # host:port, as tritonclient.grpc takes it
+            return f"{base.host}:{base.port or GRPC_PORT}"
         path = _PATHS[self.api].format(model=self.model or TRITON_MODEL)
         return str(base) if base.path not in ("", "/") else str(base.copy_with(path=path))
 
@@ -109,8 +124,7 @@ def load_clips(paths: tuple[Path, ...]) -> list[_Clip]:
 def triton_body(clip: _Clip, language: str | None) -> tuple[bytes, int]:
     """A KServe v2 inference request for TensorRT-LLM's Whisper model in Triton's binary form, as
     tritonclient.http sends it: (the body, its JSON header's length)."""
-    prefix = f"<|startoftranscript|>{f'<|{language}|>' if language else ''}<|transcribe|><|notimestamps|>"
-    prefix_data = serialize_bytes([prefix])
+    prefix_data = serialize_bytes([_prefix(language)])
     n = len(clip.samples) // 4
     header = {
         "inputs": [
@@ -140,52 +154,109 @@ def measure(cfg: HttpLoadConfig) -> LoadTally:
 
 async def _drive(cfg: HttpLoadConfig, clips: list[_Clip]) -> LoadTally:
     tally = LoadTally(started=time.time())
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    timeout = httpx.Timeout(cfg.timeout_s, connect=min(30.0, cfg.timeout_s))
     started = time.perf_counter()
     deadline = started + cfg.max_duration_s
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+    async with _grpc_sender(cfg) if cfg.api == "triton-grpc" else _http_sender(cfg) as send:
 
         async def worker() -> None:
             while tally.sent < cfg.requests and time.perf_counter() < deadline:
                 clip = clips[tally.sent % len(clips)]
                 tally.sent += 1
-                await _one(client, cfg, clip, tally)
+                began = time.perf_counter()
+                failure = await send(clip)
+                if failure is not None:
+                    tally.errors[failure] += 1
+                    continue
+                tally.latencies.append(time.perf_counter() - began)
+                tally.audio_s += clip.seconds
+                tally.windows += max(1, math.ceil(clip.seconds / WINDOW_S - 1e-6))
 
         await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, cfg.requests))))
     tally.ended = time.time()
     return tally
 
 
-async def _one(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip, tally: LoadTally) -> None:
+@contextlib.asynccontextmanager
+async def _http_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(30.0, cfg.timeout_s))
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+
+        async def send(clip: _Clip) -> str | None:
+            try:
+                response = await _post(client, cfg, clip)
+            except httpx.TimeoutException:
+                return "timeout"
+            except httpx.HTTPError as exc:
+                return _failure_name(exc)
+            return None if response.status_code == 200 else str(response.status_code)
+
+        yield send
+
+
+async def _post(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip) -> httpx.Response:
     files = {"file": (clip.name, clip.data, "application/octet-stream")}
-    started = time.perf_counter()
+    if cfg.api == "openai":
+        form = {"model": cfg.model or "", "response_format": cfg.response_format}
+        if cfg.language:
+            form["language"] = cfg.language
+        return await client.post(cfg.endpoint, files=files, data=form)
+    if cfg.api == "triton":
+        body, head = triton_body(clip, cfg.language)
+        headers = {"Inference-Header-Content-Length": str(head), "Content-Type": "application/octet-stream"}
+        return await client.post(cfg.endpoint, content=body, headers=headers)
+    params = {k: v for k, v in (("language", cfg.language), ("model", cfg.model)) if v}
+    return await client.post(cfg.endpoint, files=files, params=params)
+
+
+@contextlib.asynccontextmanager
+async def _grpc_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
+    """Triton's gRPC API through tritonclient.grpc.aio: one channel for this process's clients, the inputs of
+    each clip built once (raw FP32 WAV and the examples' TEXT_PREFIX, as TensorRT-LLM's Whisper client sends)."""
+    grpc_client, InferenceServerException = tritonclient_grpc()
+    headers = {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    model = cfg.model or TRITON_MODEL
+    inputs: dict[_Clip, list[Any]] = {}
+    ssl = httpx.URL(cfg.url).scheme == "https"
+    async with grpc_client.InferenceServerClient(url=cfg.endpoint, ssl=ssl) as client:
+
+        async def send(clip: _Clip) -> str | None:
+            if clip not in inputs:
+                inputs[clip] = _grpc_inputs(grpc_client, clip, cfg.language)
+            try:
+                await client.infer(model, inputs[clip], headers=headers, client_timeout=cfg.timeout_s)
+            except InferenceServerException as exc:
+                status = str(exc.status() or "error").removeprefix("StatusCode.")
+                return "timeout" if status == "DEADLINE_EXCEEDED" else status
+            return None
+
+        yield send
+
+
+def tritonclient_grpc() -> tuple[Any, Any]:
+    """tritonclient.grpc.aio and its exception, or a clear error naming what to install."""
     try:
-        if cfg.api == "openai":
-            form = {"model": cfg.model or "", "response_format": cfg.response_format}
-            if cfg.language:
-                form["language"] = cfg.language
-            response = await client.post(cfg.endpoint, files=files, data=form)
-        elif cfg.api == "triton":
-            body, head = triton_body(clip, cfg.language)
-            headers = {"Inference-Header-Content-Length": str(head), "Content-Type": "application/octet-stream"}
-            response = await client.post(cfg.endpoint, content=body, headers=headers)
-        else:
-            params = {k: v for k, v in (("language", cfg.language), ("model", cfg.model)) if v}
-            response = await client.post(cfg.endpoint, files=files, params=params)
-    except httpx.TimeoutException:
-        tally.errors["timeout"] += 1
-        return
-    except httpx.HTTPError as exc:
-        tally.errors[_failure_name(exc)] += 1
-        return
-    if response.status_code != 200:
-        tally.errors[str(response.status_code)] += 1
-        return
-    tally.latencies.append(time.perf_counter() - started)
-    tally.audio_s += clip.seconds
-    tally.windows += max(1, math.ceil(clip.seconds / WINDOW_S - 1e-6))
+        import tritonclient.grpc.aio as grpc_client
+        from tritonclient.utils import InferenceServerException
+    except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when its grpc extra is incomplete
+        raise InvalidRequest(f"--api triton-grpc needs tritonclient's gRPC client: pip install 'halkspeech[grpc]' "
+                             f"({exc})") from None  # fmt: skip
+    return grpc_client, InferenceServerException
+
+
+def _grpc_inputs(grpc_client: Any, clip: _Clip, language: str | None) -> list[Any]:
+    samples = np.frombuffer(clip.samples, "<f4")[None]  # [1, samples]
+    wav = grpc_client.InferInput("WAV", list(samples.shape), "FP32")
+    wav.set_data_from_numpy(samples)
+    prefix = grpc_client.InferInput("TEXT_PREFIX", [1, 1], "BYTES")
+    prefix.set_data_from_numpy(np.array([[_prefix(language).encode()]], dtype=object))
+    return [wav, prefix]
+
+
+def _prefix(language: str | None) -> str:
+    """TEXT_PREFIX of TensorRT-LLM's Whisper examples: transcribe, no timestamps, the language if known."""
+    return f"<|startoftranscript|>{f'<|{language}|>' if language else ''}<|transcribe|><|notimestamps|>"
 
 
 def _failure_name(exc: httpx.HTTPError) -> str:
@@ -251,15 +322,21 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="concurrent clients posting files: requests/s, audio s/s, latency percentiles, errors",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    parser.add_argument("--url", default="http://localhost:8000", help="server base URL (or the endpoint's URL)")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="server base URL, or the endpoint's URL (default: http://localhost:8000; triton-grpc: the gRPC "
+        f"address, default http://localhost:{GRPC_PORT})",
+    )
     parser.add_argument("--audio", type=Path, nargs="+", required=True, metavar="FILE", help="clips, used in turn")
     parser.add_argument("--concurrency", type=int, default=16, help="clients posting at once")
     parser.add_argument("--requests", type=int, default=100, help="requests in all")
     parser.add_argument(
         "--api",
-        choices=("openai", "simple", "triton"),
+        choices=("openai", "simple", "triton", "triton-grpc"),
         default="openai",
-        help="endpoint to drive (triton: Triton's HTTP API, as TensorRT-LLM's Whisper examples serve it)",
+        help="endpoint to drive (triton, triton-grpc: Triton's HTTP or gRPC API, as TensorRT-LLM's Whisper "
+        "examples serve it; for triton-grpc, --url is the gRPC address, e.g. http://localhost:8001)",
     )
     parser.add_argument("--model", default=None, help="model name (default: the server's; triton: whisper)")
     parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
@@ -273,7 +350,7 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _run(args: argparse.Namespace) -> int:
     cfg = HttpLoadConfig(
-        url=args.url,
+        url=args.url or f"http://localhost:{GRPC_PORT if args.api == 'triton-grpc' else 8000}",
         audio=tuple(args.audio),
         concurrency=args.concurrency,
         requests=args.requests,
