@@ -18,6 +18,8 @@
 #   bench/gpu_serving.sh triton OUT_DIR             the HTTP server at 256 clients over Triton's HTTP API and the
 #                                                   OpenAI API, alternating (engine figure from one run each)
 #   bench/gpu_serving.sh triton-grpc OUT_DIR        the same over Triton's gRPC API (needs the grpc extra)
+#   bench/gpu_serving.sh one-client-process OUT_DIR KEEP_ALIVE_S   one client process, 256 uploads in flight,
+#                                                   against a server with that keep-alive: read errors or none
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
@@ -153,6 +155,24 @@ triton-grpc)  # Triton's gRPC API against the OpenAI API through the same server
     set -- $run
     server_bench "$out/server_$1_$2.json" --api $1 --engine-repeats 1
   done
+  ;;
+one-client-process)  # KEEP_ALIVE_S: 256 uploads in flight from ONE client process (its event loop lags for
+  # seconds), OpenAI and Triton's HTTP API alternating, against a server with that keep-alive (the ReadError check)
+  ka=${3:?KEEP_ALIVE_S}
+  $py -c "
+from pathlib import Path; from halkspeech.bench.server_bench import ServerBenchConfig, _write_clip
+_write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
+  HALKSPEECH_SERVER__KEEP_ALIVE_TIMEOUT_S=$ka $py -m halkspeech serve --model random:large-v3-turbo --device cuda \
+    --preload --force-decode-tokens 80 --max-slots 256 --encoder-batch 64 --max-concurrent-requests 512 \
+    --max-queue-size 8192 --request-timeout 900 --port 8123 --no-access-log > "$out/serve_ka$ka.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 1; done
+  for run in "openai 1" "triton 1" "openai 2" "triton 2"; do
+    set -- $run
+    timeout 120 $py -m halkspeech loadtest http --url http://127.0.0.1:8123 --api $1 --audio "$out/clip30.wav" \
+      --concurrency 256 --requests 1536 --json "$out/loadtest_1proc_$1_$2_ka$ka.json" 2>&1 | tail -2
+  done
+  kill $server 2>/dev/null; wait $server 2>/dev/null; tail -5 "$out/serve_ka$ka.log"
   ;;
 ws-only)
   timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \
