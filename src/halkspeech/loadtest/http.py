@@ -300,8 +300,9 @@ def summarize(cfg: HttpLoadConfig, tallies: list[LoadTally]) -> dict[str, Any]:
     }
 
 
-def print_results(results: dict[str, Any], title: str = "HTTP load") -> None:
+def print_results(results: dict[str, Any], title: str | None = None) -> None:
     cfg, lat = results["config"], results["latency_ms"]
+    title = title or ("gRPC load" if cfg["api"] == "triton-grpc" else "HTTP load")
     row = {
         "concurrency": cfg["concurrency"],
         "sent": results["sent"],
