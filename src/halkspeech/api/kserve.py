@@ -138,8 +138,9 @@ def _input(raw: Any, rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
             f"input {name}: {datatype} data must be {'booleans' if datatype == 'BOOL' else 'numbers'}", param=name
         )
     try:
-        array = np.array(flat, dtype=NUMERIC[datatype])
-    except (OverflowError, ValueError):
+        with np.errstate(over="raise"):  # a finite number too large for the type: refused, as a too-large integer
+            array = np.array(flat, dtype=NUMERIC[datatype])
+    except (OverflowError, ValueError, FloatingPointError):
         raise InvalidRequest(f"input {name}: a value does not fit {datatype}", param=name) from None
     return name, array.reshape(shape), 0
 
