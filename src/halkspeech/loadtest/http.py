@@ -337,9 +337,9 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=("openai", "simple", "triton", "triton-grpc"),
         default="openai",
         help="endpoint to drive (triton, triton-grpc: Triton's HTTP or gRPC API, as TensorRT-LLM's Whisper "
-        "examples serve it; for triton-grpc, --url is the gRPC address, e.g. http://localhost:8001)",
+        "examples serve it)",
     )
-    parser.add_argument("--model", default=None, help="model name (default: the server's; triton: whisper)")
+    parser.add_argument("--model", default=None, help="model name (default: the server's; triton APIs: whisper)")
     parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
     parser.add_argument("--language", default=None, help="spoken language (default: detect)")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
