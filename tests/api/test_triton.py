@@ -328,6 +328,67 @@ def test_a_grpc_call_given_up_on_leaves_no_engine_work(
     assert engine.stats.cancelled > cancelled  # its windows were cancelled, not decoded to the end
 
 
+def stream(
+    client: triton_grpc.InferenceServerClient,
+    requests: list[tuple[str, list[Any], str]],
+    headers: dict[str, str],
+    cancel: bool = False,
+) -> tuple[dict[str, str], list[InferenceServerException]]:
+    """Send (model, inputs, id) over one ModelStreamInfer call, as tritonclient's streaming clients do; the
+    transcripts by request id and the errors, once the stream is closed (and, with `cancel`, cut short)."""
+    texts: dict[str, str] = {}
+    errors: list[InferenceServerException] = []
+
+    def callback(result: Any, error: InferenceServerException | None) -> None:
+        if error is not None:
+            errors.append(error)
+        else:
+            texts[result.get_response().id] = transcripts(result)[0]
+
+    client.start_stream(callback=callback, headers=headers)
+    for model, inputs, request_id in requests:
+        client.async_stream_infer(model, inputs, request_id=request_id)
+    client.stop_stream(cancel_requests=cancel)  # closes the stream; without cancel, waits for every answer
+    return texts, errors
+
+
+def test_a_grpc_stream_answers_each_request_and_goes_on_after_a_bad_one(
+    grpc_client: triton_grpc.InferenceServerClient, shared_tiny_en: ModelEngine
+) -> None:
+    requests = [
+        ("whisper", grpc_request([LJ]), "a"),
+        ("no-such-model", grpc_request([LJ]), "b"),
+        ("whisper", grpc_request([JFK]), "c"),
+        ("whisper", grpc_request([LJ], "<|startoflm|>"), "d"),
+        ("whisper", grpc_request([JFK, LJ]), "e"),
+    ]
+    texts, errors = stream(grpc_client, requests, GRPC_KEY)
+    assert texts == {"a": alone(shared_tiny_en, LJ), "c": alone(shared_tiny_en, JFK), "e": alone(shared_tiny_en, JFK)}
+    messages = sorted(str(e.message()) for e in errors)  # b's and d's, the stream going on after each
+    assert len(messages) == 2 and "TEXT_PREFIX" in messages[0] and "no-such-model" in messages[1], messages
+
+
+def test_a_grpc_stream_needs_the_key_and_a_cut_stream_leaves_no_engine_work(
+    server: LiveServer, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    refused: list[InferenceServerException] = []
+    grpc_client.start_stream(callback=lambda result, error: refused.append(error), headers={"authorization": "x"})
+    wait_until(lambda: refused, 30, "the stream's refusal")  # at once, before any request
+    grpc_client.stop_stream()
+    assert refused[0].status() == "StatusCode.UNAUTHENTICATED" and "key" in refused[0].message()
+    engine = server.engine()
+    cancelled = engine.stats.cancelled
+    long = np.tile(LJ, 40)  # ~2 minutes: seconds of work for tiny.en on a CPU
+    client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{server._server.grpc.port}")  # type: ignore[attr-defined]
+    client.start_stream(callback=lambda result, error: None, headers=GRPC_KEY)
+    client.async_stream_infer("whisper", grpc_request([long]), request_id="long")
+    wait_until(lambda: engine.running > 0, 30, "the stream's request to reach the engine")
+    client.stop_stream(cancel_requests=True)  # the client gives the stream up
+    client.close()
+    wait_until(lambda: engine.running == 0 and engine.queue_depth == 0, 30, "the engine to drop the stream's work")
+    assert engine.stats.cancelled > cancelled
+
+
 def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
     """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status."""
     port = server._server.grpc.port  # type: ignore[attr-defined]

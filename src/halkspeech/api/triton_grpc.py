@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -85,11 +86,12 @@ async def start(state: AppState, host: str, port: int) -> TritonGrpc:
 
 
 class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None else object):  # type: ignore[misc]
-    """The KServe v2 calls a Whisper client makes; the rest answer UNIMPLEMENTED (the generated base class)."""
+    """The KServe v2 calls a Whisper client makes, unary and streaming; the rest answer UNIMPLEMENTED (the
+    generated base class)."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
-        self.in_flight = 0  # ModelInfer calls running
+        self.in_flight = 0  # inferences running (ModelInfer calls and streamed requests)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -123,14 +125,55 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        self.in_flight += 1
-        try:
-            return await self._infer(request, context)
-        finally:
-            self.in_flight -= 1
-
-    async def _infer(self, request: Any, context: Any) -> Any:
         await self._authorize(context)
+        try:
+            return await self._infer(request)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        """Triton's streaming call (tritonclient's `start_stream` and `async_stream_infer`, perf_analyzer's
+        --streaming): every request is transcribed as it arrives, beside the stream's others, and answered once,
+        when it is done (so in the order they finish; each response carries its request's id). A request that
+        fails is answered with its error_message, as Triton does, and the stream goes on. The key is checked
+        once, from the stream's metadata. A client that ends the stream early cancels what it left running."""
+        await self._authorize(context)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+            except Exception as exc:  # every request gets its answer, even one that met a bug
+                if not isinstance(exc, HalkSpeechError):
+                    log.exception("gRPC stream request failed")
+                why = str(exc) if isinstance(exc, HalkSpeechError) else f"internal error: {type(exc).__name__}"
+                empty = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=why, infer_response=empty))
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)  # all answered and the client sent its last, or its stream broke
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # a failure to read the stream (the client's) ends the call with it
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    async def _infer(self, request: Any) -> Any:
+        """One inference, counted in flight (the shutdown waits for it); HalkSpeechError for a bad request."""
+        self.in_flight += 1
         try:
             model = triton_model.resolve(self.state, request.model_name, request.model_version)
             triton_model.check_outputs({output.name for output in request.outputs})
@@ -138,8 +181,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
             read = functools.partial(_rows, request)
             rows = await asyncio.to_thread(read) if size > OFF_LOOP_BYTES else read()
             texts = await triton_model.transcribe(self.state, model, rows, _never_disconnects)
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
+        finally:
+            self.in_flight -= 1
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=triton_model.VERSION, id=request.id
         )
