@@ -192,9 +192,10 @@ def test_a_shutdown_answers_everything_in_flight_within_its_time(tmp_path: Path)
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
 
-def test_a_shutdown_answers_a_grpc_call_in_flight(tmp_path: Path) -> None:
+def test_a_shutdown_answers_grpc_calls_and_streams_in_flight(tmp_path: Path) -> None:
     """Triton's gRPC API (`--grpc-port`) in the real command: a call too long for the shutdown's time gets
-    UNAVAILABLE with the reason, not a dropped connection, and the server exits cleanly."""
+    UNAVAILABLE with the reason, not a dropped connection; so does a streamed request (its error_message), and
+    its stream and an idle one end; the server exits cleanly."""
     import tritonclient.grpc as triton_grpc
     from tritonclient.utils import InferenceServerException
 
@@ -203,19 +204,34 @@ def test_a_shutdown_answers_a_grpc_call_in_flight(tmp_path: Path) -> None:
     audio = np.tile(decode_audio(LJ), 100)[None]  # ~8 minutes: far longer than the shutdown on 2 CPU cores
     wav = triton_grpc.InferInput("WAV", list(audio.shape), "FP32")
     wav.set_data_from_numpy(audio)
+    url = f"127.0.0.1:{grpc_port}"
+    streamed: dict[str, list[Any]] = {"busy": [], "idle": []}
     try:
-        with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}") as client, ThreadPoolExecutor(1) as pool:
+        with (
+            triton_grpc.InferenceServerClient(url=url) as client,
+            triton_grpc.InferenceServerClient(url=url) as busy,
+            triton_grpc.InferenceServerClient(url=url) as idle,
+            ThreadPoolExecutor(1) as pool,
+        ):
             assert client.is_server_ready()
             call = pool.submit(client.infer, "whisper", [wav], client_timeout=120)
+            for name, stream in (("busy", busy), ("idle", idle)):
+                stream.start_stream(callback=lambda result, error, name=name: streamed[name].append((result, error)))
+            busy.async_stream_infer("whisper", [wav], request_id="long")
             time.sleep(2)  # running
             process.send_signal(signal.SIGTERM)
             with pytest.raises(InferenceServerException) as raised:
                 call.result(60)
+            for stream in (busy, idle):
+                stream.stop_stream()  # returns once the server has ended the stream
         code = process.wait(60)
     finally:
         if process.poll() is None:
             process.kill()
     assert raised.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in str(raised.value.message())
+    ((result, error),) = streamed["busy"]  # its one request's answer, and no error for the stream itself
+    assert result is None and "shutting down" in error.message() and error.status() is None, error
+    assert streamed["idle"] == []
     assert code == 0
     text = log.read_text()
     assert "Triton gRPC API on 127.0.0.1" in text and "Traceback" not in text, text[-3000:]
@@ -229,6 +245,32 @@ def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> No
         assert main(["serve", "--host", "127.0.0.1", "--port", str(port), "--model", "tiny.en"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("halkspeech: error: cannot listen on 127.0.0.1") and "\n" not in err
+
+
+def test_an_open_grpc_stream_does_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """A stream with nothing running ends at once when the server stops, as an idle keep-alive connection
+    closes: the shutdown does not wait out its time (20 s here) for the client to close it."""
+    import tritonclient.grpc as triton_grpc
+
+    grpc_port = free_port()
+    process, _url, log = start_server(tmp_path, "--grpc-port", str(grpc_port), "--shutdown-timeout", "20")
+    errors: list[Any] = []
+    try:
+        with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_server_ready()
+            client.start_stream(callback=lambda result, error: errors.append(error))
+            time.sleep(0.5)
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(60)
+            took = time.monotonic() - stopped
+            client.stop_stream()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0 and errors == []
+    assert took < 10, took  # well under the 20 s (a bound for a slow machine, not a timing target)
+    assert "Traceback" not in log.read_text()
 
 
 def test_grpc_port_problems_are_one_line_errors(

@@ -135,7 +135,7 @@ class Server(uvicorn.Server):
         for server in self.servers:
             server.close()
         # gRPC takes no new call; the calls in flight get the same time (answered as HTTP's are, at the end)
-        grpc_stopped = asyncio.ensure_future(self.grpc.server.stop(budget)) if self.grpc is not None else None
+        grpc_stopped = asyncio.ensure_future(self.grpc.stop(budget)) if self.grpc is not None else None
         for connection in list(self.server_state.connections):
             if isinstance(connection, HeaderDeadline):  # HTTP; uvicorn's shutdown() of a WebSocket closes it (1012)
                 connection.shutdown()

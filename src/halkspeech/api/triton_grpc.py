@@ -35,6 +35,8 @@ except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError w
     MISSING = f"server.grpc_port needs grpcio and Triton's service definition: pip install 'halkspeech[grpc]' ({exc})"
 
 log = logging.getLogger(__name__)
+_CLOSING = object()  # put in a stream's answers when the server stops
+STOPPING = "the server is shutting down: send this request again to another server or later"
 
 OFF_LOOP_BYTES = 256 * 1024  # a request with more raw data is read on a worker thread, as over HTTP
 MAX_CONTENT_VALUES = 4_000_000  # values of one tensor in typed contents (4 minutes of 16 kHz audio)
@@ -61,6 +63,11 @@ class TritonGrpc:
     @property
     def busy(self) -> bool:
         return self.service.in_flight > 0
+
+    async def stop(self, grace: float) -> None:
+        """No new call; streams end once answered; what is still running after `grace` seconds is cancelled."""
+        self.service.close()
+        await self.server.stop(grace)
 
 
 async def start(state: AppState, host: str, port: int) -> TritonGrpc:
@@ -92,6 +99,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.in_flight = 0  # inferences running (ModelInfer calls and streamed requests)
+        self.streams: set[asyncio.Queue[Any]] = set()  # the open ModelStreamInfer calls' answer queues
+        self.closing = False
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -136,40 +145,71 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         --streaming): every request is transcribed as it arrives, beside the stream's others, and answered once,
         when it is done (so in the order they finish; each response carries its request's id). A request that
         fails is answered with its error_message, as Triton does, and the stream goes on. The key is checked
-        once, from the stream's metadata. A client that ends the stream early cancels what it left running."""
+        once, from the stream's metadata. A client that ends the stream early cancels what it left running; at
+        shutdown the stream ends (OK) once what it had running is answered, as a live WebSocket's turns are."""
         await self._authorize(context)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        answers: asyncio.Queue[Any] = asyncio.Queue()  # responses; None: no more; _CLOSING: the server stops
         running: set[asyncio.Task[None]] = set()
+        pending = 0  # requests read and not yet answered
+
+        def reply(request: Any, response: Any = None, error: str = "") -> None:
+            nonlocal pending
+            pending -= 1
+            if response is None:
+                response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response, error_message=error))
 
         async def answer(request: Any) -> None:
             try:
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+                response = await self._infer(request)
             except Exception as exc:  # every request gets its answer, even one that met a bug
                 if not isinstance(exc, HalkSpeechError):
                     log.exception("gRPC stream request failed")
-                why = str(exc) if isinstance(exc, HalkSpeechError) else f"internal error: {type(exc).__name__}"
-                empty = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                answers.put_nowait(pb.ModelStreamInferResponse(error_message=why, infer_response=empty))
+                reply(request, error=str(exc) if isinstance(exc, HalkSpeechError) else f"internal error: {exc!r}")
+            else:
+                reply(request, response)
 
         async def read() -> None:
+            nonlocal pending
             try:
                 async for request in requests:
+                    pending += 1
+                    if self.closing:
+                        reply(request, error=STOPPING)
+                        continue
                     task = asyncio.ensure_future(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                if running:
+                if running:  # the client sent its last: answer what it is owed
                     await asyncio.wait(set(running))
             finally:
                 answers.put_nowait(None)  # all answered and the client sent its last, or its stream broke
 
+        self.streams.add(answers)
         reader = asyncio.ensure_future(read())
         try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader  # a failure to read the stream (the client's) ends the call with it
+            closing = self.closing
+            while True:
+                response = await answers.get()
+                if response is None:
+                    await reader  # a failure to read the stream (the client's) ends the call with it
+                    return
+                if response is _CLOSING:
+                    closing = True
+                else:
+                    yield response
+                if closing and not pending and answers.empty():
+                    return  # the server stops and this stream is owed nothing
         finally:
+            self.streams.discard(answers)
             for task in (reader, *running):
                 task.cancel()
+
+    def close(self) -> None:
+        """The server stops: open streams end once their running requests are answered."""
+        self.closing = True
+        for answers in self.streams:
+            answers.put_nowait(_CLOSING)
 
     async def _infer(self, request: Any) -> Any:
         """One inference, counted in flight (the shutdown waits for it); HalkSpeechError for a bad request."""
