@@ -165,7 +165,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
             except Exception as exc:  # every request gets its answer, even one that met a bug
                 if not isinstance(exc, HalkSpeechError):
                     log.exception("gRPC stream request failed")
-                reply(request, error=str(exc) if isinstance(exc, HalkSpeechError) else f"internal error: {exc!r}")
+                why = str(exc) if isinstance(exc, HalkSpeechError) else f"internal error ({type(exc).__name__})"
+                reply(request, error=why)
             else:
                 reply(request, response)
 
