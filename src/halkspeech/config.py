@@ -215,6 +215,10 @@ class ServerSettings(BaseModel):
     #: Triton's gRPC API (KServe v2) on this port as well, on the same host (Triton's is 8001; 0: any free
     #: port); none by default. Needs the grpc extra (`pip install 'halkspeech[grpc]'`).
     grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    #: TLS where no proxy in front encrypts: HTTPS and WSS on `port`, and gRPC over TLS on `grpc_port`, with this
+    #: certificate (chain) and its private key, both PEM files; both or neither. Checked at start.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
     api_keys: KeyList = Field(default_factory=list)
 
@@ -284,6 +288,12 @@ class ServerSettings(BaseModel):
     #: compress, and inflating every message cost the event loop ~20% more a 20 ms realtime append and ~15%
     #: more a /ws frame (100 users streaming, this repository's CPU).
     ws_compression: bool = False
+
+    @model_validator(mode="after")
+    def _certificate_and_key(self) -> ServerSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both ssl_certfile and ssl_keyfile (the certificate and its private key)")
+        return self
 
 
 class Settings(BaseSettings):

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -103,8 +104,9 @@ def test_serve_runs_answers_logs_and_stops(tmp_path: Path) -> None:
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/audio/transcriptions"
 
 
-def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`halkspeech serve` of tiny.en on a free port, up and preloaded; its log in tmp_path."""
+def start_server(tmp_path: Path, *flags: str, ca: Path | None = None) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`halkspeech serve` of tiny.en on a free port, up and preloaded; its log in tmp_path. With `ca` (the CA
+    of the certificate the flags give), it serves HTTPS."""
     port = free_port()
     env = {**os.environ, "HALKSPEECH_MODEL__ALLOW_DOWNLOAD": "false"}
     log = tmp_path / "serve.log"
@@ -115,12 +117,12 @@ def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], 
         stderr=subprocess.STDOUT,
         env=env,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
         assert process.poll() is None, log.read_text()
         with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"{url}/health", timeout=5)
+            httpx.get(f"{url}/health", timeout=5, verify=ssl.create_default_context(cafile=ca) if ca else True)
             return process, url, log
         assert time.monotonic() < deadline, "the server did not come up"
         time.sleep(0.5)
@@ -271,6 +273,72 @@ def test_an_open_grpc_stream_does_not_hold_the_shutdown(tmp_path: Path) -> None:
     assert code == 0 and errors == []
     assert took < 10, took  # well under the 20 s (a bound for a slow machine, not a timing target)
     assert "Traceback" not in log.read_text()
+
+
+def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 with its key: (certificate chain, key, CA) PEM files."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, authority = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(authority))
+    return cert, key, authority
+
+
+def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path) -> None:
+    """--ssl-certfile and --ssl-keyfile: the OpenAI API over HTTPS, /ws over WSS and Triton's gRPC API over TLS,
+    each checked against the CA; plain HTTP on the same port gets no answer."""
+    import tritonclient.grpc as triton_grpc
+
+    cert, key, authority = tls_files(tmp_path)
+    grpc_port = free_port()
+    flags = ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--grpc-port", str(grpc_port))
+    process, url, log = start_server(tmp_path, *flags, ca=authority)
+    try:
+        context = ssl.create_default_context(cafile=authority)
+        with httpx.Client(verify=context, timeout=120) as client:
+            form = {"language": "en"}
+            answer = client.post(f"{url}/v1/audio/transcriptions", files={"file": LJ.open("rb")}, data=form)
+        assert answer.status_code == 200 and "modern" in answer.json()["text"], answer.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/health", timeout=10)
+        with ws_connect(url.replace("https://", "wss://") + "/ws", ssl=context, open_timeout=30) as ws:
+            ws.send(json.dumps({"type": "start", "language": "en"}))
+            assert json.loads(ws.recv(30))["type"] == "started"
+        audio = decode_audio(LJ)[None]
+        wav = triton_grpc.InferInput("WAV", list(audio.shape), "FP32")
+        wav.set_data_from_numpy(audio)
+        with triton_grpc.InferenceServerClient(
+            url=f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(authority)
+        ) as grpc_client:
+            result = grpc_client.infer("whisper", [wav], client_timeout=120)
+        assert "modern" in result.as_numpy("TRANSCRIPTS")[0, 0].decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    text = log.read_text()
+    assert code == 0 and "serving on https://127.0.0.1" in text and "(TLS)" in text, text[-2000:]
+
+
+def test_tls_problems_are_one_line_errors_before_anything_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key, _ = tls_files(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_key = tls_files(tmp_path / "other")[1]  # a key, not this certificate's
+    command = ["serve", "--host", "127.0.0.1", "--port", "0", "--model", "no-such-model", "--preload"]
+    for flags, says in (
+        (["--ssl-certfile", str(cert)], "TLS needs both ssl_certfile and ssl_keyfile"),
+        (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(key)], "No such file or directory"),
+        (["--ssl-certfile", str(key), "--ssl-keyfile", str(key)], "cannot serve TLS with certificate"),
+        (["--ssl-certfile", str(cert), "--ssl-keyfile", str(other_key)], "KEY_VALUES_MISMATCH"),
+    ):
+        assert main([*command, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("halkspeech: error: ") and "\n" not in err and says in err, err
 
 
 def test_grpc_port_problems_are_one_line_errors(

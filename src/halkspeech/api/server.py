@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any
 
 import uvicorn
@@ -94,7 +95,25 @@ def uvicorn_config(app: Any, server: ServerSettings, **options: Any) -> uvicorn.
         "timeout_keep_alive": server.keep_alive_timeout_s,
         **options,
     }
+    if server.ssl_certfile is not None:
+        settings |= {"ssl_certfile": str(server.ssl_certfile), "ssl_keyfile": str(server.ssl_keyfile)}
     return uvicorn.Config(app, **settings)
+
+
+def tls_problem(server: ServerSettings) -> str | None:
+    """Why server.ssl_certfile and ssl_keyfile cannot serve TLS (unreadable, not PEM, not a pair), or None."""
+    if server.ssl_certfile is None or server.ssl_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+    except ssl.SSLError as exc:  # (an OSError too: first) not PEM, or a key that is not the certificate's
+        why = exc.reason or str(exc)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    else:
+        return None
+    return f"cannot serve TLS with certificate {server.ssl_certfile} and key {server.ssl_keyfile}: {why}"
 
 
 class Server(uvicorn.Server):

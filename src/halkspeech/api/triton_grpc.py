@@ -83,12 +83,18 @@ async def start(state: AppState, host: str, port: int) -> TritonGrpc:
     server = grpc.aio.server(options=options)
     service = _Service(state)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    served = state.settings.server
+    tls = served.ssl_certfile is not None and served.ssl_keyfile is not None
     try:
-        taken = server.add_insecure_port(f"{host}:{port}")
+        if served.ssl_certfile is not None and served.ssl_keyfile is not None:  # as HTTP's: TLS with the same pair
+            pair = (served.ssl_keyfile.read_bytes(), served.ssl_certfile.read_bytes())
+            taken = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([pair]))
+        else:
+            taken = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:  # grpc's "failed to bind"
         raise OSError(str(exc)) from None
     await server.start()
-    log.info("Triton gRPC API on %s:%d", host, taken)
+    log.info("Triton gRPC API on %s:%d%s", host, taken, " (TLS)" if tls else "")
     return TritonGrpc(server, taken, service)
 
 

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     net.add_argument("--port", type=int, help="port")
     net.add_argument("--grpc-port", type=int, help="also serve Triton's gRPC API here (Triton's: 8001)")
     net.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted key (repeatable)")
+    net.add_argument("--ssl-certfile", type=Path, metavar="PEM", help="serve HTTPS, WSS and gRPC over TLS with this "
+                     "certificate (chain); needs --ssl-keyfile")  # fmt: skip
+    net.add_argument("--ssl-keyfile", type=Path, metavar="PEM", help="the certificate's private key")
     net.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without a key")
 
     models = parser.add_argument_group("models")
@@ -109,6 +112,8 @@ _FLAG_SETTINGS = {
     "port": "server.port",
     "grpc_port": "server.grpc_port",
     "api_keys": "server.api_keys",
+    "ssl_certfile": "server.ssl_certfile",
+    "ssl_keyfile": "server.ssl_keyfile",
     "metrics_open": "server.metrics_open",
     "model_ttl": "server.model_ttl_s",
     "only_configured_models": "server.configured_models_only",
@@ -161,7 +166,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from halkspeech.api.app import create_app
     from halkspeech.api.logging import configure_logging
-    from halkspeech.api.server import Server, uvicorn_config
+    from halkspeech.api.server import Server, tls_problem, uvicorn_config
     from halkspeech.config import load_settings
     from halkspeech.engine.pool import ModelPool
     from halkspeech.model.registry import ModelRegistry
@@ -169,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(**_overrides(args))
     server = settings.server
     configure_logging(args.log_level or settings.log_level, server.log_format)
+    problem = tls_problem(server)
+    if problem is not None:  # before the port opens and any model loads
+        print(f"halkspeech: error: {problem}", file=sys.stderr)
+        return 2
     try:
         sock = socket.create_server((server.host, server.port), backlog=_BACKLOG, reuse_port=False)
     except OSError as exc:
@@ -186,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         for name in server.preload:
             pool.load_now(name)
         host, port = sock.getsockname()[:2]
-        log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)  # the real port of --port 0
+        scheme = "https" if server.ssl_certfile is not None else "http"
+        log.info("serving on %s://%s:%d", scheme, f"[{host}]" if ":" in host else host, port)  # --port 0's real one
         config = uvicorn_config(create_app(settings, pool), server, backlog=_BACKLOG)
         serving = Server(config)
         _serve_until_signalled(serving, sock)
