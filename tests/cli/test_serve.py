@@ -288,9 +288,10 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     return cert, key, authority
 
 
-def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path) -> None:
+def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--ssl-certfile and --ssl-keyfile: the OpenAI API over HTTPS, /ws over WSS and Triton's gRPC API over TLS,
-    each checked against the CA; plain HTTP on the same port gets no answer."""
+    each checked against the CA; plain HTTP on the same port gets no answer. WebSocket clients (ws-client's and
+    the load tester's) and the HTTP load tester trust the CA that SSL_CERT_FILE names, as the README says."""
     import tritonclient.grpc as triton_grpc
 
     cert, key, authority = tls_files(tmp_path)
@@ -305,7 +306,8 @@ def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path) -> N
         assert answer.status_code == 200 and "modern" in answer.json()["text"], answer.text
         with pytest.raises(httpx.HTTPError):
             httpx.get(url.replace("https://", "http://") + "/health", timeout=10)
-        with ws_connect(url.replace("https://", "wss://") + "/ws", ssl=context, open_timeout=30) as ws:
+        monkeypatch.setenv("SSL_CERT_FILE", str(authority))  # the clients' default trust (OpenSSL's) takes it
+        with ws_connect(url.replace("https://", "wss://") + "/ws", open_timeout=30) as ws:
             ws.send(json.dumps({"type": "start", "language": "en"}))
             assert json.loads(ws.recv(30))["type"] == "started"
         audio = decode_audio(LJ)[None]
@@ -316,6 +318,8 @@ def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path) -> N
         ) as grpc_client:
             result = grpc_client.infer("whisper", [wav], client_timeout=120)
         assert "modern" in result.as_numpy("TRANSCRIPTS")[0, 0].decode()
+        load = ["loadtest", "http", "--url", url, "--audio", str(LJ), "--requests", "2", "--language", "en"]
+        assert main(load) == 0
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
