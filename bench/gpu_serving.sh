@@ -17,7 +17,8 @@
 #   bench/gpu_serving.sh ws-protocols OUT_DIR       the same over /v1/realtime (20 and 100 ms appends), then /ws
 #   bench/gpu_serving.sh triton OUT_DIR             the HTTP server at 256 clients over Triton's HTTP API and the
 #                                                   OpenAI API, alternating (engine figure from one run each)
-#   bench/gpu_serving.sh triton-grpc OUT_DIR        the same over Triton's gRPC API (needs the grpc extra)
+#   bench/gpu_serving.sh triton-grpc OUT_DIR        the same over Triton's gRPC API, unary and streamed (needs the
+#                                                   grpc extra)
 #   bench/gpu_serving.sh one-client-process OUT_DIR KEEP_ALIVE_S   one client process, 256 uploads in flight,
 #                                                   against a server with that keep-alive: read errors or none
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
@@ -150,8 +151,8 @@ triton)  # Triton's HTTP API against the OpenAI API through the same server and 
     server_bench "$out/server_$1_$2.json" --api $1 --engine-repeats 1
   done
   ;;
-triton-grpc)  # Triton's gRPC API against the OpenAI API through the same server and clients, alternating
-  for run in "triton-grpc 1" "openai 1" "triton-grpc 2"; do
+triton-grpc)  # Triton's gRPC API, unary and streamed, against the OpenAI API: same server and clients, alternating
+  for run in "triton-grpc 1" "triton-grpc-stream 1" "openai 1" "triton-grpc-stream 2"; do
     set -- $run
     server_bench "$out/server_$1_$2.json" --api $1 --engine-repeats 1
   done

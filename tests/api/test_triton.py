@@ -390,7 +390,8 @@ def test_a_grpc_stream_needs_the_key_and_a_cut_stream_leaves_no_engine_work(
 
 
 def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
-    """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status."""
+    """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status; and
+    `--api triton-grpc-stream`: one stream for the clients, failures by error_message (or the stream's status)."""
     port = server._server.grpc.port  # type: ignore[attr-defined]
     clips = (TEST_DATA / "jfk.flac", TEST_DATA / "LJ001-0002.wav")
     load = HttpLoadConfig(f"grpc://127.0.0.1:{port}", clips, concurrency=2, requests=4, api="triton-grpc",
@@ -402,6 +403,13 @@ def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
     assert refused["ok"] == 0 and refused["errors"] == {"UNAUTHENTICATED": 2}
     wrong = run_http_load(dataclasses.replace(load, model="no-such-model", requests=2), quiet=True)
     assert wrong["errors"] == {"NOT_FOUND": 2}
+    streamed = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", requests=6), quiet=True)
+    assert streamed["ok"] == 6 and not streamed["errors"]  # one stream, each answer found by its request's id
+    refused = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", api_key="wrong"), quiet=True)
+    assert refused["ok"] == 0 and refused["errors"] == {"UNAUTHENTICATED": 4}
+    wrong = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", model="no-such-model"), quiet=True)
+    ((failure, count),) = wrong["errors"].items()  # answered on the stream, each with its error_message
+    assert count == 4 and failure.startswith("error: ") and "no-such-model" in failure
     with pytest.raises(InvalidRequest, match="http://, https:// or grpc://"):
         dataclasses.replace(load, url=f"ftp://127.0.0.1:{port}")
     with pytest.raises(InvalidRequest, match="http:// or https:// URL"):  # grpc:// is for the gRPC API only

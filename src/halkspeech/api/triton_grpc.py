@@ -154,6 +154,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         once, from the stream's metadata. A client that ends the stream early cancels what it left running; at
         shutdown the stream ends (OK) once what it had running is answered, as a live WebSocket's turns are."""
         await self._authorize(context)
+        await context.send_initial_metadata(())  # taken: a client may write now without racing a refusal
         answers: asyncio.Queue[Any] = asyncio.Queue()  # responses; None: no more; _CLOSING: the server stops
         running: set[asyncio.Task[None]] = set()
         pending = 0  # requests read and not yet answered

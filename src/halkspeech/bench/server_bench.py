@@ -6,7 +6,8 @@
    (`--force-decode-tokens`, no timestamps) and slots; `concurrency` clients (spread over `client_processes`
    processes, so the clients' own Python is not the bottleneck) send a `clip_s`-second 16 kHz WAV (a real
    recording repeated) in a closed loop → windows/s. `api` picks the endpoint: /v1/audio/transcriptions,
-   Triton's HTTP infer (binary tensors) or Triton's gRPC infer (the server started with `--grpc-port`).
+   Triton's HTTP infer (binary tensors) or Triton's gRPC infer, unary or streamed (the server started with
+   `--grpc-port`).
 3. The ratio server / engine (the target is ≥ 0.8 at 256 clients), beside latency percentiles and errors.
 """
 
@@ -47,7 +48,8 @@ from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
 from halkspeech.errors import InvalidRequest
-from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize, tritonclient_grpc
+from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
+from halkspeech.loadtest.triton_grpc import tritonclient_grpc
 
 log = logging.getLogger(__name__)
 _REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
@@ -62,7 +64,7 @@ class ServerBenchConfig:
     requests: int = 1024
     warmup_requests: int = 512
     client_processes: int = 4
-    api: Literal["openai", "triton", "triton-grpc"] = "openai"  # the endpoint the clients send to
+    api: Literal["openai", "triton", "triton-grpc", "triton-grpc-stream"] = "openai"  # the clients' endpoint
     slots: int = 256
     encoder_batch: int = 64
     engine_batch: int | None = None  # the engine figure's batch (default: concurrency)
@@ -98,7 +100,7 @@ class ServerBenchConfig:
             clip_s=(self.clip_s, 1, 30),  # one window
             profile_s=(self.profile_s, 0, 600),
         )
-        if self.api == "triton-grpc":
+        if self.api.startswith("triton-grpc"):
             tritonclient_grpc()  # before the engine figure's minutes: the clients need it
 
 
@@ -108,7 +110,7 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
         profile_path = Path(tmp) / "profile.json"
-        grpc_port = free_port() if cfg.api == "triton-grpc" else None
+        grpc_port = free_port() if cfg.api.startswith("triton-grpc") else None
         with _server(cfg, Path(tmp) / "server.log", profile_path, grpc_port) as served:
             url = served.url
             target = url if grpc_port is None else f"http://127.0.0.1:{grpc_port}"

@@ -100,10 +100,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--client-processes", type=int, default=4, help="processes the clients are spread over")
     server.add_argument(
         "--api",
-        choices=("openai", "triton", "triton-grpc"),
+        choices=("openai", "triton", "triton-grpc", "triton-grpc-stream"),
         default="openai",
         help="the clients call the OpenAI API, Triton's HTTP API (binary tensors, as tritonclient sends them) or "
-        "Triton's gRPC API (the server started with --grpc-port; needs the grpc extra)",
+        "Triton's gRPC API, unary or one stream a client process (the server started with --grpc-port; needs "
+        "the grpc extra)",
     )
     server.add_argument("--engine-repeats", type=int, default=3, help="runs of the engine figure (its best is used)")
     server.add_argument("--slots", type=int, default=256, help="the server's decoder slots")

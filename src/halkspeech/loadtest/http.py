@@ -5,9 +5,10 @@
 30 s windows/s, latency p50/p95/p99 of the successful requests, and errors by status (or by failure: timeout,
 connect_error ...), as a table and as JSON.
 
-The APIs: OpenAI's, the simple one, Triton's HTTP API and Triton's gRPC API (`triton-grpc`, through
-`tritonclient.grpc.aio` as TensorRT-LLM's Whisper client calls it; one HTTP/2 channel a client process), so the
-same load can be put on this server and on a Triton + TensorRT-LLM one.
+The APIs: OpenAI's, the simple one, and Triton's HTTP and gRPC APIs (`triton-grpc`: unary calls, as
+TensorRT-LLM's Whisper client makes them; `triton-grpc-stream`: one stream a client process, as perf_analyzer's
+--streaming; loadtest/triton_grpc.py), so the same load can be put on this server and on a Triton +
+TensorRT-LLM one.
 """
 
 from __future__ import annotations
@@ -21,27 +22,25 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import numpy as np
 
 from halkspeech.api.kserve import serialize_bytes
-from halkspeech.audio import decode_audio
 from halkspeech.bench.common import check_output, percentile, print_table, write_json
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import InvalidRequest
+from halkspeech.loadtest.clips import TRITON_MODEL, Clip, Send, load_clips, text_prefix
+from halkspeech.loadtest.triton_grpc import grpc_sender, grpc_stream_sender
 
 WINDOW_S = 30.0
 _PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe", "triton": "/v2/models/{model}/infer"}
-TRITON_MODEL = "whisper"  # the name TensorRT-LLM's Triton examples give the Whisper model
 GRPC_PORT = 8001  # Triton's gRPC port, when the URL names none
-Api = Literal["openai", "simple", "triton", "triton-grpc"]
-#: One request: its failure's name (an HTTP status, "timeout", a gRPC status ...), or None when it succeeded.
-Send = Callable[["_Clip"], Awaitable[str | None]]
+Api = Literal["openai", "simple", "triton", "triton-grpc", "triton-grpc-stream"]
+GRPC_APIS = ("triton-grpc", "triton-grpc-stream")
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class HttpLoadConfig:
             port_ok = url.port is None or 0 < url.port < 65536
         except httpx.InvalidURL as exc:
             raise InvalidRequest(f"--url is not a valid URL: {self.url!r} ({exc})") from None
-        schemes = ("http", "https", "grpc") if self.api == "triton-grpc" else ("http", "https")
+        schemes = ("http", "https", "grpc") if self.api in GRPC_APIS else ("http", "https")
         if url.scheme not in schemes:
             names = [f"{scheme}://" for scheme in schemes]
             raise InvalidRequest(f"--url must be an {', '.join(names[:-1])} or {names[-1]} URL: {self.url!r}")
@@ -82,18 +81,10 @@ class HttpLoadConfig:
     @property
     def endpoint(self) -> str:
         base = httpx.URL(self.url)
-        if self.api == "triton-grpc":  # host:port, as tritonclient.grpc takes it
+        if self.api in GRPC_APIS:  # host:port, as gRPC channels take it
             return f"{base.host}:{base.port or GRPC_PORT}"
         path = _PATHS[self.api].format(model=self.model or TRITON_MODEL)
         return str(base) if base.path not in ("", "/") else str(base.copy_with(path=path))
-
-
-@dataclass(frozen=True)
-class _Clip:
-    name: str
-    data: bytes  # the file, as posted to the OpenAI and simple APIs
-    seconds: float
-    samples: bytes  # 16 kHz float32, as Triton's WAV input
 
 
 @dataclass
@@ -109,22 +100,11 @@ class LoadTally:
     ended: float = 0.0  # time.time() when the last one finished
 
 
-def load_clips(paths: tuple[Path, ...]) -> list[_Clip]:
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise InvalidRequest(f"no such file: {', '.join(missing)}")
-    clips = []
-    for path in paths:
-        audio = decode_audio(path)
-        clips.append(_Clip(path.name, path.read_bytes(), len(audio) / 16000, audio.astype("<f4").tobytes()))
-    return clips
-
-
 @functools.cache  # every request of a clip is the same: built once (the client's loop is what 256 clients load)
-def triton_body(clip: _Clip, language: str | None) -> tuple[bytes, int]:
+def triton_body(clip: Clip, language: str | None) -> tuple[bytes, int]:
     """A KServe v2 inference request for TensorRT-LLM's Whisper model in Triton's binary form, as
     tritonclient.http sends it: (the body, its JSON header's length)."""
-    prefix_data = serialize_bytes([_prefix(language)])
+    prefix_data = serialize_bytes([text_prefix(language)])
     n = len(clip.samples) // 4
     header = {
         "inputs": [
@@ -152,11 +132,11 @@ def measure(cfg: HttpLoadConfig) -> LoadTally:
     return asyncio.run(_drive(cfg, load_clips(cfg.audio)))
 
 
-async def _drive(cfg: HttpLoadConfig, clips: list[_Clip]) -> LoadTally:
+async def _drive(cfg: HttpLoadConfig, clips: list[Clip]) -> LoadTally:
     tally = LoadTally(started=time.time())
     started = time.perf_counter()
     deadline = started + cfg.max_duration_s
-    async with _grpc_sender(cfg) if cfg.api == "triton-grpc" else _http_sender(cfg) as send:
+    async with _sender(cfg) as send:
 
         async def worker() -> None:
             while tally.sent < cfg.requests and time.perf_counter() < deadline:
@@ -176,6 +156,14 @@ async def _drive(cfg: HttpLoadConfig, clips: list[_Clip]) -> LoadTally:
     return tally
 
 
+def _sender(cfg: HttpLoadConfig) -> contextlib.AbstractAsyncContextManager[Send]:
+    if cfg.api == "triton-grpc":
+        return grpc_sender(cfg)
+    if cfg.api == "triton-grpc-stream":
+        return grpc_stream_sender(cfg)
+    return _http_sender(cfg)
+
+
 @contextlib.asynccontextmanager
 async def _http_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -183,7 +171,7 @@ async def _http_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
     timeout = httpx.Timeout(cfg.timeout_s, connect=min(30.0, cfg.timeout_s))
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
 
-        async def send(clip: _Clip) -> str | None:
+        async def send(clip: Clip) -> str | None:
             try:
                 response = await _post(client, cfg, clip)
             except httpx.TimeoutException:
@@ -195,7 +183,7 @@ async def _http_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
         yield send
 
 
-async def _post(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip) -> httpx.Response:
+async def _post(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: Clip) -> httpx.Response:
     files = {"file": (clip.name, clip.data, "application/octet-stream")}
     if cfg.api == "openai":
         form = {"model": cfg.model or "", "response_format": cfg.response_format}
@@ -208,55 +196,6 @@ async def _post(client: httpx.AsyncClient, cfg: HttpLoadConfig, clip: _Clip) -> 
         return await client.post(cfg.endpoint, content=body, headers=headers)
     params = {k: v for k, v in (("language", cfg.language), ("model", cfg.model)) if v}
     return await client.post(cfg.endpoint, files=files, params=params)
-
-
-@contextlib.asynccontextmanager
-async def _grpc_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
-    """Triton's gRPC API through tritonclient.grpc.aio: one channel for this process's clients, the inputs of
-    each clip built once (raw FP32 WAV and the examples' TEXT_PREFIX, as TensorRT-LLM's Whisper client sends)."""
-    grpc_client, InferenceServerException = tritonclient_grpc()
-    headers = {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
-    model = cfg.model or TRITON_MODEL
-    inputs: dict[_Clip, list[Any]] = {}
-    ssl = httpx.URL(cfg.url).scheme == "https"
-    async with grpc_client.InferenceServerClient(url=cfg.endpoint, ssl=ssl) as client:
-
-        async def send(clip: _Clip) -> str | None:
-            if clip not in inputs:
-                inputs[clip] = _grpc_inputs(grpc_client, clip, cfg.language)
-            try:
-                await client.infer(model, inputs[clip], headers=headers, client_timeout=cfg.timeout_s)
-            except InferenceServerException as exc:
-                status = str(exc.status() or "error").removeprefix("StatusCode.")
-                return "timeout" if status == "DEADLINE_EXCEEDED" else status
-            return None
-
-        yield send
-
-
-def tritonclient_grpc() -> tuple[Any, Any]:
-    """tritonclient.grpc.aio and its exception, or a clear error naming what to install."""
-    try:
-        import tritonclient.grpc.aio as grpc_client
-        from tritonclient.utils import InferenceServerException
-    except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when its grpc extra is incomplete
-        raise InvalidRequest(f"--api triton-grpc needs tritonclient's gRPC client: pip install 'halkspeech[grpc]' "
-                             f"({exc})") from None  # fmt: skip
-    return grpc_client, InferenceServerException
-
-
-def _grpc_inputs(grpc_client: Any, clip: _Clip, language: str | None) -> list[Any]:
-    samples = np.frombuffer(clip.samples, "<f4")[None]  # [1, samples]
-    wav = grpc_client.InferInput("WAV", list(samples.shape), "FP32")
-    wav.set_data_from_numpy(samples)
-    prefix = grpc_client.InferInput("TEXT_PREFIX", [1, 1], "BYTES")
-    prefix.set_data_from_numpy(np.array([[_prefix(language).encode()]], dtype=object))
-    return [wav, prefix]
-
-
-def _prefix(language: str | None) -> str:
-    """TEXT_PREFIX of TensorRT-LLM's Whisper examples: transcribe, no timestamps, the language if known."""
-    return f"<|startoftranscript|>{f'<|{language}|>' if language else ''}<|transcribe|><|notimestamps|>"
 
 
 def _failure_name(exc: httpx.HTTPError) -> str:
@@ -302,7 +241,7 @@ def summarize(cfg: HttpLoadConfig, tallies: list[LoadTally]) -> dict[str, Any]:
 
 def print_results(results: dict[str, Any], title: str | None = None) -> None:
     cfg, lat = results["config"], results["latency_ms"]
-    title = title or ("gRPC load" if cfg["api"] == "triton-grpc" else "HTTP load")
+    title = title or ("gRPC load" if cfg["api"] in GRPC_APIS else "HTTP load")
     row = {
         "concurrency": cfg["concurrency"],
         "sent": results["sent"],
@@ -334,10 +273,10 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--requests", type=int, default=100, help="requests in all")
     parser.add_argument(
         "--api",
-        choices=("openai", "simple", "triton", "triton-grpc"),
+        choices=("openai", "simple", "triton", *GRPC_APIS),
         default="openai",
         help="endpoint to drive (triton, triton-grpc: Triton's HTTP or gRPC API, as TensorRT-LLM's Whisper "
-        "examples serve it)",
+        "examples serve it; triton-grpc-stream: one gRPC stream a client process, as perf_analyzer --streaming)",
     )
     parser.add_argument("--model", default=None, help="model name (default: the server's; triton APIs: whisper)")
     parser.add_argument("--response-format", default="json", help="openai API: json, text, verbose_json ...")
@@ -351,7 +290,7 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _run(args: argparse.Namespace) -> int:
     cfg = HttpLoadConfig(
-        url=args.url or f"http://localhost:{GRPC_PORT if args.api == 'triton-grpc' else 8000}",
+        url=args.url or f"http://localhost:{GRPC_PORT if args.api in GRPC_APIS else 8000}",
         audio=tuple(args.audio),
         concurrency=args.concurrency,
         requests=args.requests,
