@@ -147,12 +147,12 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
             await _abort(context, exc)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        """Triton's streaming call (tritonclient's `start_stream` and `async_stream_infer`, perf_analyzer's
-        --streaming): every request is transcribed as it arrives, beside the stream's others, and answered once,
-        when it is done (so in the order they finish; each response carries its request's id). A request that
-        fails is answered with its error_message, as Triton does, and the stream goes on. The key is checked
-        once, from the stream's metadata. A client that ends the stream early cancels what it left running; at
-        shutdown the stream ends (OK) once what it had running is answered, as a live WebSocket's turns are."""
+        """Triton's streaming call (tritonclient's `start_stream` and `async_stream_infer`): every request is
+        transcribed as it arrives, beside the stream's others, and answered once, when it is done (so in the
+        order they finish; each response carries its request's id). A request that fails is answered with its
+        error_message, as Triton does, and the stream goes on. The key is checked once, from the stream's
+        metadata. A client that ends the stream early cancels what it left running; at shutdown the stream ends
+        (OK) once what it had running is answered, as a live WebSocket's turns are."""
         await self._authorize(context)
         await context.send_initial_metadata(())  # taken: a client may write now without racing a refusal
         answers: asyncio.Queue[Any] = asyncio.Queue()  # responses; None: no more; _CLOSING: the server stops
