@@ -103,6 +103,29 @@ def test_a_triton_client_finds_the_server_and_the_examples_model(client: triton.
     assert client.get_server_metadata(headers=key())["name"] == "halkspeech"
 
 
+def test_generic_triton_clients_read_the_models_configuration(
+    client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """get_model_config over HTTP and gRPC: the inputs a client must send, their types, the batch size."""
+    over_http = client.get_model_config("whisper", headers=key())
+    over_grpc = grpc_client.get_model_config("whisper", headers=GRPC_KEY, as_json=True)["config"]
+    for config in (over_http, over_grpc):
+        inputs = {i["name"]: (i["data_type"], [int(d) for d in i["dims"]], i.get("optional", False))
+                  for i in config["input"]}  # fmt: skip
+        assert inputs == {
+            "WAV": ("TYPE_FP32", [-1], False),
+            "WAV_LENS": ("TYPE_INT32", [1], True),
+            "TEXT_PREFIX": ("TYPE_STRING", [1], True),
+            "MAX_NEW_TOKENS": ("TYPE_INT32", [1], True),
+        }
+        assert int(config["max_batch_size"]) == 64 and [o["name"] for o in config["output"]] == ["TRANSCRIPTS"]
+    with pytest.raises(InferenceServerException, match="no-such-model"):
+        client.get_model_config("no-such-model", headers=key())
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_client.get_model_config("whisper", headers={"authorization": "Bearer wrong"})
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
 def test_binary_tensors_give_the_engines_transcript(
     client: triton.InferenceServerClient, shared_tiny_en: ModelEngine
 ) -> None:

@@ -28,6 +28,8 @@ from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 MISSING: str | None = None  # why the gRPC API cannot run here (the optional extra is missing or incomplete)
 try:
     import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as mc
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc
 except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when its grpc extra is incomplete
@@ -138,6 +140,14 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=tensors, outputs=outputs
         )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_model.resolve(self.state, request.name, request.version)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(triton_model.config(request.name), mc.ModelConfig()))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._authorize(context)

@@ -67,6 +67,29 @@ def metadata(model: str) -> dict[str, Any]:
     }
 
 
+#: KServe datatype → Triton's model-config data type.
+_CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING"}
+
+
+def config(model: str) -> dict[str, Any]:
+    """The model's Triton configuration (the model-configuration extension, as Triton's config.pbtxt would say
+    it): rows batch up to MAX_ROWS, so dims leave the batch out; WAV is any length, the rest one value a row.
+    Generic Triton clients read it for input names, types and the batch size."""
+    return {
+        "name": model,
+        "platform": "halkspeech",
+        "backend": "halkspeech",
+        "max_batch_size": MAX_ROWS,
+        "input": [_config_input(name, kind) for name, kind in INPUTS.items()],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_STRING", "dims": [1]}],
+    }
+
+
+def _config_input(name: str, kind: str) -> dict[str, Any]:
+    dims = [-1 if name == "WAV" else 1]
+    return {"name": name, "data_type": _CONFIG_TYPES[kind], "dims": dims, "optional": name != "WAV"}
+
+
 def check_outputs(names: set[str]) -> None:
     unknown = names - {OUTPUT}
     if unknown:

@@ -45,6 +45,13 @@ async def model_metadata(state: StateDep, model: str, version: str = VERSION) ->
     return triton_model.metadata(model)
 
 
+@router.get("/models/{model}/config", summary="Triton: model configuration")
+@router.get("/models/{model}/versions/{version}/config", summary="Triton: model configuration", include_in_schema=False)
+async def model_config(state: StateDep, model: str, version: str = VERSION) -> dict[str, Any]:
+    triton_model.resolve(state, model, version)
+    return triton_model.config(model)
+
+
 @router.get("/models/{model}/ready", summary="Triton: the model takes requests")
 @router.get("/models/{model}/versions/{version}/ready", summary="Triton: model ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str = VERSION) -> Response:
