@@ -129,11 +129,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            triton_model.resolve(self.state, request.name, request.version)
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
+        await self._resolve(request, context)
         meta = triton_model.metadata(request.name)
         tensors = [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]]
         outputs = [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]]
@@ -142,12 +138,16 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         )
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
+        await self._resolve(request, context)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(triton_model.config(request.name), mc.ModelConfig()))
+
+    async def _resolve(self, request: Any, context: Any) -> None:
+        """A model call's key and model name (and version), or its status: UNAUTHENTICATED, NOT_FOUND."""
         await self._authorize(context)
         try:
             triton_model.resolve(self.state, request.name, request.version)
         except HalkSpeechError as exc:
             await _abort(context, exc)
-        return pb.ModelConfigResponse(config=json_format.ParseDict(triton_model.config(request.name), mc.ModelConfig()))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._authorize(context)
