@@ -40,6 +40,8 @@ def test_json(client: openai.OpenAI, jfk_path: Path) -> None:
     with jfk_path.open("rb") as f:
         result = client.audio.transcriptions.create(model="whisper-1", file=f)
     assert words_of(result.text) == words_of(JFK_TEXT)
+    assert result.usage is not None and result.usage.type == "duration"  # as whisper-1's: the audio's seconds
+    assert result.usage.seconds == pytest.approx(11.0, abs=0.05)
 
 
 def test_text_srt_vtt(client: openai.OpenAI) -> None:
@@ -59,6 +61,7 @@ def test_verbose_json_with_words(client: openai.OpenAI, jfk_path: Path) -> None:
         timestamp_granularities=["word", "segment"],
     )
     assert result.language == "english" and result.duration == pytest.approx(11.0, abs=0.05)
+    assert result.usage is not None and result.usage.seconds == result.duration
     assert words_of(result.text) == words_of(JFK_TEXT)
     assert result.segments and all(s.end > s.start for s in result.segments)
     assert words_of(" ".join(s.text for s in result.segments)) == words_of(JFK_TEXT)

@@ -151,10 +151,18 @@ class SegmentOut(BaseModel):
     words: list[WordOut] | None = None
 
 
+class UsageOut(BaseModel):
+    """OpenAI's usage for models billed by the audio's length."""
+
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
 class TranscriptionOut(BaseModel):
     """response_format=json."""
 
     text: str
+    usage: UsageOut
 
 
 class VerboseTranscriptionOut(BaseModel):
@@ -166,6 +174,7 @@ class VerboseTranscriptionOut(BaseModel):
     text: str
     segments: list[SegmentOut] | None = None  # left out when timestamp_granularities[] is only "word"
     words: list[WordOut] | None = None
+    usage: UsageOut
 
 
 class ModelOut(BaseModel):

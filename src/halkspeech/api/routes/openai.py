@@ -85,13 +85,15 @@ def _done_event(outcome: Outcome) -> dict[str, Any]:
 def render(outcome: Outcome, form: TranscriptionForm, task: str) -> Response:
     transcript = outcome.transcript
     fmt = form.response_format
+    # OpenAI's `usage` for models billed by the audio's length (whisper-1's), which SDKs read as Transcription.usage
+    usage = {"usage": {"type": "duration", "seconds": round(transcript.duration, 3)}}
     if fmt == "json":
-        return JSONResponse(as_json(transcript))
+        return JSONResponse(as_json(transcript) | usage)
     if fmt == "verbose_json":
         granularities = set(form.timestamp_granularities)
         words = "word" in granularities or form.word_timestamps
         # as OpenAI's: words alone asked for leave the segments out
         segments = granularities != {"word"}
-        return JSONResponse(as_verbose_json(transcript, task=task, words=words, segments=segments))
+        return JSONResponse(as_verbose_json(transcript, task=task, words=words, segments=segments) | usage)
     text = {"text": transcript.text.strip() + "\n", "srt": as_srt(transcript), "vtt": as_vtt(transcript)}[fmt]
     return PlainTextResponse(text)
