@@ -86,17 +86,18 @@ async def start(state: AppState, host: str, port: int) -> TritonGrpc:
     service = _Service(state)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     served = state.settings.server
-    tls = served.ssl_certfile is not None and served.ssl_keyfile is not None
+    pair = None  # (key, certificate): TLS with the HTTP port's pair
+    if served.ssl_certfile is not None and served.ssl_keyfile is not None:
+        pair = (served.ssl_keyfile.read_bytes(), served.ssl_certfile.read_bytes())
     try:
-        if served.ssl_certfile is not None and served.ssl_keyfile is not None:  # as HTTP's: TLS with the same pair
-            pair = (served.ssl_keyfile.read_bytes(), served.ssl_certfile.read_bytes())
+        if pair is not None:
             taken = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([pair]))
         else:
             taken = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:  # grpc's "failed to bind"
         raise OSError(str(exc)) from None
     await server.start()
-    log.info("Triton gRPC API on %s:%d%s", host, taken, " (TLS)" if tls else "")
+    log.info("Triton gRPC API on %s:%d%s", host, taken, " (TLS)" if pair is not None else "")
     return TritonGrpc(server, taken, service)
 
 
@@ -206,17 +207,14 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         self.streams.add(answers)
         reader = asyncio.ensure_future(read())
         try:
-            closing = self.closing
             while True:
                 response = await answers.get()
                 if response is None:
                     await reader  # a failure to read the stream (the client's) ends the call with it
                     return
-                if response is _CLOSING:
-                    closing = True
-                else:
+                if response is not _CLOSING:
                     yield response
-                if closing and not pending and answers.empty():
+                if self.closing and not pending and answers.empty():
                     return  # the server stops and this stream is owed nothing
         finally:
             self.streams.discard(answers)

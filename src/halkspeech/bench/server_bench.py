@@ -48,7 +48,7 @@ from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
 from halkspeech.errors import InvalidRequest
-from halkspeech.loadtest.http import HttpLoadConfig, LoadTally, measure, summarize
+from halkspeech.loadtest.http import GRPC_APIS, HttpLoadConfig, LoadTally, measure, summarize
 from halkspeech.loadtest.triton_grpc import tritonclient_grpc
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ServerBenchConfig:
             clip_s=(self.clip_s, 1, 30),  # one window
             profile_s=(self.profile_s, 0, 600),
         )
-        if self.api.startswith("triton-grpc"):
+        if self.api in GRPC_APIS:
             tritonclient_grpc()  # before the engine figure's minutes: the clients need it
 
 
@@ -110,7 +110,7 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
         profile_path = Path(tmp) / "profile.json"
-        grpc_port = free_port() if cfg.api.startswith("triton-grpc") else None
+        grpc_port = free_port() if cfg.api in GRPC_APIS else None
         with _server(cfg, Path(tmp) / "server.log", profile_path, grpc_port) as served:
             url = served.url
             target = url if grpc_port is None else f"http://127.0.0.1:{grpc_port}"
