@@ -428,6 +428,88 @@ def test_a_grpc_stream_needs_the_key_and_a_cut_stream_leaves_no_engine_work(
     assert 1 <= windows < 8, f"{windows} windows ran: the cut did not stop the request"
 
 
+def account(entry: dict[str, Any]) -> dict[str, Any]:
+    """A statistics entry's numbers as ints, absent ones 0 (gRPC's JSON writes uint64 as strings and leaves
+    zeros out)."""
+    stats = entry.get("inference_stats", {})
+    phases = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+    out: dict[str, Any] = {k: int(entry.get(k, 0)) for k in ("last_inference", "inference_count", "execution_count")}
+    out |= {p: (int(stats.get(p, {}).get("count", 0)), int(stats.get(p, {}).get("ns", 0))) for p in phases}
+    out["batches"] = {
+        int(b["batch_size"]): {
+            p: int(b.get(p, {}).get("count", 0)) for p in ("compute_input", "compute_infer", "compute_output")
+        }
+        for b in entry.get("batch_stats", [])
+    }
+    return out | {"name": entry["name"], "version": entry["version"]}
+
+
+def statistics(client: Any, model: str = "", **headers: str) -> list[dict[str, Any]]:
+    """get_inference_statistics over either wire, the same dicts."""
+    if isinstance(client, triton_grpc.InferenceServerClient):
+        found = client.get_inference_statistics(model, headers=headers or GRPC_KEY, as_json=True)
+    else:
+        found = client.get_inference_statistics(model, headers=headers or key())
+    return [account(entry) for entry in found.get("model_stats", [])]
+
+
+def test_statistics_count_each_request_and_where_its_time_went(
+    client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """Triton's statistics extension, as perf_analyzer reads it: successes and failures, inferences (rows) and
+    executions (requests), batch sizes, and the phases of a success, the same over HTTP and gRPC."""
+    [before] = statistics(client, "infer_bls")
+    started_ms = time.time() * 1000
+    client.infer("infer_bls", request([JFK, LJ]), headers=key())
+    with pytest.raises(InferenceServerException):
+        client.infer("infer_bls", request([LJ], "<|startoflm|>"), headers=key())  # a bad request: a failure
+    grpc_client.infer("infer_bls", grpc_request([LJ]), headers=GRPC_KEY)
+    [after] = statistics(client, "infer_bls")
+    assert statistics(grpc_client, "infer_bls") == [after]  # one account, read over either wire
+    assert after["name"] == "infer_bls" and after["version"] == "1"
+    phases = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+    counts = {p: after[p][0] - before[p][0] for p in phases}
+    assert counts == {"success": 2, "fail": 1, "queue": 2, "compute_input": 2, "compute_infer": 2,
+                      "compute_output": 2, "cache_hit": 0, "cache_miss": 0}  # fmt: skip
+    assert after["inference_count"] - before["inference_count"] == 3  # rows
+    assert after["execution_count"] - before["execution_count"] == 2  # requests
+    ns = {p: after[p][1] - before[p][1] for p in phases}
+    parts = ns["queue"] + ns["compute_input"] + ns["compute_infer"] + ns["compute_output"]
+    assert ns["compute_infer"] > 0 and ns["compute_input"] > 0 and ns["fail"] > 0 and 0 < parts <= ns["success"]
+    for size in (1, 2):  # a request of each batch size
+        was = before["batches"].get(size, {"compute_infer": 0})["compute_infer"]
+        assert after["batches"][size]["compute_infer"] - was == 1
+    assert started_ms - 1000 <= after["last_inference"] <= time.time() * 1000 + 1000
+
+
+def test_statistics_of_every_model_and_their_errors(
+    server: LiveServer, client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """No name: every model (the examples' names, and any other called), as perf_analyzer first asks."""
+    for wire in (client, grpc_client):
+        names = [entry["name"] for entry in statistics(wire)]
+        assert {"whisper", "whisper_bls", "infer_bls"} <= set(names) and names == sorted(names)
+        with pytest.raises(InferenceServerException, match="no-such-model"):
+            statistics(wire, "no-such-model")
+    with pytest.raises(InferenceServerException) as refused:
+        statistics(grpc_client, "whisper", authorization="Bearer wrong")
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    response = httpx.get(f"{server.url}/v2/models/whisper/versions/2/stats", headers=HEADERS)
+    assert response.status_code == 404 and "version" in response.json()["error"]
+    assert httpx.get(f"{server.url}/v2/models/stats").status_code == 401  # keys, as /infer
+
+
+def test_statistics_show_the_wait_for_admission_as_queue(shared_tiny_en: ModelEngine) -> None:
+    """One transcription at a time: of a request's two equal rows, one waits for the other's admission slot
+    (queue) about as long as it then takes itself (compute_infer). Without a wait, queue is microseconds."""
+    settings = api_settings(max_concurrent_requests=1, max_queue_size=4, host="127.0.0.1")
+    with live_server(settings, shared_tiny_en) as small, triton.InferenceServerClient(url=small.url[7:]) as http:
+        http.infer("whisper", request([LJ, LJ]))  # url: host:port, tritonclient's form
+        [entry] = statistics(http, "whisper")
+    (waits, queue_ns), infer_ns = entry["queue"], entry["compute_infer"][1]
+    assert waits == 1 and queue_ns > infer_ns / 4 > 0
+
+
 def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
     """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status; and
     `--api triton-grpc-stream`: one stream for the clients, failures by error_message (or the stream's status)."""

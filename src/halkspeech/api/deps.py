@@ -1,5 +1,5 @@
-"""What routes depend on: the app's state (settings, model pool, admission gate, metrics, URL fetcher), as an
-Annotated dependency (a route says `state: StateDep`), and the API-key check.
+"""What routes depend on: the app's state (settings, model pool, admission gate, metrics, URL fetcher, Triton's
+statistics), as an Annotated dependency (a route says `state: StateDep`), and the API-key check.
 
 The key check is a middleware, not a dependency: FastAPI reads and parses a request's whole body before it
 runs any dependency, and a client without a key must not make the server receive an upload. The helpers take
@@ -23,6 +23,7 @@ from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate
 from halkspeech.api.metrics import Metrics
 from halkspeech.api.stopping import StopSignal
+from halkspeech.api.triton_stats import TritonStats
 from halkspeech.config import ServerSettings, Settings
 from halkspeech.engine.pool import ModelPool
 
@@ -36,6 +37,8 @@ class AppState:
     gate: AdmissionGate
     metrics: Metrics
     fetcher: URLFetcher
+    #: Triton's statistics of its model (api/triton_stats.py), over HTTP and gRPC
+    triton_stats: TritonStats = field(default_factory=TritonStats)
     #: set by the server's shutdown when what is still running must be answered now (api/server.py)
     stopping: StopSignal = field(default_factory=StopSignal)
 

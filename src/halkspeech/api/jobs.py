@@ -53,6 +53,7 @@ class Outcome:
     model: str
     decode_ms: float  # audio decoding (and the URL fetch, if any)
     processing_s: float  # the whole job, admission wait included
+    queue_s: float  # the admission wait (in processing_s)
 
 
 def with_server_policy(options: TranscribeOptions, server: ServerSettings) -> TranscribeOptions:
@@ -114,7 +115,7 @@ async def run_job(
         ) from None
     name = state.pool.key(job.model)
     state.metrics.audio_seconds.labels(name).inc(transcript.duration)
-    return Outcome(transcript, name, decode_ms, time.perf_counter() - started)
+    return Outcome(transcript, name, decode_ms, time.perf_counter() - started, decode_started - started)
 
 
 async def decode_in_thread(source: AudioSource, max_duration_s: float) -> np.ndarray:

@@ -142,6 +142,15 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         await self._resolve(request, context)
         return pb.ModelConfigResponse(config=json_format.ParseDict(triton_model.config(request.name), mc.ModelConfig()))
 
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Triton's statistics (api/triton_stats.py): the named model's, or every model's for no name."""
+        await self._authorize(context)
+        try:
+            stats = triton_model.statistics(self.state, request.name, request.version)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
     async def _resolve(self, request: Any, context: Any) -> None:
         """A model call's key and model name (and version), or its status: UNAUTHENTICATED, NOT_FOUND."""
         await self._authorize(context)
@@ -232,20 +241,24 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         self.in_flight += 1
         try:
             model = triton_model.resolve(self.state, request.model_name, request.model_version)
-            triton_model.check_outputs({output.name for output in request.outputs})
-            size = sum(len(raw) for raw in request.raw_input_contents)
-            read = functools.partial(_rows, request)
-            rows = await asyncio.to_thread(read) if size > OFF_LOOP_BYTES else read()
-            texts = await triton_model.transcribe(self.state, model, rows, _never_disconnects)
+            with self.state.triton_stats.measure(request.model_name) as clock:
+                triton_model.check_outputs({output.name for output in request.outputs})
+                size = sum(len(raw) for raw in request.raw_input_contents)
+                read = functools.partial(_rows, request)
+                rows = await asyncio.to_thread(read) if size > OFF_LOOP_BYTES else read()
+                clock.input_read(len(rows))
+                texts, queue_s = await triton_model.transcribe(self.state, model, rows, _never_disconnects)
+                clock.inferred(queue_s)
+                response = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=triton_model.VERSION, id=request.id
+                )
+                output = response.outputs.add()
+                output.name, output.datatype = triton_model.OUTPUT, "BYTES"
+                output.shape.extend([len(texts), 1])
+                response.raw_output_contents.append(serialize_bytes(texts))
+                clock.output_written()
         finally:
             self.in_flight -= 1
-        response = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=triton_model.VERSION, id=request.id
-        )
-        output = response.outputs.add()
-        output.name, output.datatype = triton_model.OUTPUT, "BYTES"
-        output.shape.extend([len(texts), 1])
-        response.raw_output_contents.append(serialize_bytes(texts))
         return response
 
     async def _authorize(self, context: Any) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from starlette.types import Receive
@@ -46,6 +46,15 @@ def resolve(state: AppState, model: str, version: str = "") -> str | None:
     name = None if model in EXAMPLE_MODELS else model
     state.pool.check(name)
     return name
+
+
+def statistics(state: AppState, model: str, version: str = "") -> list[dict[str, Any]]:
+    """Triton's `model_stats` for a model name, or (""), every name: the examples' and those called so far.
+    ModelNotFound for a name the server does not offer."""
+    if not model:
+        return state.triton_stats.report(EXAMPLE_MODELS | state.triton_stats.names(), VERSION)
+    resolve(state, model, version)
+    return state.triton_stats.report([model], VERSION)
 
 
 def server_ready(state: AppState) -> bool:
@@ -100,13 +109,19 @@ def check_outputs(names: set[str]) -> None:
 Row = tuple[np.ndarray, TranscribeOptions]
 
 
-async def transcribe(state: AppState, model: str | None, rows: list[Row], receive: Receive) -> list[str]:
+class Transcripts(NamedTuple):
+    texts: list[str]  # a row's transcript each, in order
+    queue_s: float  # the longest admission wait of the rows (the statistics' queue)
+
+
+async def transcribe(state: AppState, model: str | None, rows: list[Row], receive: Receive) -> Transcripts:
     """Every row's transcript, in order. Cancelled with the client (`receive`: its disconnect) or the server's
     shutdown, as every request is."""
     server = state.settings.server
     jobs = [Job(with_server_policy(options, server), model, samples=audio) for audio, options in rows]
     outcomes = await until_disconnect(receive, _all(state, jobs), state.stopping)
-    return [outcome.transcript.text.strip() for outcome in outcomes]
+    texts = [outcome.transcript.text.strip() for outcome in outcomes]
+    return Transcripts(texts, max(outcome.queue_s for outcome in outcomes))
 
 
 async def _all(state: AppState, jobs: list[Job]) -> list[Outcome]:

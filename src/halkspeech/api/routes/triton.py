@@ -38,6 +38,11 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "halkspeech", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
+@router.get("/models/stats", summary="Triton: every model's statistics")  # before /models/{model}
+async def all_statistics(state: StateDep) -> dict[str, Any]:
+    return {"model_stats": triton_model.statistics(state, "")}
+
+
 @router.get("/models/{model}", summary="Triton: model metadata")
 @router.get("/models/{model}/versions/{version}", summary="Triton: model metadata", include_in_schema=False)
 async def model_metadata(state: StateDep, model: str, version: str = VERSION) -> dict[str, Any]:
@@ -50,6 +55,12 @@ async def model_metadata(state: StateDep, model: str, version: str = VERSION) ->
 async def model_config(state: StateDep, model: str, version: str = VERSION) -> dict[str, Any]:
     triton_model.resolve(state, model, version)
     return triton_model.config(model)
+
+
+@router.get("/models/{model}/stats", summary="Triton: the model's statistics")
+@router.get("/models/{model}/versions/{version}/stats", summary="Triton: statistics", include_in_schema=False)
+async def model_statistics(state: StateDep, model: str, version: str = VERSION) -> dict[str, Any]:
+    return {"model_stats": triton_model.statistics(state, model, version)}
 
 
 @router.get("/models/{model}/ready", summary="Triton: the model takes requests")
@@ -70,15 +81,19 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
     if length is not None and not length.isdigit():
         raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length!r}")
     body = await request.body()
-    read = functools.partial(_read, body, None if length is None else int(length))
-    parsed, rows = await asyncio.to_thread(read) if len(body) > OFF_LOOP_BYTES else read()
-    texts = await triton_model.transcribe(state, name, rows, request.receive)
-    binary = parsed.outputs.get(triton_model.OUTPUT, parsed.binary_by_default)
-    entry, data = bytes_output(triton_model.OUTPUT, texts, [len(texts), 1], binary)
-    header: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": [entry]}
-    if parsed.id is not None:
-        header["id"] = parsed.id
-    content, header_length = encode_response(header, [data])
+    with state.triton_stats.measure(model) as clock:
+        read = functools.partial(_read, body, None if length is None else int(length))
+        parsed, rows = await asyncio.to_thread(read) if len(body) > OFF_LOOP_BYTES else read()
+        clock.input_read(len(rows))
+        texts, queue_s = await triton_model.transcribe(state, name, rows, request.receive)
+        clock.inferred(queue_s)
+        binary = parsed.outputs.get(triton_model.OUTPUT, parsed.binary_by_default)
+        entry, data = bytes_output(triton_model.OUTPUT, texts, [len(texts), 1], binary)
+        header: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": [entry]}
+        if parsed.id is not None:
+            header["id"] = parsed.id
+        content, header_length = encode_response(header, [data])
+        clock.output_written()
     if header_length is None:
         return Response(content, media_type="application/json")
     headers = {"Inference-Header-Content-Length": str(header_length)}
