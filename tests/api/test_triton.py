@@ -101,7 +101,8 @@ def test_a_triton_client_finds_the_server_and_the_examples_model(client: triton.
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["WAV"] == "FP32"
     assert metadata["outputs"] == [{"name": "TRANSCRIPTS", "datatype": "BYTES", "shape": [-1, 1]}]
     assert not client.is_model_ready("no-such-model", headers=key())
-    assert client.get_server_metadata(headers=key())["name"] == "halkspeech"
+    server = client.get_server_metadata(headers=key())
+    assert server["name"] == "halkspeech" and {"statistics", "model_configuration"} <= set(server["extensions"])
 
 
 def test_generic_triton_clients_read_the_models_configuration(
@@ -295,6 +296,8 @@ def test_grpc_clients_get_the_same_transcripts(
     assert not grpc_client.is_model_ready("no-such-model", headers=GRPC_KEY)
     metadata = grpc_client.get_model_metadata("whisper", headers=GRPC_KEY, as_json=True)
     assert [o["name"] for o in metadata["outputs"]] == ["TRANSCRIPTS"]
+    server = grpc_client.get_server_metadata(headers=GRPC_KEY, as_json=True)
+    assert server["name"] == "halkspeech" and {"statistics", "model_configuration"} <= set(server["extensions"])
     result = grpc_client.infer("whisper", grpc_request([LJ, JFK]), headers=GRPC_KEY, request_id="g1")
     assert transcripts(result) == [alone(shared_tiny_en, LJ), alone(shared_tiny_en, JFK)]
     assert result.get_response().id == "g1"

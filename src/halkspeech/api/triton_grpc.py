@@ -119,7 +119,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         await self._authorize(context)
-        return pb.ServerMetadataResponse(name="halkspeech", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name="halkspeech", version=__version__, extensions=triton_model.EXTENSIONS)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         await self._authorize(context)

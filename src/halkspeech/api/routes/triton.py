@@ -35,7 +35,8 @@ async def ready(state: StateDep) -> Response:
 
 @router.get("", summary="Triton: server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "halkspeech", "version": __version__, "extensions": ["binary_tensor_data"]}
+    extensions = ["binary_tensor_data", *triton_model.EXTENSIONS]
+    return {"name": "halkspeech", "version": __version__, "extensions": extensions}
 
 
 @router.get("/models/stats", summary="Triton: every model's statistics")  # before /models/{model}
