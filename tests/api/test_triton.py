@@ -513,6 +513,88 @@ def test_statistics_show_the_wait_for_admission_as_queue(shared_tiny_en: ModelEn
     assert waits == 1 and queue_ns > infer_ns / 4 > 0
 
 
+def states(client: Any) -> dict[str, str]:
+    """The repository index over either wire: name → state."""
+    if isinstance(client, triton_grpc.InferenceServerClient):
+        models = client.get_model_repository_index(headers=GRPC_KEY, as_json=True).get("models", [])
+    else:
+        models = client.get_model_repository_index(headers=key())
+    return {entry["name"]: entry.get("state", "") for entry in models}
+
+
+def test_the_repository_lists_unloads_and_loads_models(
+    server: LiveServer, client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """Triton's explicit model control over both wires: the index, an unload (the examples' names are the
+    default model), a load, and a request that loads an unloaded model, as every request here does."""
+    loaded = {"whisper": "READY", "whisper_bls": "READY", "infer_bls": "READY", "tiny.en": "READY"}
+    assert states(client) == states(grpc_client) == loaded
+    client.unload_model("whisper", headers=key())
+    unloaded = dict.fromkeys(loaded, "UNAVAILABLE")
+    assert states(client) == states(grpc_client) == unloaded
+    ready_only = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}, headers=HEADERS)
+    assert ready_only.status_code == 200 and ready_only.json() == []
+    grpc_client.load_model("tiny.en", headers=GRPC_KEY)
+    assert states(client) == loaded
+    grpc_client.unload_model("infer_bls", headers=GRPC_KEY)
+    client.unload_model("infer_bls", headers=key())  # unloaded already: nothing to do, as Triton
+    assert states(grpc_client) == unloaded
+    assert transcripts(client.infer("whisper", request([LJ]), headers=key()))  # loads it back
+    assert states(client) == loaded
+
+
+def test_the_repository_refuses_config_files_unknown_models_and_bad_bodies(
+    server: LiveServer, client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    for wire, headers in ((client, key()), (grpc_client, GRPC_KEY)):
+        with pytest.raises(InferenceServerException, match="config") as refused:
+            wire.load_model("whisper", headers=headers, config='{"max_batch_size": 8}')
+        assert refused.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+        with pytest.raises(InferenceServerException, match="no-such-model"):
+            wire.load_model("no-such-model", headers=headers)
+        with pytest.raises(InferenceServerException, match="no-such-model"):
+            wire.unload_model("no-such-model", headers=headers)
+    bad = [("/v2/repository/index", b"[1]"), ("/v2/repository/index", b'{"ready": "yes"}'),
+           ("/v2/repository/index", b"{"), ("/v2/repository/index", b" " * 70_000),
+           ("/v2/repository/models/whisper/unload", b'{"parameters": {"unload_dependents": "yes"}}'),
+           ("/v2/repository/models/whisper/load", b'{"parameters": [1]}')]  # fmt: skip
+    for path, body in bad:
+        response = httpx.post(server.url + path, content=body, headers=HEADERS)
+        assert response.status_code == 400 and response.json()["error"], (path, body)
+    assert httpx.post(f"{server.url}/v2/repository/index").status_code == 401  # keys, as everything but health
+    with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RepositoryIndex(
+                service_pb2.RepositoryIndexRequest(repository_name="other"), metadata=[("authorization", "Bearer k")]
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "one repository" in refused.value.details()
+
+
+def test_an_unload_keeps_a_model_in_use_and_its_request_is_answered(
+    server: LiveServer, client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    engine = server.engine()
+    answers: list[Any] = []
+    grpc_client.async_infer(
+        "whisper",
+        grpc_request([np.tile(JFK, 4)]),
+        lambda result, error: answers.append((result, error)),
+        headers=GRPC_KEY,
+    )
+    wait_until(lambda: engine.running > 0, 30, "the request to reach the engine")
+    with pytest.raises(InferenceServerException, match="in use") as refused:
+        client.unload_model("whisper", headers=key())
+    assert refused.value.status() == "409"
+    with pytest.raises(InferenceServerException, match="in use") as refused:
+        grpc_client.unload_model("tiny.en", headers=GRPC_KEY)
+    assert refused.value.status() == "StatusCode.FAILED_PRECONDITION"
+    wait_until(lambda: answers, 60, "the request's answer")
+    [(result, error)] = answers
+    assert error is None and transcripts(result)[0]
+    assert states(client)["tiny.en"] == "READY"
+
+
 def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
     """`halkspeech loadtest http --api triton-grpc`: tritonclient.grpc.aio's calls, failures by gRPC status; and
     `--api triton-grpc-stream`: one stream for the clients, failures by error_message (or the stream's status)."""

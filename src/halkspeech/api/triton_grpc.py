@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from halkspeech import __version__
-from halkspeech.api import triton_model
+from halkspeech.api import triton_model, triton_repository
 from halkspeech.api.deps import AppState, key_refusal, presented_key
 from halkspeech.api.errors import status_for
 from halkspeech.api.kserve import NUMERIC, checked, raw_tensor, serialize_bytes
@@ -102,8 +102,9 @@ async def start(state: AppState, host: str, port: int) -> TritonGrpc:
 
 
 class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None else object):  # type: ignore[misc]
-    """The KServe v2 calls a Whisper client makes, unary and streaming; the rest answer UNIMPLEMENTED (the
-    generated base class)."""
+    """The KServe v2 calls a Whisper client makes, unary and streaming, and Triton's configuration, statistics
+    and repository extensions; the rest (shared memory, tracing, logging) answer UNIMPLEMENTED (the generated
+    base class)."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -150,6 +151,34 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         except HalkSpeechError as exc:
             await _abort(context, exc)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_repository.check_repository(request.repository_name)
+            entries = triton_repository.index(self.state, request.ready)
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        models = [pb.RepositoryIndexResponse.ModelIndex(**entry) for entry in entries]
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_repository.check_repository(request.repository_name)
+            await triton_repository.load(self.state, request.model_name, _parameters(request.parameters))
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self._authorize(context)
+        try:
+            triton_repository.check_repository(request.repository_name)
+            await triton_repository.unload(self.state, request.model_name, _parameters(request.parameters))
+        except HalkSpeechError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
 
     async def _resolve(self, request: Any, context: Any) -> None:
         """A model call's key and model name (and version), or its status: UNAUTHENTICATED, NOT_FOUND."""
@@ -271,6 +300,12 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         why = key_refusal(token, keys, send="authorization: Bearer <key>")
         if why is not None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A repository request's parameters (ModelRepositoryParameter: one of bool, int64, string, bytes)."""
+    return {name: getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
+            for name, value in parameters.items()}  # fmt: skip
 
 
 def _rows(request: Any) -> list[triton_model.Row]:

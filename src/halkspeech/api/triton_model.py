@@ -32,7 +32,7 @@ from halkspeech.transcription.types import TranscribeOptions
 EXAMPLE_MODELS = frozenset({"whisper", "whisper_bls", "infer_bls"})
 VERSION = "1"
 #: The protocol's extensions both wires serve (HTTP adds binary_tensor_data, its own).
-EXTENSIONS = ["model_configuration", "statistics"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 MAX_ROWS = 64  # rows of one request; each is a transcription under the server's admission limits
 MAX_WINDOW_TOKENS = 224  # Whisper's own limit for a 30 s window (openai-whisper's sample_len)
 OUTPUT = "TRANSCRIPTS"

@@ -234,6 +234,9 @@ class ModelPool:
     def is_loaded(self, name: str | None) -> bool:
         return self.key(name) in self._entries
 
+    def is_loading(self, name: str | None) -> bool:
+        return self.key(name) in self._loading
+
     async def unload(self, name: str | None, *, force: bool = False) -> bool:
         """Stop a model's engine and free its memory; False if it was not loaded.
 

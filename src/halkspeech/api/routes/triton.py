@@ -1,6 +1,7 @@
 """Triton Inference Server's HTTP API (KServe v2) for the Whisper model of TensorRT-LLM's Triton examples, so
 that clients written for Triton + TensorRT-LLM (`tritonclient.http`, JSON or binary tensors) work unchanged.
-The model (its inputs, a transcription per row) is api/triton_model.py's; the body's codec api/kserve.py's.
+The model (its inputs, a transcription per row) is api/triton_model.py's; the body's codec api/kserve.py's; the
+statistics and repository extensions are api/triton_stats.py's and api/triton_repository.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from halkspeech import __version__
-from halkspeech.api import triton_model
+from halkspeech.api import triton_model, triton_repository
 from halkspeech.api.deps import StateDep
 from halkspeech.api.kserve import InferRequest, bytes_output, encode_response, parse_request
 from halkspeech.errors import InvalidRequest
@@ -68,6 +69,29 @@ async def model_statistics(state: StateDep, model: str, version: str = VERSION) 
 @router.get("/models/{model}/versions/{version}/ready", summary="Triton: model ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str = VERSION) -> Response:
     triton_model.resolve(state, model, version)
+    return Response(status_code=200)
+
+
+@router.post("/repository/index", summary="Triton: the models, loaded or not")
+async def repository_index(request: Request, state: StateDep) -> list[dict[str, str]]:
+    fields = triton_repository.body_fields(await request.body())
+    ready = fields.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidRequest("ready must be true or false", param="ready")
+    return triton_repository.index(state, ready)
+
+
+@router.post("/repository/models/{model}/load", summary="Triton: load a model")
+async def repository_load(request: Request, state: StateDep, model: str) -> Response:
+    fields = triton_repository.body_fields(await request.body())
+    await triton_repository.load(state, model, triton_repository.http_parameters(fields))
+    return Response(status_code=200)
+
+
+@router.post("/repository/models/{model}/unload", summary="Triton: unload a model")
+async def repository_unload(request: Request, state: StateDep, model: str) -> Response:
+    fields = triton_repository.body_fields(await request.body())
+    await triton_repository.unload(state, model, triton_repository.http_parameters(fields))
     return Response(status_code=200)
 
 
