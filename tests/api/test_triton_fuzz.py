@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from halkspeech.api import triton_grpc, triton_model
+from halkspeech.api import triton_grpc, triton_model, triton_repository
 from halkspeech.api.errors import status_for
 from halkspeech.api.kserve import NUMERIC, parse_request, serialize_bytes
 from halkspeech.api.triton_model import INPUTS, rows
@@ -229,3 +229,31 @@ def typed(entry: Any, values: list[Any]) -> None:
             target.append(value.encode() if field == "bytes_contents" and isinstance(value, str) else value)
         except (TypeError, ValueError):
             continue  # protobuf refuses it before the server could see it
+
+
+# --- the repository extension's bodies (api/triton_repository.py) -----------------------------------------
+REPOSITORY_BODIES = st.one_of(
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.fixed_dictionaries({}, optional={"ready": JSON, "parameters": JSON}).map(lambda d: json.dumps(d).encode()),
+    st.fixed_dictionaries(
+        {"parameters": st.dictionaries(st.sampled_from(["unload_dependents", "config", "file:1/model.pt", ""]), JSON)}
+    ).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=64),
+)
+
+
+@FUZZ
+@given(REPOSITORY_BODIES)
+def test_any_repository_body_is_read_or_refused(body: bytes) -> None:
+    """An index, load or unload body: its fields, `ready` and parameters, or InvalidRequest; a parameter that
+    gets through is unload's own flag, a boolean."""
+    try:
+        fields = triton_repository.body_fields(body)
+        ready = triton_repository.http_ready(fields)
+        parameters = triton_repository.http_parameters(fields)
+        triton_repository.check_parameters(parameters, taken=("unload_dependents",))
+    except InvalidRequest as refused:
+        assert status_for(refused) == 400 and str(refused)
+        return
+    assert isinstance(ready, bool) and set(parameters) <= {"unload_dependents"}
+    assert all(isinstance(value, bool) for value in parameters.values())

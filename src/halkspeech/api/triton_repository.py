@@ -49,13 +49,13 @@ def index(state: AppState, ready_only: bool = False) -> list[dict[str, str]]:
 
 async def load(state: AppState, model: str, parameters: Mapping[str, Any]) -> None:
     """Load a model (ModelNotFound for one the server does not offer; ModelLoadError)."""
-    _check_parameters(parameters, taken=())
+    check_parameters(parameters, taken=())
     await state.pool.get(resolve(state, model))  # a client that leaves does not stop the load (the pool's rule)
 
 
 async def unload(state: AppState, model: str, parameters: Mapping[str, Any]) -> None:
     """Unload a model; one not loaded is already unloaded. ModelInUse while requests hold it."""
-    _check_parameters(parameters, taken=("unload_dependents",))  # no model here depends on another
+    check_parameters(parameters, taken=("unload_dependents",))  # no model here depends on another
     await state.pool.unload(resolve(state, model))
 
 
@@ -79,6 +79,14 @@ def body_fields(body: bytes) -> dict[str, Any]:
     return fields
 
 
+def http_ready(fields: Mapping[str, Any]) -> bool:
+    """An index request's `ready` (only the models ready to serve)."""
+    ready = fields.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidRequest("ready must be true or false", param="ready")
+    return ready
+
+
 def http_parameters(fields: Mapping[str, Any]) -> dict[str, Any]:
     parameters = fields.get("parameters", {})
     if not isinstance(parameters, dict):
@@ -86,7 +94,7 @@ def http_parameters(fields: Mapping[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _check_parameters(parameters: Mapping[str, Any], taken: tuple[str, ...]) -> None:
+def check_parameters(parameters: Mapping[str, Any], taken: tuple[str, ...]) -> None:
     for name, value in parameters.items():
         if name not in taken:
             raise InvalidRequest(

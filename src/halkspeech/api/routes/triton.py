@@ -75,10 +75,7 @@ async def model_ready(state: StateDep, model: str, version: str = VERSION) -> Re
 @router.post("/repository/index", summary="Triton: the models, loaded or not")
 async def repository_index(request: Request, state: StateDep) -> list[dict[str, str]]:
     fields = triton_repository.body_fields(await request.body())
-    ready = fields.get("ready", False)
-    if not isinstance(ready, bool):
-        raise InvalidRequest("ready must be true or false", param="ready")
-    return triton_repository.index(state, ready)
+    return triton_repository.index(state, triton_repository.http_ready(fields))
 
 
 @router.post("/repository/models/{model}/load", summary="Triton: load a model")
