@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from api.conftest import LiveServer, api_settings, live_server, wait_until
-from conftest import TEST_DATA
+from conftest import REPO, TEST_DATA
+from halkspeech.api import triton_grpc as triton_grpc_api
 from halkspeech.api.kserve import MAX_JSON_BYTES, parse_request
 from halkspeech.api.triton_model import options_from_prefix
 from halkspeech.audio import decode_audio
@@ -620,3 +622,22 @@ def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
         dataclasses.replace(load, url=f"ftp://127.0.0.1:{port}")
     with pytest.raises(InvalidRequest, match="http:// or https:// URL"):  # grpc:// is for the gRPC API only
         dataclasses.replace(load, api="triton")
+
+
+def test_docs_list_every_triton_endpoint_on_both_wires(server: LiveServer) -> None:
+    """docs/triton.md's endpoint table against what is served: every HTTP path (less the /versions/1 forms) and
+    every gRPC call the service implements, and nothing more."""
+    doc = (REPO / "docs" / "triton.md").read_text()
+    table = doc[doc.index("## Endpoints") : doc.index("Every `/v2/models/{m}` path")]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    documented_http = {path.replace("{m}", "{model}") for cell, _ in rows for path in re.findall(r"(/v2[^`]*)`", cell)}
+    served_http = {path for path in server.app.openapi()["paths"] if path.startswith("/v2")}  # /versions/ forms: hidden
+    assert documented_http == served_http
+    documented_grpc = {name for _, cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    base = service_pb2_grpc.GRPCInferenceServiceServicer
+    served_grpc = {
+        name
+        for name in vars(base)
+        if not name.startswith("_") and getattr(triton_grpc_api._Service, name) is not getattr(base, name)
+    }
+    assert documented_grpc == served_grpc
