@@ -459,10 +459,11 @@ def statistics(client: Any, model: str = "", **headers: str) -> list[dict[str, A
 
 
 def test_statistics_count_each_request_and_where_its_time_went(
-    client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient
 ) -> None:
     """Triton's statistics extension, as perf_analyzer reads it: successes and failures, inferences (rows) and
-    executions (requests), batch sizes, and the phases of a success, the same over HTTP and gRPC."""
+    executions (requests), batch sizes, and the phases of a success, the same over HTTP and gRPC, and on
+    /metrics by Triton's metric names."""
     [before] = statistics(client, "infer_bls")
     started_ms = time.time() * 1000
     client.infer("infer_bls", request([JFK, LJ]), headers=key())
@@ -485,6 +486,13 @@ def test_statistics_count_each_request_and_where_its_time_went(
         was = before["batches"].get(size, {"compute_infer": 0})["compute_infer"]
         assert after["batches"][size]["compute_infer"] - was == 1
     assert started_ms - 1000 <= after["last_inference"] <= time.time() * 1000 + 1000
+    # /metrics: the same, by Triton's metric names (its dashboards' queries)
+    scraped = httpx.get(f"{server.url}/metrics", headers=HEADERS).text
+    for metric, value in (("nv_inference_request_success", after["success"][0]),
+                          ("nv_inference_count", after["inference_count"]),
+                          ("nv_inference_compute_infer_duration_us", after["compute_infer"][1] / 1000)):  # fmt: skip
+        line = re.search(rf'^{metric}{{model="infer_bls",version="1"}} (\S+)$', scraped, re.MULTILINE)
+        assert line is not None and float(line[1]) == pytest.approx(value), metric
 
 
 def test_statistics_of_every_model_and_their_errors(

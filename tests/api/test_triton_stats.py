@@ -16,7 +16,7 @@ def test_a_success_adds_its_phases_and_the_admission_wait_moves_from_infer_to_qu
         clock.input_read(3)
         clock.inferred(queue_s=3600.0)  # more than the whole lap: capped at it, so no phase is negative
         clock.output_written()
-    [entry] = stats.report(["whisper"], "1")
+    [entry] = stats.report(["whisper"])
     inference = entry["inference_stats"]
     assert inference["success"]["count"] == 1 and inference["fail"] == {"count": 0, "ns": 0}
     assert inference["compute_infer"] == {"count": 1, "ns": 0} and inference["queue"]["ns"] >= 0
@@ -33,7 +33,7 @@ def test_a_request_that_raises_or_is_cancelled_is_a_failure_and_goes_on_raising(
         raise ValueError("a bad tensor")
     with pytest.raises(asyncio.CancelledError), stats.measure("whisper"):
         raise asyncio.CancelledError  # the client went away
-    [entry] = stats.report(["whisper"], "1")
+    [entry] = stats.report(["whisper"])
     inference = entry["inference_stats"]
     assert inference["fail"]["count"] == 2 and inference["success"]["count"] == 0
     assert inference["compute_input"]["count"] == 0  # a failure's phases are not a success's
@@ -47,7 +47,7 @@ def test_the_report_gives_each_name_asked_for_sorted_with_zeros_for_one_never_ca
         clock.inferred(0.0)
         clock.output_written()
     assert stats.names() == {"whisper_bls"}
-    report = stats.report(["whisper_bls", "infer_bls"], "1")
+    report = stats.report(["whisper_bls", "infer_bls"])
     assert [e["name"] for e in report] == ["infer_bls", "whisper_bls"]
     assert report[0]["execution_count"] == 0 and report[0]["last_inference"] == 0 and report[0]["version"] == "1"
     assert set(report[0]["inference_stats"]) == {

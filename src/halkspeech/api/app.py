@@ -20,6 +20,7 @@ from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware
 from halkspeech.api.logging import RequestContextMiddleware
 from halkspeech.api.metrics import Metrics, MetricsMiddleware
 from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, triton, ws
+from halkspeech.api.triton_stats import TritonStats
 from halkspeech.config import Settings
 from halkspeech.engine.pool import ModelPool
 from halkspeech.transcription.word_workers import word_executor
@@ -40,7 +41,8 @@ Realtime API for transcription at `/v1/realtime`; OpenAPI cannot describe WebSoc
 def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     server = settings.server
     gate = AdmissionGate(server.max_concurrent_requests, server.max_queue_size, retry_after_s=server.retry_after_s)
-    state = AppState(settings, pool, gate, Metrics(pool, gate), URLFetcher(server))
+    stats = TritonStats()  # the Triton APIs' statistics, which /metrics also reads
+    state = AppState(settings, pool, gate, Metrics(pool, gate, stats), URLFetcher(server), triton_stats=stats)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,6 +1,7 @@
 """Prometheus metrics: HTTP requests by route and status with latency histograms, audio seconds transcribed,
 live sessions and turns, and, read from the engines at scrape time, queue depth, running sequences,
-encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s), admission state and GPU memory.
+encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s), admission state and GPU memory; and the
+Triton APIs' statistics under Triton's own metric names (`nv_inference_*`), so its dashboards read them.
 
 Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
 """
@@ -20,11 +21,18 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from halkspeech.api.limits import AdmissionGate
+from halkspeech.api.triton_stats import TritonStats
 from halkspeech.engine.pool import ModelPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -35,7 +43,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class Metrics:
     """The app's registry and the series the HTTP layer updates itself."""
 
-    def __init__(self, pool: ModelPool, gate: AdmissionGate) -> None:
+    def __init__(self, pool: ModelPool, gate: AdmissionGate, triton: TritonStats) -> None:
         disable_created_metrics()  # no `_created` twin of every counter (process-wide; nothing here wants them)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -71,6 +79,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(pool, gate))
+        self.registry.register(TritonCollector(triton))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -145,6 +154,39 @@ class EngineCollector(Collector):
         rejected.add_metric([], gate.rejected)
         yield rejected
         yield from _gpu_memory(self.pool.settings.engine.device_index)
+
+
+#: Triton's metric name → (its help, the statistic: a count, or a duration's ns that Triton gives in µs).
+_TRITON_METRICS = {
+    "nv_inference_request_success": ("Number of successful inference requests.", ("success", "count")),
+    "nv_inference_request_failure": ("Number of failed inference requests.", ("fail", "count")),
+    "nv_inference_count": ("Number of inferences performed (a request's rows).", ("inference_count",)),
+    "nv_inference_exec_count": ("Number of model executions (one a request here).", ("execution_count",)),
+    "nv_inference_request_duration_us": ("Cumulative successful request duration in µs.", ("success", "ns")),
+    "nv_inference_queue_duration_us": ("Cumulative admission wait in µs.", ("queue", "ns")),
+    "nv_inference_compute_input_duration_us": ("Cumulative input reading in µs.", ("compute_input", "ns")),
+    "nv_inference_compute_infer_duration_us": ("Cumulative transcription in µs.", ("compute_infer", "ns")),
+    "nv_inference_compute_output_duration_us": ("Cumulative output writing in µs.", ("compute_output", "ns")),
+}
+
+
+class TritonCollector(Collector):
+    """The Triton APIs' statistics (api/triton_stats.py) for every model name called, by Triton's metric names
+    and labels (model, version). Triton exposes them as counters without a `_total` suffix; prometheus_client
+    would add one to a counter, so they go out untyped and keep the names dashboards query."""
+
+    def __init__(self, stats: TritonStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        entries = self.stats.report(self.stats.names())
+        for name, (doc, path) in _TRITON_METRICS.items():
+            family = UnknownMetricFamily(name, doc, labels=["model", "version"])
+            for entry in entries:
+                stats = entry["inference_stats"]
+                value = entry[path[0]] if len(path) == 1 else stats[path[0]][path[1]]
+                family.add_metric([entry["name"], entry["version"]], value / 1000 if path[-1] == "ns" else value)
+            yield family
 
 
 def _gauge(name: str, doc: str, values: list[tuple[tuple[str, ...], float]]) -> GaugeMetricFamily:

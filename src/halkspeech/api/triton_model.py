@@ -23,6 +23,7 @@ from starlette.types import Receive
 
 from halkspeech.api.deps import AppState
 from halkspeech.api.jobs import Job, Outcome, run_job, until_disconnect, with_server_policy
+from halkspeech.api.triton_stats import VERSION
 from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 from halkspeech.model.languages import LANGUAGES
 from halkspeech.model.tokenizer import Task
@@ -30,7 +31,6 @@ from halkspeech.transcription.types import TranscribeOptions
 
 #: The names TensorRT-LLM's Triton examples give the Whisper model: they mean this server's default model.
 EXAMPLE_MODELS = frozenset({"whisper", "whisper_bls", "infer_bls"})
-VERSION = "1"
 #: The protocol's extensions both wires serve (HTTP adds binary_tensor_data, its own).
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 MAX_ROWS = 64  # rows of one request; each is a transcription under the server's admission limits
@@ -54,9 +54,9 @@ def statistics(state: AppState, model: str, version: str = "") -> list[dict[str,
     """Triton's `model_stats` for a model name, or (""), every name: the examples' and those called so far.
     ModelNotFound for a name the server does not offer."""
     if not model:
-        return state.triton_stats.report(EXAMPLE_MODELS | state.triton_stats.names(), VERSION)
+        return state.triton_stats.report(EXAMPLE_MODELS | state.triton_stats.names())
     resolve(state, model, version)
-    return state.triton_stats.report([model], VERSION)
+    return state.triton_stats.report([model])
 
 
 def server_ready(state: AppState) -> bool:

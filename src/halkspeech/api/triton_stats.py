@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+VERSION = "1"  # the model's one version, which every Triton module names
 _PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -132,13 +133,13 @@ class TritonStats:
         """The model names with statistics so far."""
         return set(self._models)
 
-    def report(self, names: Iterable[str], version: str) -> list[dict[str, Any]]:
+    def report(self, names: Iterable[str]) -> list[dict[str, Any]]:
         """Triton's `model_stats`, one entry a name (zeros for a name not called yet), in the JSON of the HTTP
         API; the gRPC API parses the same into its ModelStatistics."""
-        return [self._entry(name, version, self._models.get(name) or _Model()) for name in sorted(names)]
+        return [self._entry(name, self._models.get(name) or _Model()) for name in sorted(names)]
 
     @staticmethod
-    def _entry(name: str, version: str, model: _Model) -> dict[str, Any]:
+    def _entry(name: str, model: _Model) -> dict[str, Any]:
         inference = {phase: stat.as_json() for phase, stat in model.phases.items()}
         inference |= {"success": model.success.as_json(), "fail": model.fail.as_json()}
         inference |= {"cache_hit": Duration().as_json(), "cache_miss": Duration().as_json()}
@@ -148,7 +149,7 @@ class TritonStats:
         ]
         return {
             "name": name,
-            "version": version,
+            "version": VERSION,
             "last_inference": model.last_inference_ms,
             "inference_count": model.inference_count,
             "execution_count": model.execution_count,
