@@ -262,8 +262,13 @@ def test_the_http_load_tester_drives_the_triton_api(server: LiveServer) -> None:
         and results["config"]["endpoint"].endswith("/v2/models/whisper/infer")
     )
     assert results["audio_s_per_s"] > 0
+    server_side = results["server"]  # the server's statistics over the run, as perf_analyzer's "Server:"
+    assert (server_side["requests"], server_side["failures"], server_side["inferences"]) == (4, 0, 4)
+    mean = server_side["mean_ms"]
+    assert mean["compute_infer"] > 0 and mean["queue"] + mean["compute_infer"] <= mean["success"]
     wrong = run_http_load(dataclasses.replace(load, model="no-such-model", requests=2), quiet=True)
     assert wrong["ok"] == 0 and wrong["errors"] == {"404": 2}
+    assert wrong["server"]["unavailable"].startswith("HTTP 404")  # the run's results stand without them
 
 
 # --- gRPC ---------------------------------------------------------------------------------------------------
@@ -617,10 +622,13 @@ def test_the_load_tester_drives_the_grpc_api_too(server: LiveServer) -> None:
     assert results["windows_per_s"] > 0 and "api_key" not in results["config"]
     refused = run_http_load(dataclasses.replace(load, api_key="wrong", requests=2), quiet=True)
     assert refused["ok"] == 0 and refused["errors"] == {"UNAUTHENTICATED": 2}
+    assert refused["server"]["unavailable"].startswith("UNAUTHENTICATED")
     wrong = run_http_load(dataclasses.replace(load, model="no-such-model", requests=2), quiet=True)
     assert wrong["errors"] == {"NOT_FOUND": 2}
+    assert results["server"]["requests"] == 4 and results["server"]["mean_ms"]["compute_infer"] > 0
     streamed = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", requests=6), quiet=True)
     assert streamed["ok"] == 6 and not streamed["errors"]  # one stream, each answer found by its request's id
+    assert streamed["server"]["requests"] == 6
     refused = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", api_key="wrong"), quiet=True)
     assert refused["ok"] == 0 and refused["errors"] == {"UNAUTHENTICATED": 4}
     wrong = run_http_load(dataclasses.replace(load, api="triton-grpc-stream", model="no-such-model"), quiet=True)

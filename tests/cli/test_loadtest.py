@@ -15,6 +15,7 @@ from conftest import TEST_DATA
 from halkspeech.cli import main
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.loadtest import realtime_common as realtime
+from halkspeech.loadtest import server_stats
 from halkspeech.loadtest.ws import WsLoadConfig, failures, run_ws_load
 
 JFK = str(TEST_DATA / "jfk.flac")
@@ -149,3 +150,23 @@ def test_realtime_cli_says_failures_in_its_exit_code(
     assert out.startswith("Realtime API (/v1/realtime) load: 1 users") and "commit → completed (client)" in out
     assert main([*args, "--api-key", "wrong"]) == 1
     assert "errors {'invalid_api_key': 1}" in capsys.readouterr().out
+
+
+def test_the_server_side_is_what_the_statistics_grew_by_or_why_there_is_none() -> None:
+    """perf_analyzer's "Server:" arithmetic on two readings of Triton's statistics (the served path is in
+    tests/api/test_triton.py)."""
+    before = {"inference_count": 10, "execution_count": 5, "success": (5, 10**9), "fail": (1, 0)}
+    before |= {phase: (5, 10**8) for phase in server_stats.PHASES}
+    after = {"inference_count": 18, "execution_count": 9, "success": (9, 3 * 10**9), "fail": (2, 0)}
+    after |= {"queue": (9, 5 * 10**8), "compute_input": (9, 10**8 + 4000), "compute_infer": (9, 10**9 + 10**8),
+              "compute_output": (9, 10**8)}  # fmt: skip
+    server = server_stats.difference(before, after)
+    assert (server["requests"], server["failures"], server["inferences"], server["executions"]) == (4, 1, 8, 4)
+    assert server["mean_ms"] == {"success": 500.0, "queue": 100.0, "compute_input": 0.001, "compute_infer": 250.0,
+                                 "compute_output": 0.0}  # fmt: skip
+    line = server_stats.describe(server)
+    assert "4 requests, 1 failed" in line and "mean ms: 500.0 (queue 100.0, input 0.0, infer 250.0, output 0.0)" in line
+    assert "mean_ms" not in server_stats.difference(before, before)  # no request: no mean
+    gone = server_stats.difference(before, "HTTP 404: no such model")
+    assert gone == {"unavailable": "HTTP 404: no such model"}
+    assert server_stats.describe(gone) == "server statistics: unavailable (HTTP 404: no such model)"

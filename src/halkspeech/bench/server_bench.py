@@ -49,6 +49,7 @@ from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
 from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.http import GRPC_APIS, HttpLoadConfig, LoadTally, measure, summarize
+from halkspeech.loadtest.server_stats import describe, with_server_side
 from halkspeech.loadtest.triton_grpc import tritonclient_grpc
 
 log = logging.getLogger(__name__)
@@ -227,11 +228,15 @@ def _profile(
 def _load(cfg: HttpLoadConfig, processes: int) -> dict[str, Any]:
     """Split the clients and requests over `processes` processes started together; merge what they saw."""
     parts = split_load(cfg, processes)
-    if len(parts) == 1:
-        return summarize(cfg, [measure(parts[0])])
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        tallies: list[LoadTally] = pool.map(measure, parts)
-    return summarize(cfg, tallies)
+
+    def run() -> dict[str, Any]:
+        if len(parts) == 1:
+            return summarize(cfg, [measure(parts[0])])
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            tallies: list[LoadTally] = pool.map(measure, parts)
+        return summarize(cfg, tallies)
+
+    return with_server_side(cfg, run)
 
 
 def split_load(cfg: HttpLoadConfig, processes: int) -> list[HttpLoadConfig]:
@@ -302,3 +307,5 @@ def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
         "target: ratio ≥ 0.80",
         flush=True,
     )
+    if "server" in server:  # Triton's APIs: the server's own statistics of the timed run
+        print(describe(server["server"]), flush=True)

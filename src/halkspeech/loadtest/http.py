@@ -8,7 +8,8 @@ connect_error ...), as a table and as JSON.
 The APIs: OpenAI's, the simple one, and Triton's HTTP and gRPC APIs (`triton-grpc`: unary calls, as
 TensorRT-LLM's Whisper client makes them; `triton-grpc-stream`: one stream a client process, as perf_analyzer's
 --streaming; loadtest/triton_grpc.py), so the same load can be put on this server and on a Triton +
-TensorRT-LLM one.
+TensorRT-LLM one. On Triton's APIs the server's own statistics of the run are reported too, as perf_analyzer's
+"Server:" lines (loadtest/server_stats.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from halkspeech.bench.common import check_output, percentile, print_table, write
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.clips import TRITON_MODEL, Clip, Send, load_clips, text_prefix
+from halkspeech.loadtest.server_stats import describe, with_server_side
 from halkspeech.loadtest.triton_grpc import grpc_sender, grpc_stream_sender
 
 WINDOW_S = 30.0
@@ -120,7 +122,7 @@ def triton_body(clip: Clip, language: str | None) -> tuple[bytes, int]:
 
 def run_http_load(cfg: HttpLoadConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run the load, print the table (unless quiet), write the JSON; returns the results."""
-    results = summarize(cfg, [measure(cfg)])
+    results = with_server_side(cfg, lambda: summarize(cfg, [measure(cfg)]))
     if not quiet:
         print_results(results)
     write_json(cfg.json_path, results)
@@ -254,6 +256,8 @@ def print_results(results: dict[str, Any], title: str | None = None) -> None:
     columns = [(k, k) for k in row]
     print_table([row], columns, title=f"{title}: {cfg['endpoint']}, {results['wall_s']:.1f} s (latency in ms)")
     print(f"errors: {results['errors'] or 'none'}", flush=True)
+    if "server" in results:
+        print(describe(results["server"]), flush=True)
 
 
 def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -58,7 +58,7 @@ async def grpc_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
     headers = {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
     model = cfg.model or TRITON_MODEL
     inputs: dict[Clip, list[Any]] = {}
-    async with triton.aio.InferenceServerClient(url=cfg.endpoint, ssl=_tls(cfg)) as client:
+    async with triton.aio.InferenceServerClient(url=cfg.endpoint, ssl=uses_tls(cfg)) as client:
 
         async def send(clip: Clip) -> str | None:
             if clip not in inputs:
@@ -79,7 +79,7 @@ async def grpc_stream_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
     stream reports an error_message without the request's id, which this needs to find the request's client)."""
     triton = tritonclient_grpc()
     grpc, pb = triton.grpc, triton.pb
-    if _tls(cfg):
+    if uses_tls(cfg):
         channel = grpc.aio.secure_channel(cfg.endpoint, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
     else:
         channel = grpc.aio.insecure_channel(cfg.endpoint, options=_CHANNEL_OPTIONS)
@@ -150,7 +150,7 @@ async def grpc_stream_sender(cfg: HttpLoadConfig) -> AsyncIterator[Send]:
         await channel.close()
 
 
-def _tls(cfg: HttpLoadConfig) -> bool:
+def uses_tls(cfg: HttpLoadConfig) -> bool:
     return httpx.URL(cfg.url).scheme == "https"
 
 
