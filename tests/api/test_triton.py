@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import json
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import REPO, TEST_DATA
 from halkspeech.api import triton_grpc as triton_grpc_api
-from halkspeech.api.kserve import MAX_JSON_BYTES, parse_request
+from halkspeech.api.kserve import MAX_JSON_BYTES, inflate, parse_request
 from halkspeech.api.triton_model import options_from_prefix
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
@@ -138,6 +140,26 @@ def test_binary_tensors_give_the_engines_transcript(
     assert "ask not what your country can do for you" in transcripts(result)[0].lower()
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_is_read(
+    client: triton.InferenceServerClient, shared_tiny_en: ModelEngine, algorithm: str
+) -> None:
+    """tritonclient.http's request_compression_algorithm (Content-Encoding gzip or deflate)."""
+    result = client.infer("whisper", request([LJ]), headers=key(), request_compression_algorithm=algorithm)
+    assert transcripts(result) == [alone(shared_tiny_en, LJ)]
+
+
+def test_a_compressed_body_is_bounded_and_whole() -> None:
+    data = json.dumps({"inputs": [wav_json([0.0] * 1000)]}).encode()
+    assert inflate(gzip.compress(data), "gzip", len(data)) == data
+    assert inflate(zlib.compress(data), "deflate", len(data)) == data
+    with pytest.raises(PayloadTooLarge, match=f"more than {len(data) - 1} bytes"):  # stops there: no bomb
+        inflate(gzip.compress(data), "gzip", len(data) - 1)
+    for broken in (gzip.compress(data)[:-9], gzip.compress(data) + b"junk", b"\x1f\x8bnot gzip"):
+        with pytest.raises(InvalidRequest, match="gzip"):
+            inflate(broken, "gzip", 10**6)
+
+
 def test_a_padded_batch_in_json_gives_each_row_its_own_transcript(
     client: triton.InferenceServerClient, shared_tiny_en: ModelEngine
 ) -> None:
@@ -242,7 +264,10 @@ def test_names_versions_keys_and_encodings_are_checked(server: LiveServer) -> No
     assert infer_raw(server, body, "/v2/models/no-such-model/infer").status_code == 404
     assert infer_raw(server, body, "/v2/models/whisper/versions/2/infer").status_code == 404
     assert infer_raw(server, body, "/v2/models/whisper/versions/1/infer").status_code == 200
-    assert infer_raw(server, body, **{"Content-Encoding": "gzip"}).status_code == 400
+    unknown = infer_raw(server, body, **{"Content-Encoding": "br"})
+    assert unknown.status_code == 400 and "gzip or deflate" in unknown.json()["error"]
+    not_gzip = infer_raw(server, body, **{"Content-Encoding": "gzip"})  # says gzip, sends JSON
+    assert not_gzip.status_code == 400 and "not valid gzip" in not_gzip.json()["error"]
     refused = httpx.post(server.url + "/v2/models/whisper/infer", json=body, timeout=60)  # no key
     assert refused.status_code == 401 and "error" in refused.json()
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200  # open, as /health

@@ -6,8 +6,10 @@ and mutates the bytes of a valid binary request. The served paths are in test_tr
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ from tritonclient.grpc import service_pb2
 
 from halkspeech.api import triton_grpc, triton_model, triton_repository
 from halkspeech.api.errors import status_for
-from halkspeech.api.kserve import NUMERIC, parse_request, serialize_bytes
+from halkspeech.api.kserve import NUMERIC, inflate, parse_request, serialize_bytes
 from halkspeech.api.triton_model import INPUTS, rows
 from halkspeech.errors import HalkSpeechError, InvalidRequest
 
@@ -257,3 +259,29 @@ def test_any_repository_body_is_read_or_refused(body: bytes) -> None:
         return
     assert isinstance(ready, bool) and set(parameters) <= {"unload_dependents"}
     assert all(isinstance(value, bool) for value in parameters.values())
+
+
+# --- compressed bodies (kserve.inflate) --------------------------------------------------------------------
+def _compressed(data: bytes, encoding: str) -> bytes:
+    return gzip.compress(data, mtime=0) if encoding == "gzip" else zlib.compress(data)
+
+
+@FUZZ
+@given(st.data(), st.sampled_from(["gzip", "deflate"]))
+def test_any_compressed_body_is_inflated_within_its_limit_or_refused(data: st.DataObject, encoding: str) -> None:
+    """Bytes that say they are gzip or deflate: a valid stream mutated, or anything. Decompressed within the
+    limit, or refused with a 400 (broken) or 413 (too large); never another exception."""
+    plain = data.draw(st.binary(max_size=512))
+    packed = bytearray(_compressed(plain, encoding))
+    for _ in range(data.draw(st.integers(0, 3))):
+        packed[data.draw(st.integers(0, len(packed) - 1))] = data.draw(st.integers(0, 255))
+    body = data.draw(st.just(bytes(packed)) | st.binary(max_size=64))
+    limit = data.draw(st.integers(0, 1024))
+    try:
+        out = inflate(body, encoding, limit)
+    except HalkSpeechError as refused:
+        assert status_for(refused) in (400, 413) and str(refused)
+        return
+    assert len(out) <= limit
+    if body == _compressed(plain, encoding):
+        assert out == plain

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,31 @@ MAX_DIMS = 8
 #: The JSON part of a request at most. Parsed, JSON numbers take ~8× their text in memory (a 16 MiB header is
 #: ~2-4 million samples, minutes of audio): longer audio goes as binary data, as tritonclient sends it by default.
 MAX_JSON_BYTES = 16 * 2**20
+
+
+#: Content-Encoding → zlib's wbits: what tritonclient.http's request_compression_algorithm sends ("deflate"
+#: is the zlib format, as HTTP means it and tritonclient writes it).
+_ENCODINGS = {"gzip": 31, "deflate": 15}
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed body, decompressed; PayloadTooLarge past `limit` bytes (decompression stops there: a small
+    body cannot make the server hold gigabytes), InvalidRequest for an unknown encoding or broken data."""
+    wbits = _ENCODINGS.get(encoding)
+    if wbits is None:
+        raise InvalidRequest(
+            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed, gzip or deflate"
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidRequest(f"the body is not valid {encoding} data ({exc})") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the body decompresses to more than {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidRequest(f"the body is not one whole {encoding} stream")
+    return data
 
 
 @dataclass(frozen=True)

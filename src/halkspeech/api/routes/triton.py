@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from halkspeech import __version__
 from halkspeech.api import triton_model, triton_repository
 from halkspeech.api.deps import StateDep
-from halkspeech.api.kserve import InferRequest, bytes_output, encode_response, parse_request
+from halkspeech.api.kserve import InferRequest, bytes_output, encode_response, inflate, parse_request
 from halkspeech.errors import InvalidRequest
 
 router = APIRouter(prefix="/v2", tags=["Triton (KServe v2)"])
@@ -96,16 +96,16 @@ async def repository_unload(request: Request, state: StateDep, model: str) -> Re
 @router.post("/models/{model}/versions/{version}/infer", summary="Triton: transcribe", include_in_schema=False)
 async def infer(request: Request, state: StateDep, model: str, version: str = VERSION) -> Response:
     name = triton_model.resolve(state, model, version)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise InvalidRequest(f"Content-Encoding {encoding!r} is not supported: send the body uncompressed")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
     length = request.headers.get("inference-header-content-length")
     if length is not None and not length.isdigit():
         raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length!r}")
     body = await request.body()
     with state.triton_stats.measure(model) as clock:
-        read = functools.partial(_read, body, None if length is None else int(length))
-        parsed, rows = await asyncio.to_thread(read) if len(body) > OFF_LOOP_BYTES else read()
+        limit = int(state.settings.server.max_upload_mb * 1e6)
+        read = functools.partial(_read, body, encoding, limit, None if length is None else int(length))
+        off_loop = len(body) > OFF_LOOP_BYTES or encoding != "identity"  # a small gzip may inflate to MBs
+        parsed, rows = await asyncio.to_thread(read) if off_loop else read()
         clock.input_read(len(rows))
         texts, queue_s = await triton_model.transcribe(state, name, rows, request.receive)
         clock.inferred(queue_s)
@@ -122,8 +122,13 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-def _read(body: bytes, header_length: int | None) -> tuple[InferRequest, list[triton_model.Row]]:
-    """The request and its rows (on a worker thread for a large body)."""
+def _read(
+    body: bytes, encoding: str, limit: int, header_length: int | None
+) -> tuple[InferRequest, list[triton_model.Row]]:
+    """The request and its rows, the body decompressed first if it came so (tritonclient's
+    request_compression_algorithm); on a worker thread for a large body."""
+    if encoding != "identity":
+        body = inflate(body, encoding, limit)
     parsed = parse_request(body, header_length)
     triton_model.check_outputs(set(parsed.outputs))
     return parsed, triton_model.rows(parsed.inputs)
