@@ -163,7 +163,7 @@ _TRITON_METRICS = {
     "nv_inference_count": ("Number of inferences performed (a request's rows).", ("inference_count",)),
     "nv_inference_exec_count": ("Number of model executions (one a request here).", ("execution_count",)),
     "nv_inference_request_duration_us": ("Cumulative successful request duration in µs.", ("success", "ns")),
-    "nv_inference_queue_duration_us": ("Cumulative admission wait in µs.", ("queue", "ns")),
+    "nv_inference_queue_duration_us": ("Cumulative wait (admission, engine queue) in µs.", ("queue", "ns")),
     "nv_inference_compute_input_duration_us": ("Cumulative input reading in µs.", ("compute_input", "ns")),
     "nv_inference_compute_infer_duration_us": ("Cumulative transcription in µs.", ("compute_infer", "ns")),
     "nv_inference_compute_output_duration_us": ("Cumulative output writing in µs.", ("compute_output", "ns")),

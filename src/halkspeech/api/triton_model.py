@@ -113,7 +113,7 @@ Row = tuple[np.ndarray, TranscribeOptions]
 
 class Transcripts(NamedTuple):
     texts: list[str]  # a row's transcript each, in order
-    queue_s: float  # the longest admission wait of the rows (the statistics' queue)
+    queue_s: float  # the longest wait of a row, for admission and then in the engine (the statistics' queue)
 
 
 async def transcribe(state: AppState, model: str | None, rows: list[Row], receive: Receive) -> Transcripts:
@@ -123,7 +123,8 @@ async def transcribe(state: AppState, model: str | None, rows: list[Row], receiv
     jobs = [Job(with_server_policy(options, server), model, samples=audio) for audio, options in rows]
     outcomes = await until_disconnect(receive, _all(state, jobs), state.stopping)
     texts = [outcome.transcript.text.strip() for outcome in outcomes]
-    return Transcripts(texts, max(outcome.queue_s for outcome in outcomes))
+    waits = [outcome.queue_s + outcome.transcript.timings.queue / 1000 for outcome in outcomes]
+    return Transcripts(texts, max(waits))
 
 
 async def _all(state: AppState, jobs: list[Job]) -> list[Outcome]:

@@ -3,10 +3,11 @@
 poll. Per model name as clients call it, the requests that succeeded and failed, and where a successful one's
 time went, in Triton's terms:
 
-    queue           waiting for the server's admission (the longest of its rows' waits: each row is admitted
-                    as a transcription of its own, under the server's concurrency limit)
+    queue           waiting: for the server's admission (each row is a transcription of its own, under the
+                    server's concurrency limit), then in the engine, its windows' time before their encoder
+                    run (summed over a row's windows); the longest of its rows' waits
     compute_input   the request's tensors read and checked into rows
-    compute_infer   the rows transcribed once admitted (in the engine's batches, shared with every request)
+    compute_infer   the rows transcribed, less that wait (in the engine's batches, shared with every request)
     compute_output  the response's tensor written
     success, fail   the whole request, from its tensors' first read to its response built (fail: until it
                     failed, a client gone or timed out included)
