@@ -98,6 +98,8 @@ def test_health_open_metrics_closed(server: LiveServer) -> None:
         "halkspeech_engine_decode_batch_size_bucket",
         "halkspeech_engine_encoder_batch_size_count",
         "halkspeech_engine_phase_seconds_total",
+        "halkspeech_engine_queue_wait_seconds_bucket",
+        "halkspeech_engine_window_seconds_count",
         "halkspeech_http_request_duration_seconds_bucket",
         "halkspeech_admission_active",
     ):

@@ -18,7 +18,7 @@ from whisper.model import Whisper as Reference
 
 from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
 from halkspeech.config import EngineSettings
-from halkspeech.engine.engine import DecodeHandle
+from halkspeech.engine.engine import DURATION_BUCKETS, DecodeHandle, Durations
 from halkspeech.engine.factory import ModelEngine, start_engine
 from halkspeech.engine.request import DecodeRequest, DecodeResult, SamplingOptions
 from halkspeech.errors import Cancelled, EngineStopped, InvalidRequest, Overloaded
@@ -92,6 +92,27 @@ def test_slots_are_reused(small_engine: ModelEngine, windows: list[torch.Tensor]
     handles = [small_engine.engine.submit(make_request(small_engine, mel)) for mel in windows[:3] * 2]
     assert [h.result(timeout=120).tokens for h in handles] == expected * 2
     assert small_engine.engine.running == 0 and small_engine.engine.queue_depth == 0
+
+
+def test_each_completed_window_counts_its_queue_wait_and_its_time(
+    small_engine: ModelEngine, windows: list[torch.Tensor]
+) -> None:
+    """The histograms /metrics reads: six windows for two slots, so some wait."""
+    engine = small_engine.engine
+    handles = [engine.submit(make_request(small_engine, mel)) for mel in windows[:3] * 2]
+    results = [h.result(timeout=120) for h in handles]
+    waits, times = engine.stats.queue_wait, engine.stats.window_time
+    assert sum(waits.counts) == sum(times.counts) == 6
+    assert 0 < waits.total_s < times.total_s
+    assert waits.total_s == pytest.approx(sum(r.queue_ms for r in results) / 1000)  # each result's own wait
+
+
+def test_durations_fall_in_prometheus_buckets() -> None:
+    durations = Durations()
+    for seconds in (0.0, 0.005, 0.0051, 60.0, 61.0):
+        durations.add(seconds)
+    assert durations.counts[:2] == [2, 1] and durations.counts[-2:] == [1, 1]  # a bound is "at or under"
+    assert len(durations.counts) == len(DURATION_BUCKETS) + 1 and durations.total_s == pytest.approx(121.0101)
 
 
 def test_queue_limit_answers_at_once(small_engine: ModelEngine, windows: list[torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Prometheus metrics: HTTP requests by route and status with latency histograms, audio seconds transcribed,
 live sessions and turns, and, read from the engines at scrape time, queue depth, running sequences,
-encoder/decoder batch sizes, decoded tokens (rate() gives tokens/s), admission state and GPU memory; and the
+encoder/decoder batch sizes, a window's queue wait and time in the engine, decoded tokens (rate() gives
+tokens/s), admission state and GPU memory; and the
 Triton APIs' statistics under Triton's own metric names (`nv_inference_*`), so its dashboards read them.
 
 Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from halkspeech.api.limits import AdmissionGate
 from halkspeech.api.triton_stats import TritonStats
+from halkspeech.engine.engine import DURATION_BUCKETS, Durations
 from halkspeech.engine.pool import ModelPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -126,6 +128,16 @@ class EngineCollector(Collector):
         decoder = HistogramMetricFamily(
             "halkspeech_engine_decode_batch_size", "Active sequences per decode step.", labels=["model", "device"]
         )
+        queue_wait = HistogramMetricFamily(
+            "halkspeech_engine_queue_wait_seconds",
+            "A completed window's wait from its submission to its encoder run (the engine's queue).",
+            labels=["model", "device"],
+        )
+        window_time = HistogramMetricFamily(
+            "halkspeech_engine_window_seconds",
+            "A completed window's time in the engine, from its submission to its result.",
+            labels=["model", "device"],
+        )
         for item in loaded:
             for model in item.replicas.models:
                 engine, labels = model.engine, [item.name, str(model.device)]
@@ -142,7 +154,9 @@ class EngineCollector(Collector):
                     windows.add_metric([*labels, outcome], getattr(stats, outcome))
                 encoder.add_metric(labels, *_histogram(stats.encoder_batches))
                 decoder.add_metric(labels, *_histogram(stats.decode_batches))
-        yield from (queue, running, steps, tokens, busy, phases, windows, encoder, decoder)
+                queue_wait.add_metric(labels, *_duration_buckets(stats.queue_wait))
+                window_time.add_metric(labels, *_duration_buckets(stats.window_time))
+        yield from (queue, running, steps, tokens, busy, phases, windows, encoder, decoder, queue_wait, window_time)
         gate = self.gate
         yield _gauge("halkspeech_admission_active", "Requests holding a transcription slot.", [((), gate.active)])
         yield _gauge("halkspeech_admission_waiting", "Requests queued for a transcription slot.", [((), gate.waiting)])
@@ -212,6 +226,14 @@ def _histogram(tally: TallyCounter[int]) -> tuple[list[tuple[str, float]], float
         buckets.append((str(bound), float(cumulative)))
     buckets.append(("+Inf", float(sum(count for _, count in items))))
     return buckets, float(sum(size * count for size, count in items))
+
+
+def _duration_buckets(durations: Durations) -> tuple[list[tuple[str, float]], float]:
+    """An engine histogram → cumulative Prometheus buckets and the sum (a copy: the engine thread adds on)."""
+    counts, total = list(durations.counts), durations.total_s
+    bounds = [*(f"{bound:g}" for bound in DURATION_BUCKETS), "+Inf"]
+    cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
+    return [(bound, float(n)) for bound, n in zip(bounds, cumulative, strict=True)], total
 
 
 def _gpu_memory(indexes: Sequence[int]) -> Iterator[Metric]:

@@ -14,6 +14,7 @@ of their own: on a low-priority side stream by default (engine.encode_ahead), el
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import dataclasses
 import logging
@@ -107,6 +108,23 @@ def _settle(future: concurrent.futures.Future[DecodeResult], outcome: DecodeResu
     return True
 
 
+#: Upper bounds (seconds) of the engine's duration histograms: Prometheus buckets, /metrics renders them.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Durations:
+    """A histogram of durations: how many fell at or under each bound of DURATION_BUCKETS and not under the
+    one before (the last count: over them all), and their sum. The engine thread adds; /metrics reads."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+
+
 @dataclass
 class EngineStats:
     """Counters the API exports as metrics; updated by the engine thread only (`rejected`: by callers, under
@@ -131,6 +149,9 @@ class EngineStats:
     step_s: float = 0.0
     align_s: float = 0.0  # queuing word-timing passes, and reading their results back
     align_calls: int = 0
+    # Completed windows' times from submission: to their encoder run (the queue), and to their result.
+    queue_wait: Durations = field(default_factory=Durations)
+    window_time: Durations = field(default_factory=Durations)
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase since the counters were last reset, for benchmarks."""
@@ -529,8 +550,12 @@ class Engine:
             return
         if handle.future.done():
             return
-        decode_ms = (time.perf_counter() - group.admitted) * 1000 if group.admitted else 0.0
+        now = time.perf_counter()
+        decode_ms = (now - group.admitted) * 1000 if group.admitted else 0.0
         self.stats.completed += 1
+        if group.encoding:
+            self.stats.queue_wait.add(group.encoding - group.submitted)
+        self.stats.window_time.add(now - group.submitted)
         result = self.scheduler.result(group, decode_ms)
         if group.alignment is not None:
             result = dataclasses.replace(result, alignment=group.alignment)
