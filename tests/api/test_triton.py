@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -26,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import REPO, TEST_DATA
 from halkspeech.api import triton_grpc as triton_grpc_api
-from halkspeech.api.kserve import MAX_JSON_BYTES, inflate, parse_request
+from halkspeech.api.kserve import MAX_JSON_BYTES, inflate, parse_request, serialize_bytes
 from halkspeech.api.triton_model import options_from_prefix
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
@@ -431,6 +432,61 @@ def test_a_grpc_stream_answers_each_request_and_goes_on_after_a_bad_one(
     assert len(messages) == 2 and "TEXT_PREFIX" in messages[0] and "no-such-model" in messages[1], messages
 
 
+def test_tensorrt_llms_streaming_whisper_client_gets_its_transcript(
+    server: LiveServer, shared_tiny_en: ModelEngine
+) -> None:
+    """TensorRT-LLM's own Whisper client with --streaming (triton_backend/tools/whisper/client.py): a stream of
+    one request through tritonclient.grpc.aio's stream_infer, audio zero-padded to the next 10 s with WAV_LENS,
+    its responses read until the stream ends, the last one the transcript; and its model names."""
+    port = server._server.grpc.port  # type: ignore[attr-defined]
+    padded_wav = np.zeros((1, 16000 * 10), np.float32)
+    padded_wav[0, : len(LJ)] = LJ
+
+    async def ask(model: str) -> list[str]:
+        inputs = [
+            triton_grpc_aio.InferInput("WAV", list(padded_wav.shape), "FP32"),
+            triton_grpc_aio.InferInput("WAV_LENS", [1, 1], "INT32"),
+            triton_grpc_aio.InferInput("TEXT_PREFIX", [1, 1], "BYTES"),
+        ]
+        inputs[0].set_data_from_numpy(padded_wav)
+        inputs[1].set_data_from_numpy(np.array([[len(LJ)]], np.int32))
+        inputs[2].set_data_from_numpy(np.array([[PREFIX]], dtype=object))
+        outputs = [triton_grpc_aio.InferRequestedOutput("TRANSCRIPTS")]
+
+        async def requests() -> Any:
+            yield {"model_name": model, "inputs": inputs, "outputs": outputs, "request_id": "100000000"}
+
+        answers = []
+        async with triton_grpc_aio.InferenceServerClient(url=f"127.0.0.1:{port}") as client:
+            async for result, error in client.stream_infer(requests(), stream_timeout=None, headers=GRPC_KEY):
+                assert error is None, error
+                answers.append(b" ".join(result.as_numpy("TRANSCRIPTS")[0]).decode())  # the client's own reading
+        return answers
+
+    for model in ("whisper_bls", "whisper_bls_async", "whisper"):
+        assert asyncio.run(ask(model)) == [alone(shared_tiny_en, LJ)]
+
+
+def test_a_stream_request_that_asks_for_the_final_flag_gets_it(server: LiveServer) -> None:
+    """tritonclient's enable_empty_final_response: a client of a decoupled model waits for triton_final_response;
+    each request's one answer carries it, a failure's too (raw stubs: tritonclient hides a failure's response)."""
+    requests = []
+    for request_id, prefix, flagged in (("ok", PREFIX, True), ("bad", "<|startoflm|>", True), ("plain", PREFIX, False)):
+        request = service_pb2.ModelInferRequest(model_name="whisper", id=request_id)
+        request.inputs.add(name="WAV", datatype="FP32", shape=[1, len(LJ)])
+        request.inputs.add(name="TEXT_PREFIX", datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.extend([LJ.astype("<f4").tobytes(), serialize_bytes([prefix])])
+        if flagged:
+            request.parameters["triton_enable_empty_final_response"].bool_param = True
+        requests.append(request)
+    with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter(requests), metadata=[("authorization", "Bearer k")], timeout=60))
+    flags = {a.infer_response.id: a.infer_response.parameters["triton_final_response"].bool_param for a in answers}
+    assert flags == {"ok": True, "bad": True, "plain": False}
+    assert [a.infer_response.id for a in answers if a.error_message] == ["bad"]
+
+
 def test_a_grpc_stream_needs_the_key_and_a_cut_stream_leaves_no_engine_work(
     server: LiveServer, grpc_client: triton_grpc.InferenceServerClient
 ) -> None:
@@ -567,7 +623,7 @@ def test_the_repository_lists_unloads_and_loads_models(
 ) -> None:
     """Triton's explicit model control over both wires: the index, an unload (the examples' names are the
     default model), a load, and a request that loads an unloaded model, as every request here does."""
-    loaded = {"whisper": "READY", "whisper_bls": "READY", "infer_bls": "READY", "tiny.en": "READY"}
+    loaded = dict.fromkeys(["whisper", "whisper_bls", "whisper_bls_async", "infer_bls", "tiny.en"], "READY")
     assert states(client) == states(grpc_client) == loaded
     client.unload_model("whisper", headers=key())
     unloaded = dict.fromkeys(loaded, "UNAVAILABLE")

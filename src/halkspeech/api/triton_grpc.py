@@ -213,6 +213,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
             pending -= 1
             if response is None:
                 response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            if _wants_final_flag(request):  # the one answer is the request's last, as Triton flags it
+                response.parameters["triton_final_response"].bool_param = True
             answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response, error_message=error))
 
         async def answer(request: Any) -> None:
@@ -300,6 +302,13 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         why = key_refusal(token, keys, send="authorization: Bearer <key>")
         if why is not None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+
+def _wants_final_flag(request: Any) -> bool:
+    """tritonclient's `enable_empty_final_response`: the client reads each response's triton_final_response to
+    know when a request is done (decoupled models answer a request several times); without it, it would wait."""
+    flag = request.parameters.get("triton_enable_empty_final_response")
+    return flag is not None and flag.WhichOneof("parameter_choice") == "bool_param" and flag.bool_param
 
 
 def _parameters(parameters: Any) -> dict[str, Any]:

@@ -9,7 +9,8 @@ triton.py) and gRPC (triton_grpc.py) APIs: its inputs as arrays → one transcri
 and TRANSCRIPTS, BYTES [batch, 1], out. Each row is one transcription through the engine every other request
 shares, with the file defaults (temperature fallback, as OpenAI's API); audio over 30 s is transcribed window
 after window, where the examples stop at 30 s. The examples' model names (`whisper`, `whisper_bls`,
-`infer_bls`) mean the server's default model; a name the server offers (`large-v3`) picks that model.
+`whisper_bls_async`, `infer_bls`) mean the server's default model; a name the server offers (`large-v3`) picks
+that model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from halkspeech.model.tokenizer import Task
 from halkspeech.transcription.types import TranscribeOptions
 
 #: The names TensorRT-LLM's Triton examples give the Whisper model: they mean this server's default model.
-EXAMPLE_MODELS = frozenset({"whisper", "whisper_bls", "infer_bls"})
+EXAMPLE_MODELS = frozenset({"whisper", "whisper_bls", "whisper_bls_async", "infer_bls"})
 #: The protocol's extensions both wires serve (HTTP adds binary_tensor_data, its own).
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 MAX_ROWS = 64  # rows of one request; each is a transcription under the server's admission limits
