@@ -10,6 +10,7 @@ shutdown. The service definition is the one `tritonclient[grpc]` ships (`pip ins
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -145,46 +146,39 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         """Triton's statistics (api/triton_stats.py): the named model's, or every model's for no name."""
-        await self._authorize(context)
-        try:
+        async with self._answering(context):
             stats = triton_model.statistics(self.state, request.name, request.version)
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            triton_repository.check_repository(request.repository_name)
+        async with self._answering(context, request.repository_name):
             entries = triton_repository.index(self.state, request.ready)
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
-        models = [pb.RepositoryIndexResponse.ModelIndex(**entry) for entry in entries]
-        return pb.RepositoryIndexResponse(models=models)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            triton_repository.check_repository(request.repository_name)
+        async with self._answering(context, request.repository_name):
             await triton_repository.load(self.state, request.model_name, _parameters(request.parameters))
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            triton_repository.check_repository(request.repository_name)
+        async with self._answering(context, request.repository_name):
             await triton_repository.unload(self.state, request.model_name, _parameters(request.parameters))
-        except HalkSpeechError as exc:
-            await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
 
     async def _resolve(self, request: Any, context: Any) -> None:
         """A model call's key and model name (and version), or its status: UNAUTHENTICATED, NOT_FOUND."""
+        async with self._answering(context):
+            triton_model.resolve(self.state, request.name, request.version)
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, context: Any, repository: str | None = None) -> AsyncIterator[None]:
+        """A call's key checked (and a repository call's repository); a domain error in the block ends the call
+        with its status (context.abort raises, so nothing after the block runs)."""
         await self._authorize(context)
         try:
-            triton_model.resolve(self.state, request.name, request.version)
+            if repository is not None:
+                triton_repository.check_repository(repository)
+            yield
         except HalkSpeechError as exc:
             await _abort(context, exc)
 
