@@ -590,6 +590,10 @@ def test_statistics_of_every_model_and_their_errors(
         assert {"whisper", "whisper_bls", "infer_bls"} <= set(names) and names == sorted(names)
         with pytest.raises(InferenceServerException, match="no-such-model"):
             statistics(wire, "no-such-model")
+    client.infer("Tiny.EN", request([LJ]), headers=key())  # a spelling of tiny.en: counted under tiny.en
+    [entry] = statistics(grpc_client, "tiny.en")
+    assert statistics(client, "Tiny.EN") == [entry] and entry["name"] == "tiny.en" and entry["success"][0] >= 1
+    assert not {"Tiny.EN"} & {e["name"] for e in statistics(client)}
     with pytest.raises(InferenceServerException) as refused:
         statistics(grpc_client, "whisper", authorization="Bearer wrong")
     assert refused.value.status() == "StatusCode.UNAUTHENTICATED"

@@ -266,7 +266,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer if grpc is not None
         self.in_flight += 1
         try:
             model = triton_model.resolve(self.state, request.model_name, request.model_version)
-            with self.state.triton_stats.measure(request.model_name) as clock:
+            with self.state.triton_stats.measure(triton_model.stats_name(self.state, request.model_name)) as clock:
                 triton_model.check_outputs({output.name for output in request.outputs})
                 size = sum(len(raw) for raw in request.raw_input_contents)
                 read = functools.partial(_rows, request)

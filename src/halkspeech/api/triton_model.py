@@ -51,13 +51,20 @@ def resolve(state: AppState, model: str, version: str = "") -> str | None:
     return name
 
 
+def stats_name(state: AppState, model: str) -> str:
+    """The name a model's statistics are kept under: an example's as it is (its clients ask by it), any other
+    the pool's, so that spellings of one model (`Tiny.EN`, `tiny.en`) share one entry and one /metrics series:
+    a client cannot grow either with names of its own."""
+    return model if model in EXAMPLE_MODELS else state.pool.key(model)
+
+
 def statistics(state: AppState, model: str, version: str = "") -> list[dict[str, Any]]:
     """Triton's `model_stats` for a model name, or (""), every name: the examples' and those called so far.
     ModelNotFound for a name the server does not offer."""
     if not model:
         return state.triton_stats.report(EXAMPLE_MODELS | state.triton_stats.names())
     resolve(state, model, version)
-    return state.triton_stats.report([model])
+    return state.triton_stats.report([stats_name(state, model)])
 
 
 def server_ready(state: AppState) -> bool:

@@ -1,6 +1,6 @@
 """Triton's statistics extension for the Whisper model (`GET /v2/models[/{model}[/versions/1]]/stats`, gRPC
 `ModelStatistics`), which perf_analyzer reads for the "Server:" part of its report and generic Triton dashboards
-poll. Per model name as clients call it, the requests that succeeded and failed, and where a successful one's
+poll. Per model name (an example's as called, any other as the server names the model), the requests that succeeded and failed, and where a successful one's
 time went, in Triton's terms:
 
     queue           waiting: for the server's admission (each row is a transcription of its own, under the
@@ -113,7 +113,8 @@ class _Model:
 
 
 class TritonStats:
-    """The server's statistics by model name (a name resolves before it is counted, so they are few)."""
+    """The server's statistics by model name (triton_model.stats_name: the examples' names and the pool's, so
+    they are few)."""
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}

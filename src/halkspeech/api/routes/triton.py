@@ -101,7 +101,7 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
     if length is not None and not length.isdigit():
         raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length!r}")
     body = await request.body()
-    with state.triton_stats.measure(model) as clock:
+    with state.triton_stats.measure(triton_model.stats_name(state, model)) as clock:
         limit = int(state.settings.server.max_upload_mb * 1e6)
         read = functools.partial(_read, body, encoding, limit, None if length is None else int(length))
         off_loop = len(body) > OFF_LOOP_BYTES or encoding != "identity"  # a small gzip may inflate to MBs
