@@ -1,7 +1,7 @@
 """Triton's statistics extension for the Whisper model (`GET /v2/models[/{model}[/versions/1]]/stats`, gRPC
 `ModelStatistics`), which perf_analyzer reads for the "Server:" part of its report and generic Triton dashboards
-poll. Per model name (an example's as called, any other as the server names the model), the requests that succeeded and failed, and where a successful one's
-time went, in Triton's terms:
+poll. Per model name (an example's as called, any other as the server names the model), the requests that
+succeeded and failed, and where a successful one's time went, in Triton's terms:
 
     queue           waiting: for the server's admission (each row is a transcription of its own, under the
                     server's concurrency limit), then in the engine, its windows' time before their encoder
