@@ -3,6 +3,7 @@ local file server, streaming, /health; and the HTTP load tester driving the same
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -191,6 +192,18 @@ def test_gpu_memory_is_read_for_the_configured_gpus_only(
     metrics = TestClient(create_app(settings, pool)).get("/metrics").text
     assert set(asked) == {2, 5}
     assert set(re.findall(r'halkspeech_gpu_memory_bytes\{device="(cuda:\d)"', metrics)) == {"cuda:2", "cuda:5"}
+
+
+def test_http_load_tester_open_loop(server: LiveServer) -> None:
+    """--rate: arrivals at a fixed rate (Poisson), not when a client is free. One client for a rate it cannot
+    keep up with: arrivals wait for it, and their latency counts that wait, so it grows with each arrival."""
+    cfg = HttpLoadConfig(url=server.url, audio=(LJ,), concurrency=1, requests=6, language="en", rate=200.0)
+    results = run_http_load(cfg, quiet=True)
+    assert results["ok"] == 6 and results["offered_rate"] == 200.0 and results["waited"] >= 4
+    latency = results["latency_ms"]
+    assert latency["max"] > 3 * latency["p50"] / 2  # the last arrivals waited for the five before them
+    slow = run_http_load(dataclasses.replace(cfg, concurrency=4, rate=0.5, requests=2, max_duration_s=0.5), quiet=True)
+    assert slow["sent"] == 0 or slow["sent"] == slow["ok"]  # an arrival past max_duration_s is not sent
 
 
 def test_http_load_tester(server: LiveServer, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ for GPUs and are never asserted here.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -118,6 +119,9 @@ def test_server_load_is_split_without_extra_requests(concurrency: int, requests:
     parts = split_load(cfg, processes)
     assert sum(p.requests for p in parts) == requests and sum(p.concurrency for p in parts) == concurrency
     assert all(p.requests >= 1 and p.concurrency >= 1 for p in parts) and len(parts) <= processes
+    assert all(p.rate is None for p in parts)
+    opened = split_load(dataclasses.replace(cfg, rate=10.0), processes)  # open loop: the rate shared as requests
+    assert sum(p.rate or 0 for p in opened) == pytest.approx(10.0) and len({p.seed for p in opened}) == len(opened)
 
 
 def test_ws_bench_drives_the_protocol_asked_for() -> None:

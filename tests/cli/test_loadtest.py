@@ -32,6 +32,8 @@ LJ_CLIP = TEST_DATA / "LJ001-0002.wav"  # 1.9 s: "in being comparatively modern.
         (["http", "--url", "http://[::1", "--audio", JFK], "--url is not a valid URL: 'http://[::1'"),
         (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--timeout-s", "0"], "--timeout-s and --max-dur"),
         (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--max-duration-s", "-5"], "must be positive"),
+        (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--rate", "0"], "--rate must be above 0"),
+        (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--rate", "1e9"], "at most 100000 requests"),
         (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", JFK, "--turn-timeout-s", "-1"], "must be positive"),
         (["ws", "--url", "http://127.0.0.1:1/ws", "--audio", JFK], "--url must be a ws:// or wss:// URL"),
         (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", JFK, "--users", "0"], "at least 1"),

@@ -241,16 +241,23 @@ def _load(cfg: HttpLoadConfig, processes: int) -> dict[str, Any]:
 
 def split_load(cfg: HttpLoadConfig, processes: int) -> list[HttpLoadConfig]:
     """The clients and requests of `cfg` shared out over at most `processes` parts, each with at least one of
-    each: in all, exactly cfg's (one request a process used to be sent even where there were fewer)."""
+    each: in all, exactly cfg's (one request a process used to be sent even where there were fewer). An open
+    loop's rate is shared as its requests are (Poisson arrivals split so still sum to Poisson ones), and each
+    part draws its own arrivals, or their bursts would line up."""
     processes = max(1, min(processes, cfg.concurrency, cfg.requests))
-    return [
-        replace(
-            cfg,
-            concurrency=cfg.concurrency // processes + (i < cfg.concurrency % processes),
-            requests=cfg.requests // processes + (i < cfg.requests % processes),
+    parts = []
+    for i in range(processes):
+        requests = cfg.requests // processes + (i < cfg.requests % processes)
+        parts.append(
+            replace(
+                cfg,
+                concurrency=cfg.concurrency // processes + (i < cfg.concurrency % processes),
+                requests=requests,
+                rate=None if cfg.rate is None else cfg.rate * requests / cfg.requests,
+                seed=cfg.seed + i,
+            )
         )
-        for i in range(processes)
-    ]
+    return parts
 
 
 def _scrape(url: str) -> str:

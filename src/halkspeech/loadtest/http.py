@@ -1,9 +1,12 @@
 """`halkspeech loadtest http`: many concurrent clients posting real files to a running server.
 
 `concurrency` clients each post one file after another (closed loop) until `requests` have been sent or
-`max_duration_s` has passed; each request may take `timeout_s` at most. Reported: requests/s, audio seconds/s,
-30 s windows/s, latency p50/p95/p99 of the successful requests, and errors by status (or by failure: timeout,
-connect_error ...), as a table and as JSON.
+`max_duration_s` has passed; each request may take `timeout_s` at most. With `rate`, requests arrive instead at
+that many a second (open loop, Poisson arrivals, as perf_analyzer's --request-rate-range), at most `concurrency`
+in flight: one that arrives while all are busy waits, and its latency counts from its arrival, so an overloaded
+server shows as latency, not as a quietly lower rate. Reported: requests/s, audio seconds/s, 30 s windows/s,
+latency p50/p95/p99 of the successful requests, and errors by status (or by failure: timeout, connect_error
+...), as a table and as JSON.
 
 The APIs: OpenAI's, the simple one, and Triton's HTTP and gRPC APIs (`triton-grpc`: unary calls, as
 TensorRT-LLM's Whisper client makes them; `triton-grpc-stream`: one stream a client process, as perf_analyzer's
@@ -20,10 +23,11 @@ import contextlib
 import functools
 import json
 import math
+import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +47,7 @@ _PATHS = {"openai": "/v1/audio/transcriptions", "simple": "/transcribe", "triton
 GRPC_PORT = 8001  # Triton's gRPC port, when the URL names none
 Api = Literal["openai", "simple", "triton", "triton-grpc", "triton-grpc-stream"]
 GRPC_APIS = ("triton-grpc", "triton-grpc-stream")
+MAX_RATE = 100_000.0  # requests a second: past what one client process can send
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class HttpLoadConfig:
     timeout_s: float = 600.0
     max_duration_s: float = 900.0
     json_path: str | None = None
+    rate: float | None = None  # requests a second, arriving open-loop; None: closed loop
+    seed: int = 0  # of the arrivals (a benchmark's client processes each take another)
 
     def __post_init__(self) -> None:
         check_output(self.json_path)
@@ -66,6 +73,8 @@ class HttpLoadConfig:
             raise InvalidRequest("--concurrency and --requests must be at least 1")
         if not self.timeout_s > 0 or not self.max_duration_s > 0:
             raise InvalidRequest("--timeout-s and --max-duration-s must be positive")
+        if self.rate is not None and not 0 < self.rate <= MAX_RATE:
+            raise InvalidRequest(f"--rate must be above 0 and at most {MAX_RATE:g} requests a second")
         if not self.audio:
             raise InvalidRequest("give at least one --audio file")
         try:
@@ -98,6 +107,7 @@ class LoadTally:
     audio_s: float = 0.0
     windows: int = 0
     sent: int = 0
+    waited: int = 0  # open loop: arrivals that found every client busy (their wait is in their latency)
     started: float = 0.0  # time.time() of the first request
     ended: float = 0.0  # time.time() when the last one finished
 
@@ -140,22 +150,61 @@ async def _drive(cfg: HttpLoadConfig, clips: list[Clip]) -> LoadTally:
     deadline = started + cfg.max_duration_s
     async with _sender(cfg) as send:
 
+        async def one(clip: Clip, began: float) -> None:
+            """A request, timed from `began` (its arrival, open loop; its sending, closed)."""
+            failure = await send(clip)
+            if failure is not None:
+                tally.errors[failure] += 1
+                return
+            tally.latencies.append(time.perf_counter() - began)
+            tally.audio_s += clip.seconds
+            tally.windows += max(1, math.ceil(clip.seconds / WINDOW_S - 1e-6))
+
         async def worker() -> None:
             while tally.sent < cfg.requests and time.perf_counter() < deadline:
-                clip = clips[tally.sent % len(clips)]
                 tally.sent += 1
-                began = time.perf_counter()
-                failure = await send(clip)
-                if failure is not None:
-                    tally.errors[failure] += 1
-                    continue
-                tally.latencies.append(time.perf_counter() - began)
-                tally.audio_s += clip.seconds
-                tally.windows += max(1, math.ceil(clip.seconds / WINDOW_S - 1e-6))
+                await one(clips[(tally.sent - 1) % len(clips)], time.perf_counter())
 
-        await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, cfg.requests))))
+        if cfg.rate is None:
+            await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, cfg.requests))))
+        else:
+            await _arrivals(cfg, clips, one, tally, deadline)
     tally.ended = time.time()
     return tally
+
+
+async def _arrivals(
+    cfg: HttpLoadConfig,
+    clips: list[Clip],
+    one: Callable[[Clip, float], Awaitable[None]],
+    tally: LoadTally,
+    deadline: float,
+) -> None:
+    """Open loop: `cfg.rate` arrivals a second (exponential gaps, seeded), each sent by a free client of
+    `cfg.concurrency` or, when all are busy, as soon as one is free, timed from its arrival."""
+    assert cfg.rate is not None
+    gaps = random.Random(cfg.seed)
+    clients = asyncio.Semaphore(cfg.concurrency)
+    requests: set[asyncio.Task[None]] = set()
+
+    async def arrive(clip: Clip, arrival: float) -> None:
+        if clients.locked():
+            tally.waited += 1
+        async with clients:
+            await one(clip, arrival)
+
+    arrival = time.perf_counter()
+    for i in range(cfg.requests):
+        arrival += gaps.expovariate(cfg.rate)
+        if arrival >= deadline:
+            break
+        await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+        tally.sent += 1
+        task = asyncio.create_task(arrive(clips[i % len(clips)], arrival))
+        requests.add(task)
+        task.add_done_callback(requests.discard)
+    if requests:
+        await asyncio.gather(*requests)
 
 
 def _sender(cfg: HttpLoadConfig) -> contextlib.AbstractAsyncContextManager[Send]:
@@ -217,6 +266,7 @@ def summarize(cfg: HttpLoadConfig, tallies: list[LoadTally]) -> dict[str, Any]:
         tally.audio_s += part.audio_s
         tally.windows += part.windows
         tally.sent += part.sent
+        tally.waited += part.waited
     wall = tally.ended - tally.started
     lat_ms = [s * 1000 for s in tally.latencies]
     ok = len(lat_ms)
@@ -231,6 +281,8 @@ def summarize(cfg: HttpLoadConfig, tallies: list[LoadTally]) -> dict[str, Any]:
         "requests_per_s": round(ok / wall, 3) if wall else 0.0,
         "audio_s_per_s": round(tally.audio_s / wall, 2) if wall else 0.0,
         "windows_per_s": round(tally.windows / wall, 3) if wall else 0.0,
+        "offered_rate": cfg.rate,  # None: closed loop
+        "waited": tally.waited,
         "latency_ms": {
             "p50": round(percentile(lat_ms, 50), 1) if ok else None,
             "p95": round(percentile(lat_ms, 95), 1) if ok else None,
@@ -256,6 +308,13 @@ def print_results(results: dict[str, Any], title: str | None = None) -> None:
     columns = [(k, k) for k in row]
     print_table([row], columns, title=f"{title}: {cfg['endpoint']}, {results['wall_s']:.1f} s (latency in ms)")
     print(f"errors: {results['errors'] or 'none'}", flush=True)
+    if results.get("offered_rate") is not None:
+        offered, answered, waited = results["offered_rate"], results["requests_per_s"], results["waited"]
+        print(
+            f"open loop: {offered:g} requests/s offered, {answered:g} answered a second; {waited} arrivals "
+            "waited for a free client (in their latency)",
+            flush=True,
+        )
     if "server" in results:
         print(describe(results["server"]), flush=True)
 
@@ -289,6 +348,13 @@ def register(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--timeout-s", type=finite_float, default=600.0, help="per request")
     parser.add_argument("--max-duration-s", type=finite_float, default=900.0, help="no new requests after this")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    parser.add_argument(
+        "--rate",
+        type=finite_float,
+        default=None,
+        help="open loop: requests arriving this many a second (Poisson), at most --concurrency in flight; "
+        "latency counts from each arrival (default: closed loop, each client sending its next when answered)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -306,6 +372,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         max_duration_s=args.max_duration_s,
         json_path=args.json_path,
+        rate=args.rate,
     )
     results = run_http_load(cfg)
     return 0 if results["ok"] and not results["failed"] else 1
