@@ -201,7 +201,7 @@ def test_http_load_tester_open_loop(server: LiveServer) -> None:
     results = run_http_load(cfg, quiet=True)
     assert results["ok"] == 6 and results["offered_rate"] == 200.0 and results["waited"] >= 4
     latency = results["latency_ms"]
-    assert latency["max"] > 3 * latency["p50"] / 2  # the last arrivals waited for the five before them
+    assert latency["max"] > 1.3 * latency["p50"]  # served one by one: the last waited for the five before it (~6/3.5)
     slow = run_http_load(dataclasses.replace(cfg, concurrency=4, rate=0.5, requests=2, max_duration_s=0.5), quiet=True)
     assert slow["sent"] == 0 or slow["sent"] == slow["ok"]  # an arrival past max_duration_s is not sent
 
