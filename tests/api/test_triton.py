@@ -579,6 +579,7 @@ def test_statistics_count_each_request_and_where_its_time_went(
                           ("nv_inference_compute_infer_duration_us", after["compute_infer"][1] / 1000)):  # fmt: skip
         line = re.search(rf'^{metric}{{model="infer_bls",version="1"}} (\S+)$', scraped, re.MULTILINE)
         assert line is not None and float(line[1]) == pytest.approx(value), metric
+    assert re.search(r'^nv_inference_pending_request_count\{model="infer_bls",version="1"\} 0\.0$', scraped, re.M)
 
 
 def test_statistics_of_every_model_and_their_errors(
@@ -683,6 +684,8 @@ def test_an_unload_keeps_a_model_in_use_and_its_request_is_answered(
         headers=GRPC_KEY,
     )
     wait_until(lambda: engine.running > 0, 30, "the request to reach the engine")
+    scraped = httpx.get(f"{server.url}/metrics", headers=HEADERS).text
+    assert re.search(r'^nv_inference_pending_request_count\{model="whisper",version="1"\} 1\.0$', scraped, re.M)
     with pytest.raises(InferenceServerException, match="in use") as refused:
         client.unload_model("whisper", headers=key())
     assert refused.value.status() == "409"

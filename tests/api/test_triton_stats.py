@@ -26,6 +26,18 @@ def test_a_success_adds_its_phases_and_the_admission_wait_moves_from_infer_to_qu
     assert [b["batch_size"] for b in entry["batch_stats"]] == [3] and entry["last_inference"] > 0
 
 
+def test_a_request_is_in_flight_from_its_start_to_its_end_whatever_the_end() -> None:
+    stats = TritonStats()
+    with stats.measure("whisper"):
+        assert stats.in_flight() == {"whisper": 1}
+        with stats.measure("whisper"):
+            assert stats.in_flight() == {"whisper": 2}
+    with pytest.raises(ValueError), stats.measure("whisper"):
+        assert stats.in_flight() == {"whisper": 1}
+        raise ValueError("a bad tensor")
+    assert stats.in_flight() == {"whisper": 0}
+
+
 def test_a_request_that_raises_or_is_cancelled_is_a_failure_and_goes_on_raising() -> None:
     stats = TritonStats()
     with pytest.raises(ValueError), stats.measure("whisper") as clock:

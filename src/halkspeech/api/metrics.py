@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from halkspeech.api.limits import AdmissionGate
-from halkspeech.api.triton_stats import TritonStats
+from halkspeech.api.triton_stats import VERSION, TritonStats
 from halkspeech.engine.engine import DURATION_BUCKETS, Durations
 from halkspeech.engine.pool import ModelPool
 
@@ -193,6 +193,15 @@ class TritonCollector(Collector):
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Requests received and not yet answered (Triton's counts those not yet executing; here a request's "
+            "rows queue and run inside the engine, so this is the load an autoscaler wants).",
+            labels=["model", "version"],
+        )
+        for name, count in sorted(self.stats.in_flight().items()):
+            pending.add_metric([name, VERSION], count)
+        yield pending
         entries = self.stats.report(self.stats.names())
         for name, (doc, path) in _TRITON_METRICS.items():
             family = UnknownMetricFamily(name, doc, labels=["model", "version"])

@@ -95,6 +95,7 @@ class _Model:
     execution_count: int = 0  # requests
     last_inference_ms: int = 0  # since the epoch
     batches: dict[int, _Batch] = field(default_factory=dict)
+    in_flight: int = 0  # requests received and not yet answered
 
     def succeeded(self, clock: Clock) -> None:
         self.success.add(clock.elapsed())
@@ -124,12 +125,21 @@ class TritonStats:
         """Time one request to `model`: a success when the block ends, a failure when it raises (cancelled
         included, for a client that went away)."""
         clock = Clock()
+        entry = self._models.setdefault(model, _Model())
+        entry.in_flight += 1
         try:
             yield clock
         except BaseException:
-            self._models.setdefault(model, _Model()).failed(clock)
+            entry.failed(clock)
             raise
-        self._models.setdefault(model, _Model()).succeeded(clock)
+        else:
+            entry.succeeded(clock)
+        finally:
+            entry.in_flight -= 1
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests received and not yet answered, by model name."""
+        return {name: model.in_flight for name, model in self._models.items()}
 
     def names(self) -> set[str]:
         """The model names with statistics so far."""
