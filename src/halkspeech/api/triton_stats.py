@@ -61,7 +61,8 @@ class Clock:
         self._lap("compute_input")
 
     def inferred(self, queue_s: float) -> None:
-        """compute_infer closes, less the admission wait the transcription reports: that part is queue."""
+        """compute_infer closes, less the wait the transcription reports (admission, the engine's queue): that
+        part is queue."""
         infer = self._lap("compute_infer")
         queue = min(int(queue_s * 1e9), infer)
         self.phases["compute_infer"] = infer - queue
