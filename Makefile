@@ -22,9 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 # The reference implementation (for parity tests) with --no-deps: what it needs is in the dev extras, and its own
 # triton requirement would be another large wheel beside the one the fused-kernel tests run in the interpreter.
+# perf_analyzer (Triton's load tool, for the tests of the Triton APIs) is fetched as well as it can be: where it
+# cannot be, its tests skip and say why.
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(WHISPER_REFERENCE)
+	bash bench/perf_analyzer.sh fetch || echo "perf_analyzer was not fetched; its tests will skip"
 	touch $@
 
 install: $(VENV)/.installed
