@@ -1,8 +1,8 @@
 """Prometheus metrics: HTTP requests by route and status with latency histograms, audio seconds transcribed,
 live sessions and turns, and, read from the engines at scrape time, queue depth, running sequences,
 encoder/decoder batch sizes, a window's queue wait and time in the engine, decoded tokens (rate() gives
-tokens/s), admission state and GPU memory; and the
-Triton APIs' statistics under Triton's own metric names (`nv_inference_*`), so its dashboards read them.
+tokens/s), admission state and GPU memory; and the Triton APIs' statistics under Triton's own metric names
+(`nv_inference_*`), so dashboards built for Triton read them.
 
 Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
 """

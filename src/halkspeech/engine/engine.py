@@ -114,8 +114,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 @dataclass
 class Durations:
-    """A histogram of durations: how many fell at or under each bound of DURATION_BUCKETS and not under the
-    one before (the last count: over them all), and their sum. The engine thread adds; /metrics reads."""
+    """A histogram of durations: how many fell in each bucket (at or under its bound of DURATION_BUCKETS and
+    over the one before; the last count: over them all), and their sum. The engine thread adds; /metrics
+    reads."""
 
     counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     total_s: float = 0.0
