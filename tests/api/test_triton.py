@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -334,6 +335,28 @@ def test_grpc_clients_get_the_same_transcripts(
     result = grpc_client.infer("whisper", grpc_request([LJ, JFK]), headers=GRPC_KEY, request_id="g1")
     assert transcripts(result) == [alone(shared_tiny_en, LJ), alone(shared_tiny_en, JFK)]
     assert result.get_response().id == "g1"
+
+
+def test_the_grpc_port_answers_the_standard_health_checks(server: LiveServer) -> None:
+    """grpc.health.v1, as Kubernetes' gRPC probes ask it: open (no key), SERVING for the server and Triton's
+    service, NOT_FOUND for another; NOT_SERVING once the server stops, and an open Watch then ends."""
+    service = server._server.grpc.service  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", "inference.GRPCInferenceService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == serving
+        service.closing = True  # as the server's shutdown sets it (restored below: the module's server goes on)
+        try:
+            assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # and the stream ended
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status != serving
+        finally:
+            service.closing = False
 
 
 def test_grpc_typed_contents_are_read_too(server: LiveServer, shared_tiny_en: ModelEngine) -> None:

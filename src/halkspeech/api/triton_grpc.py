@@ -23,6 +23,7 @@ from halkspeech import __version__
 from halkspeech.api import triton_model, triton_repository
 from halkspeech.api.deps import AppState, key_refusal, presented_key
 from halkspeech.api.errors import status_for
+from halkspeech.api.grpc_health import add_health
 from halkspeech.api.kserve import NUMERIC, checked, raw_tensor, serialize_bytes
 from halkspeech.errors import HalkSpeechError, InvalidRequest, ModelNotFound
 
@@ -86,6 +87,8 @@ async def start(state: AppState, host: str, port: int) -> TritonGrpc:
     server = grpc.aio.server(options=options)
     service = _Service(state)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    if not add_health(server, state, lambda: service.closing):
+        log.info("no grpc.health.v1 service on the gRPC port: grpcio-health-checking is not installed")
     served = state.settings.server
     pair = None  # (key, certificate): TLS with the HTTP port's pair
     if served.ssl_certfile is not None and served.ssl_keyfile is not None:
