@@ -108,17 +108,17 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         offset += used
     if offset != len(rest):
         raise InvalidRequest(f"the body has {len(rest) - offset} bytes after the inputs' binary data")
-    parameters = _object(request.get("parameters", {}), "parameters")
+    parameters = json_object(request.get("parameters", {}), "parameters")
     outputs: dict[str, bool] = {}
     raw_outputs = request.get("outputs", [])
     if not isinstance(raw_outputs, list):
         raise InvalidRequest("'outputs' must be a list", param="outputs")
     for raw in raw_outputs:
-        out = _object(raw, "outputs[]")
+        out = json_object(raw, "outputs[]")
         wanted = out.get("name")
         if not isinstance(wanted, str):
             raise InvalidRequest("each output needs a 'name'", param="outputs")
-        outputs[wanted] = bool(_object(out.get("parameters", {}), f"{wanted}.parameters").get("binary_data", False))
+        outputs[wanted] = bool(json_object(out.get("parameters", {}), f"{wanted}.parameters").get("binary_data", False))
     request_id = request.get("id")
     return InferRequest(
         inputs,
@@ -128,7 +128,8 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
-def _object(value: Any, what: str) -> dict[str, Any]:
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    """A parsed JSON value that must be an object (`what` names it in the error), or InvalidRequest."""
     if not isinstance(value, dict):
         raise InvalidRequest(f"'{what}' must be a JSON object", param=what)
     return value
@@ -136,14 +137,14 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 def _input(raw: Any, rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
     """One entry of `inputs` → (name, array, bytes of `rest` it used)."""
-    tensor = _object(raw, "inputs[]")
+    tensor = json_object(raw, "inputs[]")
     name, shape = tensor.get("name"), tensor.get("shape")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("each input needs a 'name'", param="inputs")
     if not isinstance(shape, list):
         raise InvalidRequest(f"input {name}: 'shape' must be a list of at most {MAX_DIMS} sizes ≥ 0", param=name)
     datatype, count = checked(name, tensor.get("datatype"), shape)
-    size = _object(tensor.get("parameters", {}), f"{name}.parameters").get("binary_data_size")
+    size = json_object(tensor.get("parameters", {}), f"{name}.parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(rest) - offset:
             raise InvalidRequest(f"input {name}: binary_data_size {size!r} is not within the body", param=name)

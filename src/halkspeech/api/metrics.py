@@ -9,6 +9,7 @@ Each app has its own CollectorRegistry, so several apps (tests) never share or c
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Iterator, Sequence
@@ -241,8 +242,7 @@ def _duration_buckets(durations: Durations) -> tuple[list[tuple[str, float]], fl
     """An engine histogram → cumulative Prometheus buckets and the sum (a copy: the engine thread adds on)."""
     counts, total = list(durations.counts), durations.total_s
     bounds = [*(f"{bound:g}" for bound in DURATION_BUCKETS), "+Inf"]
-    cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
-    return [(bound, float(n)) for bound, n in zip(bounds, cumulative, strict=True)], total
+    return [(bound, float(n)) for bound, n in zip(bounds, itertools.accumulate(counts), strict=True)], total
 
 
 def _gpu_memory(indexes: Sequence[int]) -> Iterator[Metric]:

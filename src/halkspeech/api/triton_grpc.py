@@ -305,13 +305,18 @@ def _wants_final_flag(request: Any) -> bool:
     """tritonclient's `enable_empty_final_response`: the client reads each response's triton_final_response to
     know when a request is done (decoupled models answer a request several times); without it, it would wait."""
     flag = request.parameters.get("triton_enable_empty_final_response")
-    return flag is not None and flag.WhichOneof("parameter_choice") == "bool_param" and flag.bool_param
+    return flag is not None and _parameter(flag) is True
 
 
 def _parameters(parameters: Any) -> dict[str, Any]:
-    """A repository request's parameters (ModelRepositoryParameter: one of bool, int64, string, bytes)."""
-    return {name: getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
-            for name, value in parameters.items()}  # fmt: skip
+    """A repository request's parameters by name, as Python values."""
+    return {name: _parameter(value) for name, value in parameters.items()}
+
+
+def _parameter(value: Any) -> Any:
+    """One request parameter's value (InferParameter, ModelRepositoryParameter: a oneof of bool, int64, string
+    ...; unset: False, the bool's default)."""
+    return getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
 
 
 def _rows(request: Any) -> list[triton_model.Row]:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from halkspeech.api.deps import AppState
+from halkspeech.api.kserve import json_object
 from halkspeech.api.triton_model import EXAMPLE_MODELS, VERSION, resolve
 from halkspeech.errors import InvalidRequest
 
@@ -74,7 +75,7 @@ def body_fields(body: bytes) -> dict[str, Any]:
         fields = json.loads(body)
     except (ValueError, RecursionError):
         raise InvalidRequest("the request is not JSON") from None
-    if not isinstance(fields, dict):
+    if not isinstance(fields, dict):  # the whole body, not one of its fields (json_object's wording)
         raise InvalidRequest("the request must be a JSON object")
     return fields
 
@@ -88,10 +89,7 @@ def http_ready(fields: Mapping[str, Any]) -> bool:
 
 
 def http_parameters(fields: Mapping[str, Any]) -> dict[str, Any]:
-    parameters = fields.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise InvalidRequest("parameters must be a JSON object", param="parameters")
-    return parameters
+    return json_object(fields.get("parameters", {}), "parameters")
 
 
 def check_parameters(parameters: Mapping[str, Any], taken: tuple[str, ...]) -> None:
