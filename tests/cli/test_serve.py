@@ -288,10 +288,16 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     return cert, key, authority
 
 
-def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tls_serves_https_wss_and_grpc_with_one_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--ssl-certfile and --ssl-keyfile: the OpenAI API over HTTPS, /ws over WSS and Triton's gRPC API over TLS,
     each checked against the CA; plain HTTP on the same port gets no answer. WebSocket clients (ws-client's and
-    the load tester's) and the HTTP load tester trust the CA that SSL_CERT_FILE names, as the README says."""
+    the load tester's) and the HTTP load tester trust the CA that SSL_CERT_FILE names, as the README says.
+
+    /ws is checked with ws-client (websockets' asyncio client), not websockets' threaded client: over TLS 1.3 that
+    one leaves about one connection in 200 waiting for the upgrade's answer whatever the server (it did so against
+    websockets' own server too, and never over TLS 1.2), which failed this test once in CI."""
     import tritonclient.grpc as triton_grpc
 
     cert, key, authority = tls_files(tmp_path)
@@ -307,9 +313,10 @@ def test_tls_serves_https_wss_and_grpc_with_one_certificate(tmp_path: Path, monk
         with pytest.raises(httpx.HTTPError):
             httpx.get(url.replace("https://", "http://") + "/health", timeout=10)
         monkeypatch.setenv("SSL_CERT_FILE", str(authority))  # the clients' default trust (OpenSSL's) takes it
-        with ws_connect(url.replace("https://", "wss://") + "/ws", open_timeout=30) as ws:
-            ws.send(json.dumps({"type": "start", "language": "en"}))
-            assert json.loads(ws.recv(30))["type"] == "started"
+        capsys.readouterr()
+        wss = ["ws-client", str(LJ), "--url", url.replace("https://", "wss://") + "/ws", "--speed", "0"]
+        assert main([*wss, "--language", "en", "--timeout", "60"]) == 0
+        assert "modern" in capsys.readouterr().out
         audio = decode_audio(LJ)[None]
         wav = triton_grpc.InferInput("WAV", list(audio.shape), "FP32")
         wav.set_data_from_numpy(audio)
