@@ -23,6 +23,8 @@
 #                                                   against a server with that keep-alive: read errors or none
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
+#   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
+#                                                   concurrency CONC over Triton's HTTP API, gRPC, gRPC streaming
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
 set -uo pipefail
 out=${2:?OUT_DIR}
@@ -174,6 +176,29 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
       --concurrency 256 --requests 1536 --json "$out/loadtest_1proc_$1_$2_ka$ka.json" 2>&1 | tail -2
   done
   kill $server 2>/dev/null; wait $server 2>/dev/null; tail -5 "$out/serve_ka$ka.log"
+  ;;
+perf-analyzer)  # CONC: perf_analyzer against the server's Triton APIs, a 30 s clip a request, 80 tokens forced
+  conc=${3:?CONC}
+  $py -c "
+from pathlib import Path; from halkspeech.bench.server_bench import ServerBenchConfig, _write_clip
+_write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
+  PYTHON=$py bash bench/perf_analyzer.sh input "$out/clip30.wav" "$out/clip30.json"
+  $py -m halkspeech serve --model random:large-v3-turbo --device cuda --preload --force-decode-tokens 80 \
+    --max-slots 256 --encoder-batch 64 --max-concurrent-requests 1024 --max-queue-size 8192 --request-timeout 900 \
+    --port 8123 --grpc-port 8124 --no-access-log > "$out/serve_pa.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/v2/health/ready > /dev/null && break; sleep 1; done
+  for run in "http 8123" "grpc 8124" "grpc 8124 --streaming"; do
+    set -- $run
+    name=$1${3:+_stream}
+    timeout 150 bash bench/perf_analyzer.sh run -m whisper -u 127.0.0.1:$2 -i $1 ${3:-} --async \
+      --input-data "$out/clip30.json" --concurrency-range "$conc" --measurement-interval 10000 --max-trials 6 -s 15 \
+      --percentile 95 -f "$out/perf_analyzer_${name}_c$conc.csv" > "$out/perf_analyzer_${name}_c$conc.txt" 2>&1
+    echo "== $name (exit $?)"; grep -E "Concurrency|Throughput|p95|Server:|Inference count|queue|compute" \
+      "$out/perf_analyzer_${name}_c$conc.txt" | tail -8
+  done
+  rm -f "$out/clip30.json" "$out/clip30.wav"
+  kill $server 2>/dev/null; wait $server 2>/dev/null; grep -v "^$" "$out/serve_pa.log" | tail -3
   ;;
 ws-only)
   timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \

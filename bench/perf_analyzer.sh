@@ -17,7 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR=.venv/perf_analyzer
-PIP=".venv/bin/python -m pip"
+PY=${PYTHON:-.venv/bin/python}  # the interpreter with halkspeech (PYTHON overrides)
+PIP="$PY -m pip"
 LIBB64_URL=https://deb.debian.org/debian/pool/main/libb/libb64/libb64-0d_1.2-5+b1_amd64.deb
 
 fetch() {
@@ -40,7 +41,7 @@ case "${1:-}" in
   fetch) fetch ;;
   input)
     [[ $# -eq 3 ]] || { echo "usage: $0 input AUDIO OUT.json" >&2; exit 2; }
-    .venv/bin/python - "$2" "$3" <<'EOF'
+    $PY - "$2" "$3" <<'EOF'
 import json, sys
 from halkspeech.audio import decode_audio
 audio = decode_audio(sys.argv[1])  # 16 kHz mono float32
