@@ -178,6 +178,7 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
   kill $server 2>/dev/null; wait $server 2>/dev/null; tail -5 "$out/serve_ka$ka.log"
   ;;
 perf-analyzer)  # CONC: perf_analyzer against the server's Triton APIs, a 30 s clip a request, 80 tokens forced
+  # (written in session 26, when no GPU could be had; its steps were run on the CPU against tiny.en only)
   conc=${3:?CONC}
   $py -c "
 from pathlib import Path; from halkspeech.bench.server_bench import ServerBenchConfig, _write_clip
