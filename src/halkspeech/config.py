@@ -219,10 +219,11 @@ class ServerSettings(BaseModel):
     #: certificate (chain) and its private key, both PEM files; both or neither. Checked at start.
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
-    #: TLS 1.3 session tickets sent after each handshake (Python's default: 2). 0 for clients of websockets'
-    #: threaded client, which then hangs about one connection in 200; it costs clients that leave Nagle's
-    #: algorithm on ~40 ms on each new connection's first request (api/server.py says why).
-    ssl_session_tickets: int = Field(default=2, ge=0, le=16)
+    #: TLS 1.3 session tickets sent after each handshake (Python's default: 2). With any, websockets' threaded
+    #: client (the OpenAI SDK's synchronous realtime client too) hangs about one connection in 200; with none, a
+    #: client that leaves Nagle's algorithm on waits ~40 ms before each new connection's first request
+    #: (api/server.py says why).
+    ssl_session_tickets: int = Field(default=0, ge=0, le=16)
     #: Bearer keys accepted (none: the API is open). `/health` is always open; `/metrics` unless metrics_open.
     api_keys: KeyList = Field(default_factory=list)
 

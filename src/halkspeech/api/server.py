@@ -10,15 +10,16 @@ complete within `server.header_timeout_s` of the connection opening, or of the r
 kept-alive connection; otherwise the client gets a 408 and the connection is closed (nginx's
 client_header_timeout, Apache mod_reqtimeout's `header=`).
 
-Over TLS, `server.ssl_session_tickets` sets the TLS 1.3 session tickets sent right after each handshake
-(`Config`; Python's default, 2). websockets' threaded client (`websockets.sync.client`, 17.4) reads its socket
-on one thread while it writes its upgrade request on another, and with tickets about one connection in 200
-waited for the upgrade's answer until its timeout, against this server and websockets' own alike (none with
-0 tickets, over TLS 1.2 or over plain ws://). The tickets also carry the server's acknowledgement of the
-client's last handshake message at once: with none, a client that leaves Nagle's algorithm on (no
-TCP_NODELAY, which browsers, curl, httpx, requests and websockets set) holds its first request until the
-server's delayed acknowledgement: a new connection's GET /health took 44.0 ms against 1.9 ms with tickets
-(`bench/tls_tickets.py`, which also counts the threaded client's hangs).
+Over TLS the server sends no TLS 1.3 session tickets unless `server.ssl_session_tickets` asks for them
+(`Config`; Python sends 2 by default). websockets' threaded client (`websockets.sync.client`, 17.4; the OpenAI
+SDK's synchronous realtime client is one) reads its socket on one thread while it writes its upgrade request
+on another, and with tickets about one connection in 200 waited for the upgrade's answer until its timeout,
+against this server and websockets' own alike (none without tickets, over TLS 1.2 or over plain ws://). The
+price of none: tickets also carry the server's acknowledgement of the client's last handshake message at
+once, so a client that leaves Nagle's algorithm on (no TCP_NODELAY, which browsers, curl, httpx, requests and
+websockets set) holds its first request until the server's delayed acknowledgement: a new connection's
+GET /health took 44.0 ms against 1.9 ms with tickets (`bench/tls_tickets.py`, which also counts the hangs).
+A hang fails a session; 40 ms on a connection's first request does not, so none is the default.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
 class Config(uvicorn.Config):
     """uvicorn's configuration; over TLS, its context sends `session_tickets` TLS 1.3 session tickets."""
 
-    def __init__(self, app: Any, *, session_tickets: int = 2, **options: Any) -> None:
+    def __init__(self, app: Any, *, session_tickets: int = 0, **options: Any) -> None:
         super().__init__(app, **options)
         self.session_tickets = session_tickets
 
