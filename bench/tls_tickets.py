@@ -3,6 +3,8 @@ over TLS per setting (a subprocess; a CA and certificate made by trustme):
 
 - websockets' threaded client (`websockets.sync.client`): THREADS threads open /ws connections one after another
   and start a turn on each; a connection whose upgrade gets no answer within 5 s counts as hung;
+- the OpenAI SDK's synchronous realtime client (that same client underneath), likewise on /v1/realtime, each
+  connection waiting for its session's first event; a connection that times out counts as hung;
 - a new connection's first request (GET /health, read to its end) from a client that leaves Nagle's algorithm on
   and from one that sets TCP_NODELAY, median of 40 each.
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import httpx
 import trustme
+from openai import OpenAI
 from websockets.sync.client import connect
 
 HUNG_S = 5.0  # an upgrade answered later than this hung (a turn's start takes milliseconds here)
@@ -64,7 +67,28 @@ def start(folder: Path, tickets: int, model: str, port: int) -> subprocess.Popen
     sys.exit("the server did not come up")
 
 
-def threaded_client(port: int, context: ssl.SSLContext, connections: int, threads: int) -> dict[str, Any]:
+def websockets_session(port: int, context: ssl.SSLContext) -> None:
+    with connect(f"wss://127.0.0.1:{port}/ws", ssl=context, open_timeout=HUNG_S, close_timeout=2) as ws:
+        ws.send(json.dumps({"type": "start", "language": "en"}))
+        json.loads(ws.recv(HUNG_S))
+
+
+def openai_session(port: int, context: ssl.SSLContext) -> None:
+    # the SDK's websocket options reach websockets' connect; its client trusts SSL_CERT_FILE (set in main)
+    client = OpenAI(
+        api_key="unused", base_url=f"https://127.0.0.1:{port}/v1", websocket_base_url=f"wss://127.0.0.1:{port}/v1"
+    )
+    options = {"open_timeout": HUNG_S, "close_timeout": 2}
+    with client.realtime.connect(model="whisper-1", websocket_connection_options=options) as connection:
+        connection.recv()
+
+
+CLIENTS = {"websockets": websockets_session, "openai": openai_session}
+
+
+def threaded_clients(
+    session: Any, port: int, context: ssl.SSLContext, connections: int, threads: int
+) -> dict[str, Any]:
     hung: list[float] = []
     other: list[str] = []
 
@@ -72,9 +96,7 @@ def threaded_client(port: int, context: ssl.SSLContext, connections: int, thread
         for _ in range(count):
             began = time.monotonic()
             try:
-                with connect(f"wss://127.0.0.1:{port}/ws", ssl=context, open_timeout=HUNG_S, close_timeout=2) as ws:
-                    ws.send(json.dumps({"type": "start", "language": "en"}))
-                    json.loads(ws.recv(HUNG_S))
+                session(port, context)
             except TimeoutError:
                 hung.append(time.monotonic() - began)
             except Exception as exc:  # any other failure is counted and shown
@@ -120,16 +142,22 @@ def main() -> None:
             process = start(Path(folder), tickets, args.model, args.port)
             try:
                 context = ssl.create_default_context(cafile=Path(folder) / "ca.pem")
-                row = {"tickets": tickets, **threaded_client(args.port, context, args.connections, args.threads)}
+                os.environ["SSL_CERT_FILE"] = str(Path(folder) / "ca.pem")
+                row: dict[str, Any] = {"tickets": tickets}
+                for name, session in CLIENTS.items():
+                    row[name] = threaded_clients(session, args.port, context, args.connections, args.threads)
                 row["first_request_ms_nagle"] = first_request_ms(args.port, context, nodelay=False)
                 row["first_request_ms_nodelay"] = first_request_ms(args.port, context, nodelay=True)
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(60)
         rows.append(row)
+        counts = {
+            name: (row[name]["hung"], row[name]["connections"], len(row[name]["other_failures"])) for name in CLIENTS
+        }
+        hung = ", ".join(f"{name} {h} of {n} (other failures {f})" for name, (h, n, f) in counts.items())
         print(
-            f"tickets {tickets}: threaded client hung {row['hung']} of {row['connections']} connections "
-            f"(other failures {len(row['other_failures'])}); a new connection's first request: "
+            f"tickets {tickets}: hung {hung}; a new connection's first request: "
             f"{row['first_request_ms_nagle']:.1f} ms with Nagle, {row['first_request_ms_nodelay']:.1f} ms with "
             f"TCP_NODELAY (medians of 40)",
             flush=True,
