@@ -220,7 +220,7 @@ class ServerSettings(BaseModel):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     #: TLS 1.3 session tickets sent after each handshake (Python's default: 2). With any, websockets' threaded
-    #: client (the OpenAI SDK's synchronous realtime client too) hangs up to one connection in 200; with none, a
+    #: client (the OpenAI SDK's synchronous realtime client too) hangs up to one connection in 100; with none, a
     #: client that leaves Nagle's algorithm on waits ~40 ms before each new connection's first request
     #: (api/server.py says why).
     ssl_session_tickets: int = Field(default=0, ge=0, le=16)

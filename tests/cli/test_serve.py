@@ -295,7 +295,7 @@ def test_tls_serves_https_wss_and_grpc_with_one_certificate(
     each checked against the CA; plain HTTP on the same port gets no answer. WebSocket clients (ws-client's and
     the load tester's) and the HTTP load tester trust the CA that SSL_CERT_FILE names, as the README says.
 
-    No TLS 1.3 session ticket arrives: with them, websockets' threaded client lost up to one connection in 200
+    No TLS 1.3 session ticket arrives: with them, websockets' threaded client lost up to one connection in 100
     waiting for the upgrade's answer (api/server.py says why), which failed this test once in CI. 100 of its
     connections in a row each get their turn started, and ws-client (the asyncio client) transcribes a clip."""
     import tritonclient.grpc as triton_grpc

@@ -13,7 +13,7 @@ client_header_timeout, Apache mod_reqtimeout's `header=`).
 Over TLS the server sends no TLS 1.3 session tickets unless `server.ssl_session_tickets` asks for them
 (`Config`; Python sends 2 by default). websockets' threaded client (`websockets.sync.client`, 17.4; the OpenAI
 SDK's synchronous realtime client is one) reads its socket on one thread while it writes its upgrade request
-on another, and with tickets up to one connection in 200 waited for the upgrade's answer until its timeout,
+on another, and with tickets up to one connection in 100 waited for the upgrade's answer until its timeout,
 against this server and websockets' own alike (none without tickets, over TLS 1.2 or over plain ws://). The
 price of none: tickets also carry the server's acknowledgement of the client's last handshake message at
 once, so a client that leaves Nagle's algorithm on (no TCP_NODELAY, which browsers, curl, httpx, requests and
