@@ -24,7 +24,8 @@
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
-#                                                   concurrency CONC over Triton's HTTP API, gRPC, gRPC streaming
+#                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
+#                                                   synchronous clients), gRPC, gRPC streaming
 # Needs: python3 with torch; the package importable (PYTHONPATH=src works).
 set -uo pipefail
 out=${2:?OUT_DIR}
@@ -177,8 +178,8 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
   done
   kill $server 2>/dev/null; wait $server 2>/dev/null; tail -5 "$out/serve_ka$ka.log"
   ;;
-perf-analyzer)  # CONC: perf_analyzer against the server's Triton APIs, a 30 s clip a request, 80 tokens forced
-  # (written in session 26, when no GPU could be had; its steps were run on the CPU against tiny.en only)
+perf-analyzer)  # CONC: perf_analyzer against the server's Triton APIs, a 30 s clip a request, 80 tokens forced;
+  # HTTP with perf_analyzer's asynchronous client and its synchronous one (a thread a request in flight)
   conc=${3:?CONC}
   $py -c "
 from pathlib import Path; from halkspeech.bench.server_bench import ServerBenchConfig, _write_clip
@@ -189,10 +190,11 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
     --port 8123 --grpc-port 8124 --no-access-log > "$out/serve_pa.log" 2>&1 &
   server=$!
   for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/v2/health/ready > /dev/null && break; sleep 1; done
-  for run in "http 8123" "grpc 8124" "grpc 8124 --streaming"; do
+  for run in "http 8123 --async" "http 8123 --sync" "grpc 8124 --async" "grpc 8124 --async --streaming"; do
     set -- $run
-    name=$1${3:+_stream}
-    timeout 150 bash bench/perf_analyzer.sh run -m whisper -u 127.0.0.1:$2 -i $1 ${3:-} --async \
+    name=$1${4:+_stream}${3/--async/}
+    name=${name/--/_}
+    timeout 150 bash bench/perf_analyzer.sh run -m whisper -u 127.0.0.1:$2 -i $1 ${3/--sync/} ${4:-} \
       --input-data "$out/clip30.json" --concurrency-range "$conc" --measurement-interval 10000 --max-trials 6 -s 15 \
       --percentile 95 -f "$out/perf_analyzer_${name}_c$conc.csv" > "$out/perf_analyzer_${name}_c$conc.txt" 2>&1
     echo "== $name (exit $?)"; grep -E "Concurrency|Throughput|p95|Server:|Inference count|queue|compute" \
