@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from conftest import TEST_DATA
+from halkspeech.bench.hf_baseline import HFWhisper
 from halkspeech.cli import main
+from halkspeech.model.dims import ALIGNMENT_HEADS, KNOWN_DIMS, default_alignment_heads
+from halkspeech.model.weights import random_weights
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
@@ -37,6 +41,16 @@ def test_engine_bench_runs_both_peers_and_its_columns_agree(tmp_path: Path) -> N
         if engine == "halkspeech":
             assert row["vs_hf"] == pytest.approx(rows["hf-transformers", batch]["seconds"] / row["seconds"])
     assert "tiny.en" in result["table"] and result["device"]["device"] == "cpu"
+
+
+def test_the_hf_peer_gives_the_engine_the_catalogs_alignment_heads() -> None:
+    """Both peers' weights carry the catalog's alignment heads, as without HF. The engine reserves GPU memory
+    for word timing's graphs by the head: given OpenAI's fallback (every head of the decoder's second half, 320
+    for large-v3's shape), large-v3 planned 24 decoder slots of an H100 instead of 160, and ran batch 64 in waves."""
+    shared = HFWhisper("tiny.en", torch.device("cpu"), torch.float32).weights()
+    alone = random_weights("tiny.en", dtype=torch.float32, device=torch.device("cpu"))
+    assert shared.alignment_heads == alone.alignment_heads == ALIGNMENT_HEADS["tiny.en"]
+    assert len(shared.alignment_heads) < len(default_alignment_heads(KNOWN_DIMS["tiny.en"]))
 
 
 def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None:

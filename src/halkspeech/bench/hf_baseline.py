@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import torch
 
-from halkspeech.model.dims import KNOWN_DIMS, ModelDims, default_alignment_heads
+from halkspeech.model.dims import KNOWN_DIMS, ModelDims, alignment_heads_for
 from halkspeech.model.hf import to_openai
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import LoadedWeights
@@ -62,7 +62,7 @@ class HFWhisper:
         return LoadedWeights(
             dims=self.dims,
             state_dict=state,
-            alignment_heads=default_alignment_heads(self.dims),
+            alignment_heads=alignment_heads_for(self.name, self.dims),  # as random_weights gives them
             name=self.name,
             source=f"random weights of {self.name}, shared with the HF peer (benchmarking only)",
         )

@@ -120,6 +120,13 @@ def default_alignment_heads(dims: ModelDims) -> tuple[tuple[int, int], ...]:
     return tuple((layer, head) for layer in range(first, dims.n_text_layer) for head in range(dims.n_text_head))
 
 
+def alignment_heads_for(name: str, dims: ModelDims) -> tuple[tuple[int, int], ...]:
+    """The catalog's alignment heads for `name`, else OpenAI's fallback. The fallback is far more heads (320 for
+    large-v3's shape against its 10), and the engine reserves GPU memory for word timing's graphs by the head:
+    weights of a catalog shape given the fallback left large-v3 24 decoder slots of an H100 instead of 160."""
+    return ALIGNMENT_HEADS.get(name) or default_alignment_heads(dims)
+
+
 def canonical_name(name: str) -> str:
     """Map user spellings (`whisper-large-v3`, `openai/whisper-tiny.en`, `turbo`) to catalog names."""
     short = name.strip().split("/")[-1].lower()

@@ -17,15 +17,7 @@ import torch
 
 from halkspeech.errors import HalkSpeechError, ModelLoadError, ModelNotFound
 from halkspeech.model import ct2, hf, openai_pt
-from halkspeech.model.dims import (
-    ALIGNMENT_HEADS,
-    KNOWN_DIMS,
-    N_FRAMES,
-    VOCAB_SIZES,
-    ModelDims,
-    canonical_name,
-    default_alignment_heads,
-)
+from halkspeech.model.dims import KNOWN_DIMS, N_FRAMES, VOCAB_SIZES, ModelDims, alignment_heads_for, canonical_name
 
 StateDict = dict[str, torch.Tensor]
 MAX_LAYERS = 256  # encoder or decoder layers at most (the largest Whisper has 32)
@@ -160,7 +152,7 @@ def _finish(dims: ModelDims, state_dict: StateDict, heads: Heads | None, hint: s
     check_complete(state_dict, dims, source)
     name = catalog_name(dims, hint) or hint
     if not heads:  # none given, or an empty list: word timing needs some
-        heads = ALIGNMENT_HEADS.get(name) or default_alignment_heads(dims)
+        heads = alignment_heads_for(name, dims)
     bad = [h for h in heads if not (0 <= h[0] < dims.n_text_layer and 0 <= h[1] < dims.n_text_head)]
     if bad:
         raise ModelLoadError(f"{source}: alignment heads {bad} are outside the decoder's layers and heads")
@@ -282,7 +274,7 @@ def random_weights(
         else:
             tensor.normal_(0.0, 0.02, generator=gen)
         state_dict[key] = tensor
-    heads = ALIGNMENT_HEADS.get(canonical) or default_alignment_heads(dims)
+    heads = alignment_heads_for(canonical, dims)
     return LoadedWeights(dims, state_dict, heads, canonical, f"random weights of {canonical} (benchmarking only)")
 
 
