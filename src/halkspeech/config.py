@@ -161,7 +161,8 @@ class EngineSettings(BaseModel):
     admission_graphs: bool = True
     #: Word-timing passes of up to 4 windows of batched mode replay a captured graph per (rows, tokens) bucket for
     #: their teacher-forced decoder pass and DTW cost matrices: a dozen launches instead of ~150 for turbo (~900
-    #: for large-v3), which the GPU otherwise waits for. Their pool holds ~1 GB (turbo 0.93, large-v3 1.21).
+    #: for large-v3), which the GPU otherwise waits for. Their pool holds ~1 GB (turbo 0.93, large-v3 1.21); it
+    #: grows with the alignment heads, and weights with more than 32 run eagerly (engine/factory.py).
     alignment_graphs: bool = True
     #: Decode steps of at most this many slots run the fused Triton kernels (model/kernels.py: LayerNorm, bias,
     #: GELU and residual add folded into each projection, 8 launches a decoder layer instead of ~20); larger

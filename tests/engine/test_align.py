@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from whisper.timing import median_filter as reference_median_filter
 
+from halkspeech.config import EngineSettings
 from halkspeech.engine.align import _median7, cost_matrices
 from halkspeech.engine.batch import Admission, AlignJob
+from halkspeech.engine.factory import ALIGN_GRAPH_ROWS, alignment_graph_rows
 from halkspeech.engine.request import Alignment, DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import Runner
 from halkspeech.engine.sampling import TokenIds
+from halkspeech.model.dims import ALIGNMENT_HEADS, KNOWN_DIMS, default_alignment_heads
 from halkspeech.model.tokenizer import Tokenizer
 from halkspeech.model.weights import LoadedWeights
 from halkspeech.model.whisper import Whisper
@@ -138,3 +141,13 @@ def test_passes_no_alignment_graph_takes_keep_their_eager_chunks(tiny_en_weights
         assert alignment.text_tokens == one.text
         assert (alignment.matrix is None) == (one.frames is None) == (alignment.scores is not None)
         assert alignment.text_probs == pytest.approx(alone.text_probs, rel=1e-4, abs=1e-6)
+
+
+def test_alignment_graphs_only_for_few_heads() -> None:
+    """The graphs' pool grows with the alignment heads, and the engine reserves it before sizing its decoder
+    slots. OpenAI's fallback for a checkpoint naming none (320 heads for large-v2's shape, ~50 GB of pool) runs
+    its passes eagerly instead; every catalog model's heads (large-v2's 23 the most) keep the graphs."""
+    settings = EngineSettings()
+    assert all(alignment_graph_rows(settings, len(heads)) == ALIGN_GRAPH_ROWS for heads in ALIGNMENT_HEADS.values())
+    assert alignment_graph_rows(settings, len(default_alignment_heads(KNOWN_DIMS["large-v2"]))) == 0
+    assert alignment_graph_rows(settings.model_copy(update={"alignment_graphs": False}), 10) == 0

@@ -32,6 +32,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320
 WINDOW_BUCKETS = (64, 128, 256, 448)
 CPU_SLOTS = 16
 ALIGN_GRAPH_ROWS = 4
+MAX_GRAPH_ALIGNMENT_HEADS = 32  # the catalog's most: large-v2's 23
 MAX_AUTO_WORD_PROCESSES = 4
 
 
@@ -192,10 +193,15 @@ def admission_graph_batch(settings: EngineSettings) -> int:
     return min(settings.decoding_encoder_batch, settings.max_encoder_batch)
 
 
-def alignment_graph_rows(settings: EngineSettings) -> int:
+def alignment_graph_rows(settings: EngineSettings, heads: int) -> int:
     """Word-timing passes of up to this many windows replay a captured graph (0: none; the runner also needs a
-    GPU). Four windows keep the graphs' pool small (see plan_slots); each pass is then a dozen launches."""
-    return ALIGN_GRAPH_ROWS if settings.alignment_graphs and settings.cuda_graphs else 0
+    GPU). Four windows keep the graphs' pool small (see plan_slots); each pass is then a dozen launches. The pool
+    grows with the alignment heads: past MAX_GRAPH_ALIGNMENT_HEADS (OpenAI's fallback for a checkpoint naming
+    none is every head of the decoder's second half, 320 for large-v2's shape: a ~50 GB pool) the passes run
+    eagerly instead, and the decoder keeps that memory for its slots."""
+    if not (settings.alignment_graphs and settings.cuda_graphs) or heads > MAX_GRAPH_ALIGNMENT_HEADS:
+        return 0
+    return ALIGN_GRAPH_ROWS
 
 
 def plan_slots(
@@ -218,7 +224,8 @@ def plan_slots(
     encoder_reserve += admission_graph_batch(settings) * dims.n_audio_ctx * dims.n_audio_state * itemsize * 5
     # the alignment graphs' pool, in units of their largest pass's float32 scores [R, heads, 256, 1500]: measured
     # 25 units for turbo's 6 heads (0.93 GB), 20 for large-v3's 10 (1.21 GB; bench/gpu_align_graphs.py, H100)
-    encoder_reserve += alignment_graph_rows(settings) * alignment_heads * ALIGN_GRAPH_WIDTH * dims.n_audio_ctx * 4 * 26
+    rows = alignment_graph_rows(settings, alignment_heads)
+    encoder_reserve += rows * alignment_heads * ALIGN_GRAPH_WIDTH * dims.n_audio_ctx * 4 * 26
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
     per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
@@ -279,8 +286,11 @@ def _start_engine(
     if model.encoder.use_fused_kernels(settings.fused_encoder):
         log.info("the encoder's residual adds run inside its GEMMs")
     tokenizer = Tokenizer.for_model(weights.dims)
-    slots = plan_slots(weights.dims, dtype, device, settings, len(weights.alignment_heads))
+    heads = len(weights.alignment_heads)
+    slots = plan_slots(weights.dims, dtype, device, settings, heads)
     graphs = settings.cuda_graphs and device.type == "cuda"
+    if graphs and settings.alignment_graphs and not alignment_graph_rows(settings, heads):
+        log.info("word timing runs eagerly: %d alignment heads (graphs: %d at most)", heads, MAX_GRAPH_ALIGNMENT_HEADS)
     runner = Runner(
         model,
         TokenIds.from_tokenizer(tokenizer, weights.dims.n_vocab),
@@ -292,7 +302,7 @@ def _start_engine(
         encoder_graph_batch=encoder_graph_batch(settings),
         admission_graph_batch=admission_graph_batch(settings) if graphs else 0,
         admission_widths=task_prompt_widths(tokenizer),
-        alignment_graph_rows=alignment_graph_rows(settings) if graphs else 0,
+        alignment_graph_rows=alignment_graph_rows(settings, heads) if graphs else 0,
         alignment_prompt_len=len(tokenizer.decoder_prompt("en", "transcribe", timestamps=False)[0]),
     )
     scheduler = Scheduler(
