@@ -121,9 +121,8 @@ def default_alignment_heads(dims: ModelDims) -> tuple[tuple[int, int], ...]:
 
 
 def alignment_heads_for(name: str, dims: ModelDims) -> tuple[tuple[int, int], ...]:
-    """The catalog's alignment heads for `name`, else OpenAI's fallback. The fallback is far more heads (320 for
-    large-v3's shape against its 10), and the engine reserves GPU memory for word timing's graphs by the head:
-    weights of a catalog shape given the fallback left large-v3 24 decoder slots of an H100 instead of 160."""
+    """The catalog's alignment heads for `name`, else OpenAI's fallback: far more heads (320 for large-v3's
+    shape against its 10), whose word timing runs eagerly (engine/factory.py: alignment_graph_rows)."""
     return ALIGNMENT_HEADS.get(name) or default_alignment_heads(dims)
 
 
