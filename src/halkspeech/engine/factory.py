@@ -289,7 +289,8 @@ def _start_engine(
     heads = len(weights.alignment_heads)
     slots = plan_slots(weights.dims, dtype, device, settings, heads)
     graphs = settings.cuda_graphs and device.type == "cuda"
-    if graphs and settings.alignment_graphs and not alignment_graph_rows(settings, heads):
+    align_rows = alignment_graph_rows(settings, heads) if graphs else 0
+    if graphs and settings.alignment_graphs and not align_rows:
         log.info("word timing runs eagerly: %d alignment heads (graphs: %d at most)", heads, MAX_GRAPH_ALIGNMENT_HEADS)
     runner = Runner(
         model,
@@ -302,7 +303,7 @@ def _start_engine(
         encoder_graph_batch=encoder_graph_batch(settings),
         admission_graph_batch=admission_graph_batch(settings) if graphs else 0,
         admission_widths=task_prompt_widths(tokenizer),
-        alignment_graph_rows=alignment_graph_rows(settings, heads) if graphs else 0,
+        alignment_graph_rows=align_rows,
         alignment_prompt_len=len(tokenizer.decoder_prompt("en", "transcribe", timestamps=False)[0]),
     )
     scheduler = Scheduler(
