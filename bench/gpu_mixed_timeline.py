@@ -231,7 +231,7 @@ def analyse(path: str, marks: list[int], spans_list: list[tuple[int, int, str, i
 
 weights = random_weights(MODEL, dtype=torch.float32 if CPU else torch.float16, device=torch.device(DEVICE))
 features = _features(min(cfg.requests, 256), weights.dims.n_mels, torch.device(DEVICE))
-arrivals, lengths = mixed._workload(cfg)
+arrivals, lengths = mixed._workload(cfg, 0.0)
 
 
 def run(mode: str, updates: dict[str, Any], profiled: bool) -> dict[str, Any]:

@@ -23,6 +23,9 @@
 #                                                   against a server with that keep-alive: read errors or none
 #   bench/gpu_serving.sh mixed-and-words OUT_DIR    continuous vs both static baselines, with the engine's phase
 #                                                   times; the cost of word timestamps on 8 concurrent files
+#   bench/gpu_serving.sh engine-and-rates OUT_DIR   large-v3 against HF at all four batches; turbo's mixed workload
+#                                                   at several arrival rates (continuous against padded static,
+#                                                   two alternating runs), then encoder runs held 20 / 50 ms
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
 #                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
 #                                                   synchronous clients), gRPC, gRPC streaming
@@ -202,6 +205,15 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
   done
   rm -f "$out/clip30.json" "$out/clip30.wav"
   kill $server 2>/dev/null; wait $server 2>/dev/null; grep -v "^$" "$out/serve_pa.log" | tail -3
+  ;;
+engine-and-rates)
+  timeout 200 $py -m halkspeech bench engine --models large-v3 --json "$out/engine_large_v3.json" 2>&1 | tail -12
+  timeout 220 $py -m halkspeech bench mixed --models large-v3-turbo --rate 0,120,150,180 \
+    --modes continuous-ahead,static-padded --repeats 2 --json "$out/mixed_rates.json" 2>&1 | tail -12
+  for wait in 20 50; do
+    timeout 60 $py -m halkspeech bench mixed --models large-v3-turbo --rate 150,180 --modes continuous-ahead \
+      --encoder-wait-ms $wait --json "$out/mixed_rates_wait$wait.json" 2>&1 | tail -5
+  done
   ;;
 ws-only)
   timeout 300 $py -m halkspeech bench ws --model random:large-v3-turbo --tokens 20 --users 200 \

@@ -56,11 +56,14 @@ def test_the_hf_peer_gives_the_engine_the_catalogs_alignment_heads() -> None:
 def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None:
     result = run_bench(tmp_path, "mixed", "--models", "tiny.en", "--requests", "6", "--min-tokens", "2",
                        "--max-tokens", "6", "--slots", "2", "--modes", "continuous,static,static-padded",
-                       "--rate", "1000000")  # fmt: skip
-    # all at once (the default spreads them over a second): every mode's batches are then the same, on a busy
-    # machine too, where arrivals over a second fell into static batches of different sizes (17 against 20 steps)
-    rows = {r["batching"]: r for r in result["rows"]}
-    assert set(rows) == {"continuous", "static", "static-padded"}
+                       "--rate", "1000000,50", "--encoder-wait-ms", "5")  # fmt: skip
+    assert result["config"]["rates"] == [1000000, 50] and "encoder runs wait up to 5 ms" in result["table"]
+    by_rate = {(r["rate"], r["batching"]): r for r in result["rows"]}
+    modes = ("continuous", "static", "static-padded")
+    assert set(by_rate) == {(rate, mode) for rate in (1000000, 50) for mode in modes}
+    # all at once (rate 0 spreads them over a second): every mode's batches are then the same, on a busy machine
+    # too, where arrivals over a second fell into static batches of different sizes (17 against 20 steps)
+    rows = {mode: r for (rate, mode), r in by_rate.items() if rate == 1000000}
     # the same requests and lengths in every mode: the same tokens decoded; static batching pads or drops
     # rows, but takes the same steps either way; continuous batching admits as slots free up (at 2 slots and
     # 2-6 tokens it may take a step more than static: a freed slot is seen a step late, as steps run ahead)
@@ -68,11 +71,19 @@ def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None
     assert len(set(decoded.values())) == 1 and decoded["static"] > 0
     assert rows["static"]["steps"] == rows["static-padded"]["steps"]
     assert rows["continuous"]["admissions"] >= rows["static"]["admissions"]
-    continuous = rows["continuous"]
-    assert continuous["vs_padded"] == pytest.approx(
-        continuous["windows_per_s"] / rows["static-padded"]["windows_per_s"]
-    )
-    assert all(0 < r["p50_s"] <= r["p95_s"] for r in rows.values())
+    # each rate is a run of the same draws from the seed: the same lengths (tokens per window), arrival times
+    # scaled by 1 / rate; its ratios are against the static runs at that rate
+    for rate in (1000000, 50):
+        continuous = by_rate[rate, "continuous"]
+        assert continuous["vs_padded"] == pytest.approx(
+            continuous["windows_per_s"] / by_rate[rate, "static-padded"]["windows_per_s"]
+        )
+        assert continuous["tokens_per_s"] / continuous["windows_per_s"] == pytest.approx(
+            rows["static"]["tokens_per_s"] / rows["static"]["windows_per_s"]
+        )
+    assert by_rate[50, "static"]["arrivals_s"] == pytest.approx(rows["static"]["arrivals_s"] * 1000000 / 50)
+    assert all(r["wall_s"] >= r["arrivals_s"] > 0 for r in result["rows"])  # none ends before its last arrival
+    assert all(0 < r["p50_s"] <= r["p95_s"] for r in result["rows"])
 
 
 @pytest.mark.parametrize(
@@ -89,6 +100,9 @@ def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None
         (["mixed", "--models", "tiny.en", "--modes", "static,static"], "names a mode twice: use --repeats"),
         (["mixed", "--models", "tiny.en", "--repeats", "0"], "--repeats must be between 1 and 50"),
         (["mixed", "--models", "tiny.en", "--requests", "3", "--rate", "1e-300"], "keeps the arrivals within an"),
+        (["mixed", "--models", "tiny.en", "--rate", "100,-1"], r"--rate must be at least 0 \(got -1\)"),
+        (["mixed", "--models", "tiny.en", "--rate", "100,100"], "names a rate twice: use --repeats"),
+        (["mixed", "--models", "tiny.en", "--encoder-wait-ms", "-1"], "--encoder-wait-ms must be between 0 and"),
         (["server", "--model", "tiny.en", "--concurrency", "0", "--clip-s", "40"], "--concurrency .*; --clip-s"),
         (["server", "--model", "tiny.en", "--warmup-requests", "0"], "--warmup-requests must be between 1"),
         (["ws", "--users", "0", "--turn-s", "0"], "--turn-s must be .*--users must be"),

@@ -36,3 +36,20 @@ def test_an_even_count_takes_the_lower_middle_and_one_run_is_itself() -> None:
     continuous, static = rows
     assert continuous["windows_per_s"] == 2.0 and continuous["vs_static"] == 1.0
     assert static["runs"] == 1 and "spread" not in static and "all_runs" not in static
+
+
+def test_each_rate_is_compared_with_the_static_runs_at_that_rate() -> None:
+    def at(rate: float, mode: str, windows_per_s: float) -> list[dict[str, Any]]:
+        return [{**run, "rate": rate} for run in runs_of(mode, windows_per_s)]
+
+    rows = median_runs(
+        {
+            (0.0, "continuous"): at(0.0, "continuous", 150.0),
+            (0.0, "static-padded"): at(0.0, "static-padded", 120.0),
+            (140.0, "continuous"): at(140.0, "continuous", 132.0),
+            (140.0, "static-padded"): at(140.0, "static-padded", 110.0),
+            (200.0, "continuous"): at(200.0, "continuous", 151.0),  # no static run at this rate
+        }
+    )
+    ratios = {r["rate"]: r.get("vs_padded") for r in rows if r["batching"] == "continuous"}
+    assert ratios == {0.0: pytest.approx(150 / 120), 140.0: pytest.approx(132 / 110), 200.0: None}

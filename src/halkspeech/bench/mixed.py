@@ -8,7 +8,7 @@ import gc
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -43,8 +43,9 @@ class MixedConfig:
     requests: int = 512
     min_tokens: int = 10
     max_tokens: int = 150
-    #: Arrival rate in windows/s; 0 = all requests arrive within one second (saturation).
-    rate: float = 0.0
+    #: Arrival rates in windows/s, each a run of the same requests and lengths (a throughput-latency curve);
+    #: 0 = all requests arrive within one second (saturation).
+    rates: tuple[float, ...] = (0.0,)
     slots: int = 64
     max_encoder_batch: int = 64
     device: Literal["cuda", "cpu"] = "cuda"
@@ -52,6 +53,9 @@ class MixedConfig:
     seed: int = 0
     #: Continuous batching's admission batching (None: the engine's defaults)
     admit_batch: int | None = None
+    #: Continuous batching: how long a window waits for company before an encoder run of fewer than the engine's
+    #: `decoding_encoder_batch` windows starts while decoding (None: the engine's default, 0 ms)
+    encoder_wait_ms: float | None = None
     #: Plain admissions replay captured graphs (the engine's default; off to compare)
     admission_graphs: bool = True
     #: "continuous" (encoder inline), "continuous-ahead" (encoder on a side stream, the engine's default), "static"
@@ -73,17 +77,21 @@ class MixedConfig:
             requests=(self.requests, 1, 1_000_000),
             min_tokens=(self.min_tokens, 1, MAX_FORCED_TOKENS),
             max_tokens=(self.max_tokens, self.min_tokens, MAX_FORCED_TOKENS),
-            rate=(self.rate, 0, float("inf")),
+            rate=(self.rates, 0, float("inf")),
             slots=(self.slots, 1, MAX_SLOTS),
             encoder_batch=(self.max_encoder_batch, 1, MAX_ENCODER_BATCH),
             admit_batch=(self.admit_batch, 1, MAX_SLOTS),
+            encoder_wait_ms=(self.encoder_wait_ms, 0, 10_000),
             repeats=(self.repeats, 1, 50),
         )
-        if self.rate and self.requests / self.rate > _MAX_SPAN_S:  # 1e-300 overflowed a timestamp; 1e-4 slept
-            raise InvalidRequest(
-                f"--rate {self.rate:g} spreads {self.requests} requests over {self.requests / self.rate:.3g} s; "
-                f"at least {self.requests / _MAX_SPAN_S:.3g}/s keeps the arrivals within an hour"
-            )
+        for rate in self.rates:
+            if rate and self.requests / rate > _MAX_SPAN_S:  # 1e-300 overflowed a timestamp; 1e-4 slept
+                raise InvalidRequest(
+                    f"--rate {rate:g} spreads {self.requests} requests over {self.requests / rate:.3g} s; "
+                    f"at least {self.requests / _MAX_SPAN_S:.3g}/s keeps the arrivals within an hour"
+                )
+        if len(set(self.rates)) < len(self.rates):
+            raise InvalidRequest("--rate names a rate twice: use --repeats to run rates again")
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             given = ", ".join(unknown) or "(none given)"
@@ -95,9 +103,11 @@ class MixedConfig:
 _MAX_SPAN_S = 3600.0  # the arrivals' expected span at most
 
 
-def _workload(cfg: MixedConfig) -> tuple[list[float], list[int]]:
+def _workload(cfg: MixedConfig, rate: float) -> tuple[list[float], list[int]]:
+    """Arrival times and decode lengths. Every rate draws the same numbers from the seed: the same lengths, and
+    arrival times scaled by 1 / rate."""
     rng = random.Random(cfg.seed)
-    rate = cfg.rate or cfg.requests  # saturation: everything within about a second
+    rate = rate or cfg.requests  # saturation: everything within about a second
     arrivals, t = [], 0.0
     for _ in range(cfg.requests):
         arrivals.append(t)
@@ -139,6 +149,7 @@ def _drive(model: ModelEngine, features: torch.Tensor, arrivals: list[float], le
     stats = model.engine.stats
     return {
         "wall_s": wall,
+        "arrivals_s": arrivals[-1],  # when the last request arrived (the offered span)
         "windows_per_s": len(arrivals) / wall,
         "tokens_per_s": sum(lengths) / wall,
         "rtfx": len(arrivals) * CHUNK_LENGTH / wall,
@@ -164,25 +175,19 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
     dims = KNOWN_DIMS[name]
     weights: LoadedWeights = random_weights(name, dtype=dtype, device=device)
     features = _features(min(cfg.requests, 256), dims.n_mels, device)
-    arrivals, lengths = _workload(cfg)
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in cfg.modes}
+    runs: dict[tuple[float, str], list[dict[str, Any]]] = {(rate, mode): [] for rate in cfg.rates for mode in cfg.modes}
     for repeat in range(cfg.repeats):
         for mode in cfg.modes:
-            run = _run_mode(name, mode, cfg, weights, features, arrivals, lengths)
-            runs[mode].append({**run, "repeat": repeat})
+            for run in _run_mode(name, mode, cfg, weights, features):
+                runs[run["rate"], mode].append({**run, "repeat": repeat})
     return median_runs(runs)
 
 
 def _run_mode(
-    name: str,
-    mode: str,
-    cfg: MixedConfig,
-    weights: LoadedWeights,
-    features: torch.Tensor,
-    arrivals: list[float],
-    lengths: list[int],
-) -> dict[str, Any]:
-    """One run of the workload on a fresh engine batching as `mode` says."""
+    name: str, mode: str, cfg: MixedConfig, weights: LoadedWeights, features: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The workload at each rate, one after another, on a fresh engine batching as `mode` says (one engine for
+    every rate: starting one captures its graphs, seconds on a GPU)."""
     settings = EngineSettings(
         device=cfg.device,
         dtype=cfg.dtype,
@@ -193,12 +198,18 @@ def _run_mode(
     )
     if cfg.admit_batch:
         settings = settings.model_copy(update={"admit_batch": cfg.admit_batch})
+    if cfg.encoder_wait_ms is not None:
+        settings = settings.model_copy(update={"decoding_encoder_wait_ms": cfg.encoder_wait_ms})
     model = start_engine(weights, settings, static=mode.startswith("static"), padded=mode == "static-padded")
     try:
         warm = min(cfg.slots, 16)
         _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
-        model.engine.stats = EngineStats()
-        return {"model": name, "batching": mode, **_drive(model, features, arrivals, lengths)}
+        runs = []
+        for rate in cfg.rates:
+            model.engine.stats = EngineStats()
+            run = _drive(model, features, *_workload(cfg, rate))
+            runs.append({"model": name, "batching": mode, "rate": rate, **run})
+        return runs
     finally:
         model.close()
         del model
@@ -207,9 +218,10 @@ def _run_mode(
             torch.cuda.empty_cache()
 
 
-def median_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Each mode's runs → its median run by windows/s (the lower middle of an even count), with every run's
-    windows/s beside it; continuous modes get their ratios to the static modes' median runs."""
+def median_runs(runs: Mapping[Any, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each variant's runs (here a rate and mode's) → its median run by windows/s (the lower middle of an even
+    count), with every run's windows/s beside it; continuous modes get their ratios to the static modes' median
+    runs at the same rate (runs without one: all at one rate)."""
     rows = []
     for mode_runs in runs.values():
         ordered = sorted(mode_runs, key=lambda r: r["windows_per_s"])
@@ -221,8 +233,9 @@ def median_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row["all_runs"] = mode_runs
         rows.append(row)
     for baseline, key in (("static", "vs_static"), ("static-padded", "vs_padded")):
-        base = next((r for r in rows if r["batching"] == baseline), None)
+        bases = {r.get("rate"): r for r in rows if r["batching"] == baseline}
         for row in rows:
+            base = bases.get(row.get("rate"))
             if base and row["batching"].startswith("continuous"):
                 row[key] = row["windows_per_s"] / base["windows_per_s"]
     return rows
@@ -231,15 +244,18 @@ def median_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
     rows = [row for name in cfg.models for row in bench_mixed_model(name, cfg)]
     info = device_info(torch.device(cfg.device))
-    rate = f"{cfg.rate:g}/s" if cfg.rate else "saturating"
+    for row in rows:
+        row["offered"] = f"{row['rate']:g}/s" if row["rate"] else "saturating"
     title = (
-        f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, arrivals "
-        f"{rate}, {cfg.slots} slots, on {info.get('gpu', info['device'])}"
+        f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, {cfg.slots} slots, "
+        f"on {info.get('gpu', info['device'])}"
         + ("" if cfg.admission_graphs else ", admissions eager")
+        + ("" if cfg.encoder_wait_ms is None else f", encoder runs wait up to {cfg.encoder_wait_ms:g} ms")
         + (f"; each mode's median of {cfg.repeats} alternating runs" if cfg.repeats > 1 else "")
     )
     columns = [
         ("model", "model"),
+        ("offered", "arrivals"),
         ("batching", "batching"),
         ("windows_per_s", "windows/s"),
         *([("spread", "runs' windows/s")] if cfg.repeats > 1 else []),

@@ -6,6 +6,7 @@ They use random weights of exact released shapes and forced decode lengths: for 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,15 @@ from halkspeech.config import EngineSettings
 from halkspeech.errors import InvalidRequest
 
 
-def _csv(kind: type) -> Any:
+def _csv(kind: Callable[[str], Any]) -> Any:
+    """A comma-separated list, each item parsed by `kind` (a type, or a parser raising its own usage error)."""
+    name = getattr(kind, "__name__", "values")
+
     def parse(text: str) -> tuple[Any, ...]:
         try:
             return tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from exc
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {name}: {text!r}") from exc
 
     return parse
 
@@ -65,10 +69,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mixed.add_argument("--requests", type=int, default=512)
     mixed.add_argument("--min-tokens", type=int, default=10)
     mixed.add_argument("--max-tokens", type=int, default=150)
-    mixed.add_argument("--rate", type=finite_float, default=0.0, help="arrivals per second (0: saturating)")
+    mixed.add_argument(
+        "--rate",
+        type=_csv(finite_float),
+        default=(0.0,),
+        help="arrivals per second, or several comma-separated, each a run of the same requests (0: saturating)",
+    )
     mixed.add_argument("--slots", type=int, default=64)
     mixed.add_argument(
         "--admit-batch", type=int, default=None, help="windows admitted together while decoding (default: the engine's)"
+    )
+    mixed.add_argument(
+        "--encoder-wait-ms",
+        type=finite_float,
+        default=None,
+        help="continuous batching: how long a window waits for company before a short encoder run while decoding "
+        "(default: the engine's, 0)",
     )
     mixed.add_argument(
         "--modes",
@@ -208,9 +224,10 @@ def _run_mixed(args: argparse.Namespace) -> int:
             requests=args.requests,
             min_tokens=args.min_tokens,
             max_tokens=args.max_tokens,
-            rate=args.rate,
+            rates=args.rate,
             slots=args.slots,
             admit_batch=args.admit_batch,
+            encoder_wait_ms=args.encoder_wait_ms,
             admission_graphs=not args.no_admission_graphs,
             modes=args.modes,
             repeats=args.repeats,
