@@ -54,10 +54,11 @@ def test_the_hf_peer_gives_the_engine_the_catalogs_alignment_heads() -> None:
 
 
 def test_mixed_bench_runs_every_batching_on_one_workload(tmp_path: Path) -> None:
-    result = run_bench(tmp_path, "mixed", "--models", "tiny.en", "--requests", "6", "--min-tokens", "2",
+    result = run_bench(tmp_path, "mixed", "--models", "tiny.en", "--requests", "4", "--min-tokens", "2",
                        "--max-tokens", "6", "--slots", "2", "--modes", "continuous,static,static-padded",
                        "--rate", "1000000,50", "--encoder-wait-ms", "5")  # fmt: skip
     assert result["config"]["rates"] == [1000000, 50] and "encoder runs wait up to 5 ms" in result["table"]
+    assert "| 1,000,000/s |" in result["table"] and "|        50/s |" in result["table"]
     by_rate = {(r["rate"], r["batching"]): r for r in result["rows"]}
     modes = ("continuous", "static", "static-padded")
     assert set(by_rate) == {(rate, mode) for rate in (1000000, 50) for mode in modes}

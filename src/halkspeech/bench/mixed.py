@@ -245,7 +245,8 @@ def run_mixed_bench(cfg: MixedConfig) -> dict[str, Any]:
     rows = [row for name in cfg.models for row in bench_mixed_model(name, cfg)]
     info = device_info(torch.device(cfg.device))
     for row in rows:
-        row["offered"] = f"{row['rate']:g}/s" if row["rate"] else "saturating"
+        rate = row["rate"]
+        row["offered"] = "saturating" if not rate else f"{rate:,.0f}/s" if rate == int(rate) else f"{rate:g}/s"
     title = (
         f"Mixed workload: {cfg.requests} windows, {cfg.min_tokens}-{cfg.max_tokens} tokens each, {cfg.slots} slots, "
         f"on {info.get('gpu', info['device'])}"
