@@ -175,19 +175,25 @@ def bench_mixed_model(name: str, cfg: MixedConfig) -> list[dict[str, Any]]:
     dims = KNOWN_DIMS[name]
     weights: LoadedWeights = random_weights(name, dtype=dtype, device=device)
     features = _features(min(cfg.requests, 256), dims.n_mels, device)
+    workloads = {rate: _workload(cfg, rate) for rate in cfg.rates}  # drawn once: every mode gets the same
     runs: dict[tuple[float, str], list[dict[str, Any]]] = {(rate, mode): [] for rate in cfg.rates for mode in cfg.modes}
     for repeat in range(cfg.repeats):
         for mode in cfg.modes:
-            for run in _run_mode(name, mode, cfg, weights, features):
+            for run in _run_mode(name, mode, cfg, weights, features, workloads):
                 runs[run["rate"], mode].append({**run, "repeat": repeat})
     return median_runs(runs)
 
 
 def _run_mode(
-    name: str, mode: str, cfg: MixedConfig, weights: LoadedWeights, features: torch.Tensor
+    name: str,
+    mode: str,
+    cfg: MixedConfig,
+    weights: LoadedWeights,
+    features: torch.Tensor,
+    workloads: dict[float, tuple[list[float], list[int]]],
 ) -> list[dict[str, Any]]:
-    """The workload at each rate, one after another, on a fresh engine batching as `mode` says (one engine for
-    every rate: starting one captures its graphs, seconds on a GPU)."""
+    """The workload at each rate (its arrivals and lengths), one after another, on a fresh engine batching as
+    `mode` says (one engine for every rate: starting one captures its graphs, seconds on a GPU)."""
     settings = EngineSettings(
         device=cfg.device,
         dtype=cfg.dtype,
@@ -205,9 +211,9 @@ def _run_mode(
         warm = min(cfg.slots, 16)
         _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
         runs = []
-        for rate in cfg.rates:
+        for rate, (arrivals, lengths) in workloads.items():
             model.engine.stats = EngineStats()
-            run = _drive(model, features, *_workload(cfg, rate))
+            run = _drive(model, features, arrivals, lengths)
             runs.append({"model": name, "batching": mode, "rate": rate, **run})
         return runs
     finally:
