@@ -152,6 +152,28 @@ def real_models_cached(tiny_en_dir: Path, base_dir: Path) -> None:
     disabled (the API server's pool, `transcribe --offline`) and rely on the cache being filled."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def parity_runs_in_background(
+    request: pytest.FixtureRequest, tiny_en_dir: Path, base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Where the session holds the parity or accuracy tests, their runs (parity_runs.py: ~3.3 minutes on 2
+    cores for both models) start now in a child process at the lowest priority, to use the time the other tests
+    leave the cores idle."""
+    import parity_runs
+
+    modules = {item.path.name for item in request.session.items}
+    if not dev_manifest() or not modules & {"test_parity.py", "test_accuracy.py"}:
+        yield
+        return
+    background = parity_runs.Background({"tiny.en": tiny_en_dir, "base": base_dir}, tmp_path_factory.mktemp("parity"))
+    parity_runs.Background.current = background
+    try:
+        yield
+    finally:
+        parity_runs.Background.current = None
+        background.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_en_weights(tiny_en_dir: Path) -> LoadedWeights:
     return load_weights(tiny_en_dir)
