@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_step_kernels import step_graph
 from halkspeech.model import kernels
 
 ROWS = (64,)  # the tiles' rows (a 64-row tiling serves 17..64); the steps run at STEPS slots
@@ -219,8 +221,6 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
         for t in (cache.cross_k, cache.cross_v, cache.self_kv):
             t.normal_()
         for b in STEPS:
-            tokens = torch.randint(0, 50_000, (b,), device="cuda")
-            positions = torch.full((b,), 40, device="cuda")
             row: dict[str, Any] = {}
             logits = {}
             for label, fused_max, cfg_fn, cross_splits in (
@@ -231,15 +231,8 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
                 kernels.linear_config = cfg_fn  # type: ignore[assignment]
                 whisper.CROSS_SPLITS = cross_splits
                 model.decoder.fused_max_batch = fused_max
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), torch.inference_mode():
-                    for _ in range(2):
-                        model.decoder.step(tokens, positions, cache, 128)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), torch.inference_mode():
-                    out = model.decoder.step(tokens, positions, cache, 128)
+                torch.manual_seed(b)  # the same tokens for every variant
+                graph, out = step_graph(model, cache, b)
                 graph.replay()
                 torch.cuda.synchronize()
                 logits[label] = out.clone()

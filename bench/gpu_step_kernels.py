@@ -47,7 +47,9 @@ def kind(name: str) -> str:
     return "other"
 
 
-def step_graph(model: Whisper, cache: KVCache, batch: int) -> torch.cuda.CUDAGraph:
+def step_graph(model: Whisper, cache: KVCache, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`Decoder.step` of slots 0..batch-1 (random tokens, every slot at POSITION) captured after two warm-up
+    calls on a side stream (Triton compiles, cuBLAS picks its kernels); returns the graph and its logits."""
     device = cache.self_kv.device
     tokens = torch.randint(0, 50_000, (batch,), device=device)
     positions = torch.full((batch,), POSITION, device=device)
@@ -59,8 +61,8 @@ def step_graph(model: Whisper, cache: KVCache, batch: int) -> torch.cuda.CUDAGra
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.inference_mode():
-        model.decoder.step(tokens, positions, cache, 128)
-    return graph
+        logits = model.decoder.step(tokens, positions, cache, 128)
+    return graph, logits
 
 
 def measure(name: str, batches: list[int]) -> dict:
@@ -78,7 +80,7 @@ def measure(name: str, batches: list[int]) -> dict:
     out: dict = {"decoder_weight_bytes": decoder_bytes}
     bandwidth = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12
     for batch in batches:
-        graph = step_graph(model, cache, batch)
+        graph, _ = step_graph(model, cache, batch)
         replay = cuda_ms(graph.replay, repeats=50, warmup=5)
         cross_bytes = 2 * cache.cross_k[:, :batch].numel() * 2
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
