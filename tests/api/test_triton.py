@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import REPO, TEST_DATA
+from halkspeech.api import grpc_health
 from halkspeech.api import triton_grpc as triton_grpc_api
 from halkspeech.api.kserve import MAX_JSON_BYTES, inflate, parse_request, serialize_bytes
 from halkspeech.api.triton_model import options_from_prefix
@@ -359,6 +360,20 @@ def test_the_grpc_port_answers_the_standard_health_checks(server: LiveServer) ->
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status != serving
         finally:
             service.closing = False
+
+
+def test_a_watch_sends_not_serving_however_the_stop_falls_between_its_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server stopping between a Watch's status and its check to end: it ended the stream without the
+    NOT_SERVING (seen once in CI). Here `stopping` turns true after its first read."""
+    monkeypatch.setattr(grpc_health.triton_model, "server_ready", lambda state: True)
+    reads = iter([False])
+    health = grpc_health._Health(None, lambda: next(reads, True))  # type: ignore[arg-type]
+
+    async def watch() -> list[int]:
+        return [r.status async for r in health.Watch(health_pb2.HealthCheckRequest(service=""), None)]
+
+    statuses = asyncio.run(watch())
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
 
 
 def test_grpc_typed_contents_are_read_too(server: LiveServer, shared_tiny_en: ModelEngine) -> None:

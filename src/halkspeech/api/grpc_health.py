@@ -40,25 +40,28 @@ class _Health(health_pb2_grpc.HealthServicer if health_pb2_grpc is not None else
         self.state = state
         self.stopping = stopping
 
-    def _status(self, service: str) -> int:
+    def _status(self, service: str, stopping: bool) -> int:
         if service not in SERVICES:
             return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-        serving = triton_model.server_ready(self.state) and not self.stopping()
+        serving = triton_model.server_ready(self.state) and not stopping
         return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def Check(self, request: Any, context: Any) -> Any:
         if request.service not in SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=self._status(request.service))
+        return health_pb2.HealthCheckResponse(status=self._status(request.service, self.stopping()))
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         """The status now, then each change, until the client leaves or the server stops."""
         last = None
         while True:
-            status = self._status(request.service)
+            # read once a round: read again for the return, a stop between the two reads ended the stream
+            # without its NOT_SERVING
+            stopping = self.stopping()
+            status = self._status(request.service, stopping)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if self.stopping():
+            if stopping:
                 return
             await asyncio.sleep(WATCH_POLL_S)
