@@ -13,10 +13,16 @@ The Triton kernels compile first in parallel worker processes (into Triton's on-
 process only loads them.
 
   PYTHONPATH=src python bench/gpu_linear_tiles.py OUT.json [WORKERS [quick]]     # on the GPU
+
+OUT.json's "best_tiles" (and "best_splits") then serve a preview of the engine with them, before they are made
+the defaults:
+
+  PYTHONPATH=src python bench/gpu_linear_tiles.py --engine OUT.json halkspeech bench engine --no-hf ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -129,6 +135,32 @@ def bench_us(fn: Any, copies: int) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=15)) * 1000 / copies
 
 
+def swept_config(best: dict[tuple[str, int], kernels.LinearConfig]) -> Any:
+    """kernels.linear_config with the swept 64-row tiles for 17+ rows (a 1280-wide model's projections)."""
+    tuned = kernels.linear_config
+
+    def linear_config(m: int, n: int, k: int) -> kernels.LinearConfig:
+        if m <= 16:
+            return tuned(m, n, k)
+        name = {(3 * D, D): "qkv", (4 * D, D): "fc1", (D, 4 * D): "fc2", (D, D): "out"}.get((n, k), "logits")
+        return best[(name, 64)]
+
+    return linear_config
+
+
+def engine_preview(tiles_json: str, argv: list[str]) -> int:
+    """Runs the CLI (argv after "halkspeech") with OUT.json's tiles and cross-attention splits patched in."""
+    from halkspeech.cli import main as cli
+    from halkspeech.model import whisper
+
+    found = json.loads(Path(tiles_json).read_text())
+    best = {(name, 64): kernels.LinearConfig(**cfg) for name, cfg in found["best_tiles"].items()}
+    kernels.linear_config = swept_config(best)  # type: ignore[assignment]
+    whisper.CROSS_SPLITS = int(found.get("best_splits", {}).get("64", whisper.CROSS_SPLITS))
+    print("preview: tiles", found["best_tiles"], "cross splits", whisper.CROSS_SPLITS, flush=True)
+    return cli(argv)
+
+
 def tiles(results: dict[str, Any]) -> dict[tuple[str, int], kernels.LinearConfig]:
     best: dict[tuple[str, int], kernels.LinearConfig] = {}
     for name in SHAPES:
@@ -154,6 +186,7 @@ def tiles(results: dict[str, Any]) -> dict[tuple[str, int], kernels.LinearConfig
                 best_TBps=n * k * 2 / timed[0][0] / 1e6, top5=[(round(t[0], 2), str(t[1])) for t in timed[:5]],
             )  # fmt: skip
             results[f"m{m} {name}"] = row
+            results.setdefault("best_tiles", {})[name] = dataclasses.asdict(timed[0][1])
             print(f"m{m} {name}: plain {row['plain_us']:.2f} us, fused {row['best_us']:.2f} us ({row['best_TBps']:.2f} "
                   f"TB/s) {row['best']}", flush=True)  # fmt: skip
             del case
@@ -190,6 +223,7 @@ def cross_attention(results: dict[str, Any]) -> dict[int, tuple[int, int, int]]:
             timed.append((triton.testing.do_bench_cudagraph(fn, rep=20) * 1000 / layers, (sp, bn, wp)))
         timed.sort(key=lambda t: t[0])
         best[b] = timed[0][1]
+        results.setdefault("best_splits", {})[str(b)] = timed[0][1][0]
         row["triton_top5_us"] = [(round(t, 2), c) for t, c in timed[:5]]
         row["triton_16_splits_us"] = next(t for t, c in timed if c == (16, 128, 2))
         results[f"cross b{b}"] = row
@@ -205,13 +239,7 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
     from halkspeech.model.whisper import Whisper
 
     tuned = kernels.linear_config
-
-    def linear_config(m: int, n: int, k: int) -> kernels.LinearConfig:
-        if m <= 16:
-            return tuned(m, n, k)
-        rows = 64
-        name = {(3 * D, D): "qkv", (4 * D, D): "fc1", (D, 4 * D): "fc2", (D, D): "out"}.get((n, k), "logits")
-        return best[(name, rows)]
+    linear_config = swept_config(best)
 
     for model_name in ("large-v3-turbo", "large-v3"):
         w = random_weights(model_name, dtype=torch.float16, device="cuda")
@@ -255,11 +283,16 @@ def main() -> None:
     if sys.argv[1] == "--compile":  # a worker: --compile INDEX WORKERS [quick]
         compile_worker(int(sys.argv[2]), int(sys.argv[3]))
         return
+    if sys.argv[1] == "--engine":  # --engine OUT.json halkspeech ARGS...
+        sys.exit(engine_preview(sys.argv[2], sys.argv[4:]))
     path = Path(sys.argv[1])
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 12
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile", str(i), str(workers)]) for i in range(workers)]
+    quick = ["quick"] if QUICK else []  # the workers compile the same grid
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--compile", str(i), str(workers), *quick]) for i in range(workers)
+    ]
     results["compile_rc"] = [p.wait() for p in procs]
     results["compile_s"] = time.perf_counter() - started
     print(f"compiled in {results['compile_s']:.0f} s", flush=True)
