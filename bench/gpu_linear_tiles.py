@@ -161,7 +161,7 @@ def engine_preview(tiles_json: str, argv: list[str]) -> int:
     return cli(argv)
 
 
-def tiles(results: dict[str, Any]) -> dict[tuple[str, int], kernels.LinearConfig]:
+def tiles(results: dict[str, Any], save: Any) -> dict[tuple[str, int], kernels.LinearConfig]:
     best: dict[tuple[str, int], kernels.LinearConfig] = {}
     for name in SHAPES:
         for m in ROWS:
@@ -189,6 +189,7 @@ def tiles(results: dict[str, Any]) -> dict[tuple[str, int], kernels.LinearConfig
             results.setdefault("best_tiles", {})[name] = dataclasses.asdict(timed[0][1])
             print(f"m{m} {name}: plain {row['plain_us']:.2f} us, fused {row['best_us']:.2f} us ({row['best_TBps']:.2f} "
                   f"TB/s) {row['best']}", flush=True)  # fmt: skip
+            save()  # each shape as it is done: a call cut short keeps what it measured
             del case
     for m in ROWS:
         plain = sum(results[f"m{m} {s}"]["plain_us"] * c for s, c in PER_LAYER.items())
@@ -296,8 +297,7 @@ def main() -> None:
     results["compile_rc"] = [p.wait() for p in procs]
     results["compile_s"] = time.perf_counter() - started
     print(f"compiled in {results['compile_s']:.0f} s", flush=True)
-    best = tiles(results)
-    path.write_text(json.dumps(results, indent=1))
+    best = tiles(results, lambda: path.write_text(json.dumps(results, indent=1)))
     splits = cross_attention(results)
     path.write_text(json.dumps(results, indent=1))
     steps(results, best, splits)
