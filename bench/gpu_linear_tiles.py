@@ -53,6 +53,8 @@ SHAPES: dict[str, tuple[int, int, bool, bool, bool, bool, bool, bool]] = {
 }
 QUICK = "quick" in sys.argv[2:]
 PER_LAYER = {"qkv": 1, "out": 2, "cross_q": 1, "fc1": 1, "fc2": 1}  # logits: once a step
+# a step's projection by its (N, K); cross q has out's shape and takes out's tiles; any other: the logits
+BY_SHAPE = {SHAPES[name][:2]: name for name in ("qkv", "out", "fc1", "fc2")}
 
 
 def grid(name: str, m: int) -> list[kernels.LinearConfig]:
@@ -142,7 +144,7 @@ def swept_config(best: dict[tuple[str, int], kernels.LinearConfig]) -> Any:
     def linear_config(m: int, n: int, k: int) -> kernels.LinearConfig:
         if m <= 16:
             return tuned(m, n, k)
-        name = {(3 * D, D): "qkv", (4 * D, D): "fc1", (D, 4 * D): "fc2", (D, D): "out"}.get((n, k), "logits")
+        name = BY_SHAPE.get((n, k), "logits")
         return best.get((name, 64)) or tuned(m, n, k)  # a shape whose sweep found no tiling: the untuned tiles
 
     return linear_config
@@ -246,7 +248,7 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
     from halkspeech.model.weights import random_weights
     from halkspeech.model.whisper import Whisper
 
-    tuned = kernels.linear_config
+    tuned, default_splits = kernels.linear_config, whisper.CROSS_SPLITS
     linear_config = swept_config(best)
 
     for model_name in ("large-v3", "large-v3-turbo"):  # large-v3 first: its steps are the ones that matter
@@ -260,8 +262,8 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
             row: dict[str, Any] = {}
             logits = {}
             for label, fused_max, cfg_fn, cross_splits in (
-                ("plain", 16, tuned, whisper.CROSS_SPLITS),
-                ("fused, 16 cross splits", 64, linear_config, whisper.CROSS_SPLITS),
+                ("plain", 16, tuned, default_splits),
+                ("fused, 16 cross splits", 64, linear_config, default_splits),
                 ("fused, tuned cross splits", 64, linear_config, splits[b][0]),
             ):
                 kernels.linear_config = cfg_fn  # type: ignore[assignment]
@@ -275,7 +277,7 @@ def steps(results: dict[str, Any], best: dict[tuple[str, int], kernels.LinearCon
                 row[f"{label} ms"] = cuda_ms(graph.replay, repeats=50, warmup=5)
                 del graph
             kernels.linear_config = tuned  # type: ignore[assignment]
-            whisper.CROSS_SPLITS = 16
+            whisper.CROSS_SPLITS = default_splits
             for label in list(logits)[1:]:
                 row[f"{label} max abs diff"] = (logits[label] - logits["plain"]).abs().max().item()
                 same = (logits[label].argmax(-1) == logits["plain"].argmax(-1)).sum().item()
@@ -293,6 +295,8 @@ def main() -> None:
         compile_worker(int(sys.argv[2]), int(sys.argv[3]))
         return
     if sys.argv[1] == "--engine":  # --engine OUT.json halkspeech ARGS...
+        if sys.argv[3:4] != ["halkspeech"]:
+            sys.exit("usage: gpu_linear_tiles.py --engine OUT.json halkspeech ARGS...")
         sys.exit(engine_preview(sys.argv[2], sys.argv[4:]))
     path = Path(sys.argv[1])
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 12
