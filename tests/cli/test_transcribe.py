@@ -17,6 +17,10 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from conftest import JFK_TEXT, TEST_DATA, jfk_with_pauses, wav_bytes
 from halkspeech.cli import main
+from halkspeech.cli import transcribe as transcribe_cli
+from halkspeech.config import EngineSettings
+from halkspeech.engine.factory import Replicas, start_engines
+from halkspeech.model.weights import LoadedWeights
 
 JFK = TEST_DATA / "jfk.flac"  # 11 s, two segments with tiny.en
 LJ = TEST_DATA / "LJ001-0002.wav"  # 1.9 s
@@ -302,6 +306,24 @@ def test_more_samples_than_the_engine_seats_is_refused_before_any_file(
     assert (status, out) == (2, "")
     assert_one_error_line(err)
     assert "--beam-size/--best-of 12 needs 12 decoder slots" in err and "this engine has 8" in err
+
+
+def test_the_command_line_keeps_no_slots_for_live_turns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No live turns run here, so every slot takes the files, whatever the environment says for the server
+    (which keeps 4 of over 16 slots for them: a batch of files as large as the slots ran as two rounds)."""
+    seen: list[EngineSettings] = []
+
+    def start(weights: LoadedWeights, settings: EngineSettings) -> Replicas:
+        seen.append(settings)
+        return start_engines(weights, settings)
+
+    monkeypatch.setenv("HALKSPEECH_ENGINE__RESERVED_LIVE_SLOTS", "4")
+    monkeypatch.setattr(transcribe_cli, "start_engines", start)
+    status, out, err = transcribe(capsys, LJ, "--device", "cpu")
+    assert (status, err, normalize(out)) == (0, "", normalize(LJ_TEXT))
+    assert [s.reserved_live_slots for s in seen] == [0]
 
 
 @pytest.mark.parametrize("language", ["de", "yue"])  # yue: not in an English-only model's vocabulary at all

@@ -198,6 +198,7 @@ def _run_mode(
         device=cfg.device,
         dtype=cfg.dtype,
         max_slots=cfg.slots,
+        reserved_live_slots=0,  # file windows only: every mode gets all `slots` (the reserve left them 60 of 64)
         max_encoder_batch=cfg.max_encoder_batch,
         encode_ahead=mode == "continuous-ahead",
         admission_graphs=cfg.admission_graphs,

@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         engine__device=args.device,
         engine__device_index=args.device_index,
         engine__dtype=args.dtype,
+        engine__reserved_live_slots=0,  # no live turns on the command line: every slot takes the files
         model__allow_download=False if args.offline else None,
     )
     output = Output(
