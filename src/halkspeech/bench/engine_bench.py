@@ -93,7 +93,7 @@ class OursRunner:
         steps = self.model.engine.stats.steps
         handles = self.model.engine.submit_many(requests)
         results = [h.result() for h in handles]
-        self.last_steps = self.model.engine.stats.steps - steps  # one round: about `tokens`
+        self.last_steps = self.model.engine.stats.steps - steps  # one round: tokens - 1 (the prefill gives one)
         bad = [len(r.tokens) for r in results if len(r.tokens) != self.tokens]
         if bad:
             raise RuntimeError(f"expected {self.tokens} tokens per window, got {bad[:4]}")
