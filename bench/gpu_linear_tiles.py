@@ -211,6 +211,9 @@ def tiles(results: dict[str, Any], save: Any) -> dict[tuple[str, int], kernels.L
 def cross_attention(results: dict[str, Any]) -> dict[int, tuple[int, int, int]]:
     import triton.testing
 
+    from halkspeech.model import whisper
+
+    engine = (whisper.CROSS_SPLITS, 128, 2)  # the fused step's call: its splits, decode_attention's default blocks
     best = {}
     heads, dh, layers = 20, 64, 4
     for b in STEPS:
@@ -232,10 +235,10 @@ def cross_attention(results: dict[str, Any]) -> dict[int, tuple[int, int, int]]:
                 continue
             timed.append((triton.testing.do_bench_cudagraph(fn, rep=20) * 1000 / layers, (sp, bn, wp)))
         timed.sort(key=lambda t: t[0])
-        best[b] = timed[0][1] if timed else (16, 128, 2)  # none matched SDPA: the steps keep the engine's splits
+        best[b] = timed[0][1] if timed else engine  # none matched SDPA: the steps keep the engine's splits
         results.setdefault("best_splits", {})[str(b)] = best[b][0]
         row["triton_top5_us"] = [(round(t, 2), c) for t, c in timed[:5]]
-        row["triton_16_splits_us"] = next((t for t, c in timed if c == (16, 128, 2)), None)
+        row["triton_16_splits_us"] = next((t for t, c in timed if c == engine), None)  # 16: CROSS_SPLITS today
         results[f"cross b{b}"] = row
         print(f"cross b{b}: sdpa {row['sdpa_us']:.1f} us, triton best {timed[:1]}", flush=True)
     return best
