@@ -22,16 +22,21 @@ This script times, for large-v3's shapes at several batch sizes, one decode step
   absorbed   the Q' product, the kernel, the value product (the value bias belongs in cross_out's bias)
 and checks the two agree. The kernel's tiles are chosen from a small grid first.
 
-    PYTHONPATH=src python bench/gpu_absorbed_cross.py OUT.json [--batches 32,64,128,256] [--layers 8]
+    PYTHONPATH=src python bench/gpu_absorbed_cross.py OUT.json [--batches 32,64,128,256] [--layers 8] [--grid heads|keys]
 
-Measured on an H100 (session 32, `bench/results/absorbed_cross_h100_s32.json`; the two earlier grids beside it), µs
-a layer, SDPA / absorbed (of which the kernel): batch 32 86.2 / 84.6 (69.6), 64 161.7 / 134.9 (121.2), 128 315.0 /
-343.5 (323.0), 256 623.9 / 666.0 (644.4); outputs within 0.0005 of SDPA's. The kernel reads E at 1.5–2.0 TB/s where
-SDPA reads twice the bytes at 2.9–3.2: a program takes ~120 µs for its slot's 1,500 keys whether 64 or 128 programs
-run (32 or 64 slots), so it is bound by its own work (small [16, 256] mma tiles, each E tile read both ways from
-shared memory: ~100 TFLOP/s), not by the memory; a program for all 20 heads (32 rows) spilled its accumulators and
-ran slower, and key splits helped only at 32 slots. At 64 slots it would take ~7% off large-v3's batch; elsewhere
-nothing or worse. Not adopted: the engine keeps its K/V cache and SDPA.
+Measured on an H100 (session 32, `--grid heads`: `bench/results/absorbed_cross_h100_s32.json`; earlier grids:
+`absorbed_cross_grid{1,2}_h100_s32.json`), µs a layer, SDPA / absorbed (of which the kernel): batch 32 86.2 / 84.6
+(69.6), 64 161.7 / 134.9 (121.2), 128 315.0 / 343.5 (323.0), 256 623.9 / 666.0 (644.4); outputs within 0.0005 of
+SDPA's. The kernel reads E at 1.5–2.0 TB/s where SDPA reads twice the bytes at 2.9–3.2: a program takes ~120 µs for
+its slot's 1,500 keys whether 64 or 128 programs run (32 or 64 slots), so it is bound by its own work (small [16,
+256] mma tiles, each E tile read both ways from shared memory: ~100 TFLOP/s), not by the memory; a program for all
+20 heads (32 rows) spilled its accumulators and ran slower, and key splits helped only at 32 slots. At 64 slots it
+would take ~7% off large-v3's batch; elsewhere nothing or worse. The best program sits at 255 registers a thread (2
+spilled), one program of 4 warps a SM: too few warps to hide its latency. With keys as the rows (`--grid keys`, so
+that 64 keys fill Hopper's warpgroup MMA) Triton asked for 370–1,028 KB of shared memory, more than the SM has, in
+every tiling tried (`absorbed_cross_transposed_h100_s32.json`). A kernel that splits the model width over a
+program's warps (each warp reading its slice of E straight into registers, only the partial scores meeting in
+shared memory) is what is left, in CUDA C++. Not adopted: the engine keeps its K/V cache and SDPA.
 """
 
 from __future__ import annotations
@@ -140,6 +145,80 @@ def absorbed_attention_kernel(
 
 
 @triton.jit
+def absorbed_attention_t_kernel(
+    q_ptr, e_ptr, z_ptr, ws_ptr, stat_ptr, H, N, stride_qb, stride_qh, stride_eb, stride_en, stride_zb, stride_zh,
+    DC: tl.constexpr, HG: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    # absorbed_attention_kernel with keys as the rows of every product (sᵀ = e·qᵀ [BLOCK_N, HG], zᵀ += eᵀ·pᵀ
+    # [DC, HG] a chunk): a block of 64 keys fills the M of Hopper's warpgroup MMA, which a group of 16 heads
+    # cannot; the accumulators are the same size
+    b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rh = g * HG + tl.arange(0, HG)
+    h_ok = rh < H
+    rd = tl.arange(0, DC)
+    qp = q_ptr + b * stride_qb + rh[None, :] * stride_qh + rd[:, None]  # [DC, HG]: qᵀ
+    q0 = tl.load(qp, mask=h_ok[None, :], other=0.0)
+    q1 = tl.load(qp + DC, mask=h_ok[None, :], other=0.0)
+    q2 = tl.load(qp + 2 * DC, mask=h_ok[None, :], other=0.0)
+    q3 = tl.load(qp + 3 * DC, mask=h_ok[None, :], other=0.0)
+    q4 = tl.load(qp + 4 * DC, mask=h_ok[None, :], other=0.0)
+    a0 = tl.zeros((DC, HG), dtype=tl.float32)
+    a1 = tl.zeros((DC, HG), dtype=tl.float32)
+    a2 = tl.zeros((DC, HG), dtype=tl.float32)
+    a3 = tl.zeros((DC, HG), dtype=tl.float32)
+    a4 = tl.zeros((DC, HG), dtype=tl.float32)
+    top = tl.full((HG,), float("-inf"), dtype=tl.float32)
+    total = tl.zeros((HG,), dtype=tl.float32)
+    span = tl.cdiv(N, SPLITS * BLOCK_N) * BLOCK_N
+    end = tl.minimum(N, (split + 1) * span)
+    for n0 in range(split * span, end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < end
+        ep = e_ptr + b * stride_eb + rn[:, None] * stride_en + rd[None, :]
+        e0 = tl.load(ep, mask=n_ok[:, None], other=0.0)
+        e1 = tl.load(ep + DC, mask=n_ok[:, None], other=0.0)
+        e2 = tl.load(ep + 2 * DC, mask=n_ok[:, None], other=0.0)
+        e3 = tl.load(ep + 3 * DC, mask=n_ok[:, None], other=0.0)
+        e4 = tl.load(ep + 4 * DC, mask=n_ok[:, None], other=0.0)
+        s = tl.dot(e0, q0)
+        s = tl.dot(e1, q1, s)
+        s = tl.dot(e2, q2, s)
+        s = tl.dot(e3, q3, s)
+        s = tl.dot(e4, q4, s)
+        s = tl.where(n_ok[:, None], s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(s, axis=0))
+        alpha = tl.exp(top - new_top)
+        p = tl.exp(s - new_top[None, :])
+        total = total * alpha + tl.sum(p, axis=0)
+        pe = p.to(e0.dtype)
+        a0 = tl.dot(tl.trans(e0), pe, a0 * alpha[None, :])
+        a1 = tl.dot(tl.trans(e1), pe, a1 * alpha[None, :])
+        a2 = tl.dot(tl.trans(e2), pe, a2 * alpha[None, :])
+        a3 = tl.dot(tl.trans(e3), pe, a3 * alpha[None, :])
+        a4 = tl.dot(tl.trans(e4), pe, a4 * alpha[None, :])
+        top = new_top
+    if SPLITS == 1:
+        inv = 1.0 / total
+        zp = z_ptr + b * stride_zb + rh[None, :] * stride_zh + rd[:, None]
+        ty = z_ptr.dtype.element_ty
+        tl.store(zp, (a0 * inv[None, :]).to(ty), mask=h_ok[None, :])
+        tl.store(zp + DC, (a1 * inv[None, :]).to(ty), mask=h_ok[None, :])
+        tl.store(zp + 2 * DC, (a2 * inv[None, :]).to(ty), mask=h_ok[None, :])
+        tl.store(zp + 3 * DC, (a3 * inv[None, :]).to(ty), mask=h_ok[None, :])
+        tl.store(zp + 4 * DC, (a4 * inv[None, :]).to(ty), mask=h_ok[None, :])
+    else:
+        row = (split * tl.num_programs(0) + b) * H + rh
+        wp = ws_ptr + row[None, :] * (5 * DC) + rd[:, None]
+        tl.store(wp, a0, mask=h_ok[None, :])
+        tl.store(wp + DC, a1, mask=h_ok[None, :])
+        tl.store(wp + 2 * DC, a2, mask=h_ok[None, :])
+        tl.store(wp + 3 * DC, a3, mask=h_ok[None, :])
+        tl.store(wp + 4 * DC, a4, mask=h_ok[None, :])
+        tl.store(stat_ptr + row * 2, top, mask=h_ok)
+        tl.store(stat_ptr + row * 2 + 1, total, mask=h_ok)
+
+
+@triton.jit
 def merge_kernel(
     ws_ptr, stat_ptr, z_ptr, B, H, stride_zb, stride_zh, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr
 ):  # fmt: skip
@@ -159,6 +238,7 @@ def merge_kernel(
 
 
 _ws: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+compiled: dict[tuple[Any, ...], tuple[int | None, int | None]] = {}
 
 
 def absorbed_attention(
@@ -172,9 +252,12 @@ def absorbed_attention(
     splits: int = 1,
     q_in_loop: bool = False,
     head_rows: int = HEAD_ROWS,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """softmax(qp·eᵀ)·e per slot and head: qp [B, H, D] and out [B, H, D] (any strides over B and H, unit over
-    D: the [H, B, D] layout of a batched product over heads is fine), e [B, N, D] (unit stride over D)."""
+    D: the [H, B, D] layout of a batched product over heads is fine), e [B, N, D] (unit stride over D).
+    `transposed`: absorbed_attention_t_kernel (q_in_loop does not apply). The compiled kernel's registers and
+    spills a thread go to `compiled[(tiles)]`."""
     b, h, d = qp.shape
     if d % 5 or e.shape[2] != d or qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError(f"absorbed_attention: q {tuple(qp.shape)} / e {tuple(e.shape)} do not fit")
@@ -188,12 +271,18 @@ def absorbed_attention(
         ws, stat = _ws[key]
     else:
         ws = stat = out
-    absorbed_attention_kernel[(b, triton.cdiv(h, head_rows), splits)](
-        qp, e, out, ws, stat, h, e.shape[1], qp.stride(0), qp.stride(1), e.stride(0), e.stride(1),
-        out.stride(0), out.stride(1),
-        DC=d // 5, HG=head_rows, BLOCK_N=block_n, SPLITS=splits, Q_IN_LOOP=q_in_loop,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    grid = (b, triton.cdiv(h, head_rows), splits)
+    args = (qp, e, out, ws, stat, h, e.shape[1], qp.stride(0), qp.stride(1), e.stride(0), e.stride(1),
+            out.stride(0), out.stride(1))  # fmt: skip
+    opts = {"DC": d // 5, "HG": head_rows, "BLOCK_N": block_n, "SPLITS": splits, "num_warps": warps,
+            "num_stages": stages}  # fmt: skip
+    if transposed:
+        kern = absorbed_attention_t_kernel[grid](*args, **opts)
+    else:
+        kern = absorbed_attention_kernel[grid](*args, Q_IN_LOOP=q_in_loop, **opts)
+    key = (block_n, warps, stages, splits, q_in_loop, head_rows, transposed)
+    if key not in compiled:
+        compiled[key] = (getattr(kern, "n_regs", None), getattr(kern, "n_spills", None))
     if splits > 1:
         merge_kernel[(b, h)](ws, stat, out, b, h, out.stride(0), out.stride(1), D=d, BLOCK_D=256, SPLITS=splits)
     return out
@@ -263,19 +352,34 @@ def graph_ms(fn: Any, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-TILES = [  # a group of 16 heads a program (20 heads: two programs, E read twice from L2), or all 20 in one (32 rows)
-    {"head_rows": 16, "block_n": 32, "warps": 4, "stages": 3, "splits": sp, "q_in_loop": False} for sp in (1, 2)
-] + [
-    {"head_rows": 32, "block_n": bn, "warps": w, "stages": st, "splits": sp, "q_in_loop": ql}
-    for bn in (16, 32)
-    for w in (4, 8, 16)
-    for st in (2, 3)
-    for sp in (1, 2, 4)
-    for ql in (False, True)
-]
+GRIDS = {  # the tilings timed at batch 64 (--grid): heads as the rows of every product, in groups of 16 (20 heads:
+    # two programs, E read twice from L2) or 32 (all 20 in one); or keys as the rows (64 keys fill a warpgroup
+    # MMA's M)
+    "heads": [
+        {"head_rows": 16, "block_n": 32, "warps": 4, "stages": 3, "splits": sp, "q_in_loop": False} for sp in (1, 2)
+    ]
+    + [
+        {"head_rows": 32, "block_n": bn, "warps": w, "stages": st, "splits": sp, "q_in_loop": ql}
+        for bn in (16, 32)
+        for w in (4, 8, 16)
+        for st in (2, 3)
+        for sp in (1, 2, 4)
+        for ql in (False, True)
+    ],
+    "keys": [
+        {"transposed": True, "head_rows": hr, "block_n": bn, "warps": w, "stages": st, "splits": sp}
+        for hr in (16, 32)
+        for bn in (64, 128)
+        for w in (4, 8)
+        for st in (2, 3)
+        for sp in (1, 2)
+        if hr == 16 or (bn == 64 and st == 2)
+    ]
+    + [{"head_rows": 16, "block_n": 32, "warps": 4, "stages": 3, "splits": sp} for sp in (1, 2)],
+}
 
 
-def run(batches: list[int], layers: int, out_path: str) -> dict[str, Any]:
+def run(batches: list[int], layers: int, out_path: str, grid: str = "heads") -> dict[str, Any]:
     from halkspeech.bench.common import device_info
 
     result: dict[str, Any] = {"device": device_info(torch.device("cuda")), "layers": layers, "tiles": [], "rows": []}
@@ -288,12 +392,17 @@ def run(batches: list[int], layers: int, out_path: str) -> dict[str, Any]:
     probe = Layers(64, 2)
     reference = probe.sdpa(0).float()
     timed: list[tuple[float, dict[str, Any]]] = []
-    for tiles in TILES:
+    for tiles in GRIDS[grid]:
         row: dict[str, Any] = dict(tiles)
         try:
             err = float((probe.absorbed(0, **tiles).float() - reference).abs().max())
             ms = graph_ms(lambda t=tiles: [probe.absorbed(i, **t) for i in range(2)]) / 2
             row |= {"ms_a_layer": round(ms, 4), "max_err": round(err, 5)}
+            row["regs_spills"] = compiled.get(
+                tuple(tiles.get(k, v) for k, v in (("block_n", 32), ("warps", 4), ("stages", 3), ("splits", 1),
+                                                   ("q_in_loop", False), ("head_rows", HEAD_ROWS),
+                                                   ("transposed", False)))
+            )  # fmt: skip
             if err < 0.05:
                 timed.append((ms, tiles))
         except Exception as exc:  # a tiling that does not compile or fit (shared memory, registers)
@@ -351,8 +460,9 @@ def main() -> None:
     parser.add_argument("out", help="JSON to write")
     parser.add_argument("--batches", default="32,64,128,256")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="heads", help="the tilings to time (see GRIDS)")
     args = parser.parse_args()
-    run([int(b) for b in args.batches.split(",")], args.layers, args.out)
+    run([int(b) for b in args.batches.split(",")], args.layers, args.out, args.grid)
 
 
 if __name__ == "__main__":
