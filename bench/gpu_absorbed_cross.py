@@ -1,5 +1,6 @@
 """Cross-attention over the encoder output itself, with the key and value projections absorbed into the query and
-the output (GPU; the kernel also runs in Triton's interpreter, TRITON_INTERPRET=1, on small CPU tensors).
+the output (GPU). Two kernels: Triton's (it also runs in Triton's interpreter, TRITON_INTERPRET=1, on small CPU
+tensors) and CUDA C++'s (bench/absorbed_cross.cu, compiled at run time by NVRTC: bench/cuda_rtc.py).
 
 A decode step over many slots spends most of its time in cross-attention (large-v3 at 64 slots: 5.3 of ~8 ms,
 bench/NOTES.md), reading each slot's cached keys and values: per layer K = E·Wkᵀ and V = E·Wvᵀ + bv, two
@@ -11,39 +12,48 @@ head's 64 rows of Wk and Wv:
 
 so attention can read E (3.8 MB a slot a layer) once for both, with the query projected into model space first
 (Q' [B, H, D], a batched product over heads with Wk) and the weighted sum of E projected after (a batched
-product with Wv): half the bytes, ~20× the FLOPs (still far below the tensor cores' ridge). One program takes one
-slot and a group of 16 heads (20 heads: two groups, the second read of E from L2; or 32 rows, all 20 in one),
-holds its five [16, 256] accumulators in registers and streams E in blocks of keys with an online softmax
-(optionally over key splits, merged by a second kernel).
+product with Wv): half the bytes, ~20× the FLOPs (still far below the tensor cores' ridge).
+  Triton: one program takes one slot and a group of 16 heads (20 heads: two groups, the second read of E from L2;
+    or 32 rows, all 20 in one), holds its five [16, 256] accumulators in registers and streams E in blocks of keys
+    with an online softmax (optionally over key splits, merged by a second kernel).
+  CUDA: one block of 8 warps per slot (and split of the keys) splits the model width over its warps, each with its
+    slice of the accumulator and of Q' in registers; only the partial scores meet in shared memory (the .cu's
+    header has the rest).
 
 This script times, for large-v3's shapes at several batch sizes, one decode step's cross-attention over L layers
 (distinct weights and caches, the same E, as in a real step), each variant captured in a CUDA graph:
   sdpa       PyTorch's SDPA over the cached K and V (the plain step's path above 16 slots)
   absorbed   the Q' product, the kernel, the value product (the value bias belongs in cross_out's bias)
-and checks the two agree. The kernel's tiles are chosen from a small grid first.
+and checks they agree. The Triton kernel's tiles are chosen from a grid first (`--grid none` skips it); the CUDA
+kernel runs at 1, 2 and 4 key splits, each with and without two L2 prefetch schemes.
 
-    PYTHONPATH=src python bench/gpu_absorbed_cross.py OUT.json [--batches 32,64,128,256] [--layers 8] [--grid heads|keys]
+    PYTHONPATH=src python bench/gpu_absorbed_cross.py OUT.json [--batches 32,64,128,256] [--layers 8]
+        [--grid heads|keys|none]
 
-Measured on an H100 (session 32, `--grid heads`: `bench/results/absorbed_cross_h100_s32.json`; earlier grids:
-`absorbed_cross_grid{1,2}_h100_s32.json`), µs a layer, SDPA / absorbed (of which the kernel): batch 32 86.2 / 84.6
-(69.6), 64 161.7 / 134.9 (121.2), 128 315.0 / 343.5 (323.0), 256 623.9 / 666.0 (644.4); outputs within 0.0005 of
-SDPA's. The kernel reads E at 1.5–2.0 TB/s where SDPA reads twice the bytes at 2.9–3.2: a program takes ~120 µs for
-its slot's 1,500 keys whether 64 or 128 programs run (32 or 64 slots), so it is bound by its own work (small [16,
-256] mma tiles, each E tile read both ways from shared memory: ~100 TFLOP/s), not by the memory; a program for all
-20 heads (32 rows) spilled its accumulators and ran slower, and key splits helped only at 32 slots. At 64 slots it
-would take ~7% off large-v3's batch; elsewhere nothing or worse. The best program sits at 255 registers a thread (2
-spilled), one program of 4 warps a SM: too few warps to hide its latency. With keys as the rows (`--grid keys`, so
-that 64 keys fill Hopper's warpgroup MMA) Triton asked for 370–1,028 KB of shared memory, more than the SM has, in
-every tiling tried (`absorbed_cross_transposed_h100_s32.json`). A kernel that splits the model width over a
-program's warps (each warp reading its slice of E straight into registers, only the partial scores meeting in
-shared memory) is what is left, in CUDA C++. Not adopted: the engine keeps its K/V cache and SDPA.
+Measured on an H100 (session 32), µs a layer, SDPA against the best absorbed variant (with its two products): CUDA
+(`--grid none`, `bench/results/absorbed_cross_cuda_h100_s32.json`): batch 32 85.9 / 80.2 (4 splits), 64 160.9 /
+127.9 (2 splits), 128 314.3 / 193.0, 256 622.1 / 371.8 (1 split), cp.async with 256-byte L2 fetches; outputs within
+0.0005 of SDPA's. The kernel alone reads E at 2.2–2.8 TB/s from 64 slots up, bound by its loads: with no MMAs or
+softmax at all it took as long (`absorbed_cross_cuda_warp_loads_h100_s32.json`), since a block's 191 KB of shared
+memory leave room for only two stages of 32 keys. Earlier steps: one block-wide copy and wait a block (`_first`),
+partial scores laid out with bank conflicts (`_ablations`: also each phase taken out in turn), bulk L2 prefetches
+of the block after next (slower by 10–20%). Triton (`--grid heads`, `absorbed_cross_h100_s32.json`; earlier grids
+`absorbed_cross_grid{1,2}_h100_s32.json`): 84.6, 134.9, 343.5, 666.0: a program takes ~120 µs for its slot's 1,500
+keys whether 64 or 128 programs run, at 255 registers a thread (2 spilled) and one program of 4 warps a SM, too few
+warps to hide its latency; a program for all 20 heads spilled more and ran slower, and with keys as the rows
+(`--grid keys`, so that 64 keys fill Hopper's warpgroup MMA) Triton asked for 370–1,028 KB of shared memory in
+every tiling (`absorbed_cross_transposed_h100_s32.json`). Not in the engine yet: the CUDA kernel would take ~13%
+off large-v3's batch-64 step and ~40% off its cross-attention from 128 slots up; bench/NOTES.md has what adopting
+it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -288,6 +298,59 @@ def absorbed_attention(
     return out
 
 
+CUDA_SOURCE = Path(__file__).with_name("absorbed_cross.cu")
+
+
+@functools.cache
+def cuda_kernel(d: int, heads: int, warps: int, splits: int, arch: str, ablate: int = 0, prefetch: int = 0) -> Any:
+    """bench/absorbed_cross.cu compiled by NVRTC for these sizes (bench/cuda_rtc.py) and loaded."""
+    from cuda_rtc import Kernel, compile_cubin
+
+    defines: dict[str, int | str] = {"D": d, "HEADS": heads, "WARPS": warps, "BK": 32, "SPLITS": splits}
+    defines["ABLATE"], defines["PREFETCH"] = ablate, prefetch
+    cubin = compile_cubin(CUDA_SOURCE.read_text(), "absorbed_cross", arch, defines)
+    shared = 2 * 32 * (d + 8) * 2 + warps * 24 * 36 * 4 + 24 * 40 * 2 + 2 * 24 * 4  # see the .cu's layout
+    return Kernel(cubin, "absorbed_cross", shared)
+
+
+def absorbed_attention_cuda(
+    qp: torch.Tensor,
+    e: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    warps: int = 8,
+    splits: int = 1,
+    ablate: int = 0,
+    prefetch: int = 2,
+) -> torch.Tensor:
+    """absorbed_attention by bench/absorbed_cross.cu: the model width split over a block's warps, a block per
+    slot and split of the keys (fp16; the same shapes and strides)."""
+    b, h, d = qp.shape
+    if e.shape[2] != d or qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1 or qp.dtype != torch.float16:
+        raise ValueError(f"absorbed_attention_cuda: q {tuple(qp.shape)} / e {tuple(e.shape)} do not fit")
+    major, minor = torch.cuda.get_device_capability(qp.device)
+    kern = cuda_kernel(d, h, warps, splits, f"sm_{major}{minor}", ablate, prefetch)
+    key = ("cuda", warps, splits, ablate, prefetch)
+    if key not in compiled:
+        compiled[key] = kern.registers_and_local_bytes()
+    if splits > 1:
+        wkey = (splits * b * h, d)
+        if wkey not in _ws:
+            _ws[wkey] = (
+                torch.empty(splits * b * h * d, dtype=torch.float32, device=qp.device),
+                torch.empty(splits * b * h * 2, dtype=torch.float32, device=qp.device),
+            )
+        ws, stat = _ws[wkey]
+    else:
+        ws = stat = out
+    args = [qp, e, out, ws, stat, e.shape[1], qp.stride(0), qp.stride(1), e.stride(0), e.stride(1), out.stride(0),
+            out.stride(1), b]  # fmt: skip
+    kern.launch((b, splits, 1), warps * 32, args)
+    if splits > 1:
+        merge_kernel[(b, h)](ws, stat, out, b, h, out.stride(0), out.stride(1), D=d, BLOCK_D=256, SPLITS=splits)
+    return out
+
+
 class Layers:
     """L layers' cross-attention weights and caches for `batch` slots sharing one encoder output per slot."""
 
@@ -322,10 +385,11 @@ class Layers:
         a = F.scaled_dot_product_attention(q, self.k[layer], self.v[layer])
         return a.view(self.batch, D)
 
-    def absorbed(self, layer: int, **tiles: int) -> torch.Tensor:
+    def absorbed(self, layer: int, cuda: bool = False, **tiles: Any) -> torch.Tensor:
         q = self.q[layer].view(self.batch, HEADS, HEAD_DIM).transpose(0, 1)  # [H, B, Dh]
         torch.bmm(q, self.wk_heads[layer], out=self.qp)  # Q' [H, B, D]
-        absorbed_attention(self.qp.transpose(0, 1), self.e, self.z.transpose(0, 1), **tiles)
+        attend = absorbed_attention_cuda if cuda else absorbed_attention
+        attend(self.qp.transpose(0, 1), self.e, self.z.transpose(0, 1), **tiles)
         o = torch.bmm(self.z, self.wv_heads[layer])  # [H, B, Dh]
         return o.transpose(0, 1).reshape(self.batch, D) + self.bv[layer]  # the bias: cross_out's, in the engine
 
@@ -388,11 +452,11 @@ def run(batches: list[int], layers: int, out_path: str, grid: str = "heads") -> 
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
 
-    # tiles: every tiling timed at batch 64 on 2 layers; the 8 best are timed again at each batch
+    # Triton tiles: every tiling of the grid timed at batch 64 on 2 layers; the 8 best timed again at each batch
     probe = Layers(64, 2)
     reference = probe.sdpa(0).float()
     timed: list[tuple[float, dict[str, Any]]] = []
-    for tiles in GRIDS[grid]:
+    for tiles in GRIDS.get(grid, []):
         row: dict[str, Any] = dict(tiles)
         try:
             err = float((probe.absorbed(0, **tiles).float() - reference).abs().max())
@@ -411,8 +475,6 @@ def run(batches: list[int], layers: int, out_path: str, grid: str = "heads") -> 
         print(row, flush=True)
         save()
     del probe
-    if not timed:
-        raise SystemExit("no tiling passed")
     candidates = [tiles for _, tiles in sorted(timed, key=lambda t: t[0])[:8]]
     print("candidates", candidates, flush=True)
 
@@ -421,36 +483,60 @@ def run(batches: list[int], layers: int, out_path: str, grid: str = "heads") -> 
         try:
             lay = Layers(batch, layers)
             ref = [lay.sdpa(i).float() for i in range(layers)]
-            sdpa_ms = graph_ms(lambda: [lay.sdpa(i) for i in range(layers)])
-            best_ms, best = float("inf"), candidates[0]
-            for tiles in candidates:
-                ms = graph_ms(lambda t=tiles: [lay.absorbed(i, **t) for i in range(layers)])
-                if ms < best_ms:
-                    best_ms, best = ms, tiles
-            got = [lay.absorbed(i, **best).float() for i in range(layers)]
-            row["max_err"] = round(max(float((a - r).abs().max()) for a, r in zip(got, ref, strict=True)), 5)
             row["ref_abs_max"] = round(max(float(r.abs().max()) for r in ref), 4)
-            absorbed_ms = best_ms
-            kernel_ms = graph_ms(
-                lambda: [absorbed_attention(lay.qp.transpose(0, 1), lay.e, lay.z.transpose(0, 1), **best)
-                         for _ in range(layers)]
-            )  # fmt: skip
-            row["tiles"] = best
+            sdpa_ms = graph_ms(lambda: [lay.sdpa(i) for i in range(layers)])
             bytes_sdpa = batch * 2 * FRAMES * D * 2  # K and V a layer
-            row |= {
-                "sdpa_us_a_layer": round(sdpa_ms / layers * 1e3, 1),
-                "absorbed_us_a_layer": round(absorbed_ms / layers * 1e3, 1),
-                "kernel_us_a_layer": round(kernel_ms / layers * 1e3, 1),
-                "sdpa_tb_s": round(bytes_sdpa / (sdpa_ms / layers) / 1e9, 2),
-                "kernel_tb_s_of_e": round(bytes_sdpa / 2 / (kernel_ms / layers) / 1e9, 2),
-            }
+            row["sdpa_us_a_layer"] = round(sdpa_ms / layers * 1e3, 1)
+            row["sdpa_tb_s"] = round(bytes_sdpa / (sdpa_ms / layers) / 1e9, 2)
+
+            def error(cuda: bool, tiles: dict[str, Any]) -> float:
+                got = [lay.absorbed(i, cuda, **tiles).float() for i in range(layers)]
+                return round(max(float((a - r).abs().max()) for a, r in zip(got, ref, strict=True)), 5)
+
+            def kernel_ms(cuda: bool, tiles: dict[str, Any]) -> float:
+                attend = absorbed_attention_cuda if cuda else absorbed_attention
+                return graph_ms(
+                    lambda: [attend(lay.qp.transpose(0, 1), lay.e, lay.z.transpose(0, 1), **tiles)
+                             for _ in range(layers)]
+                )  # fmt: skip
+
+            if candidates:  # the Triton kernel at its best tiles for this batch
+                best_ms, best = float("inf"), candidates[0]
+                for tiles in candidates:
+                    ms = graph_ms(lambda t=tiles: [lay.absorbed(i, **t) for i in range(layers)])
+                    if ms < best_ms:
+                        best_ms, best = ms, tiles
+                row |= {
+                    "tiles": best,
+                    "max_err": error(False, best),
+                    "absorbed_us_a_layer": round(best_ms / layers * 1e3, 1),
+                    "kernel_us_a_layer": round(kernel_ms(False, best) / layers * 1e3, 1),
+                }
+                row["kernel_tb_s_of_e"] = round(bytes_sdpa / 2 / (row["kernel_us_a_layer"] * 1e-6) / 1e12, 2)
+            row["cuda"] = []
+            configs = [{"warps": 8, "splits": sp, "prefetch": pf} for sp in (1, 2, 4) for pf in (0, 1, 2, 3)]
+            for cfg in configs:
+                entry: dict[str, Any] = dict(cfg)
+                try:
+                    entry["max_err"] = error(True, cfg)
+                    ms = graph_ms(lambda c=cfg: [lay.absorbed(i, True, **c) for i in range(layers)])
+                    entry["absorbed_us_a_layer"] = round(ms / layers * 1e3, 1)
+                    entry["kernel_us_a_layer"] = round(kernel_ms(True, cfg) / layers * 1e3, 1)
+                    entry["kernel_tb_s_of_e"] = round(bytes_sdpa / 2 / (entry["kernel_us_a_layer"] * 1e-6) / 1e12, 2)
+                    entry["regs_local_bytes"] = compiled.get(
+                        ("cuda", cfg["warps"], cfg["splits"], cfg.get("ablate", 0), cfg.get("prefetch", 0))
+                    )
+                except Exception as exc:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                row["cuda"].append(entry)
+                print(batch, entry, flush=True)
             del lay
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             traceback.print_exc()
         torch.cuda.empty_cache()
         result["rows"].append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k != "cuda"}, flush=True)
         save()
     return result
 
@@ -460,7 +546,9 @@ def main() -> None:
     parser.add_argument("out", help="JSON to write")
     parser.add_argument("--batches", default="32,64,128,256")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="heads", help="the tilings to time (see GRIDS)")
+    parser.add_argument(
+        "--grid", choices=[*sorted(GRIDS), "none"], default="heads", help="the Triton tilings to time (see GRIDS)"
+    )
     args = parser.parse_args()
     run([int(b) for b in args.batches.split(",")], args.layers, args.out, args.grid)
 
