@@ -32,7 +32,7 @@ from conftest import REPO, TEST_DATA
 from halkspeech.api import grpc_health
 from halkspeech.api import triton_grpc as triton_grpc_api
 from halkspeech.api.kserve import MAX_JSON_BYTES, inflate, parse_request, serialize_bytes
-from halkspeech.api.triton_model import options_from_prefix
+from halkspeech.api.triton_model import MAX_TEXT_PREFIX_CHARS, options_from_prefix
 from halkspeech.audio import decode_audio
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import InvalidRequest, PayloadTooLarge
@@ -196,6 +196,12 @@ def test_text_prefix_sets_language_task_timestamps_prompt_and_prefix() -> None:
     for bad in ("<|startoflm|>", PREFIX + " text <|en|>", "loose text<|startoftranscript|>"):
         with pytest.raises(InvalidRequest, match="TEXT_PREFIX"):
             options_from_prefix(bad)
+    # Bounded before it is parsed or tokenized: 2.8 MB of task tokens took the parse 6 s (quadratic), and a 20 MB
+    # prefix, tokenized for every window, held the event loop 10 s.
+    assert options_from_prefix(PREFIX + "x" * (MAX_TEXT_PREFIX_CHARS - len(PREFIX))).prefix is not None
+    for long in (PREFIX + "x" * MAX_TEXT_PREFIX_CHARS, "<|startoftranscript|>" + "<|transcribe|>" * 200_000):
+        with pytest.raises(InvalidRequest, match=f"TEXT_PREFIX may have at most {MAX_TEXT_PREFIX_CHARS} characters"):
+            options_from_prefix(long)
 
 
 def test_the_codec_reads_binary_bytes_and_refuses_what_does_not_add_up() -> None:
@@ -257,6 +263,16 @@ def wav_json(data: list[float], shape: list[int] | None = None) -> dict[str, Any
         ({"inputs": [wav_json([0.0] * 4)], "outputs": [{"name": "LOGITS"}]}, 400, "unknown output"),
         ({"inputs": [wav_json([], [65, 0])]}, 400, "rows"),
         ({"inputs": [wav_json([], [1, 0])]}, 400, "no samples"),
+        (
+            {
+                "inputs": [
+                    wav_json([0.0] * 4),
+                    {"name": "TEXT_PREFIX", "datatype": "BYTES", "shape": [1, 1], "data": [PREFIX + "x" * 5000]},
+                ]
+            },
+            400,
+            "TEXT_PREFIX may have at most",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_in_tritons_error_form(server: LiveServer, body: Any, status: int, says: str) -> None:

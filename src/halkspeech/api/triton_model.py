@@ -36,6 +36,10 @@ EXAMPLE_MODELS = frozenset({"whisper", "whisper_bls", "whisper_bls_async", "infe
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 MAX_ROWS = 64  # rows of one request; each is a transcription under the server's admission limits
 MAX_WINDOW_TOKENS = 224  # Whisper's own limit for a 30 s window (openai-whisper's sample_len)
+#: A TEXT_PREFIX at most: its prompt and its prefix keep a few hundred tokens each (Tokenizer.decoder_prompt), which
+#: this many characters already exceed. Unbounded, a 20 MB prefix held the event loop 10 s (tokenized for every
+#: window), and the special tokens' parse is quadratic (2.8 MB of <|transcribe|>: 6 s of a worker thread).
+MAX_TEXT_PREFIX_CHARS = 4096
 OUTPUT = "TRANSCRIPTS"
 INPUTS = {"WAV": "FP32", "WAV_LENS": "INT32", "TEXT_PREFIX": "BYTES", "MAX_NEW_TOKENS": "INT32"}
 _DTYPES = {"FP32": "float32", "INT32": "int32", "BYTES": "object"}
@@ -214,6 +218,10 @@ def options_from_prefix(prefix: str, max_new_tokens: int | None = None) -> Trans
     """TEXT_PREFIX → options. `<|startofprev|>` text before `<|startoftranscript|>` is the prompt; after it come
     a language (`<|tr|>`, none: detect), `<|transcribe|>` or `<|translate|>`, and `<|notimestamps|>`; any text
     after those starts the transcript (openai-whisper's `prefix`)."""
+    if len(prefix) > MAX_TEXT_PREFIX_CHARS:
+        raise InvalidRequest(
+            f"TEXT_PREFIX may have at most {MAX_TEXT_PREFIX_CHARS} characters, got {len(prefix)}", param="TEXT_PREFIX"
+        )
     before, sot, after = prefix.partition("<|startoftranscript|>")
     if not sot:
         before, after = "", prefix
