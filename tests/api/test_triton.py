@@ -280,6 +280,17 @@ def test_bad_requests_get_a_4xx_in_tritons_error_form(server: LiveServer, body: 
     assert response.status_code == status and says in response.json()["error"], response.text
 
 
+def test_an_inference_header_length_that_is_no_byte_count_is_a_400(server: LiveServer) -> None:
+    """str.isdigit passes "²" (a latin-1 header byte), and int() refuses it and numbers of over 4300 digits: a 500."""
+    body = json.dumps({"inputs": [wav_json([0.0] * 1600)]}).encode()
+    for length in (b"abc", b"-1", b"\xb2", b"1" * 5000):
+        headers = {**HEADERS, "Inference-Header-Content-Length": length}
+        response = httpx.post(server.url + "/v2/models/whisper/infer", content=body, headers=headers, timeout=60)
+        assert response.status_code == 400, (length[:10], response.text)
+        assert "Inference-Header-Content-Length must be a number of bytes" in response.json()["error"]
+        assert len(response.json()["error"]) < 200  # a long header is not echoed whole
+
+
 def test_names_versions_keys_and_encodings_are_checked(server: LiveServer) -> None:
     body = {"inputs": [wav_json([0.0] * 1600)]}
     assert infer_raw(server, body, "/v2/models/no-such-model/infer").status_code == 404

@@ -98,8 +98,10 @@ async def infer(request: Request, state: StateDep, model: str, version: str = VE
     name = triton_model.resolve(state, model, version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     length = request.headers.get("inference-header-content-length")
-    if length is not None and not length.isdigit():
-        raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length!r}")
+    # ASCII digits only, and few: str.isdigit also passes "²" (latin-1 headers), and int() refuses both that and
+    # 4301 digits or more (CPython's limit): a ValueError here was a 500
+    if length is not None and not (length.isascii() and length.isdigit() and len(length) <= 19):
+        raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {length[:40]!r}")
     body = await request.body()
     with state.triton_stats.measure(triton_model.stats_name(state, model)) as clock:
         limit = int(state.settings.server.max_upload_mb * 1e6)
