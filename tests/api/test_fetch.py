@@ -149,6 +149,16 @@ def test_malformed_host_names_are_fetch_errors(origin: str, host: str) -> None:
         fetch(f"{origin}/redirect?to=http://{host}/a.wav")
 
 
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+def test_a_port_out_of_range_is_a_fetch_error(origin: str, port: int) -> None:
+    """httpx takes any port into a URL; the connection then failed with OverflowError inside an ExceptionGroup
+    (asyncio's loop: a 500) or, under uvloop, as "All connection attempts failed", which says nothing of why."""
+    with pytest.raises(URLFetchError, match=f"the URL's port {port} is not a TCP port"):
+        fetch(f"http://127.0.0.1:{port}/a.wav")
+    with pytest.raises(URLFetchError, match=f"the URL's port {port} is not a TCP port"):
+        fetch(f"{origin}/redirect?to=http://127.0.0.1:{port}/a.wav")
+
+
 def test_default_policy_refuses_loopback(origin: str) -> None:
     with pytest.raises(URLFetchError, match="non-public address"):
         asyncio.run(URLFetcher(ServerSettings()).fetch(f"{origin}/audio.wav"))

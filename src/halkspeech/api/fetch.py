@@ -225,6 +225,8 @@ def _parse(url: str) -> httpx.URL:
         raise URLFetchError("the URL has no host")
     if parsed.userinfo:
         raise URLFetchError("the URL may not carry credentials (user:password@)")
+    if parsed.port is not None and not 0 < parsed.port < 65536:  # httpx takes any; the connect then overflowed
+        raise URLFetchError(f"the URL's port {parsed.port} is not a TCP port (1 to 65535)")
     return parsed.copy_with(fragment=None)
 
 
