@@ -96,7 +96,7 @@ class BatchedTranscription:
         self.language_probs: dict[str, float] | None = None
         # every chunk sees the initial prompt (the text before it is not known yet)
         prompt = options.initial_prompt
-        self.previous = self.tokenizer.encode(" " + prompt.strip()) if prompt else []
+        self.previous = self.tokenizer.encode_prompt(prompt) if prompt else []
         self.stages = _Stages()
         # chunks of one file in flight at once: a long file must not fill the whole engine queue by itself
         self.max_in_flight = max(1, model.engine.scheduler.max_queue // 4)

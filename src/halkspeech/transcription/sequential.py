@@ -99,7 +99,7 @@ class SequentialTranscription:
             log_mel_spectrogram, self.audio, self.model.dims.n_mels, padding=N_SAMPLES, device=self.model.device
         )
         o, tok = self.options, self.tokenizer
-        initial = tok.encode(" " + o.initial_prompt.strip()) if o.initial_prompt else []
+        initial = tok.encode_prompt(o.initial_prompt) if o.initial_prompt else []
         all_tokens: list[int] = list(initial)
         segments: list[Segment] = []
         prompt_reset = 0
