@@ -1,6 +1,6 @@
 """Cross-attention over the encoder output itself, with the key and value projections absorbed into the query and
 the output (GPU). Two kernels: Triton's (it also runs in Triton's interpreter, TRITON_INTERPRET=1, on small CPU
-tensors) and CUDA C++'s (bench/absorbed_cross.cu, compiled at run time by NVRTC: bench/cuda_rtc.py).
+tensors) and CUDA C++'s (src/halkspeech/model/assets/absorbed_cross.cu, compiled at run time by NVRTC: src/halkspeech/model/cuda_rtc.py).
 
 A decode step over many slots spends most of its time in cross-attention (large-v3 at 64 slots: 5.3 of ~8 ms,
 bench/NOTES.md), reading each slot's cached keys and values: per layer K = E·Wkᵀ and V = E·Wvᵀ + bv, two
@@ -298,13 +298,14 @@ def absorbed_attention(
     return out
 
 
-CUDA_SOURCE = Path(__file__).with_name("absorbed_cross.cu")
+CUDA_SOURCE = Path(__file__).parents[1] / "src/halkspeech/model/assets/absorbed_cross.cu"
 
 
 @functools.cache
 def cuda_kernel(d: int, heads: int, warps: int, splits: int, arch: str, ablate: int = 0, prefetch: int = 0) -> Any:
-    """bench/absorbed_cross.cu compiled by NVRTC for these sizes (bench/cuda_rtc.py) and loaded."""
-    from cuda_rtc import Kernel, compile_cubin
+    """The engine's kernel source (model/assets/absorbed_cross.cu) compiled by NVRTC for these sizes, with the
+    benchmark switches (model/cuda_rtc.py), and loaded."""
+    from halkspeech.model.cuda_rtc import Kernel, compile_cubin
 
     defines: dict[str, int | str] = {"D": d, "HEADS": heads, "WARPS": warps, "BK": 32, "SPLITS": splits}
     defines["ABLATE"], defines["PREFETCH"] = ablate, prefetch
@@ -323,7 +324,7 @@ def absorbed_attention_cuda(
     ablate: int = 0,
     prefetch: int = 2,
 ) -> torch.Tensor:
-    """absorbed_attention by bench/absorbed_cross.cu: the model width split over a block's warps, a block per
+    """absorbed_attention by src/halkspeech/model/assets/absorbed_cross.cu: the model width split over a block's warps, a block per
     slot and split of the keys (fp16; the same shapes and strides)."""
     b, h, d = qp.shape
     if e.shape[2] != d or qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1 or qp.dtype != torch.float16:

@@ -169,6 +169,12 @@ class EngineSettings(BaseModel):
     #: steps keep PyTorch's GEMMs with the Triton decode attention; CPUs and machines without Triton use plain
     #: PyTorch. 0 turns all of them off.
     fused_kernels_max_batch: int = Field(default=16, ge=0)
+    #: Decode steps of at least this many slots (and more than the fused kernels take) read each slot's audio in
+    #: their cross-attention instead of its keys and values (model/absorbed.py: half the bytes; a large-v3 step on
+    #: an H100 7.74 → 6.35 ms at 64 slots, 12.90 → 8.92 at 128). Large models (width 1280: large-v1…v3, turbo,
+    #: distil-large) on CUDA sm_80+ in fp16; the cache keeps each slot's audio for it (+1.2% a large-v3
+    #: slot). 0 turns it off.
+    absorbed_cross_min_batch: int = Field(default=32, ge=0)
     #: The encoder's residual adds inside its projections' GEMMs and its LayerNorms in Triton (Encoder.forward_fused;
     #: CUDA with Triton only): two kernels a layer fewer, each a pass over the batch's activations.
     fused_encoder: bool = True

@@ -48,6 +48,7 @@ class EngineBenchConfig:
     cuda_graphs: bool = True
     fused_kernels_max_batch: int = EngineSettings.model_fields["fused_kernels_max_batch"].default
     fused_encoder: bool = EngineSettings.model_fields["fused_encoder"].default
+    absorbed_cross_min_batch: int = EngineSettings.model_fields["absorbed_cross_min_batch"].default
     json_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -59,6 +60,7 @@ class EngineBenchConfig:
             repeats=(self.repeats, 1, 1000),
             encoder_batch=(self.max_encoder_batch, 1, MAX_ENCODER_BATCH),
             fused_max_batch=(self.fused_kernels_max_batch, 0, MAX_SLOTS),
+            absorbed_min_batch=(self.absorbed_cross_min_batch, 0, MAX_SLOTS),
         )
 
 
@@ -159,6 +161,7 @@ def _bench_ours(
         cuda_graphs=cfg.cuda_graphs,
         fused_kernels_max_batch=cfg.fused_kernels_max_batch,
         fused_encoder=cfg.fused_encoder,
+        absorbed_cross_min_batch=cfg.absorbed_cross_min_batch,
     )
     model = start_engine(weights, settings)
     rows = []

@@ -61,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     engine.add_argument(
         "--no-fused-encoder", action="store_true", help="the encoder's plain PyTorch path (for comparison)"
     )
+    engine.add_argument(
+        "--absorbed-min-batch",
+        type=int,
+        default=None,
+        help="decode steps of at least this many slots read the audio in their cross-attention (0: never; "
+        "default: the engine's setting)",
+    )
     _device_args(engine)
     engine.set_defaults(func=_run_engine)
 
@@ -209,6 +216,7 @@ def _run_engine(args: argparse.Namespace) -> int:
             fused_encoder=not args.no_fused_encoder,
             json_path=args.json_path,
             **({} if args.fused_max_batch is None else {"fused_kernels_max_batch": args.fused_max_batch}),
+            **({} if args.absorbed_min_batch is None else {"absorbed_cross_min_batch": args.absorbed_min_batch}),
         )
     )
     return 0

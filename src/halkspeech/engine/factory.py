@@ -205,10 +205,17 @@ def alignment_graph_rows(settings: EngineSettings, heads: int) -> int:
 
 
 def plan_slots(
-    dims: ModelDims, dtype: torch.dtype, device: torch.device, settings: EngineSettings, alignment_heads: int = 0
+    dims: ModelDims,
+    dtype: torch.dtype,
+    device: torch.device,
+    settings: EngineSettings,
+    alignment_heads: int = 0,
+    *,
+    audio: bool = False,
 ) -> int:
     """Decoder slots that fit in `gpu_memory_fraction` of free GPU memory, after the weights (already
-    loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries."""
+    loaded) and a reserve for encoder activations and the decode step's [B, V] temporaries; `audio`: each slot
+    keeps its audio too (KVCache.cross_e)."""
     if device.type != "cuda":
         return settings.max_slots or CPU_SLOTS
     free, _ = torch.cuda.mem_get_info(device)
@@ -227,7 +234,7 @@ def plan_slots(
     rows = alignment_graph_rows(settings, alignment_heads)
     encoder_reserve += rows * alignment_heads * ALIGN_GRAPH_WIDTH * dims.n_audio_ctx * 4 * 26
     budget = free * settings.gpu_memory_fraction - encoder_reserve - (1 << 30)
-    per_slot = KVCache.bytes_per_slot(dims, dtype) + 8 * dims.n_vocab * 4
+    per_slot = KVCache.bytes_per_slot(dims, dtype, audio=audio) + 8 * dims.n_vocab * 4
     slots = max(1, int(budget // per_slot))
     if settings.max_slots:
         slots = min(slots, settings.max_slots)
@@ -285,9 +292,14 @@ def _start_engine(
         log.info("decode steps of up to %d slots use the fused kernels", settings.fused_kernels_max_batch)
     if model.encoder.use_fused_kernels(settings.fused_encoder):
         log.info("the encoder's residual adds run inside its GEMMs")
+    if model.decoder.use_absorbed_cross(settings.absorbed_cross_min_batch):
+        log.info(
+            "decode steps of %d slots or more read the audio in their cross-attention",
+            settings.absorbed_cross_min_batch,
+        )
     tokenizer = Tokenizer.for_model(weights.dims)
     heads = len(weights.alignment_heads)
-    slots = plan_slots(weights.dims, dtype, device, settings, heads)
+    slots = plan_slots(weights.dims, dtype, device, settings, heads, audio=model.decoder.absorbed is not None)
     graphs = settings.cuda_graphs and device.type == "cuda"
     align_rows = alignment_graph_rows(settings, heads) if graphs else 0
     if graphs and settings.alignment_graphs and not align_rows:

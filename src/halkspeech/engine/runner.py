@@ -165,7 +165,8 @@ class Runner:
         self.device = model.device
         self.dtype = model.dtype
         self.max_encoder_batch = max_encoder_batch
-        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device)
+        audio = model.decoder.absorbed is not None  # large steps' cross-attention reads it (model/absorbed.py)
+        self.cache = KVCache.allocate(model.dims, slots, dtype=self.dtype, device=self.device, audio=audio)
         self.state = SlotState.allocate(slots, model.dims.n_vocab, self.device)
         fused = model.decoder.fused_max_batch > 0  # the fused step kernels are on: so is the fused sampler
         self.sampler = Sampler(ids, self.device, fused_slots=slots if fused else 0)

@@ -21,15 +21,20 @@ class KVCache:
                       laid out so one step's new key and value of a slot are one contiguous row, written
                       by a single index_copy_ for all slots (the projection already emits them side by side)
     cross_k, cross_v: [L, S, H, A, Dh]     cross-attention keys/values of the slot's audio, computed once
-    (L decoder layers, S slots, H heads, T = n_text_ctx (448), A = n_audio_ctx (1500), Dh head size)
+    cross_e:          [S, A, D] or None    the slot's audio itself (the encoder output), which the absorbed
+                      cross-attention of large steps reads instead of keys and values (model/absorbed.py)
+    (L decoder layers, S slots, H heads, T = n_text_ctx (448), A = n_audio_ctx (1500), Dh head size, D width)
     """
 
     self_kv: torch.Tensor
     cross_k: torch.Tensor
     cross_v: torch.Tensor
+    cross_e: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, dims: ModelDims, slots: int, *, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def allocate(
+        cls, dims: ModelDims, slots: int, *, dtype: torch.dtype, device: torch.device | str, audio: bool = False
+    ) -> KVCache:
         heads, head_dim = dims.n_text_head, dims.n_text_state // dims.n_text_head
         self_shape = (dims.n_text_layer, slots, dims.n_text_ctx, 2, heads, head_dim)
         cross_shape = (dims.n_text_layer, slots, heads, dims.n_audio_ctx, head_dim)
@@ -38,6 +43,9 @@ class KVCache:
             self_kv=torch.zeros(self_shape, dtype=dtype, device=device),
             cross_k=torch.zeros(cross_shape, dtype=dtype, device=device),
             cross_v=torch.zeros(cross_shape, dtype=dtype, device=device),
+            cross_e=torch.zeros(slots, dims.n_audio_ctx, dims.n_audio_state, dtype=dtype, device=device)
+            if audio
+            else None,
         )
 
     @property
@@ -65,20 +73,28 @@ class KVCache:
         self.step_rows(layer).index_copy_(0, rows, kv)
 
     @staticmethod
-    def bytes_per_slot(dims: ModelDims, dtype: torch.dtype) -> int:
-        """Memory one slot costs: 2 × L × (T + A) × D elements."""
+    def bytes_per_slot(dims: ModelDims, dtype: torch.dtype, *, audio: bool = False) -> int:
+        """Memory one slot costs: 2 × L × (T + A) × D elements, and A × D more with its audio kept."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state * itemsize
+        elements = 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state
+        return (elements + (dims.n_audio_ctx * dims.n_audio_state if audio else 0)) * itemsize
 
     def store_cross(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep a layer's cross-attention keys/values k, v [B, H, A, Dh] of the windows in `slots` [B]."""
         self.cross_k[layer, slots] = k
         self.cross_v[layer, slots] = v
 
+    def store_audio(self, slots: torch.Tensor, audio: torch.Tensor) -> None:
+        """Keep the windows' audio [B, A, D] in `slots` [B], where the cache keeps audio (cross_e)."""
+        if self.cross_e is not None:
+            self.cross_e[slots] = audio
+
     def copy_cross(self, src: int, dst: int) -> None:
         """Give slot `dst` the window of slot `src` (beams and samples of one request share it)."""
         self.cross_k[:, dst] = self.cross_k[:, src]
         self.cross_v[:, dst] = self.cross_v[:, src]
+        if self.cross_e is not None:
+            self.cross_e[dst] = self.cross_e[src]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a slot's self-attention state up to `length` and its cross-attention state (compaction)."""

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from halkspeech.model import kernels
+from halkspeech.model import absorbed, kernels
+from halkspeech.model.absorbed import AbsorbedCross
 from halkspeech.model.cache import KVCache
 from halkspeech.model.dims import ModelDims
 from halkspeech.model.int8 import Int8Linear, quantize_linears
@@ -190,10 +191,18 @@ class DecoderBlock(nn.Module):
         return self._mlp(x), scores
 
     def step(
-        self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, mask: Tensor | None, positions: Tensor
+        self,
+        x: Tensor,
+        layer: int,
+        cache: KVCache,
+        rows: Tensor,
+        mask: Tensor | None,
+        positions: Tensor,
+        over_audio: AbsorbedCross | None = None,
     ) -> Tensor:
         # x: [B, 1, D] for slots 0..B-1; rows: [B] cache rows slot*T + position; mask: [B, 1, 1, W] additive,
-        # or None: each slot's keys up to its position [B] in the Triton decode attention (kernels.py)
+        # or None: each slot's keys up to its position [B] in the Triton decode attention (kernels.py);
+        # over_audio: the cross-attention reads the slots' audio (cache.cross_e) instead of their keys and values
         b, d = x.shape[0], x.shape[-1]
         qkv = self.qkv(self.attn_ln(x))  # [B, 1, 3D]
         cache.write_step(layer, rows, qkv[:, 0, d:])
@@ -204,7 +213,12 @@ class DecoderBlock(nn.Module):
             keys, values = cache.keys(layer, b, mask.shape[-1]), cache.values(layer, b, mask.shape[-1])
             a = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
         x = x + self.out(a)
-        x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
+        if over_audio is not None and cache.cross_e is not None:  # the audio itself (model/absorbed.py)
+            q = self.cross_q(self.cross_ln(x))[:, 0].view(b, self.heads, -1)
+            a = over_audio.cross(layer, q, cache.cross_e)
+            x = x + F.linear(a, self.cross_out.weight, over_audio.bias[layer])[:, None]
+        else:
+            x, _ = self._cross(x, cache.cross_k[layer, :b], cache.cross_v[layer, :b])
         return self._mlp(x)
 
     def step_fused(self, x: Tensor, layer: int, cache: KVCache, rows: Tensor, positions: Tensor) -> Tensor:
@@ -261,6 +275,10 @@ class Decoder(nn.Module):
         # steps of at most this many slots use the fused kernels (kernels.py; CUDA with Triton only; 0: never);
         # with them on, larger steps take their self-attention from the Triton decode attention (no mask, no window)
         self.fused_max_batch = 0
+        # steps of at least this many slots (and more than fused_max_batch) take their cross-attention over the
+        # slots' audio with these weights (model/absorbed.py; 0: never)
+        self.absorbed_min_batch = 0
+        self.absorbed: AbsorbedCross | None = None
         self.int8_logits: Int8Linear | None = None  # the token embedding as int8 (Whisper.quantize_int8)
 
     def layers(self) -> Iterable[tuple[int, DecoderBlock]]:
@@ -288,6 +306,7 @@ class Decoder(nn.Module):
             kv = F.linear(audio, self.cross_kv_weight[layer], self.cross_kv_bias[layer])  # [B, A, 2D]
             k, v = kv.chunk(2, dim=-1)
             cache.store_cross(layer, slots, _split_heads(k, heads), _split_heads(v, heads))
+        cache.store_audio(slots, audio)
 
     def prefill(self, tokens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
         """Prompt tokens [B, P] (right-padded) into `slots`; returns hidden states [B, P, D].
@@ -343,8 +362,9 @@ class Decoder(nn.Module):
             mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
         slots = torch.arange(tokens.shape[0], device=tokens.device)
         rows = slots * cache.n_text_ctx + positions  # one flat cache row per slot, computed once per step
+        over_audio = self.absorbed if 0 < self.absorbed_min_batch <= tokens.shape[0] else None
         for layer, block in self.layers():
-            x = block.step(x, layer, cache, rows, mask, positions)
+            x = block.step(x, layer, cache, rows, mask, positions, over_audio)
         return self.logits(x)[:, 0]
 
     def _step_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
@@ -360,6 +380,23 @@ class Decoder(nn.Module):
     def step_window(self, window: int) -> int:
         """The window a step depends on: 0 with the fused kernels on, whose attention has none."""
         return 0 if self.fused_max_batch else window
+
+    def use_absorbed_cross(self, min_batch: int, *, reference: bool = False) -> bool:
+        """Steps of at least `min_batch` slots (and more than fused_max_batch) read each slot's audio in their
+        cross-attention instead of its keys and values (model/absorbed.py), where the kernel runs (CUDA, sm_80+,
+        fp16, NVRTC) and pays (models of absorbed.MIN_WIDTH or wider), or anywhere with `reference` (its
+        PyTorch stand-in, for tests); the cache must keep the audio (KVCache.allocate(audio=True)). Returns
+        whether it will."""
+        w = self.cross_kv_weight
+        heads, width = self.dims.n_text_head, w.shape[-1]
+        pays = width >= absorbed.MIN_WIDTH and absorbed.supported(w.device, w.dtype, width, heads)
+        on = min_batch > 0 and (reference or pays)
+        self.absorbed_min_batch = min_batch if on else 0
+        self.absorbed = None
+        if on:
+            out = [(block.cross_out.weight, block.cross_out.bias) for _, block in self.layers()]
+            self.absorbed = AbsorbedCross.of(w.detach(), self.cross_kv_bias.detach(), out, heads, reference=reference)
+        return on
 
     def use_fused_kernels(self, max_batch: int) -> bool:
         """Run steps of at most `max_batch` slots with the fused kernels, where they can run (a CUDA device

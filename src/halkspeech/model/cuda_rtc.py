@@ -1,6 +1,6 @@
-"""CUDA C++ compiled at run time for the bench scripts: NVRTC to a cubin, loaded and launched through the driver
-API (ctypes). Restored from session 9's src/halkspeech/model/cuda_rtc.py (commit daf5118), for
-bench/gpu_absorbed_cross.py.
+"""CUDA C++ compiled at run time: NVRTC to a cubin, loaded and launched through the driver API (ctypes). The
+absorbed cross-attention (model/absorbed.py) is the one kernel that needs it; written for session 9's persistent
+step (commit daf5118).
 
 NVRTC ships with PyTorch's CUDA wheels (the nvidia-cuda-nvrtc package), so this needs no CUDA toolkit, no host
 compiler and no build step. Compiling needs no GPU: with the nvidia-cuda-nvrtc wheel on sys.path a CPU machine
