@@ -61,14 +61,18 @@ def splits_for(batch: int, device: torch.device) -> int:
 
 
 @functools.cache
-def _kernels(width: int, heads: int, splits: int, arch: str) -> tuple[cuda_rtc.Kernel, cuda_rtc.Kernel]:
+def _kernels(width: int, heads: int, splits: int, device: int) -> tuple[cuda_rtc.Kernel, cuda_rtc.Kernel]:
+    """The kernels for these sizes, loaded into `device`'s context (a module belongs to one device's context:
+    each engine of several GPUs loads its own)."""
+    major, minor = torch.cuda.get_device_capability(device)
     source = resources.files("halkspeech.model").joinpath("assets/absorbed_cross.cu").read_text()
     defines: dict[str, int | str] = {"D": width, "HEADS": heads, "WARPS": WARPS, "BK": BLOCK_KEYS, "SPLITS": splits}
-    cubin = cuda_rtc.compile_cubin(source, "absorbed_cross", arch, defines)
+    cubin = cuda_rtc.compile_cubin(source, "absorbed_cross", f"sm_{major}{minor}", defines)
     # the block's shared memory (the .cu's layout): two stages of BK keys with padded rows, the partial scores
     # [WARPS, 24, 36] float32, P [24, 40] fp16, and the rescale factors and denominators [2, 24] float32
     shared = 2 * BLOCK_KEYS * (width + 8) * 2 + WARPS * MAX_HEADS * 36 * 4 + MAX_HEADS * 40 * 2 + 2 * MAX_HEADS * 4
-    return cuda_rtc.Kernel(cubin, "absorbed_cross", shared), cuda_rtc.Kernel(cubin, "absorbed_merge", 0)
+    with torch.cuda.device(device):
+        return cuda_rtc.Kernel(cubin, "absorbed_cross", shared), cuda_rtc.Kernel(cubin, "absorbed_merge", 0)
 
 
 _workspaces: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}  # by (device, rows): kept for the graphs
@@ -76,7 +80,8 @@ _workspaces: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}  # by (d
 
 def attend(qp: Tensor, e: Tensor, out: Tensor, *, splits: int = 1) -> Tensor:
     """out[b, h] = softmax(qp[b, h]·e[b]ᵀ)·e[b]: qp, out [B, H, D] (any strides over B and H, unit over D, so the
-    [H, B, D] layout of a batched product over heads serves), e [B, A, D] rows of unit stride; fp16, on CUDA.
+    [H, B, D] layout of a batched product over heads serves), e [≥B, A, D] rows of unit stride; fp16, on CUDA
+    (launched on the current stream: `qp`'s device must be the current one, as the engine thread keeps it).
     With splits > 1 the partial sums go through a float32 workspace, allocated on first use of its size (the
     engine runs every step shape before capturing it) and kept, as captured graphs point at it."""
     b, h, d = qp.shape
@@ -84,8 +89,8 @@ def attend(qp: Tensor, e: Tensor, out: Tensor, *, splits: int = 1) -> Tensor:
         raise ValueError(f"absorbed attention: q {tuple(qp.shape)}, e {tuple(e.shape)}, out {tuple(out.shape)}")
     if qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("absorbed attention: the model width must have unit stride")
-    major, minor = torch.cuda.get_device_capability(qp.device)
-    cross, merge = _kernels(d, h, splits, f"sm_{major}{minor}")
+    index = qp.device.index if qp.device.index is not None else torch.cuda.current_device()
+    cross, merge = _kernels(d, h, splits, index)
     ws = stat = out
     if splits > 1:
         key = (qp.device, splits * b * h)
