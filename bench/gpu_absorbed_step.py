@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gpu_absorbed_cross import graph_ms  # a CUDA graph's replay time
 from halkspeech.bench.common import device_info
 from halkspeech.model.cache import KVCache
 from halkspeech.model.tokenizer import Tokenizer
@@ -25,27 +26,6 @@ from halkspeech.model.weights import random_weights
 from halkspeech.model.whisper import Whisper
 
 STEPS = 10
-
-
-def graph_ms(fn: Any, repeats: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def run_model(name: str, batches: list[int]) -> list[dict[str, Any]]:
