@@ -22,6 +22,7 @@ PyTorch, for the CPU tests.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,8 @@ import torch
 from torch import Tensor
 
 from halkspeech.model import cuda_rtc
+
+log = logging.getLogger(__name__)
 
 WARPS = 8  # a block's warps; the model width is split over them (D must be a multiple of 16 × WARPS)
 BLOCK_KEYS = 32
@@ -43,12 +46,23 @@ MIN_WIDTH = 1280
 
 def supported(device: torch.device, dtype: torch.dtype, width: int, heads: int) -> bool:
     """Whether the kernel runs here: a CUDA device of sm_80+ with NVRTC, fp16, and a model width and head count
-    it tiles (every Whisper size: widths 384…1280 are multiples of 128, at most 20 heads)."""
+    it tiles (every Whisper size: widths 384…1280 are multiples of 128, at most 20 heads); and whether it
+    compiles and loads there, for every split count, which happens now rather than in the first large step (a
+    failure is logged, and the steps keep their keys and values)."""
     if device.type != "cuda" or dtype != torch.float16:
         return False
     if width % (16 * WARPS) or heads > MAX_HEADS or torch.cuda.get_device_capability(device) < (8, 0):
         return False
-    return cuda_rtc.available()
+    if not cuda_rtc.available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        for splits in range(1, MAX_SPLITS + 1):
+            _kernels(width, heads, splits, index)
+    except cuda_rtc.CudaRtcError as exc:
+        log.warning("the cross-attention over the audio is off: %s", exc)
+        return False
+    return True
 
 
 @functools.cache
