@@ -70,7 +70,10 @@ def test_perf_analyzer_measures_the_server_and_reads_its_statistics(
     url = server.url.removeprefix("http://") if wire == "http" else f"127.0.0.1:{server._server.grpc.port}"  # type: ignore[attr-defined]
     report = perf_analyzer(url, input_data, *args)
     client, inferences, successes = counts(report)
-    assert client >= 6 and inferences == successes == client, report
+    # the server's counts are snapshots of its statistics at the window's edges, the client's its requests that
+    # ended inside it: a request the server finished just before an edge that reached the client just after it
+    # counts on one side only (CI, gRPC streaming: 19 against 18), so they may differ by the 2 in flight
+    assert client >= 6 and successes == inferences and abs(inferences - client) <= 2, report
     assert re.search(r"queue \d+ usec \+ compute input \d+ usec \+ compute infer \d+ usec", report), report
 
 
