@@ -389,8 +389,10 @@ class Decoder(nn.Module):
         whether it will."""
         w = self.cross_kv_weight
         heads, width = self.dims.n_text_head, w.shape[-1]
-        pays = width >= absorbed.MIN_WIDTH and absorbed.supported(w.device, w.dtype, width, heads)
-        on = min_batch > 0 and (reference or pays)
+        # `supported` compiles the kernels: only asked when the setting wants them
+        on = min_batch > 0 and (
+            reference or (width >= absorbed.MIN_WIDTH and absorbed.supported(w.device, w.dtype, width, heads))
+        )
         self.absorbed_min_batch = min_batch if on else 0
         self.absorbed = None
         if on:
