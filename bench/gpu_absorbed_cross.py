@@ -42,24 +42,24 @@ of the block after next (slower by 10–20%). Triton (`--grid heads`, `absorbed_
 keys whether 64 or 128 programs run, at 255 registers a thread (2 spilled) and one program of 4 warps a SM, too few
 warps to hide its latency; a program for all 20 heads spilled more and ran slower, and with keys as the rows
 (`--grid keys`, so that 64 keys fill Hopper's warpgroup MMA) Triton asked for 370–1,028 KB of shared memory in
-every tiling (`absorbed_cross_transposed_h100_s32.json`). Not in the engine yet: the CUDA kernel would take ~13%
-off large-v3's batch-64 step and ~40% off its cross-attention from 128 slots up; bench/NOTES.md has what adopting
-it needs.
+every tiling (`absorbed_cross_transposed_h100_s32.json`). The CUDA kernel is the engine's since (model/absorbed.py,
+for steps of 32 slots and more: bench/gpu_absorbed_step.py times whole steps); in the runs above its splits were
+merged by the Triton merge_kernel, where the engine's own merge is now used.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from halkspeech.model import absorbed
 
 HEADS, FRAMES, D, HEAD_DIM = 20, 1500, 1280, 64
 HEAD_ROWS = 16  # heads a program takes by default: tl.dot's smallest M
@@ -298,22 +298,6 @@ def absorbed_attention(
     return out
 
 
-CUDA_SOURCE = Path(__file__).parents[1] / "src/halkspeech/model/assets/absorbed_cross.cu"
-
-
-@functools.cache
-def cuda_kernel(d: int, heads: int, warps: int, splits: int, arch: str, ablate: int = 0, prefetch: int = 0) -> Any:
-    """The engine's kernel source (model/assets/absorbed_cross.cu) compiled by NVRTC for these sizes, with the
-    benchmark switches (model/cuda_rtc.py), and loaded."""
-    from halkspeech.model.cuda_rtc import Kernel, compile_cubin
-
-    defines: dict[str, int | str] = {"D": d, "HEADS": heads, "WARPS": warps, "BK": 32, "SPLITS": splits}
-    defines["ABLATE"], defines["PREFETCH"] = ablate, prefetch
-    cubin = compile_cubin(CUDA_SOURCE.read_text(), "absorbed_cross", arch, defines)
-    shared = 2 * 32 * (d + 8) * 2 + warps * 24 * 36 * 4 + 24 * 40 * 2 + 2 * 24 * 4  # see the .cu's layout
-    return Kernel(cubin, "absorbed_cross", shared)
-
-
 def absorbed_attention_cuda(
     qp: torch.Tensor,
     e: torch.Tensor,
@@ -324,32 +308,16 @@ def absorbed_attention_cuda(
     ablate: int = 0,
     prefetch: int = 2,
 ) -> torch.Tensor:
-    """absorbed_attention by src/halkspeech/model/assets/absorbed_cross.cu: the model width split over a block's warps, a block per
-    slot and split of the keys (fp16; the same shapes and strides)."""
-    b, h, d = qp.shape
-    if e.shape[2] != d or qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1 or qp.dtype != torch.float16:
-        raise ValueError(f"absorbed_attention_cuda: q {tuple(qp.shape)} / e {tuple(e.shape)} do not fit")
-    major, minor = torch.cuda.get_device_capability(qp.device)
-    kern = cuda_kernel(d, h, warps, splits, f"sm_{major}{minor}", ablate, prefetch)
+    """absorbed_attention by the engine's CUDA kernel (model/absorbed.py, assets/absorbed_cross.cu: the model width
+    split over a block's warps, a block per slot and split of the keys) with the benchmark's switches; fp16. The
+    registers and local memory a thread go to `compiled`."""
+    switches = (("WARPS", warps), ("ABLATE", ablate), ("PREFETCH", prefetch))
     key = ("cuda", warps, splits, ablate, prefetch)
     if key not in compiled:
-        compiled[key] = kern.registers_and_local_bytes()
-    if splits > 1:
-        wkey = (splits * b * h, d)
-        if wkey not in _ws:
-            _ws[wkey] = (
-                torch.empty(splits * b * h * d, dtype=torch.float32, device=qp.device),
-                torch.empty(splits * b * h * 2, dtype=torch.float32, device=qp.device),
-            )
-        ws, stat = _ws[wkey]
-    else:
-        ws = stat = out
-    args = [qp, e, out, ws, stat, e.shape[1], qp.stride(0), qp.stride(1), e.stride(0), e.stride(1), out.stride(0),
-            out.stride(1), b]  # fmt: skip
-    kern.launch((b, splits, 1), warps * 32, args)
-    if splits > 1:
-        merge_kernel[(b, h)](ws, stat, out, b, h, out.stride(0), out.stride(1), D=d, BLOCK_D=256, SPLITS=splits)
-    return out
+        index = qp.device.index if qp.device.index is not None else torch.cuda.current_device()
+        cross, _ = absorbed.load(qp.shape[2], qp.shape[1], splits, index, switches)
+        compiled[key] = cross.registers_and_local_bytes()
+    return absorbed.attend(qp, e, out, splits=splits, switches=switches)
 
 
 class Layers:

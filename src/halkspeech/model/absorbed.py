@@ -30,7 +30,7 @@ from importlib import resources
 import torch
 from torch import Tensor
 
-from halkspeech.model import cuda_rtc
+from halkspeech.model import cuda_rtc, kernels
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def supported(device: torch.device, dtype: torch.dtype, width: int, heads: int) 
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         for splits in range(1, MAX_SPLITS + 1):
-            _kernels(width, heads, splits, index)
+            load(width, heads, splits, index)
     except cuda_rtc.CudaRtcError as exc:
         log.warning("the cross-attention over the audio is off: %s", exc)
         return False
@@ -75,48 +75,48 @@ def splits_for(batch: int, device: torch.device) -> int:
 
 
 @functools.cache
-def _kernels(width: int, heads: int, splits: int, device: int) -> tuple[cuda_rtc.Kernel, cuda_rtc.Kernel]:
+def load(
+    width: int, heads: int, splits: int, device: int, switches: tuple[tuple[str, int], ...] = ()
+) -> tuple[cuda_rtc.Kernel, cuda_rtc.Kernel]:
     """The kernels for these sizes, loaded into `device`'s context (a module belongs to one device's context:
-    each engine of several GPUs loads its own)."""
+    each engine of several GPUs loads its own). `switches`: more -D defines, the benchmark's (WARPS, PREFETCH,
+    ABLATE: assets/absorbed_cross.cu; bench/gpu_absorbed_cross.py)."""
     major, minor = torch.cuda.get_device_capability(device)
     source = resources.files("halkspeech.model").joinpath("assets/absorbed_cross.cu").read_text()
     defines: dict[str, int | str] = {"D": width, "HEADS": heads, "WARPS": WARPS, "BK": BLOCK_KEYS, "SPLITS": splits}
+    defines.update(switches)
     cubin = cuda_rtc.compile_cubin(source, "absorbed_cross", f"sm_{major}{minor}", defines)
     # the block's shared memory (the .cu's layout): two stages of BK keys with padded rows, the partial scores
     # [WARPS, 24, 36] float32, P [24, 40] fp16, and the rescale factors and denominators [2, 24] float32
-    shared = 2 * BLOCK_KEYS * (width + 8) * 2 + WARPS * MAX_HEADS * 36 * 4 + MAX_HEADS * 40 * 2 + 2 * MAX_HEADS * 4
+    warps = int(defines["WARPS"])
+    shared = 2 * BLOCK_KEYS * (width + 8) * 2 + warps * MAX_HEADS * 36 * 4 + MAX_HEADS * 40 * 2 + 2 * MAX_HEADS * 4
     with torch.cuda.device(device):
         return cuda_rtc.Kernel(cubin, "absorbed_cross", shared), cuda_rtc.Kernel(cubin, "absorbed_merge", 0)
 
 
-_workspaces: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}  # by (device, rows): kept for the graphs
-
-
-def attend(qp: Tensor, e: Tensor, out: Tensor, *, splits: int = 1) -> Tensor:
+def attend(
+    qp: Tensor, e: Tensor, out: Tensor, *, splits: int = 1, switches: tuple[tuple[str, int], ...] = ()
+) -> Tensor:
     """out[b, h] = softmax(qp[b, h]·e[b]ᵀ)·e[b]: qp, out [B, H, D] (any strides over B and H, unit over D, so the
     [H, B, D] layout of a batched product over heads serves), e [≥B, A, D] rows of unit stride; fp16, on CUDA
     (launched on the current stream: `qp`'s device must be the current one, as the engine thread keeps it).
-    With splits > 1 the partial sums go through a float32 workspace, allocated on first use of its size (the
-    engine runs every step shape before capturing it) and kept, as captured graphs point at it."""
+    With splits > 1 the partial sums and each split's softmax state go through a float32 workspace
+    (kernels.workspace, kept for the graphs that point at it)."""
     b, h, d = qp.shape
     if e.shape[0] < b or e.shape[2] != d or out.shape != qp.shape or {qp.dtype, e.dtype, out.dtype} != {torch.float16}:
         raise ValueError(f"absorbed attention: q {tuple(qp.shape)}, e {tuple(e.shape)}, out {tuple(out.shape)}")
     if qp.stride(2) != 1 or e.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("absorbed attention: the model width must have unit stride")
     index = qp.device.index if qp.device.index is not None else torch.cuda.current_device()
-    cross, merge = _kernels(d, h, splits, index)
+    cross, merge = load(d, h, splits, index, switches)
     ws = stat = out
     if splits > 1:
-        key = (qp.device, splits * b * h)
-        if key not in _workspaces:
-            _workspaces[key] = (
-                torch.empty(key[1] * d, dtype=torch.float32, device=qp.device),
-                torch.empty(key[1] * 2, dtype=torch.float32, device=qp.device),
-            )
-        ws, stat = _workspaces[key]
+        rows = splits * b * h  # [splits, B, H] rows of D sums, then of (top, total)
+        buffer, _ = kernels.workspace(qp.device, rows * (d + 2), 1, use="absorbed")
+        ws, stat = buffer[: rows * d], buffer[rows * d : rows * (d + 2)]
     args: list[Tensor | int] = [qp, e, out, ws, stat, e.shape[1], qp.stride(0), qp.stride(1), e.stride(0),
                                 e.stride(1), out.stride(0), out.stride(1), b]  # fmt: skip
-    cross.launch((b, splits, 1), WARPS * 32, args)
+    cross.launch((b, splits, 1), int(dict(switches).get("WARPS", WARPS)) * 32, args)
     if splits > 1:
         merge.launch((b, h, 1), 128, [ws, stat, out, out.stride(0), out.stride(1), b])
     return out

@@ -135,14 +135,3 @@ class Kernel:
             _check(_driver().cuFuncGetAttribute(ctypes.byref(value), attribute, self._function), "attribute")
             values.append(value.value)
         return values[0], values[1]
-
-    def max_active_blocks(self, block: int) -> int:
-        """Blocks of `block` threads one SM holds at once with this kernel's shared memory."""
-        count = ctypes.c_int()
-        _check(
-            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                ctypes.byref(count), self._function, block, ctypes.c_size_t(self.shared_bytes)
-            ),
-            "occupancy",
-        )
-        return count.value

@@ -153,7 +153,7 @@ def linear(
     kern = _kernels()
     grid = (kern["cdiv"](n, cfg.block_n), kern["cdiv"](m, cfg.block_m), cfg.split_k)
     g, beta = ln if ln is not None else (x, x)  # unused pointers when HAS_LN is off
-    ws, count = _workspace(x.device, m * n, grid[0] * grid[1]) if cfg.split_k > 1 else (out, out)
+    ws, count = workspace(x.device, m * n, grid[0] * grid[1]) if cfg.split_k > 1 else (out, out)
     if kv is not None and (kv[0].stride(1) != 1 or kv[1].shape != (m,) or kv[2] + kv[0].shape[1] != n):
         raise ValueError(f"linear: kv cache {tuple(kv[0].shape)} / rows {tuple(kv[1].shape)} do not fit [{m}, {n}]")
     cache, rows, col = kv if kv is not None else (out, out, 0)
@@ -173,9 +173,10 @@ _workspaces: dict[tuple[torch.device, str], tuple[Tensor, Tensor]] = {}
 _retired: list[tuple[Tensor, Tensor]] = []
 
 
-def _workspace(device: torch.device, elements: int, tiles: int, use: str = "linear") -> tuple[Tensor, Tensor]:
-    """A float32 scratch buffer and int32 counters for cross-program reductions (split-K, split attention),
-    one pair per device and use: zeroed once, left zeroed by every kernel, and shared by all calls, which is
+def workspace(device: torch.device, elements: int, tiles: int, use: str = "linear") -> tuple[Tensor, Tensor]:
+    """A float32 scratch buffer and int32 counters for cross-program reductions (split-K, split attention; the
+    absorbed cross-attention's splits, model/absorbed.py), one pair per device and use: zeroed once (the
+    kernels here accumulate into theirs and leave it zeroed), and shared by all calls of a use, which is
     safe because the decode step's kernels run one after another on one stream. Outgrown pairs are kept alive,
     since CUDA graphs captured earlier still point at them (the engine's warm-up runs every shape before its
     capture, so nothing is allocated while capturing)."""
@@ -228,7 +229,7 @@ def decode_attention(
     if q.stride(2) != 1 or q.stride(1) != dh or keys.stride() != values.stride() or keys.stride(3) != 1:
         raise ValueError(f"decode_attention: q {tuple(q.stride())} / keys {tuple(keys.stride())} strides")
     out = torch.empty(b, h * dh, dtype=q.dtype, device=q.device)
-    ws, count = _workspace(q.device, b * h * splits * (dh + 2), b * h, use="attention")
+    ws, count = workspace(q.device, b * h * splits * (dh + 2), b * h, use="attention")
     kern = _kernels()
     kern["attention"][(b, h, splits)](
         q, keys, values, lengths if lengths is not None else out, out, ws, count,
