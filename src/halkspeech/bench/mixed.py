@@ -209,8 +209,13 @@ def _run_mode(
         settings = settings.model_copy(update={"decoding_encoder_wait_ms": cfg.encoder_wait_ms})
     model = start_engine(weights, settings, static=mode.startswith("static"), padded=mode == "static-padded")
     try:
-        warm = min(cfg.slots, 16)
-        _drive(model, features, [0.0] * warm, [cfg.max_tokens] * warm)  # allocator, clocks (graphs: at start)
+        # Warm-up: a saturating run of the workload's first 2 × slots lengths, so that what a first run would meet
+        # cold (the allocator's pools, the side stream's encoder runs, steps of every bucket, admissions while
+        # decoding) is not timed. With 16 windows of equal length, the first timed continuous run on a fresh
+        # process ran 137 against 160 windows/s for the second (turbo, H100, bench/NOTES.md, session 33).
+        _, lengths = next(iter(workloads.values()))
+        warm = lengths[: 2 * cfg.slots]
+        _drive(model, features, [0.0] * len(warm), warm)
         runs = []
         for rate, (arrivals, lengths) in workloads.items():
             model.engine.stats = EngineStats()
