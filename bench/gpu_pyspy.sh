@@ -3,6 +3,7 @@
 # process): the server on random large-v3-turbo weights with 80 forced tokens, 4 × 64 HTTP clients posting a
 # 30 s clip, then py-spy for S seconds twice: every thread's stacks (--idle), and the GIL holder's only (--gil).
 #   bench/gpu_pyspy.sh OUT_DIR [SECONDS]     (py-spy on PATH)
+# Read them with bench/pyspy_summary.py (each thread's share; a thread's stack tails and frames with --thread).
 set -uo pipefail
 out=${1:?OUT_DIR}; s=${2:-3}
 mkdir -p "$out"
