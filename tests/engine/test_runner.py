@@ -4,13 +4,14 @@ next steps; admissions the graphs do not cover run eagerly."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from halkspeech.audio import decode_audio, log_mel_spectrogram, pad_or_trim
-from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep
+from halkspeech.engine.batch import Admission, AdmitResult, DecodeStep, SlotMove
 from halkspeech.engine.factory import task_prompt_widths
 from halkspeech.engine.request import DecodeRequest, SamplingOptions
 from halkspeech.engine.runner import SUPPRESS_ROWS, Runner
@@ -110,6 +111,35 @@ def test_admissions_the_graphs_do_not_cover_run_eagerly(model: Whisper, mel: tor
         got, got_steps = admit_and_decode(padded, tokenizer, mel, steps=4, beams=True)
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert got_steps == want_steps
+
+
+def test_sequences_moved_by_a_compaction_decode_as_if_they_had_stayed(model: Whisper, mel: torch.Tensor) -> None:
+    """On a GPU the scheduler moves high slots down when that shrinks the step's bucket (the CPU engine has no
+    buckets, so it never does): two moves in one step, 6 → 0 and 5 → 2, take their caches and state along."""
+    stay, tokenizer = make_runner(model)
+    moved, _ = make_runner(model)
+    pairs = ((6, 0), (5, 2))
+    with torch.inference_mode():
+        admit_and_decode(stay, tokenizer, mel, steps=3)
+        admit_and_decode(moved, tokenizer, mel, steps=3)
+        moves = tuple(SlotMove(s, d, int(moved.state.positions[s])) for s, d in pairs)
+        plain = DecodeStep(size=8, window=32, active=(1, 5, 6), timestamps=True, sampling=False)
+        compact = DecodeStep(size=8, window=32, active=(0, 1, 2), timestamps=True, sampling=False)
+        want = [stay.step(plain).tokens for _ in range(5)]
+        got = [moved.step(dataclasses.replace(compact, moves=moves if i == 0 else ())).tokens for i in range(5)]
+    assert [(t[6], t[1], t[5]) for t in want] == [(t[0], t[1], t[2]) for t in got]
+    assert len({t[6] for t in want}) > 1  # the rows decode text, not one token over and over
+    for source, dest in pairs:
+        position = int(stay.state.positions[source])
+        assert int(moved.state.positions[dest]) == position and not moved.state.active[source]
+        assert torch.equal(moved.state.ints[dest], stay.state.ints[source])
+        assert torch.equal(moved.state.suppress[dest], stay.state.suppress[source])
+        assert torch.equal(moved.cache.cross_k[:, dest], stay.cache.cross_k[:, source])
+        assert torch.equal(moved.cache.cross_v[:, dest], stay.cache.cross_v[:, source])
+        torch.testing.assert_close(
+            moved.cache.self_kv[:, dest, :position], stay.cache.self_kv[:, source, :position], rtol=1e-5, atol=1e-5
+        )
+    assert moved.state.active[[0, 1, 2]].all() and not moved.state.active[[3, 4, 5, 6, 7]].any()
 
 
 def test_suppress_masks_are_kept_for_the_recent_sets_only(model: Whisper) -> None:

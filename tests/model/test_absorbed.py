@@ -59,7 +59,7 @@ def test_the_cache_keeps_each_slots_audio_through_copies() -> None:
     cache.store_audio(torch.tensor([0, 2]), audio)
     cache.copy_cross(2, 1)  # a beam takes its request's window
     assert torch.equal(cache.cross_e[1], audio[1])
-    cache.copy_slot(0, 2, 5)  # compaction
+    cache.move_slots([(0, 2)], 5)  # compaction
     assert torch.equal(cache.cross_e[2], audio[0])
     extra = KVCache.bytes_per_slot(dims, torch.float16, audio=True) - KVCache.bytes_per_slot(dims, torch.float16)
     assert extra == dims.n_audio_ctx * dims.n_audio_state * 2

@@ -6,6 +6,7 @@ step can be captured in a CUDA graph (gpt-fast's `KVCache.update(input_pos, k, v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,20 @@ class KVCache:
         if self.cross_e is not None:
             self.cross_e[dst] = self.cross_e[src]
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a slot's self-attention state up to `length` and its cross-attention state (compaction)."""
-        self.self_kv[:, dst, :length] = self.self_kv[:, src, :length]
-        self.copy_cross(src, dst)
+    def move_slots(self, pairs: Sequence[tuple[int, int]], length: int) -> None:
+        """Compaction: for each (source, destination) pair, copy the source slot's self-attention state up to
+        `length` and its cross-attention state into the destination. The slots are distinct, none both a source
+        and a destination. One torch call for every copy: each call gives up the GIL, which the engine thread
+        must then win back from the request threads (up to the switch interval each under load; bench/NOTES.md,
+        session 33). Basic-index views, not index tensors: gathering the sources first would need a temporary
+        as large as the slots moved (123 MB of cross keys a large-v3 slot)."""
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for s, d in pairs:
+            dst += [self.self_kv[:, d, :length], self.cross_k[:, d], self.cross_v[:, d]]
+            src += [self.self_kv[:, s, :length], self.cross_k[:, s], self.cross_v[:, s]]
+            if self.cross_e is not None:
+                dst.append(self.cross_e[d])
+                src.append(self.cross_e[s])
+        if dst:
+            torch._foreach_copy_(dst, src)
