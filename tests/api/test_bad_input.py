@@ -157,6 +157,10 @@ def test_bad_simple_options(server: LiveServer) -> None:
         f"{url}/url", content=b'{"url": "http://\xff.com/"}', headers={"Content-Type": "application/json"}, timeout=60
     )
     assert not_utf8.status_code == 400 and "not valid JSON (it must be UTF-8" in not_utf8.json()["detail"]
+    huge = httpx.post(
+        f"{url}/url", content=b'{"url": ' + b"1" * 5000 + b"}", headers={"Content-Type": "application/json"}
+    )
+    assert huge.status_code == 400 and "its integers at most 4300 digits" in huge.json()["detail"]  # valid JSON
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,8 @@ def wav_json(data: list[float], shape: list[int] | None = None) -> dict[str, Any
     ("body", "status", "says"),
     [
         (b"{", 400, "not valid JSON"),
+        # valid JSON that Python's int() refuses (over 4300 digits): said so, not "not valid JSON"
+        (b'{"inputs": [' + b"7" * 5000 + b"]}", 400, "an integer of more than 4300 digits"),
         ({"inputs": [{"name": "TEXT_PREFIX", "datatype": "BYTES", "shape": [1, 1], "data": [PREFIX]}]}, 400, "WAV"),
         ({"inputs": [wav_json([0.0, float("nan")])]}, 400, "NaN"),
         (
@@ -751,6 +753,8 @@ def test_the_repository_refuses_config_files_unknown_models_and_bad_bodies(
     for path, body in bad:
         response = httpx.post(server.url + path, content=body, headers=HEADERS)
         assert response.status_code == 400 and response.json()["error"], (path, body)
+    huge = httpx.post(f"{server.url}/v2/repository/index", content=b'{"ready": ' + b"1" * 5000 + b"}", headers=HEADERS)
+    assert huge.status_code == 400 and "an integer of more than 4300 digits" in huge.json()["error"]
     assert httpx.post(f"{server.url}/v2/repository/index").status_code == 401  # keys, as everything but health
     with grpc.insecure_channel(f"127.0.0.1:{server._server.grpc.port}") as channel:  # type: ignore[attr-defined]
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

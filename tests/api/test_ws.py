@@ -254,6 +254,7 @@ def test_hostile_json_is_refused_and_the_open_turn_goes_on(client: TestClient, l
         ('{"type": "start", "language": "\\udc00"}', "lone surrogate"),  # no UTF-8 text frame could echo it
         (json.dumps(START | {"language": "x" * 1000}), "at most 64 characters"),
         (json.dumps({"type": "x" * 70_000}), "at most 65536 characters"),
+        ('{"type": "start", "sample_rate": ' + "1" * 5000 + "}", "an integer of more than 4300 digits"),  # valid JSON
     ]
     pcm = frames(pcm16(lj_audio))
     half = len(pcm) // 2

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,7 +142,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
         if "json" in request.headers.get("content-type", "").lower():  # FastAPI's answer to undecodable bytes
-            detail = "the request body is not valid JSON (it must be UTF-8 text)"
+            # (FastAPI names neither cause: bytes that are not UTF-8, or an integer longer than Python reads)
+            detail = (
+                "the request body is not valid JSON (it must be UTF-8 text, its integers at most "
+                f"{sys.get_int_max_str_digits()} digits)"
+            )
         else:
             detail = (
                 f"the upload could not be parsed ({detail.rstrip('.')}): send multipart/form-data with a 'file' part"

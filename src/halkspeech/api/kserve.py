@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from halkspeech.api import json_input
 from halkspeech.errors import InvalidRequest, PayloadTooLarge
 
 #: KServe datatype → numpy dtype (little-endian) for the numeric types; BYTES is handled apart.
@@ -90,9 +91,9 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
             "(tritonclient's binary_data=True, its default)"
         )
     try:
-        request = json.loads(head)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the request's JSON header is not valid JSON") from None
+        request = json_input.loads(head)
+    except json_input.JSONInputError as exc:
+        raise InvalidRequest(f"the request's JSON header {exc.reason}") from None
     if not isinstance(request, dict):
         raise InvalidRequest("the request must be a JSON object with 'inputs'")
     raw_inputs = request.get("inputs")

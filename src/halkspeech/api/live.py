@@ -25,6 +25,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from halkspeech.api import json_input
 from halkspeech.api.deps import AppState, api_key_valid, get_state
 from halkspeech.api.jobs import check_options
 from halkspeech.api.metrics import Metrics
@@ -337,11 +338,11 @@ def parse_object(text: str, max_chars: int, example: str, hint: str = "") -> dic
     if len(text) > max_chars:
         raise ProtocolError(f"a text message may have at most {max_chars} characters, got {len(text)}{hint}")
     try:
-        data = json.loads(text)
-    except RecursionError:  # the parser recurses once per level: hostile nesting must not kill the reader
-        raise MalformedJSON("the message's JSON is nested too deeply") from None
-    except ValueError:
-        raise MalformedJSON(f"text messages must be JSON objects such as {example}") from None
+        data = json_input.loads(text)
+    except json_input.JSONInputError as exc:
+        if exc.reason.startswith("is not valid JSON"):
+            raise MalformedJSON(f"text messages must be JSON objects such as {example}") from None
+        raise MalformedJSON(f"the message's JSON {exc.reason}") from None
     if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(data):
         # Python decodes one, but it cannot be encoded as UTF-8: echoed back in any message (an error naming
         # the client's event_id, the session's settings), it made the send fail.

@@ -15,10 +15,10 @@ Where it differs from Triton, and why:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from halkspeech.api import json_input
 from halkspeech.api.deps import AppState
 from halkspeech.api.kserve import json_object
 from halkspeech.api.triton_model import EXAMPLE_MODELS, VERSION, resolve
@@ -72,9 +72,9 @@ def body_fields(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        fields = json.loads(body)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the request is not JSON") from None
+        fields = json_input.loads(body)
+    except json_input.JSONInputError as exc:
+        raise InvalidRequest(f"the request {exc.reason}") from None
     if not isinstance(fields, dict):  # the whole body, not one of its fields (json_object's wording)
         raise InvalidRequest("the request must be a JSON object")
     return fields
