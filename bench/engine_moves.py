@@ -3,7 +3,7 @@ thread holding the GIL, as the server's request threads do under load.
 
 A torch call gives up the GIL; winning it back while another thread runs Python waits up to the switch interval
 (the engine sets 0.5 ms). Compaction used nine calls a moved slot (`per_move` below, the code before session 33);
-`Runner._apply_moves` now makes seven for the whole compaction. The caches here have tiny.en's shape with 64 audio
+`Runner._apply_moves` now makes a few for the whole compaction. The caches here have tiny.en's shape with 64 audio
 frames, so that the copies themselves (on a GPU, queued and not waited for) take little of the time on a CPU.
 
     python bench/engine_moves.py [--moves 8,32] [--repeat 20] [--json out.json]
@@ -16,6 +16,7 @@ import dataclasses
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -49,11 +50,16 @@ def batched(runner: SimpleNamespace, moves: tuple[SlotMove, ...]) -> None:
     Runner._apply_moves(runner, moves)  # type: ignore[arg-type]  # it reads only cache, state and device
 
 
-def time_ms(apply: object, runner: SimpleNamespace, moves: tuple[SlotMove, ...], repeat: int) -> float:
+def time_ms(
+    apply: Callable[[SimpleNamespace, tuple[SlotMove, ...]], None],
+    runner: SimpleNamespace,
+    moves: tuple[SlotMove, ...],
+    repeat: int,
+) -> float:
     times = []
     for _ in range(repeat):
         began = time.perf_counter()
-        apply(runner, moves)  # type: ignore[operator]
+        apply(runner, moves)
         times.append((time.perf_counter() - began) * 1000)
     return median(times)
 
@@ -97,7 +103,7 @@ def main() -> None:
             stop.set()
             holder.join()
     columns = [("gil_held_by_another_thread", "GIL held by another thread"), ("moves", "moves"),
-               ("per_move_ms", "nine calls a move, ms"), ("batched_ms", "seven calls in all, ms")]  # fmt: skip
+               ("per_move_ms", "nine calls a move, ms"), ("batched_ms", "a few calls in all, ms")]  # fmt: skip
     print_table(rows, columns, title=f"A compaction's host time, median of {args.repeat} (switch interval 0.5 ms)")
     if args.json_path:
         write_json(args.json_path, {"device": device_info(torch.device("cpu")), "rows": rows})

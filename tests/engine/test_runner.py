@@ -1,6 +1,7 @@
 """The runner on the CPU with the real tiny.en weights: an admission through the admission graphs' static,
 padded inputs (on a GPU a captured graph replays that body) gives the eager admission's first tokens, cache and
-next steps; admissions the graphs do not cover run eagerly."""
+next steps; admissions the graphs do not cover run eagerly; sequences a compaction moves decode as if they had
+stayed."""
 
 from __future__ import annotations
 

@@ -703,12 +703,11 @@ class Runner:
             self.state.active.index_fill_(0, to_device(list(slots), torch.long, self.device), False)
 
     def _apply_moves(self, moves: Sequence[SlotMove]) -> None:
-        """Compaction: each moved sequence's caches and state go to its new slot, in seven torch calls however
-        many move. One a copy was nine calls a move, each giving up the GIL: a compaction moves every sequence
-        above a step bucket at once (tens at the server's ~100 rows), and under load winning the GIL back after
-        each call waits for the request threads. py-spy found the engine thread in compaction 14.5% of the time
-        (H100), and 32 moves took 139 ms against 37 on this CPU with a thread holding the GIL
-        (bench/engine_moves.py)."""
+        """Compaction: each moved sequence's caches and state go to its new slot, in a few torch calls however
+        many move (it was nine a moved slot). Each call gives up the GIL, and under load winning it back waits
+        for the request threads; a compaction moves every sequence above a step bucket at once. py-spy found the
+        server's engine thread in compaction 14.5% of the time (H100, session 33), and 32 moves took 120.5 ms
+        against 12.0 on a CPU with another thread holding the GIL (bench/engine_moves.py)."""
         if not moves:
             return
         pairs = [(move.source, move.dest) for move in moves]

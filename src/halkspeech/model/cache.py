@@ -100,7 +100,7 @@ class KVCache:
     def move_slots(self, pairs: Sequence[tuple[int, int]], length: int) -> None:
         """Compaction: for each (source, destination) pair, copy the source slot's self-attention state up to
         `length` and its cross-attention state into the destination. The slots are distinct, none both a source
-        and a destination. One torch call for every copy: each call gives up the GIL, which the engine thread
+        and a destination. All the copies in one torch call: each call gives up the GIL, which the engine thread
         must then win back from the request threads (up to the switch interval each under load; bench/NOTES.md,
         session 33). Basic-index views, not index tensors: gathering the sources first would need a temporary
         as large as the slots moved (123 MB of cross keys a large-v3 slot)."""
