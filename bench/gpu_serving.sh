@@ -26,6 +26,10 @@
 #   bench/gpu_serving.sh engine-and-rates OUT_DIR   large-v3 against HF at all four batches; turbo's mixed workload
 #                                                   at several arrival rates (continuous against padded static,
 #                                                   two alternating runs), then encoder runs held 20 / 50 ms
+#   bench/gpu_serving.sh moves-and-warmup OUT_DIR OLD_SRC  the CUDA tests; turbo's mixed workload twice a mode (is the
+#                                                   first continuous run still slower than the second?); the
+#                                                   server on this tree and on OLD_SRC (an older src/, e.g. one
+#                                                   from before compaction's batched moves), A/B/A/B
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
 #                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
 #                                                   synchronous clients), gRPC, gRPC streaming
@@ -63,6 +67,17 @@ gil)  # the server's GPU timeline; then Python's switch interval 0.1 ms against 
   server_bench "$out/server_timeline.json" --profile-s 2
   HALKSPEECH_ENGINE__GIL_SWITCH_MS=0.1 server_bench "$out/server_gil01.json"
   server_bench "$out/server_gil05.json"
+  ;;
+moves-and-warmup)  # OLD_SRC: session 33's two changes not yet run on a GPU
+  bash "$0" cuda-tests "$out"
+  old=${3:?OLD_SRC}
+  timeout 200 $py -m halkspeech bench mixed --models large-v3-turbo --modes continuous-ahead,static-padded \
+    --repeats 2 --json "$out/mixed_turbo_warm.json" 2>&1 | tail -4
+  for run in 1 2; do
+    server_bench "$out/server_new_$run.json" --engine-repeats 1 --audio "$PWD/tests/data/jfk.flac"
+    PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1 \
+      --audio "$PWD/tests/data/jfk.flac"
+  done
   ;;
 ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
   bash "$0" cuda-tests "$out"
