@@ -116,31 +116,45 @@ def test_admissions_the_graphs_do_not_cover_run_eagerly(model: Whisper, mel: tor
 
 def test_sequences_moved_by_a_compaction_decode_as_if_they_had_stayed(model: Whisper, mel: torch.Tensor) -> None:
     """On a GPU the scheduler moves high slots down when that shrinks the step's bucket (the CPU engine has no
-    buckets, so it never does): two moves in one step, 6 → 0 and 5 → 2, take their caches and state along."""
+    buckets, so it never does): three moves in one step take their caches and state along. The prompts differ in
+    length (one has previous text), so the moves are at positions 21 apart: a copy of each slot's keys up to the
+    shortest move's position would cut the others short."""
     stay, tokenizer = make_runner(model)
     moved, _ = make_runner(model)
-    pairs = ((6, 0), (5, 2))
+    pairs = ((6, 2), (5, 3), (1, 0))
+    suppress = tokenizer.suppress_tokens()
+    admissions = []
+    for i, slot in enumerate((5, 1, 6)):
+        previous = list(range(300, 320)) if i == 2 else None
+        prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=False, previous=previous)
+        request = DecodeRequest(mel[i], prompt, sot, SamplingOptions(suppress_tokens=suppress, timestamps=False))
+        admissions.append(Admission(i, request, (slot,), 0))
+    warm = DecodeStep(size=8, window=64, active=(1, 5, 6), timestamps=False, sampling=False)
     with torch.inference_mode():
-        admit_and_decode(stay, tokenizer, mel, steps=3)
-        admit_and_decode(moved, tokenizer, mel, steps=3)
+        for runner in (stay, moved):
+            runner.admit(admissions, [(runner.encode_async(list(mel)), i) for i in range(3)])
+            for _ in range(3):
+                runner.step(warm)
         moves = tuple(SlotMove(s, d, int(moved.state.positions[s])) for s, d in pairs)
-        plain = DecodeStep(size=8, window=32, active=(1, 5, 6), timestamps=True, sampling=False)
-        compact = DecodeStep(size=8, window=32, active=(0, 1, 2), timestamps=True, sampling=False)
+        assert max(m.position for m in moves) - min(m.position for m in moves) == 21  # <|startofprev|> + 20
+        plain = DecodeStep(size=8, window=64, active=(1, 5, 6), timestamps=False, sampling=False)
+        compact = DecodeStep(size=8, window=64, active=(0, 2, 3), timestamps=False, sampling=False)
         want = [stay.step(plain).tokens for _ in range(5)]
         got = [moved.step(dataclasses.replace(compact, moves=moves if i == 0 else ())).tokens for i in range(5)]
-    assert [(t[6], t[1], t[5]) for t in want] == [(t[0], t[1], t[2]) for t in got]
+    assert [tuple(t[s] for s, _ in pairs) for t in want] == [tuple(t[d] for _, d in pairs) for t in got]
     assert len({t[6] for t in want}) > 1  # the rows decode text, not one token over and over
     for source, dest in pairs:
         position = int(stay.state.positions[source])
         assert int(moved.state.positions[dest]) == position and not moved.state.active[source]
         assert torch.equal(moved.state.ints[dest], stay.state.ints[source])
+        assert torch.equal(moved.state.flags[dest], stay.state.flags[source])
         assert torch.equal(moved.state.suppress[dest], stay.state.suppress[source])
         assert torch.equal(moved.cache.cross_k[:, dest], stay.cache.cross_k[:, source])
         assert torch.equal(moved.cache.cross_v[:, dest], stay.cache.cross_v[:, source])
         torch.testing.assert_close(
             moved.cache.self_kv[:, dest, :position], stay.cache.self_kv[:, source, :position], rtol=1e-5, atol=1e-5
         )
-    assert moved.state.active[[0, 1, 2]].all() and not moved.state.active[[3, 4, 5, 6, 7]].any()
+    assert moved.state.active[[0, 2, 3]].all() and not moved.state.active[[1, 4, 5, 6, 7]].any()
 
 
 def test_suppress_masks_are_kept_for_the_recent_sets_only(model: Whisper) -> None:

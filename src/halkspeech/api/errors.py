@@ -142,10 +142,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 400 and detail and ("multipart" in detail.lower() or "parsing the body" in detail):
         # Starlette's "Invalid multipart data." alone does not say what a client should send instead
         if "json" in request.headers.get("content-type", "").lower():  # FastAPI's answer to undecodable bytes
-            # (FastAPI names neither cause: bytes that are not UTF-8, or an integer longer than Python reads)
-            detail = (
-                "the request body is not valid JSON (it must be UTF-8 text, its integers at most "
-                f"{sys.get_int_max_str_digits()} digits)"
+            # FastAPI does not say which: bytes that are not UTF-8, nesting deeper than the parser recurses, or an
+            # integer longer than Python converts (sys.get_int_max_str_digits(); 0 is no limit)
+            digits = sys.get_int_max_str_digits()
+            detail = "the request body is not valid JSON (it must be UTF-8 text, not nested too deeply" + (
+                f", its integers at most {digits} digits)" if digits else ")"
             )
         else:
             detail = (
