@@ -122,7 +122,7 @@ def attend(
     return out
 
 
-def attend_reference(qp: Tensor, e: Tensor, out: Tensor, *, splits: int = 1) -> Tensor:
+def attend_reference(qp: Tensor, e: Tensor, out: Tensor) -> Tensor:
     """`attend` in PyTorch (float32 inside), on any device: the CPU tests' stand-in for the kernel."""
     b = qp.shape[0]
     scores = torch.softmax(qp.float() @ e[:b].float().transpose(1, 2), dim=-1)  # [B, H, A]

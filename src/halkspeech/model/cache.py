@@ -90,12 +90,14 @@ class KVCache:
         if self.cross_e is not None:
             self.cross_e[slots] = audio
 
+    def _window(self, slot: int) -> list[torch.Tensor]:
+        """Views of everything a slot keeps of its window: its cross-attention keys and values, and its audio."""
+        views = [self.cross_k[:, slot], self.cross_v[:, slot]]
+        return views if self.cross_e is None else [*views, self.cross_e[slot]]
+
     def copy_cross(self, src: int, dst: int) -> None:
         """Give slot `dst` the window of slot `src` (beams and samples of one request share it)."""
-        self.cross_k[:, dst] = self.cross_k[:, src]
-        self.cross_v[:, dst] = self.cross_v[:, src]
-        if self.cross_e is not None:
-            self.cross_e[dst] = self.cross_e[src]
+        torch._foreach_copy_(self._window(dst), self._window(src))
 
     def move_slots(self, pairs: Sequence[tuple[int, int]], length: int) -> None:
         """Compaction: for each (source, destination) pair, copy the source slot's self-attention state up to
@@ -107,10 +109,7 @@ class KVCache:
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         for s, d in pairs:
-            dst += [self.self_kv[:, d, :length], self.cross_k[:, d], self.cross_v[:, d]]
-            src += [self.self_kv[:, s, :length], self.cross_k[:, s], self.cross_v[:, s]]
-            if self.cross_e is not None:
-                dst.append(self.cross_e[d])
-                src.append(self.cross_e[s])
+            dst += [self.self_kv[:, d, :length], *self._window(d)]
+            src += [self.self_kv[:, s, :length], *self._window(s)]
         if dst:
             torch._foreach_copy_(dst, src)
