@@ -74,7 +74,7 @@ def main() -> None:
     ]
 
     def run(graphs: bool, n: int) -> tuple[list, float, float]:
-        runner.align_graph_rows = args.rows if graphs else 0
+        runner.aligner.graph_rows = args.rows if graphs else 0
         hosts, walls, results = [], [], []
         with torch.cuda.stream(runner.stream):
             for _ in range(20):

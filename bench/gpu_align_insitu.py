@@ -119,7 +119,7 @@ def main() -> None:
                 flush=True,
             )
         runner.align_async = timed("align (whole)", runner.align_async, device, profile_call=3)  # type: ignore[method-assign]
-        runner._align_chunk = timed("  chunk", runner._align_chunk, device)  # type: ignore[method-assign]
+        runner.aligner._chunk = timed("  chunk", runner.aligner._chunk, device)  # type: ignore[method-assign]
         decoder = runner.model.decoder
         decoder.align = timed("    decoder pass", decoder.align, device)  # type: ignore[method-assign]
         runner._cost_matrices = timed("    cost matrices", runner._cost_matrices, device)  # type: ignore[method-assign]

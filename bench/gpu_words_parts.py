@@ -55,7 +55,7 @@ def main() -> None:
     runner = model.engine.runner
     print(
         f"graphs={graphs}: engine started in {time.perf_counter() - started:.1f} s, "
-        f"{len(runner.align_graphs or ())} alignment graphs, {torch.cuda.memory_reserved() / 1e9:.2f} GB reserved"
+        f"{len(runner.aligner.graphs or ())} alignment graphs, {torch.cuda.memory_reserved() / 1e9:.2f} GB reserved"
     )
     files = [longform.build_audio(longform.clip_source(None), 5, 1 + i)[0] for i in range(8)]
     align, words = Engine._align, BatchedTranscription._time_words

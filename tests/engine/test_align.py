@@ -108,8 +108,8 @@ def test_the_alignment_graphs_padded_pass_equals_the_eager_one(tiny_en_weights: 
     runner, ids, prompt = _admitted_runner(tiny_en_weights, alignment_graph_rows=4, alignment_prompt_len=2)
     assert len(prompt) == 2
     padded_calls: list[object] = []
-    body = runner._align_body
-    runner._align_body = lambda key: padded_calls.append(key) or body(key)  # type: ignore[method-assign]
+    body = runner.aligner._body
+    runner.aligner._body = lambda key: padded_calls.append(key) or body(key)  # type: ignore[method-assign]
     jobs = _jobs(ids, prompt, (3, 40, 9, 30, 1), (1500, 700, 1500, 3, 1200))
     graphed = runner.align_async(jobs).results()  # chunks of 4 and 1 (the graphs' rows): keys (4, 64), (1, 32)
     assert padded_calls == [(4, 64), (1, 32)]
@@ -117,7 +117,7 @@ def test_the_alignment_graphs_padded_pass_equals_the_eager_one(tiny_en_weights: 
     runner.align_async(mixed[:2]).results()  # the short window through the graph's body, the long one eagerly
     runner.align_async(mixed[2:]).results()
     assert padded_calls == [(4, 64), (1, 32), (1, 32)]
-    runner.align_graph_rows = 0  # the eager pass, on the same cache
+    runner.aligner.graph_rows = 0  # the eager pass, on the same cache
     for one, alignment in zip(jobs, graphed, strict=True):
         eager = runner.align([one])[0]
         assert alignment.matrix is not None and eager.matrix is not None

@@ -155,8 +155,8 @@ def test_alignment_graphs_give_the_eager_pass_and_queue_it_without_a_wait() -> N
         runner.admit(admissions, [(job, i) for i in range(5)])
         assert syncs(lambda: runner.align_async(jobs)) == 0
         graphed = runner.align_async(jobs).results()
-        assert runner.align_graphs is not None and len(runner.align_graphs) == 24  # replayed, none captured
-        runner.align_graph_rows = 0  # the eager pass, in the same chunks (fp16 sums depend on the batch)
+        assert runner.aligner.graphs is not None and len(runner.aligner.graphs) == 24  # replayed, none captured
+        runner.aligner.graph_rows = 0  # the eager pass, in the same chunks (fp16 sums depend on the batch)
         eager = runner.align_async(jobs, max_jobs=4).results()
     for one, g, e in zip(jobs, graphed, eager, strict=True):
         assert g.matrix is not None and e.matrix is not None

@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step and of small encoder runs, one per shape key, captured ahead of use.
+"""CUDA graphs of the decode step, small encoder runs, admissions and alignment passes, one per shape key,
+captured ahead of use.
 
 At batch 1 a Whisper decode step is a few hundred small kernels; launched one by one from Python the launch
 overhead, not the GPU, sets the pace (DESIGN.md: HF pays 0.19 s for one 30 s window on an H200). A graph
@@ -83,3 +84,22 @@ class GraphCache(Generic[Out]):
         with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream, capture_error_mode="thread_local"):
             outputs = self.body(key)
         return graph, outputs
+
+
+def padded_rows(n: int, limit: int) -> int:
+    """Rows of the graph that takes n rows: the next power of two, at most `limit` (the rest repeat the last)."""
+    return min(1 << (n - 1).bit_length(), limit)
+
+
+def padded_row_buckets(limit: int) -> list[int]:
+    """Every row count `padded_rows` gives for 1..limit rows, ascending: the graphs to capture."""
+    return sorted({padded_rows(n, limit) for n in range(1, limit + 1)})
+
+
+def no_snapshot() -> None:
+    """For graphs whose warm-up run changes no state (encoder runs, admissions, alignment passes): a capture
+    has nothing to save or put back."""
+
+
+def no_restore(saved: object) -> None:
+    """See no_snapshot."""

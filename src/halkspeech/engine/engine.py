@@ -25,9 +25,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from halkspeech.engine.aligner import AlignPass
 from halkspeech.engine.batch import Admission, AlignJob, DecodeStep
 from halkspeech.engine.request import DecodeRequest, DecodeResult
-from halkspeech.engine.runner import AlignPass, EncodeJob, LaunchedAdmission, LaunchedStep, Runner
+from halkspeech.engine.runner import EncodeJob, LaunchedAdmission, LaunchedStep, Runner
 from halkspeech.engine.scheduler import Group, Scheduler
 from halkspeech.errors import Cancelled, EngineStopped, HalkSpeechError, Overloaded
 

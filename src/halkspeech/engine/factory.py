@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from halkspeech.config import EngineSettings
+from halkspeech.engine.aligner import ALIGN_GRAPH_WIDTH
 from halkspeech.engine.engine import Engine
-from halkspeech.engine.runner import ALIGN_GRAPH_WIDTH, Runner
+from halkspeech.engine.runner import Runner
 from halkspeech.engine.sampling import TokenIds
 from halkspeech.engine.scheduler import Scheduler
 from halkspeech.errors import InvalidRequest

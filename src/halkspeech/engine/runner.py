@@ -7,8 +7,8 @@ asked, prefill the prompts and sample each slot's first token. The model's part 
 prompt through every layer, ~600 launches for large-v3) replays a CUDA graph per (rows bucket, prompt width)
 for plain admissions; beams, samples of one window, language detection and long prompts run eagerly.
 `launch_step`: one decode step over slots 0..size-1, replayed from a CUDA graph on the GPU.
-`align_async`: word timing's teacher-forced pass over finished sequences and their DTW cost matrices, replayed
-from a CUDA graph per (rows bucket, width bucket) for batched mode's windows (eagerly ~150 launches for turbo).
+`align_async`: word timing's teacher-forced pass over finished sequences and their DTW cost matrices, by the
+runner's `Aligner` (engine/aligner.py) over the same cache.
 Neither waits for the device: inputs go up through pinned memory (engine/transfer.py), and each returns a
 handle whose `results()`/`result()` waits once and reads its tokens, so the host queues the next launches while
 the device still runs the work queued before (an encoder run, an admission). `admit`/`step` wait at once.
@@ -17,7 +17,7 @@ the device still runs the work queued before (an encoder run, an admission). `ad
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import cast
@@ -25,12 +25,12 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from halkspeech.engine.align import cost_matrices, padded_cost_matrices
+from halkspeech.engine.aligner import Aligner, AlignPass
 from halkspeech.engine.batch import Admission, AdmitResult, AlignJob, DecodeStep, SlotMove, SlotUpdate, StepOutput
-from halkspeech.engine.cuda_graphs import GraphCache
+from halkspeech.engine.cuda_graphs import GraphCache, no_restore, no_snapshot, padded_row_buckets, padded_rows
 from halkspeech.engine.request import Alignment, SamplingOptions
 from halkspeech.engine.sampling import FLAG_FIELDS, INT_FIELDS, Sampler, SlotState, TokenIds
-from halkspeech.engine.transfer import HostCopies, queue_to_host, to_device
+from halkspeech.engine.transfer import HostCopies, to_device
 from halkspeech.model.cache import KVCache
 from halkspeech.model.whisper import Whisper
 
@@ -39,35 +39,7 @@ AdmitKey = tuple[int, int]  # (rows, padded up to a power of two; prompt width)
 #: Prompts of at most this many tokens can replay an admission graph: the task prompts (sot, language, task,
 #: no-timestamps) are 1-4 tokens; a previous-text prompt (long-form conditioning) is up to 224, and runs eagerly.
 ADMIT_GRAPH_WIDTH = 8
-AlignKey = tuple[int, int]  # (rows, padded up to a power of two; tokens, padded up to a multiple of ALIGN_WIDTH_STEP)
-#: Word-timing passes whose windows have at most this many alignment-prompt + text + end-of-text tokens can replay
-#: an alignment graph: a window's text is at most n_text_ctx / 2 = 224 tokens, plus 2-4 of prompt and one.
-ALIGN_GRAPH_WIDTH = 256
-ALIGN_WIDTH_STEP = 32
 SUPPRESS_ROWS = 16  # suppress-token masks kept on the device (least recently used dropped first)
-
-
-@dataclass
-class AlignPass:
-    """Word-timing passes queued on the device: their results, once the work before `done` has run."""
-
-    done: torch.cuda.Event | None  # None on a CPU: done already
-    builders: list[Callable[[], list[Alignment]]]
-    order: list[int] | None = None  # the builders' results are jobs[order[0]], jobs[order[1]], ... (None: in order)
-
-    def ready(self) -> bool:
-        return self.done is None or self.done.query()
-
-    def results(self) -> list[Alignment]:
-        if self.done is not None:
-            self.done.synchronize()
-        results = [alignment for build in self.builders for alignment in build()]
-        if self.order is None:
-            return results
-        ordered: list[Alignment | None] = [None] * len(results)
-        for position, index in enumerate(self.order):
-            ordered[index] = results[position]
-        return cast(list[Alignment], ordered)
 
 
 @dataclass
@@ -160,7 +132,6 @@ class Runner:
         alignment_prompt_len: int = 0,
     ) -> None:
         self.model = model
-        self.alignment_heads = alignment_heads
         self.ids = ids
         self.device = model.device
         self.dtype = model.dtype
@@ -184,7 +155,7 @@ class Runner:
             frames = 2 * model.dims.n_audio_ctx  # 3000 log-mel frames a window (the first conv has stride 1)
             shape = (self.encoder_graph_batch, model.dims.n_mels, frames)
             self._mel_in = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.encoder_graphs = GraphCache(self._encoder_body, _no_snapshot, _no_restore)
+            self.encoder_graphs = GraphCache(self._encoder_body, no_snapshot, no_restore)
         # Admissions of up to admission_graph_batch plain rows (one slot each, no language detection) whose
         # prompts are `admission_widths` tokens long run the model's part from static inputs: audio [G, A, D],
         # and per row its slot, prompt length, <|sot|> index and right-padded prompt [G, 3 + ADMIT_GRAPH_WIDTH].
@@ -203,21 +174,16 @@ class Runner:
             if use_graphs:
                 # no snapshot: a capture's warm-up run writes the rows now in the inputs, the values its replay
                 # writes again (at engine start: slot 0's, free)
-                self.admit_graphs = GraphCache(self._admit_body, _no_snapshot, _no_restore)
-        # Word-timing passes of up to alignment_graph_rows windows, each with its cost matrix's frames and an
-        # alignment prompt of alignment_prompt_len tokens, run from static inputs: per row the right-padded
-        # tokens, then its slot, its token count and its frames [R, ALIGN_GRAPH_WIDTH + 3]. Rows are padded to a
-        # power of two by repeating the last one (a pass writes nothing). Eagerly a pass is ~150 launches for
-        # turbo and ~900 for large-v3, which the GPU waits for: 12 points of word timing's 21% throughput loss
-        # on an H100 (bench/NOTES.md). A graph on a GPU; elsewhere the same padded body runs eagerly.
-        self.align_graph_rows = alignment_graph_rows if alignment_heads else 0
-        self.align_prompt_len = alignment_prompt_len
-        self.align_graphs: GraphCache[tuple[Tensor, Tensor]] | None = None
-        if self.align_graph_rows:
-            columns = ALIGN_GRAPH_WIDTH + 3
-            self._align_ints = torch.zeros((self.align_graph_rows, columns), dtype=torch.long, device=self.device)
-            if use_graphs:
-                self.align_graphs = GraphCache(self._align_body, _no_snapshot, _no_restore)
+                self.admit_graphs = GraphCache(self._admit_body, no_snapshot, no_restore)
+        self.aligner = Aligner(
+            model,
+            self.cache,
+            ids,
+            alignment_heads,
+            graph_rows=alignment_graph_rows,
+            prompt_len=alignment_prompt_len,
+            use_graphs=use_graphs,
+        )
         cuda = self.device.type == "cuda"
         # CUDA stream priorities: lower numbers win; the encoder stream keeps the lowest (default) priority
         self.stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -344,7 +310,7 @@ class Runner:
 
     def _admit_rows(self, n: int) -> int:
         """Rows of the admission graph that takes n rows."""
-        return _graph_rows(n, self.admit_graph_batch)
+        return padded_rows(n, self.admit_graph_batch)
 
     def _admit_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
         """The model's part of a plain admission from the static inputs: first-token logits [G, V] and
@@ -511,161 +477,14 @@ class Runner:
         logits = self.model.decoder.step(view.tokens, view.positions, self.cache, window)
         return self.sampler.step(logits, view, timestamps=timestamps, sampling=sampling)
 
-    # --- word-timing alignment -------------------------------------------------------------------------
+    # --- word-timing alignment (engine/aligner.py) -------------------------------------------------------
     def align(self, jobs: Sequence[AlignJob]) -> list[Alignment]:
         """`align_async`, waited for."""
-        return self.align_async(jobs).results()
+        return self.aligner.align(jobs)
 
-    @torch.inference_mode()
     def align_async(self, jobs: Sequence[AlignJob], max_jobs: int = 16, max_rows: int = 2048) -> AlignPass:
-        """For each finished sequence whose slot still holds its cross-attention keys/values: one
-        teacher-forced pass over alignment prompt + text + end-of-text, queued on the engine's stream with the
-        copies of its results to the host; nothing waits for the device. The slots may be reassigned at once:
-        what is queued after the pass on this stream (an admission's cross keys/values) runs after it."""
-        # Chunks of at most `max_jobs` windows and `max_rows` text tokens: eagerly each chunk is ~150 launched
-        # kernels (~7-10 ms of this thread on an H100) whatever its size, a dozen where an alignment graph takes
-        # it; its text-token logits take ~10 bytes × vocabulary a token at the peak (~1 GB at 2048 rows of 51,866).
-        # Windows an alignment graph takes (batched mode's) go first, in chunks of its rows; the others (sequential
-        # mode's, which need the raw scores) keep eager chunks of `max_jobs`: cut to the graphs' rows, 16 of them
-        # were 4 eager passes instead of one. Results come back in the jobs' order.
-        fits = [self._align_fits(job) for job in jobs]
-        order = sorted(range(len(jobs)), key=lambda i: not fits[i])  # stable
-        chunks: list[list[AlignJob]] = []
-        graphed: list[bool] = []  # per chunk: whether an alignment graph takes it (all its windows fit one)
-        rows = 0
-        for i in order:
-            job, limit = jobs[i], min(max_jobs, self.align_graph_rows) if fits[i] else max_jobs
-            if not chunks or graphed[-1] != fits[i] or len(chunks[-1]) >= limit or rows + len(job.text) > max_rows:
-                chunks.append([])
-                graphed.append(fits[i])
-                rows = 0
-            chunks[-1].append(job)
-            rows += len(job.text)
-        builders = [self._align_chunk(chunk, g) for chunk, g in zip(chunks, graphed, strict=True)]
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return AlignPass(done, builders, None if order == list(range(len(jobs))) else order)
-
-    def _align_chunk(self, jobs: Sequence[AlignJob], graphed: bool) -> Callable[[], list[Alignment]]:
-        """Queue one pass over `jobs`, through their alignment graph if `graphed`; returns what builds their
-        results from the host copies."""
-        eot = self.ids.eot
-        sequences = [[*job.prompt, *job.text, eot] for job in jobs]
-        chosen = [i for i, job in enumerate(jobs) if job.frames is not None]
-        raw = [i for i, job in enumerate(jobs) if job.frames is None]
-        raw_scores: Tensor | None = None
-        stacked: Tensor | None
-        if graphed:
-            hidden, stacked = self._align_padded(jobs, sequences)
-        else:
-            width = max(len(seq) for seq in sequences)
-            # one host→device copy: the right-padded tokens, each row's slot in a last column
-            packed = to_device(
-                [seq + [eot] * (width - len(seq)) + [job.slot] for seq, job in zip(sequences, jobs, strict=True)],
-                torch.long,
-                self.device,
-            )
-            heads = self.alignment_heads
-            hidden, scores = self.model.decoder.align(packed[:, :width], self.cache, packed[:, width], heads)
-            stacked = self._cost_matrices(scores, jobs, chosen)
-            # the others' scores [B, heads, T, A] as float16: half the bytes; turned to float32 by the word timing
-            # (a worker, not this thread, which feeds the GPU)
-            raw_scores = scores[to_device(raw, torch.long, self.device)].half() if raw else None
-        # each text token's probability, in one logits pass over every job's rows: position j predicts token j+1,
-        # so job i's text is predicted from positions len(prompt)-1 onwards
-        picked = [(i, len(job.prompt) - 1 + k, token) for i, job in enumerate(jobs) for k, token in enumerate(job.text)]
-        probs = torch.zeros(0, device=self.device)
-        if picked:
-            index = to_device(picked, torch.long, self.device).T  # [3, N]: job, position, token
-            logits = self.model.decoder.logits(hidden[index[0], index[1]][:, None])[:, 0, :eot]  # [N, eot]
-            probs = logits.softmax(dim=-1).gather(1, index[2][:, None])[:, 0]
-        host_probs, host_matrices, host_raw = queue_to_host(probs, stacked, raw_scores)
-
-        def build() -> list[Alignment]:
-            probs_list = cast(Tensor, host_probs).tolist()
-            results, offset = [], 0
-            for i, job in enumerate(jobs):
-                matrix = scores_i = None
-                if job.frames is not None:
-                    matrix = cast(Tensor, host_matrices)[chosen.index(i), : len(job.text) + 1, : job.frames]
-                else:
-                    scores_i = cast(Tensor, host_raw)[raw.index(i), :, : len(sequences[i])]
-                results.append(
-                    Alignment(
-                        scores=scores_i,
-                        text_probs=tuple(probs_list[offset : offset + len(job.text)]),
-                        text_tokens=job.text,
-                        prompt_len=len(job.prompt),
-                        matrix=matrix,
-                    )
-                )
-                offset += len(job.text)
-            return results
-
-        return build
-
-    def _align_fits(self, job: AlignJob) -> bool:
-        """Whether an alignment graph can take this window: it has its frames (batched mode's; sequential mode's
-        word timing reads the scores), the graphs' prompt length, and prompt + text + end-of-text fit its width."""
-        return (
-            self.align_graph_rows > 0
-            and job.frames is not None
-            and len(job.prompt) == self.align_prompt_len
-            and len(job.prompt) + len(job.text) + 1 <= ALIGN_GRAPH_WIDTH
-        )
-
-    def _align_padded(self, jobs: Sequence[AlignJob], sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        """The pass through the static inputs of its (rows, width) alignment graph: hidden states [n, width, D]
-        and the cost matrices [n, max text + 1, max frames] (views of the graph's outputs, valid until its
-        next replay, which the stream orders after the copies queued behind this pass)."""
-        n, eot, full = len(jobs), self.ids.eot, ALIGN_GRAPH_WIDTH
-        rows = _graph_rows(n, self.align_graph_rows)
-        width = -(-max(len(seq) for seq in sequences) // ALIGN_WIDTH_STEP) * ALIGN_WIDTH_STEP
-        packed = [
-            [*seq, *[eot] * (full - len(seq)), job.slot, len(seq), cast(int, job.frames)]
-            for seq, job in zip(sequences, jobs, strict=True)
-        ]
-        packed += [packed[-1]] * (rows - n)
-        self._align_ints[:rows].copy_(to_device(packed, torch.long, self.device))
-        key: AlignKey = (rows, width)
-        hidden, cost = self.align_graphs.run(key) if self.align_graphs is not None else self._align_body(key)
-        texts = max(len(job.text) for job in jobs)
-        frames = max(cast(int, job.frames) for job in jobs)
-        return hidden[:n], cost[:n, : texts + 1, :frames]
-
-    def _align_body(self, key: Hashable) -> tuple[Tensor, Tensor]:
-        """An alignment graph's work: hidden states [R, W, D] and cost matrices [R, W - prompt, A] float32."""
-        rows, width = cast(AlignKey, key)
-        ints = self._align_ints[:rows]
-        tokens, slots, sizes = ints[:, :width], ints[:, ALIGN_GRAPH_WIDTH], ints[:, ALIGN_GRAPH_WIDTH + 1 :]
-        hidden, scores = self.model.decoder.align(tokens, self.cache, slots, self.alignment_heads)
-        frames = self.model.dims.n_audio_ctx
-        return hidden, padded_cost_matrices(scores, self.align_prompt_len, sizes, width, frames)
-
-    def _cost_matrices(self, scores: Tensor, jobs: Sequence[AlignJob], chosen: list[int]) -> Tensor | None:
-        """DTW cost matrices of the `chosen` jobs (those that gave their frames), made on the device for all of
-        them at once: [len(chosen), max text + 1, max frames], job k's in [k, : len(text) + 1, : frames]."""
-        if not chosen:
-            return None
-        prompt_len = len(jobs[chosen[0]].prompt)
-        texts = [len(jobs[i].text) for i in chosen]
-        frames = [cast(int, jobs[i].frames) for i in chosen]
-        if any(len(jobs[i].prompt) != prompt_len for i in chosen):  # one alignment prompt length per call
-            parts = [
-                cost_matrices(scores[i : i + 1], len(jobs[i].prompt), [texts[k]], [frames[k]])
-                for k, i in enumerate(chosen)
-            ]
-            out = parts[0].new_zeros(len(chosen), max(texts) + 1, max(frames))
-            for k, part in enumerate(parts):
-                out[k, : part.shape[1], : part.shape[2]] = part[0]
-            return out
-        if chosen == list(range(chosen[0], chosen[-1] + 1)):
-            picked = scores[chosen[0] : chosen[-1] + 1]  # a slice: no index to copy up
-        else:
-            picked = scores[to_device(chosen, torch.long, self.device)]
-        return cost_matrices(picked, prompt_len, texts, frames)
+        """Word timing's pass over finished sequences whose slots still hold their windows: `Aligner.align_async`."""
+        return self.aligner.align_async(jobs, max_jobs, max_rows)
 
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int], windows: Sequence[int]) -> int:
@@ -682,20 +501,11 @@ class Runner:
             for n in range(1, self.encoder_graph_batch + 1):
                 self.encoder_graphs.capture(n)
         if self.admit_graphs is not None:
-            for n in _graph_row_buckets(self.admit_graph_batch):
+            for n in padded_row_buckets(self.admit_graph_batch):
                 for width in sorted(self.admission_widths):
                     self.admit_graphs.capture((n, width))
-        if self.align_graphs is not None:
-            self._align_ints.zero_()  # slot 0's cross keys/values, token 0: any values do for a capture
-            self._align_ints[:, ALIGN_GRAPH_WIDTH + 1 :] = 1
-            # largest first, so that each later capture fits in blocks the earlier ones freed in the shared pool
-            # (smallest first, with 8 rows and the normalisation out of place, turbo's pool held 5.5 GB; largest
-            # first, 4 rows and in place, 0.93 GB: bench/gpu_align_graphs.py on an H100)
-            for n in reversed(_graph_row_buckets(self.align_graph_rows)):
-                for width in range(ALIGN_GRAPH_WIDTH, 0, -ALIGN_WIDTH_STEP):
-                    self.align_graphs.capture((n, width))
-        graphs = (self.graphs, self.encoder_graphs, self.admit_graphs, self.align_graphs)
-        return sum(len(g or ()) for g in graphs)
+        graphs = (self.graphs, self.encoder_graphs, self.admit_graphs)
+        return sum(len(g or ()) for g in graphs) + self.aligner.warm_up()
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots whose sequences ended: idle until reassigned."""
@@ -740,21 +550,3 @@ class Runner:
         assert isinstance(saved, list)
         for tensor, value in zip(self.state.tensors(), saved, strict=False):
             tensor.copy_(value)
-
-
-def _graph_rows(n: int, limit: int) -> int:
-    """Rows of the graph that takes n rows: the next power of two, at most `limit` (the rest repeat the last)."""
-    return min(1 << (n - 1).bit_length(), limit)
-
-
-def _graph_row_buckets(limit: int) -> list[int]:
-    """Every row count `_graph_rows` gives for 1..limit rows, ascending: the graphs to capture."""
-    return sorted({_graph_rows(n, limit) for n in range(1, limit + 1)})
-
-
-def _no_snapshot() -> None:
-    """An encoder graph's warm-up run changes no state, so a capture has nothing to save or put back."""
-
-
-def _no_restore(saved: object) -> None:
-    """See _no_snapshot."""
