@@ -122,7 +122,7 @@ def main() -> None:
         runner.aligner._chunk = timed("  chunk", runner.aligner._chunk, device)  # type: ignore[method-assign]
         decoder = runner.model.decoder
         decoder.align = timed("    decoder pass", decoder.align, device)  # type: ignore[method-assign]
-        runner._cost_matrices = timed("    cost matrices", runner._cost_matrices, device)  # type: ignore[method-assign]
+        runner.aligner._cost_matrices = timed("    cost matrices", runner.aligner._cost_matrices, device)  # type: ignore[method-assign]
         result = run_concurrent(model, files, _options(cfg, True))
     finally:
         model.close()
