@@ -9,6 +9,8 @@
    Triton's HTTP infer (binary tensors) or Triton's gRPC infer, unary or streamed (the server started with
    `--grpc-port`).
 3. The ratio server / engine (the target is ≥ 0.8 at 256 clients), beside latency percentiles and errors.
+With `closed_loop`, between 1 and 2: the same load from in-process clients calling the transcription the routes
+call, on an engine with the server's settings (bench/closed_loop.py): what the closed loop costs without HTTP.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from halkspeech.audio import decode_audio
+from halkspeech.bench.closed_loop import ClosedLoad, closed_loop_figure
 from halkspeech.bench.common import (
     MAX_FORCED_TOKENS,
     check_output,
@@ -46,11 +49,12 @@ from halkspeech.bench.common import (
 )
 from halkspeech.bench.engine_bench import EngineBenchConfig, bench_model
 from halkspeech.bench.subprocess_server import BenchServer, free_port, serve
-from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS
+from halkspeech.config import MAX_ENCODER_BATCH, MAX_SLOTS, load_settings
 from halkspeech.errors import InvalidRequest
 from halkspeech.loadtest.http import GRPC_APIS, HttpLoadConfig, LoadTally, measure, summarize
 from halkspeech.loadtest.server_stats import describe, with_server_side
 from halkspeech.loadtest.triton_grpc import tritonclient_grpc
+from halkspeech.model.weights import random_weights
 
 log = logging.getLogger(__name__)
 _REPO_CLIP = Path(__file__).resolve().parents[3] / "tests" / "data" / "jfk.flac"
@@ -82,6 +86,8 @@ class ServerBenchConfig:
     #: > 0: after the timed run, one more load of `warmup_requests` during which the server records this many
     #: seconds of its GPU timeline (bench/gpu_timeline.py); the summary goes into the results as "profile"
     profile_s: float = 0.0
+    #: Also measure the load from in-process clients, without HTTP (bench/closed_loop.py)
+    closed_loop: bool = False
 
     def __post_init__(self) -> None:
         check_output(self.json_path)
@@ -110,6 +116,7 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     engine_row = _engine_figure(cfg)
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
+        closed = _closed_loop(cfg, clip) if cfg.closed_loop else None
         profile_path = Path(tmp) / "profile.json"
         grpc_port = free_port() if cfg.api in GRPC_APIS else None
         with _server(cfg, Path(tmp) / "server.log", profile_path, grpc_port) as served:
@@ -134,6 +141,9 @@ def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
         "server_batches": batches,
         "ratio": round(ratio, 3) if ratio is not None else None,
     }
+    if closed is not None:
+        closed["ratio"] = round(closed["windows_per_s"] / engine_row["windows_per_s"], 3)
+        results["closed_loop"] = closed
     if profile is not None:
         results["profile"] = profile
     _print(cfg, results)
@@ -156,6 +166,24 @@ def _engine_figure(cfg: ServerBenchConfig) -> dict[str, Any]:
     )
     rows = [r for r in bench_model(cfg.model, engine_cfg) if r["engine"] == "halkspeech"]
     return rows[0]
+
+
+def _closed_loop(cfg: ServerBenchConfig, clip: Path) -> dict[str, Any]:
+    """The load from in-process clients on an engine with the server's settings, the clip's samples as the
+    server decodes them."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    weights = random_weights(cfg.model, dtype=dtype, device=cfg.device)
+    # as the server's: this process's HALKSPEECH_ENGINE__* environment, then what _server passes it
+    settings = load_settings(
+        engine__device=cfg.device,
+        engine__dtype=cfg.dtype,
+        engine__max_slots=cfg.slots,
+        engine__max_encoder_batch=cfg.encoder_batch,
+        engine__admit_batch=cfg.admit_batch,  # None: not set
+        engine__admit_wait_ms=cfg.admit_wait_ms,
+    ).engine
+    load = ClosedLoad(cfg.concurrency, cfg.requests, cfg.warmup_requests, cfg.tokens)
+    return closed_loop_figure(weights, settings, decode_audio(clip), load)
 
 
 # --- the clip -----------------------------------------------------------------------------------------------
@@ -292,8 +320,20 @@ def _metric(text: str, name: str, label: str = "") -> float:
 
 def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
     engine, server = results["engine"], results["server"]
-    rows = [
-        {"path": f"engine (batch {engine['batch']})", "windows_s": engine["windows_per_s"], "ratio": 1.0},
+    rows = [{"path": f"engine (batch {engine['batch']})", "windows_s": engine["windows_per_s"], "ratio": 1.0}]
+    if "closed_loop" in results:
+        closed = results["closed_loop"]
+        rows.append(
+            {
+                "path": f"in-process ({cfg.concurrency} clients)",
+                "windows_s": closed["windows_per_s"],
+                "req_s": closed["windows_per_s"],
+                **{f"{q}_ms": closed["latency_ms"][q] for q in ("p50", "p95", "p99")},
+                "failed": 0,
+                "ratio": closed["ratio"],
+            }
+        )
+    rows += [
         {
             "path": f"server ({cfg.concurrency} {cfg.api} clients)",
             "windows_s": server["windows_per_s"],
@@ -314,5 +354,12 @@ def _print(cfg: ServerBenchConfig, results: dict[str, Any]) -> None:
         "target: ratio ≥ 0.80",
         flush=True,
     )
+    if "closed_loop" in results:
+        closed = results["closed_loop"]
+        print(
+            f"in-process clients: mean encoder run {closed['mean_encoder_batch']}, "
+            f"mean decoder batch {closed['mean_decoder_batch']}",
+            flush=True,
+        )
     if "server" in server:  # Triton's APIs: the server's own statistics of the timed run
         print(describe(server["server"]), flush=True)

@@ -146,6 +146,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--clip-s", type=finite_float, default=30.0)
     server.add_argument("--profile-s", type=finite_float, default=0.0, help="after the timed run, record this many "
                         "s of the server's GPU timeline under the same load; summarise its idle gaps")  # fmt: skip
+    server.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="also run the same load from in-process clients (the routes' transcription call, no HTTP) on an "
+        "engine with the server's settings: what the closed loop costs without the HTTP layer",
+    )
     _device_args(server)
     server.set_defaults(func=_run_server)
 
@@ -303,6 +309,7 @@ def _run_server(args: argparse.Namespace) -> int:
             clip_s=args.clip_s,
             json_path=args.json_path,
             profile_s=args.profile_s,
+            closed_loop=args.closed_loop,
         )
     )
     return 0 if results["server"]["ok"] else 1

@@ -1,0 +1,104 @@
+"""The server's transcription calls from in-process clients: `bench server`'s load without the HTTP layer.
+
+`concurrency` asyncio clients in one event loop each repeat `Transcriber.transcribe` (the call the routes
+make) on one clip, decoded once, with the options the server gives a request under `--force-decode-tokens`
+(English, `tokens` forced tokens, no timestamps), until `requests` are done; a first load of
+`warmup_requests` runs before the timed one, as `bench server` does. The engine has the server's settings
+(live slots held back). What is left out: HTTP, the multipart upload, WAV decoding, the admission gate.
+
+Between the engine figure (every window submitted at once) and the server's, it tells the closed loop's cost
+(small encoder runs, decode steps only as wide as the windows in flight) from the HTTP layer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from halkspeech.bench.common import percentile
+from halkspeech.config import EngineSettings
+from halkspeech.engine.engine import EngineStats
+from halkspeech.engine.factory import start_engine
+from halkspeech.model.weights import LoadedWeights
+from halkspeech.transcription.pipeline import Transcriber
+from halkspeech.transcription.types import TranscribeOptions
+
+
+@dataclass(frozen=True)
+class ClosedLoad:
+    concurrency: int
+    requests: int
+    warmup_requests: int
+    tokens: int
+
+
+def closed_loop_figure(
+    weights: LoadedWeights, settings: EngineSettings, audio: np.ndarray, load: ClosedLoad
+) -> dict[str, Any]:
+    """Windows/s and latency percentiles of the timed load (one window a request: `audio` is ≤ 30 s)."""
+    model = start_engine(weights, settings)
+    try:
+        transcriber = Transcriber(model)
+        options = TranscribeOptions(language="en", force_decode_tokens=load.tokens, without_timestamps=True)
+        asyncio.run(_load(transcriber, audio, options, load.concurrency, load.warmup_requests))
+        before = _counts(model.engine.stats)
+        wall, latencies = asyncio.run(_load(transcriber, audio, options, load.concurrency, load.requests))
+        windows, runs, rows, steps, tokens = (b - a for a, b in zip(before, _counts(model.engine.stats), strict=True))
+    finally:
+        model.close()
+        del model
+        gc.collect()
+        if settings.device == "cuda":
+            torch.cuda.empty_cache()
+    if tokens != load.requests * (load.tokens - 1):  # the prefill gives each window its first token
+        raise RuntimeError(f"expected {load.tokens} tokens in one window a request; steps gave {tokens} in all")
+    ms = [1000 * s for s in latencies]
+    return {
+        "requests": load.requests,
+        "wall_s": wall,
+        "windows_per_s": load.requests / wall,
+        "latency_ms": {q: round(percentile(ms, int(q[1:])), 1) for q in ("p50", "p95", "p99")},
+        "mean_encoder_batch": round(windows / runs, 1) if runs else None,
+        "mean_decoder_batch": round(rows / steps, 1) if steps else None,
+        "tokens": tokens,
+    }
+
+
+def _counts(stats: EngineStats) -> tuple[int, int, int, int, int]:
+    """Windows encoded, encoder runs, rows decoded, decode steps, tokens given to sequences, so far."""
+    encoder, decoder = dict(stats.encoder_batches), dict(stats.decode_batches)
+    return (
+        sum(size * n for size, n in encoder.items()),
+        sum(encoder.values()),
+        sum(size * n for size, n in decoder.items()),
+        sum(decoder.values()),
+        stats.tokens,
+    )
+
+
+async def _load(
+    transcriber: Transcriber, audio: np.ndarray, options: TranscribeOptions, concurrency: int, requests: int
+) -> tuple[float, list[float]]:
+    """`requests` transcriptions by `concurrency` clients in a closed loop: (wall seconds, each one's latency)."""
+    left = requests
+    latencies: list[float] = []
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            started = time.perf_counter()
+            transcript = await transcriber.transcribe(audio, options)
+            latencies.append(time.perf_counter() - started)
+            if not transcript.tokens:
+                raise RuntimeError("a forced-length transcription came back without tokens")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(min(concurrency, requests))))
+    return time.perf_counter() - started, latencies
