@@ -30,6 +30,9 @@
 #                                                   first continuous run still slower than the second?); the
 #                                                   server on this tree and on OLD_SRC (an older src/, e.g. one
 #                                                   from before compaction's batched moves), A/B/A/B
+#   bench/gpu_serving.sh closed-loop OUT_DIR        the server's load from in-process clients (no HTTP) between the
+#                                                   engine figure and the server's, twice: the closed loop's cost
+#                                                   told from the HTTP layer's
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
 #                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
 #                                                   synchronous clients), gRPC, gRPC streaming
@@ -41,7 +44,7 @@ py=python3
 server_bench() {  # OUT_JSON [more flags]: the HTTP server at 256 clients against the engine's batch-256 figure
   timeout 300 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
-    --json "$@" 2>&1 | tail -7
+    --json "$@" 2>&1 | tail -9
 }
 case "${1:?what}" in
 cuda-tests)  # the tests that need a GPU (pytest's session fixtures fetch models: no network here)
@@ -195,6 +198,11 @@ _write_clip(ServerBenchConfig(device='cpu'), Path('$out/clip30.wav'))"
       --concurrency 256 --requests 1536 --json "$out/loadtest_1proc_$1_$2_ka$ka.json" 2>&1 | tail -2
   done
   kill $server 2>/dev/null; wait $server 2>/dev/null; tail -5 "$out/serve_ka$ka.log"
+  ;;
+closed-loop)  # the engine figure, in-process clients in a closed loop, the server: twice
+  for run in 1 2; do
+    server_bench "$out/server_closed_loop_$run.json" --engine-repeats 1 --closed-loop
+  done
   ;;
 perf-analyzer)  # CONC: perf_analyzer against the server's Triton APIs, a 30 s clip a request, 80 tokens forced;
   # HTTP with perf_analyzer's asynchronous client and its synchronous one (a thread a request in flight)
