@@ -16,6 +16,7 @@ call, on an engine with the server's settings (bench/closed_loop.py): what the c
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import multiprocessing
@@ -183,7 +184,12 @@ def _closed_loop(cfg: ServerBenchConfig, clip: Path) -> dict[str, Any]:
         engine__admit_wait_ms=cfg.admit_wait_ms,
     ).engine
     load = ClosedLoad(cfg.concurrency, cfg.requests, cfg.warmup_requests, cfg.tokens)
-    return closed_loop_figure(weights, settings, decode_audio(clip), load)
+    result = closed_loop_figure(weights, settings, decode_audio(clip), load)
+    del weights  # the server, started next in another process, needs the memory
+    gc.collect()
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 # --- the clip -----------------------------------------------------------------------------------------------
