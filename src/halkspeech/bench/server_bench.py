@@ -115,9 +115,12 @@ class ServerBenchConfig:
 def run_server_bench(cfg: ServerBenchConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     engine_row = _engine_figure(cfg)
+    print(f"engine figure: {engine_row['windows_per_s']:.1f} windows/s", flush=True)  # progress: minutes pass
     with tempfile.TemporaryDirectory(prefix="halkspeech-server-bench-") as tmp:
         clip = _write_clip(cfg, Path(tmp) / f"clip_{cfg.clip_s:g}s.wav")
         closed = _closed_loop(cfg, clip) if cfg.closed_loop else None
+        if closed is not None:
+            print(f"in-process clients: {closed['windows_per_s']:.1f} windows/s", flush=True)
         profile_path = Path(tmp) / "profile.json"
         grpc_port = free_port() if cfg.api in GRPC_APIS else None
         with _server(cfg, Path(tmp) / "server.log", profile_path, grpc_port) as served:
