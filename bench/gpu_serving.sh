@@ -44,7 +44,7 @@ py=python3
 server_bench() {  # OUT_JSON [more flags]: the HTTP server at 256 clients against the engine's batch-256 figure
   timeout 300 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
-    --json "$@" 2>&1 | tail -9
+    --json "$@" 2>&1 | tail -11
 }
 case "${1:?what}" in
 cuda-tests)  # the tests that need a GPU (pytest's session fixtures fetch models: no network here)
