@@ -13,15 +13,13 @@ Between the engine figure (every window submitted at once) and the server's, it 
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from halkspeech.bench.common import percentile
+from halkspeech.bench.common import free_device_memory, percentile
 from halkspeech.config import EngineSettings
 from halkspeech.engine.engine import EngineStats
 from halkspeech.engine.factory import start_engine
@@ -53,9 +51,7 @@ def closed_loop_figure(
     finally:
         model.close()
         del model
-        gc.collect()
-        if settings.device == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(settings.device)
     if tokens != load.requests * (load.tokens - 1):  # the prefill gives each window its first token
         raise RuntimeError(f"expected {load.tokens} tokens in one window a request; steps gave {tokens} in all")
     ms = [1000 * s for s in latencies]

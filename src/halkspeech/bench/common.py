@@ -5,6 +5,7 @@ Benchmarks print a table and write JSON; tests never assert their numbers (DESIG
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import platform
@@ -101,6 +102,14 @@ def check_shapes(names: Sequence[str]) -> None:
             f"unknown model shape {', '.join(map(repr, unknown)) or '(none given)'}: choose from "
             + ", ".join(sorted(KNOWN_DIMS))
         )
+
+
+def free_device_memory(device: str | torch.device) -> None:
+    """After a bench's engine or weights are dropped: collect them and give their cached blocks back to the
+    device, for the next engine (or the server process started next)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:

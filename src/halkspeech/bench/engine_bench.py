@@ -7,7 +7,6 @@ size. Reported: windows/s, decoded tokens/s, RTFx (audio seconds per wall second
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +20,7 @@ from halkspeech.bench.common import (
     check_ranges,
     check_shapes,
     device_info,
+    free_device_memory,
     median,
     print_table,
     timed,
@@ -132,17 +132,14 @@ def bench_model(name: str, cfg: EngineBenchConfig) -> list[dict[str, Any]]:
                 rows.append(_row(name, "hf-transformers", batch, median(times), cfg.tokens))
             except torch.OutOfMemoryError:
                 rows.append({"model": name, "engine": "hf-transformers", "batch": batch, "error": "out of memory"})
-            gc.collect()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            free_device_memory(device)
         weights = hf.weights()
     else:
         weights = random_weights(name, dtype=dtype, device=device)
     rows.extend(_bench_ours(name, weights, features, cfg))
     _add_ratios(rows)
     del hf, weights
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory(device)
     return rows
 
 
@@ -177,9 +174,7 @@ def _bench_ours(
     finally:
         model.close()
         del model
-        gc.collect()
-        if cfg.device == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(cfg.device)
     return rows
 
 

@@ -4,7 +4,6 @@ until its longest member ends), with the same kernels, weights, arrivals and len
 
 from __future__ import annotations
 
-import gc
 import random
 import threading
 import time
@@ -21,6 +20,7 @@ from halkspeech.bench.common import (
     check_ranges,
     check_shapes,
     device_info,
+    free_device_memory,
     percentile,
     print_table,
     write_json,
@@ -225,9 +225,7 @@ def _run_mode(
     finally:
         model.close()
         del model
-        gc.collect()
-        if cfg.device == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(cfg.device)
 
 
 def median_runs(runs: Mapping[Any, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ call, on an engine with the server's settings (bench/closed_loop.py): what the c
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import multiprocessing
@@ -45,6 +44,7 @@ from halkspeech.bench.common import (
     check_ranges,
     check_shapes,
     device_info,
+    free_device_memory,
     print_table,
     write_json,
 )
@@ -189,9 +189,7 @@ def _closed_loop(cfg: ServerBenchConfig, clip: Path) -> dict[str, Any]:
     load = ClosedLoad(cfg.concurrency, cfg.requests, cfg.warmup_requests, cfg.tokens)
     result = closed_loop_figure(weights, settings, decode_audio(clip), load)
     del weights  # the server, started next in another process, needs the memory
-    gc.collect()
-    if cfg.device == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory(cfg.device)
     return result
 
 
