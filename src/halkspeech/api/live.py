@@ -340,7 +340,7 @@ def parse_object(text: str, max_chars: int, example: str, hint: str = "") -> dic
     try:
         data = json_input.loads(text)
     except json_input.JSONInputError as exc:
-        if exc.reason.startswith("is not valid JSON"):
+        if exc.not_json:
             raise MalformedJSON(f"text messages must be JSON objects such as {example}") from None
         raise MalformedJSON(f"the message's JSON {exc.reason}") from None
     if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(data):
