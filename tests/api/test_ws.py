@@ -244,6 +244,7 @@ def test_hostile_json_is_refused_and_the_open_turn_goes_on(client: TestClient, l
     the reader survives them and the turn they interrupted loses no audio."""
     nested_language = '{"type": "start", "language": ' + "[" * 5000 + "]" * 5000 + "}"
     cases = [
+        ("{not json", "text messages must be JSON objects such as"),
         ("[" * 3000 + "]" * 3000, "nested too deeply"),
         (nested_language, "nested too deeply"),
         ("[1, 2]", "must be a JSON object"),
