@@ -45,15 +45,17 @@ def closed_loop_figure(
         transcriber = Transcriber(model)
         options = TranscribeOptions(language="en", force_decode_tokens=load.tokens, without_timestamps=True)
         asyncio.run(_load(transcriber, audio, options, load.concurrency, load.warmup_requests))
-        before = _counts(model.engine.stats)
+        model.engine.stats = stats = EngineStats()  # the timed load's counters alone (the engine is idle here)
         wall, latencies = asyncio.run(_load(transcriber, audio, options, load.concurrency, load.requests))
-        windows, runs, rows, steps, tokens = (b - a for a, b in zip(before, _counts(model.engine.stats), strict=True))
     finally:
         model.close()
         del model
         free_device_memory(settings.device)
-    if tokens != load.requests * (load.tokens - 1):  # the prefill gives each window its first token
-        raise RuntimeError(f"expected {load.tokens} tokens in one window a request; steps gave {tokens} in all")
+    if stats.tokens != load.requests * (load.tokens - 1):  # the prefill gives each window its first token
+        raise RuntimeError(f"expected {load.tokens} tokens in one window a request; steps gave {stats.tokens}")
+    runs, steps = sum(stats.encoder_batches.values()), sum(stats.decode_batches.values())
+    windows = sum(size * n for size, n in stats.encoder_batches.items())
+    rows = sum(size * n for size, n in stats.decode_batches.items())
     ms = [1000 * s for s in latencies]
     return {
         "requests": load.requests,
@@ -62,20 +64,8 @@ def closed_loop_figure(
         "latency_ms": {q: round(percentile(ms, int(q[1:])), 1) for q in ("p50", "p95", "p99")},
         "mean_encoder_batch": round(windows / runs, 1) if runs else None,
         "mean_decoder_batch": round(rows / steps, 1) if steps else None,
-        "tokens": tokens,
+        "tokens": stats.tokens,
     }
-
-
-def _counts(stats: EngineStats) -> tuple[int, int, int, int, int]:
-    """Windows encoded, encoder runs, rows decoded, decode steps, tokens given to sequences, so far."""
-    encoder, decoder = dict(stats.encoder_batches), dict(stats.decode_batches)
-    return (
-        sum(size * n for size, n in encoder.items()),
-        sum(encoder.values()),
-        sum(size * n for size, n in decoder.items()),
-        sum(decoder.values()),
-        stats.tokens,
-    )
 
 
 async def _load(
