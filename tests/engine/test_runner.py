@@ -129,17 +129,16 @@ def test_sequences_moved_by_a_compaction_decode_as_if_they_had_stayed(model: Whi
         prompt, sot = tokenizer.decoder_prompt("en", "transcribe", timestamps=False, previous=previous)
         request = DecodeRequest(mel[i], prompt, sot, SamplingOptions(suppress_tokens=suppress, timestamps=False))
         admissions.append(Admission(i, request, (slot,), 0))
-    warm = DecodeStep(size=8, window=64, active=(1, 5, 6), timestamps=False, sampling=False)
+    unmoved = DecodeStep(size=8, window=64, active=(1, 5, 6), timestamps=False, sampling=False)
     with torch.inference_mode():
         for runner in (stay, moved):
             runner.admit(admissions, [(runner.encode_async(list(mel)), i) for i in range(3)])
             for _ in range(3):
-                runner.step(warm)
+                runner.step(unmoved)
         moves = tuple(SlotMove(s, d, int(moved.state.positions[s])) for s, d in pairs)
         assert max(m.position for m in moves) - min(m.position for m in moves) == 21  # <|startofprev|> + 20
-        plain = DecodeStep(size=8, window=64, active=(1, 5, 6), timestamps=False, sampling=False)
         compact = DecodeStep(size=8, window=64, active=(0, 2, 3), timestamps=False, sampling=False)
-        want = [stay.step(plain).tokens for _ in range(5)]
+        want = [stay.step(unmoved).tokens for _ in range(5)]
         got = [moved.step(dataclasses.replace(compact, moves=moves if i == 0 else ())).tokens for i in range(5)]
     assert [tuple(t[s] for s, _ in pairs) for t in want] == [tuple(t[d] for _, d in pairs) for t in got]
     assert len({t[6] for t in want}) > 1  # the rows decode text, not one token over and over
