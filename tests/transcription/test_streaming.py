@@ -473,6 +473,37 @@ def test_pause_cuts_a_segment_before_end(tiny_en_engine: ModelEngine, vad: Strea
     run(main)
 
 
+@pytest.mark.parametrize("then_more", [False, True])
+def test_too_little_speech_to_hear_is_not_transcribed(
+    tiny_en_engine: ModelEngine, vad: StreamingVAD, jfk_audio: np.ndarray, then_more: bool
+) -> None:
+    """jfk.flac ends in three frames (96 ms) the VAD takes for speech, after a pause that cuts the last sentence.
+    Transcribed alone, those 0.26 s (with the preroll) read "Thank you." They are shorter than
+    StreamLimits.min_speech_s, so neither the rest at the end nor a segment cut at the next pause is transcribed:
+    the segment goes out with no text, and the final holds only what was said."""
+    second = decode_audio(TEST_DATA / "LJ001-0002.wav")  # in being comparatively modern.
+    tail = [np.zeros(16_000, np.float32), second, np.zeros(16_000, np.float32)] if then_more else []
+
+    async def main() -> None:
+        session, recorder = session_for(tiny_en_engine, vad=vad)
+        await session.start(StreamOptions(language="en", segment_silence_ms=300))
+        for chunk in frames(pcm16(np.concatenate([jfk_audio, *tail]))):
+            await session.feed(chunk)
+            await asyncio.sleep(0)
+        await session.turn.heard_all()
+        session.end()
+        (final,) = await recorder.wait_for(Final)
+        await session.close()
+        segments = [s.piece for s in recorder.of(SegmentReady)]
+        assert [p.text for p in final.pieces] == [p.text for p in segments]  # no rest after the last segment
+        blip = [p for p in segments if p.start > 10.5 and p.end < 12.0]
+        assert [p.text for p in blip] == ([""] if then_more else [])
+        assert "your country" in final.text and "thank" not in final.text.lower()
+        assert ("comparatively modern" in final.text) == then_more
+
+    run(main)
+
+
 def test_a_prompt_leads_partials_segments_and_finals() -> None:
     final, partial = _transcribe_options("en", StreamOptions(prompt="Project Gutenberg"), StreamLimits())
     assert final.initial_prompt == partial.initial_prompt == "Project Gutenberg"

@@ -70,6 +70,10 @@ class StreamLimits:
     min_partial_s: float = 0.5  # no partial for less audio than this (Whisper guesses wildly on less)
     preroll_s: float = 0.3  # audio kept before the VAD's speech start, so first sounds are not cut
     hangover_s: float = 0.3  # audio kept after the last voiced frame (at most half the pause)
+    #: A piece whose speech (VAD start to last voiced frame) is shorter is not transcribed, as files drop such
+    #: regions (VadOptions.min_speech_s): Whisper given 0.26 s around three voiced frames at jfk.flac's end
+    #: wrote "Thank you." (no-speech probability 0.83, too confident for the no-speech rule).
+    min_speech_s: float = 0.25
     force_decode_tokens: int | None = None  # benchmarks only (random weights)
 
 

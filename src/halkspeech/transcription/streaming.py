@@ -146,6 +146,8 @@ class LiveTurn:
         # Where the piece being spoken starts (None: waiting for speech) and where the last segment ended.
         self.piece_start: int | None = None if options.uses_vad else 0
         self.last_cut = 0
+        self._voiced_from = 0  # the VAD's speech start of the piece being spoken (piece_start less the preroll)
+        self._min_speech = int(limits.min_speech_s * SAMPLE_RATE)
         self.pieces: list[asyncio.Task[Piece]] = []  # segments cut at pauses, in order
         self._rest: asyncio.Task[Piece] | None = None  # at the end: the audio after the last segment
         self._partial: asyncio.Task[None] | None = None
@@ -272,6 +274,7 @@ class LiveTurn:
         if event.kind == "speech":
             if self.piece_start is None:
                 self.piece_start = max(self.last_cut, event.sample - self._preroll)
+                self._voiced_from = event.sample
                 self._partial_mark = self.piece_start
                 if announce:
                     await self.emit(SpeechStarted(self.turn, self._generation, self.piece_start / SAMPLE_RATE))
@@ -285,10 +288,15 @@ class LiveTurn:
         if announce:
             await self.emit(SpeechStopped(self.turn, index, cut / SAMPLE_RATE))
         previous = self.pieces[-1] if self.pieces else None
-        self.pieces.append(asyncio.create_task(self._segment(index, start, cut, previous)))
+        heard = event.sample - self._voiced_from >= self._min_speech
+        self.pieces.append(asyncio.create_task(self._segment(index, start, cut, previous, heard)))
 
-    async def _segment(self, index: int, start: int, stop: int, previous: asyncio.Task[Piece] | None) -> Piece:
-        piece = await self._transcribe(start, stop)
+    async def _segment(
+        self, index: int, start: int, stop: int, previous: asyncio.Task[Piece] | None, heard: bool
+    ) -> Piece:
+        """Transcribe a piece cut at a pause and send it as the next segment. One with too little speech to be
+        heard is sent with no text, so that every SpeechStopped still has its SegmentReady."""
+        piece = await self._transcribe(start, stop) if heard else self._unheard(start, stop)
         if previous is not None:
             await asyncio.wait([previous])  # segment messages go out in order; a failed one is reported by finish
         await self.emit(SegmentReady(self.turn, index, piece))
@@ -297,6 +305,10 @@ class LiveTurn:
     async def _transcribe(self, start: int, stop: int) -> Piece:
         transcript = await self.transcriber.transcribe(self.buffer.floats(start, stop), self._final_options)
         return Piece.of(transcript, start / SAMPLE_RATE, stop / SAMPLE_RATE)
+
+    def _unheard(self, start: int, stop: int) -> Piece:
+        """A piece with less speech than StreamLimits.min_speech_s: no text (its language is the turn's, if set)."""
+        return Piece(start / SAMPLE_RATE, stop / SAMPLE_RATE, "", self._final_options.language or "", ())
 
     # --- partials --------------------------------------------------------------------------------------
     def _maybe_partial(self) -> None:
@@ -404,6 +416,8 @@ class LiveTurn:
             return 0, 0  # VAD on, and no speech since the last cut
         stop = self.buffer.size
         if self.options.uses_vad:
+            if self.segmenter.voiced_end - self._voiced_from < self._min_speech:
+                return 0, 0  # too little speech to be heard (StreamLimits.min_speech_s)
             stop = min(stop, self.segmenter.voiced_end + self._hangover)
         return self.piece_start, stop
 
