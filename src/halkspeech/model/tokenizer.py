@@ -182,8 +182,9 @@ class Tokenizer:
         return self.encoding.encode(text, disallowed_special=())
 
     def decode(self, tokens: list[int]) -> str:
-        """Text of the tokens, timestamp tokens dropped."""
-        return self.encoding.decode([t for t in tokens if t < self.timestamp_begin])
+        """Text of the tokens, special and timestamp tokens dropped: at a high temperature a language token can
+        be sampled mid-text, and a transcript's text must be its segments' (which drop them too)."""
+        return self.encoding.decode([t for t in tokens if t < self.eot])
 
     def decode_with_timestamps(self, tokens: list[int]) -> str:
         return self.encoding.decode(tokens)

@@ -25,8 +25,8 @@ class RawSegment:
     tokens: tuple[int, ...]  # including the timestamp tokens that delimit it
 
     def text(self, tokenizer: Tokenizer) -> str:
-        """The segment's words (its timestamps and any end-of-text left out)."""
-        return tokenizer.decode([t for t in self.tokens if t < tokenizer.eot])
+        """The segment's words (its timestamps and any end-of-text left out by Tokenizer.decode)."""
+        return tokenizer.decode(list(self.tokens))
 
 
 def split_window(

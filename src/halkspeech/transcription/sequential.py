@@ -250,8 +250,7 @@ class SequentialTranscription:
     def _segment(
         self, index: int, seek: int, raw: RawSegment, window: WindowResult, timed: TimedSpan | None = None
     ) -> Segment:
-        text_tokens = [t for t in raw.tokens if t < self.tokenizer.eot]
-        text = self.tokenizer.decode(text_tokens)
+        text = raw.text(self.tokenizer)
         start, end = (timed.start, timed.end) if timed else (raw.start, raw.end)
         empty = start == end or not text.strip()
         # A timestamp in the last window's padding (past the audio) means the audio's end: openai-whisper leaves
