@@ -392,6 +392,19 @@ def test_zero_length_wav() -> None:
     _assert_one_line(error, "no samples")
 
 
+def test_tags_that_are_not_utf8_do_not_stop_a_decode() -> None:
+    """A WAV titled in Latin-1 ("Café"): PyAV up to 18 raised UnicodeDecodeError opening it unless told to
+    ignore such bytes, and PyAV 19 refuses that argument (decode.py passes it by version)."""
+    pcm = (np.sin(np.arange(16_000) * 0.1) * 3000).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, 16_000, 32_000, 2, 16)
+    title = b"Caf\xe9 \xff\xfe\x00"
+    info = b"INFOINAM" + struct.pack("<I", len(title)) + title
+    chunks = [b"fmt ", struct.pack("<I", len(fmt)), fmt, b"LIST", struct.pack("<I", len(info)), info]
+    body = b"".join([b"WAVE", *chunks, b"data", struct.pack("<I", len(pcm)), pcm])
+    audio = decode_audio(b"RIFF" + struct.pack("<I", len(body)) + body)
+    assert audio.shape == (16_000,) and np.abs(audio).max() == pytest.approx(3000 / 32768, abs=1e-3)
+
+
 def _cut(data: bytes, fraction: float) -> bytes:
     return data[: int(len(data) * fraction)]
 

@@ -36,6 +36,9 @@ av.logging.set_level(None)
 _SWR_OPTIONS = {"rematrix_maxval": "1.0"}
 # Nested opens are how an uploaded ffconcat/HLS playlist would read files or URLs on the server: allow none.
 _CONTAINER_OPTIONS = {"protocol_whitelist": "none"}
+# Tags that are not UTF-8 (a Latin-1 title) must not stop a decode. PyAV up to 18 decodes them strictly unless
+# told to ignore errors; PyAV 19 (Python 3.12 and later) has no such argument, and passing it failed every open.
+_STRICT_TAGS = int(av.__version__.split(".")[0]) < 19
 
 # A file is "truncated" when it decodes to under 90% of the length its header declares and to more than 0.1 s
 # less; codec delay and padding (AAC priming, Opus pre-skip: < 0.05 s) stay well inside that.
@@ -150,7 +153,10 @@ def _checked_file(file: BinaryIO) -> Iterator[tuple[BinaryIO, ReadAt | None]]:
 @contextmanager
 def _open_container(file: BinaryIO, read_at: ReadAt | None) -> Iterator[InputContainer]:
     try:
-        container = av.open(file, "r", container_options=_CONTAINER_OPTIONS, metadata_errors="ignore")
+        if _STRICT_TAGS:
+            container = av.open(file, "r", container_options=_CONTAINER_OPTIONS, metadata_errors="ignore")
+        else:
+            container = av.open(file, "r", container_options=_CONTAINER_OPTIONS)
     except (FFmpegError, ValueError, OSError) as e:
         raise AudioDecodeError(_unreadable(read_at)) from e
     with container:
