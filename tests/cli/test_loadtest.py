@@ -44,6 +44,9 @@ LJ_CLIP = TEST_DATA / "LJ001-0002.wav"  # 1.9 s: "in being comparatively modern.
         (["ws", "--protocol", "realtime", "--url", "http://127.0.0.1:1", "--audio", JFK], "must be a ws:// or wss://"),
         (["ws", "--protocol", "realtime", "--url", "ws://127.0.0.1:99999", "--audio", JFK], "not a valid URL"),
         (["http", "--api", "triton-grpc", "--url", "ws://h:1", "--audio", JFK], "http://, https:// or grpc:// URL"),
+        # which of the --audio files is not audio
+        (["http", "--url", "http://127.0.0.1:1", "--audio", JFK, "--audio", __file__], "test_loadtest.py: the input"),
+        (["ws", "--url", "ws://127.0.0.1:1/ws", "--audio", __file__], "test_loadtest.py: the input is text"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:

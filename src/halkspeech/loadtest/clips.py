@@ -8,8 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from halkspeech.audio import decode_audio
-from halkspeech.errors import InvalidRequest
+from halkspeech.errors import AudioDecodeError, InvalidRequest
+from halkspeech.model.dims import SAMPLE_RATE
 
 TRITON_MODEL = "whisper"  # the name TensorRT-LLM's Triton examples give the Whisper model
 
@@ -33,9 +36,17 @@ def load_clips(paths: tuple[Path, ...]) -> list[Clip]:
         raise InvalidRequest(f"no such file: {', '.join(missing)}")
     clips = []
     for path in paths:
-        audio = decode_audio(path)
+        audio = read_audio(path)
         clips.append(Clip(path.name, path.read_bytes(), len(audio) / 16000, audio.astype("<f4").tobytes()))
     return clips
+
+
+def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A clip's samples; an error names the file, one of several --audio files."""
+    try:
+        return decode_audio(path, sample_rate=sample_rate)
+    except AudioDecodeError as e:
+        raise AudioDecodeError(f"{path}: {e}") from e
 
 
 def text_prefix(language: str | None) -> str:

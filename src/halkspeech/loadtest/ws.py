@@ -30,10 +30,10 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from halkspeech.audio import decode_audio
 from halkspeech.cli.argtypes import finite_float
 from halkspeech.errors import HalkSpeechError, InvalidRequest
 from halkspeech.loadtest import realtime_common as realtime
+from halkspeech.loadtest.clips import read_audio
 from halkspeech.loadtest.ws_common import (
     END_MESSAGE,
     SAMPLE_RATE,
@@ -321,7 +321,7 @@ def sample_rate(protocol: LiveProtocol) -> int:
 async def run_ws_load_async(cfg: WsLoadConfig) -> dict[str, Any]:
     """Run the load; returns the results (also printed as a table and written as JSON when asked)."""
     rate = sample_rate(cfg.protocol)
-    clips = [pcm_frames(to_pcm16(decode_audio(path, sample_rate=rate)), cfg.frame_ms, rate) for path in cfg.audio]
+    clips = [pcm_frames(to_pcm16(read_audio(path, sample_rate=rate)), cfg.frame_ms, rate) for path in cfg.audio]
     tally = Tally()
     started = time.perf_counter()
     deadline = started + cfg.max_duration_s
