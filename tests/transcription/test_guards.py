@@ -1,5 +1,6 @@
 """The per-segment repetition (hallucination) guard: it flags loops, spares normal speech, and batched mode
-drops a looping segment that survives every temperature."""
+drops a looping segment that survives every temperature. Either mode drops text written over the padding
+after the audio."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from halkspeech.transcription.batched import BatchedTranscription
 from halkspeech.transcription.chunking import Chunk
 from halkspeech.transcription.guards import is_repetitive, longest_repeat
 from halkspeech.transcription.segments import RawSegment
+from halkspeech.transcription.sequential import SequentialTranscription
 from halkspeech.transcription.types import TranscribeOptions
 from halkspeech.transcription.window import WindowResult
 
@@ -71,3 +73,23 @@ def test_batched_mode_drops_a_looping_segment(tiny_en_engine: ModelEngine) -> No
     # benchmarks force lengths on random weights: nothing is judged there
     forced = BatchedTranscription(tiny_en_engine, audio, TranscribeOptions(force_tokens_per_second=4.0))
     assert forced._looping(raw) == set()
+
+
+def test_text_that_starts_after_the_audio_is_dropped(tiny_en_engine: ModelEngine) -> None:
+    """3 minutes of tones ended in " 1.5%" twice at 180.0-180.0 s (timestamps in the padding after the audio,
+    clamped to its end) and became four stacked 1 ms subtitles. Text starting at or after the audio's end (in
+    batched mode, its chunk's end) is dropped; a segment that only ends past it is kept, ending at the end."""
+    tok, ts = tiny_en_engine.tokenizer, tiny_en_engine.tokenizer.timestamp_begin
+    audio = np.zeros(16000 * 10, dtype=np.float32)
+    raw = [
+        RawSegment(8.0, 10.5, (ts + 400, *tok.encode(" Said."), ts + 525)),
+        RawSegment(10.5, 11.0, (ts + 525, *tok.encode(" 1.5%"), ts + 550)),
+    ]
+    tokens = tuple(t for r in raw for t in r.tokens)
+    window = WindowResult(DecodeResult(tokens, -5.0, -0.1, 0.01, 0.0, "eot"), tok.decode(list(tokens)), 1.5)
+    job = SequentialTranscription(tiny_en_engine, audio, TranscribeOptions(language="en"))
+    kept = [job._segment(i, 0, r, window) for i, r in enumerate(raw)]
+    assert [(s.text, s.start, s.end) for s in kept] == [(" Said.", 8.0, 10.0), ("", 10.0, 10.0)]
+    batched = BatchedTranscription(tiny_en_engine, audio, TranscribeOptions(language="en"))
+    segments = batched._segments(Chunk(0, 0.0, 10.0, 10.0), raw, window, None)
+    assert [(s.text, s.start, s.end) for s in segments] == [(" Said.", 8.0, 10.0)]

@@ -336,9 +336,9 @@ class BatchedTranscription:
         out = []
         for i, piece in enumerate(raw):
             text = piece.text(self.tokenizer)
-            if i in looping or not text.strip():
-                continue  # a repetition loop that survived every temperature is dropped
             times = (timed[i].start, timed[i].end) if timed else (piece.start, piece.end)
+            if i in looping or not text.strip() or times[0] >= min(chunk.end, self.duration):
+                continue  # a repetition loop that survived every temperature; text over the padding past the chunk
             out.append(self._segment(chunk, piece, window, text, times, timed[i].words if timed else None))
         return out
 

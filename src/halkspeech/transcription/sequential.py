@@ -252,10 +252,12 @@ class SequentialTranscription:
     ) -> Segment:
         text = raw.text(self.tokenizer)
         start, end = (timed.start, timed.end) if timed else (raw.start, raw.end)
-        empty = start == end or not text.strip()
-        # A timestamp in the last window's padding (past the audio) means the audio's end: openai-whisper leaves
-        # it, so a segment (or word) could end up to a second after the file does; subtitles should not.
         hi = self.duration
+        # Text that starts where the audio has ended was written over the last window's padding, with no audio
+        # under it (3 minutes of tones ended in " 1.5%" twice at 180.0-180.0 s: stacked 1 ms subtitles). A
+        # timestamp in the padding that ends a segment means the audio's end: openai-whisper leaves it, so a
+        # segment (or word) could end up to a second after the file does; subtitles should not.
+        empty = start == end or start >= hi or not text.strip()
         start = min(start, hi)
         end = min(max(end, start), hi)
         words = None if timed is None else (() if empty else tuple(w.clamped(0.0, hi) for w in timed.words))
