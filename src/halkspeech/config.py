@@ -246,7 +246,8 @@ class ServerSettings(BaseModel):
     #: Transcriptions running at once; past it requests wait in a queue of max_queue_size, past that: 429.
     max_concurrent_requests: int = Field(default=256, ge=1)
     max_queue_size: int = Field(default=1024, ge=0)
-    #: Seconds a 429 asks the client to wait (the Retry-After header).
+    #: Seconds a 429 asks the client to wait at least (the Retry-After header). It asks for more when requests
+    #: hold their slots long: their mean hold over max_concurrent_requests, up to 60 s (api/limits.py).
     retry_after_s: float = Field(default=1.0, ge=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
     #: Largest request body (upload or fetched URL), in MB (10**6 bytes).

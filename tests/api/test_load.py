@@ -19,9 +19,11 @@ import pytest
 
 from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import JFK_TEXT, TEST_DATA, wav_bytes
+from halkspeech.api.limits import AdmissionGate
 from halkspeech.audio import decode_audio
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.factory import ModelEngine
+from halkspeech.errors import Overloaded
 
 CLIPS = (TEST_DATA / "LJ001-0002.wav", TEST_DATA / "1089-134691-0000.flac")  # 1.9 s and 2.1 s
 LJ = CLIPS[0]
@@ -118,7 +120,7 @@ def test_overload_gets_429_at_once_and_accepted_ones_complete(small_server: Live
     assert set(statuses) <= {200, 429} and statuses[429] >= 1 and statuses[200] >= 2, statuses
     for _, response in results:
         if response.status_code == 429:
-            assert response.headers["retry-after"] == "1"
+            assert int(response.headers["retry-after"]) >= 1  # ≥ 1 s: how long this module's requests held slots
             assert (
                 response.json()["error"]["code"] == "overloaded"
                 and "at capacity" in response.json()["error"]["message"]
@@ -129,6 +131,47 @@ def test_overload_gets_429_at_once_and_accepted_ones_complete(small_server: Live
     first_ok = min(order for order, r in results if r.status_code == 200)
     assert all(order < first_ok for order, r in results if r.status_code == 429)
     assert gate.rejected - rejected_before == statuses[429] and gate.active == 0 and gate.waiting == 0
+
+
+def test_retry_after_follows_how_long_requests_hold_their_slots() -> None:
+    """Two slots, no queue: until a request has ended a 429 asks for retry_after_s; after requests held their
+    slot 60 s each, for 30 s (a place frees about every 60 / 2 s); at most 60 s; back to the floor once they
+    take 0.1 s."""
+    now = [0.0]
+    gate = AdmissionGate(2, 0, retry_after_s=1.0, clock=lambda: now[0])
+
+    async def refusal() -> int:
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with gate.admit():
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0)  # both slots taken
+        with pytest.raises(Overloaded) as refused:
+            async with gate.admit():
+                pass
+        release.set()
+        await asyncio.gather(*holders)  # they end at `now`: held 0 s, as the fake clock did not move
+        assert f"retry after {refused.value.retry_after} s" in str(refused.value)
+        return int(refused.value.retry_after)
+
+    async def requests(count: int, seconds: float) -> None:
+        for _ in range(count):
+            async with gate.admit():
+                now[0] += seconds
+
+    async def main() -> None:
+        assert await refusal() == 1
+        await requests(20, 60.0)
+        assert await refusal() == 30
+        await requests(20, 1000.0)
+        assert await refusal() == 60
+        await requests(40, 0.1)  # 1000 s × 0.8 ** 40 ≈ 0.1 s
+        assert await refusal() == 1
+
+    asyncio.run(main())
 
 
 def test_disconnect_cancels_the_work(server: LiveServer, ninety_seconds: bytes) -> None:

@@ -3,13 +3,19 @@ request is refused at once (Overloaded → 429 with Retry-After), never left han
 
 Waiters are served first come, first served (asyncio.Semaphore's FIFO). A waiter that is cancelled (its client
 went away, its timeout passed) leaves the queue and takes nothing with it.
+
+Retry-After says when a queue place is likely to free: at capacity one frees each time a request ends, about
+every (mean time a request holds its slot) / max_concurrent seconds. So 256 slots of 2 s requests ask for the
+1 s floor, and two slots held by 12-minute files for about a minute, not a retry every second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -19,30 +25,49 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from halkspeech.api.errors import error_response
 from halkspeech.errors import Overloaded
 
+MAX_RETRY_AFTER_S = 60  # what OpenAI's SDKs honour; a longer estimate is too unsure to ask clients to wait for
+HELD_WEIGHT = 0.2  # of each ended request in the moving mean: the last ~5 requests count most
+
 
 class AdmissionGate:
     """A concurrency limit with a bounded wait queue, for one event loop."""
 
-    def __init__(self, max_concurrent: int, max_queue: int, *, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        max_queue: int,
+        *,
+        retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be at least 1 and max_queue not negative")
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s  # the least a 429 asks for
+        self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrent)
         self.active = 0  # requests holding a slot
         self.waiting = 0  # requests queued for one
         self.rejected = 0  # refused since start
+        self._held_s: float | None = None  # moving mean of the seconds a request held its slot (None: none yet)
+
+    def retry_after(self) -> int:
+        """Whole seconds until a queue place likely frees (module docstring): at least retry_after_s, at most
+        MAX_RETRY_AFTER_S; retry_after_s until a request has ended."""
+        expected = 0.0 if self._held_s is None else self._held_s / self.max_concurrent
+        return max(1, math.ceil(min(max(expected, self.retry_after_s), MAX_RETRY_AFTER_S)))
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """Hold a slot for the block; raises Overloaded at once when every slot and queue place is taken."""
         if self.active >= self.max_concurrent and self.waiting >= self.max_queue:
             self.rejected += 1
+            wait = self.retry_after()
             raise Overloaded(
                 f"the server is at capacity ({self.active} requests running, {self.waiting} waiting); "
-                f"retry after {self.retry_after_s:g} s",
-                retry_after=self.retry_after_s,
+                f"retry after {wait} s",
+                retry_after=wait,
             )
         self.waiting += 1
         try:
@@ -50,11 +75,14 @@ class AdmissionGate:
         finally:
             self.waiting -= 1
         self.active += 1
+        started = self._clock()
         try:
             yield
         finally:
             self.active -= 1
             self._slots.release()
+            held = self._clock() - started
+            self._held_s = held if self._held_s is None else self._held_s + HELD_WEIGHT * (held - self._held_s)
 
 
 class BodyLimitMiddleware:
