@@ -21,6 +21,7 @@ from api.conftest import LiveServer, api_settings, live_server, wait_until
 from conftest import JFK_TEXT, TEST_DATA, wav_bytes
 from halkspeech.api.limits import AdmissionGate
 from halkspeech.audio import decode_audio
+from halkspeech.bench import server_bench
 from halkspeech.engine.engine import Engine
 from halkspeech.engine.factory import ModelEngine
 from halkspeech.errors import Overloaded
@@ -131,6 +132,18 @@ def test_overload_gets_429_at_once_and_accepted_ones_complete(small_server: Live
     first_ok = min(order for order, r in results if r.status_code == 200)
     assert all(order < first_ok for order, r in results if r.status_code == 429)
     assert gate.rejected - rejected_before == statuses[429] and gate.active == 0 and gate.waiting == 0
+
+
+def test_metrics_split_a_requests_time_into_its_stages(server: LiveServer, jfk_path: Path) -> None:
+    """halkspeech_request_stage_seconds: one request's admission wait, decode and transcription, inside the
+    server's own HTTP duration for it, as `bench server` reads them (its means from two scrapes)."""
+    before = httpx.get(f"{server.url}/metrics", timeout=30).text
+    response = httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": jfk_path.open("rb")}, timeout=300)
+    assert response.status_code == 200
+    means = server_bench._batch_means(before, httpx.get(f"{server.url}/metrics", timeout=30).text)
+    stages = [means["admission_ms"], means["decode_ms"], means["transcribe_ms"]]
+    assert all(ms is not None and ms >= 0 for ms in stages) and means["transcribe_ms"] > means["decode_ms"] > 0
+    assert means["http_ms"] is not None and means["http_ms"] >= sum(s for s in stages if s is not None)
 
 
 def test_retry_after_follows_how_long_requests_hold_their_slots() -> None:

@@ -115,7 +115,12 @@ async def run_job(
         ) from None
     name = state.pool.key(job.model)
     state.metrics.audio_seconds.labels(name).inc(transcript.duration)
-    return Outcome(transcript, name, decode_ms, time.perf_counter() - started, decode_started - started)
+    outcome = Outcome(transcript, name, decode_ms, time.perf_counter() - started, decode_started - started)
+    stages = state.metrics.stages
+    stages.labels("admission").observe(outcome.queue_s)
+    stages.labels("decode").observe(decode_ms / 1000)
+    stages.labels("transcribe").observe(outcome.processing_s - outcome.queue_s - decode_ms / 1000)
+    return outcome
 
 
 async def decode_in_thread(source: AudioSource, max_duration_s: float) -> np.ndarray:

@@ -62,6 +62,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.stages = Histogram(
+            "halkspeech_request_stage_seconds",
+            "A transcription request's seconds in each stage of its job: admission (the wait for a slot), decode "
+            "(its audio, and the URL fetch), transcribe (the model, the engine). Its duration above less these "
+            "is the upload, the form's parse and the answer.",
+            ("stage",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.audio_seconds = Counter(
             "halkspeech_audio_seconds",
             "Seconds of audio transcribed (HTTP requests and live turns' finals), by model.",

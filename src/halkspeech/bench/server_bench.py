@@ -303,8 +303,8 @@ def _scrape(url: str) -> str:
 
 
 def _batch_means(before: str, after: str) -> dict[str, float | None]:
-    """Mean encoder and decoder batch sizes over the timed run, and where the server's engine loop spent it
-    (seconds), from the server's /metrics before and after."""
+    """Mean encoder and decoder batch sizes over the timed run, where the server's engine loop spent it
+    (seconds) and where a request's time went (mean ms), from the server's /metrics before and after."""
 
     def delta(name: str, label: str = "") -> float:
         return _metric(after, name, label) - _metric(before, name, label)
@@ -316,7 +316,23 @@ def _batch_means(before: str, after: str) -> dict[str, float | None]:
     for phase in ("encode", "admit", "step", "align"):
         means[f"{phase}_s"] = round(delta("halkspeech_engine_phase_seconds_total", f'phase="{phase}"'), 2)
     means["busy_s"] = round(delta("halkspeech_engine_busy_seconds_total"), 2)
+    # Where a request's time went, in mean ms: HTTP (the server's duration, from arrival to last byte) and the
+    # job's stages in it; HTTP less the stages is the upload, the form's parse and the answer.
+    jobs = delta("halkspeech_request_stage_seconds_count", 'stage="transcribe"')
+    answered = _route_total(after, "count") - _route_total(before, "count")
+    if jobs and answered:
+        means["http_ms"] = round(1000 * (_route_total(after, "sum") - _route_total(before, "sum")) / answered, 1)
+        for stage in ("admission", "decode", "transcribe"):
+            total = delta("halkspeech_request_stage_seconds_sum", f'stage="{stage}"')
+            means[f"{stage}_ms"] = round(1000 * total / jobs, 1)
     return means
+
+
+def _route_total(text: str, part: str) -> float:
+    """halkspeech_http_request_duration_seconds_{part} summed over every route but /metrics (the bench's own
+    scrapes): the transcription requests of the load."""
+    pattern = rf'^halkspeech_http_request_duration_seconds_{part}\{{route="([^"]*)"\}} ([0-9.e+]+)$'
+    return sum(float(v) for route, v in re.findall(pattern, text, re.MULTILINE) if route != "/metrics")
 
 
 def _metric(text: str, name: str, label: str = "") -> float:
