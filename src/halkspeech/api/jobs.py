@@ -116,10 +116,10 @@ async def run_job(
     name = state.pool.key(job.model)
     state.metrics.audio_seconds.labels(name).inc(transcript.duration)
     outcome = Outcome(transcript, name, decode_ms, time.perf_counter() - started, decode_started - started)
-    stages = state.metrics.stages
+    decode_s, stages = decode_ms / 1000, state.metrics.stages
     stages.labels("admission").observe(outcome.queue_s)
-    stages.labels("decode").observe(decode_ms / 1000)
-    stages.labels("transcribe").observe(outcome.processing_s - outcome.queue_s - decode_ms / 1000)
+    stages.labels("decode").observe(decode_s)
+    stages.labels("transcribe").observe(outcome.processing_s - outcome.queue_s - decode_s)
     return outcome
 
 

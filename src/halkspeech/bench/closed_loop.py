@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,19 +54,22 @@ def closed_loop_figure(
         free_device_memory(settings.device)
     if stats.tokens != load.requests * (load.tokens - 1):  # the prefill gives each window its first token
         raise RuntimeError(f"expected {load.tokens} tokens in one window a request; steps gave {stats.tokens}")
-    runs, steps = sum(stats.encoder_batches.values()), sum(stats.decode_batches.values())
-    windows = sum(size * n for size, n in stats.encoder_batches.items())
-    rows = sum(size * n for size, n in stats.decode_batches.items())
     ms = [1000 * s for s in latencies]
     return {
         "requests": load.requests,
         "wall_s": wall,
         "windows_per_s": load.requests / wall,
         "latency_ms": {q: round(percentile(ms, int(q[1:])), 1) for q in ("p50", "p95", "p99")},
-        "mean_encoder_batch": round(windows / runs, 1) if runs else None,
-        "mean_decoder_batch": round(rows / steps, 1) if steps else None,
+        "mean_encoder_batch": _mean_size(stats.encoder_batches),
+        "mean_decoder_batch": _mean_size(stats.decode_batches),
         "tokens": stats.tokens,
     }
+
+
+def _mean_size(sizes: Counter[int]) -> float | None:
+    """The mean of a batch-size → count tally (None when empty)."""
+    count = sizes.total()
+    return round(sum(size * n for size, n in sizes.items()) / count, 1) if count else None
 
 
 async def _load(

@@ -288,7 +288,7 @@ class LiveTurn:
         if announce:
             await self.emit(SpeechStopped(self.turn, index, cut / SAMPLE_RATE))
         previous = self.pieces[-1] if self.pieces else None
-        heard = event.sample - self._voiced_from >= self._min_speech
+        heard = self._heard(event.sample)
         self.pieces.append(asyncio.create_task(self._segment(index, start, cut, previous, heard)))
 
     async def _segment(
@@ -305,6 +305,10 @@ class LiveTurn:
     async def _transcribe(self, start: int, stop: int) -> Piece:
         transcript = await self.transcriber.transcribe(self.buffer.floats(start, stop), self._final_options)
         return Piece.of(transcript, start / SAMPLE_RATE, stop / SAMPLE_RATE)
+
+    def _heard(self, voiced_end: int) -> bool:
+        """Whether the piece being spoken has StreamLimits.min_speech_s of speech by `voiced_end` (a sample)."""
+        return voiced_end - self._voiced_from >= self._min_speech
 
     def _unheard(self, start: int, stop: int) -> Piece:
         """A piece with less speech than StreamLimits.min_speech_s: no text (its language is the turn's, if set)."""
@@ -416,7 +420,7 @@ class LiveTurn:
             return 0, 0  # VAD on, and no speech since the last cut
         stop = self.buffer.size
         if self.options.uses_vad:
-            if self.segmenter.voiced_end - self._voiced_from < self._min_speech:
+            if not self._heard(self.segmenter.voiced_end):
                 return 0, 0  # too little speech to be heard (StreamLimits.min_speech_s)
             stop = min(stop, self.segmenter.voiced_end + self._hangover)
         return self.piece_start, stop
