@@ -37,7 +37,7 @@ def load_clips(paths: tuple[Path, ...]) -> list[Clip]:
     clips = []
     for path in paths:
         audio = read_audio(path)
-        clips.append(Clip(path.name, path.read_bytes(), len(audio) / 16000, audio.astype("<f4").tobytes()))
+        clips.append(Clip(path.name, path.read_bytes(), len(audio) / SAMPLE_RATE, audio.astype("<f4").tobytes()))
     return clips
 
 
