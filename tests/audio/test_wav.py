@@ -1,5 +1,6 @@
 """The 16 kHz mono 16-bit WAV fast path gives exactly decode_audio's samples, and hands everything else
-(other rates, stereo, truncated, too long) to decode_audio with its checks and messages."""
+(other rates, stereo, truncated, too long) to decode_audio with its checks and messages; a server reads small
+ones without a worker thread (small_pcm_wav)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import TEST_DATA
 from halkspeech.audio import decode_audio
-from halkspeech.audio.wav import decode_upload, pcm_wav_samples
+from halkspeech.audio.wav import INLINE_BYTES, decode_upload, pcm_wav_samples, small_pcm_wav
 from halkspeech.errors import AudioDecodeError, AudioTooLong
 
 GERMAN = TEST_DATA / "test_de.wav"  # 16 kHz mono 16-bit
@@ -59,3 +60,28 @@ def test_decode_upload() -> None:
         decode_upload(io.BytesIO(data), max_duration_s=2)
     with pytest.raises(AudioDecodeError, match="truncated"):
         decode_upload(data[:50_000])
+
+
+class CountingFile(io.BytesIO):
+    """A seekable file that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_small_wavs_are_read_inline_and_larger_ones_only_sized() -> None:
+    data = GERMAN.read_bytes()
+    assert len(data) <= INLINE_BYTES
+    reference = decode_audio(data)
+    file = CountingFile(data)
+    assert np.array_equal(small_pcm_wav(data), reference)  # type: ignore[arg-type]
+    assert np.array_equal(small_pcm_wav(file), reference) and file.tell() == 0  # type: ignore[arg-type]
+    assert small_pcm_wav(data, max_duration_s=2) is None  # decode_upload refuses it, with its message
+    assert small_pcm_wav(LJ.read_bytes()) is None and small_pcm_wav((TEST_DATA / "jfk.flac").read_bytes()) is None
+    big = CountingFile(wav(np.zeros(INLINE_BYTES // 2, np.int16)))  # a minute and more: a worker thread's job
+    assert small_pcm_wav(big) is None and big.read_bytes == 0 and big.tell() == 0
+    assert small_pcm_wav(str(GERMAN)) is None  # a path is opened on the worker thread, not here

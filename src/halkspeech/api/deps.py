@@ -48,7 +48,13 @@ def get_state(connection: HTTPConnection) -> AppState:
     return state
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+async def _state_dependency(connection: HTTPConnection) -> AppState:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a hop every request would pay for an
+    # attribute read (under load, waiting for a thread and then for the GIL: bench/http_host.py)
+    return get_state(connection)
+
+
+StateDep = Annotated[AppState, Depends(_state_dependency)]
 
 
 def api_key_valid(presented: str | None, keys: list[str]) -> bool:
