@@ -285,6 +285,10 @@ class ServerSettings(BaseModel):
     preload: CsvList = Field(default_factory=list)
     #: Seconds a model may stay idle before it is unloaded; -1 keeps it forever.
     model_ttl_s: float = Field(default=-1, ge=-1)
+    #: After each model load (and unload), collect garbage once and exempt every object left from later
+    #: collections (gc.freeze): a model brings ~350,000 objects that each full collection would otherwise walk
+    #: with every thread stopped, 0.2-0.3 s several times a minute under load (engine/pool.settle_heap).
+    freeze_heap: bool = True
     url_fetch_allow_private: bool = False
     url_fetch_timeout_s: float = Field(default=30.0, gt=0)
     url_fetch_max_redirects: int = Field(default=5, ge=0, le=20)

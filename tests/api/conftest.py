@@ -43,11 +43,13 @@ def shared_tiny_en() -> Iterator[ModelEngine]:
 
 
 def api_settings(default: str = "tiny.en", **server: Any) -> Settings:
-    """Settings for a test server: CPU, no downloads (only the cached real models), `server` overrides."""
+    """Settings for a test server: CPU, no downloads (only the cached real models), `server` overrides. The
+    heap is not frozen after loads (a full collection each, ~0.3 s, for hundreds of test servers) unless a test
+    asks for it (tests/engine/test_pool.py does)."""
     return Settings(
         model=ModelSettings(default=default, allow_download=False),
         engine=EngineSettings(device="cpu"),
-        server=ServerSettings(**server),
+        server=ServerSettings(**{"freeze_heap": False, **server}),
     )
 
 

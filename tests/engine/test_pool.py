@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ def settings(**server: object) -> Settings:
     return Settings(
         model=ModelSettings(default="tiny.en", allow_download=False),
         engine=EngineSettings(device="cpu"),
-        server=ServerSettings(**server),  # type: ignore[arg-type]
+        server=ServerSettings(**{"freeze_heap": False, **server}),  # type: ignore[arg-type]
     )
 
 
@@ -243,3 +245,38 @@ def test_configured_models_only_refuses_every_other_model(tiny_en: ModelEngine) 
     asyncio.run(pool.get("whisper-1"))
     assert lender.loads == ["tiny.en"]
     pool.close_now()
+
+
+class Cycle:
+    """An object in a reference cycle: only the collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_load_freezes_the_heap_and_an_unload_thaws_it(tiny_en: ModelEngine) -> None:
+    """With server.freeze_heap, a load collects once and freezes what is left, so later full collections skip
+    the model's objects; cycles frozen with them (a request's, in flight at the load) are collected at the next
+    unload, which unfreezes everything first. Without it nothing is frozen."""
+    gc.unfreeze()
+    try:
+        pool = ModelPool(settings(freeze_heap=True), ModelRegistry(settings().model), loader=Lender(tiny_en))
+        in_flight = Cycle()
+        gone = weakref.ref(in_flight)
+
+        async def load() -> None:
+            await pool.get("tiny.en")
+
+        asyncio.run(load())
+        assert gc.get_freeze_count() > 0
+        del in_flight
+        gc.collect()
+        assert gone() is not None  # frozen: no collection looks at it
+        assert asyncio.run(pool.unload("tiny.en"))
+        assert gone() is None
+        gc.unfreeze()
+        plain = ModelPool(settings(freeze_heap=False), ModelRegistry(settings().model), loader=Lender(tiny_en))
+        asyncio.run(plain.get("tiny.en"))
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
