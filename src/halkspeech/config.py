@@ -252,6 +252,10 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     #: Largest request body (upload or fetched URL), in MB (10**6 bytes).
     max_upload_mb: float = Field(default=200.0, gt=0)
+    #: Uploads up to this many MB are parsed into memory; a larger one spills to a temporary file, each further
+    #: 64 KB of it written (and later read) by a worker thread: under load a 1.9 MB upload then cost ~1 s more
+    #: (api/limits.keep_uploads_in_memory). Memory: up to this much for each upload in flight.
+    upload_memory_mb: float = Field(default=4.0, gt=0, le=1000)
     #: Seconds a connection has to send a request's whole header block (from opening, or from the request's
     #: first byte on a kept-alive connection); past it: 408 and the connection closes. Without it a client that
     #: sends nothing, or its headers a byte at a time, holds a socket forever (api/server.py).

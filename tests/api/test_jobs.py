@@ -10,7 +10,9 @@ from typing import Any
 
 import fastapi.dependencies.utils as fastapi_dependencies
 import httpx
+import numpy as np
 import pytest
+import starlette.datastructures as starlette_datastructures
 
 import halkspeech.api.jobs as jobs
 from api.conftest import api_settings, live_server
@@ -60,9 +62,11 @@ def test_a_small_16k_wav_upload_takes_no_worker_thread(
     shared_tiny_en: ModelEngine, jfk_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under load, each hop to a worker thread cost a request ~100 ms of waiting for a thread and then for the
-    GIL (bench/http_host.py: 256 clients, 143 → 186 requests/s without the two hops). A 16 kHz mono WAV upload
-    now takes none: its samples are read on the event loop (wav.small_pcm_wav), and the route's dependencies
-    are async (FastAPI runs a plain `def` one on a thread). Other audio still decodes on a thread."""
+    GIL (bench/http_host.py: 256 clients, 143 → 186 requests/s without the decode's hop). A 16 kHz mono WAV
+    upload now takes none: its samples are read on the event loop (wav.small_pcm_wav), the route's dependencies
+    are async (FastAPI runs a plain `def` one on a thread), and an upload of up to server.upload_memory_mb
+    stays in memory (Starlette spills one over 1 MiB to disk, writing each further chunk on a thread). Other
+    audio still decodes on a thread."""
     hops: list[str] = []
     decode_in_thread = jobs.decode_in_thread
     run_in_threadpool = fastapi_dependencies.run_in_threadpool
@@ -75,13 +79,23 @@ def test_a_small_16k_wav_upload_takes_no_worker_thread(
         hops.append(f"dependency {call.__name__}")
         return await run_in_threadpool(call, *args, **kwargs)
 
+    async def upload_hop(call: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append("upload")
+        return await run_in_threadpool(call, *args, **kwargs)
+
     monkeypatch.setattr(jobs, "decode_in_thread", decode_hop)
     monkeypatch.setattr(fastapi_dependencies, "run_in_threadpool", dependency_hop)
+    monkeypatch.setattr(starlette_datastructures, "run_in_threadpool", upload_hop)
     samples = decode_audio(jfk_path)
     with live_server(api_settings(), shared_tiny_en) as server:
         url = f"{server.url}/v1/audio/transcriptions"
         wav = httpx.post(url, files={"file": ("jfk.wav", wav_bytes(samples))}, timeout=120)
         assert wav.status_code == 200 and "fellow Americans" in wav.json()["text"]
+        assert hops == []
+        longer = wav_bytes(np.concatenate([samples, np.zeros(40 * 16000, np.float32)]))  # 51 s: 1.6 MB
+        assert len(longer) > 1024 * 1024
+        answer = httpx.post(url, files={"file": ("long.wav", longer)}, timeout=120)
+        assert answer.status_code == 200 and "fellow Americans" in answer.json()["text"]
         assert hops == []
         flac = httpx.post(url, files={"file": ("jfk.flac", jfk_path.read_bytes())}, timeout=120)
         assert flac.status_code == 200 and flac.json()["text"] == wav.json()["text"]

@@ -16,7 +16,7 @@ from halkspeech import __version__
 from halkspeech.api.deps import APIKeyMiddleware, AppState
 from halkspeech.api.errors import UnexpectedErrorMiddleware, install_error_handlers
 from halkspeech.api.fetch import URLFetcher
-from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware
+from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware, keep_uploads_in_memory
 from halkspeech.api.logging import RequestContextMiddleware
 from halkspeech.api.metrics import Metrics, MetricsMiddleware
 from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, triton, ws
@@ -74,6 +74,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     protected = [openai.router, simple.router, models.router, triton.router]
     protected += [] if server.metrics_open else [metrics.router]
 
+    keep_uploads_in_memory(int(server.upload_memory_mb * 1e6))
     # Outermost last: the request id wraps everything, then the 500 for a bug (inside it, so it carries the
     # id), metrics, the API key, and the body limit.
     app.add_middleware(
