@@ -33,6 +33,8 @@
 #   bench/gpu_serving.sh closed-loop OUT_DIR        the server's load from in-process clients (no HTTP) between the
 #                                                   engine figure and the server's, twice: the closed loop's cost
 #                                                   told from the HTTP layer's
+#   bench/gpu_serving.sh http-path OUT_DIR OLD_SRC   the server on this tree and on OLD_SRC (an older src/), with
+#                                                   the default 16 kHz WAV clip, A/B/A/B: a request's stages in each
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
 #                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
 #                                                   synchronous clients), gRPC, gRPC streaming
@@ -80,6 +82,13 @@ moves-and-warmup)  # OLD_SRC: session 33's two changes not yet run on a GPU
     server_bench "$out/server_new_$run.json" --engine-repeats 1 --audio "$PWD/tests/data/jfk.flac"
     PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1 \
       --audio "$PWD/tests/data/jfk.flac"
+  done
+  ;;
+http-path)  # OLD_SRC: the HTTP path without its thread hops, and the frozen heap, against the tree before them
+  old=${3:?OLD_SRC}
+  for run in 1 2; do
+    server_bench "$out/server_new_$run.json" --engine-repeats 1
+    PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1
   done
   ;;
 ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
