@@ -291,7 +291,7 @@ class ServerSettings(BaseModel):
     model_ttl_s: float = Field(default=-1, ge=-1)
     #: After each model load (and unload), collect garbage once and exempt every object left from later
     #: collections (gc.freeze): a model brings ~350,000 objects that each full collection would otherwise walk
-    #: with every thread stopped, 0.2-0.3 s several times a minute under load (engine/pool.settle_heap).
+    #: with every thread stopped, 0.2-0.3 s each on this repo's CPU machine (engine/pool.settle_heap).
     freeze_heap: bool = True
     url_fetch_allow_private: bool = False
     url_fetch_timeout_s: float = Field(default=30.0, gt=0)
