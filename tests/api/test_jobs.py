@@ -62,11 +62,11 @@ def test_a_small_16k_wav_upload_takes_no_worker_thread(
     shared_tiny_en: ModelEngine, jfk_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under load, each hop to a worker thread cost a request ~100 ms of waiting for a thread and then for the
-    GIL (bench/http_host.py: 256 clients, 143 → 186 requests/s without the decode's hop). A 16 kHz mono WAV
-    upload now takes none: its samples are read on the event loop (wav.small_pcm_wav), the route's dependencies
-    are async (FastAPI runs a plain `def` one on a thread), and an upload of up to server.upload_memory_mb
-    stays in memory (Starlette spills one over 1 MiB to disk, writing each further chunk on a thread). Other
-    audio still decodes on a thread."""
+    GIL (bench/http_host.py: 256 clients, 138–143 → 183–188 requests/s, the decode's hop most of it). A 16 kHz
+    mono WAV upload now takes none: its samples are read on the event loop (wav.small_pcm_wav), the route's
+    dependencies are async (FastAPI runs a plain `def` one on a thread), and an upload of up to
+    server.upload_memory_mb stays in memory (Starlette spills one over 1 MiB to disk, writing each further
+    chunk on a thread). Other audio still decodes on a thread."""
     hops: list[str] = []
     decode_in_thread = jobs.decode_in_thread
     run_in_threadpool = fastapi_dependencies.run_in_threadpool
