@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +91,6 @@ def _cpu_by_thread(pid: int) -> dict[int, float]:
     return out
 
 
-def _write_clip(path: Path, seconds: float) -> Path:
-    rng = np.random.default_rng(0)
-    pcm = (rng.standard_normal(int(seconds * 16000)) * 3000).clip(-32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(pcm.tobytes())
-    return path
-
-
 def _request_bytes(port: int, clip: Path, model: str) -> bytes:
     """One POST /v1/audio/transcriptions of `clip` as multipart form data, as the OpenAI client sends it."""
     boundary = "halkspeechbench0123456789"
@@ -157,10 +145,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from halkspeech.bench.longform import write_wav
     from halkspeech.bench.server_bench import _batch_means, _scrape
     from halkspeech.bench.subprocess_server import free_port, serve
+    from halkspeech.model.dims import SAMPLE_RATE
 
-    clip = _write_clip(work / "clip.wav", args.clip_s)
+    noise = np.random.default_rng(0).standard_normal(int(args.clip_s * SAMPLE_RATE)) * 0.1  # its size matters
+    clip = write_wav(work / "clip.wav", noise)
     port = free_port()
     tid_file = work / "gil_tid"
     env = dict(os.environ, HALKSPEECH_SERVER__MAX_CONCURRENT_REQUESTS=str(max(256, args.concurrency)),

@@ -268,14 +268,13 @@ class ModelPool:
                 f"model {key} is in use by {entry.users} request{'s' if entry.users > 1 else ''}; retry when it is idle"
             )
         del self._entries[key]
-        await asyncio.to_thread(self._close, entry.replicas, self.settings.server.freeze_heap)
+        await asyncio.to_thread(self._close, entry.replicas)
         log.info("unloaded model %s", entry.replicas.first.name)
         return True
 
-    @staticmethod
-    def _close(replicas: Replicas, freeze_heap: bool) -> None:
+    def _close(self, replicas: Replicas) -> None:
         replicas.close()
-        if freeze_heap:
+        if self.settings.server.freeze_heap:
             gc.unfreeze()  # the model's objects were frozen with everything else (settle_heap): collectable again
             settle_heap()
         else:
@@ -329,7 +328,7 @@ class ModelPool:
         """`close` without an event loop (after the server stopped, or when it never started)."""
         self._closed = True
         for entry in self._entries.values():
-            self._close(entry.replicas, self.settings.server.freeze_heap)
+            self._close(entry.replicas)
         self._entries.clear()
 
 
