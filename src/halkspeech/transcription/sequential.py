@@ -95,22 +95,23 @@ class SequentialTranscription:
             done = self.duration if seek >= self.content_frames else seek * HOP_LENGTH / SAMPLE_RATE
             self.progress(done, self.duration)
 
-    async def run(self) -> Transcript:
-        started = time.perf_counter()
-        # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference).
+    async def _log_mel(self) -> torch.Tensor:
+        """The whole file's log-mel with 30 s of silence appended, normalised over the whole file (as the
+        reference's) [n_mels, frames]."""
         n_mels, device = self.model.dims.n_mels, self.model.device
         if device.type == "cuda" and self.audio.size <= INLINE_MEL_SAMPLES:
             # On a GPU it is a dozen kernel launches, queued from the event loop (the samples through pinned
             # memory, so nothing waits for the device): a worker thread's hop would wait under load for a free
             # thread and then for the GIL, as the upload's decode did (~120 ms a request, bench/http_host.py).
-            self.mel = log_mel_spectrogram(array_to_device(self.audio, device), n_mels, padding=N_SAMPLES)
-        else:
-            # On a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held
-            # up every connection (60% of the loop's time with 100 live users on tiny.en, py-spy); a long file's
-            # copy into pinned memory would too.
-            self.mel = await asyncio.to_thread(
-                log_mel_spectrogram, self.audio, n_mels, padding=N_SAMPLES, device=device
-            )
+            return log_mel_spectrogram(array_to_device(self.audio, device), n_mels, padding=N_SAMPLES)
+        # On a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held up
+        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy); so would a long
+        # file's copy into pinned memory.
+        return await asyncio.to_thread(log_mel_spectrogram, self.audio, n_mels, padding=N_SAMPLES, device=device)
+
+    async def run(self) -> Transcript:
+        started = time.perf_counter()
+        self.mel = await self._log_mel()
         o, tok = self.options, self.tokenizer
         initial = tok.encode_prompt(o.initial_prompt) if o.initial_prompt else []
         all_tokens: list[int] = list(initial)
