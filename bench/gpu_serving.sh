@@ -35,8 +35,9 @@
 #                                                   told from the HTTP layer's
 #   bench/gpu_serving.sh http-path OUT_DIR OLD_SRC   the server on this tree and on OLD_SRC (an older src/), with
 #                                                   the default 16 kHz WAV clip, A/B/A/B: a request's stages in each
-#   bench/gpu_serving.sh three-trees OUT_DIR OLD_SRC MID_SRC [ROUND]  the server on this tree, then on MID_SRC and
-#                                                   OLD_SRC (older src/ folders), one round (one lease's call each)
+#   bench/gpu_serving.sh three-trees OUT_DIR OLD_SRC MID_SRC [ROUND]  the server on this tree, then on OLD_SRC and
+#                                                   MID_SRC (older src/ folders), one round (one lease's call
+#                                                   each); round 1 runs the CUDA tests before MID_SRC's
 #   bench/gpu_serving.sh perf-analyzer OUT_DIR CONC  perf_analyzer (Triton's load tool, .venv/perf_analyzer) at
 #                                                   concurrency CONC over Triton's HTTP API (its asynchronous and
 #                                                   synchronous clients), gRPC, gRPC streaming
@@ -93,13 +94,14 @@ http-path)  # OLD_SRC: the HTTP path without its thread hops, and the frozen hea
     PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1
   done
   ;;
-three-trees)  # OLD_SRC MID_SRC [ROUND]: this tree, MID_SRC and OLD_SRC in turn (two rounds: two calls of a lease)
+three-trees)  # OLD_SRC MID_SRC [ROUND]: this tree, OLD_SRC and MID_SRC in turn (two rounds: two calls of a lease)
   old=${3:?OLD_SRC}
   mid=${4:?MID_SRC}
   run=${5:-1}
   server_bench "$out/server_new_$run.json" --engine-repeats 1
-  PYTHONPATH="$mid:$PYTHONPATH" server_bench "$out/server_mid_$run.json" --engine-repeats 1
   PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1
+  [ "$run" = 1 ] && bash "$0" cuda-tests "$out"  # after the first pair: a lease cut short keeps that pair
+  PYTHONPATH="$mid:$PYTHONPATH" server_bench "$out/server_mid_$run.json" --engine-repeats 1
   ;;
 ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
   bash "$0" cuda-tests "$out"
