@@ -276,8 +276,11 @@ class ModelPool:
         replicas.close()
         if self.settings.server.freeze_heap:
             gc.unfreeze()  # the model's objects were frozen with everything else (settle_heap): collectable again
+        if self.settings.server.freeze_heap and not self._closed:
             settle_heap()
         else:
+            # a closed pool leaves nothing frozen: objects still frozen at the interpreter's exit are never
+            # freed, and Triton's bindings (nanobind) then print ~40 lines of "leaked" warnings at every shutdown
             gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
