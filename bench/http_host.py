@@ -14,6 +14,10 @@ server's stage means from its /metrics (as `bench server` reads them), and its C
 
     PYTHONPATH=src python bench/http_host.py [--json OUT] [--concurrency 256] [--gil-busy 0.5]
 
+With `--in-process` (`--requests 300 --warmup 50`): the app alone, built in this process and called through
+ASGI one request at a time, its CPU ms a request (no uvicorn, sockets or GIL holder); `HTTP_HOST_PROFILE`
+writes a cProfile of the timed calls.
+
 Linux only (/proc). The clients and the server share this machine's cores: compare runs on one machine.
 """
 
@@ -36,10 +40,8 @@ import numpy as np
 _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stub_server(latency_s: float, gil_busy: float, argv: list[str]) -> int:
-    """Run `halkspeech ARGV` with the transcription replaced by a wait of `latency_s` (in this process), and a
-    thread standing in for the engine's: Python work holding the GIL `gil_busy` of each millisecond."""
-    from halkspeech.cli import main
+def _stub_transcription(latency_s: float) -> None:
+    """Replace `Transcriber.transcribe` (in this process) by a wait of `latency_s` and one segment."""
     from halkspeech.transcription import pipeline
     from halkspeech.transcription.types import Segment, Transcript
 
@@ -52,6 +54,14 @@ def _stub_server(latency_s: float, gil_busy: float, argv: list[str]) -> int:
         return Transcript(text=" stub", language="en", duration=duration, segments=(segment,))
 
     pipeline.Transcriber.transcribe = transcribe  # type: ignore[method-assign]
+
+
+def _stub_server(latency_s: float, gil_busy: float, argv: list[str]) -> int:
+    """Run `halkspeech ARGV` with the transcription replaced by a wait of `latency_s` (in this process), and a
+    thread standing in for the engine's: Python work holding the GIL `gil_busy` of each millisecond."""
+    from halkspeech.cli import main
+
+    _stub_transcription(latency_s)
     if gil_busy > 0:
         threading.Thread(target=_hold_gil, args=(gil_busy,), daemon=True, name="gil-load").start()
     profile_path = os.environ.get("HTTP_HOST_PROFILE")  # cProfile of the main thread (the event loop) to here
@@ -189,6 +199,84 @@ def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def in_process(args: argparse.Namespace) -> dict[str, Any]:
+    """The app alone: `create_app` in this process (tiny.en on the CPU, the transcription stubbed with no wait)
+    called through ASGI with the same request, its body in 64 KB chunks as uvicorn passes a client's, one
+    request at a time: CPU ms a request (this process, all threads) without uvicorn, sockets or contention."""
+    from halkspeech.api.app import create_app
+    from halkspeech.bench.longform import write_wav
+    from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
+    from halkspeech.engine.pool import ModelPool
+    from halkspeech.model.dims import SAMPLE_RATE
+    from halkspeech.model.registry import ModelRegistry
+
+    _stub_transcription(0.0)
+    settings = Settings(
+        model=ModelSettings(default=args.model, allow_download=False),
+        engine=EngineSettings(device="cpu"),
+        server=ServerSettings(max_concurrent_requests=max(256, args.concurrency)),
+    )
+    pool = ModelPool(settings, ModelRegistry(settings.model))
+    app = create_app(settings, pool)
+    pool.load_now()
+    with tempfile.TemporaryDirectory(prefix="http_host_") as tmp:
+        noise = np.random.default_rng(0).standard_normal(int(args.clip_s * SAMPLE_RATE)) * 0.1
+        request = _request_bytes(0, write_wav(Path(tmp) / "clip.wav", noise), args.model)
+    head, body = request.split(b"\r\n\r\n", 1)
+    headers = [tuple(line.lower().split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/audio/transcriptions", "raw_path": b"/v1/audio/transcriptions",
+             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}  # fmt: skip
+
+    async def call() -> None:
+        parts = iter(chunks)
+
+        async def receive() -> dict[str, Any]:
+            chunk = next(parts, None)
+            if chunk is None:  # the body is read: the client stays connected
+                await asyncio.Event().wait()
+            return {"type": "http.request", "body": chunk, "more_body": chunk is not chunks[-1]}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(dict(scope), receive, send)
+        if sent[0]["status"] != 200:
+            raise RuntimeError(f"the app answered {sent[0]['status']}: {sent[1:]}")
+
+    async def run() -> list[float]:
+        for _ in range(args.warmup):
+            await call()
+        profile_path = os.environ.get("HTTP_HOST_PROFILE")
+        profiler = None
+        if profile_path:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        rounds = []
+        for _ in range(3):
+            start = time.process_time()
+            for _ in range(args.requests // 3):
+                await call()
+            rounds.append(1000 * (time.process_time() - start) / (args.requests // 3))
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+        return rounds
+
+    try:
+        rounds = asyncio.run(run())
+    finally:
+        pool.close_now()
+    return {"in_process_cpu_ms_per_request": min(rounds), "rounds_ms": rounds, "requests": args.requests,
+            "clip_s": args.clip_s}  # fmt: skip
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--stub-server":
         return _stub_server(float(sys.argv[2]), float(sys.argv[3]), sys.argv[sys.argv.index("--") + 1 :])
@@ -201,9 +289,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--clip-s", type=float, default=30.0)
+    parser.add_argument("--in-process", action="store_true", help="the app alone, called in this process")
     parser.add_argument("serve_args", nargs="*", help="more `halkspeech serve` arguments (after --)")
     args = parser.parse_args()
-    result = measure(args)
+    result = in_process(args) if args.in_process else measure(args)
     for key, value in result.items():
         print(f"{key:>36}: {value:.3f}" if isinstance(value, float) else f"{key:>36}: {value}")
     if args.json:
