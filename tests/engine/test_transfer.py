@@ -53,19 +53,19 @@ def test_an_array_reaches_the_gpu_through_pinned_memory_without_a_wait() -> None
     as on the pageable copy that `log_mel_spectrogram(samples, device=...)` makes), and give the same features."""
     device = torch.device("cuda")
     samples = np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 7).astype(np.float32)
+    expected = log_mel_spectrogram(samples, 80, padding=N_SAMPLES, device=device)  # also caches the filters
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.cuda.stream(torch.cuda.Stream()):  # the copy waits for nothing queued before it...
-            torch.cuda._sleep(200_000_000)  # ...such as ~0.1 s of GPU work, which it would otherwise wait out
-            mel = log_mel_spectrogram(array_to_device(samples, device), 80, padding=N_SAMPLES)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued first: a call that waited for it would raise
+        mel = log_mel_spectrogram(array_to_device(samples, device), 80, padding=N_SAMPLES)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    with pytest.raises(RuntimeError):  # the check works: the pageable copy is a synchronising call
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            log_mel_spectrogram(samples, 80, padding=N_SAMPLES, device=device)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    expected = log_mel_spectrogram(samples, 80, padding=N_SAMPLES, device=device)
+    torch.cuda.synchronize()
     torch.testing.assert_close(mel, expected)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the check works: the pageable copy is a synchronising call
+            log_mel_spectrogram(samples, 80, padding=N_SAMPLES, device=device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
