@@ -8,6 +8,7 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gc
 import io
 import json
 import logging
@@ -70,6 +71,16 @@ def fresh_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_frozen() -> Iterator[None]:
+    """Each test leaves the heap unfrozen: a model pool freezes it after a load (server.freeze_heap, on unless a
+    test turns it off) and thaws it only when closed, which many tests' pools never are. Else a later test's
+    collections would skip everything frozen before it, and what is still frozen at the interpreter's exit is
+    never freed (Triton's bindings then print pages of leak warnings)."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -175,6 +175,7 @@ class LiveConnection(ABC):
         self.metrics = metrics
         self.session = LiveSession(models, limits_from(server), self.emit, vad, check=check_options)
         self.last_seen = time.monotonic()
+        self._handling = False  # a message is being handled: the server is busy, the client not idle
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()  # set by shut_down: the server is stopping
         self._cut = asyncio.Event()  # set by cut: the shutdown's time is up, pending finals are abandoned
@@ -282,7 +283,11 @@ class LiveConnection(ABC):
             if message["type"] == "websocket.disconnect":
                 return
             self.last_seen = time.monotonic()
-            await self._handle(message)
+            self._handling = True
+            try:
+                await self._handle(message)
+            finally:
+                self._handling = False
 
     async def _handle(self, message: Message) -> None:
         """One frame or text message. Whatever goes wrong is told to the client, and the connection (with its
@@ -303,7 +308,10 @@ class LiveConnection(ABC):
         while True:
             await asyncio.sleep(tick)
             await self.session.expire()
-            if self.session.finishing:  # not counted while a final is pending: the client is waiting for it
+            if self.session.finishing or self._handling:
+                # not counted while a final is pending (the client is waiting for it), nor while a message is
+                # handled: a turn's start that waits for its model under load took longer than a short idle
+                # timeout, which then closed the connection with that start and the audio after it unread
                 self.last_seen = max(self.last_seen, time.monotonic())
             elif time.monotonic() - self.last_seen > idle:
                 return
