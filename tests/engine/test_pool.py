@@ -259,30 +259,21 @@ def test_a_load_freezes_the_heap_and_an_unload_thaws_it(tiny_en: ModelEngine) ->
     the model's objects; cycles frozen with them (a request's, in flight at the load) are collected at the next
     unload, which unfreezes everything first. A closed pool leaves nothing frozen (what is frozen at the
     interpreter's exit is never freed: Triton's bindings print pages of leak warnings). Without it nothing is
-    frozen."""
-    gc.unfreeze()
-    try:
-        pool = ModelPool(settings(freeze_heap=True), ModelRegistry(settings().model), loader=Lender(tiny_en))
-        in_flight = Cycle()
-        gone = weakref.ref(in_flight)
-
-        async def load() -> None:
-            await pool.get("tiny.en")
-
-        asyncio.run(load())
-        assert gc.get_freeze_count() > 0
-        del in_flight
-        gc.collect()
-        assert gone() is not None  # frozen: no collection looks at it
-        assert asyncio.run(pool.unload("tiny.en"))
-        assert gone() is None
-        assert gc.get_freeze_count() > 0  # settled again: the server goes on
-        asyncio.run(pool.get("tiny.en"))
-        pool.close_now()
-        assert gc.get_freeze_count() == 0  # closed: nothing frozen is left at the interpreter's exit
-        gc.unfreeze()
-        plain = ModelPool(settings(freeze_heap=False), ModelRegistry(settings().model), loader=Lender(tiny_en))
-        asyncio.run(plain.get("tiny.en"))
-        assert gc.get_freeze_count() == 0
-    finally:
-        gc.unfreeze()
+    frozen. (Each test leaves the heap unfrozen: tests/conftest.py.)"""
+    pool = ModelPool(settings(freeze_heap=True), ModelRegistry(settings().model), loader=Lender(tiny_en))
+    in_flight = Cycle()
+    gone = weakref.ref(in_flight)
+    asyncio.run(pool.get("tiny.en"))
+    assert gc.get_freeze_count() > 0
+    del in_flight
+    gc.collect()
+    assert gone() is not None  # frozen: no collection looks at it
+    assert asyncio.run(pool.unload("tiny.en"))
+    assert gone() is None
+    assert gc.get_freeze_count() > 0  # settled again: the server goes on
+    asyncio.run(pool.get("tiny.en"))
+    pool.close_now()
+    assert gc.get_freeze_count() == 0  # closed: nothing frozen is left at the interpreter's exit
+    plain = ModelPool(settings(freeze_heap=False), ModelRegistry(settings().model), loader=Lender(tiny_en))
+    asyncio.run(plain.get("tiny.en"))
+    assert gc.get_freeze_count() == 0
