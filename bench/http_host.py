@@ -101,6 +101,14 @@ def _cpu_by_thread(pid: int) -> dict[int, float]:
     return out
 
 
+def _write_clip(path: Path, seconds: float) -> Path:
+    """The posted clip: `seconds` of noise as a 16 kHz WAV (its size is what matters, not its sound)."""
+    from halkspeech.bench.longform import write_wav
+    from halkspeech.model.dims import SAMPLE_RATE
+
+    return write_wav(path, np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1)
+
+
 def _request_bytes(port: int, clip: Path, model: str) -> bytes:
     """One POST /v1/audio/transcriptions of `clip` as multipart form data, as the OpenAI client sends it."""
     boundary = "halkspeechbench0123456789"
@@ -155,13 +163,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from halkspeech.bench.longform import write_wav
     from halkspeech.bench.server_bench import _batch_means, _scrape
     from halkspeech.bench.subprocess_server import free_port, serve
-    from halkspeech.model.dims import SAMPLE_RATE
 
-    noise = np.random.default_rng(0).standard_normal(int(args.clip_s * SAMPLE_RATE)) * 0.1  # its size matters
-    clip = write_wav(work / "clip.wav", noise)
+    clip = _write_clip(work / "clip.wav", args.clip_s)
     port = free_port()
     tid_file = work / "gil_tid"
     env = dict(os.environ, HALKSPEECH_SERVER__MAX_CONCURRENT_REQUESTS=str(max(256, args.concurrency)),
@@ -204,10 +209,8 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     called through ASGI with the same request, its body in 64 KB chunks as uvicorn passes a client's, one
     request at a time: CPU ms a request (this process, all threads) without uvicorn, sockets or contention."""
     from halkspeech.api.app import create_app
-    from halkspeech.bench.longform import write_wav
     from halkspeech.config import EngineSettings, ModelSettings, ServerSettings, Settings
     from halkspeech.engine.pool import ModelPool
-    from halkspeech.model.dims import SAMPLE_RATE
     from halkspeech.model.registry import ModelRegistry
 
     _stub_transcription(0.0)
@@ -220,8 +223,7 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     app = create_app(settings, pool)
     pool.load_now()
     with tempfile.TemporaryDirectory(prefix="http_host_") as tmp:
-        noise = np.random.default_rng(0).standard_normal(int(args.clip_s * SAMPLE_RATE)) * 0.1
-        request = _request_bytes(0, write_wav(Path(tmp) / "clip.wav", noise), args.model)
+        request = _request_bytes(0, _write_clip(Path(tmp) / "clip.wav", args.clip_s), args.model)
     head, body = request.split(b"\r\n\r\n", 1)
     headers = [tuple(line.lower().split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
     chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
