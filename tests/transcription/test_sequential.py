@@ -1,26 +1,19 @@
 """Sequential mode: silent windows are skipped undecoded, so silence never becomes invented words (and quiet
 speech is not silence, in either mode); speech after a pause that the seek rule would skip is decoded; word
-timings without timestamps add no text; on a GPU a short file's log-mel is launched from the event loop."""
+timings without timestamps add no text."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from whisper.normalizers import EnglishTextNormalizer
 
 from conftest import TEST_DATA
 from halkspeech.audio import decode_audio
-from halkspeech.audio.features import log_mel_spectrogram
 from halkspeech.engine.factory import ModelEngine
-from halkspeech.model.dims import N_FRAMES, SAMPLE_RATE
-from halkspeech.transcription import sequential
 from halkspeech.transcription.pipeline import Transcriber
 from halkspeech.transcription.types import TranscribeOptions
 
@@ -117,33 +110,3 @@ def test_speech_after_a_pause_the_seek_rule_skipped_is_decoded(tiny_en_engine: M
     assert later and later[0].start > len(first) / 16_000 + 0.5  # at jfk, not at the first sentence's end
     starts = [s.start for s in transcript.segments]
     assert starts == sorted(starts) and all(0 <= s.start <= s.end <= transcript.duration for s in transcript.segments)
-
-
-@pytest.mark.parametrize(
-    ("device", "seconds", "on_loop"), [("cuda", 30, True), ("cuda", 66, False), ("cpu", 30, False)]
-)
-def test_a_short_files_log_mel_is_launched_from_the_loop_only_on_a_gpu(
-    tiny_en_engine: ModelEngine, monkeypatch: pytest.MonkeyPatch, device: str, seconds: int, on_loop: bool
-) -> None:
-    """On a GPU the features of a file up to INLINE_MEL_SAMPLES are kernel launches queued from the event loop,
-    not a worker thread's hop (which waits under load for a thread and the GIL); a CPU's, ~10 ms a window, and a
-    longer file's stay on a thread. No GPU here: the model claims one, and the samples' staging (tested on a GPU
-    in tests/engine/test_transfer.py) is left out."""
-    threads: list[threading.Thread] = []
-
-    def log_mel(audio: Any, n_mels: int, padding: int = 0, device: Any = None) -> torch.Tensor:
-        threads.append(threading.current_thread())
-        return log_mel_spectrogram(audio, n_mels, padding=padding)
-
-    monkeypatch.setattr(sequential, "log_mel_spectrogram", log_mel)
-    monkeypatch.setattr(sequential, "array_to_device", lambda audio, device: torch.from_numpy(audio))
-    model = dataclasses.replace(tiny_en_engine, device=torch.device(device))
-    audio = np.zeros(seconds * SAMPLE_RATE, dtype=np.float32)
-    run = sequential.SequentialTranscription(model, audio, TranscribeOptions(language="en", without_timestamps=True))
-
-    async def features() -> tuple[threading.Thread, torch.Tensor]:
-        return threading.current_thread(), await run._log_mel()
-
-    loop_thread, mel = asyncio.run(features())
-    assert (threads == [loop_thread]) is on_loop and len(threads) == 1
-    assert mel.shape == (model.dims.n_mels, seconds * 100 + N_FRAMES)

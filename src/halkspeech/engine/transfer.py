@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,18 +23,6 @@ def to_device(values: IntRows | Sequence[float], dtype: torch.dtype, device: tor
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def array_to_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """A host array → a tensor on `device`, queued on the current stream: on a GPU through pinned memory (a
-    memcpy on the host, ~0.1 ms a MB), as a copy from the array's own pageable memory first waits for everything
-    queued on the stream. On a CPU, the array itself as a tensor (no copy)."""
-    host = torch.from_numpy(array)
-    if device.type != "cuda":
-        return host
-    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)  # the caching host allocator's: reused
-    staged.copy_(host)
-    return staged.to(device, non_blocking=True)  # the allocator keeps `staged` until the copy has run
 
 
 def queue_to_host(*tensors: Tensor | None) -> list[Tensor | None]:

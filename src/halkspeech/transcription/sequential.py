@@ -20,7 +20,6 @@ import torch
 
 from halkspeech.audio.features import log_mel_spectrogram, pad_or_trim
 from halkspeech.engine.factory import ModelEngine
-from halkspeech.engine.transfer import array_to_device
 from halkspeech.model.dims import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from halkspeech.transcription.alignment import TimedSpan, last_end, time_words
 from halkspeech.transcription.seek_guard import SeekGuard, guarded, text_before
@@ -32,10 +31,6 @@ from halkspeech.transcription.window import Progress, WindowDecoder, WindowResul
 # -74 dBFS: above a digital zero and dither (a few 16-bit steps, 3e-5 each); far below speech, which Whisper's
 # log-mel (normalised to the loudest part) hears even at -60 dBFS: a gate at 1e-3 dropped such speech whole.
 SILENCE_PEAK = 2e-4
-
-# Files up to ~65 s have their log-mel launched on the event loop on a GPU (a 4 MB memcpy into pinned memory,
-# ~0.3 ms); longer ones on a worker thread.
-INLINE_MEL_SAMPLES = 1 << 20
 
 Verdict = Literal["new", "said"]  # a probe's (seek guard): new words heard, or all of them said already
 
@@ -69,7 +64,7 @@ class SequentialTranscription:
         self.decoder = WindowDecoder(model, options)
         self.tokenizer = model.tokenizer
         self.audio = audio
-        self.mel = torch.zeros(0, N_FRAMES)  # the whole file's log-mel [n_mels, frames]: made by run()
+        self.mel = torch.zeros(0, N_FRAMES)  # the whole file's log-mel [n_mels, frames]: made by run(), off the loop
         self.duration = len(audio) / SAMPLE_RATE  # as batched mode's (the mel frames round it down to 10 ms)
         self.language = self.decoder.language()
         self.guard = SeekGuard(audio, model.device) if guarded(options) else None
@@ -95,23 +90,14 @@ class SequentialTranscription:
             done = self.duration if seek >= self.content_frames else seek * HOP_LENGTH / SAMPLE_RATE
             self.progress(done, self.duration)
 
-    async def _log_mel(self) -> torch.Tensor:
-        """The whole file's log-mel with 30 s of silence appended, normalised over the whole file (as the
-        reference's) [n_mels, frames]."""
-        n_mels, device = self.model.dims.n_mels, self.model.device
-        if device.type == "cuda" and self.audio.size <= INLINE_MEL_SAMPLES:
-            # On a GPU it is a dozen kernel launches, queued from the event loop (the samples through pinned
-            # memory, so nothing waits for the device): a worker thread's hop would wait under load for a free
-            # thread and then for the GIL, as the upload's decode did (~120 ms a request, bench/http_host.py).
-            return log_mel_spectrogram(array_to_device(self.audio, device), n_mels, padding=N_SAMPLES)
-        # On a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held up
-        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy); so would a long
-        # file's copy into pinned memory.
-        return await asyncio.to_thread(log_mel_spectrogram, self.audio, n_mels, padding=N_SAMPLES, device=device)
-
     async def run(self) -> Transcript:
         started = time.perf_counter()
-        self.mel = await self._log_mel()
+        # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference). On
+        # a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held up
+        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy).
+        self.mel = await asyncio.to_thread(
+            log_mel_spectrogram, self.audio, self.model.dims.n_mels, padding=N_SAMPLES, device=self.model.device
+        )
         o, tok = self.options, self.tokenizer
         initial = tok.encode_prompt(o.initial_prompt) if o.initial_prompt else []
         all_tokens: list[int] = list(initial)
