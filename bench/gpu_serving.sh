@@ -46,6 +46,7 @@ set -uo pipefail
 out=${2:?OUT_DIR}
 mkdir -p "$out"
 py=python3
+clip="$PWD/tests/data/jfk.flac"  # the recording the clip is made from: an older src/ looks for it beside itself
 server_bench() {  # OUT_JSON [more flags]: the HTTP server at 256 clients against the engine's batch-256 figure
   timeout 300 $py -m halkspeech bench server --model large-v3-turbo --tokens 80 --concurrency 256 \
     --requests 1024 --warmup-requests 512 --slots 256 --encoder-batch 64 --client-processes 4 \
@@ -82,16 +83,16 @@ moves-and-warmup)  # OLD_SRC: session 33's two changes not yet run on a GPU
   timeout 200 $py -m halkspeech bench mixed --models large-v3-turbo --modes continuous-ahead,static-padded \
     --repeats 2 --json "$out/mixed_turbo_warm.json" 2>&1 | tail -4
   for run in 1 2; do
-    server_bench "$out/server_new_$run.json" --engine-repeats 1 --audio "$PWD/tests/data/jfk.flac"
+    server_bench "$out/server_new_$run.json" --engine-repeats 1 --audio "$clip"
     PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1 \
-      --audio "$PWD/tests/data/jfk.flac"
+      --audio "$clip"
   done
   ;;
 http-path)  # OLD_SRC: the HTTP path without its thread hops, and the frozen heap, against the tree before them
   old=${3:?OLD_SRC}
   for run in 1 2; do
     server_bench "$out/server_new_$run.json" --engine-repeats 1
-    PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1
+    PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1 --audio "$clip"
   done
   ;;
 three-trees)  # OLD_SRC MID_SRC [ROUND]: this tree, OLD_SRC and MID_SRC in turn (two rounds: two calls of a lease)
@@ -99,17 +100,17 @@ three-trees)  # OLD_SRC MID_SRC [ROUND]: this tree, OLD_SRC and MID_SRC in turn 
   mid=${4:?MID_SRC}
   run=${5:-1}
   server_bench "$out/server_new_$run.json" --engine-repeats 1
-  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_$run.json" --engine-repeats 1 --audio "$clip"
   [ "$run" = 1 ] && bash "$0" cuda-tests "$out"  # after the first pair: a lease cut short keeps that pair
-  PYTHONPATH="$mid:$PYTHONPATH" server_bench "$out/server_mid_$run.json" --engine-repeats 1
+  PYTHONPATH="$mid:$PYTHONPATH" server_bench "$out/server_mid_$run.json" --engine-repeats 1 --audio "$clip"
   ;;
 ab)  # OLD_SRC: the CUDA tests; the server on this tree (GPU timeline recorded after its timed run) and on OLD_SRC, A/B/A/B
   bash "$0" cuda-tests "$out"
   old=${3:?OLD_SRC}
   server_bench "$out/server_new_1.json" --profile-s 2
-  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json" --audio "$PWD/tests/data/jfk.flac"
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_1.json" --audio "$clip"
   server_bench "$out/server_new_2.json"
-  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json" --audio "$PWD/tests/data/jfk.flac"
+  PYTHONPATH="$old:$PYTHONPATH" server_bench "$out/server_old_2.json" --audio "$clip"
   ;;
 two-gpus)  # the CUDA tests (two GPUs: the replicas test too); the server on GPU 0, then on GPUs 0 and 1
   bash "$0" cuda-tests "$out"
