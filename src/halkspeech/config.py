@@ -293,6 +293,9 @@ class ServerSettings(BaseModel):
     #: collections (gc.freeze): a model brings ~350,000 objects that each full collection would otherwise walk
     #: with every thread stopped, 0.2-0.3 s each on this repo's CPU machine (engine/pool.settle_heap).
     freeze_heap: bool = True
+    #: Milliseconds between the event loop's lag checks (halkspeech_event_loop_lag_seconds: how late a timer
+    #: wakes; api/loop_lag.py); 0 turns them off.
+    loop_lag_interval_ms: float = Field(default=100.0, ge=0, le=60_000)
     url_fetch_allow_private: bool = False
     url_fetch_timeout_s: float = Field(default=30.0, gt=0)
     url_fetch_max_redirects: int = Field(default=5, ge=0, le=20)

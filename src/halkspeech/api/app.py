@@ -2,11 +2,12 @@
 benchmarks hand in their own settings and model pool.
 
 Served by uvicorn (`halkspeech serve`). The app owns the pool once served: its lifespan starts the idle
-reaper, loads `server.preload`, and closes every engine at shutdown.
+reaper, loads `server.preload`, watches the event loop's lag, and closes every engine at shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,7 @@ from halkspeech.api.errors import UnexpectedErrorMiddleware, install_error_handl
 from halkspeech.api.fetch import URLFetcher
 from halkspeech.api.limits import AdmissionGate, BodyLimitMiddleware, keep_uploads_in_memory
 from halkspeech.api.logging import RequestContextMiddleware
+from halkspeech.api.loop_lag import watch_loop_lag
 from halkspeech.api.metrics import Metrics, MetricsMiddleware
 from halkspeech.api.routes import health, metrics, models, openai, realtime, simple, triton, ws
 from halkspeech.api.triton_stats import TritonStats
@@ -50,9 +52,13 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         await pool.preload()
         for loaded in pool.loaded():  # word timing's workers start with the server, not at the first request
             word_executor(loaded.model.word_processes)
+        interval_s = server.loop_lag_interval_ms / 1000
+        lag = asyncio.create_task(watch_loop_lag(state.metrics.loop_lag.observe, interval_s)) if interval_s else None
         try:
             yield
         finally:
+            if lag is not None:
+                lag.cancel()
             await pool.close()
 
     app = FastAPI(title="HalkSpeech", version=__version__, description=_DESCRIPTION, lifespan=lifespan)

@@ -1,7 +1,7 @@
 """Prometheus metrics: HTTP requests by route and status with latency histograms, audio seconds transcribed,
-live sessions and turns, and, read from the engines at scrape time, queue depth, running sequences,
-encoder/decoder batch sizes, a window's queue wait and time in the engine, decoded tokens (rate() gives
-tokens/s), admission state and GPU memory; and the Triton APIs' statistics under Triton's own metric names
+live sessions and turns, the event loop's lag, and, read from the engines at scrape time, queue depth, running
+sequences, encoder/decoder batch sizes, a window's queue wait and time in the engine, decoded tokens (rate()
+gives tokens/s), admission state and GPU memory; and the Triton APIs' statistics under Triton's own metric names
 (`nv_inference_*`), so dashboards built for Triton read them.
 
 Each app has its own CollectorRegistry, so several apps (tests) never share or clash over series.
@@ -40,6 +40,7 @@ from halkspeech.engine.pool import ModelPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, float("inf"))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -88,6 +89,13 @@ class Metrics:
             "Live turns' finals sent, by model (turns started minus finals: turns that ended in an error or "
             "whose client left).",
             ("model",),
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "halkspeech_event_loop_lag_seconds",
+            "How much later than asked a timer on the event loop woke (one every server.loop_lag_interval_ms): "
+            "work that holds the loop, which every request and live connection shares, delays them all.",
+            buckets=_LAG_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(EngineCollector(pool, gate))

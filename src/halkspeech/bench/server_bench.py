@@ -325,6 +325,12 @@ def _batch_means(before: str, after: str) -> dict[str, float | None]:
         for stage in ("admission", "decode", "transcribe"):
             total = delta("halkspeech_request_stage_seconds_sum", f'stage="{stage}"')
             means[f"{stage}_ms"] = round(1000 * total / jobs, 1)
+    # How late the event loop ran its timers (api/loop_lag.py): the mean, and the share later than 100 ms.
+    ticks = delta("halkspeech_event_loop_lag_seconds_count")
+    if ticks:
+        means["loop_lag_ms"] = round(1000 * delta("halkspeech_event_loop_lag_seconds_sum") / ticks, 1)
+        late = ticks - delta("halkspeech_event_loop_lag_seconds_bucket", 'le="0.1"')
+        means["loop_late_share"] = round(late / ticks, 3)
     return means
 
 
@@ -336,8 +342,10 @@ def _route_total(text: str, part: str) -> float:
 
 
 def _metric(text: str, name: str, label: str = "") -> float:
-    """The value of sample `name{..., label, ...}` in Prometheus text (0 when absent)."""
-    match = re.search(rf"^{name}\{{[^}}]*{re.escape(label)}[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
+    """The value of sample `name{..., label, ...}` (or of `name` with no labels, where `label` is empty) in
+    Prometheus text (0 when absent)."""
+    labels = rf"\{{[^}}]*{re.escape(label)}[^}}]*\}}" if label else r"(?:\{[^}]*\})?"
+    match = re.search(rf"^{name}{labels} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
