@@ -94,7 +94,9 @@ class SequentialTranscription:
         started = time.perf_counter()
         # Whole-file log-mel with 30 s of silence appended, normalised over the whole file (as the reference). On
         # a worker thread, as batched mode's: on a CPU it is ~10 ms a window, which on the event loop held up
-        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy).
+        # every connection (60% of the loop's time with 100 live users on tiny.en, py-spy). On a GPU too:
+        # launched from the loop (session 37, the samples through pinned memory) it took the server at 256
+        # clients from 0.82 to 0.53-0.56 of the engine's throughput on an H100 (bench/NOTES.md, session 38).
         self.mel = await asyncio.to_thread(
             log_mel_spectrogram, self.audio, self.model.dims.n_mels, padding=N_SAMPLES, device=self.model.device
         )
