@@ -199,7 +199,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "event_loop_cpu_ms_per_request": 1000 * loop_s / max(ok, 1),
         "other_threads_cpu_ms_per_request": 1000 * other_s / max(ok, 1),
         "event_loop_busy": loop_s / wall,
-        **{f"server_{k}": v for k, v in stages.items() if k.endswith("_ms")},
+        **{f"server_{k}": v for k, v in stages.items() if k.endswith("_ms") or k == "loop_late_share"},
         "serve_args": args.serve_args,
     }
 
